@@ -1,0 +1,46 @@
+#!/bin/bash
+# Install the Debian packages plumb's build and tests need, and only those that are missing.
+#
+# Idempotent and non-interactive: safe to run as root with no TTY (CI) and on every run.
+# `apt-get update` runs at most once, and only when something has to be installed.
+# The Rust toolchain is not installed here: it comes with the machine.
+set -euo pipefail
+
+# One list, one group per line; append new groups here.
+PACKAGES=(
+  # build: git2's vendored libgit2 links against OpenSSL and zlib, found via pkg-config
+  pkg-config libssl-dev zlib1g-dev
+  # git itself (the tests drive the real client; a newer /usr/local/bin/git wins on PATH if present)
+  git
+  # integration-test servers on loopback: smart HTTP (lighttpd + git-http-backend) and ssh
+  lighttpd openssh-server openssh-client
+  # test tooling: HTTP probes, process and socket inspection (kill, ps, ss)
+  curl procps iproute2
+  # benchmarks: counting the processes the daemon spawns
+  strace
+)
+
+if [ "$(id -u)" -ne 0 ]; then
+  echo "install-deps.sh: must run as root (apt-get install)" >&2
+  exit 1
+fi
+
+missing=()
+for pkg in "${PACKAGES[@]}"; do
+  status=$(dpkg-query -W -f='${Status}' "$pkg" 2>/dev/null || true)
+  if [ "$status" != "install ok installed" ]; then
+    missing+=("$pkg")
+  fi
+done
+
+if [ "${#missing[@]}" -eq 0 ]; then
+  echo "install-deps.sh: all ${#PACKAGES[@]} packages already installed"
+  exit 0
+fi
+
+echo "install-deps.sh: installing ${missing[*]}"
+export DEBIAN_FRONTEND=noninteractive
+apt-get update -q
+apt-get install -y -q --no-install-recommends \
+  -o Dpkg::Options::=--force-confdef -o Dpkg::Options::=--force-confold \
+  "${missing[@]}" </dev/null

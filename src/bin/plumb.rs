@@ -1,0 +1,164 @@
+//! `plumb`: the daemon, and `plumb check-config` for deploy pipelines. Parses arguments and calls into
+//! the library.
+
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+use std::time::Duration;
+
+use anyhow::Context;
+use clap::{Parser, Subcommand};
+use plumb::config::{self, Config};
+use plumb::daemon;
+use tokio_util::sync::CancellationToken;
+
+/// GitOps for machines you run yourself: keeps each service's files in step with a git branch.
+#[derive(Debug, Parser)]
+#[command(version, about)]
+struct Cli {
+    /// The configuration file.
+    #[arg(
+        short = 'c',
+        long = "config",
+        default_value = "/etc/plumb/plumb.toml",
+        global = true
+    )]
+    config: PathBuf,
+    /// Other names this machine answers to in the config's `machine` fields (the hostname always counts).
+    #[arg(long = "hosts", value_delimiter = ',', global = true)]
+    hosts: Vec<String>,
+    /// Poll interval, overriding the config (e.g. "30s", "5m").
+    #[arg(long, value_parser = humantime::parse_duration)]
+    interval: Option<Duration>,
+    /// State directory, overriding the config.
+    #[arg(long)]
+    state_dir: Option<PathBuf>,
+    /// Run one cycle over every upstream and exit: 0 when every service is OK, 1 otherwise.
+    #[arg(long)]
+    once: bool,
+    #[command(subcommand)]
+    command: Option<Command>,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Validate a config file and print the services this machine would run; exit 0 or 1.
+    CheckConfig {
+        /// The file to check (default: --config).
+        file: Option<PathBuf>,
+    },
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_env("PLUMB_LOG")
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    let result = match &cli.command {
+        Some(Command::CheckConfig { file }) => {
+            check_config(file.as_ref().unwrap_or(&cli.config), &cli.hosts)
+        }
+        None => serve(cli),
+    };
+    match result {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("plumb: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn check_config(file: &Path, aliases: &[String]) -> anyhow::Result<ExitCode> {
+    let hosts = config::machine_names(aliases);
+    let config = match Config::load(file) {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("{e}");
+            return Ok(ExitCode::FAILURE);
+        }
+    };
+    if !config.keys.is_empty() {
+        println!(
+            "note: [global] keys is accepted and ignored: plumb's API is reached through sshd and unix groups"
+        );
+    }
+    let services = match config.select(&hosts) {
+        Ok(s) => s,
+        Err(e) => {
+            eprintln!("{e}");
+            return Ok(ExitCode::FAILURE);
+        }
+    };
+    println!(
+        "{}: valid; {} service(s) in all, {} for this machine ({})",
+        file.display(),
+        config.services.len(),
+        services.len(),
+        hosts.join(", ")
+    );
+    for s in services {
+        println!("\n[{}] machine {}", s.name, s.machine);
+        println!("  upstream  {}", plumb::git::redact_url(&s.upstream));
+        println!("  branch    {}", s.branch);
+        println!("  checkout  {}", s.checkout_dir().display());
+        println!("  action    {}", s.action);
+        if let Some(p) = &s.package {
+            println!("  package   {p}");
+        }
+        if let Some(u) = &s.user {
+            println!("  user      {u}");
+        }
+        for d in &s.dirs {
+            let kind = if d.file { "file" } else { "dir " };
+            println!("  {kind}      {} -> {}", d.link, d.local.display());
+        }
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+fn serve(cli: Cli) -> anyhow::Result<ExitCode> {
+    let opts = daemon::Options {
+        config: cli.config,
+        hosts: config::machine_names(&cli.hosts),
+        state_dir: cli.state_dir,
+        interval: cli.interval,
+        once: cli.once,
+    };
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .max_blocking_threads(8)
+        .enable_all()
+        .build()
+        .context("starting the async runtime")?;
+    let summary = rt.block_on(async {
+        let shutdown = CancellationToken::new();
+        let (reload_tx, reload_rx) = tokio::sync::mpsc::channel(1);
+        let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
+        let mut hup = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup())?;
+        let sd = shutdown.clone();
+        tokio::spawn(async move {
+            loop {
+                tokio::select! {
+                    _ = term.recv() => { sd.cancel(); break; }
+                    _ = tokio::signal::ctrl_c() => { sd.cancel(); break; }
+                    _ = hup.recv() => { let _ = reload_tx.try_send(()); }
+                }
+            }
+        });
+        anyhow::Ok(daemon::run(opts, reload_rx, shutdown).await?)
+    })?;
+    if cli.once {
+        for (name, s) in &summary.services {
+            let deployed = plumb::service::short(s.deployed);
+            println!("{name:<24} {:<8} {deployed}  {}", s.state.as_str(), s.info);
+        }
+        if !summary.healthy() {
+            return Ok(ExitCode::FAILURE);
+        }
+    }
+    Ok(ExitCode::SUCCESS)
+}

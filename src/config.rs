@@ -1,0 +1,877 @@
+//! The configuration file: parsing, inheritance from `[global]`, validation, and choosing the services
+//! that run on this machine.
+//!
+//! Two layers. The raw layer mirrors the TOML exactly (gitopper's `config.toml` plus plumb's own
+//! `[plumb]` table), rejects unknown keys, and keeps the byte span of every value that can be wrong so
+//! errors name the line and column. [`Config`] is the validated result the rest of plumb uses; a new
+//! setting is a field in both layers and a line in the README's reference, nothing else.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::fmt;
+use std::path::{Component, Path, PathBuf};
+use std::time::Duration;
+
+use serde::Deserialize;
+use toml::Spanned;
+
+/// Where the daemon keeps stores, checkouts and state unless the config or `--state-dir` says otherwise.
+pub const DEFAULT_STATE_DIR: &str = "/var/lib/plumb";
+/// gitopper's default branch, kept so its configs mean the same here.
+pub const DEFAULT_BRANCH: &str = "main";
+/// How often upstreams are polled when nothing else is configured.
+pub const DEFAULT_INTERVAL: Duration = Duration::from_secs(5 * 60);
+/// A fetch that has not finished after this long is abandoned (the next tick tries again).
+pub const DEFAULT_FETCH_TIMEOUT: Duration = Duration::from_secs(120);
+
+/// Everything that can be wrong with a config file, each naming the file and, where the value has a
+/// place in the text, its line and column.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("{path}: cannot read: {source}")]
+    Read {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("{}:{line}:{column}: {k}{message}", path.display(), k = key_prefix(key))]
+    Invalid {
+        path: PathBuf,
+        line: usize,
+        column: usize,
+        /// The dotted key the problem is about (`services[2].dirs[0].local`), when known.
+        key: Option<String>,
+        message: String,
+    },
+    #[error("{}: {message} (machines {hosts:?})", path.display())]
+    Selection {
+        path: PathBuf,
+        hosts: Vec<String>,
+        message: String,
+    },
+}
+
+fn key_prefix(key: &Option<String>) -> String {
+    key.as_ref().map(|k| format!("{k}: ")).unwrap_or_default()
+}
+
+/// What a service's unit gets told when its files changed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Action {
+    /// `systemctl reload`: the unit re-reads its files without a restart.
+    Reload,
+    /// `systemctl restart`.
+    Restart,
+    /// Reload when the unit supports it, otherwise restart.
+    ReloadOrRestart,
+    /// Files change and nothing is told (the unit reads them on each use).
+    None,
+}
+
+impl fmt::Display for Action {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Action::Reload => "reload",
+            Action::Restart => "restart",
+            Action::ReloadOrRestart => "reload-or-restart",
+            Action::None => "none",
+        })
+    }
+}
+
+/// One path of the repository bound onto one path of the machine.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Dir {
+    /// Absolute path on the machine (the mount target).
+    pub local: PathBuf,
+    /// Relative, normalised path inside the repository (no `..`, no leading or trailing `/`).
+    pub link: String,
+    /// `local` and `link` are single files rather than directories.
+    pub file: bool,
+}
+
+/// One service on one machine, with every value inherited from `[global]` already filled in.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Service {
+    pub machine: String,
+    /// The systemd unit (`nginx` means `nginx.service`); also the service's name in plumb.
+    pub name: String,
+    pub upstream: String,
+    pub branch: String,
+    /// Directory under which the service's checkout lives, as `<mount>/<name>`.
+    pub mount: PathBuf,
+    pub action: Action,
+    pub package: Option<String>,
+    pub user: Option<String>,
+    pub dirs: Vec<Dir>,
+}
+
+impl Service {
+    /// The directory holding this service's links at its deployed revision (the mount sources).
+    pub fn checkout_dir(&self) -> PathBuf {
+        self.mount.join(&self.name)
+    }
+
+    /// The repository paths this service owns; a commit touching none of them does not concern it.
+    pub fn links(&self) -> Vec<String> {
+        self.dirs.iter().map(|d| d.link.clone()).collect()
+    }
+}
+
+/// A key from gitopper's `keys` setting. plumb reads and ignores it: access goes through sshd and
+/// unix groups instead (see the README's migration notes).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Key {
+    pub path: String,
+    pub ro: bool,
+}
+
+/// plumb's own settings, from the `[plumb]` table.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Settings {
+    pub state_dir: PathBuf,
+    pub interval: Duration,
+    /// Each wait between polls of an upstream is shortened by a random amount up to this, so a
+    /// fleet started together does not hit the git server in step.
+    pub jitter: Duration,
+    pub fetch_timeout: Duration,
+    pub ssh_key: Option<PathBuf>,
+    pub known_hosts: Vec<PathBuf>,
+}
+
+impl Default for Settings {
+    fn default() -> Self {
+        Settings {
+            state_dir: PathBuf::from(DEFAULT_STATE_DIR),
+            interval: DEFAULT_INTERVAL,
+            jitter: DEFAULT_INTERVAL / 10,
+            fetch_timeout: DEFAULT_FETCH_TIMEOUT,
+            ssh_key: None,
+            known_hosts: Vec::new(),
+        }
+    }
+}
+
+/// A validated configuration: every service of every machine, and plumb's settings.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Config {
+    pub path: PathBuf,
+    pub settings: Settings,
+    pub services: Vec<Service>,
+    pub keys: Vec<Key>,
+}
+
+// ---------------------------------------------------------------------------------------------
+// The raw layer: the file as written.
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawFile {
+    #[serde(default)]
+    global: RawGlobal,
+    #[serde(default)]
+    services: Vec<Spanned<RawService>>,
+    #[serde(default)]
+    plumb: RawPlumb,
+}
+
+/// `[global]`: gitopper's embedded service fields plus `keys`. `service` is not accepted here: a
+/// default unit name for every service has no meaning.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawGlobal {
+    machine: Option<Spanned<String>>,
+    upstream: Option<Spanned<String>>,
+    branch: Option<Spanned<String>>,
+    mount: Option<Spanned<String>>,
+    action: Option<Spanned<String>>,
+    package: Option<Spanned<String>>,
+    user: Option<Spanned<String>>,
+    dirs: Option<Vec<RawDir>>,
+    #[serde(default)]
+    keys: Vec<RawKey>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawService {
+    machine: Option<Spanned<String>>,
+    service: Option<Spanned<String>>,
+    upstream: Option<Spanned<String>>,
+    branch: Option<Spanned<String>>,
+    mount: Option<Spanned<String>>,
+    action: Option<Spanned<String>>,
+    package: Option<Spanned<String>>,
+    user: Option<Spanned<String>>,
+    dirs: Option<Vec<RawDir>>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawDir {
+    local: Spanned<String>,
+    link: Spanned<String>,
+    #[serde(default)]
+    file: bool,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawKey {
+    path: String,
+    #[serde(default)]
+    ro: bool,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawPlumb {
+    state_dir: Option<Spanned<String>>,
+    interval: Option<Spanned<String>>,
+    jitter: Option<Spanned<String>>,
+    fetch_timeout: Option<Spanned<String>>,
+    ssh_key: Option<Spanned<String>>,
+    #[serde(default)]
+    known_hosts: Vec<Spanned<String>>,
+}
+
+// ---------------------------------------------------------------------------------------------
+
+impl Config {
+    /// Reads and validates `path`.
+    pub fn load(path: &Path) -> Result<Config, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.to_owned(),
+            source,
+        })?;
+        Config::parse(path, &text)
+    }
+
+    /// Validates `text` as if read from `path` (which only names the file in errors).
+    pub fn parse(path: &Path, text: &str) -> Result<Config, ConfigError> {
+        let cx = Cx { path, text };
+        let raw: RawFile = toml::from_str(text).map_err(|e| cx.toml_error(&e))?;
+        cx.validate(raw)
+    }
+
+    /// The services whose `machine` is one of `hosts` (the hostname and `--hosts` aliases). Two of
+    /// them with one name, or two binding one local path, cannot both run, so that is an error here
+    /// even when the machines differ in the file.
+    pub fn select(&self, hosts: &[String]) -> Result<Vec<Service>, ConfigError> {
+        let mine: Vec<Service> = self
+            .services
+            .iter()
+            .filter(|s| hosts.contains(&s.machine))
+            .cloned()
+            .collect();
+        let mut names = BTreeMap::new();
+        let mut locals = BTreeMap::new();
+        for s in &mine {
+            if let Some(other) = names.insert(s.name.clone(), s.machine.clone()) {
+                return Err(self.selection(hosts, format!(
+                    "service {:?} is configured for both machine {other:?} and machine {:?}, which are both this machine",
+                    s.name, s.machine
+                )));
+            }
+            for d in &s.dirs {
+                if let Some(other) = locals.insert(d.local.clone(), s.name.clone()) {
+                    return Err(self.selection(
+                        hosts,
+                        format!(
+                            "{} is bound by both service {other:?} and service {:?}",
+                            d.local.display(),
+                            s.name
+                        ),
+                    ));
+                }
+            }
+        }
+        Ok(mine)
+    }
+
+    fn selection(&self, hosts: &[String], message: String) -> ConfigError {
+        ConfigError::Selection {
+            path: self.path.clone(),
+            hosts: hosts.to_vec(),
+            message,
+        }
+    }
+}
+
+/// This machine's names: its hostname plus the aliases given with `--hosts`.
+pub fn machine_names(aliases: &[String]) -> Vec<String> {
+    let mut names = Vec::new();
+    if let Ok(h) = nix::unistd::gethostname() {
+        names.push(h.to_string_lossy().into_owned());
+    }
+    for a in aliases {
+        if !a.is_empty() && !names.contains(a) {
+            names.push(a.clone());
+        }
+    }
+    names
+}
+
+/// Parsing context: the file's path and text, to turn byte offsets into lines and columns.
+struct Cx<'a> {
+    path: &'a Path,
+    text: &'a str,
+}
+
+impl Cx<'_> {
+    fn position(&self, offset: usize) -> (usize, usize) {
+        let before = &self.text[..offset.min(self.text.len())];
+        let line = before.matches('\n').count() + 1;
+        let column = before.len() - before.rfind('\n').map(|i| i + 1).unwrap_or(0) + 1;
+        (line, column)
+    }
+
+    fn at(
+        &self,
+        offset: usize,
+        key: impl Into<Option<String>>,
+        message: impl Into<String>,
+    ) -> ConfigError {
+        let (line, column) = self.position(offset);
+        ConfigError::Invalid {
+            path: self.path.to_owned(),
+            line,
+            column,
+            key: key.into(),
+            message: message.into(),
+        }
+    }
+
+    fn toml_error(&self, e: &toml::de::Error) -> ConfigError {
+        let offset = e.span().map(|s| s.start).unwrap_or(0);
+        // serde does not say which key a type error is about; the text left of `=` on that line does.
+        let line_start = self.text[..offset.min(self.text.len())]
+            .rfind('\n')
+            .map(|i| i + 1)
+            .unwrap_or(0);
+        let line = self.text[line_start..].lines().next().unwrap_or("");
+        let key = line
+            .split_once('=')
+            .map(|(k, _)| k.trim().trim_matches('"').to_owned())
+            .filter(|k| !k.is_empty() && !k.starts_with('['));
+        self.at(offset, key, e.message().trim().to_owned())
+    }
+
+    fn validate(&self, raw: RawFile) -> Result<Config, ConfigError> {
+        let settings = self.settings(raw.plumb)?;
+        let g = &raw.global;
+        let global_dirs = match &g.dirs {
+            Some(d) => Some(self.dirs("global.dirs", d)?),
+            None => None,
+        };
+        let mut services = Vec::new();
+        for (i, spanned) in raw.services.iter().enumerate() {
+            let start = spanned.span().start;
+            let s = spanned.get_ref();
+            let key = |field: &str| format!("services[{i}].{field}");
+            let pick = |own: &Option<Spanned<String>>, global: &Option<Spanned<String>>| {
+                own.as_ref().or(global.as_ref()).cloned()
+            };
+            let required =
+                |v: Option<Spanned<String>>, field: &str| -> Result<Spanned<String>, ConfigError> {
+                    match v {
+                        Some(v) if !v.get_ref().trim().is_empty() => Ok(v),
+                        Some(v) => Err(self.at(v.span().start, key(field), "must not be empty")),
+                        None => Err(self.at(
+                            start,
+                            key(field),
+                            "missing (set it here or in [global])".to_owned(),
+                        )),
+                    }
+                };
+            let machine = required(pick(&s.machine, &g.machine), "machine")?;
+            let name = required(s.service.clone(), "service")?;
+            self.check_name(&name, key("service"))?;
+            let upstream = required(pick(&s.upstream, &g.upstream), "upstream")?;
+            let branch = pick(&s.branch, &g.branch)
+                .map(|b| b.into_inner())
+                .filter(|b| !b.is_empty())
+                .unwrap_or_else(|| DEFAULT_BRANCH.to_owned());
+            let mount = match pick(&s.mount, &g.mount) {
+                Some(m) if !m.get_ref().is_empty() => {
+                    self.absolute(&m, key("mount"))?;
+                    PathBuf::from(m.into_inner())
+                }
+                _ => settings.state_dir.join("checkouts"),
+            };
+            let action = match pick(&s.action, &g.action) {
+                None => Action::None,
+                Some(a) => self.action(&a, key("action"))?,
+            };
+            let dirs = match &s.dirs {
+                Some(d) => self.dirs(&key("dirs"), d)?,
+                None => global_dirs.clone().unwrap_or_default(),
+            };
+            let nonempty =
+                |v: Option<Spanned<String>>| v.map(|v| v.into_inner()).filter(|v| !v.is_empty());
+            services.push((
+                start,
+                Service {
+                    machine: machine.into_inner(),
+                    name: name.into_inner(),
+                    upstream: upstream.into_inner(),
+                    branch,
+                    mount,
+                    action,
+                    package: nonempty(pick(&s.package, &g.package)),
+                    user: nonempty(pick(&s.user, &g.user)),
+                    dirs,
+                },
+            ));
+        }
+        self.check_unique(&services)?;
+        Ok(Config {
+            path: self.path.to_owned(),
+            settings,
+            services: services.into_iter().map(|(_, s)| s).collect(),
+            keys: raw
+                .global
+                .keys
+                .into_iter()
+                .map(|k| Key {
+                    path: k.path,
+                    ro: k.ro,
+                })
+                .collect(),
+        })
+    }
+
+    /// Per machine as written: one name once, one local path once.
+    fn check_unique(&self, services: &[(usize, Service)]) -> Result<(), ConfigError> {
+        let mut names = BTreeSet::new();
+        let mut locals = BTreeMap::new();
+        for (i, (start, s)) in services.iter().enumerate() {
+            if !names.insert((s.machine.clone(), s.name.clone())) {
+                return Err(self.at(
+                    *start,
+                    format!("services[{i}].service"),
+                    format!(
+                        "service {:?} is defined twice for machine {:?}",
+                        s.name, s.machine
+                    ),
+                ));
+            }
+            for (j, d) in s.dirs.iter().enumerate() {
+                if let Some(other) =
+                    locals.insert((s.machine.clone(), d.local.clone()), s.name.clone())
+                {
+                    return Err(self.at(
+                        *start,
+                        format!("services[{i}].dirs[{j}].local"),
+                        format!(
+                            "{} is already bound by service {other:?} on machine {:?}",
+                            d.local.display(),
+                            s.machine
+                        ),
+                    ));
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// A service name becomes a file name under the state directory and a unit name.
+    fn check_name(&self, name: &Spanned<String>, key: String) -> Result<(), ConfigError> {
+        let n = name.get_ref();
+        if n == "." || n == ".." || n.contains('/') || n.chars().any(char::is_whitespace) {
+            return Err(self.at(
+                name.span().start,
+                key,
+                format!("{n:?} is not a usable service name (no '/', whitespace, '.' or '..')"),
+            ));
+        }
+        Ok(())
+    }
+
+    fn absolute(&self, v: &Spanned<String>, key: String) -> Result<(), ConfigError> {
+        if !Path::new(v.get_ref()).is_absolute() {
+            return Err(self.at(
+                v.span().start,
+                key,
+                format!("{:?} must be an absolute path", v.get_ref()),
+            ));
+        }
+        Ok(())
+    }
+
+    fn action(&self, a: &Spanned<String>, key: String) -> Result<Action, ConfigError> {
+        Ok(match a.get_ref().as_str() {
+            "reload" => Action::Reload,
+            "restart" => Action::Restart,
+            "reload-or-restart" | "try-reload-or-restart" => Action::ReloadOrRestart,
+            "" | "none" => Action::None,
+            other => {
+                return Err(self.at(
+                    a.span().start,
+                    key,
+                    format!("unknown action {other:?} (expected reload, restart, reload-or-restart or none)"),
+                ));
+            }
+        })
+    }
+
+    fn dirs(&self, key: &str, raw: &[RawDir]) -> Result<Vec<Dir>, ConfigError> {
+        let mut dirs = Vec::new();
+        for (j, d) in raw.iter().enumerate() {
+            self.absolute(&d.local, format!("{key}[{j}].local"))?;
+            let link = normalise_link(d.link.get_ref())
+                .map_err(|m| self.at(d.link.span().start, format!("{key}[{j}].link"), m))?;
+            dirs.push(Dir {
+                local: PathBuf::from(d.local.get_ref()),
+                link,
+                file: d.file,
+            });
+        }
+        Ok(dirs)
+    }
+
+    fn settings(&self, p: RawPlumb) -> Result<Settings, ConfigError> {
+        let mut s = Settings::default();
+        if let Some(d) = p.state_dir {
+            self.absolute(&d, "plumb.state_dir".into())?;
+            s.state_dir = PathBuf::from(d.into_inner());
+        }
+        if let Some(i) = p.interval {
+            s.interval = self.duration(&i, "plumb.interval")?;
+            if s.interval.is_zero() {
+                return Err(self.at(
+                    i.span().start,
+                    "plumb.interval".to_owned(),
+                    "must be more than 0s",
+                ));
+            }
+            s.jitter = s.interval / 10;
+        }
+        if let Some(j) = p.jitter {
+            s.jitter = self.duration(&j, "plumb.jitter")?;
+            if s.jitter >= s.interval {
+                return Err(self.at(
+                    j.span().start,
+                    "plumb.jitter".to_owned(),
+                    "must be shorter than plumb.interval",
+                ));
+            }
+        }
+        if let Some(t) = p.fetch_timeout {
+            s.fetch_timeout = self.duration(&t, "plumb.fetch_timeout")?;
+        }
+        if let Some(k) = p.ssh_key {
+            self.absolute(&k, "plumb.ssh_key".into())?;
+            s.ssh_key = Some(PathBuf::from(k.into_inner()));
+        }
+        for (i, k) in p.known_hosts.into_iter().enumerate() {
+            self.absolute(&k, format!("plumb.known_hosts[{i}]"))?;
+            s.known_hosts.push(PathBuf::from(k.into_inner()));
+        }
+        Ok(s)
+    }
+
+    fn duration(&self, v: &Spanned<String>, key: &str) -> Result<Duration, ConfigError> {
+        humantime::parse_duration(v.get_ref()).map_err(|e| {
+            self.at(
+                v.span().start,
+                key.to_owned(),
+                format!(
+                    "{:?} is not a duration like \"90s\" or \"5m\": {e}",
+                    v.get_ref()
+                ),
+            )
+        })
+    }
+}
+
+/// Checks a `link` and returns it in the one form plumb compares paths in: relative, `/`-separated,
+/// no `.` or empty components, no trailing `/`. `..` and absolute paths are refused: a link must stay
+/// inside the repository.
+pub fn normalise_link(link: &str) -> Result<String, String> {
+    if link.is_empty() {
+        return Err("must not be empty".into());
+    }
+    let p = Path::new(link);
+    if p.is_absolute() {
+        return Err(format!("{link:?} must be relative to the repository root"));
+    }
+    let mut parts = Vec::new();
+    for c in p.components() {
+        match c {
+            Component::Normal(s) => match s.to_str() {
+                Some(".git") => return Err(format!("{link:?} must not point into .git")),
+                Some(s) => parts.push(s),
+                None => return Err(format!("{link:?} is not valid UTF-8")),
+            },
+            Component::CurDir => {}
+            Component::ParentDir => return Err(format!("{link:?} must not contain '..'")),
+            Component::RootDir | Component::Prefix(_) => {
+                return Err(format!("{link:?} must be relative to the repository root"));
+            }
+        }
+    }
+    if parts.is_empty() {
+        return Err(format!(
+            "{link:?} names the whole repository; name a directory or file in it"
+        ));
+    }
+    Ok(parts.join("/"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(text: &str) -> Result<Config, ConfigError> {
+        Config::parse(Path::new("plumb.toml"), text)
+    }
+
+    fn err(text: &str) -> String {
+        parse(text)
+            .expect_err("config should be refused")
+            .to_string()
+    }
+
+    /// gitopper's sample config, as shipped with it, must mean the same here.
+    const GITOPPER_SAMPLE: &str = r#"[global]
+upstream = "https://github.com/miekg/gitopper-config"
+branch = "main"
+mount = "/tmp/gitopper"
+keys = [
+	{ path = "keys/miek_id_ed25519_gitopper.pub", ro = true },
+	{ path = "/local/home/miek/.ssh/id_ed25519_gitopper.pub"},
+]
+
+[[services]]
+machine = "localhost"
+service = "prometheus"
+user = "prometheus"
+package = "prometheus"
+action = "reload"
+dirs = [
+	{ local = "/etc/prometheus", link = "prometheus/etc" },
+]
+
+# docker compose needs to work with systemd template files
+[[services]]
+machine = "docker-test"
+service = "docker-compose@caddy"
+user = "docker"
+#package = "docker-compose"
+action = "reload"
+dirs = [
+	{ local = "/tmp/docker-compose.yml", link = "docker-compose/caddy/docker-compose.yml", file = true },
+]
+"#;
+
+    #[test]
+    fn gitopper_sample_is_accepted_unchanged() {
+        let c = parse(GITOPPER_SAMPLE).unwrap();
+        assert_eq!(c.services.len(), 2);
+        let p = &c.services[0];
+        assert_eq!(p.name, "prometheus");
+        assert_eq!(p.upstream, "https://github.com/miekg/gitopper-config");
+        assert_eq!(p.branch, "main");
+        assert_eq!(p.mount, PathBuf::from("/tmp/gitopper"));
+        assert_eq!(p.checkout_dir(), PathBuf::from("/tmp/gitopper/prometheus"));
+        assert_eq!(p.action, Action::Reload);
+        assert_eq!(p.user.as_deref(), Some("prometheus"));
+        assert_eq!(p.dirs[0].link, "prometheus/etc");
+        let d = &c.services[1];
+        assert!(d.dirs[0].file);
+        assert_eq!(d.package, None);
+        assert_eq!(c.keys.len(), 2);
+        assert!(c.keys[0].ro);
+        assert_eq!(c.settings, Settings::default());
+    }
+
+    #[test]
+    fn global_values_are_inherited_including_the_ones_gitopper_drops() {
+        let c = parse(
+            r#"
+[global]
+upstream = "git://h/r.git"
+user = "www"
+action = "restart"
+package = "nginx"
+machine = "m1"
+dirs = [{ local = "/etc/x", link = "x" }]
+[[services]]
+service = "a"
+[[services]]
+service = "b"
+machine = "m2"
+action = "reload"
+branch = "canary"
+dirs = [{ local = "/etc/y", link = "y/" }]
+"#,
+        )
+        .unwrap();
+        let a = &c.services[0];
+        assert_eq!(
+            (
+                a.machine.as_str(),
+                a.user.as_deref(),
+                a.action,
+                a.package.as_deref()
+            ),
+            ("m1", Some("www"), Action::Restart, Some("nginx"))
+        );
+        assert_eq!(a.dirs[0].local, PathBuf::from("/etc/x"));
+        assert_eq!(a.branch, "main");
+        assert_eq!(a.mount, PathBuf::from("/var/lib/plumb/checkouts"));
+        let b = &c.services[1];
+        assert_eq!(
+            (b.machine.as_str(), b.action, b.branch.as_str()),
+            ("m2", Action::Reload, "canary")
+        );
+        assert_eq!(b.dirs[0].link, "y");
+    }
+
+    #[test]
+    fn plumb_settings() {
+        let c = parse(
+            r#"
+[plumb]
+state_dir = "/srv/plumb"
+interval = "30s"
+fetch_timeout = "10s"
+known_hosts = ["/etc/plumb/known_hosts"]
+[[services]]
+machine = "m"
+service = "a"
+upstream = "file:///r"
+"#,
+        )
+        .unwrap();
+        assert_eq!(c.settings.interval, Duration::from_secs(30));
+        assert_eq!(c.settings.jitter, Duration::from_secs(3));
+        assert_eq!(c.settings.fetch_timeout, Duration::from_secs(10));
+        assert_eq!(c.services[0].mount, PathBuf::from("/srv/plumb/checkouts"));
+    }
+
+    #[test]
+    fn unknown_key_names_file_line_and_key() {
+        let e =
+            err("[global]\nupstream = \"x\"\n\n[[services]]\nmachine = \"m\"\nservcie = \"a\"\n");
+        assert!(
+            e.starts_with("plumb.toml:6:1: servcie: unknown field `servcie`"),
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn wrong_type_names_the_key() {
+        let e = err("[[services]]\nmachine = \"m\"\nservice = \"a\"\nupstream = 3\n");
+        assert!(
+            e.starts_with("plumb.toml:4:12: upstream: invalid type"),
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn missing_required_fields() {
+        assert!(
+            err("[[services]]\nservice = \"a\"\nupstream = \"u\"\n")
+                .contains("services[0].machine: missing")
+        );
+        assert!(
+            err("[[services]]\nmachine = \"m\"\nupstream = \"u\"\n")
+                .contains("services[0].service: missing")
+        );
+        assert!(
+            err("[[services]]\nmachine = \"m\"\nservice = \"a\"\n")
+                .contains("services[0].upstream: missing")
+        );
+        assert!(
+            err("[[services]]\nmachine = \"\"\nservice = \"a\"\nupstream = \"u\"\n")
+                .starts_with("plumb.toml:2:11: services[0].machine: must not be empty")
+        );
+    }
+
+    #[test]
+    fn local_must_be_absolute_and_link_must_stay_inside() {
+        let svc = |dirs: &str| {
+            format!(
+                "[[services]]\nmachine = \"m\"\nservice = \"a\"\nupstream = \"u\"\ndirs = [{dirs}]\n"
+            )
+        };
+        let e = err(&svc(r#"{ local = "etc/x", link = "x" }"#));
+        assert!(
+            e.starts_with(
+                "plumb.toml:5:19: services[0].dirs[0].local: \"etc/x\" must be an absolute path"
+            ),
+            "{e}"
+        );
+        let e = err(&svc(r#"{ local = "/etc/x", link = "/x" }"#));
+        assert!(
+            e.contains("services[0].dirs[0].link: \"/x\" must be relative"),
+            "{e}"
+        );
+        let e = err(&svc(r#"{ local = "/etc/x", link = "a/../../x" }"#));
+        assert!(e.contains("must not contain '..'"), "{e}");
+    }
+
+    #[test]
+    fn duplicates_on_one_machine_are_refused() {
+        let e = err(
+            "[global]\nupstream = \"u\"\nmachine = \"m\"\n[[services]]\nservice = \"a\"\n[[services]]\nservice = \"a\"\n",
+        );
+        assert!(
+            e.contains("services[1].service: service \"a\" is defined twice for machine \"m\""),
+            "{e}"
+        );
+        let e = err(
+            "[global]\nupstream = \"u\"\nmachine = \"m\"\n[[services]]\nservice = \"a\"\ndirs = [{ local = \"/etc/x\", link = \"a\" }]\n[[services]]\nservice = \"b\"\ndirs = [{ local = \"/etc/x/\", link = \"b\" }]\n",
+        );
+        assert!(
+            e.contains("services[1].dirs[0].local: /etc/x/ is already bound by service \"a\""),
+            "{e}"
+        );
+        // The same name on two machines is the normal case.
+        parse("[global]\nupstream = \"u\"\n[[services]]\nmachine = \"m1\"\nservice = \"a\"\n[[services]]\nmachine = \"m2\"\nservice = \"a\"\n").unwrap();
+    }
+
+    #[test]
+    fn selection_by_hostname_and_aliases() {
+        let c = parse("[global]\nupstream = \"u\"\n[[services]]\nmachine = \"m1\"\nservice = \"a\"\n[[services]]\nmachine = \"m2\"\nservice = \"b\"\n[[services]]\nmachine = \"m3\"\nservice = \"a\"\n").unwrap();
+        let names = |hosts: &[&str]| {
+            let hosts: Vec<String> = hosts.iter().map(|h| h.to_string()).collect();
+            c.select(&hosts)
+                .map(|v| v.into_iter().map(|s| s.name).collect::<Vec<_>>())
+        };
+        assert_eq!(names(&["m1"]).unwrap(), vec!["a"]);
+        assert_eq!(names(&["m1", "m2"]).unwrap(), vec!["a", "b"]);
+        assert!(names(&["nope"]).unwrap().is_empty());
+        let e = names(&["m1", "m3"]).unwrap_err().to_string();
+        assert!(
+            e.contains("service \"a\" is configured for both machine \"m1\" and machine \"m3\""),
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn bad_values_in_plumb_table() {
+        assert!(
+            err("[plumb]\ninterval = \"soon\"\n")
+                .starts_with("plumb.toml:2:12: plumb.interval: \"soon\" is not a duration")
+        );
+        assert!(
+            err("[plumb]\ninterval = \"10s\"\njitter = \"10s\"\n")
+                .contains("plumb.jitter: must be shorter")
+        );
+        assert!(err("[[services]]\nmachine = \"m\"\nservice = \"a\"\nupstream = \"u\"\naction = \"bounce\"\n").contains("unknown action \"bounce\""));
+        assert!(
+            err("[[services]]\nmachine = \"m\"\nservice = \"a/b\"\nupstream = \"u\"\n")
+                .contains("not a usable service name")
+        );
+    }
+
+    #[test]
+    fn link_normalisation() {
+        assert_eq!(normalise_link("./a//b/").unwrap(), "a/b");
+        assert!(normalise_link(".").is_err());
+        assert!(normalise_link(".git/config").is_err());
+        assert!(normalise_link("").is_err());
+    }
+}

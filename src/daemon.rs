@@ -1,0 +1,528 @@
+//! The sync loop: polls each upstream, feeds the results to the services' state machines, and runs the
+//! effects they ask for.
+//!
+//! One task (the actor in [`run`]) owns every service's state; git work runs on blocking threads and
+//! comes back as messages, so state changes happen in one place and in order. All work on one upstream
+//! (its fetch, then its services' checkouts) is one job at a time: the store is never used by two
+//! threads, and a tick costs the server one fetch whatever the number of services on it.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use tokio::sync::mpsc;
+use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
+use tracing::{debug, error, info, info_span, warn};
+
+use crate::config::{self, Config, ConfigError};
+use crate::git::{self, FetchReport, GitError, Oid, Store};
+use crate::layout::{self, Layout};
+use crate::service::{self, Effect, Event, State};
+
+/// How the daemon was started; everything it reads or binds is named here, so tests use temp dirs.
+#[derive(Debug, Clone)]
+pub struct Options {
+    pub config: PathBuf,
+    /// This machine's names: the hostname and the `--hosts` aliases.
+    pub hosts: Vec<String>,
+    /// Overrides the config's `state_dir`.
+    pub state_dir: Option<PathBuf>,
+    /// Overrides the config's `interval`.
+    pub interval: Option<Duration>,
+    /// Run one cycle over every upstream, then return.
+    pub once: bool,
+}
+
+/// Why the daemon could not start. Once it runs, nothing a service does stops it.
+#[derive(Debug, thiserror::Error)]
+pub enum DaemonError {
+    #[error(transparent)]
+    Config(#[from] ConfigError),
+    #[error("cannot create state directory {path}: {source}")]
+    StateDir {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+/// Why moving a service's checkout failed. Becomes the service's BROKEN info.
+#[derive(Debug, thiserror::Error)]
+pub enum DeployError {
+    #[error(transparent)]
+    Git(#[from] GitError),
+    #[error("{0}")]
+    Store(String),
+    #[error("{path}: {source}")]
+    Io {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+/// Each service's state when the daemon returned (after `--once` or shutdown).
+#[derive(Debug, Clone)]
+pub struct Summary {
+    pub services: Vec<(String, service::Service)>,
+}
+
+impl Summary {
+    /// True when every service is tracking its upstream (cron users exit non-zero otherwise).
+    pub fn healthy(&self) -> bool {
+        self.services
+            .iter()
+            .all(|(_, s)| matches!(s.state, State::Ok | State::Freeze))
+    }
+}
+
+/// Runs until `shutdown` is cancelled (or one cycle, with `once`). A `()` on `reload` re-reads the
+/// config; a bad new config is logged and the running one kept.
+pub async fn run(
+    opts: Options,
+    mut reload: mpsc::Receiver<()>,
+    shutdown: CancellationToken,
+) -> Result<Summary, DaemonError> {
+    let config = Config::load(&opts.config)?;
+    let mut d = Daemon::new(opts, config)?;
+    let (tx, mut rx) = mpsc::channel::<Done>(64);
+    loop {
+        let stopping = shutdown.is_cancelled() || (d.opts.once && d.all_cycled());
+        if stopping {
+            d.cancel.store(true, Ordering::Relaxed);
+            if d.upstreams.values().all(|u| !u.busy) {
+                break;
+            }
+        } else {
+            d.start_due(&tx);
+        }
+        let next = d.next_due();
+        tokio::select! {
+            Some(done) = rx.recv() => d.finish(done, &tx),
+            _ = shutdown.cancelled(), if !stopping => info!("shutting down"),
+            Some(()) = reload.recv(), if !stopping => d.reload(),
+            _ = tokio::time::sleep_until(next), if !stopping => {}
+        }
+    }
+    Ok(d.summary())
+}
+
+/// A service as the daemon holds it: its config and its state machine.
+struct Entry {
+    config: config::Service,
+    state: service::Service,
+}
+
+struct Upstream {
+    next: Instant,
+    busy: bool,
+    cycles: u64,
+}
+
+/// A finished job, back on the actor.
+enum Done {
+    Fetched {
+        url: String,
+        result: Result<FetchReport, GitError>,
+    },
+    Deployed {
+        url: String,
+        events: Vec<(String, Event)>,
+    },
+}
+
+struct Daemon {
+    opts: Options,
+    config: Config,
+    layout: Layout,
+    interval: Duration,
+    jitter: Duration,
+    transport: git::Transport,
+    cancel: Arc<AtomicBool>,
+    services: BTreeMap<String, Entry>,
+    upstreams: BTreeMap<String, Upstream>,
+}
+
+impl Daemon {
+    fn new(opts: Options, config: Config) -> Result<Daemon, DaemonError> {
+        let selected = config.select(&opts.hosts)?;
+        let layout = Layout::new(
+            opts.state_dir
+                .clone()
+                .unwrap_or_else(|| config.settings.state_dir.clone()),
+        );
+        layout.create().map_err(|source| DaemonError::StateDir {
+            path: layout.root().to_owned(),
+            source,
+        })?;
+        let cancel = Arc::new(AtomicBool::new(false));
+        let mut d = Daemon {
+            interval: Duration::ZERO,
+            jitter: Duration::ZERO,
+            transport: git::Transport::default(),
+            cancel,
+            layout,
+            opts,
+            config,
+            services: BTreeMap::new(),
+            upstreams: BTreeMap::new(),
+        };
+        d.adopt(selected);
+        Ok(d)
+    }
+
+    /// Takes `selected` as the services to run: keeps the state of those that stay, loads the persisted
+    /// state of new ones, forgets the removed ones (their files stay where they are).
+    fn adopt(&mut self, selected: Vec<config::Service>) {
+        let s = &self.config.settings;
+        self.interval = self.opts.interval.unwrap_or(s.interval);
+        self.jitter = s.jitter.min(self.interval / 2);
+        self.transport = git::Transport {
+            ssh_key: s.ssh_key.clone(),
+            known_hosts: s.known_hosts.clone(),
+            timeout: Some(s.fetch_timeout),
+            cancel: self.cancel.clone(),
+        };
+        let now = unix_now();
+        let mut services = BTreeMap::new();
+        for cfg in selected {
+            let entry = match self.services.remove(&cfg.name) {
+                Some(mut old) => {
+                    let moved = old.config.upstream != cfg.upstream
+                        || old.config.branch != cfg.branch
+                        || old.config.dirs != cfg.dirs
+                        || old.config.mount != cfg.mount;
+                    if moved {
+                        // Its paths changed: the next fetch checks it out afresh.
+                        info!(service = %cfg.name, "configuration changed; redeploying at the next fetch");
+                        old.state.synced = None;
+                    }
+                    Entry {
+                        config: cfg,
+                        state: old.state,
+                    }
+                }
+                None => Entry {
+                    state: load_state(&self.layout, &cfg.name, now),
+                    config: cfg,
+                },
+            };
+            services.insert(entry.config.name.clone(), entry);
+        }
+        for gone in self.services.keys() {
+            info!(service = %gone, "no longer configured for this machine; leaving its files as they are");
+        }
+        self.services = services;
+        if self.services.is_empty() {
+            warn!(hosts = ?self.opts.hosts, "no services configured for this machine");
+        }
+        let urls: BTreeSet<String> = self
+            .services
+            .values()
+            .map(|e| e.config.upstream.clone())
+            .collect();
+        self.upstreams.retain(|url, _| urls.contains(url));
+        for url in urls {
+            self.upstreams.entry(url).or_insert(Upstream {
+                next: Instant::now(),
+                busy: false,
+                cycles: 0,
+            });
+        }
+    }
+
+    fn reload(&mut self) {
+        info!(config = %self.opts.config.display(), "re-reading the configuration");
+        let config = match Config::load(&self.opts.config) {
+            Ok(c) => c,
+            Err(e) => {
+                error!("keeping the running configuration: {e}");
+                return;
+            }
+        };
+        let selected = match config.select(&self.opts.hosts) {
+            Ok(s) => s,
+            Err(e) => {
+                error!("keeping the running configuration: {e}");
+                return;
+            }
+        };
+        if self.opts.state_dir.is_none()
+            && config.settings.state_dir != self.config.settings.state_dir
+        {
+            warn!("state_dir changed; it takes effect at the next restart");
+        }
+        let state_dir = self.config.settings.state_dir.clone();
+        self.config = config;
+        self.config.settings.state_dir = state_dir;
+        self.adopt(selected);
+    }
+
+    fn all_cycled(&self) -> bool {
+        self.upstreams.values().all(|u| u.cycles > 0)
+    }
+
+    fn next_due(&self) -> Instant {
+        self.upstreams
+            .values()
+            .filter(|u| !u.busy)
+            .map(|u| u.next)
+            .min()
+            .unwrap_or_else(|| Instant::now() + Duration::from_secs(3600))
+    }
+
+    fn start_due(&mut self, tx: &mpsc::Sender<Done>) {
+        let now = Instant::now();
+        let due: Vec<String> = self
+            .upstreams
+            .iter()
+            .filter(|(_, u)| !u.busy && u.next <= now)
+            .map(|(url, _)| url.clone())
+            .collect();
+        for url in due {
+            let branches: Vec<String> = self
+                .services
+                .values()
+                .filter(|e| e.config.upstream == url)
+                .map(|e| e.config.branch.clone())
+                .collect::<BTreeSet<_>>()
+                .into_iter()
+                .collect();
+            if let Some(u) = self.upstreams.get_mut(&url) {
+                u.busy = true;
+            }
+            let stores = self.layout.stores();
+            let transport = self.transport.clone();
+            let tx = tx.clone();
+            let span = info_span!("fetch", upstream = %git::redact_url(&url));
+            tokio::task::spawn_blocking(move || {
+                let _g = span.enter();
+                let result =
+                    Store::open(&stores, &url).and_then(|mut s| s.fetch(&branches, &transport));
+                let _ = tx.blocking_send(Done::Fetched { url, result });
+            });
+        }
+    }
+
+    fn finish(&mut self, done: Done, tx: &mpsc::Sender<Done>) {
+        let now = unix_now();
+        match done {
+            Done::Fetched { url, result } => {
+                match &result {
+                    Ok(report) => {
+                        debug!(upstream = %git::redact_url(&url), heads = ?report.heads, "fetch done")
+                    }
+                    Err(e) => warn!(upstream = %git::redact_url(&url), "fetch failed: {e}"),
+                }
+                let mut jobs = Vec::new();
+                for entry in self
+                    .services
+                    .values_mut()
+                    .filter(|e| e.config.upstream == url)
+                {
+                    let event = match &result {
+                        Ok(report) => Event::Fetched {
+                            branch: entry.config.branch.clone(),
+                            head: report.heads.get(&entry.config.branch).copied().flatten(),
+                        },
+                        Err(e) => Event::FetchFailed {
+                            error: e.to_string(),
+                        },
+                    };
+                    for effect in entry.state.handle(event, now) {
+                        match effect {
+                            Effect::Persist => {
+                                persist(&self.layout, &entry.config.name, &entry.state)
+                            }
+                            Effect::Deploy {
+                                head,
+                                from,
+                                deployed,
+                            } => jobs.push(DeployJob {
+                                service: entry.config.clone(),
+                                head,
+                                from,
+                                deployed,
+                            }),
+                        }
+                    }
+                }
+                if jobs.is_empty() || self.cancel.load(Ordering::Relaxed) {
+                    self.done_with(&url);
+                } else {
+                    let layout = self.layout.clone();
+                    let tx = tx.clone();
+                    tokio::task::spawn_blocking(move || {
+                        let events = deploy_all(&layout, &url, jobs);
+                        let _ = tx.blocking_send(Done::Deployed { url, events });
+                    });
+                }
+            }
+            Done::Deployed { url, events } => {
+                for (name, event) in events {
+                    let Some(entry) = self.services.get_mut(&name) else {
+                        continue; // removed by a reload meanwhile
+                    };
+                    let span = info_span!("service", name = %name);
+                    let _g = span.enter();
+                    match &event {
+                        Event::Deployed { revision, .. } if *revision != entry.state.deployed => {
+                            info!(revision = %service::short(*revision), "deployed")
+                        }
+                        Event::DeployFailed { error, .. } => error!("deploy failed: {error}"),
+                        _ => {}
+                    }
+                    for effect in entry.state.handle(event, now) {
+                        if effect == Effect::Persist {
+                            persist(&self.layout, &name, &entry.state);
+                        }
+                    }
+                }
+                self.done_with(&url);
+            }
+        }
+    }
+
+    fn done_with(&mut self, url: &str) {
+        let wait = self.interval.saturating_sub(jitter(self.jitter));
+        if let Some(u) = self.upstreams.get_mut(url) {
+            u.busy = false;
+            u.cycles += 1;
+            u.next = Instant::now() + wait;
+        }
+    }
+
+    fn summary(&self) -> Summary {
+        Summary {
+            services: self
+                .services
+                .iter()
+                .map(|(n, e)| (n.clone(), e.state.clone()))
+                .collect(),
+        }
+    }
+}
+
+struct DeployJob {
+    service: config::Service,
+    head: Oid,
+    from: Option<Oid>,
+    deployed: Option<Oid>,
+}
+
+/// Runs the checkouts of one upstream's services, one after the other, on one store.
+fn deploy_all(layout: &Layout, url: &str, jobs: Vec<DeployJob>) -> Vec<(String, Event)> {
+    let store = Store::open(&layout.stores(), url);
+    jobs.into_iter()
+        .map(|job| {
+            let span = info_span!("service", name = %job.service.name);
+            let _g = span.enter();
+            let head = job.head;
+            let result = match &store {
+                Ok(store) => deploy(store, layout, &job),
+                Err(e) => Err(DeployError::Store(e.to_string())),
+            };
+            let event = match result {
+                Ok(revision) => Event::Deployed { head, revision },
+                Err(e) => Event::DeployFailed {
+                    head,
+                    error: e.to_string(),
+                },
+            };
+            (job.service.name, event)
+        })
+        .collect()
+}
+
+/// Moves one service's checkout to `job.head` when its paths changed, and hands a new deployed
+/// revision to systemd by rewriting the service's `.rev` file. Returns the deployed revision.
+fn deploy(store: &Store, layout: &Layout, job: &DeployJob) -> Result<Option<Oid>, DeployError> {
+    let svc = &job.service;
+    let links = svc.links();
+    let target = svc.checkout_dir();
+    // Without its checkout, or when the store no longer has the old head, start from nothing.
+    let from = job
+        .from
+        .filter(|_| target.is_dir())
+        .filter(|f| store.resolve(&f.to_string()).is_ok());
+    let changed = match from {
+        Some(f) => !store.changed_paths(Some(f), job.head, &links)?.is_empty(),
+        None => true,
+    };
+    let revision = if changed {
+        store.last_change(job.head, &links)?
+    } else {
+        job.deployed
+    };
+    if changed {
+        std::fs::create_dir_all(&target).map_err(|source| DeployError::Io {
+            path: target.clone(),
+            source,
+        })?;
+        store.checkout(
+            &target,
+            &layout.service_index(&svc.name),
+            from,
+            job.head,
+            &links,
+        )?;
+    }
+    let rev_file = layout.service_rev(&svc.name);
+    if let Some(rev) = revision {
+        if revision != job.deployed || !rev_file.exists() {
+            layout::write_atomic(&rev_file, format!("{rev}\n").as_bytes()).map_err(|source| {
+                DeployError::Io {
+                    path: rev_file.clone(),
+                    source,
+                }
+            })?;
+        }
+    }
+    Ok(revision)
+}
+
+fn load_state(layout: &Layout, name: &str, now: u64) -> service::Service {
+    let path = layout.service_state(name);
+    match std::fs::read(&path) {
+        Ok(bytes) => match serde_json::from_slice(&bytes) {
+            Ok(s) => s,
+            Err(e) => {
+                error!(service = %name, "{}: unreadable state ({e}); starting afresh", path.display());
+                service::Service::new(now)
+            }
+        },
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => service::Service::new(now),
+        Err(e) => {
+            error!(service = %name, "{}: {e}; starting afresh", path.display());
+            service::Service::new(now)
+        }
+    }
+}
+
+fn persist(layout: &Layout, name: &str, state: &service::Service) {
+    let path = layout.service_state(name);
+    let write = serde_json::to_vec_pretty(state)
+        .map_err(std::io::Error::other)
+        .and_then(|json| layout::write_atomic(&path, &json));
+    if let Err(e) = write {
+        error!(service = %name, "cannot save state to {}: {e}", path.display());
+    }
+}
+
+/// A random wait in `[0, max)`, so machines started together drift apart.
+fn jitter(max: Duration) -> Duration {
+    if max.is_zero() {
+        return Duration::ZERO;
+    }
+    Duration::from_millis(fastrand::u64(0..max.as_millis().max(1) as u64))
+}
+
+fn unix_now() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0)
+}

@@ -1,0 +1,280 @@
+//! Per-service checkouts: a target directory that holds exactly the service's `link` paths of one
+//! revision, updated in place, forwards or backwards.
+//!
+//! How: a second handle on the store gets the target as its work tree (in memory only), the
+//! service's own index file, and `HEAD` detached at the previously deployed commit, which libgit2
+//! uses as the checkout baseline; then a forced checkout restricted to the links (literal
+//! pathspecs) writes, replaces and deletes exactly what differs. A first checkout has no baseline:
+//! `HEAD` is made unborn and the index emptied, so everything under the links that is not in the
+//! revision is removed as untracked. (`CheckoutBuilder::target_dir` with a shared index is not used:
+//! it leaves deleted files behind and writes through symlinks.)
+//!
+//! libgit2 follows symlinks it finds in a work tree: a tracked file replaced by a symlink would get
+//! the symlink's target overwritten, a directory replaced by one would get files created through
+//! it. So before each checkout every symlink under the links that the baseline does not have (same
+//! path, same target) is removed, and so is any symlink on the way to a link.
+//!
+//! Content is written as stored in git: no filters (no end-of-line conversion, no `ident`), since a
+//! deployed file must be the same bytes on every machine whatever `.gitattributes` says.
+
+use std::ffi::OsStr;
+use std::fs;
+use std::io;
+use std::path::{Path, PathBuf};
+
+use git2::build::CheckoutBuilder;
+use git2::{ErrorCode, Index, Oid, Repository, Tree};
+
+use super::history::validate_links;
+use super::{GitError, Store};
+
+/// An unborn branch `HEAD` points at when there is no baseline: the store never has `refs/heads/*`
+/// (fetched branches live under `refs/remotes/origin/`), so this never exists.
+const NO_BASELINE: &str = "refs/heads/plumb-no-baseline";
+
+/// Git's mode for a symlink.
+const SYMLINK_MODE: i32 = 0o120000;
+
+impl Store {
+    /// Makes `target` hold exactly `links` of `rev` (and nothing else under those paths), using and
+    /// updating the service's index at `index`. `previous` is the revision currently deployed in
+    /// `target` (`None` for a first checkout); when the store lacks it (history rewritten and the
+    /// store re-created since), the checkout proceeds as a first one.
+    ///
+    /// Modes (executable bit) and symlinks are as in git; submodules are not checked out; files
+    /// outside the links are not touched. Points the store's `HEAD` at `previous` (see the module
+    /// invariants).
+    pub fn checkout(
+        &self,
+        target: &Path,
+        index: &Path,
+        previous: Option<Oid>,
+        rev: Oid,
+        links: &[String],
+    ) -> Result<(), GitError> {
+        validate_links(links)?;
+        if links.is_empty() {
+            // No pathspec would mean "everything": a service without links holds nothing.
+            return Ok(());
+        }
+        let revision = rev.to_string();
+        let git_err = |source: git2::Error| GitError::Checkout {
+            url: self.shown.clone(),
+            path: target.to_path_buf(),
+            revision: revision.clone(),
+            source,
+        };
+        let io_err = |action: String| {
+            let revision = revision.clone();
+            move |source: io::Error| GitError::CheckoutIo {
+                url: self.shown.clone(),
+                path: target.to_path_buf(),
+                revision,
+                action,
+                source,
+            }
+        };
+
+        // A handle of its own, so the store's main handle stays bare and index-less.
+        let repo = Repository::open_bare(&self.path).map_err(|source| GitError::Store {
+            url: self.shown.clone(),
+            path: self.path.clone(),
+            source,
+        })?;
+        let tree = repo
+            .find_commit(rev)
+            .map_err(|e| self.object_error(rev, e))?
+            .tree()
+            .map_err(|e| self.reached_error(rev, e))?;
+        let baseline = match previous {
+            None => None,
+            Some(previous) => match repo.find_commit(previous) {
+                Ok(commit) => Some(commit),
+                Err(e) if e.code() == ErrorCode::NotFound => {
+                    tracing::warn!(
+                        url = self.shown,
+                        target = %target.display(),
+                        %previous,
+                        "previously deployed revision not in the store; checking out as if for the first time"
+                    );
+                    None
+                }
+                Err(e) => return Err(self.object_error(previous, e)),
+            },
+        };
+        let baseline_tree = match &baseline {
+            Some(commit) => Some(
+                commit
+                    .tree()
+                    .map_err(|e| self.reached_error(commit.id(), e))?,
+            ),
+            None => None,
+        };
+
+        fs::create_dir_all(target).map_err(io_err("create the target directory".into()))?;
+        scrub_symlinks(&repo, target, baseline_tree.as_ref(), links)
+            .map_err(|(path, e)| io_err(format!("remove symlink {}", path.display()))(e))?;
+
+        let mut index = open_index(index).map_err(|e| match e {
+            IndexError::Io(action, e) => io_err(action)(e),
+            IndexError::Git(e) => git_err(e),
+        })?;
+        if baseline.is_none() {
+            index.clear().map_err(git_err)?;
+        }
+        repo.set_workdir(target, false).map_err(git_err)?;
+        repo.set_index(&mut index).map_err(git_err)?;
+        match &baseline {
+            Some(commit) => repo.set_head_detached(commit.id()),
+            None => repo.set_head(NO_BASELINE),
+        }
+        .map_err(git_err)?;
+
+        let mut builder = CheckoutBuilder::new();
+        builder
+            .force()
+            .recreate_missing(true)
+            .remove_untracked(true)
+            .remove_ignored(true)
+            .disable_pathspec_match(true)
+            .disable_filters(true);
+        for link in links {
+            builder.path(link.trim_end_matches('/'));
+        }
+        repo.checkout_tree(tree.as_object(), Some(&mut builder))
+            .map_err(|e| {
+                let err = git_err(e);
+                if err.is_corruption() {
+                    self.damaged.set(true);
+                }
+                err
+            })?;
+        index.write().map_err(git_err)?;
+        Ok(())
+    }
+}
+
+enum IndexError {
+    Io(String, io::Error),
+    Git(git2::Error),
+}
+
+/// Opens the service's index. It is only a cache of what is deployed, so a stale lock (crash) is
+/// removed and an unreadable index is replaced by an empty one.
+fn open_index(path: &Path) -> Result<Index, IndexError> {
+    if let Some(parent) = path.parent() {
+        fs::create_dir_all(parent)
+            .map_err(|e| IndexError::Io(format!("create {}", parent.display()), e))?;
+    }
+    let mut lock = path.as_os_str().to_owned();
+    lock.push(".lock");
+    match fs::remove_file(&lock) {
+        Ok(()) => tracing::warn!(lock = ?lock, "removed stale index lock"),
+        Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+        Err(e) => return Err(IndexError::Io(format!("remove {lock:?}"), e)),
+    }
+    match Index::open(path) {
+        Ok(index) => Ok(index),
+        Err(e) => {
+            tracing::warn!(index = %path.display(), error = e.message(), "unreadable index; starting a new one");
+            fs::remove_file(path)
+                .map_err(|e| IndexError::Io(format!("remove {}", path.display()), e))?;
+            Index::open(path).map_err(IndexError::Git)
+        }
+    }
+}
+
+/// Removes every symlink under `links` in `target` that `baseline` does not have at the same path
+/// with the same target, and every symlink on the way to a link (a link's parent directories are
+/// never plumb's symlinks). Never follows a symlink. Returns the path that could not be removed.
+fn scrub_symlinks(
+    repo: &Repository,
+    target: &Path,
+    baseline: Option<&Tree<'_>>,
+    links: &[String],
+) -> Result<(), (PathBuf, io::Error)> {
+    for link in links {
+        let link = link.trim_end_matches('/');
+        let components: Vec<&str> = link.split('/').collect();
+        let mut path = target.to_path_buf();
+        let mut rel = PathBuf::new();
+        for (i, component) in components.iter().enumerate() {
+            path.push(component);
+            rel.push(component);
+            let meta = match fs::symlink_metadata(&path) {
+                Ok(meta) => meta,
+                Err(e) if e.kind() == io::ErrorKind::NotFound => break,
+                Err(e) => return Err((path, e)),
+            };
+            let is_link_itself = i + 1 == components.len();
+            if meta.file_type().is_symlink() {
+                if !(is_link_itself && baseline_has_symlink(repo, baseline, &rel, &path)) {
+                    remove_symlink(&path)?;
+                }
+                break;
+            }
+            if !meta.is_dir() {
+                break;
+            }
+            if is_link_itself {
+                scrub_dir(repo, baseline, &path, &rel)?;
+            }
+        }
+    }
+    Ok(())
+}
+
+fn scrub_dir(
+    repo: &Repository,
+    baseline: Option<&Tree<'_>>,
+    dir: &Path,
+    rel: &Path,
+) -> Result<(), (PathBuf, io::Error)> {
+    let entries = fs::read_dir(dir).map_err(|e| (dir.to_path_buf(), e))?;
+    for entry in entries {
+        let entry = entry.map_err(|e| (dir.to_path_buf(), e))?;
+        let path = entry.path();
+        // DirEntry::file_type does not follow symlinks.
+        let kind = entry.file_type().map_err(|e| (path.clone(), e))?;
+        let child_rel = rel.join(entry.file_name());
+        if kind.is_symlink() {
+            if !baseline_has_symlink(repo, baseline, &child_rel, &path) {
+                remove_symlink(&path)?;
+            }
+        } else if kind.is_dir() {
+            scrub_dir(repo, baseline, &path, &child_rel)?;
+        }
+    }
+    Ok(())
+}
+
+fn remove_symlink(path: &Path) -> Result<(), (PathBuf, io::Error)> {
+    tracing::debug!(path = %path.display(), "removing a symlink the deployed revision does not have");
+    match fs::remove_file(path) {
+        Ok(()) => Ok(()),
+        Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(()),
+        Err(e) => Err((path.to_path_buf(), e)),
+    }
+}
+
+/// Whether `baseline` has a symlink at `rel` pointing where the symlink at `path` points.
+fn baseline_has_symlink(
+    repo: &Repository,
+    baseline: Option<&Tree<'_>>,
+    rel: &Path,
+    path: &Path,
+) -> bool {
+    let Some(tree) = baseline else {
+        return false;
+    };
+    let Ok(entry) = tree.get_path(rel) else {
+        return false;
+    };
+    if entry.filemode() != SYMLINK_MODE {
+        return false;
+    }
+    let (Ok(blob), Ok(on_disk)) = (repo.find_blob(entry.id()), fs::read_link(path)) else {
+        return false;
+    };
+    blob.content() == OsStr::as_encoded_bytes(on_disk.as_os_str())
+}

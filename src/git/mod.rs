@@ -1,0 +1,285 @@
+//! The git engine: one bare object store per upstream, fetched in-process with libgit2, and
+//! per-service checkouts that hold only the service's `link` paths at one revision.
+//!
+//! Layout on disk: `stores_dir/<store_id>.git` is a bare repository holding the full history of the
+//! fetched branches of one upstream URL, under `refs/remotes/origin/<branch>`. It is shared by every
+//! service that uses that URL. A service's files live in its own target directory, with its own
+//! index file (a stat cache that makes in-place updates cheap and exact).
+//!
+//! Submodules:
+//! - [`url`]: store names, URL redaction, ssh endpoints;
+//! - `known_hosts`: the ssh host key check (never skipped);
+//! - `store`: opening, creating and healing stores;
+//! - `fetch`: the network side (one connection per fetch, credentials, cancellation);
+//! - `history`: `changed_paths` and `last_change`;
+//! - `checkout`: per-service checkouts, including the symlink scrub.
+//!
+//! # Invariants the caller keeps
+//! - **One thread per store.** All operations on one store (fetch, checkout, history) are
+//!   serialised by the daemon: a checkout points the store's `HEAD` file at the service's
+//!   previously deployed commit (libgit2 takes the checkout baseline from `HEAD`), and opening a
+//!   store removes stale `*.lock` files left by a crash. Neither is safe with a concurrent user of
+//!   the same store, including a second daemon.
+//! - **Targets are plumb's.** A checkout overwrites, deletes and replaces anything under the link
+//!   paths of its target; nothing else may write there.
+//!
+//! # Limits (libgit2 through git2 0.21, with `unsafe_code` forbidden)
+//! - [`Transport::timeout`] and [`Transport::cancel`] are checked whenever libgit2 calls back
+//!   (connection, authentication, pack progress, server messages). A server that accepts the
+//!   connection and then sends nothing at all is not interrupted: libgit2's own socket timeouts are
+//!   only settable through `unsafe` functions of git2.
+//! - Stores are never repacked or garbage-collected: libgit2 cannot, and each fetch that brings
+//!   something adds one pack.
+//! - libgit2 reads the usual git config files (`/etc/gitconfig`, `~/.gitconfig`), so settings such
+//!   as `url.<base>.insteadOf` or `http.proxy` there apply to fetches.
+
+mod checkout;
+mod fetch;
+mod history;
+mod known_hosts;
+mod store;
+pub mod url;
+
+use std::cell::Cell;
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::sync::atomic::AtomicBool;
+use std::time::Duration;
+
+pub use git2::Oid;
+pub use history::under_links;
+pub use url::{redact_url, store_id};
+
+/// Errors of the git engine. Each names what it was working on (URL — always redacted —, path,
+/// revision, branch) so that its `Display` alone tells an operator what failed, e.g.
+/// `fetch git://127.0.0.1:9418/x.git: failed to connect to 127.0.0.1: Connection refused`.
+#[derive(Debug, thiserror::Error)]
+pub enum GitError {
+    /// A file-system operation on a store failed (create, set aside, clean up).
+    #[error("store {} for {url}: {action}: {source}", .path.display())]
+    StoreIo {
+        url: String,
+        path: PathBuf,
+        action: &'static str,
+        #[source]
+        source: std::io::Error,
+    },
+    /// libgit2 could not open, create or update a store.
+    #[error("store {} for {url}: {}", .path.display(), .source.message())]
+    Store {
+        url: String,
+        path: PathBuf,
+        #[source]
+        source: git2::Error,
+    },
+    /// The fetch failed in libgit2 (network, protocol, server, or a damaged store).
+    #[error("fetch {url}: {}", .source.message())]
+    Fetch {
+        url: String,
+        #[source]
+        source: git2::Error,
+    },
+    /// plumb refused to go on with a fetch: unknown or changed host key, no usable credentials.
+    /// `reason` says what to fix.
+    #[error("fetch {url}: {reason}")]
+    Refused {
+        url: String,
+        reason: String,
+        #[source]
+        source: Option<git2::Error>,
+    },
+    /// A branch name that cannot be fetched (not a valid git ref name).
+    #[error("fetch {url}: branch {branch:?}: {reason}")]
+    Branch {
+        url: String,
+        branch: String,
+        reason: &'static str,
+    },
+    /// [`Transport::cancel`] was set during the fetch (shutdown).
+    #[error("fetch {url}: cancelled")]
+    Cancelled { url: String },
+    /// The fetch ran longer than [`Transport::timeout`].
+    #[error("fetch {url}: gave up after {}", humantime::format_duration(*.timeout))]
+    TimedOut { url: String, timeout: Duration },
+    /// A revision given by a person (rollback) names no commit of the store.
+    #[error("{url}: unknown revision {revision:?}: {}", .source.message())]
+    Resolve {
+        url: String,
+        revision: String,
+        #[source]
+        source: git2::Error,
+    },
+    /// Reading a commit, tree or history that the store should have failed.
+    #[error("{url}: reading {revision}: {}", .source.message())]
+    Object {
+        url: String,
+        revision: String,
+        #[source]
+        source: git2::Error,
+    },
+    /// libgit2's checkout (or the per-service index) failed.
+    #[error("checkout {revision} of {url} into {}: {}", .path.display(), .source.message())]
+    Checkout {
+        url: String,
+        path: PathBuf,
+        revision: String,
+        #[source]
+        source: git2::Error,
+    },
+    /// A file-system operation of a checkout failed (creating the target, removing a symlink).
+    #[error("checkout {revision} of {url} into {}: {action}: {source}", .path.display())]
+    CheckoutIo {
+        url: String,
+        path: PathBuf,
+        revision: String,
+        action: String,
+        #[source]
+        source: std::io::Error,
+    },
+    /// A `link` path that would reach outside the checkout or is not a plain relative path.
+    #[error("link {link:?}: {reason}")]
+    Link { link: String, reason: &'static str },
+}
+
+impl GitError {
+    /// Whether this error means the store itself is damaged (objects, references or repository
+    /// files unreadable), as opposed to network, authentication or input problems. Damage is healed
+    /// by the next [`Store::fetch`]; other errors are not helped by re-creating the store.
+    pub fn is_corruption(&self) -> bool {
+        match self {
+            GitError::Store { source, .. }
+            | GitError::Fetch { source, .. }
+            | GitError::Object { source, .. } => store::is_damage(source),
+            GitError::Checkout { source, .. } => matches!(
+                source.class(),
+                git2::ErrorClass::Odb | git2::ErrorClass::Zlib | git2::ErrorClass::Object
+            ),
+            _ => false,
+        }
+    }
+}
+
+/// How to reach upstreams: credentials, host keys, limits. Shared by every fetch of a daemon.
+#[derive(Debug, Clone, Default)]
+pub struct Transport {
+    /// Private key for ssh upstreams (no passphrase); `None` means the ssh agent
+    /// (`SSH_AUTH_SOCK`), then `~/.ssh/id_ed25519`, then `~/.ssh/id_rsa`.
+    pub ssh_key: Option<PathBuf>,
+    /// known_hosts files to check ssh host keys against; empty means `~/.ssh/known_hosts` and
+    /// `/etc/ssh/ssh_known_hosts`. A host that is not in them is refused.
+    pub known_hosts: Vec<PathBuf>,
+    /// Give up on a fetch that runs longer than this, so one stuck upstream cannot hold its store
+    /// thread forever (checked whenever libgit2 calls back; see the module doc).
+    pub timeout: Option<Duration>,
+    /// Set to abort a running fetch (shutdown).
+    pub cancel: Arc<AtomicBool>,
+}
+
+/// What one fetch saw: the head of every requested branch, `None` when the branch does not exist
+/// upstream (yet, or any more), including an upstream with no commits at all.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct FetchReport {
+    pub heads: BTreeMap<String, Option<Oid>>,
+}
+
+/// A bare object store for one upstream URL, shared by every service on that upstream.
+///
+/// Not `Sync`: one thread owns a store and performs every operation on it (see the module doc).
+pub struct Store {
+    repo: git2::Repository,
+    path: PathBuf,
+    /// The URL as configured, credentials included: needed to fetch, never printed.
+    url: String,
+    /// [`redact_url`] of `url`: what errors and logs show.
+    shown: String,
+    /// Set when an operation hit damage; the next fetch heals the store first.
+    damaged: Cell<bool>,
+}
+
+impl std::fmt::Debug for Store {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Store")
+            .field("path", &self.path)
+            .field("url", &self.shown)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Store {
+    /// The store's directory (`stores_dir/<store_id>.git`), for logs and metrics.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// The upstream URL without credentials, as errors show it.
+    pub fn redacted_url(&self) -> &str {
+        &self.shown
+    }
+
+    /// The commit that `spec` names: anything `git rev-parse` accepts (full or abbreviated hash,
+    /// `<hash>~2`, ...), and a fetched branch by its plain name (`main`, looked up as
+    /// `origin/main`). Rollback uses it to turn what a person typed into a commit.
+    pub fn resolve(&self, spec: &str) -> Result<Oid, GitError> {
+        let found = self
+            .repo
+            .revparse_single(spec)
+            .or_else(|first| {
+                self.repo
+                    .revparse_single(&format!("origin/{spec}"))
+                    .map_err(|_| first)
+            })
+            .and_then(|object| object.peel_to_commit());
+        found.map(|c| c.id()).map_err(|source| GitError::Resolve {
+            url: self.shown.clone(),
+            revision: spec.to_string(),
+            source,
+        })
+    }
+
+    /// Number of commits reachable from `head`: lets tests and metrics confirm the store holds the
+    /// full history, not a shallow part of it.
+    pub fn commit_count(&self, head: Oid) -> Result<usize, GitError> {
+        let mut walk = self
+            .repo
+            .revwalk()
+            .map_err(|e| self.object_error(head, e))?;
+        walk.push(head).map_err(|e| self.object_error(head, e))?;
+        let mut n = 0;
+        for oid in walk {
+            oid.map_err(|e| self.reached_error(head, e))?;
+            n += 1;
+        }
+        Ok(n)
+    }
+
+    /// Wraps an error looking up `rev` itself. The store not having `rev` is no damage: callers
+    /// may ask for commits it never had (a revision deployed before the store was re-created).
+    fn object_error(&self, rev: Oid, source: git2::Error) -> GitError {
+        let err = GitError::Object {
+            url: self.shown.clone(),
+            revision: rev.to_string(),
+            source,
+        };
+        if err.is_corruption() {
+            self.damaged.set(true);
+        }
+        err
+    }
+
+    /// Wraps an error reading what `rev` leads to (trees, parents, blobs). A store that has a
+    /// commit must have everything it reaches, so a missing object there is damage, remembered
+    /// for the next fetch to heal.
+    fn reached_error(&self, rev: Oid, source: git2::Error) -> GitError {
+        let source = if source.code() == git2::ErrorCode::NotFound {
+            git2::Error::new(
+                git2::ErrorCode::GenericError,
+                git2::ErrorClass::Odb,
+                source.message(),
+            )
+        } else {
+            source
+        };
+        self.object_error(rev, source)
+    }
+}

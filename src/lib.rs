@@ -1,0 +1,11 @@
+//! plumb: GitOps for machines you run yourself.
+//!
+//! A git repository holds, per service, the files that service needs. On every machine plumb keeps a
+//! checkout of only those paths, with full history, hands each new revision to systemd, and reloads the
+//! unit when, and only when, that service's files changed. ARCHITECTURE.md maps the modules.
+
+pub mod config;
+pub mod daemon;
+pub mod git;
+pub mod layout;
+pub mod service;

@@ -1,0 +1,475 @@
+//! The per-service state machine: what a service is doing, and what should happen next.
+//!
+//! It is pure: [`Service::handle`] takes an [`Event`] and the current time, changes the service's
+//! state and returns the [`Effect`]s the daemon must run. Effects' results come back as events. Nothing
+//! here touches git, the disk or systemd, so every transition is tested without root.
+//!
+//! The revision a service reports as deployed is the newest commit (on the branch's first-parent
+//! chain) that changed one of the service's paths, not the branch head: every machine with the same
+//! files shows the same hash, and a commit elsewhere in the repository changes nothing for it.
+
+use serde::{Deserialize, Serialize};
+
+use crate::git::Oid;
+
+/// The five states an operator sees (ARCHITECTURE.md has the table of ways in and out).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "UPPERCASE")]
+pub enum State {
+    /// Tracking upstream; the last deploy succeeded (or the service waits for its first commit).
+    Ok,
+    /// Not tracking upstream, by an operator's choice.
+    Freeze,
+    /// Pinned to an older revision that is being applied.
+    Rollback,
+    /// The machine side failed: checkout, apply, mount, package.
+    Broken,
+    /// The git side cannot be reconciled: fetch failed, branch gone, drift.
+    Diff,
+}
+
+impl State {
+    /// Every state, for exporters that show one series per state.
+    pub const ALL: [State; 5] = [
+        State::Ok,
+        State::Freeze,
+        State::Rollback,
+        State::Broken,
+        State::Diff,
+    ];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            State::Ok => "OK",
+            State::Freeze => "FREEZE",
+            State::Rollback => "ROLLBACK",
+            State::Broken => "BROKEN",
+            State::Diff => "DIFF",
+        }
+    }
+}
+
+impl std::fmt::Display for State {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// What happened to a service, as the daemon saw it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Event {
+    /// The upstream was fetched; `head` is the service's branch, `None` when the branch does not exist
+    /// there (an empty upstream, a branch not pushed yet, or one deleted).
+    Fetched { branch: String, head: Option<Oid> },
+    /// The fetch of the service's upstream failed.
+    FetchFailed { error: String },
+    /// The checkout now holds the service's paths at `head`; `revision` is the last commit that changed
+    /// them (`None` when none of them exists on the branch yet).
+    Deployed { head: Oid, revision: Option<Oid> },
+    /// Moving the checkout to `head` failed; the files on disk are those of the previous revision.
+    DeployFailed { head: Oid, error: String },
+}
+
+/// What the daemon must do for a service after an event.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Effect {
+    /// Bring the checkout from `from` (the head whose tree is on disk) to `head`, and hand the new
+    /// revision to systemd when it differs from `deployed`. Answered by `Deployed` or `DeployFailed`.
+    Deploy {
+        head: Oid,
+        from: Option<Oid>,
+        deployed: Option<Oid>,
+    },
+    /// Write the service's state to disk: something worth surviving a restart changed.
+    Persist,
+}
+
+/// One service's state. Serialised as the service's state file, so a restart resumes where it was.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Service {
+    pub state: State,
+    /// Why the service is in its state, for operators ("fetch failed: ...").
+    pub info: String,
+    /// Unix seconds when `state` was entered.
+    pub since: u64,
+    /// The last commit that changed the service's files, whose files are deployed.
+    #[serde(with = "opt_oid")]
+    pub deployed: Option<Oid>,
+    /// The branch head whose tree the checkout holds (the baseline of the next checkout).
+    #[serde(with = "opt_oid")]
+    pub synced: Option<Oid>,
+    /// Unix seconds when `deployed` last changed.
+    pub changed_at: Option<u64>,
+    /// Unix seconds of the last fetch and deploy that both succeeded.
+    pub last_sync: Option<u64>,
+    /// The branch head last seen upstream; not persisted, the next fetch tells.
+    #[serde(skip)]
+    pub upstream: Option<Oid>,
+}
+
+impl Service {
+    /// A service plumb has never deployed.
+    pub fn new(now: u64) -> Service {
+        Service {
+            state: State::Ok,
+            info: "waiting for the first fetch".into(),
+            since: now,
+            deployed: None,
+            synced: None,
+            changed_at: None,
+            last_sync: None,
+            upstream: None,
+        }
+    }
+
+    /// Feeds one event in; returns what the daemon must do.
+    pub fn handle(&mut self, event: Event, now: u64) -> Vec<Effect> {
+        let before = self.clone();
+        let mut effects = Vec::new();
+        match event {
+            Event::Fetched { branch, head: None } => {
+                self.upstream = None;
+                match self.deployed {
+                    None if self.synced.is_none() => self.set(
+                        State::Ok,
+                        format!("waiting: branch {branch:?} does not exist upstream yet"),
+                        now,
+                    ),
+                    _ => self.set(
+                        State::Diff,
+                        format!(
+                            "branch {branch:?} is gone upstream; keeping revision {}",
+                            short(self.deployed.or(self.synced))
+                        ),
+                        now,
+                    ),
+                }
+            }
+            Event::Fetched {
+                head: Some(head), ..
+            } => {
+                self.upstream = Some(head);
+                if self.synced != Some(head) || self.state == State::Broken {
+                    effects.push(Effect::Deploy {
+                        head,
+                        from: self.synced,
+                        deployed: self.deployed,
+                    });
+                } else {
+                    // A fetch that worked again after failures: nothing to move, just healthy again.
+                    self.last_sync = Some(now);
+                    if self.state == State::Diff {
+                        self.set(State::Ok, String::new(), now);
+                    }
+                }
+            }
+            Event::FetchFailed { error } => {
+                self.set(State::Diff, format!("fetch failed: {error}"), now);
+            }
+            Event::Deployed { head, revision } => {
+                self.synced = Some(head);
+                if revision != self.deployed {
+                    self.deployed = revision;
+                    self.changed_at = Some(now);
+                }
+                self.last_sync = Some(now);
+                let info = match revision {
+                    None => "waiting: none of the service's paths exist on the branch yet".into(),
+                    Some(_) => String::new(),
+                };
+                self.set(State::Ok, info, now);
+            }
+            Event::DeployFailed { head, error } => {
+                self.set(
+                    State::Broken,
+                    format!("checkout of {} failed: {error}", short(Some(head))),
+                    now,
+                );
+            }
+        }
+        if self.persisted_differs(&before) {
+            effects.push(Effect::Persist);
+        }
+        effects
+    }
+
+    fn set(&mut self, state: State, info: String, now: u64) {
+        if self.state != state {
+            self.since = now;
+        }
+        self.state = state;
+        self.info = info;
+    }
+
+    fn persisted_differs(&self, before: &Service) -> bool {
+        let strip = |s: &Service| Service {
+            upstream: None,
+            last_sync: None,
+            ..s.clone()
+        };
+        strip(self) != strip(before)
+    }
+}
+
+/// The abbreviated hash operators see in messages.
+pub fn short(oid: Option<Oid>) -> String {
+    match oid {
+        Some(o) => o.to_string()[..12].to_owned(),
+        None => "(none)".to_owned(),
+    }
+}
+
+/// Object ids as hex strings in the state file.
+mod opt_oid {
+    use super::Oid;
+    use serde::{Deserialize, Deserializer, Serializer};
+
+    pub fn serialize<S: Serializer>(oid: &Option<Oid>, s: S) -> Result<S::Ok, S::Error> {
+        match oid {
+            Some(o) => s.serialize_some(&o.to_string()),
+            None => s.serialize_none(),
+        }
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Option<Oid>, D::Error> {
+        let hex: Option<String> = Option::deserialize(d)?;
+        hex.map(|h| Oid::from_str(&h).map_err(serde::de::Error::custom))
+            .transpose()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn oid(n: u8) -> Oid {
+        Oid::from_bytes(&[n; 20]).unwrap()
+    }
+
+    fn fetched(head: Option<Oid>) -> Event {
+        Event::Fetched {
+            branch: "main".into(),
+            head,
+        }
+    }
+
+    /// A service that has deployed head 1 (revision 1) at time 10.
+    fn deployed() -> Service {
+        let mut s = Service::new(0);
+        s.handle(fetched(Some(oid(1))), 5);
+        s.handle(
+            Event::Deployed {
+                head: oid(1),
+                revision: Some(oid(1)),
+            },
+            10,
+        );
+        s
+    }
+
+    #[test]
+    fn first_fetch_deploys_from_nothing() {
+        let mut s = Service::new(0);
+        let fx = s.handle(fetched(Some(oid(1))), 5);
+        assert_eq!(
+            fx,
+            vec![Effect::Deploy {
+                head: oid(1),
+                from: None,
+                deployed: None
+            }]
+        );
+        assert_eq!(s.upstream, Some(oid(1)));
+        let fx = s.handle(
+            Event::Deployed {
+                head: oid(1),
+                revision: Some(oid(1)),
+            },
+            10,
+        );
+        assert_eq!(fx, vec![Effect::Persist]);
+        assert_eq!(
+            (s.state, s.deployed, s.synced),
+            (State::Ok, Some(oid(1)), Some(oid(1)))
+        );
+        assert_eq!(
+            (s.changed_at, s.last_sync, s.info.as_str()),
+            (Some(10), Some(10), "")
+        );
+    }
+
+    #[test]
+    fn empty_upstream_or_missing_branch_waits_without_error() {
+        let mut s = Service::new(0);
+        let fx = s.handle(fetched(None), 5);
+        assert_eq!(fx, vec![Effect::Persist]);
+        assert_eq!(s.state, State::Ok);
+        assert!(
+            s.info
+                .contains("branch \"main\" does not exist upstream yet"),
+            "{}",
+            s.info
+        );
+    }
+
+    #[test]
+    fn paths_not_on_branch_yet_is_waiting_not_an_error() {
+        let mut s = Service::new(0);
+        s.handle(fetched(Some(oid(1))), 5);
+        s.handle(
+            Event::Deployed {
+                head: oid(1),
+                revision: None,
+            },
+            6,
+        );
+        assert_eq!(
+            (s.state, s.deployed, s.synced),
+            (State::Ok, None, Some(oid(1)))
+        );
+        assert!(s.info.starts_with("waiting"));
+    }
+
+    #[test]
+    fn nothing_new_does_nothing() {
+        let mut s = deployed();
+        assert_eq!(s.handle(fetched(Some(oid(1))), 20), vec![]);
+        assert_eq!(s.last_sync, Some(20));
+    }
+
+    #[test]
+    fn new_head_deploys_from_the_synced_head() {
+        let mut s = deployed();
+        let fx = s.handle(fetched(Some(oid(2))), 20);
+        assert_eq!(
+            fx,
+            vec![Effect::Deploy {
+                head: oid(2),
+                from: Some(oid(1)),
+                deployed: Some(oid(1))
+            }]
+        );
+    }
+
+    #[test]
+    fn a_commit_elsewhere_moves_synced_but_not_deployed() {
+        let mut s = deployed();
+        s.handle(fetched(Some(oid(2))), 20);
+        let fx = s.handle(
+            Event::Deployed {
+                head: oid(2),
+                revision: Some(oid(1)),
+            },
+            21,
+        );
+        assert_eq!(fx, vec![Effect::Persist]);
+        assert_eq!(
+            (s.deployed, s.synced, s.changed_at),
+            (Some(oid(1)), Some(oid(2)), Some(10))
+        );
+    }
+
+    #[test]
+    fn fetch_failure_is_diff_and_recovers() {
+        let mut s = deployed();
+        let fx = s.handle(
+            Event::FetchFailed {
+                error: "connection refused".into(),
+            },
+            20,
+        );
+        assert_eq!(fx, vec![Effect::Persist]);
+        assert_eq!((s.state, s.since), (State::Diff, 20));
+        assert_eq!(s.info, "fetch failed: connection refused");
+        // Failing again keeps the time it started failing.
+        s.handle(
+            Event::FetchFailed {
+                error: "timed out".into(),
+            },
+            30,
+        );
+        assert_eq!((s.state, s.since), (State::Diff, 20));
+        let fx = s.handle(fetched(Some(oid(1))), 40);
+        assert_eq!(fx, vec![Effect::Persist]);
+        assert_eq!((s.state, s.since, s.info.as_str()), (State::Ok, 40, ""));
+    }
+
+    #[test]
+    fn fetch_failure_then_new_head_deploys_then_ok() {
+        let mut s = deployed();
+        s.handle(Event::FetchFailed { error: "x".into() }, 20);
+        let fx = s.handle(fetched(Some(oid(2))), 30);
+        assert!(matches!(fx[0], Effect::Deploy { head, .. } if head == oid(2)));
+        s.handle(
+            Event::Deployed {
+                head: oid(2),
+                revision: Some(oid(2)),
+            },
+            31,
+        );
+        assert_eq!(
+            (s.state, s.deployed, s.changed_at),
+            (State::Ok, Some(oid(2)), Some(31))
+        );
+    }
+
+    #[test]
+    fn branch_gone_after_deploy_is_diff_and_keeps_files() {
+        let mut s = deployed();
+        let fx = s.handle(fetched(None), 20);
+        assert_eq!(fx, vec![Effect::Persist]);
+        assert_eq!(s.state, State::Diff);
+        assert!(
+            s.info
+                .contains("gone upstream; keeping revision 010101010101"),
+            "{}",
+            s.info
+        );
+        assert_eq!(s.deployed, Some(oid(1)));
+    }
+
+    #[test]
+    fn failed_deploy_is_broken_and_retried_on_the_next_fetch_of_the_same_head() {
+        let mut s = deployed();
+        s.handle(fetched(Some(oid(2))), 20);
+        let fx = s.handle(
+            Event::DeployFailed {
+                head: oid(2),
+                error: "disk full".into(),
+            },
+            21,
+        );
+        assert_eq!(fx, vec![Effect::Persist]);
+        assert_eq!(s.state, State::Broken);
+        assert!(s.info.contains("disk full"));
+        assert_eq!((s.deployed, s.synced), (Some(oid(1)), Some(oid(1))));
+        let fx = s.handle(fetched(Some(oid(2))), 30);
+        assert!(
+            matches!(fx[0], Effect::Deploy { head, from, .. } if head == oid(2) && from == Some(oid(1)))
+        );
+        s.handle(
+            Event::Deployed {
+                head: oid(2),
+                revision: Some(oid(2)),
+            },
+            31,
+        );
+        assert_eq!((s.state, s.since), (State::Ok, 31));
+    }
+
+    #[test]
+    fn state_file_round_trips_and_keeps_hashes_readable() {
+        let s = deployed();
+        let json = serde_json::to_string(&s).unwrap();
+        assert!(json.contains("\"state\":\"OK\""), "{json}");
+        assert!(json.contains(&oid(1).to_string()), "{json}");
+        let back: Service = serde_json::from_str(&json).unwrap();
+        assert_eq!(
+            back,
+            Service {
+                upstream: None,
+                ..s
+            }
+        );
+    }
+}

@@ -1,0 +1,525 @@
+//! The `plumb` binary end to end against real git servers: what an operator sees in the checkouts, the
+//! `.rev` hand-over files, the state files and the exit codes, for `--once` runs and for the
+//! long-running daemon with SIGHUP and SIGTERM.
+
+mod support;
+
+use std::fs;
+use std::os::unix::fs::MetadataExt;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::time::Duration;
+
+use support::{GitDaemon, HttpServer, SshServer, Upstream, require_root, temp_root, wait_until};
+
+const DEADLINE: Duration = Duration::from_secs(20);
+
+/// A machine: its config file and state directory under a test root.
+struct Machine {
+    config: PathBuf,
+    state: PathBuf,
+}
+
+impl Machine {
+    fn new(root: &Path, config: &str) -> Machine {
+        let m = Machine {
+            config: root.join("plumb.toml"),
+            state: root.join("state"),
+        };
+        m.write_config(config);
+        m
+    }
+
+    /// Writes the config: `services` after a `[plumb]` table naming this machine's state directory.
+    fn write_config(&self, services: &str) {
+        self.write_config_with("", services)
+    }
+
+    /// The same, with more `[plumb]` settings.
+    fn write_config_with(&self, settings: &str, services: &str) {
+        let text = format!(
+            "[plumb]\nstate_dir = {:?}\ninterval = \"1s\"\n{settings}\n{services}",
+            self.state
+        );
+        fs::write(&self.config, text).unwrap();
+    }
+
+    fn command(&self) -> Command {
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_plumb"));
+        cmd.arg("-c").arg(&self.config).args(["--hosts", "testbox"]);
+        cmd.env("PLUMB_LOG", "debug");
+        cmd
+    }
+
+    /// `plumb --once`, asserting its exit status.
+    fn once(&self, expect_success: bool) -> Output {
+        let out = self.command().arg("--once").output().unwrap();
+        assert_eq!(
+            out.status.success(),
+            expect_success,
+            "plumb --once exited {:?}\nstdout:\n{}\nstderr:\n{}",
+            out.status,
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        out
+    }
+
+    fn rev(&self, service: &str) -> Option<String> {
+        fs::read_to_string(self.state.join("state").join(format!("{service}.rev")))
+            .ok()
+            .map(|s| s.trim().to_owned())
+    }
+
+    /// The inode of the `.rev` file: a rewrite (even with the same content) gives a new one, and
+    /// systemd's path unit would fire on it.
+    fn rev_inode(&self, service: &str) -> u64 {
+        fs::metadata(self.state.join("state").join(format!("{service}.rev")))
+            .unwrap()
+            .ino()
+    }
+
+    fn state_json(&self, service: &str) -> serde_json::Value {
+        let text =
+            fs::read_to_string(self.state.join("state").join(format!("{service}.json"))).unwrap();
+        serde_json::from_str(&text).unwrap()
+    }
+
+    fn checkout(&self, service: &str) -> PathBuf {
+        self.state.join("checkouts").join(service)
+    }
+
+    fn read(&self, service: &str, path: &str) -> Option<String> {
+        fs::read_to_string(self.checkout(service).join(path)).ok()
+    }
+
+    fn stores(&self) -> Vec<PathBuf> {
+        let mut v: Vec<PathBuf> = fs::read_dir(self.state.join("stores"))
+            .unwrap()
+            .map(|e| e.unwrap().path())
+            .collect();
+        v.sort();
+        v
+    }
+}
+
+fn service(name: &str, upstream: &str, links: &[&str]) -> String {
+    let dirs: Vec<String> = links
+        .iter()
+        .map(|l| {
+            format!(
+                "{{ local = \"/srv/{name}/{}\", link = \"{l}\" }}",
+                l.replace('/', "-")
+            )
+        })
+        .collect();
+    format!(
+        "[[services]]\nmachine = \"testbox\"\nservice = \"{name}\"\nupstream = \"{upstream}\"\ndirs = [{}]\n\n",
+        dirs.join(", ")
+    )
+}
+
+/// Lists every file under `dir`, relative, sorted: what a checkout holds.
+fn tree(dir: &Path) -> Vec<String> {
+    fn walk(base: &Path, dir: &Path, out: &mut Vec<String>) {
+        for e in fs::read_dir(dir).unwrap() {
+            let p = e.unwrap().path();
+            if p.is_dir() && !p.is_symlink() {
+                walk(base, &p, out);
+            } else {
+                out.push(p.strip_prefix(base).unwrap().display().to_string());
+            }
+        }
+    }
+    let mut out = Vec::new();
+    walk(dir, dir, &mut out);
+    out.sort();
+    out
+}
+
+#[test]
+fn only_the_service_whose_files_changed_gets_a_new_revision() {
+    require_root();
+    let root = temp_root();
+    let http = HttpServer::start(root.path());
+    let up = Upstream::new(root.path(), "fleet");
+    let first = up
+        .write("nginx/etc/nginx.conf", "v1")
+        .write("grafana/dashboards/a.json", "{}")
+        .write("etc/motd", "hello")
+        .write("etcd/member", "x")
+        .write("README", "unrelated")
+        .commit("first");
+    let url = http.url(&up);
+    let m = Machine::new(
+        root.path(),
+        &format!(
+            "{}{}{}",
+            service("nginx", &url, &["nginx/etc"]),
+            service("grafana", &url, &["grafana/dashboards"]),
+            service("etc", &url, &["etc"]),
+        ),
+    );
+    m.once(true);
+    // Each checkout holds exactly its own links, nothing of the rest of the repository.
+    assert_eq!(tree(&m.checkout("nginx")), vec!["nginx/etc/nginx.conf"]);
+    assert_eq!(
+        tree(&m.checkout("grafana")),
+        vec!["grafana/dashboards/a.json"]
+    );
+    assert_eq!(tree(&m.checkout("etc")), vec!["etc/motd"]);
+    for s in ["nginx", "grafana", "etc"] {
+        assert_eq!(m.rev(s).as_deref(), Some(first.as_str()), "{s}");
+        assert_eq!(m.state_json(s)["state"], "OK");
+    }
+    let inodes: Vec<u64> = ["nginx", "etc"].iter().map(|s| m.rev_inode(s)).collect();
+
+    // A commit under grafana/ and one under etcd/ (a prefix of nothing but `etc` as a string).
+    let second = up
+        .write("grafana/dashboards/a.json", "{\"v\":2}")
+        .commit("grafana v2");
+    up.write("etcd/member", "y").commit("etcd only");
+    m.once(true);
+    assert_eq!(m.rev("grafana").as_deref(), Some(second.as_str()));
+    assert_eq!(
+        m.read("grafana", "grafana/dashboards/a.json").unwrap(),
+        "{\"v\":2}"
+    );
+    assert_eq!(m.rev("nginx").as_deref(), Some(first.as_str()));
+    assert_eq!(m.rev("etc").as_deref(), Some(first.as_str()));
+    // Not even rewritten with the same content: systemd would see that as a change.
+    let after: Vec<u64> = ["nginx", "etc"].iter().map(|s| m.rev_inode(s)).collect();
+    assert_eq!(inodes, after);
+
+    // Full history in one shared store, however many services use the upstream.
+    let stores = m.stores();
+    assert_eq!(stores.len(), 1, "{stores:?}");
+    let count = support::git(&stores[0], &["rev-list", "--count", "--all"]);
+    assert_eq!(count.parse::<usize>().unwrap(), up.rev_count("main"));
+}
+
+#[test]
+fn an_idle_tick_for_twenty_services_is_one_request() {
+    require_root();
+    let root = temp_root();
+    let http = HttpServer::start(root.path());
+    let up = Upstream::new(root.path(), "many");
+    for i in 0..20 {
+        up.write(&format!("svc{i}/conf"), &format!("{i}"));
+    }
+    up.commit("twenty services");
+    let url = http.url(&up);
+    let config: String = (0..20)
+        .map(|i| service(&format!("svc{i}"), &url, &[&format!("svc{i}")]))
+        .collect();
+    let m = Machine::new(root.path(), &config);
+    m.once(true);
+    // svc1 must not have picked up svc10..svc19.
+    assert_eq!(tree(&m.checkout("svc1")), vec!["svc1/conf"]);
+    let before = http.requests().len();
+    m.once(true);
+    wait_until("the idle fetch in the access log", DEADLINE, || {
+        http.requests().len() > before
+    });
+    let idle: Vec<String> = http.requests().split_off(before);
+    assert_eq!(
+        idle.len(),
+        1,
+        "an idle tick must cost one request: {idle:#?}"
+    );
+    assert!(idle[0].contains("info/refs"), "{idle:?}");
+}
+
+#[test]
+fn empty_upstream_and_missing_branch_wait_then_deploy() {
+    let root = temp_root();
+    let gitd = GitDaemon::start(root.path());
+    let up = Upstream::new(root.path(), "empty");
+    let url = gitd.url(&up);
+    let canary =
+        service("canary", &url, &["app"]).replace("upstream =", "branch = \"canary\"\nupstream =");
+    let m = Machine::new(
+        root.path(),
+        &format!("{}{canary}", service("app", &url, &["app"])),
+    );
+    // Nothing upstream yet: not an error, the services wait and say why.
+    m.once(true);
+    assert_eq!(m.rev("app"), None);
+    let s = m.state_json("app");
+    assert_eq!(s["state"], "OK");
+    assert!(
+        s["info"]
+            .as_str()
+            .unwrap()
+            .contains("does not exist upstream yet"),
+        "{s}"
+    );
+
+    let main = up.write("app/version", "stable").commit("first");
+    m.once(true);
+    assert_eq!(m.rev("app").as_deref(), Some(main.as_str()));
+    assert_eq!(m.rev("canary"), None);
+    assert!(
+        m.state_json("canary")["info"]
+            .as_str()
+            .unwrap()
+            .contains("\"canary\"")
+    );
+
+    up.branch("canary");
+    let c = up.write("app/version", "canary").commit("canary build");
+    m.once(true);
+    assert_eq!(m.rev("canary").as_deref(), Some(c.as_str()));
+    assert_eq!(m.read("canary", "app/version").unwrap(), "canary");
+    assert_eq!(m.read("app", "app/version").unwrap(), "stable");
+}
+
+#[test]
+fn force_push_is_followed_and_deleted_files_disappear() {
+    let root = temp_root();
+    let gitd = GitDaemon::start(root.path());
+    let up = Upstream::new(root.path(), "rewrite");
+    let v1 = up.write("app/a", "1").write("app/b", "1").commit("v1");
+    up.write("app/a", "2").commit("v2");
+    let m = Machine::new(root.path(), &service("app", &gitd.url(&up), &["app"]));
+    m.once(true);
+    assert_eq!(m.read("app", "app/a").unwrap(), "2");
+
+    up.force_reset(&v1);
+    let v3 = up
+        .remove("app/b")
+        .write("app/a", "3")
+        .commit("v3 after rewrite");
+    m.once(true);
+    assert_eq!(m.rev("app").as_deref(), Some(v3.as_str()));
+    assert_eq!(tree(&m.checkout("app")), vec!["app/a"]);
+    assert_eq!(m.read("app", "app/a").unwrap(), "3");
+}
+
+#[test]
+fn two_upstreams_over_git_and_ssh_get_a_store_each() {
+    require_root();
+    let root = temp_root();
+    let gitd = GitDaemon::start(root.path());
+    let sshd = SshServer::start(root.path());
+    let a = Upstream::new(root.path(), "a");
+    let b = Upstream::new(root.path(), "b");
+    let ha = a.write("web/index.html", "a").commit("a");
+    let hb = b.write("db/my.cnf", "b").commit("b");
+    let m = Machine::new(root.path(), "");
+    m.write_config_with(
+        &format!(
+            "ssh_key = {:?}\nknown_hosts = [{:?}]\n",
+            sshd.client_key, sshd.known_hosts
+        ),
+        &format!(
+            "{}{}",
+            service("web", &gitd.url(&a), &["web"]),
+            service("db", &sshd.url(&b), &["db"])
+        ),
+    );
+    m.once(true);
+    assert_eq!(m.rev("web").as_deref(), Some(ha.as_str()));
+    assert_eq!(m.rev("db").as_deref(), Some(hb.as_str()));
+    assert_eq!(m.stores().len(), 2);
+}
+
+#[test]
+fn an_unreachable_upstream_is_diff_keeps_files_and_recovers() {
+    let root = temp_root();
+    let up = Upstream::new(root.path(), "flaky");
+    let v1 = up.write("app/conf", "1").commit("v1");
+    let m = Machine::new(root.path(), &service("app", &up.file_url(), &["app"]));
+    m.once(true);
+
+    let away = root.path().join("away.git");
+    fs::rename(&up.bare, &away).unwrap();
+    let out = m.once(false);
+    let s = m.state_json("app");
+    assert_eq!(s["state"], "DIFF", "{s}");
+    assert!(
+        s["info"].as_str().unwrap().starts_with("fetch failed"),
+        "{s}"
+    );
+    assert!(String::from_utf8_lossy(&out.stdout).contains("DIFF"));
+    assert_eq!(m.read("app", "app/conf").unwrap(), "1");
+    assert_eq!(m.rev("app").as_deref(), Some(v1.as_str()));
+
+    fs::rename(&away, &up.bare).unwrap();
+    let v2 = up.write("app/conf", "2").commit("v2");
+    m.once(true);
+    assert_eq!(m.state_json("app")["state"], "OK");
+    assert_eq!(m.rev("app").as_deref(), Some(v2.as_str()));
+}
+
+#[test]
+fn a_damaged_store_is_moved_aside_and_rebuilt() {
+    let root = temp_root();
+    let up = Upstream::new(root.path(), "heal");
+    up.write("app/conf", "1").commit("v1");
+    let m = Machine::new(root.path(), &service("app", &up.file_url(), &["app"]));
+    m.once(true);
+    let store = m.stores().remove(0);
+    fs::remove_dir_all(store.join("objects")).unwrap();
+    fs::write(store.join("HEAD"), "garbage").unwrap();
+
+    let v2 = up.write("app/conf", "2").commit("v2");
+    m.once(true);
+    assert_eq!(m.rev("app").as_deref(), Some(v2.as_str()));
+    assert_eq!(m.read("app", "app/conf").unwrap(), "2");
+    let names: Vec<String> = m
+        .stores()
+        .iter()
+        .map(|p| p.file_name().unwrap().to_string_lossy().into_owned())
+        .collect();
+    assert_eq!(
+        names.len(),
+        2,
+        "the damaged store is kept for forensics: {names:?}"
+    );
+    assert!(names.iter().any(|n| n.contains("damaged")), "{names:?}");
+}
+
+/// The long-running daemon, killed on drop if a test fails midway.
+struct Running(Child);
+
+impl Drop for Running {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+fn signal(child: &Child, sig: nix::sys::signal::Signal) {
+    nix::sys::signal::kill(nix::unistd::Pid::from_raw(child.id() as i32), sig).unwrap();
+}
+
+#[test]
+fn the_daemon_polls_reloads_its_config_and_stops_cleanly() {
+    let root = temp_root();
+    let up = Upstream::new(root.path(), "live");
+    up.write("a/conf", "1").write("b/conf", "1").commit("v1");
+    let url = up.file_url();
+    let m = Machine::new(root.path(), &service("a", &url, &["a"]));
+    let mut d = Running(
+        m.command()
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap(),
+    );
+    wait_until("first deploy", DEADLINE, || {
+        m.read("a", "a/conf").as_deref() == Some("1")
+    });
+
+    let v2 = up.write("a/conf", "2").commit("v2");
+    wait_until("the poll to deploy v2", DEADLINE, || {
+        m.rev("a").as_deref() == Some(v2.as_str())
+    });
+
+    // A broken config on SIGHUP is refused; the daemon keeps running the old one.
+    fs::write(
+        &m.config,
+        "[[services]]\nmachine = \"testbox\"\nbogus = 1\n",
+    )
+    .unwrap();
+    signal(&d.0, nix::sys::signal::Signal::SIGHUP);
+    let v3 = up.write("a/conf", "3").commit("v3");
+    wait_until("v3 under the old config", DEADLINE, || {
+        m.rev("a").as_deref() == Some(v3.as_str())
+    });
+    assert!(
+        d.0.try_wait().unwrap().is_none(),
+        "a bad config must not stop the daemon"
+    );
+
+    // A good one adds a service without a restart.
+    m.write_config(&format!(
+        "{}{}",
+        service("a", &url, &["a"]),
+        service("b", &url, &["b"])
+    ));
+    signal(&d.0, nix::sys::signal::Signal::SIGHUP);
+    wait_until("service b after reload", DEADLINE, || {
+        m.read("b", "b/conf").is_some()
+    });
+
+    signal(&d.0, nix::sys::signal::Signal::SIGTERM);
+    let mut status = None;
+    wait_until("exit after SIGTERM", DEADLINE, || {
+        status = d.0.try_wait().unwrap();
+        status.is_some()
+    });
+    assert!(status.unwrap().success(), "{status:?}");
+    let leftovers: Vec<_> = fs::read_dir(m.state.join("state"))
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .filter(|n| n.ends_with(".tmp"))
+        .collect();
+    assert!(leftovers.is_empty(), "{leftovers:?}");
+}
+
+#[test]
+fn check_config_accepts_gitoppers_sample_and_names_the_line_of_an_unknown_key() {
+    let root = temp_root();
+    let sample = root.path().join("config.toml");
+    fs::write(
+        &sample,
+        r#"[global]
+upstream = "https://github.com/miekg/gitopper-config"
+branch = "main"
+mount = "/tmp/gitopper"
+keys = [
+	{ path = "keys/miek_id_ed25519_gitopper.pub", ro = true },
+	{ path = "/local/home/miek/.ssh/id_ed25519_gitopper.pub"},
+]
+
+[[services]]
+machine = "localhost"
+service = "prometheus"
+user = "prometheus"
+package = "prometheus"
+action = "reload"
+dirs = [
+	{ local = "/etc/prometheus", link = "prometheus/etc" },
+]
+"#,
+    )
+    .unwrap();
+    let run = |file: &Path| {
+        Command::new(env!("CARGO_BIN_EXE_plumb"))
+            .args(["check-config", "--hosts", "localhost"])
+            .arg(file)
+            .output()
+            .unwrap()
+    };
+    let out = run(&sample);
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{stdout}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        stdout.contains("[prometheus] machine localhost"),
+        "{stdout}"
+    );
+    assert!(
+        stdout.contains("prometheus/etc -> /etc/prometheus"),
+        "{stdout}"
+    );
+    assert!(
+        stdout.contains("checkout  /tmp/gitopper/prometheus"),
+        "{stdout}"
+    );
+
+    let bad = root.path().join("bad.toml");
+    fs::write(&bad, "[global]\nupstream = \"u\"\nbranchh = \"main\"\n").unwrap();
+    let out = run(&bad);
+    assert!(!out.status.success());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains("bad.toml:3:1: branchh: unknown field `branchh`"),
+        "{stderr}"
+    );
+}

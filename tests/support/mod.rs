@@ -1,0 +1,802 @@
+//! Shared harness for plumb's integration tests: real git servers on loopback.
+//!
+//! It owns everything a test needs to talk to an upstream the way a machine in the field does:
+//! - [`Upstream`]: a bare repository plus a private work clone to write, commit and push history with;
+//! - [`GitDaemon`] (`git://`), [`HttpServer`] (smart HTTP: lighttpd + `git http-backend`) and
+//!   [`SshServer`] (OpenSSH `sshd`, key auth): real servers, each on its own free port of 127.0.0.1;
+//! - [`git`], [`wait_until`] and [`require_root`], the small helpers every test file repeats otherwise.
+//!
+//! Rules it keeps so that tests can run in parallel threads of one process:
+//! - every test makes its own root ([`temp_root`]) and its own servers in it: nothing is shared, no
+//!   fixed port is used;
+//! - servers run in the foreground as children; dropping the handle kills and reaps them;
+//! - nothing sleeps for a fixed time: readiness is polled with a deadline, and a server that exits
+//!   early makes the test panic with the server's log.
+//!
+//! The packages it needs (lighttpd, openssh-server, git) are installed by `scripts/install-deps.sh`.
+
+// Each integration test file compiles this module on its own and uses only part of it; the rest
+// would otherwise warn as dead code in every test crate that does not need it.
+#![allow(dead_code)]
+
+use std::fs;
+use std::net::{Ipv4Addr, SocketAddr, TcpListener, TcpStream};
+use std::os::unix::fs::PermissionsExt;
+use std::os::unix::process::CommandExt;
+use std::path::{Component, Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+/// How long a server gets from spawn to accepting connections before the test fails.
+const SERVER_START_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// How long a server's connection handlers get to finish, and then the server to exit on SIGTERM,
+/// before they are killed.
+const SERVER_STOP_TIMEOUT: Duration = Duration::from_secs(2);
+
+/// How often a server whose port was taken between probe and bind is restarted on another port.
+const SERVER_START_ATTEMPTS: usize = 5;
+
+/// The identity every commit made through [`git`] carries, so tests never depend on the host's.
+const GIT_IDENTITY: [&str; 4] = [
+    "-c",
+    "user.name=plumb test",
+    "-c",
+    "user.email=plumb-test@example.invalid",
+];
+
+/// Panics unless the test runs as root. The ONE place that says a test needs root, so the reason
+/// reads the same everywhere: bind mounts, sshd and lighttpd's privilege drop all require it.
+pub fn require_root() {
+    if !nix::unistd::geteuid().is_root() {
+        panic!("this test needs root (CI runs as root)");
+    }
+}
+
+/// Polls `f` every 10 ms until it returns true; panics naming `what` after `timeout`.
+/// Use this instead of sleeping: it is as fast as the condition allows and fails loudly.
+pub fn wait_until(what: &str, timeout: Duration, mut f: impl FnMut() -> bool) {
+    let deadline = Instant::now() + timeout;
+    loop {
+        if f() {
+            return;
+        }
+        if Instant::now() >= deadline {
+            panic!("timed out after {timeout:?} waiting for {what}");
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+}
+
+/// A temporary test root, mode 0755 so that servers dropping privileges (lighttpd's CGI runs as
+/// www-data) can traverse it. Each test makes its own and passes `root.path()` to the harness.
+pub fn temp_root() -> tempfile::TempDir {
+    let root = tempfile::Builder::new()
+        .prefix("plumb-it-")
+        .tempdir()
+        .expect("create temp root");
+    open_dir(root.path());
+    root
+}
+
+/// A `git -C dir` command isolated from the host: fixed identity, no global or system config, no
+/// prompts, English messages. Callers add arguments and environment (e.g. `GIT_SSH_COMMAND`).
+pub fn git_command(dir: &Path) -> Command {
+    let mut cmd = Command::new("git");
+    cmd.arg("-C")
+        .arg(dir)
+        .args(GIT_IDENTITY)
+        // No auto maintenance: it runs detached after commits and pushes, touching the
+        // repositories behind a test's back and leaving orphans for init to reap.
+        .args(["-c", "maintenance.auto=false", "-c", "gc.auto=0"])
+        .env("GIT_CONFIG_GLOBAL", "/dev/null")
+        .env("GIT_CONFIG_NOSYSTEM", "1")
+        .env("GIT_TERMINAL_PROMPT", "0")
+        .env("LC_ALL", "C")
+        .env_remove("GIT_DIR")
+        .env_remove("GIT_WORK_TREE")
+        .env_remove("GIT_INDEX_FILE")
+        .env_remove("GIT_CONFIG_PARAMETERS")
+        .stdin(Stdio::null());
+    cmd
+}
+
+/// Runs `git -C dir args...` isolated from the host (see [`git_command`]); panics with stderr on
+/// failure and returns trimmed stdout. Tests build fixtures with the real git so that plumb's own
+/// git code is checked against what git itself writes.
+pub fn git(dir: &Path, args: &[&str]) -> String {
+    git_env(dir, &[], args)
+}
+
+/// Like [`git`], with extra environment, e.g. `GIT_SSH_COMMAND` from [`SshServer::ssh_command`].
+pub fn git_env(dir: &Path, env: &[(&str, &str)], args: &[&str]) -> String {
+    let mut cmd = git_command(dir);
+    cmd.args(args);
+    for (k, v) in env {
+        cmd.env(k, v);
+    }
+    let out = cmd
+        .output()
+        .unwrap_or_else(|e| panic!("cannot run git {args:?} in {}: {e}", dir.display()));
+    if !out.status.success() {
+        panic!(
+            "git {args:?} in {} failed ({}):\n{}",
+            dir.display(),
+            out.status,
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    String::from_utf8_lossy(&out.stdout).trim().to_string()
+}
+
+/// Sets mode 0755 on `dir`, creating it if needed: servers that drop privileges must traverse it.
+fn open_dir(dir: &Path) {
+    fs::create_dir_all(dir).unwrap_or_else(|e| panic!("create {}: {e}", dir.display()));
+    fs::set_permissions(dir, fs::Permissions::from_mode(0o755))
+        .unwrap_or_else(|e| panic!("chmod 0755 {}: {e}", dir.display()));
+}
+
+/// `root` as an absolute path, so the URLs built from it are valid.
+fn absolute(root: &Path) -> PathBuf {
+    std::path::absolute(root).unwrap_or_else(|e| panic!("absolute {}: {e}", root.display()))
+}
+
+/// Runs a non-git helper program, panicking with its output on failure.
+fn run_tool(program: &str, args: &[&str]) {
+    let out = Command::new(program)
+        .args(args)
+        .stdin(Stdio::null())
+        .output()
+        .unwrap_or_else(|e| panic!("cannot run {program}: {e}"));
+    if !out.status.success() {
+        panic!(
+            "{program} {args:?} failed ({}):\n{}{}",
+            out.status,
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+}
+
+/// The upstream repository of a test: what the daemon under test fetches from.
+///
+/// `bare` is served by every server of the same root (all use `root/srv` as their base). History is
+/// made in a private work clone and pushed, exactly as a person would, so refs, packs and reflogs
+/// look like a real upstream's.
+pub struct Upstream {
+    /// The bare repository, `root/srv/<name>.git`.
+    pub bare: PathBuf,
+    work: PathBuf,
+    name: String,
+}
+
+impl Upstream {
+    /// A bare repository at `root/srv/<name>.git` with no commits and HEAD on `refs/heads/main`,
+    /// exported to git daemon and HTTP (push over HTTP allowed, `--filter` honoured), readable by
+    /// every user whatever the umask; plus the work clone `root/work/<name>` that pushes to it.
+    pub fn new(root: &Path, name: &str) -> Upstream {
+        let root = absolute(root);
+        open_dir(&root);
+        open_dir(&root.join("srv"));
+        let bare = root.join("srv").join(format!("{name}.git"));
+        let work = root.join("work").join(name);
+        let bare_s = bare.to_str().expect("utf-8 path");
+        // --shared=all keeps objects pushed later world-readable (lighttpd's CGI runs as www-data),
+        // but also turns on receive.denyNonFastforwards, which force_reset needs off.
+        git(
+            &root,
+            &["init", "-q", "--bare", "--shared=all", "-b", "main", bare_s],
+        );
+        for (key, value) in [
+            ("receive.denyNonFastforwards", "false"),
+            ("http.receivepack", "true"),
+            ("uploadpack.allowFilter", "true"),
+            ("uploadpack.allowReachableSHA1InWant", "true"),
+            // No auto gc after a push: receive-pack does not see the `-c` of `git`, and a
+            // detached gc would touch the repository behind the test's back.
+            ("receive.autogc", "false"),
+            ("gc.auto", "0"),
+            ("maintenance.auto", "false"),
+        ] {
+            git(&bare, &["config", key, value]);
+        }
+        fs::write(bare.join("git-daemon-export-ok"), "").expect("write git-daemon-export-ok");
+
+        fs::create_dir_all(&work).expect("create work clone dir");
+        git(&work, &["init", "-q", "-b", "main"]);
+        git(&work, &["remote", "add", "origin", bare_s]);
+        Upstream {
+            bare,
+            work,
+            name: name.to_string(),
+        }
+    }
+
+    /// `file:///abs/path/<name>.git`: the upstream without any server in between.
+    pub fn file_url(&self) -> String {
+        format!("file://{}", self.bare.display())
+    }
+
+    /// Writes `content` to `path` in the work clone, creating parent directories. A symlink at
+    /// `path` is replaced by the file rather than written through.
+    pub fn write(&self, path: &str, content: &str) -> &Self {
+        let full = self.path(path);
+        if let Some(parent) = full.parent() {
+            fs::create_dir_all(parent)
+                .unwrap_or_else(|e| panic!("mkdir -p {}: {e}", parent.display()));
+        }
+        if full
+            .symlink_metadata()
+            .is_ok_and(|m| m.file_type().is_symlink())
+        {
+            fs::remove_file(&full).unwrap_or_else(|e| panic!("rm {}: {e}", full.display()));
+        }
+        fs::write(&full, content).unwrap_or_else(|e| panic!("write {}: {e}", full.display()));
+        self
+    }
+
+    /// Removes `path` (a file, a symlink, or a directory with everything below) from the work
+    /// clone. Panics if it does not exist: a test removing nothing is a broken test.
+    pub fn remove(&self, path: &str) -> &Self {
+        let full = self.path(path);
+        let meta = full
+            .symlink_metadata()
+            .unwrap_or_else(|e| panic!("remove {path}: {e}"));
+        let res = if meta.is_dir() {
+            fs::remove_dir_all(&full)
+        } else {
+            fs::remove_file(&full)
+        };
+        res.unwrap_or_else(|e| panic!("remove {}: {e}", full.display()));
+        self
+    }
+
+    /// Makes `path` a symlink to `target` (taken literally, relative or absolute), replacing a
+    /// file or symlink already there and creating parent directories.
+    pub fn symlink(&self, path: &str, target: &str) -> &Self {
+        let full = self.path(path);
+        if let Some(parent) = full.parent() {
+            fs::create_dir_all(parent)
+                .unwrap_or_else(|e| panic!("mkdir -p {}: {e}", parent.display()));
+        }
+        if full.symlink_metadata().is_ok() {
+            fs::remove_file(&full).unwrap_or_else(|e| panic!("rm {}: {e}", full.display()));
+        }
+        std::os::unix::fs::symlink(target, &full)
+            .unwrap_or_else(|e| panic!("symlink {} -> {target}: {e}", full.display()));
+        self
+    }
+
+    /// Sets (0755) or clears (0644) the executable bit of a file: the only mode git records.
+    pub fn chmod_exec(&self, path: &str, exec: bool) -> &Self {
+        let full = self.path(path);
+        let mode = if exec { 0o755 } else { 0o644 };
+        fs::set_permissions(&full, fs::Permissions::from_mode(mode))
+            .unwrap_or_else(|e| panic!("chmod {mode:o} {}: {e}", full.display()));
+        self
+    }
+
+    /// Stages everything (`add -A`), commits (empty commits allowed) and pushes the current branch
+    /// to the bare repository. Returns the new commit's full hash.
+    pub fn commit(&self, msg: &str) -> String {
+        git(&self.work, &["add", "-A"]);
+        git(&self.work, &["commit", "-q", "--allow-empty", "-m", msg]);
+        git(&self.work, &["push", "-q", "origin", "HEAD"]);
+        git(&self.work, &["rev-parse", "HEAD"])
+    }
+
+    /// Switches the work clone to branch `name`, creating it from the current HEAD if it does not
+    /// exist. Nothing is pushed: the branch reaches the bare repository with the next commit.
+    pub fn branch(&self, name: &str) {
+        let exists = git_command(&self.work)
+            .args(["show-ref", "--verify", "-q", &format!("refs/heads/{name}")])
+            .status()
+            .expect("run git show-ref")
+            .success();
+        if exists {
+            git(&self.work, &["switch", "-q", name]);
+        } else {
+            git(&self.work, &["switch", "-q", "-c", name]);
+        }
+    }
+
+    /// Rewrites history: `reset --hard rev` on the current branch and force-pushes it, as an
+    /// upstream whose branch was rewound or rebased. Returns the new head hash.
+    pub fn force_reset(&self, rev: &str) -> String {
+        git(&self.work, &["reset", "-q", "--hard", rev]);
+        git(&self.work, &["push", "-q", "--force", "origin", "HEAD"]);
+        git(&self.work, &["rev-parse", "HEAD"])
+    }
+
+    /// Number of commits reachable from `branch` in the bare repository; 0 when the branch does not
+    /// exist there (an unborn `main` of a new upstream, or a branch never pushed).
+    pub fn rev_count(&self, branch: &str) -> usize {
+        let refname = format!("refs/heads/{branch}");
+        let exists = git_command(&self.bare)
+            .args(["show-ref", "--verify", "-q", &refname])
+            .status()
+            .expect("run git show-ref")
+            .success();
+        if !exists {
+            return 0;
+        }
+        let count = git(&self.bare, &["rev-list", "--count", &refname]);
+        count
+            .parse()
+            .unwrap_or_else(|e| panic!("rev-list --count said {count:?}: {e}"))
+    }
+
+    /// The upstream's name, `<name>` in `<name>.git`.
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    /// `path` inside the work clone; refuses absolute paths and `..` so a test cannot write
+    /// outside it by mistake.
+    fn path(&self, path: &str) -> PathBuf {
+        let rel = Path::new(path);
+        assert!(
+            rel.components().all(|c| matches!(c, Component::Normal(_))),
+            "upstream path {path:?} must be relative, without `..`"
+        );
+        self.work.join(rel)
+    }
+}
+
+/// A free TCP port on 127.0.0.1, as the kernel hands out for port 0. It is free when this returns;
+/// a server that then loses a race for it is restarted on another one (see [`Server::start`]).
+fn free_port() -> u16 {
+    TcpListener::bind((Ipv4Addr::LOCALHOST, 0))
+        .and_then(|l| l.local_addr())
+        .expect("bind 127.0.0.1:0")
+        .port()
+}
+
+/// Whether something accepts TCP connections on 127.0.0.1:`port`.
+fn accepts(port: u16) -> bool {
+    let addr = SocketAddr::from((Ipv4Addr::LOCALHOST, port));
+    TcpStream::connect_timeout(&addr, Duration::from_millis(200)).is_ok()
+}
+
+/// A server process in the foreground, its stdout and stderr in `log`. Dropping it kills and
+/// reaps the process, so no test leaves a server behind, even when it panics.
+struct Server {
+    child: Child,
+    log: PathBuf,
+}
+
+impl Server {
+    /// Starts the server that `command(port)` describes on a free port, and waits until
+    /// the port accepts connections. If the process exits first, it is retried on another port
+    /// when its log says the address was taken, and the test panics with its log otherwise.
+    fn start(what: &str, run_dir: &Path, mut command: impl FnMut(u16) -> Command) -> (Server, u16) {
+        for attempt in 1..=SERVER_START_ATTEMPTS {
+            let port = free_port();
+            let log = run_dir.join(format!("{what}-{port}.log"));
+            let log_file =
+                fs::File::create(&log).unwrap_or_else(|e| panic!("create {}: {e}", log.display()));
+            let mut cmd = command(port);
+            // Its own process group, so that Drop can signal the server with its children.
+            cmd.process_group(0)
+                .stdin(Stdio::null())
+                .stdout(log_file.try_clone().expect("dup log file"))
+                .stderr(log_file);
+            let child = cmd
+                .spawn()
+                .unwrap_or_else(|e| panic!("cannot start {what} ({cmd:?}): {e}"));
+            let mut server = Server { child, log };
+            let deadline = Instant::now() + SERVER_START_TIMEOUT;
+            loop {
+                if let Some(status) = server.child.try_wait().expect("wait for server") {
+                    let log = server.log_text();
+                    if log.contains("in use") && attempt < SERVER_START_ATTEMPTS {
+                        break; // lost the port to someone else: try another one
+                    }
+                    panic!(
+                        "{what} exited ({status}) before accepting connections on {port}; its log:\n{log}"
+                    );
+                }
+                if accepts(port) {
+                    return (server, port);
+                }
+                if Instant::now() >= deadline {
+                    panic!(
+                        "{what} did not accept connections on {port} within {SERVER_START_TIMEOUT:?}; its log:\n{}",
+                        server.log_text()
+                    );
+                }
+                std::thread::sleep(Duration::from_millis(10));
+            }
+        }
+        unreachable!("the last attempt panics instead of breaking")
+    }
+
+    /// What the server printed so far, or why it cannot be read.
+    fn log_text(&self) -> String {
+        fs::read_to_string(&self.log)
+            .unwrap_or_else(|e| format!("(cannot read {}: {e})", self.log.display()))
+    }
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        // Orphans are reaped late by this machine's init (zombies pile up meanwhile), so a server
+        // should outlive the children it forked per connection (git daemon's upload-pack,
+        // lighttpd's CGI, sshd's sessions) and reap them itself: let the last handler finish.
+        let pid = self.child.id();
+        let deadline = Instant::now() + SERVER_STOP_TIMEOUT;
+        while has_children(pid) && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        // Then SIGTERM the server's process group, SIGKILL what lingers, and reap the server.
+        let group = nix::unistd::Pid::from_raw(-(pid as i32));
+        let _ = nix::sys::signal::kill(group, nix::sys::signal::Signal::SIGTERM);
+        let deadline = Instant::now() + SERVER_STOP_TIMEOUT;
+        while matches!(self.child.try_wait(), Ok(None)) && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        let _ = nix::sys::signal::kill(group, nix::sys::signal::Signal::SIGKILL);
+        let _ = self.child.wait();
+    }
+}
+
+/// Whether process `pid` has live or unreaped children (any of its threads').
+fn has_children(pid: u32) -> bool {
+    let Ok(tasks) = fs::read_dir(format!("/proc/{pid}/task")) else {
+        return false;
+    };
+    tasks.flatten().any(|task| {
+        fs::read_to_string(task.path().join("children")).is_ok_and(|c| !c.trim().is_empty())
+    })
+}
+
+/// Where a root's servers keep configs, keys and logs: `root/run`.
+fn run_dir(root: &Path) -> PathBuf {
+    let dir = absolute(root).join("run");
+    open_dir(&dir);
+    dir
+}
+
+/// `git daemon` serving every repository under `root/srv` over `git://127.0.0.1:PORT/<name>.git`
+/// (push enabled), the cheapest real network transport.
+pub struct GitDaemon {
+    /// The port it listens on, on 127.0.0.1.
+    pub port: u16,
+    server: Server,
+}
+
+impl GitDaemon {
+    /// Starts `git daemon` in the foreground on a free port of 127.0.0.1, base path `root/srv`.
+    /// Waits until the port accepts connections.
+    pub fn start(root: &Path) -> GitDaemon {
+        let root = absolute(root);
+        open_dir(&root);
+        let srv = root.join("srv");
+        open_dir(&srv);
+        let run = run_dir(&root);
+        // The dashed program itself, not `git daemon`: the `git` wrapper would run it as a child
+        // that outlives a killed wrapper.
+        let program = Path::new(&git(&root, &["--exec-path"])).join("git-daemon");
+        let (server, port) = Server::start("git-daemon", &run, |port| {
+            let mut cmd = Command::new(&program);
+            cmd.current_dir(&root)
+                .env("GIT_CONFIG_GLOBAL", "/dev/null")
+                .env("GIT_CONFIG_NOSYSTEM", "1")
+                // Read by the upload-pack children too; the repositories need not be our user's.
+                .env("GIT_CONFIG_PARAMETERS", "'safe.directory'='*'")
+                .args(["--reuseaddr", "--verbose"])
+                .arg("--listen=127.0.0.1")
+                .arg(format!("--port={port}"))
+                .arg(format!("--base-path={}", srv.display()))
+                .args([
+                    "--export-all",
+                    "--enable=receive-pack",
+                    "--informative-errors",
+                ]);
+            cmd
+        });
+        GitDaemon { port, server }
+    }
+
+    /// `git://127.0.0.1:PORT/<name>.git` for `up`.
+    pub fn url(&self, up: &Upstream) -> String {
+        format!("git://127.0.0.1:{}/{}.git", self.port, up.name)
+    }
+
+    /// The daemon's log (`--verbose`: one "Connection from" line per request and more).
+    pub fn log(&self) -> String {
+        self.server.log_text()
+    }
+}
+
+/// Smart HTTP: lighttpd running `git http-backend` through mod_cgi (as www-data, like a packaged
+/// web server), serving `root/srv` at `http://127.0.0.1:PORT/git/<name>.git`, push enabled.
+pub struct HttpServer {
+    /// The port it listens on, on 127.0.0.1.
+    pub port: u16,
+    /// The request log behind [`HttpServer::requests`]: one line per request, written by the CGI
+    /// before it answers (lighttpd's own access log buffers lines for up to 4 seconds).
+    pub access_log: PathBuf,
+    server: Server,
+}
+
+impl HttpServer {
+    /// Writes a lighttpd config under `root/run` and starts `lighttpd -D` on a free port.
+    /// Waits until the port accepts connections.
+    pub fn start(root: &Path) -> HttpServer {
+        let root = absolute(root);
+        open_dir(&root);
+        let srv = root.join("srv");
+        open_dir(&srv);
+        let run = run_dir(&root);
+        let exec_path = git(&root, &["--exec-path"]);
+        let backend = Path::new(&exec_path).join("git-http-backend");
+        assert!(
+            backend.exists(),
+            "no git-http-backend at {}",
+            backend.display()
+        );
+
+        let mut access_log = PathBuf::new();
+        let (server, port) = Server::start("lighttpd", &run, |port| {
+            let dir = run.join(format!("lighttpd-{port}"));
+            open_dir(&dir);
+            access_log = dir.join("access.log");
+            // The CGI runs as www-data and appends to it.
+            fs::write(&access_log, "").expect("create access log");
+            chown_www_data(&access_log);
+            let cgi = dir.join("git-cgi");
+            fs::write(&cgi, cgi_wrapper(&backend, &access_log)).expect("write CGI wrapper");
+            fs::set_permissions(&cgi, fs::Permissions::from_mode(0o755)).expect("chmod CGI");
+            let conf = dir.join("lighttpd.conf");
+            fs::write(&conf, lighttpd_conf(port, &srv, &cgi)).expect("write lighttpd.conf");
+            let mut cmd = Command::new("lighttpd");
+            cmd.arg("-D").arg("-f").arg(&conf);
+            cmd
+        });
+        HttpServer {
+            port,
+            access_log,
+            server,
+        }
+    }
+
+    /// `http://127.0.0.1:PORT/git/<name>.git` for `up`.
+    pub fn url(&self, up: &Upstream) -> String {
+        format!("http://127.0.0.1:{}/git/{}.git", self.port, up.name)
+    }
+
+    /// One line per request that reached git-http-backend, in order, e.g.
+    /// `GET /git/app.git/info/refs?service=git-upload-pack HTTP/1.1 "git/2.47.3"` (method, URI,
+    /// protocol, quoted User-Agent), so a test can tell that a fetch really went over HTTP and
+    /// which client made it. Each line is written before the request is answered, so it is
+    /// there as soon as the client has its response: no polling needed.
+    pub fn requests(&self) -> Vec<String> {
+        fs::read_to_string(&self.access_log)
+            .unwrap_or_default()
+            .lines()
+            .map(str::to_string)
+            .collect()
+    }
+
+    /// lighttpd's own log (its stderr, where CGI errors from git-http-backend land too).
+    pub fn log(&self) -> String {
+        self.server.log_text()
+    }
+}
+
+/// Gives `path` to www-data, the user lighttpd drops to; panics if there is no such user.
+fn chown_www_data(path: &Path) {
+    let user = nix::unistd::User::from_name("www-data")
+        .ok()
+        .flatten()
+        .expect("user www-data (made by the lighttpd package; see scripts/install-deps.sh)");
+    nix::unistd::chown(path, Some(user.uid), Some(user.gid))
+        .unwrap_or_else(|e| panic!("chown www-data {}: {e}", path.display()));
+}
+
+/// A CGI script that appends the request line to `access_log`, then becomes git-http-backend.
+///
+/// Not lighttpd's mod_accesslog: it buffers lines written to a file for up to 4 seconds, and its
+/// piped logger (written per request) is a process that lighttpd abandons on exit, an orphan for
+/// init to reap.
+fn cgi_wrapper(backend: &Path, access_log: &Path) -> String {
+    check_unquoted(access_log);
+    check_unquoted(backend);
+    format!(
+        r#"#!/bin/sh
+printf '%s %s %s "%s"\n' "$REQUEST_METHOD" "$REQUEST_URI" "$SERVER_PROTOCOL" "$HTTP_USER_AGENT" >> {log}
+exec {backend}
+"#,
+        log = access_log.display(),
+        backend = backend.display(),
+    )
+}
+
+/// lighttpd's config: alias `/git` to the CGI wrapper and run it with the project root and
+/// `safe.directory=*` (the repositories are root's, the CGI runs as www-data).
+fn lighttpd_conf(port: u16, srv: &Path, cgi: &Path) -> String {
+    check_unquoted(srv);
+    check_unquoted(cgi);
+    format!(
+        r#"server.modules = ("mod_alias", "mod_cgi", "mod_setenv")
+server.document-root = "{srv}"
+server.bind = "127.0.0.1"
+server.port = {port}
+server.username = "www-data"
+server.groupname = "www-data"
+alias.url += ( "/git" => "{cgi}" )
+$HTTP["url"] =~ "^/git" {{
+  cgi.assign = ( "" => "" )
+  setenv.set-environment = (
+    "GIT_PROJECT_ROOT" => "{srv}",
+    "GIT_HTTP_EXPORT_ALL" => "",
+    "GIT_CONFIG_NOSYSTEM" => "1",
+    "GIT_CONFIG_PARAMETERS" => "'safe.directory'='*'"
+  )
+}}
+"#,
+        srv = srv.display(),
+        cgi = cgi.display(),
+    )
+}
+
+/// Panics unless `path` can go into lighttpd.conf or a shell command without quoting (temp dirs
+/// and git's exec path always can).
+fn check_unquoted(path: &Path) {
+    let text = path.to_str().expect("utf-8 path");
+    assert!(
+        !text.contains(|c: char| c.is_whitespace() || "\"'\\$`;&|<>()*?[]#~".contains(c)),
+        "path {text:?} cannot go into lighttpd.conf or a shell command unquoted"
+    );
+}
+
+/// OpenSSH `sshd` on 127.0.0.1, key authentication only, login as root, serving repositories by
+/// absolute path: `ssh://root@127.0.0.1:PORT/abs/path/<name>.git`. Comes with a client key and a
+/// known_hosts file for its host key, so a client can connect with strict host key checking.
+pub struct SshServer {
+    /// The port it listens on, on 127.0.0.1.
+    pub port: u16,
+    /// Private key (ed25519, no passphrase) that sshd accepts for root.
+    pub client_key: PathBuf,
+    /// A known_hosts file with one line, `[127.0.0.1]:PORT ssh-ed25519 AAAA...`, for sshd's host key.
+    pub known_hosts: PathBuf,
+    host_key_line: String,
+    dir: PathBuf,
+    server: Server,
+}
+
+impl SshServer {
+    /// Makes host and client keys in a new directory `root/run/ssh-XXXXXX`, writes an sshd_config
+    /// and starts `sshd -D -e` on a free port. Waits until the port accepts connections.
+    pub fn start(root: &Path) -> SshServer {
+        let root = absolute(root);
+        open_dir(&root);
+        let run = run_dir(&root);
+        // Its own directory (mode 0700), so that several servers can share a root.
+        let dir = tempfile::Builder::new()
+            .prefix("ssh-")
+            .tempdir_in(&run)
+            .expect("create ssh dir")
+            .keep();
+        // sshd's privilege separation directory, normally made by its systemd unit.
+        fs::create_dir_all("/run/sshd").expect("create /run/sshd");
+        fs::set_permissions("/run/sshd", fs::Permissions::from_mode(0o755))
+            .expect("chmod /run/sshd");
+
+        let host_key = dir.join("host_ed25519");
+        let client_key = dir.join("client_ed25519");
+        for key in [&host_key, &client_key] {
+            run_tool(
+                "ssh-keygen",
+                &[
+                    "-q",
+                    "-t",
+                    "ed25519",
+                    "-N",
+                    "",
+                    "-C",
+                    "plumb-test",
+                    "-f",
+                    key.to_str().expect("utf-8 path"),
+                ],
+            );
+        }
+        let authorized_keys = dir.join("authorized_keys");
+        fs::copy(client_key.with_extension("pub"), &authorized_keys)
+            .expect("write authorized_keys");
+        let host_pub = fs::read_to_string(host_key.with_extension("pub")).expect("read host key");
+        // "ssh-ed25519 AAAA... comment" -> "ssh-ed25519 AAAA..."
+        let host_key_line = host_pub
+            .split_whitespace()
+            .take(2)
+            .collect::<Vec<_>>()
+            .join(" ");
+
+        let (server, port) = Server::start("sshd", &run, |port| {
+            let conf = dir.join(format!("sshd_config-{port}"));
+            fs::write(&conf, sshd_config(port, &host_key, &authorized_keys))
+                .expect("write sshd_config");
+            // sshd re-executes itself per connection, which needs its absolute path.
+            let mut cmd = Command::new("/usr/sbin/sshd");
+            cmd.arg("-D").arg("-e").arg("-f").arg(&conf);
+            cmd
+        });
+
+        let known_hosts = dir.join("known_hosts");
+        fs::write(
+            &known_hosts,
+            format!("[127.0.0.1]:{port} {host_key_line}\n"),
+        )
+        .expect("write known_hosts");
+        SshServer {
+            port,
+            client_key,
+            known_hosts,
+            host_key_line,
+            dir,
+            server,
+        }
+    }
+
+    /// `ssh://root@127.0.0.1:PORT/abs/path/<name>.git` for `up`.
+    pub fn url(&self, up: &Upstream) -> String {
+        format!("ssh://root@127.0.0.1:{}{}", self.port, up.bare.display())
+    }
+
+    /// The same known_hosts entry with its host name hashed (`ssh-keygen -H`), as many distributions
+    /// write by default (`HashKnownHosts yes`): a client must match it without seeing the name.
+    pub fn hashed_known_hosts(&self) -> PathBuf {
+        let path = self.dir.join("known_hosts.hashed");
+        fs::write(
+            &path,
+            format!("[127.0.0.1]:{} {}\n", self.port, self.host_key_line),
+        )
+        .expect("write known_hosts.hashed");
+        run_tool(
+            "ssh-keygen",
+            &["-q", "-H", "-f", path.to_str().expect("utf-8 path")],
+        );
+        let _ = fs::remove_file(self.dir.join("known_hosts.hashed.old"));
+        path
+    }
+
+    /// A `GIT_SSH_COMMAND` for the real git client: this server's client key and known_hosts,
+    /// strict host key checking, no agent keys, no prompts, no user ssh config.
+    pub fn ssh_command(&self) -> String {
+        format!(
+            "ssh -F /dev/null -i {} -o UserKnownHostsFile={} -o StrictHostKeyChecking=yes -o IdentitiesOnly=yes -o BatchMode=yes",
+            self.client_key.display(),
+            self.known_hosts.display()
+        )
+    }
+
+    /// sshd's log (`-e`: its stderr, LogLevel VERBOSE).
+    pub fn log(&self) -> String {
+        self.server.log_text()
+    }
+}
+
+/// sshd_config for one test server: loopback only, root by key only, no PAM (it would need a
+/// session stack), no StrictModes (the keys live in a temp dir), and `GIT_PROTOCOL` accepted so git
+/// speaks protocol v2 over ssh (partial clone needs it).
+fn sshd_config(port: u16, host_key: &Path, authorized_keys: &Path) -> String {
+    format!(
+        "Port {port}
+ListenAddress 127.0.0.1
+HostKey {host_key}
+PidFile none
+AuthorizedKeysFile {authorized_keys}
+PermitRootLogin prohibit-password
+PubkeyAuthentication yes
+PasswordAuthentication no
+KbdInteractiveAuthentication no
+UsePAM no
+StrictModes no
+AcceptEnv GIT_PROTOCOL
+LogLevel VERBOSE
+",
+        host_key = host_key.display(),
+        authorized_keys = authorized_keys.display(),
+    )
+}

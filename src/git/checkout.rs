@@ -168,10 +168,11 @@ fn open_index(path: &Path) -> Result<Index, IndexError> {
     }
     let mut lock = path.as_os_str().to_owned();
     lock.push(".lock");
+    let lock = PathBuf::from(lock);
     match fs::remove_file(&lock) {
-        Ok(()) => tracing::warn!(lock = ?lock, "removed stale index lock"),
+        Ok(()) => tracing::warn!(lock = %lock.display(), "removed stale index lock"),
         Err(e) if e.kind() == io::ErrorKind::NotFound => {}
-        Err(e) => return Err(IndexError::Io(format!("remove {lock:?}"), e)),
+        Err(e) => return Err(IndexError::Io(format!("remove {}", lock.display()), e)),
     }
     match Index::open(path) {
         Ok(index) => Ok(index),

@@ -61,14 +61,21 @@ impl Store {
                 url: self.shown.clone(),
             });
         }
+        if branches.is_empty() {
+            return Ok(FetchReport {
+                heads: BTreeMap::new(),
+            });
+        }
         self.refresh()?;
-        match self.fetch_once(branches, transport) {
-            Err(e) if e.is_corruption() => {
+        let report = match self.fetch_once(branches, transport) {
+            Err(e) if e.is_corruption() && self.heal_on_fetch_error => {
                 self.heal(&e.to_string())?;
                 self.fetch_once(branches, transport)
             }
             other => other,
-        }
+        }?;
+        self.heal_on_fetch_error = true;
+        Ok(report)
     }
 
     fn fetch_once(
@@ -86,22 +93,21 @@ impl Store {
             let mut connection = remote
                 .connect_auth(Direction::Fetch, Some(session.callbacks()), None)
                 .map_err(|e| session.error(e))?;
-            let advertised: BTreeMap<&str, Oid> = connection
+            // The ref advertisement: every branch upstream and its head, as of this connection.
+            let advertised: BTreeMap<String, Oid> = connection
                 .list()
                 .map_err(|e| session.error(e))?
                 .iter()
                 .filter_map(|head| {
                     let branch = head.name().strip_prefix("refs/heads/")?;
-                    Some((branch, head.oid()))
+                    Some((branch.to_string(), head.oid()))
                 })
-                .collect();
-            // Refs only, copied out of the advertisement before the connection is used again.
-            let advertised: BTreeMap<String, Oid> = advertised
-                .into_iter()
-                .map(|(b, oid)| (b.to_string(), oid))
                 .collect();
             let mut refspecs = Vec::new();
             for branch in branches {
+                if heads.contains_key(branch) {
+                    continue;
+                }
                 let head = advertised.get(branch).copied();
                 if head.is_some() {
                     refspecs.push(format!("+refs/heads/{branch}:{BRANCH_PREFIX}{branch}"));

@@ -7,7 +7,7 @@
 //! index file (a stat cache that makes in-place updates cheap and exact).
 //!
 //! Submodules:
-//! - [`url`]: store names, URL redaction, ssh endpoints;
+//! - `url`: store names, URL redaction, ssh endpoints;
 //! - `known_hosts`: the ssh host key check (never skipped);
 //! - `store`: opening, creating and healing stores;
 //! - `fetch`: the network side (one connection per fetch, credentials, cancellation);
@@ -17,18 +17,19 @@
 //! # Invariants the caller keeps
 //! - **One thread per store.** All operations on one store (fetch, checkout, history) are
 //!   serialised by the daemon: a checkout points the store's `HEAD` file at the service's
-//!   previously deployed commit (libgit2 takes the checkout baseline from `HEAD`), and opening a
-//!   store removes stale `*.lock` files left by a crash. Neither is safe with a concurrent user of
-//!   the same store, including a second daemon.
+//!   previously deployed commit (libgit2 takes the checkout baseline from `HEAD`), and opening or
+//!   fetching a store removes stale `*.lock` files left by a crash. Neither is safe with a
+//!   concurrent user of the same store, including a second daemon.
 //! - **Targets are plumb's.** A checkout overwrites, deletes and replaces anything under the link
 //!   paths of its target; nothing else may write there.
 //!
 //! # Limits (libgit2 through git2 0.21, with `unsafe_code` forbidden)
 //! - [`Transport::timeout`] and [`Transport::cancel`] are checked whenever libgit2 calls back
-//!   (connection, authentication, pack progress, server messages). A server that accepts the
-//!   connection and then sends nothing at all is not interrupted: libgit2's own socket timeouts are
-//!   only settable through `unsafe` functions of git2.
-//! - Stores are never repacked or garbage-collected: libgit2 cannot, and each fetch that brings
+//!   (certificate check, authentication, pack progress, server messages). A connect that hangs,
+//!   or a server that accepts the connection and then sends nothing at all, is not interrupted:
+//!   libgit2's socket timeouts default to none and are only settable through `unsafe` functions
+//!   of git2 (`git2::opts::set_server_timeout_in_milliseconds`).
+//! - Stores are never repacked or garbage-collected (libgit2 has no `gc`): each fetch that brings
 //!   something adds one pack.
 //! - libgit2 reads the usual git config files (`/etc/gitconfig`, `~/.gitconfig`), so settings such
 //!   as `url.<base>.insteadOf` or `http.proxy` there apply to fetches.
@@ -38,7 +39,7 @@ mod fetch;
 mod history;
 mod known_hosts;
 mod store;
-pub mod url;
+mod url;
 
 use std::cell::Cell;
 use std::collections::BTreeMap;
@@ -180,6 +181,8 @@ pub struct Transport {
 /// upstream (yet, or any more), including an upstream with no commits at all.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct FetchReport {
+    /// Requested branch -> its head commit upstream, as now stored under
+    /// `refs/remotes/origin/<branch>`; `None` when the branch does not exist upstream.
     pub heads: BTreeMap<String, Option<Oid>>,
 }
 
@@ -195,6 +198,10 @@ pub struct Store {
     shown: String,
     /// Set when an operation hit damage; the next fetch heals the store first.
     damaged: Cell<bool>,
+    /// Whether a fetch error that looks like damage may set the store aside. Such an error can
+    /// also come from a broken upstream, and then re-creating the store does not help: so it heals
+    /// at most once until a fetch succeeds again (damage found on the store itself always heals).
+    heal_on_fetch_error: bool,
 }
 
 impl std::fmt::Debug for Store {
@@ -281,5 +288,41 @@ impl Store {
             source
         };
         self.object_error(rev, source)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The daemon moves each store into the thread that owns it.
+    #[test]
+    fn store_and_transport_can_move_between_threads() {
+        fn send<T: Send>() {}
+        send::<Store>();
+        send::<Transport>();
+        send::<GitError>();
+        fn sync<T: Sync>() {}
+        sync::<Transport>();
+        sync::<GitError>();
+    }
+
+    #[test]
+    fn messages_name_what_failed() {
+        let err = GitError::TimedOut {
+            url: "git://h/x.git".into(),
+            timeout: Duration::from_secs(90),
+        };
+        assert_eq!(err.to_string(), "fetch git://h/x.git: gave up after 1m 30s");
+        let err = GitError::Branch {
+            url: "git://h/x.git".into(),
+            branch: "a..b".into(),
+            reason: "not a valid branch name",
+        };
+        assert_eq!(
+            err.to_string(),
+            "fetch git://h/x.git: branch \"a..b\": not a valid branch name"
+        );
+        assert!(!err.is_corruption());
     }
 }

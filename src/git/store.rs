@@ -5,6 +5,11 @@
 //! cannot be opened, whose references point at missing objects, or whose fetch fails because the
 //! repository is corrupt is renamed to `<id>.git.damaged-<unix time>` (kept for forensics) and
 //! created anew. Deployed files live elsewhere and are not touched.
+//!
+//! A fetch error that looks like damage may also come from the upstream (a corrupt repository
+//! behind `file://`, a broken pack on the wire). Re-creating the store cannot fix that, so such an
+//! error heals only once until a fetch succeeds again: a broken upstream costs one copy set
+//! aside, not one per fetch.
 
 use std::fs;
 use std::io;
@@ -66,6 +71,7 @@ impl Store {
         };
         fs::create_dir_all(stores_dir)
             .map_err(io_err("create the stores directory", stores_dir))?;
+        let mut healed = false;
         let repo = match fs::symlink_metadata(&path) {
             Err(e) if e.kind() == io::ErrorKind::NotFound => create(&path, &shown)?,
             Err(e) => return Err(io_err("inspect", &path)(e)),
@@ -73,6 +79,7 @@ impl Store {
                 Ok(repo) => repo,
                 Err(Opened::Damaged(why)) => {
                     set_aside(&path, &shown, &why)?;
+                    healed = true;
                     create(&path, &shown)?
                 }
                 Err(Opened::Failed(source)) => {
@@ -82,7 +89,7 @@ impl Store {
                         source,
                     });
                 }
-                Err(Opened::Io(source)) => return Err(io_err("remove stale locks", &path)(source)),
+                Err(Opened::Io(action, source)) => return Err(io_err(action, &path)(source)),
             },
         };
         Ok(Store {
@@ -91,6 +98,7 @@ impl Store {
             url: url.to_string(),
             shown,
             damaged: std::cell::Cell::new(false),
+            heal_on_fetch_error: !healed,
         })
     }
 
@@ -111,10 +119,10 @@ impl Store {
                 path: self.path.clone(),
                 source,
             }),
-            Err(Opened::Io(source)) => Err(GitError::StoreIo {
+            Err(Opened::Io(action, source)) => Err(GitError::StoreIo {
                 url: self.shown.clone(),
                 path: self.path.clone(),
-                action: "open",
+                action,
                 source,
             }),
         }
@@ -127,6 +135,7 @@ impl Store {
         }
         self.repo = create(&self.path, &self.shown)?;
         self.damaged.set(false);
+        self.heal_on_fetch_error = false;
         Ok(())
     }
 }
@@ -137,7 +146,8 @@ enum Opened {
     Damaged(String),
     /// Something else (permissions, ...): re-creating would not help.
     Failed(git2::Error),
-    Io(io::Error),
+    /// A file-system error, with what was being done.
+    Io(&'static str, io::Error),
 }
 
 /// Opens an existing store and checks that every branch it holds points at a commit it has.
@@ -148,9 +158,9 @@ fn open_existing(path: &Path) -> Result<Repository, Opened> {
         Err(e) if e.kind() == io::ErrorKind::NotFound => {
             return Err(Opened::Damaged("the store directory is gone".to_string()));
         }
-        Err(e) => return Err(Opened::Io(e)),
+        Err(e) => return Err(Opened::Io("inspect", e)),
     }
-    remove_stale_locks(path).map_err(Opened::Io)?;
+    remove_stale_locks(path).map_err(|e| Opened::Io("remove stale locks", e))?;
     let repo = match Repository::open_bare(path) {
         Ok(repo) => repo,
         Err(e) if e.code() == ErrorCode::NotFound || is_damage(&e) => {
@@ -250,6 +260,11 @@ fn create(path: &Path, shown: &str) -> Result<Repository, GitError> {
         let mut config = repo.config().map_err(git_err)?;
         // For people inspecting the directory: which upstream this is (never with credentials).
         config.set_str("plumb.url", shown).map_err(git_err)?;
+        // A checkout gives the store a work tree for a moment, and libgit2 would then log every
+        // move of HEAD to a reflog that only ever grows.
+        config
+            .set_bool("core.logAllRefUpdates", false)
+            .map_err(git_err)?;
     }
     let tmp = tmp.keep();
     fs::rename(&tmp, path).map_err(io_err("move the new store into place"))?;

@@ -1,0 +1,1449 @@
+//! The git engine (`plumb::git`) against real upstreams: `file://`, `git daemon`, smart HTTP
+//! (lighttpd + git-http-backend) and OpenSSH, built by `tests/support`. Every test checks what an
+//! operator would notice: the files in a service's directory, what the servers saw, the messages.
+//!
+//! Expected checkouts are made by the real git client (`git checkout` of the same revision), so the
+//! engine is compared with git itself, not with a model of it.
+
+mod support;
+
+use std::collections::BTreeMap;
+use std::fs;
+use std::io::{Read, Write};
+use std::net::TcpStream;
+use std::os::unix::fs::PermissionsExt;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::sync::Arc;
+use std::sync::atomic::AtomicBool;
+use std::time::{Duration, Instant};
+
+use plumb::git::{GitError, Oid, Store, Transport, under_links};
+use support::{
+    GitDaemon, HttpServer, SshServer, Upstream, git, require_root, temp_root, wait_until,
+};
+
+// ---------------------------------------------------------------------------------------------
+// helpers
+
+fn links(l: &[&str]) -> Vec<String> {
+    l.iter().map(|s| s.to_string()).collect()
+}
+
+fn oid(hash: &str) -> Oid {
+    Oid::from_str(hash).expect("a commit hash")
+}
+
+fn main_branch() -> Vec<String> {
+    links(&["main"])
+}
+
+/// Fetches `main` and returns its head, which must exist.
+fn fetch_main(store: &mut Store, transport: &Transport) -> Oid {
+    let report = store.fetch(&main_branch(), transport).expect("fetch main");
+    report.heads["main"].expect("main exists upstream")
+}
+
+/// What a path in a directory is, as an operator would see it with `ls -l` and `cat`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum Node {
+    Dir,
+    File { content: String, exec: bool },
+    Symlink(PathBuf),
+}
+
+/// Everything under `root` (never following symlinks), keyed by relative path; `.git` is skipped.
+fn snapshot(root: &Path) -> BTreeMap<String, Node> {
+    fn walk(root: &Path, dir: &Path, out: &mut BTreeMap<String, Node>) {
+        let Ok(entries) = fs::read_dir(dir) else {
+            return;
+        };
+        for entry in entries {
+            let entry = entry.expect("read_dir entry");
+            if entry.file_name() == ".git" {
+                continue;
+            }
+            let path = entry.path();
+            let rel = path
+                .strip_prefix(root)
+                .expect("under root")
+                .to_string_lossy()
+                .into_owned();
+            let meta = fs::symlink_metadata(&path).expect("lstat");
+            if meta.file_type().is_symlink() {
+                out.insert(rel, Node::Symlink(fs::read_link(&path).expect("readlink")));
+            } else if meta.is_dir() {
+                out.insert(rel, Node::Dir);
+                walk(root, &path, out);
+            } else {
+                let content = fs::read_to_string(&path).expect("read file");
+                let exec = meta.permissions().mode() & 0o111 != 0;
+                out.insert(rel, Node::File { content, exec });
+            }
+        }
+    }
+    let mut out = BTreeMap::new();
+    walk(root, root, &mut out);
+    out
+}
+
+/// [`snapshot`] restricted to `links`.
+fn snapshot_links(root: &Path, links: &[String]) -> BTreeMap<String, Node> {
+    snapshot(root)
+        .into_iter()
+        .filter(|(path, _)| under_links(path, links))
+        .collect()
+}
+
+/// What the real git client checks out for `rev` of `up`, restricted to `links`.
+fn git_checkout(
+    up: &Upstream,
+    scratch: &Path,
+    rev: &str,
+    links: &[String],
+) -> BTreeMap<String, Node> {
+    let dir = scratch.join(format!("git-checkout-{rev}"));
+    if !dir.exists() {
+        git(
+            scratch,
+            &[
+                "clone",
+                "-q",
+                "--no-checkout",
+                up.bare.to_str().unwrap(),
+                dir.to_str().unwrap(),
+            ],
+        );
+        git(
+            &dir,
+            &[
+                "-c",
+                "advice.detachedHead=false",
+                "checkout",
+                "-q",
+                "--detach",
+                rev,
+            ],
+        );
+    }
+    snapshot_links(&dir, links)
+}
+
+fn file(content: &str) -> Node {
+    Node::File {
+        content: content.to_string(),
+        exec: false,
+    }
+}
+
+fn transport() -> Transport {
+    Transport::default()
+}
+
+/// Sends one request through the server's git CGI (answered 404) and returns the index of its line
+/// in the request log: every request that finished before it has its line above.
+fn http_marker(server: &HttpServer, name: &str) -> usize {
+    let mut stream = TcpStream::connect(("127.0.0.1", server.port)).expect("connect to lighttpd");
+    write!(
+        stream,
+        "GET /git/{name} HTTP/1.0\r\nHost: 127.0.0.1\r\n\r\n"
+    )
+    .expect("send marker");
+    let mut reply = String::new();
+    stream
+        .read_to_string(&mut reply)
+        .expect("read marker reply");
+    let mut position = 0;
+    wait_until(
+        "the marker request in the request log",
+        Duration::from_secs(10),
+        || match server.requests().iter().position(|l| l.contains(name)) {
+            Some(p) => {
+                position = p;
+                true
+            }
+            None => false,
+        },
+    );
+    position
+}
+
+// ---------------------------------------------------------------------------------------------
+// transports
+
+#[test]
+fn git_daemon_first_fetch_checkout_and_update() {
+    require_root();
+    let root = temp_root();
+    let up = Upstream::new(root.path(), "infra");
+    up.write("web/etc/site.conf", "listen 80;\n")
+        .write("web/bin/run", "#!/bin/sh\n")
+        .chmod_exec("web/bin/run", true)
+        .write("db/etc/db.conf", "size=1\n");
+    let c1 = up.commit("first");
+    let daemon = GitDaemon::start(root.path());
+    let stores = root.path().join("stores");
+    let mut store = Store::open(&stores, &daemon.url(&up)).expect("open store");
+    assert!(store.path().starts_with(&stores));
+    assert!(store.path().to_string_lossy().ends_with(".git"));
+
+    git(&up.bare, &["tag", "v1", &c1]);
+    let head = fetch_main(&mut store, &transport());
+    assert_eq!(head, oid(&c1));
+    assert!(store.resolve("v1").is_err(), "tags are not fetched");
+    assert!(
+        !store.path().join("FETCH_HEAD").exists(),
+        "FETCH_HEAD is not written"
+    );
+    let web = links(&["web"]);
+    let target = root.path().join("deploy/web");
+    let index = root.path().join("state/web.index");
+    store
+        .checkout(&target, &index, None, head, &web)
+        .expect("checkout");
+    assert_eq!(
+        snapshot(&target),
+        BTreeMap::from([
+            ("web".into(), Node::Dir),
+            ("web/bin".into(), Node::Dir),
+            (
+                "web/bin/run".into(),
+                Node::File {
+                    content: "#!/bin/sh\n".into(),
+                    exec: true
+                }
+            ),
+            ("web/etc".into(), Node::Dir),
+            ("web/etc/site.conf".into(), file("listen 80;\n")),
+        ])
+    );
+
+    up.write("web/etc/site.conf", "listen 8080;\n")
+        .remove("web/bin");
+    let c2 = up.commit("second");
+    let head2 = fetch_main(&mut store, &transport());
+    assert_eq!(head2, oid(&c2));
+    assert_eq!(store.commit_count(head2).unwrap(), up.rev_count("main"));
+    store
+        .checkout(&target, &index, Some(head), head2, &web)
+        .expect("update");
+    assert_eq!(
+        snapshot_links(&target, &web),
+        git_checkout(&up, root.path(), &c2, &web)
+    );
+    assert_eq!(
+        fs::read_to_string(target.join("web/etc/site.conf")).unwrap(),
+        "listen 8080;\n"
+    );
+    assert!(
+        !target.join("web/bin").exists(),
+        "a directory deleted upstream disappears"
+    );
+}
+
+#[test]
+fn http_first_fetch_then_idle_fetch_is_one_request() {
+    require_root();
+    let root = temp_root();
+    let up = Upstream::new(root.path(), "infra");
+    let c1 = up.write("app/config.yml", "a: 1\n").commit("first");
+    let server = HttpServer::start(root.path());
+    let mut store = Store::open(&root.path().join("stores"), &server.url(&up)).unwrap();
+    let head = fetch_main(&mut store, &transport());
+    assert_eq!(head, oid(&c1));
+    let target = root.path().join("deploy");
+    store
+        .checkout(
+            &target,
+            &root.path().join("idx"),
+            None,
+            head,
+            &links(&["app/config.yml"]),
+        )
+        .unwrap();
+    assert_eq!(
+        fs::read_to_string(target.join("app/config.yml")).unwrap(),
+        "a: 1\n"
+    );
+    let first = server.requests();
+    assert!(
+        first
+            .iter()
+            .any(|l| l.contains("POST /git/infra.git/git-upload-pack")),
+        "the first fetch went over smart HTTP: {first:#?}"
+    );
+
+    // Nothing new upstream: one GET of the ref advertisement and nothing else.
+    let before = http_marker(&server, "marker-before");
+    assert_eq!(fetch_main(&mut store, &transport()), head);
+    let after = http_marker(&server, "marker-after");
+    let lines = server.requests();
+    let idle = &lines[before + 1..after];
+    assert_eq!(
+        idle.len(),
+        1,
+        "an idle fetch is exactly one request: {idle:#?}"
+    );
+    assert!(
+        idle[0].contains("GET /git/infra.git/info/refs?service=git-upload-pack"),
+        "{idle:#?}"
+    );
+
+    // Something new: fetched over the same URL, still full history.
+    let c2 = up.write("app/config.yml", "a: 2\n").commit("second");
+    let head2 = fetch_main(&mut store, &transport());
+    assert_eq!(head2, oid(&c2));
+    assert_eq!(store.commit_count(head2).unwrap(), 2);
+}
+
+#[test]
+fn credentials_in_an_http_url_never_show() {
+    require_root();
+    let root = temp_root();
+    let up = Upstream::new(root.path(), "infra");
+    up.write("a", "1\n").commit("first");
+    let server = HttpServer::start(root.path());
+    // lighttpd does not ask for credentials here; the URL still carries them.
+    let url = server.url(&up).replace("http://", "http://deploy:s3cret@");
+    let mut store = Store::open(&root.path().join("stores"), &url).unwrap();
+    fetch_main(&mut store, &transport());
+    let name = store
+        .path()
+        .file_name()
+        .unwrap()
+        .to_string_lossy()
+        .into_owned();
+    assert!(
+        !name.contains("s3cret") && !name.contains("deploy"),
+        "{name}"
+    );
+    assert!(!store.redacted_url().contains("s3cret"));
+
+    let missing = server.url(&up).replace("infra.git", "nope.git");
+    let missing = missing.replace("http://", "http://deploy:s3cret@");
+    let mut store = Store::open(&root.path().join("stores"), &missing).unwrap();
+    let err = store.fetch(&main_branch(), &transport()).unwrap_err();
+    let text = err.to_string();
+    assert!(
+        text.starts_with(&format!(
+            "fetch http://127.0.0.1:{}/git/nope.git: ",
+            server.port
+        )),
+        "{text}"
+    );
+    assert!(!text.contains("s3cret"), "{text}");
+}
+
+fn ssh_transport(server: &SshServer, known_hosts: &Path) -> Transport {
+    Transport {
+        ssh_key: Some(server.client_key.clone()),
+        known_hosts: vec![known_hosts.to_path_buf()],
+        ..Transport::default()
+    }
+}
+
+#[test]
+fn ssh_fetch_with_plain_and_hashed_known_hosts() {
+    require_root();
+    let root = temp_root();
+    let up = Upstream::new(root.path(), "infra");
+    let c1 = up.write("svc/unit.conf", "x\n").commit("first");
+    let server = SshServer::start(root.path());
+    let url = server.url(&up);
+
+    let mut store = Store::open(&root.path().join("stores"), &url).unwrap();
+    let head = fetch_main(&mut store, &ssh_transport(&server, &server.known_hosts));
+    assert_eq!(head, oid(&c1));
+    let target = root.path().join("deploy");
+    store
+        .checkout(
+            &target,
+            &root.path().join("idx"),
+            None,
+            head,
+            &links(&["svc"]),
+        )
+        .unwrap();
+    assert_eq!(
+        fs::read_to_string(target.join("svc/unit.conf")).unwrap(),
+        "x\n"
+    );
+
+    let hashed = server.hashed_known_hosts();
+    let text = fs::read_to_string(&hashed).unwrap();
+    assert!(
+        text.starts_with("|1|") && !text.contains("127.0.0.1"),
+        "{text}"
+    );
+    let mut other = Store::open(&root.path().join("stores-hashed"), &url).unwrap();
+    assert_eq!(
+        fetch_main(&mut other, &ssh_transport(&server, &hashed)),
+        head
+    );
+
+    // The ssh user is no secret: messages keep it.
+    assert!(store.redacted_url().starts_with("ssh://root@127.0.0.1:"));
+}
+
+#[test]
+fn ssh_unknown_or_changed_host_key_is_refused() {
+    require_root();
+    let root = temp_root();
+    let up = Upstream::new(root.path(), "infra");
+    up.write("a", "1\n").commit("first");
+    let server = SshServer::start(root.path());
+    let url = server.url(&up);
+    let port = server.port;
+
+    // The host is not in the file at all (only another host is).
+    let known = root.path().join("known_hosts");
+    let line = fs::read_to_string(&server.known_hosts).unwrap();
+    fs::write(
+        &known,
+        line.replace(&format!("[127.0.0.1]:{port}"), "other.example"),
+    )
+    .unwrap();
+    let mut store = Store::open(&root.path().join("stores"), &url).unwrap();
+    let started = Instant::now();
+    let err = store
+        .fetch(&main_branch(), &ssh_transport(&server, &known))
+        .unwrap_err();
+    let text = err.to_string();
+    assert!(matches!(err, GitError::Refused { .. }), "{err:?}");
+    let expected = format!(
+        "host key for [127.0.0.1]:{port} not found in {k}; add it with ssh-keyscan -p {port} 127.0.0.1 >> {k}",
+        k = known.display()
+    );
+    assert!(text.contains(&expected), "{text}");
+    assert!(started.elapsed() < Duration::from_secs(10));
+
+    // The host is known with another key.
+    let other_key = root.path().join("other_host_key");
+    run(
+        "ssh-keygen",
+        &[
+            "-q",
+            "-t",
+            "ed25519",
+            "-N",
+            "",
+            "-f",
+            other_key.to_str().unwrap(),
+        ],
+    );
+    let other_pub = fs::read_to_string(other_key.with_extension("pub")).unwrap();
+    let fields: Vec<&str> = other_pub.split_whitespace().collect();
+    fs::write(
+        &known,
+        format!("[127.0.0.1]:{port} {} {}\n", fields[0], fields[1]),
+    )
+    .unwrap();
+    let err = store
+        .fetch(&main_branch(), &ssh_transport(&server, &known))
+        .unwrap_err();
+    let text = err.to_string();
+    assert!(
+        text.contains(&format!(
+            "host key for [127.0.0.1]:{port} does not match {}",
+            known.display()
+        )),
+        "{text}"
+    );
+    assert!(
+        text.contains("SHA256:"),
+        "the message shows the offered fingerprint: {text}"
+    );
+
+    // A revoked key is refused even when it is also listed as good.
+    let good = fs::read_to_string(&server.known_hosts).unwrap();
+    let key_part: Vec<&str> = good.split_whitespace().skip(1).collect();
+    fs::write(&known, format!("{good}@revoked * {}\n", key_part.join(" "))).unwrap();
+    let err = store
+        .fetch(&main_branch(), &ssh_transport(&server, &known))
+        .unwrap_err();
+    assert!(err.to_string().contains("@revoked"), "{err}");
+
+    // A missing known_hosts file refuses too, naming the file.
+    let absent = root.path().join("absent_known_hosts");
+    let err = store
+        .fetch(&main_branch(), &ssh_transport(&server, &absent))
+        .unwrap_err();
+    assert!(
+        err.to_string().contains(&absent.display().to_string()),
+        "{err}"
+    );
+
+    // Nothing was fetched through any of these.
+    assert!(store.resolve("main").is_err());
+}
+
+#[test]
+fn ssh_missing_or_rejected_key_fails_without_looping() {
+    require_root();
+    let root = temp_root();
+    let up = Upstream::new(root.path(), "infra");
+    up.write("a", "1\n").commit("first");
+    let server = SshServer::start(root.path());
+    let mut store = Store::open(&root.path().join("stores"), &server.url(&up)).unwrap();
+
+    let missing = root.path().join("no-such-key");
+    let transport = Transport {
+        ssh_key: Some(missing.clone()),
+        known_hosts: vec![server.known_hosts.clone()],
+        ..Transport::default()
+    };
+    let started = Instant::now();
+    let err = store.fetch(&main_branch(), &transport).unwrap_err();
+    assert!(
+        err.to_string()
+            .contains(&format!("ssh key {} does not exist", missing.display())),
+        "{err}"
+    );
+    assert!(
+        started.elapsed() < Duration::from_secs(10),
+        "took {:?}",
+        started.elapsed()
+    );
+
+    // A key sshd does not accept: one attempt, then a message naming user, host and key.
+    let stranger = root.path().join("stranger_key");
+    run(
+        "ssh-keygen",
+        &[
+            "-q",
+            "-t",
+            "ed25519",
+            "-N",
+            "",
+            "-f",
+            stranger.to_str().unwrap(),
+        ],
+    );
+    let transport = Transport {
+        ssh_key: Some(stranger.clone()),
+        known_hosts: vec![server.known_hosts.clone()],
+        ..Transport::default()
+    };
+    let started = Instant::now();
+    let err = store.fetch(&main_branch(), &transport).unwrap_err();
+    let text = err.to_string();
+    assert!(
+        text.contains(&format!(
+            "ssh authentication as root to [127.0.0.1]:{} failed; tried key {}",
+            server.port,
+            stranger.display()
+        )),
+        "{text}"
+    );
+    assert!(
+        started.elapsed() < Duration::from_secs(10),
+        "took {:?}",
+        started.elapsed()
+    );
+    // sshd saw the key once; libgit2 was not left to retry it.
+    wait_until(
+        "sshd to log the refused key",
+        Duration::from_secs(10),
+        || server.log().contains("Failed publickey"),
+    );
+    assert_eq!(
+        server.log().matches("Failed publickey").count(),
+        1,
+        "{}",
+        server.log()
+    );
+}
+
+/// Runs a helper program (ssh-keygen), failing the test if it fails.
+fn run(program: &str, args: &[&str]) {
+    let status = Command::new(program).args(args).status().expect("run tool");
+    assert!(status.success(), "{program} {args:?}");
+}
+
+#[test]
+fn unreachable_upstream_error_names_the_url() {
+    let root = temp_root();
+    // A port nothing listens on: bound and released.
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let url = format!("git://127.0.0.1:{port}/x.git");
+    let mut store = Store::open(&root.path().join("stores"), &url).unwrap();
+    let err = store.fetch(&main_branch(), &transport()).unwrap_err();
+    assert!(!err.is_corruption());
+    assert!(
+        err.to_string().starts_with(&format!("fetch {url}: ")),
+        "{err}"
+    );
+}
+
+// ---------------------------------------------------------------------------------------------
+// branches and history of the upstream
+
+#[test]
+fn empty_upstream_then_first_push() {
+    require_root();
+    let root = temp_root();
+    let up = Upstream::new(root.path(), "infra");
+    let daemon = GitDaemon::start(root.path());
+    let mut store = Store::open(&root.path().join("stores"), &daemon.url(&up)).unwrap();
+    let report = store
+        .fetch(&main_branch(), &transport())
+        .expect("an empty upstream is no error");
+    assert_eq!(report.heads, BTreeMap::from([("main".to_string(), None)]));
+
+    let c1 = up.write("a", "1\n").commit("first");
+    assert_eq!(fetch_main(&mut store, &transport()), oid(&c1));
+}
+
+#[test]
+fn branch_created_later_and_deleted_upstream() {
+    let root = temp_root();
+    let up = Upstream::new(root.path(), "infra");
+    let c1 = up.write("a", "1\n").commit("first");
+    let mut store = Store::open(&root.path().join("stores"), &up.file_url()).unwrap();
+    let both = links(&["main", "staging"]);
+    let report = store.fetch(&both, &transport()).unwrap();
+    assert_eq!(report.heads["main"], Some(oid(&c1)));
+    assert_eq!(report.heads["staging"], None);
+
+    up.branch("staging");
+    let s1 = up.write("a", "staging\n").commit("on staging");
+    let report = store.fetch(&both, &transport()).unwrap();
+    assert_eq!(report.heads["main"], Some(oid(&c1)));
+    assert_eq!(report.heads["staging"], Some(oid(&s1)));
+    assert_eq!(store.resolve("staging").unwrap(), oid(&s1));
+
+    git(&up.bare, &["branch", "-D", "staging"]);
+    let report = store.fetch(&both, &transport()).unwrap();
+    assert_eq!(
+        report.heads["staging"], None,
+        "a deleted branch is reported gone"
+    );
+    assert!(
+        store.resolve("staging").is_err(),
+        "and its local copy is dropped"
+    );
+    // its commits stay available (a service may still be deployed at one)
+    assert_eq!(store.resolve(&s1[..10]).unwrap(), oid(&s1));
+
+    // A branch name git would refuse is refused before anything goes over the wire.
+    let err = store
+        .fetch(&links(&["main", "bad..name"]), &transport())
+        .unwrap_err();
+    assert!(matches!(err, GitError::Branch { .. }), "{err:?}");
+    assert_eq!(
+        err.to_string(),
+        format!(
+            "fetch {}: branch \"bad..name\": not a valid branch name",
+            up.file_url()
+        )
+    );
+}
+
+#[test]
+fn force_push_is_followed_and_history_is_full() {
+    require_root();
+    let root = temp_root();
+    let up = Upstream::new(root.path(), "infra");
+    let c1 = up.write("a", "1\n").commit("one");
+    up.write("a", "2\n").commit("two");
+    up.write("a", "3\n").commit("three");
+    let daemon = GitDaemon::start(root.path());
+    let mut store = Store::open(&root.path().join("stores"), &daemon.url(&up)).unwrap();
+    let h = fetch_main(&mut store, &transport());
+    assert_eq!(store.commit_count(h).unwrap(), 3);
+    assert_eq!(store.commit_count(h).unwrap(), up.rev_count("main"));
+
+    up.force_reset(&c1);
+    let rewritten = up.write("a", "rewritten\n").commit("rewritten");
+    let h2 = fetch_main(&mut store, &transport());
+    assert_eq!(h2, oid(&rewritten));
+    assert_eq!(store.commit_count(h2).unwrap(), up.rev_count("main"));
+    assert_eq!(store.commit_count(h2).unwrap(), 2);
+    // the old head is still in the store for rollback
+    assert_eq!(store.resolve(&h.to_string()).unwrap(), h);
+    let err = store.resolve("no-such-rev").unwrap_err();
+    assert!(err.to_string().contains("no-such-rev"), "{err}");
+}
+
+#[test]
+fn stores_are_per_url_and_reopen() {
+    let root = temp_root();
+    let a = Upstream::new(root.path(), "a");
+    let b = Upstream::new(root.path(), "b");
+    let ca = a.write("f", "a\n").commit("a");
+    let cb = b.write("f", "b\n").commit("b");
+    let stores = root.path().join("stores");
+    let mut sa = Store::open(&stores, &a.file_url()).unwrap();
+    let mut sb = Store::open(&stores, &b.file_url()).unwrap();
+    assert_ne!(sa.path(), sb.path());
+    assert_eq!(fetch_main(&mut sa, &transport()), oid(&ca));
+    assert_eq!(fetch_main(&mut sb, &transport()), oid(&cb));
+    let path = sa.path().to_path_buf();
+    drop(sa);
+    let again = Store::open(&stores, &a.file_url()).unwrap();
+    assert_eq!(again.path(), path);
+    assert_eq!(again.resolve("main").unwrap(), oid(&ca));
+    assert!(
+        again.resolve(&cb).is_err(),
+        "b's commits are not in a's store"
+    );
+}
+
+// ---------------------------------------------------------------------------------------------
+// checkouts
+
+#[test]
+fn checkout_forwards_and_backwards_matches_git() {
+    let root = temp_root();
+    let up = Upstream::new(root.path(), "infra");
+    let l = links(&["svc", "single.conf"]);
+    up.write("svc/keep", "same\n")
+        .write("svc/gone", "deleted later\n")
+        .write("svc/tool", "#!/bin/sh\n")
+        .chmod_exec("svc/tool", true)
+        .write("svc/script", "#!/bin/sh\n")
+        .symlink("svc/link", "keep")
+        .write("svc/becomes-link", "file\n")
+        .write("svc/becomes-dir", "file\n")
+        .write("svc/dir-becomes-file/inner", "x\n")
+        .write("single.conf", "v1\n")
+        .write("other/untouched", "not ours\n");
+    let r1 = up.commit("r1");
+    up.remove("svc/gone")
+        .chmod_exec("svc/tool", false)
+        .chmod_exec("svc/script", true)
+        .remove("svc/link")
+        .write("svc/link", "now a file\n")
+        .symlink("svc/becomes-link", "../single.conf")
+        .remove("svc/becomes-dir")
+        .write("svc/becomes-dir/f", "in dir\n")
+        .remove("svc/dir-becomes-file")
+        .write("svc/dir-becomes-file", "now file\n")
+        .write("svc/new/deep/file", "new\n")
+        .write("single.conf", "v2\n");
+    let r2 = up.commit("r2");
+    up.remove("svc").remove("single.conf");
+    let r3 = up.commit("r3: service removed");
+
+    let mut store = Store::open(&root.path().join("stores"), &up.file_url()).unwrap();
+    fetch_main(&mut store, &transport());
+    let target = root.path().join("deploy");
+    let index = root.path().join("state/svc.index");
+    fs::create_dir_all(target.join("other")).unwrap();
+    fs::write(target.join("other/mine"), "outside the links\n").unwrap();
+
+    let steps = [
+        (None, &r1),
+        (Some(&r1), &r2),
+        (Some(&r2), &r1),
+        (Some(&r1), &r2),
+        (Some(&r2), &r3),
+        (Some(&r3), &r1),
+    ];
+    for (previous, rev) in steps {
+        store
+            .checkout(&target, &index, previous.map(|p| oid(p)), oid(rev), &l)
+            .unwrap_or_else(|e| panic!("checkout {rev}: {e}"));
+        assert_eq!(
+            snapshot_links(&target, &l),
+            git_checkout(&up, root.path(), rev, &l),
+            "after checking out {rev} (from {previous:?})"
+        );
+        assert_eq!(
+            fs::read_to_string(target.join("other/mine")).unwrap(),
+            "outside the links\n",
+            "files outside the links are not touched"
+        );
+        assert!(
+            !target.join("other/untouched").exists(),
+            "paths outside the links are not checked out"
+        );
+    }
+
+    assert!(
+        !store.path().join("logs").exists(),
+        "checkouts leave no reflog growing in the store"
+    );
+    // A second service on the same store, at another revision, is independent.
+    let target2 = root.path().join("deploy2");
+    let index2 = root.path().join("state/svc2.index");
+    store
+        .checkout(&target2, &index2, None, oid(&r2), &l)
+        .unwrap();
+    assert_eq!(
+        snapshot_links(&target2, &l),
+        git_checkout(&up, root.path(), &r2, &l)
+    );
+    assert_eq!(
+        snapshot_links(&target, &l),
+        git_checkout(&up, root.path(), &r1, &l)
+    );
+}
+
+#[test]
+fn local_edits_and_strays_are_reverted() {
+    let root = temp_root();
+    let up = Upstream::new(root.path(), "infra");
+    let l = links(&["svc"]);
+    up.write("svc/a", "a\n")
+        .write("svc/b", "b\n")
+        .write("svc/d/c", "c\n");
+    let r1 = up.commit("r1");
+    let mut store = Store::open(&root.path().join("stores"), &up.file_url()).unwrap();
+    fetch_main(&mut store, &transport());
+    let target = root.path().join("deploy");
+    let index = root.path().join("idx");
+    store.checkout(&target, &index, None, oid(&r1), &l).unwrap();
+
+    fs::write(target.join("svc/a"), "edited by hand, longer\n").unwrap();
+    fs::remove_file(target.join("svc/b")).unwrap();
+    fs::write(target.join("svc/stray"), "left here\n").unwrap();
+    fs::create_dir_all(target.join("svc/d/stray-dir")).unwrap();
+    fs::write(target.join("svc/d/stray-dir/f"), "x\n").unwrap();
+    fs::set_permissions(target.join("svc/d/c"), fs::Permissions::from_mode(0o755)).unwrap();
+    store
+        .checkout(&target, &index, Some(oid(&r1)), oid(&r1), &l)
+        .unwrap();
+    assert_eq!(
+        snapshot_links(&target, &l),
+        git_checkout(&up, root.path(), &r1, &l)
+    );
+
+    // A first checkout into a directory full of leftovers (state lost) ends up exact too.
+    fs::write(target.join("svc/stray"), "left here\n").unwrap();
+    fs::remove_file(&index).unwrap();
+    store.checkout(&target, &index, None, oid(&r1), &l).unwrap();
+    assert_eq!(
+        snapshot_links(&target, &l),
+        git_checkout(&up, root.path(), &r1, &l)
+    );
+
+    // A damaged index (it is only a cache) or a lock left by a crash does not stop a checkout.
+    fs::write(&index, b"DIRC garbage").unwrap();
+    fs::write(index.with_extension("lock"), b"").unwrap();
+    fs::write(target.join("svc/a"), "edited again\n").unwrap();
+    store
+        .checkout(&target, &index, Some(oid(&r1)), oid(&r1), &l)
+        .unwrap();
+    assert_eq!(
+        snapshot_links(&target, &l),
+        git_checkout(&up, root.path(), &r1, &l)
+    );
+    assert!(!index.with_extension("lock").exists());
+
+    // A previous revision the store does not know is treated like a first checkout.
+    fs::write(target.join("svc/stray"), "left here\n").unwrap();
+    let unknown = oid("0123456789012345678901234567890123456789");
+    store
+        .checkout(&target, &index, Some(unknown), oid(&r1), &l)
+        .unwrap();
+    assert_eq!(
+        snapshot_links(&target, &l),
+        git_checkout(&up, root.path(), &r1, &l)
+    );
+}
+
+#[test]
+fn pathspecs_are_literal_whole_components() {
+    let root = temp_root();
+    let up = Upstream::new(root.path(), "infra");
+    up.write("svc1/a", "1\n")
+        .write("svc10/a", "10\n")
+        .write("etc/x", "etc\n")
+        .write("etcd/x", "etcd\n")
+        .write("s*/g", "star\n")
+        .write("sX/g", "x\n")
+        .write("f?", "q\n")
+        .write("fa", "a\n");
+    let r1 = up.commit("r1");
+    up.write("svc10/a", "10b\n")
+        .write("etcd/x", "etcd2\n")
+        .write("sX/g", "x2\n")
+        .write("fa", "a2\n");
+    let r2 = up.commit("only the look-alikes change");
+    up.write("svc1/a", "1b\n")
+        .write("etc/x", "etc2\n")
+        .write("s*/g", "star2\n")
+        .write("f?", "q2\n");
+    let r3 = up.commit("the real ones change");
+
+    let mut store = Store::open(&root.path().join("stores"), &up.file_url()).unwrap();
+    fetch_main(&mut store, &transport());
+    let l = links(&["svc1", "etc", "s*", "f?"]);
+    assert_eq!(
+        store.changed_paths(None, oid(&r1), &l).unwrap(),
+        links(&["etc/x", "f?", "s*/g", "svc1/a"]),
+        "a first deploy lists everything under the links"
+    );
+    assert_eq!(
+        store.changed_paths(Some(oid(&r1)), oid(&r2), &l).unwrap(),
+        Vec::<String>::new()
+    );
+    assert_eq!(
+        store.changed_paths(Some(oid(&r2)), oid(&r3), &l).unwrap(),
+        links(&["etc/x", "f?", "s*/g", "svc1/a"])
+    );
+    assert_eq!(
+        store
+            .changed_paths(Some(oid(&r3)), oid(&r1), &links(&["etcd"]))
+            .unwrap(),
+        links(&["etcd/x"])
+    );
+
+    let target = root.path().join("deploy");
+    store
+        .checkout(&target, &root.path().join("idx"), None, oid(&r3), &l)
+        .unwrap();
+    let names: Vec<String> = snapshot(&target).into_keys().collect();
+    assert_eq!(
+        names,
+        links(&["etc", "etc/x", "f?", "s*", "s*/g", "svc1", "svc1/a"])
+    );
+
+    assert_eq!(
+        store.last_change(oid(&r3), &links(&["svc1"])).unwrap(),
+        Some(oid(&r3))
+    );
+    assert_eq!(
+        store.last_change(oid(&r2), &links(&["svc1"])).unwrap(),
+        Some(oid(&r1))
+    );
+    assert_eq!(
+        store.last_change(oid(&r2), &links(&["svc10"])).unwrap(),
+        Some(oid(&r2))
+    );
+}
+
+#[test]
+fn changed_paths_between_revisions() {
+    let root = temp_root();
+    let up = Upstream::new(root.path(), "infra");
+    up.write("svc/a", "1\n")
+        .write("svc/b", "1\n")
+        .write("svc/c", "1\n")
+        .write("elsewhere", "1\n");
+    let r1 = up.commit("r1");
+    up.write("svc/a", "2\n")
+        .remove("svc/b")
+        .chmod_exec("svc/c", true)
+        .write("svc/new", "n\n")
+        .write("elsewhere", "2\n");
+    let r2 = up.commit("r2");
+    let r3 = up.write("elsewhere", "3\n").commit("r3");
+
+    let mut store = Store::open(&root.path().join("stores"), &up.file_url()).unwrap();
+    fetch_main(&mut store, &transport());
+    let l = links(&["svc"]);
+    assert_eq!(
+        store.changed_paths(Some(oid(&r1)), oid(&r2), &l).unwrap(),
+        links(&["svc/a", "svc/b", "svc/c", "svc/new"])
+    );
+    assert_eq!(
+        store.changed_paths(Some(oid(&r2)), oid(&r1), &l).unwrap(),
+        links(&["svc/a", "svc/b", "svc/c", "svc/new"]),
+        "backwards too"
+    );
+    assert!(
+        store
+            .changed_paths(Some(oid(&r2)), oid(&r3), &l)
+            .unwrap()
+            .is_empty()
+    );
+    let unknown = oid("0123456789012345678901234567890123456789");
+    assert_eq!(
+        store.changed_paths(Some(unknown), oid(&r3), &l).unwrap(),
+        links(&["svc/a", "svc/c", "svc/new"]),
+        "a previous revision the store lacks counts as a first deploy"
+    );
+    assert!(matches!(
+        store.changed_paths(None, oid(&r3), &links(&["../etc"])),
+        Err(GitError::Link { .. })
+    ));
+}
+
+#[test]
+fn last_change_is_the_commit_that_touched_the_links() {
+    let root = temp_root();
+    let up = Upstream::new(root.path(), "infra");
+    let c1 = up
+        .write("svc1/a", "1\n")
+        .write("svc2/a", "1\n")
+        .commit("both");
+    let c2 = up.write("svc2/a", "2\n").commit("svc2 only");
+    let c3 = up.write("README", "unrelated\n").commit("unrelated");
+    let mut store = Store::open(&root.path().join("stores"), &up.file_url()).unwrap();
+    let head = fetch_main(&mut store, &transport());
+    assert_eq!(head, oid(&c3));
+    assert_eq!(
+        store.last_change(head, &links(&["svc1"])).unwrap(),
+        Some(oid(&c1))
+    );
+    assert_eq!(
+        store.last_change(head, &links(&["svc2"])).unwrap(),
+        Some(oid(&c2))
+    );
+    assert_eq!(
+        store.last_change(head, &links(&["svc1", "svc2"])).unwrap(),
+        Some(oid(&c2))
+    );
+    assert_eq!(
+        store.last_change(head, &links(&["svc3"])).unwrap(),
+        None,
+        "never existed"
+    );
+    // a mode change counts; so does a removal
+    let c4 = up.chmod_exec("svc1/a", true).commit("exec bit");
+    let c5 = up.write("README", "more\n").commit("unrelated again");
+    let head = fetch_main(&mut store, &transport());
+    assert_eq!(head, oid(&c5));
+    assert_eq!(
+        store.last_change(head, &links(&["svc1"])).unwrap(),
+        Some(oid(&c4))
+    );
+    let c6 = up.remove("svc1").commit("svc1 retired");
+    up.write("README", "again\n").commit("unrelated");
+    let head = fetch_main(&mut store, &transport());
+    assert_eq!(
+        store.last_change(head, &links(&["svc1"])).unwrap(),
+        Some(oid(&c6))
+    );
+
+    // A merge: the feature branch changes svc2, main changes README, then merges the branch.
+    let clone = root.path().join("clone");
+    git(
+        root.path(),
+        &[
+            "clone",
+            "-q",
+            up.bare.to_str().unwrap(),
+            clone.to_str().unwrap(),
+        ],
+    );
+    git(&clone, &["switch", "-q", "-c", "feature"]);
+    fs::write(clone.join("svc2/a"), "feature\n").unwrap();
+    git(&clone, &["commit", "-qam", "feature changes svc2"]);
+    let feature = git(&clone, &["rev-parse", "HEAD"]);
+    git(&clone, &["switch", "-q", "main"]);
+    fs::write(clone.join("README"), "main moves on\n").unwrap();
+    git(&clone, &["commit", "-qam", "main unrelated"]);
+    let before_merge = git(&clone, &["rev-parse", "HEAD"]);
+    git(
+        &clone,
+        &["merge", "-q", "--no-ff", "-m", "merge feature", "feature"],
+    );
+    let merge = git(&clone, &["rev-parse", "HEAD"]);
+    let after = {
+        fs::write(clone.join("README"), "after merge\n").unwrap();
+        git(&clone, &["commit", "-qam", "after merge"]);
+        git(&clone, &["rev-parse", "HEAD"])
+    };
+    git(&clone, &["push", "-q", "origin", "main"]);
+    let head = fetch_main(&mut store, &transport());
+    assert_eq!(head, oid(&after));
+    // On main's first-parent line, svc2 changed with the merge, not with the feature commit.
+    assert_eq!(
+        store.last_change(head, &links(&["svc2"])).unwrap(),
+        Some(oid(&merge))
+    );
+    assert_ne!(Some(oid(&feature)), Some(oid(&merge)));
+    assert_eq!(
+        store
+            .last_change(oid(&before_merge), &links(&["svc2"]))
+            .unwrap(),
+        Some(oid(&c2))
+    );
+}
+
+#[test]
+fn planted_symlinks_are_never_followed() {
+    let root = temp_root();
+    let up = Upstream::new(root.path(), "infra");
+    let l = links(&["svc", "nginx/etc"]);
+    up.write("svc/conf", "v1\n")
+        .write("svc/dir/x", "x1\n")
+        .symlink("svc/legit", "conf")
+        .write("nginx/etc/nginx.conf", "n1\n");
+    let r1 = up.commit("r1");
+    up.write("svc/conf", "v2\n")
+        .write("svc/dir/y", "y2\n")
+        .write("nginx/etc/nginx.conf", "n2\n");
+    let r2 = up.commit("r2");
+    let mut store = Store::open(&root.path().join("stores"), &up.file_url()).unwrap();
+    fetch_main(&mut store, &transport());
+    let target = root.path().join("deploy");
+    let index = root.path().join("idx");
+    store.checkout(&target, &index, None, oid(&r1), &l).unwrap();
+
+    // Somewhere the service must never write: it holds files named like the service's.
+    let outside = root.path().join("outside");
+    fs::create_dir_all(outside.join("etc")).unwrap();
+    for name in ["conf", "x", "y", "nginx.conf", "etc/nginx.conf"] {
+        fs::write(outside.join(name), "precious\n").unwrap();
+    }
+    let precious = snapshot(&outside);
+
+    // A tracked file replaced by a symlink, a tracked directory replaced by one, a link's parent
+    // replaced by one, and a new symlink where the next revision puts a file.
+    fs::remove_file(target.join("svc/conf")).unwrap();
+    std::os::unix::fs::symlink(outside.join("conf"), target.join("svc/conf")).unwrap();
+    fs::remove_dir_all(target.join("svc/dir")).unwrap();
+    std::os::unix::fs::symlink(&outside, target.join("svc/dir")).unwrap();
+    fs::remove_dir_all(target.join("nginx")).unwrap();
+    std::os::unix::fs::symlink(&outside, target.join("nginx")).unwrap();
+
+    store
+        .checkout(&target, &index, Some(oid(&r1)), oid(&r2), &l)
+        .unwrap();
+    assert_eq!(
+        snapshot(&outside),
+        precious,
+        "nothing was written through a planted symlink"
+    );
+    assert_eq!(
+        snapshot_links(&target, &l),
+        git_checkout(&up, root.path(), &r2, &l)
+    );
+    assert_eq!(
+        fs::read_link(target.join("svc/legit")).unwrap(),
+        PathBuf::from("conf"),
+        "symlinks that are in git stay"
+    );
+
+    // Same again with the same revision (nothing changes upstream): still not followed.
+    fs::remove_file(target.join("svc/conf")).unwrap();
+    std::os::unix::fs::symlink(outside.join("conf"), target.join("svc/conf")).unwrap();
+    fs::remove_file(target.join("svc/legit")).unwrap();
+    std::os::unix::fs::symlink(&outside, target.join("svc/legit")).unwrap();
+    store
+        .checkout(&target, &index, Some(oid(&r2)), oid(&r2), &l)
+        .unwrap();
+    assert_eq!(snapshot(&outside), precious);
+    assert_eq!(
+        snapshot_links(&target, &l),
+        git_checkout(&up, root.path(), &r2, &l)
+    );
+}
+
+#[test]
+fn git_symlink_replaced_by_directory_does_not_write_through() {
+    let root = temp_root();
+    let up = Upstream::new(root.path(), "infra");
+    let outside = root.path().join("outside");
+    fs::create_dir_all(&outside).unwrap();
+    let l = links(&["svc"]);
+    up.symlink("svc/data", outside.to_str().unwrap())
+        .write("svc/f", "1\n");
+    let r1 = up.commit("data is a symlink out of the checkout");
+    up.remove("svc/data").write("svc/data/file", "inside\n");
+    let r2 = up.commit("data becomes a directory");
+    let mut store = Store::open(&root.path().join("stores"), &up.file_url()).unwrap();
+    fetch_main(&mut store, &transport());
+    let target = root.path().join("deploy");
+    let index = root.path().join("idx");
+    store.checkout(&target, &index, None, oid(&r1), &l).unwrap();
+    assert_eq!(fs::read_link(target.join("svc/data")).unwrap(), outside);
+    store
+        .checkout(&target, &index, Some(oid(&r1)), oid(&r2), &l)
+        .unwrap();
+    assert!(snapshot(&outside).is_empty(), "{:?}", snapshot(&outside));
+    assert_eq!(
+        snapshot_links(&target, &l),
+        git_checkout(&up, root.path(), &r2, &l)
+    );
+    store
+        .checkout(&target, &index, Some(oid(&r2)), oid(&r1), &l)
+        .unwrap();
+    assert_eq!(
+        snapshot_links(&target, &l),
+        git_checkout(&up, root.path(), &r1, &l)
+    );
+}
+
+// ---------------------------------------------------------------------------------------------
+// damage, cancellation
+
+fn damaged_copies(stores: &Path) -> Vec<PathBuf> {
+    let mut out: Vec<PathBuf> = fs::read_dir(stores)
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .filter(|p| p.to_string_lossy().contains(".git.damaged-"))
+        .collect();
+    out.sort();
+    out
+}
+
+#[test]
+fn damaged_store_is_set_aside_and_fetched_again() {
+    let root = temp_root();
+    let up = Upstream::new(root.path(), "infra");
+    up.write("svc/a", "1\n").commit("one");
+    let c2 = up.write("svc/a", "2\n").commit("two");
+    let stores = root.path().join("stores");
+    let target = root.path().join("deploy");
+    let index = root.path().join("idx");
+    let l = links(&["svc"]);
+
+    let mut store = Store::open(&stores, &up.file_url()).unwrap();
+    let head = fetch_main(&mut store, &transport());
+    store.checkout(&target, &index, None, head, &l).unwrap();
+    let path = store.path().to_path_buf();
+    drop(store);
+    let deployed = snapshot(&target);
+
+    // 1. Garbage configuration: the store cannot be opened.
+    fs::write(path.join("config"), "[core\n\0garbage").unwrap();
+    let mut store = Store::open(&stores, &up.file_url()).expect("open heals");
+    assert_eq!(damaged_copies(&stores).len(), 1);
+    assert!(
+        damaged_copies(&stores)[0].join("config").exists(),
+        "the damaged copy is kept"
+    );
+    assert_eq!(fetch_main(&mut store, &transport()), oid(&c2));
+    assert_eq!(store.commit_count(oid(&c2)).unwrap(), 2);
+    drop(store);
+
+    // 2. Objects lost after a fetch: branches point at nothing.
+    fs::remove_dir_all(path.join("objects/pack")).unwrap();
+    for entry in fs::read_dir(path.join("objects")).unwrap() {
+        let entry = entry.unwrap();
+        if entry.file_name().len() == 2 {
+            fs::remove_dir_all(entry.path()).unwrap();
+        }
+    }
+    let mut store = Store::open(&stores, &up.file_url()).expect("open heals");
+    assert_eq!(damaged_copies(&stores).len(), 2);
+    assert_eq!(fetch_main(&mut store, &transport()), oid(&c2));
+    assert_eq!(store.commit_count(oid(&c2)).unwrap(), 2);
+    drop(store);
+
+    // 3. A pack file cut short (a disk error): its objects cannot be read.
+    let pack = fs::read_dir(path.join("objects/pack"))
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .find(|p| p.extension().is_some_and(|e| e == "pack"))
+        .expect("a pack after fetching");
+    let len = fs::metadata(&pack).unwrap().len();
+    fs::OpenOptions::new()
+        .write(true)
+        .open(&pack)
+        .unwrap()
+        .set_len(len / 2)
+        .unwrap();
+    let mut store = Store::open(&stores, &up.file_url()).expect("open heals");
+    assert_eq!(damaged_copies(&stores).len(), 3);
+    assert_eq!(fetch_main(&mut store, &transport()), oid(&c2));
+    assert_eq!(store.commit_count(oid(&c2)).unwrap(), 2);
+    drop(store);
+
+    // 4. Garbage HEAD and branch reference: the store opens (neither is needed to open it), and
+    //    the fetch, which reads them, finds the damage, sets the store aside and starts over.
+    fs::write(path.join("HEAD"), "garbage\n").unwrap();
+    fs::write(path.join("refs/remotes/origin/main"), "not a hash\n").unwrap();
+    let mut store = Store::open(&stores, &up.file_url()).expect("open");
+    assert_eq!(damaged_copies(&stores).len(), 3);
+    assert_eq!(fetch_main(&mut store, &transport()), oid(&c2));
+    assert_eq!(store.resolve("main").unwrap(), oid(&c2));
+    assert_eq!(damaged_copies(&stores).len(), 4);
+
+    // 5. Damage found after opening (objects vanish under an open store): the next fetch heals.
+    for entry in fs::read_dir(path.join("objects/pack")).unwrap() {
+        fs::remove_file(entry.unwrap().path()).unwrap();
+    }
+    for entry in fs::read_dir(path.join("objects")).unwrap() {
+        let entry = entry.unwrap();
+        if entry.file_name().len() == 2 {
+            fs::remove_dir_all(entry.path()).unwrap();
+        }
+    }
+    let fetched = fetch_main(&mut store, &transport());
+    assert_eq!(damaged_copies(&stores).len(), 5);
+    assert_eq!(fetched, oid(&c2));
+    assert_eq!(store.commit_count(fetched).unwrap(), 2);
+    store
+        .checkout(&target, &index, Some(head), fetched, &l)
+        .unwrap();
+
+    // 6. An object missing deep inside history (a subtree): reading it fails and says the store
+    //    is damaged; the next fetch heals even though every branch head is still there.
+    let packs: Vec<PathBuf> = fs::read_dir(path.join("objects/pack"))
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .collect();
+    let saved_pack = root.path().join("saved.pack");
+    for p in &packs {
+        if p.extension().is_some_and(|e| e == "pack") {
+            fs::rename(p, &saved_pack).unwrap();
+        } else {
+            fs::remove_file(p).unwrap();
+        }
+    }
+    let status = support::git_command(&path)
+        .arg("unpack-objects")
+        .arg("-q")
+        .stdin(fs::File::open(&saved_pack).unwrap())
+        .status()
+        .unwrap();
+    assert!(status.success(), "git unpack-objects");
+    let subtree = git(&path, &["rev-parse", &format!("{c2}:svc")]);
+    fs::remove_file(path.join("objects").join(&subtree[..2]).join(&subtree[2..])).unwrap();
+    let mut store = Store::open(&stores, &up.file_url()).expect("open: the heads are all there");
+    assert_eq!(damaged_copies(&stores).len(), 5);
+    let file_link = links(&["svc/a"]);
+    let err = store.last_change(oid(&c2), &file_link).unwrap_err();
+    assert!(err.is_corruption(), "{err:?}");
+    assert!(
+        err.to_string().contains(&subtree),
+        "the message names the missing object: {err}"
+    );
+    assert_eq!(fetch_main(&mut store, &transport()), oid(&c2));
+    assert_eq!(damaged_copies(&stores).len(), 6);
+    assert_eq!(
+        store.last_change(oid(&c2), &file_link).unwrap(),
+        Some(oid(&c2))
+    );
+
+    // The deployed files were never touched by any of this.
+    assert_eq!(snapshot(&target), deployed);
+}
+
+#[test]
+fn cancel_and_timeout_stop_a_fetch() {
+    require_root();
+    let root = temp_root();
+    let up = Upstream::new(root.path(), "infra");
+    for i in 0..5 {
+        up.write(&format!("f{i}"), &format!("{i}\n"))
+            .commit(&format!("c{i}"));
+    }
+    let daemon = GitDaemon::start(root.path());
+    let mut store = Store::open(&root.path().join("stores"), &daemon.url(&up)).unwrap();
+
+    let cancelled = Transport {
+        cancel: Arc::new(AtomicBool::new(true)),
+        ..Transport::default()
+    };
+    let err = store.fetch(&main_branch(), &cancelled).unwrap_err();
+    assert!(matches!(err, GitError::Cancelled { .. }), "{err:?}");
+    assert_eq!(
+        err.to_string(),
+        format!("fetch {}: cancelled", daemon.url(&up))
+    );
+
+    let hurried = Transport {
+        timeout: Some(Duration::ZERO),
+        ..Transport::default()
+    };
+    let err = store.fetch(&main_branch(), &hurried).unwrap_err();
+    assert!(matches!(err, GitError::TimedOut { .. }), "{err:?}");
+    assert!(err.to_string().contains("gave up after"), "{err}");
+    assert!(
+        store.resolve("main").is_err(),
+        "nothing half-fetched became a branch"
+    );
+
+    // Neither left anything behind that gets in the way of the next fetch.
+    let head = fetch_main(&mut store, &transport());
+    assert_eq!(store.commit_count(head).unwrap(), up.rev_count("main"));
+}
+
+#[test]
+fn broken_upstream_costs_at_most_one_copy_set_aside() {
+    let root = temp_root();
+    let up = Upstream::new(root.path(), "infra");
+    up.write("svc/a", "1\n").commit("one");
+    let stores = root.path().join("stores");
+    let mut store = Store::open(&stores, &up.file_url()).unwrap();
+    fetch_main(&mut store, &transport());
+
+    let c2 = up.write("svc/a", "two, broken upstream\n").commit("two");
+    let blob = git(&up.bare, &["rev-parse", &format!("{c2}:svc/a")]);
+    let loose = up.bare.join("objects").join(&blob[..2]).join(&blob[2..]);
+    fs::set_permissions(&loose, fs::Permissions::from_mode(0o644)).unwrap();
+    fs::write(&loose, b"this is not zlib data").unwrap();
+
+    // The error looks like damage (it cannot tell whose): the store is set aside once...
+    let first = store.fetch(&main_branch(), &transport()).unwrap_err();
+    assert!(first.is_corruption(), "{first:?}");
+    assert!(
+        first
+            .to_string()
+            .starts_with(&format!("fetch {}: ", up.file_url())),
+        "{first}"
+    );
+    assert_eq!(damaged_copies(&stores).len(), 1);
+    // ...and not again while the upstream stays broken.
+    store.fetch(&main_branch(), &transport()).unwrap_err();
+    store.fetch(&main_branch(), &transport()).unwrap_err();
+    assert_eq!(damaged_copies(&stores).len(), 1);
+
+    // Once the upstream is repaired, fetching works again, with full history.
+    let c1 = git(&up.bare, &["rev-parse", "main~1"]);
+    up.force_reset(&c1);
+    let c3 = up.write("svc/a", "three\n").commit("three");
+    assert_eq!(fetch_main(&mut store, &transport()), oid(&c3));
+    assert_eq!(store.commit_count(oid(&c3)).unwrap(), 2);
+}
+
+#[test]
+fn submodules_are_not_deployed() {
+    let root = temp_root();
+    let up = Upstream::new(root.path(), "infra");
+    let c1 = up.write("svc/conf", "1\n").commit("one");
+    let clone = root.path().join("clone");
+    git(
+        root.path(),
+        &[
+            "clone",
+            "-q",
+            up.bare.to_str().unwrap(),
+            clone.to_str().unwrap(),
+        ],
+    );
+    git(
+        &clone,
+        &[
+            "update-index",
+            "--add",
+            "--cacheinfo",
+            &format!("160000,{c1},svc/sub"),
+        ],
+    );
+    git(&clone, &["commit", "-qm", "a submodule inside the service"]);
+    git(&clone, &["push", "-q", "origin", "main"]);
+    let c2 = git(&clone, &["rev-parse", "HEAD"]);
+
+    let mut store = Store::open(&root.path().join("stores"), &up.file_url()).unwrap();
+    assert_eq!(fetch_main(&mut store, &transport()), oid(&c2));
+    let l = links(&["svc"]);
+    assert!(
+        store
+            .changed_paths(Some(oid(&c1)), oid(&c2), &l)
+            .unwrap()
+            .is_empty()
+    );
+    assert_eq!(
+        store.changed_paths(None, oid(&c2), &l).unwrap(),
+        links(&["svc/conf"])
+    );
+    let target = root.path().join("deploy");
+    let index = root.path().join("idx");
+    store.checkout(&target, &index, None, oid(&c1), &l).unwrap();
+    store
+        .checkout(&target, &index, Some(oid(&c1)), oid(&c2), &l)
+        .unwrap();
+    assert_eq!(
+        snapshot_links(&target, &l),
+        git_checkout(&up, root.path(), &c2, &l)
+    );
+    store
+        .checkout(&target, &index, Some(oid(&c2)), oid(&c1), &l)
+        .unwrap();
+    assert_eq!(
+        snapshot_links(&target, &l),
+        git_checkout(&up, root.path(), &c1, &l)
+    );
+}

@@ -7,7 +7,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 TICKS=${TICKS:-10}
 B=$(mktemp -d /tmp/plumb-bench.XXXXXX); chmod 755 "$B"
-trap 'kill $(cat "$B/lighttpd.pid" 2>/dev/null) 2>/dev/null || true; [ -n "${DPID:-}" ] && kill "$DPID" 2>/dev/null; rm -rf "$B"' EXIT
+trap 'kill $(cat "$B/lighttpd.pid" 2>/dev/null) 2>/dev/null || true; [ -n "${DPID:-}" ] && kill "$DPID" 2>/dev/null; [ -n "${KEEP:-}" ] || rm -rf "$B"' EXIT
 cargo build --release --quiet --bins
 PLUMB=$PWD/target/release/plumb
 git() { command git -c user.name=bench -c user.email=bench@example.invalid "$@"; }
@@ -56,6 +56,7 @@ wait_for() { # wait_for SECONDS CMD...: poll until CMD succeeds
 }
 lines() { wc -l < "$B/access.log"; }
 fetches() { grep -c 'fetch done' "$B/plumb.log" || true; }
+fetches_at_least() { [ "$(fetches)" -ge "$1" ]; }
 all_deployed() { [ "$(ls "$B"/state/state/*.rev 2>/dev/null | wc -l)" -eq 20 ]; }
 
 PLUMB_LOG=plumb=debug strace -f -qq -e trace=execve -o "$B/strace.log" "$PLUMB" -c "$B/plumb.toml" --hosts bench 2>"$B/plumb.log" &
@@ -64,9 +65,9 @@ wait_for 30 all_deployed
 DPID=$(pgrep -P "$STRACE" -x plumb)
 # Start right after an idle tick is logged, then count requests over TICKS more ticks (ticks are
 # counted from the daemon's log, requests from the server's, so neither is inferred from the other).
-f=$(fetches); wait_for 30 test "$(fetches)" -gt "$f"
+f=$(fetches); wait_for 30 fetches_at_least $((f + 1))
 c0=$(fetches); l0=$(lines); read -r u0 s0 < <(awk '{print $14, $15}' "/proc/$DPID/stat")
-wait_for $((TICKS * 5)) test "$(fetches)" -ge $((c0 + TICKS))
+wait_for $((TICKS * 5)) fetches_at_least $((c0 + TICKS))
 c1=$(fetches); l1=$(lines); read -r u1 s1 < <(awk '{print $14, $15}' "/proc/$DPID/stat")
 ticks=$((c1 - c0)); nreq=$((l1 - l0))
 reqs=$(tail -n "$nreq" "$B/access.log" | awk '{print $2}' | sort | uniq -c | awk '{printf "%s %s; ", $1, $2}')

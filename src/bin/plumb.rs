@@ -1,6 +1,7 @@
 //! `plumb`: the daemon, and `plumb check-config` for deploy pipelines. Parses arguments and calls into
 //! the library.
 
+use std::io::IsTerminal;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::time::Duration;
@@ -56,6 +57,7 @@ fn main() -> ExitCode {
                 .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
         )
         .with_writer(std::io::stderr)
+        .with_ansi(std::io::stderr().is_terminal())
         .init();
     let result = match &cli.command {
         Some(Command::CheckConfig { file }) => {

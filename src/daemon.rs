@@ -20,6 +20,7 @@ use tracing::{debug, error, info, info_span, warn};
 use crate::config::{self, Config, ConfigError};
 use crate::git::{self, FetchReport, GitError, Oid, Store};
 use crate::layout::{self, Layout};
+use crate::notify::Notifier;
 use crate::service::{self, Effect, Event, State};
 
 /// How the daemon was started; everything it reads or binds is named here, so tests use temp dirs.
@@ -89,7 +90,16 @@ pub async fn run(
     let config = Config::load(&opts.config)?;
     let mut d = Daemon::new(opts, config)?;
     let (tx, mut rx) = mpsc::channel::<Done>(64);
+    let notify = Notifier::from_env();
+    let mut ready = false;
+    let mut watchdog =
+        tokio::time::interval(Notifier::watchdog_interval().unwrap_or(Duration::from_secs(3600)));
     loop {
+        if !ready && d.all_cycled() {
+            // Ready once every upstream was tried: units ordered after plumb see checkouts.
+            ready = true;
+            notify.send("READY=1");
+        }
         let stopping = shutdown.is_cancelled() || (d.opts.once && d.all_cycled());
         if stopping {
             d.cancel.store(true, Ordering::Relaxed);
@@ -102,8 +112,16 @@ pub async fn run(
         let next = d.next_due();
         tokio::select! {
             Some(done) = rx.recv() => d.finish(done, &tx),
-            _ = shutdown.cancelled(), if !stopping => info!("shutting down"),
-            Some(()) = reload.recv(), if !stopping => d.reload(),
+            _ = shutdown.cancelled(), if !stopping => {
+                info!("shutting down");
+                notify.send("STOPPING=1");
+            }
+            Some(()) = reload.recv(), if !stopping => {
+                notify.send("RELOADING=1");
+                d.reload();
+                notify.send("READY=1");
+            }
+            _ = watchdog.tick() => notify.send("WATCHDOG=1"),
             _ = tokio::time::sleep_until(next), if !stopping => {}
         }
     }
@@ -318,37 +336,23 @@ impl Daemon {
                     Err(e) => warn!(upstream = %git::redact_url(&url), "fetch failed: {e}"),
                 }
                 let mut jobs = Vec::new();
-                for entry in self
+                let names: Vec<(String, String)> = self
                     .services
-                    .values_mut()
+                    .values()
                     .filter(|e| e.config.upstream == url)
-                {
+                    .map(|e| (e.config.name.clone(), e.config.branch.clone()))
+                    .collect();
+                for (name, branch) in names {
                     let event = match &result {
                         Ok(report) => Event::Fetched {
-                            branch: entry.config.branch.clone(),
-                            head: report.heads.get(&entry.config.branch).copied().flatten(),
+                            head: report.heads.get(&branch).copied().flatten(),
+                            branch,
                         },
                         Err(e) => Event::FetchFailed {
                             error: e.to_string(),
                         },
                     };
-                    for effect in entry.state.handle(event, now) {
-                        match effect {
-                            Effect::Persist => {
-                                persist(&self.layout, &entry.config.name, &entry.state)
-                            }
-                            Effect::Deploy {
-                                head,
-                                from,
-                                deployed,
-                            } => jobs.push(DeployJob {
-                                service: entry.config.clone(),
-                                head,
-                                from,
-                                deployed,
-                            }),
-                        }
-                    }
+                    jobs.extend(self.feed(&name, event, now, tx));
                 }
                 if jobs.is_empty() || self.cancel.load(Ordering::Relaxed) {
                     self.done_with(&url);
@@ -366,24 +370,55 @@ impl Daemon {
                     let Some(entry) = self.services.get_mut(&name) else {
                         continue; // removed by a reload meanwhile
                     };
-                    let span = info_span!("service", name = %name);
-                    let _g = span.enter();
                     match &event {
                         Event::Deployed { revision, .. } if *revision != entry.state.deployed => {
-                            info!(revision = %service::short(*revision), "deployed")
+                            info!(service = %name, revision = %service::short(*revision), "deployed")
                         }
-                        Event::DeployFailed { error, .. } => error!("deploy failed: {error}"),
+                        Event::DeployFailed { error, .. } => {
+                            error!(service = %name, "deploy failed: {error}")
+                        }
                         _ => {}
                     }
-                    for effect in entry.state.handle(event, now) {
-                        if effect == Effect::Persist {
-                            persist(&self.layout, &name, &entry.state);
-                        }
-                    }
+                    self.feed(&name, event, now, tx);
                 }
                 self.done_with(&url);
             }
         }
+    }
+
+    /// Feeds one event to a service and runs the effects that need no store; returns the checkouts
+    /// to run, which the caller batches per upstream.
+    fn feed(
+        &mut self,
+        name: &str,
+        event: Event,
+        now: u64,
+        tx: &mpsc::Sender<Done>,
+    ) -> Vec<DeployJob> {
+        let Some(entry) = self.services.get_mut(name) else {
+            return Vec::new(); // removed by a reload meanwhile
+        };
+        let mut jobs = Vec::new();
+        for effect in entry.state.handle(event, now) {
+            match effect {
+                Effect::Persist => persist(&self.layout, name, &entry.state),
+                Effect::Deploy {
+                    head,
+                    from,
+                    deployed,
+                } => jobs.push(DeployJob {
+                    service: entry.config.clone(),
+                    head,
+                    from,
+                    deployed,
+                }),
+                Effect::Apply { revision } => {
+                    // Wired to systemd in the next step; until then the .path unit applies.
+                    let _ = (revision, tx);
+                }
+            }
+        }
+        jobs
     }
 
     fn done_with(&mut self, url: &str) {

@@ -8,4 +8,5 @@ pub mod config;
 pub mod daemon;
 pub mod git;
 pub mod layout;
+pub mod notify;
 pub mod service;

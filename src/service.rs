@@ -68,6 +68,11 @@ pub enum Event {
     Deployed { head: Oid, revision: Option<Oid> },
     /// Moving the checkout to `head` failed; the files on disk are those of the previous revision.
     DeployFailed { head: Oid, error: String },
+    /// `plumb apply` finished for `revision`: the unit took the new files (`error == None`) or not.
+    Applied {
+        revision: Oid,
+        error: Option<String>,
+    },
 }
 
 /// What the daemon must do for a service after an event.
@@ -80,6 +85,9 @@ pub enum Effect {
         from: Option<Oid>,
         deployed: Option<Oid>,
     },
+    /// Tell the unit about its new files (`plumb apply` through systemd). Answered by `Applied`
+    /// when the daemon can reach systemd; without it the `.path` unit is the only trigger.
+    Apply { revision: Oid },
     /// Write the service's state to disk: something worth surviving a restart changed.
     Persist,
 }
@@ -102,6 +110,10 @@ pub struct Service {
     pub changed_at: Option<u64>,
     /// Unix seconds of the last fetch and deploy that both succeeded.
     pub last_sync: Option<u64>,
+    /// The deployed revision whose apply failed: the service stays BROKEN until another revision
+    /// is deployed or an apply succeeds, however often the branch moves elsewhere.
+    #[serde(default, with = "opt_oid")]
+    pub failed_apply: Option<Oid>,
     /// The branch head last seen upstream; not persisted, the next fetch tells.
     #[serde(skip)]
     pub upstream: Option<Oid>,
@@ -118,6 +130,7 @@ impl Service {
             synced: None,
             changed_at: None,
             last_sync: None,
+            failed_apply: None,
             upstream: None,
         }
     }
@@ -149,7 +162,8 @@ impl Service {
                 head: Some(head), ..
             } => {
                 self.upstream = Some(head);
-                if self.synced != Some(head) || self.state == State::Broken {
+                // A failed checkout leaves `synced` behind, so it is retried here every tick.
+                if self.synced != Some(head) {
                     effects.push(Effect::Deploy {
                         head,
                         from: self.synced,
@@ -168,16 +182,42 @@ impl Service {
             }
             Event::Deployed { head, revision } => {
                 self.synced = Some(head);
+                self.last_sync = Some(now);
                 if revision != self.deployed {
                     self.deployed = revision;
                     self.changed_at = Some(now);
+                    if let Some(revision) = revision {
+                        effects.push(Effect::Apply { revision });
+                    }
                 }
-                self.last_sync = Some(now);
-                let info = match revision {
-                    None => "waiting: none of the service's paths exist on the branch yet".into(),
-                    Some(_) => String::new(),
-                };
-                self.set(State::Ok, info, now);
+                if revision.is_some() && revision == self.failed_apply {
+                    // Nothing new for this service: it stays as broken as its apply left it.
+                } else {
+                    let info = match revision {
+                        None => {
+                            "waiting: none of the service's paths exist on the branch yet".into()
+                        }
+                        Some(_) => String::new(),
+                    };
+                    self.set(State::Ok, info, now);
+                }
+            }
+            Event::Applied { revision, error } => {
+                if Some(revision) != self.deployed {
+                    // An outcome overtaken by a newer deploy; that one's apply will report.
+                } else if let Some(error) = error {
+                    self.failed_apply = Some(revision);
+                    self.set(
+                        State::Broken,
+                        format!("apply of {} failed: {error}", short(Some(revision))),
+                        now,
+                    );
+                } else {
+                    self.failed_apply = None;
+                    if self.state == State::Broken {
+                        self.set(State::Ok, String::new(), now);
+                    }
+                }
             }
             Event::DeployFailed { head, error } => {
                 self.set(
@@ -287,7 +327,10 @@ mod tests {
             },
             10,
         );
-        assert_eq!(fx, vec![Effect::Persist]);
+        assert_eq!(
+            fx,
+            vec![Effect::Apply { revision: oid(1) }, Effect::Persist]
+        );
         assert_eq!(
             (s.state, s.deployed, s.synced),
             (State::Ok, Some(oid(1)), Some(oid(1)))
@@ -455,6 +498,98 @@ mod tests {
             31,
         );
         assert_eq!((s.state, s.since), (State::Ok, 31));
+    }
+
+    #[test]
+    fn failed_apply_is_broken_until_a_new_revision_or_a_good_apply() {
+        let mut s = deployed();
+        let fx = s.handle(
+            Event::Applied {
+                revision: oid(1),
+                error: Some("nginx: unknown directive".into()),
+            },
+            20,
+        );
+        assert_eq!(fx, vec![Effect::Persist]);
+        assert_eq!(s.state, State::Broken);
+        assert!(
+            s.info
+                .contains("apply of 010101010101 failed: nginx: unknown directive"),
+            "{}",
+            s.info
+        );
+        // A commit elsewhere moves the head: nothing new for this service, still broken.
+        s.handle(fetched(Some(oid(2))), 30);
+        let fx = s.handle(
+            Event::Deployed {
+                head: oid(2),
+                revision: Some(oid(1)),
+            },
+            31,
+        );
+        assert!(!fx.iter().any(|e| matches!(e, Effect::Apply { .. })));
+        assert_eq!((s.state, s.since), (State::Broken, 20));
+        // The fix arrives: deployed, applied, OK.
+        s.handle(fetched(Some(oid(3))), 40);
+        let fx = s.handle(
+            Event::Deployed {
+                head: oid(3),
+                revision: Some(oid(3)),
+            },
+            41,
+        );
+        assert!(fx.contains(&Effect::Apply { revision: oid(3) }));
+        s.handle(
+            Event::Applied {
+                revision: oid(3),
+                error: None,
+            },
+            42,
+        );
+        assert_eq!((s.state, s.failed_apply), (State::Ok, None));
+    }
+
+    #[test]
+    fn a_good_apply_of_the_same_revision_clears_broken() {
+        let mut s = deployed();
+        s.handle(
+            Event::Applied {
+                revision: oid(1),
+                error: Some("failed".into()),
+            },
+            20,
+        );
+        let fx = s.handle(
+            Event::Applied {
+                revision: oid(1),
+                error: None,
+            },
+            30,
+        );
+        assert_eq!(fx, vec![Effect::Persist]);
+        assert_eq!((s.state, s.since, s.info.as_str()), (State::Ok, 30, ""));
+    }
+
+    #[test]
+    fn an_outcome_overtaken_by_a_newer_deploy_is_ignored() {
+        let mut s = deployed();
+        s.handle(fetched(Some(oid(2))), 20);
+        s.handle(
+            Event::Deployed {
+                head: oid(2),
+                revision: Some(oid(2)),
+            },
+            21,
+        );
+        let fx = s.handle(
+            Event::Applied {
+                revision: oid(1),
+                error: Some("old".into()),
+            },
+            22,
+        );
+        assert_eq!(fx, vec![]);
+        assert_eq!(s.state, State::Ok);
     }
 
     #[test]

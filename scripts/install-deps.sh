@@ -18,6 +18,9 @@ PACKAGES=(
   curl procps iproute2
   # benchmarks: counting the processes the daemon spawns
   strace
+  # systemd tests: systemd-analyze verify and systemd-escape (generator), and a real systemd booted
+  # with systemd-nspawn from a debootstrapped rootfs cached as a zstd tarball
+  systemd systemd-container debootstrap zstd
 )
 
 if [ "$(id -u)" -ne 0 ]; then

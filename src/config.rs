@@ -87,6 +87,9 @@ pub struct Dir {
     pub link: String,
     /// `local` and `link` are single files rather than directories.
     pub file: bool,
+    /// Bind read-only (a plumb extension): the service cannot change the files it is given, so what
+    /// runs is what the repository says.
+    pub ro: bool,
 }
 
 /// One service on one machine, with every value inherited from `[global]` already filled in.
@@ -115,7 +118,43 @@ impl Service {
     pub fn links(&self) -> Vec<String> {
         self.dirs.iter().map(|d| d.link.clone()).collect()
     }
+
+    /// The systemd unit this service is: its name when that ends in a unit type (`foo.socket`),
+    /// otherwise `<name>.service`, as systemctl reads a bare name. The generator orders this unit
+    /// after the bind mounts and the apply reloads it.
+    pub fn unit(&self) -> String {
+        unit_name(&self.name)
+    }
 }
+
+/// Unit types a `service` may end in to name a unit other than a `.service`. `.device` and `.scope`
+/// units are not here: systemd cannot start either by name, so plumb could not manage them.
+pub const UNIT_TYPES: &[&str] = &[
+    "service",
+    "socket",
+    "target",
+    "path",
+    "timer",
+    "mount",
+    "automount",
+    "swap",
+    "slice",
+];
+
+/// The unit name for a service name: see [`Service::unit`].
+pub fn unit_name(service: &str) -> String {
+    match service.rsplit_once('.') {
+        Some((_, suffix)) if UNIT_TYPES.contains(&suffix) => service.to_owned(),
+        _ => format!("{service}.service"),
+    }
+}
+
+/// The longest unit name systemd accepts (`UNIT_NAME_MAX` less the terminating NUL).
+pub const UNIT_NAME_MAX: usize = 255;
+
+/// The instance unit that applies a service's revisions is `plumb-apply@<service>.service`, the
+/// longest name plumb derives from a service name; it must stay a valid unit name.
+const APPLY_UNIT_OVERHEAD: usize = "plumb-apply@.service".len();
 
 /// A key from gitopper's `keys` setting. plumb reads and ignores it: access goes through sshd and
 /// unix groups instead (see the README's migration notes).
@@ -136,6 +175,10 @@ pub struct Settings {
     pub fetch_timeout: Duration,
     pub ssh_key: Option<PathBuf>,
     pub known_hosts: Vec<PathBuf>,
+    /// This machine's names besides its hostname. They live in the config, not only on the command
+    /// line, because the systemd generator gets no arguments: the daemon and the generator must pick
+    /// the same services.
+    pub hosts: Vec<String>,
 }
 
 impl Default for Settings {
@@ -147,6 +190,7 @@ impl Default for Settings {
             fetch_timeout: DEFAULT_FETCH_TIMEOUT,
             ssh_key: None,
             known_hosts: Vec::new(),
+            hosts: Vec::new(),
         }
     }
 }
@@ -212,6 +256,8 @@ struct RawDir {
     link: Spanned<String>,
     #[serde(default)]
     file: bool,
+    #[serde(default)]
+    ro: bool,
 }
 
 #[derive(Debug, Deserialize)]
@@ -232,6 +278,8 @@ struct RawPlumb {
     ssh_key: Option<Spanned<String>>,
     #[serde(default)]
     known_hosts: Vec<Spanned<String>>,
+    #[serde(default)]
+    hosts: Vec<Spanned<String>>,
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -288,6 +336,19 @@ impl Config {
         Ok(mine)
     }
 
+    /// This machine's names: the hostname, then `[plumb] hosts`, then `cli_aliases` (`--hosts`), each
+    /// once. The daemon and the generator both select services with it, so they agree.
+    pub fn machine_names(&self, cli_aliases: &[String]) -> Vec<String> {
+        let aliases: Vec<String> = self
+            .settings
+            .hosts
+            .iter()
+            .chain(cli_aliases)
+            .cloned()
+            .collect();
+        machine_names(&aliases)
+    }
+
     fn selection(&self, hosts: &[String], message: String) -> ConfigError {
         ConfigError::Selection {
             path: self.path.clone(),
@@ -297,7 +358,8 @@ impl Config {
     }
 }
 
-/// This machine's names: its hostname plus the aliases given with `--hosts`.
+/// This machine's names: its hostname plus `aliases`, each once. [`Config::machine_names`] adds the
+/// config's `[plumb] hosts`; use it once a config is loaded.
 pub fn machine_names(aliases: &[String]) -> Vec<String> {
     let mut names = Vec::new();
     if let Ok(h) = nix::unistd::gethostname() {
@@ -474,17 +536,11 @@ impl Cx<'_> {
         Ok(())
     }
 
-    /// A service name becomes a file name under the state directory and a unit name.
+    /// A service name is a systemd unit name (`nginx`, `docker-compose@caddy`, `foo.socket`), a file
+    /// name under the state directory, and the instance of `plumb-apply@.service`.
     fn check_name(&self, name: &Spanned<String>, key: String) -> Result<(), ConfigError> {
-        let n = name.get_ref();
-        if n == "." || n == ".." || n.contains('/') || n.chars().any(char::is_whitespace) {
-            return Err(self.at(
-                name.span().start,
-                key,
-                format!("{n:?} is not a usable service name (no '/', whitespace, '.' or '..')"),
-            ));
-        }
-        Ok(())
+        check_unit_name(name.get_ref())
+            .map_err(|m| self.at(name.span().start, key, format!("{:?} {m}", name.get_ref())))
     }
 
     fn absolute(&self, v: &Spanned<String>, key: String) -> Result<(), ConfigError> {
@@ -524,6 +580,7 @@ impl Cx<'_> {
                 local: PathBuf::from(d.local.get_ref()),
                 link,
                 file: d.file,
+                ro: d.ro,
             });
         }
         Ok(dirs)
@@ -567,6 +624,19 @@ impl Cx<'_> {
             self.absolute(&k, format!("plumb.known_hosts[{i}]"))?;
             s.known_hosts.push(PathBuf::from(k.into_inner()));
         }
+        for (i, h) in p.hosts.into_iter().enumerate() {
+            let name = h.get_ref().trim();
+            if name.is_empty() || name.chars().any(char::is_whitespace) {
+                return Err(self.at(
+                    h.span().start,
+                    format!("plumb.hosts[{i}]"),
+                    format!("{:?} is not a machine name", h.get_ref()),
+                ));
+            }
+            if !s.hosts.iter().any(|x| x == name) {
+                s.hosts.push(name.to_owned());
+            }
+        }
         Ok(s)
     }
 
@@ -582,6 +652,53 @@ impl Cx<'_> {
             )
         })
     }
+}
+
+/// Why `name` cannot be a service: systemd's unit name characters only, at most one `@`, and a
+/// template (`foo@`) only with an instance, since a template itself cannot run. The message
+/// follows the quoted name.
+fn check_unit_name(name: &str) -> Result<(), String> {
+    if name == "." || name == ".." {
+        return Err("is not a usable service name".into());
+    }
+    if let Some(c) = name
+        .chars()
+        .find(|c| !(c.is_ascii_alphanumeric() || ":_.-@".contains(*c)))
+    {
+        return Err(format!(
+            "is not a systemd unit name: {c:?} is not allowed (letters, digits and \":_.-@\" are)"
+        ));
+    }
+    let unit = unit_name(name);
+    let (stem, suffix) = unit.rsplit_once('.').unwrap_or((&unit, ""));
+    if matches!(name.rsplit_once('.'), Some((_, "device" | "scope"))) {
+        return Err(format!(
+            "is not a unit plumb can manage: systemd does not start .{} units by name",
+            name.rsplit_once('.').map(|(_, t)| t).unwrap_or_default()
+        ));
+    }
+    if stem.is_empty() {
+        return Err(format!("has no name before .{suffix}"));
+    }
+    match stem.split_once('@') {
+        Some((_, instance)) if instance.contains('@') => {
+            return Err("has more than one '@'".into());
+        }
+        Some(("", _)) => return Err("has no name before '@'".into()),
+        Some((_, "")) => {
+            return Err(
+                "is a template without an instance; name the instance (\"foo@bar\")".into(),
+            );
+        }
+        _ => {}
+    }
+    let longest = name.len() + APPLY_UNIT_OVERHEAD;
+    if longest > UNIT_NAME_MAX {
+        return Err(format!(
+            "is too long: plumb-apply@{name}.service would be {longest} characters, systemd allows {UNIT_NAME_MAX}"
+        ));
+    }
+    Ok(())
 }
 
 /// Checks a `link` and returns it in the one form plumb compares paths in: relative, `/`-separated,
@@ -863,7 +980,87 @@ upstream = "file:///r"
         assert!(err("[[services]]\nmachine = \"m\"\nservice = \"a\"\nupstream = \"u\"\naction = \"bounce\"\n").contains("unknown action \"bounce\""));
         assert!(
             err("[[services]]\nmachine = \"m\"\nservice = \"a/b\"\nupstream = \"u\"\n")
-                .contains("not a usable service name")
+                .contains("\"a/b\" is not a systemd unit name: '/' is not allowed")
+        );
+    }
+
+    fn service(name: &str) -> Result<Service, String> {
+        let text = format!("[[services]]\nmachine = \"m\"\nupstream = \"u\"\nservice = {name:?}\n");
+        parse(&text)
+            .map(|c| c.services[0].clone())
+            .map_err(|e| e.to_string())
+    }
+
+    #[test]
+    fn service_names_are_systemd_unit_names() {
+        for (name, unit) in [
+            ("nginx", "nginx.service"),
+            ("nginx.service", "nginx.service"),
+            ("docker-compose@caddy", "docker-compose@caddy.service"),
+            ("foo.socket", "foo.socket"),
+            ("backup@db.timer", "backup@db.timer"),
+            ("my_app:2.1", "my_app:2.1.service"),
+            ("foo.conf", "foo.conf.service"),
+        ] {
+            assert_eq!(service(name).unwrap().unit(), unit, "{name}");
+        }
+        for (name, why) in [
+            ("foo@", "is a template without an instance"),
+            ("foo@.service", "is a template without an instance"),
+            ("foo@.socket", "is a template without an instance"),
+            ("@foo", "has no name before '@'"),
+            ("a@b@c", "has more than one '@'"),
+            (".service", "has no name before .service"),
+            ("sda.device", "systemd does not start .device units"),
+            ("x.scope", "systemd does not start .scope units"),
+            ("nginx web", "' ' is not allowed"),
+            ("caf\u{e9}", "'\u{e9}' is not allowed"),
+            ("a\\x2d", "'\\\\' is not allowed"),
+            ("..", "is not a usable service name"),
+        ] {
+            let e = service(name).expect_err(name);
+            assert!(e.contains(why), "{name}: {e}");
+            assert!(
+                e.starts_with("plumb.toml:4:11: services[0].service: "),
+                "{e}"
+            );
+        }
+        let longest = "x".repeat(UNIT_NAME_MAX - "plumb-apply@.service".len());
+        service(&longest).unwrap();
+        let e = service(&format!("{longest}x")).unwrap_err();
+        assert!(e.contains("is too long: plumb-apply@"), "{e}");
+    }
+
+    #[test]
+    fn hosts_setting_and_machine_names() {
+        let c = parse(
+            "[plumb]\nhosts = [\"web\", \"edge\", \"web\"]\n[[services]]\nmachine = \"edge\"\nservice = \"a\"\nupstream = \"u\"\n",
+        )
+        .unwrap();
+        assert_eq!(c.settings.hosts, vec!["web", "edge"]);
+        let names = c.machine_names(&["cli".to_owned(), "web".to_owned()]);
+        let hostname = machine_names(&[]);
+        assert_eq!(names[..hostname.len()], hostname[..]);
+        assert_eq!(names[hostname.len()..], ["web", "edge", "cli"]);
+        assert_eq!(c.select(&names).unwrap().len(), 1);
+        assert!(
+            err("[plumb]\nhosts = [\"a\", \" \"]\n")
+                .starts_with("plumb.toml:2:15: plumb.hosts[1]: \" \" is not a machine name")
+        );
+        assert!(err("[plumb]\nhosts = \"web\"\n").contains("hosts: invalid type"));
+    }
+
+    #[test]
+    fn read_only_dirs() {
+        let c = parse(
+            "[global]\ndirs = [{ local = \"/etc/x\", link = \"x\", ro = true }, { local = \"/etc/y\", link = \"y\" }]\n[[services]]\nmachine = \"m\"\nservice = \"a\"\nupstream = \"u\"\n",
+        )
+        .unwrap();
+        let ro: Vec<bool> = c.services[0].dirs.iter().map(|d| d.ro).collect();
+        assert_eq!(ro, [true, false]);
+        assert!(
+            err("[[services]]\nmachine = \"m\"\nservice = \"a\"\nupstream = \"u\"\ndirs = [{ local = \"/x\", link = \"x\", ro = \"yes\" }]\n")
+                .contains("5:42: dirs: invalid type: string \"yes\", expected a boolean")
         );
     }
 

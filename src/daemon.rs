@@ -27,7 +27,8 @@ use crate::service::{self, Effect, Event, State};
 #[derive(Debug, Clone)]
 pub struct Options {
     pub config: PathBuf,
-    /// This machine's names: the hostname and the `--hosts` aliases.
+    /// Other names of this machine given on the command line (`--hosts`); the hostname and the
+    /// config's `[plumb] hosts` always count too.
     pub hosts: Vec<String>,
     /// Overrides the config's `state_dir`.
     pub state_dir: Option<PathBuf>,
@@ -166,7 +167,7 @@ struct Daemon {
 
 impl Daemon {
     fn new(opts: Options, config: Config) -> Result<Daemon, DaemonError> {
-        let selected = config.select(&opts.hosts)?;
+        let selected = config.select(&config.machine_names(&opts.hosts))?;
         let layout = Layout::new(
             opts.state_dir
                 .clone()
@@ -235,7 +236,7 @@ impl Daemon {
         }
         self.services = services;
         if self.services.is_empty() {
-            warn!(hosts = ?self.opts.hosts, "no services configured for this machine");
+            warn!(hosts = ?self.config.machine_names(&self.opts.hosts), "no services configured for this machine");
         }
         let urls: BTreeSet<String> = self
             .services
@@ -261,7 +262,7 @@ impl Daemon {
                 return;
             }
         };
-        let selected = match config.select(&self.opts.hosts) {
+        let selected = match config.select(&config.machine_names(&self.opts.hosts)) {
             Ok(s) => s,
             Err(e) => {
                 error!("keeping the running configuration: {e}");

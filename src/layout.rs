@@ -5,6 +5,7 @@
 //! <state_dir>/state/<service>.json      the service's persisted state (service::Service)
 //! <state_dir>/state/<service>.rev       the deployed revision: watched by systemd, the hand-over to apply
 //! <state_dir>/state/<service>.index     git index of the service's checkout
+//! <state_dir>/state/<service>.applied   the last apply's outcome (apply::Outcome, JSON)
 //! <state_dir>/checkouts/<service>/      the checkout, unless the config sets `mount`
 //! ```
 
@@ -45,6 +46,12 @@ impl Layout {
 
     pub fn service_index(&self, service: &str) -> PathBuf {
         self.state().join(format!("{service}.index"))
+    }
+
+    /// The outcome of the last `plumb apply` of `service`: which revision the unit took, or why it
+    /// did not. Compared with [`Layout::service_rev`] to know whether an apply is due.
+    pub fn service_applied(&self, service: &str) -> PathBuf {
+        self.state().join(format!("{service}.applied"))
     }
 
     /// Creates the directories the daemon writes into.

@@ -6,6 +6,7 @@
 
 pub mod config;
 pub mod daemon;
+pub mod generator;
 pub mod git;
 pub mod layout;
 pub mod notify;

@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use anyhow::Context;
 use clap::{Parser, Subcommand};
-use plumb::config::{self, Config};
+use plumb::config::Config;
 use plumb::daemon;
 use tokio_util::sync::CancellationToken;
 
@@ -75,7 +75,6 @@ fn main() -> ExitCode {
 }
 
 fn check_config(file: &Path, aliases: &[String]) -> anyhow::Result<ExitCode> {
-    let hosts = config::machine_names(aliases);
     let config = match Config::load(file) {
         Ok(c) => c,
         Err(e) => {
@@ -83,6 +82,7 @@ fn check_config(file: &Path, aliases: &[String]) -> anyhow::Result<ExitCode> {
             return Ok(ExitCode::FAILURE);
         }
     };
+    let hosts = config.machine_names(aliases);
     if !config.keys.is_empty() {
         println!(
             "note: [global] keys is accepted and ignored: plumb's API is reached through sshd and unix groups"
@@ -125,7 +125,7 @@ fn check_config(file: &Path, aliases: &[String]) -> anyhow::Result<ExitCode> {
 fn serve(cli: Cli) -> anyhow::Result<ExitCode> {
     let opts = daemon::Options {
         config: cli.config,
-        hosts: config::machine_names(&cli.hosts),
+        hosts: cli.hosts,
         state_dir: cli.state_dir,
         interval: cli.interval,
         once: cli.once,

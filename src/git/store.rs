@@ -102,6 +102,32 @@ impl Store {
         })
     }
 
+    /// Opens the existing store for `url` to read history while its owner (the daemon) may be
+    /// fetching into it: nothing is created, swept, healed or written, so it is safe beside a
+    /// concurrent writer (git only ever adds objects, and references move by atomic rename).
+    /// `plumb apply` uses it to see which files changed between two revisions. A store that is
+    /// missing or unreadable is an error; fixing it is the daemon's job.
+    pub fn open_readonly(stores_dir: &Path, url: &str) -> Result<Store, GitError> {
+        let shown = redact_url(url);
+        let path = stores_dir.join(format!("{}.git", store_id(url)));
+        let flags = git2::RepositoryOpenFlags::NO_SEARCH | git2::RepositoryOpenFlags::BARE;
+        let repo = Repository::open_ext(&path, flags, std::iter::empty::<&std::ffi::OsStr>())
+            .map_err(|source| GitError::Store {
+                url: shown.clone(),
+                path: path.clone(),
+                source,
+            })?;
+        Ok(Store {
+            repo,
+            path,
+            url: url.to_string(),
+            shown,
+            damaged: std::cell::Cell::new(false),
+            // Never heals: a read-only store is not fetched.
+            heal_on_fetch_error: false,
+        })
+    }
+
     /// Re-opens the store from disk and heals it if it is damaged or an operation since the last
     /// fetch found damage.
     pub(super) fn refresh(&mut self) -> Result<(), GitError> {
@@ -297,4 +323,27 @@ fn set_aside(path: &Path, shown: &str, why: &str) -> Result<PathBuf, GitError> {
         source,
     })?;
     Ok(aside)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn open_readonly_touches_nothing() {
+        let dir = tempfile::tempdir().unwrap();
+        let stores = dir.path().join("stores");
+        let url = "file:///nonexistent/upstream.git";
+        // Missing: an error, and nothing is created.
+        let err = Store::open_readonly(&stores, url).unwrap_err();
+        assert!(matches!(err, GitError::Store { .. }), "{err}");
+        assert!(!stores.exists());
+        // Existing, with a lock file another process holds: opened, the lock left alone.
+        let path = Store::open(&stores, url).unwrap().path().to_owned();
+        let lock = path.join("packed-refs.lock");
+        fs::write(&lock, b"").unwrap();
+        let store = Store::open_readonly(&stores, url).unwrap();
+        assert_eq!(store.path(), path);
+        assert!(lock.exists());
+    }
 }

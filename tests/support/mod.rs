@@ -19,6 +19,8 @@
 // would otherwise warn as dead code in every test crate that does not need it.
 #![allow(dead_code)]
 
+pub mod container;
+
 use std::fs;
 use std::net::{Ipv4Addr, SocketAddr, TcpListener, TcpStream};
 use std::os::unix::fs::PermissionsExt;

@@ -1,0 +1,268 @@
+//! Smoke test of the systemd container harness (tests/support/container.rs): a real systemd boots,
+//! runs units, serves on the host's network, keeps its files across a reboot, takes turns with
+//! other containers, and leaves no process, mount or directory behind.
+//!
+//! Timings go to stderr: `cargo test --test container -- --nocapture`.
+
+mod support;
+
+use std::fs;
+use std::io::{Read, Write};
+use std::net::TcpStream;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Barrier};
+use std::time::{Duration, Instant};
+
+use support::container::{CI_DIR, Container};
+use support::{require_root, temp_root, wait_until};
+
+/// `GET /` on the host's 127.0.0.1:80 (the container's nginx): the status line and the body.
+fn http_get_localhost() -> Option<String> {
+    let mut stream = TcpStream::connect(("127.0.0.1", 80)).ok()?;
+    stream.set_read_timeout(Some(Duration::from_secs(5))).ok()?;
+    stream
+        .write_all(b"GET / HTTP/1.0\r\nHost: localhost\r\n\r\n")
+        .ok()?;
+    let mut response = String::new();
+    stream.read_to_string(&mut response).ok()?;
+    Some(response)
+}
+
+/// Host processes whose command line mentions `needle`.
+fn processes_mentioning(needle: &str) -> Vec<String> {
+    let mut found = Vec::new();
+    for entry in fs::read_dir("/proc").expect("read /proc").flatten() {
+        let name = entry.file_name();
+        if !name.to_string_lossy().bytes().all(|b| b.is_ascii_digit()) {
+            continue;
+        }
+        let Ok(cmdline) = fs::read(entry.path().join("cmdline")) else {
+            continue;
+        };
+        let cmdline = String::from_utf8_lossy(&cmdline).replace('\0', " ");
+        if cmdline.contains(needle) {
+            found.push(format!("{}: {cmdline}", name.to_string_lossy()));
+        }
+    }
+    found
+}
+
+/// The host's mount table lines that mention `needle`.
+fn host_mounts_mentioning(needle: &str) -> Vec<String> {
+    fs::read_to_string("/proc/self/mountinfo")
+        .expect("read mountinfo")
+        .lines()
+        .filter(|l| l.contains(needle))
+        .map(str::to_string)
+        .collect()
+}
+
+/// A oneshot unit that says hello in the journal and stays active; enabled, it runs at every boot.
+const HELLO_UNIT: &str = "[Unit]
+Description=plumb container smoke test
+
+[Service]
+Type=oneshot
+RemainAfterExit=yes
+ExecStart=/bin/echo hello from smoke-hello
+
+[Install]
+WantedBy=multi-user.target
+";
+
+/// A unit written into the container's filesystem before it boots, enabled by a symlink.
+const SEEDED_UNIT: &str = "[Service]
+Type=oneshot
+RemainAfterExit=yes
+ExecStart=/bin/true
+";
+
+#[test]
+fn boots_serves_reboots_and_leaves_nothing_behind() {
+    require_root();
+    let test_started = Instant::now();
+    let scratch = temp_root();
+    fs::write(scratch.path().join("from-host"), "shared\n").expect("write scratch file");
+    let scratch_path = scratch.path().to_str().expect("utf-8 path").to_string();
+
+    let started = Instant::now();
+    let mut c = Container::builder("smoke")
+        .bind(scratch.path(), &scratch_path)
+        .file("/etc/plumb-ci/seeded", "seeded before boot\n", 0o600)
+        .file("/etc/systemd/system/seeded.service", SEEDED_UNIT, 0o644)
+        .symlink(
+            "/etc/systemd/system/multi-user.target.wants/seeded.service",
+            "/etc/systemd/system/seeded.service",
+        )
+        .boot();
+    let boot_time = started.elapsed();
+
+    // systemd is up, clean, and the container is who it says.
+    assert_eq!(c.sh("systemctl is-system-running"), "running");
+    assert_eq!(c.sh("systemctl is-active dbus"), "active");
+    assert_eq!(c.sh("systemctl is-active nginx"), "active");
+    assert_eq!(c.sh("hostname"), "smoke");
+    let root = c.root();
+    assert_eq!(
+        fs::read_to_string(root.join("etc/hostname")).expect("read hostname via root()"),
+        "smoke\n"
+    );
+
+    // Seeded before boot: content and mode; the parent directory it made looks like any other.
+    assert_eq!(
+        c.sh("cat /etc/plumb-ci/seeded; stat -c %a /etc/plumb-ci/seeded /etc/plumb-ci /"),
+        "seeded before boot\n600\n755\n755"
+    );
+    // A unit seeded and enabled before boot ran at boot.
+    assert_eq!(c.sh("systemctl is-active seeded"), "active");
+    // The bind is the same directory on both sides.
+    assert_eq!(c.sh(&format!("cat {scratch_path}/from-host")), "shared");
+    c.sh(&format!("echo back > {scratch_path}/from-container"));
+    assert_eq!(
+        fs::read_to_string(scratch.path().join("from-container")).expect("read back"),
+        "back\n"
+    );
+
+    // The host network is shared: nginx in the container answers on the host's loopback.
+    let page = http_get_localhost().expect("GET http://127.0.0.1/ from the host");
+    assert!(
+        page.starts_with("HTTP/1.1 200") && page.contains("Welcome to nginx"),
+        "unexpected answer from the container's nginx:\n{page}"
+    );
+
+    // Nothing the container mounts is visible on the host, not even its root overlay.
+    assert_eq!(host_mounts_mentioning(CI_DIR), Vec::<String>::new());
+
+    // The binary built by cargo runs in the rootfs (same libc, OpenSSL and zlib), and the
+    // repository's units are in place after install_plumb's daemon-reload.
+    c.install_plumb(&[(Path::new(env!("CARGO_BIN_EXE_plumb")), "/usr/bin/plumb")]);
+    c.sh("plumb --help >/dev/null");
+    if Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("units/plumb.service")
+        .exists()
+    {
+        c.sh("systemctl cat plumb.service >/dev/null");
+    }
+
+    // A unit written through install(), enabled and started.
+    let unit_file = scratch.path().join("smoke-hello.service");
+    fs::write(&unit_file, HELLO_UNIT).expect("write unit");
+    c.install(&unit_file, "/etc/systemd/system/smoke-hello.service", 0o644);
+    c.sh("systemctl daemon-reload && systemctl enable --quiet --now smoke-hello");
+    assert_eq!(c.sh("systemctl is-active smoke-hello"), "active");
+    wait_until(
+        "smoke-hello's line in the journal",
+        Duration::from_secs(10),
+        || c.journal("smoke-hello").contains("hello from smoke-hello"),
+    );
+
+    // Reboot: /etc keeps what was written, /run starts empty, enabled units run again.
+    c.sh("echo kept > /etc/plumb-smoke; echo gone > /run/plumb-smoke");
+    let leader_before = c.leader();
+    let started = Instant::now();
+    c.reboot();
+    let reboot_time = started.elapsed();
+    assert_ne!(c.leader(), leader_before, "a reboot makes a new PID 1");
+    assert_eq!(c.sh("systemctl is-system-running"), "running");
+    assert_eq!(c.sh("cat /etc/plumb-smoke"), "kept");
+    assert_eq!(c.sh("cat /etc/plumb-ci/seeded"), "seeded before boot");
+    assert_eq!(c.sh("test -e /run/plumb-smoke || echo absent"), "absent");
+    assert_eq!(c.sh("systemctl is-active smoke-hello"), "active");
+    wait_until(
+        "smoke-hello's lines of both boots in the journal",
+        Duration::from_secs(10),
+        || {
+            c.journal("smoke-hello")
+                .matches("hello from smoke-hello")
+                .count()
+                == 2
+        },
+    );
+    assert_eq!(c.sh("hostname"), "smoke");
+    assert_eq!(c.sh(&format!("cat {scratch_path}/from-host")), "shared");
+    assert_eq!(c.sh("plumb --help >/dev/null && echo ok"), "ok");
+    assert_eq!(c.try_sh("exit 3"), (false, String::new()));
+    assert_eq!(c.try_sh("echo yes"), (true, "yes".to_string()));
+
+    // Dropping it stops every process and removes every trace.
+    let run_dir: PathBuf = c.run_dir().to_path_buf();
+    let machine = run_dir
+        .file_name()
+        .expect("machine name")
+        .to_string_lossy()
+        .to_string();
+    let leader = c.leader();
+    let started = Instant::now();
+    drop(c);
+    let stop_time = started.elapsed();
+    assert!(!run_dir.exists(), "{} left behind", run_dir.display());
+    assert!(
+        !Path::new(&format!("/proc/{leader}")).exists(),
+        "the container's PID 1 ({leader}) survived"
+    );
+    assert_eq!(
+        processes_mentioning(run_dir.to_str().expect("utf-8 path")),
+        Vec::<String>::new()
+    );
+    assert_eq!(host_mounts_mentioning(CI_DIR), Vec::<String>::new());
+    assert!(
+        !Path::new("/run/systemd/nspawn/propagate")
+            .join(&machine)
+            .exists(),
+        "nspawn's propagation directory for {machine} left behind"
+    );
+    assert!(
+        http_get_localhost().is_none(),
+        "something still answers on 127.0.0.1:80"
+    );
+    // The bound directory is the host's: untouched by the container's removal.
+    assert!(scratch.path().join("from-container").exists());
+
+    eprintln!(
+        "container timings: boot {boot_time:?}, reboot {reboot_time:?}, stop {stop_time:?}, \
+         whole test {:?}",
+        test_started.elapsed()
+    );
+}
+
+#[test]
+fn containers_in_parallel_threads_take_turns() {
+    require_root();
+    // Both threads ask for a container at the same moment; each notes when it had one.
+    let barrier = Arc::new(Barrier::new(2));
+    let threads: Vec<_> = ["turn-a", "turn-b"]
+        .into_iter()
+        .map(|name| {
+            let barrier = Arc::clone(&barrier);
+            std::thread::spawn(move || {
+                barrier.wait();
+                let c = Container::boot(name);
+                let up = Instant::now();
+                // Port 80 is this container's alone while it is up.
+                assert_eq!(c.sh("systemctl is-active nginx"), "active");
+                assert!(http_get_localhost().is_some_and(|p| p.starts_with("HTTP/1.1 200")));
+                assert_eq!(c.sh("hostname"), name);
+                let down = Instant::now();
+                drop(c);
+                (up, down)
+            })
+        })
+        .collect();
+    let spans: Vec<(Instant, Instant)> = threads
+        .into_iter()
+        .map(|t| t.join().expect("container thread"))
+        .collect();
+    let (a, b) = (spans[0], spans[1]);
+    assert!(
+        a.1 <= b.0 || b.1 <= a.0,
+        "two containers were up at once: {a:?} and {b:?}"
+    );
+}
+
+#[test]
+#[should_panic(expected = "this thread already holds a Container")]
+fn a_second_container_in_one_thread_is_refused() {
+    require_root();
+    let _first = Container::boot("first");
+    let _second = Container::boot("second");
+}

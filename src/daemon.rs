@@ -17,11 +17,13 @@ use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, error, info, info_span, warn};
 
+use crate::apply;
 use crate::config::{self, Config, ConfigError};
 use crate::git::{self, FetchReport, GitError, Oid, Store};
 use crate::layout::{self, Layout};
 use crate::notify::Notifier;
 use crate::service::{self, Effect, Event, State};
+use crate::systemd::Systemd;
 
 /// How the daemon was started; everything it reads or binds is named here, so tests use temp dirs.
 #[derive(Debug, Clone)]
@@ -36,6 +38,9 @@ pub struct Options {
     pub interval: Option<Duration>,
     /// Run one cycle over every upstream, then return.
     pub once: bool,
+    /// Drive `plumb apply` through systemd after each deploy. Off, the daemon only writes `.rev`
+    /// files (a test and simulation mode; the `.path` units still apply where they exist).
+    pub apply: bool,
 }
 
 /// Why the daemon could not start. Once it runs, nothing a service does stops it.
@@ -91,6 +96,9 @@ pub async fn run(
     let config = Config::load(&opts.config)?;
     let mut d = Daemon::new(opts, config)?;
     let (tx, mut rx) = mpsc::channel::<Done>(64);
+    if d.opts.apply {
+        d.connect_systemd(&tx).await;
+    }
     let notify = Notifier::from_env();
     let mut ready = false;
     let mut watchdog =
@@ -151,6 +159,11 @@ enum Done {
         url: String,
         events: Vec<(String, Event)>,
     },
+    Applied {
+        service: String,
+        revision: Oid,
+        error: Option<String>,
+    },
 }
 
 struct Daemon {
@@ -161,6 +174,8 @@ struct Daemon {
     jitter: Duration,
     transport: git::Transport,
     cancel: Arc<AtomicBool>,
+    /// The system manager, when there is one to talk to (not in tests on a host without systemd).
+    systemd: Option<Arc<Systemd>>,
     services: BTreeMap<String, Entry>,
     upstreams: BTreeMap<String, Upstream>,
 }
@@ -183,6 +198,7 @@ impl Daemon {
             jitter: Duration::ZERO,
             transport: git::Transport::default(),
             cancel,
+            systemd: None,
             layout,
             opts,
             config,
@@ -278,6 +294,14 @@ impl Daemon {
         self.config = config;
         self.config.settings.state_dir = state_dir;
         self.adopt(selected);
+        if let Some(systemd) = self.systemd.clone() {
+            // The generator reads the config: let systemd run it again for new mounts and units.
+            tokio::spawn(async move {
+                if let Err(e) = systemd.daemon_reload().await {
+                    warn!("daemon-reload after the config changed: {e}");
+                }
+            });
+        }
     }
 
     fn all_cycled(&self) -> bool {
@@ -366,6 +390,19 @@ impl Daemon {
                     });
                 }
             }
+            Done::Applied {
+                service,
+                revision,
+                error,
+            } => {
+                match &error {
+                    None => {
+                        info!(service = %service, revision = %service::short(Some(revision)), "applied")
+                    }
+                    Some(e) => error!(service = %service, "apply failed: {e}"),
+                }
+                self.feed(&service, Event::Applied { revision, error }, now, tx);
+            }
             Done::Deployed { url, events } => {
                 for (name, event) in events {
                     let Some(entry) = self.services.get_mut(&name) else {
@@ -400,6 +437,7 @@ impl Daemon {
             return Vec::new(); // removed by a reload meanwhile
         };
         let mut jobs = Vec::new();
+        let mut applies = Vec::new();
         for effect in entry.state.handle(event, now) {
             match effect {
                 Effect::Persist => persist(&self.layout, name, &entry.state),
@@ -413,13 +451,70 @@ impl Daemon {
                     from,
                     deployed,
                 }),
-                Effect::Apply { revision } => {
-                    // Wired to systemd in the next step; until then the .path unit applies.
-                    let _ = (revision, tx);
-                }
+                Effect::Apply { revision } => applies.push(revision),
             }
         }
+        for revision in applies {
+            self.apply(name, revision, tx);
+        }
         jobs
+    }
+
+    /// Connects to systemd and applies what a crash or a restart left unapplied: a deployed revision
+    /// whose outcome is missing or older (the `.path` unit only fires on a change).
+    async fn connect_systemd(&mut self, tx: &mpsc::Sender<Done>) {
+        match Systemd::system().await {
+            Ok(sd) => self.systemd = Some(Arc::new(sd)),
+            Err(e) => {
+                info!(
+                    "not applying through systemd ({e}); plumb-apply@.path units apply where installed"
+                );
+                return;
+            }
+        }
+        let pending: Vec<(String, Oid)> = self
+            .services
+            .iter()
+            .filter_map(|(name, e)| {
+                let deployed = e.state.deployed?;
+                let applied = apply::read_applied(&self.layout, name).map(|o| o.revision);
+                (applied != Some(deployed)).then(|| (name.clone(), deployed))
+            })
+            .collect();
+        for (name, revision) in pending {
+            self.apply(&name, revision, tx);
+        }
+    }
+
+    /// Starts `plumb-apply@<service>.service` and reports its outcome as `Done::Applied`. The same
+    /// unit started by the `.path` unit meanwhile is the same job, so an apply never runs twice at
+    /// once.
+    fn apply(&self, service: &str, revision: Oid, tx: &mpsc::Sender<Done>) {
+        let Some(systemd) = self.systemd.clone() else {
+            return;
+        };
+        let layout = self.layout.clone();
+        let service = service.to_owned();
+        let tx = tx.clone();
+        tokio::spawn(async move {
+            let unit = format!("plumb-apply@{service}.service");
+            let error = match systemd.start(&unit).await {
+                Err(e) => Some(format!("starting {unit}: {e}")),
+                Ok(_) => match apply::read_applied(&layout, &service) {
+                    Some(o) if o.revision == revision => o.error(),
+                    // A newer revision was applied meanwhile; its own apply reports.
+                    Some(_) => return,
+                    None => Some(format!("{unit} left no outcome; see journalctl -u {unit}")),
+                },
+            };
+            let _ = tx
+                .send(Done::Applied {
+                    service,
+                    revision,
+                    error,
+                })
+                .await;
+        });
     }
 
     fn done_with(&mut self, url: &str) {
@@ -507,15 +602,15 @@ fn deploy(store: &Store, layout: &Layout, job: &DeployJob) -> Result<Option<Oid>
         )?;
     }
     let rev_file = layout.service_rev(&svc.name);
-    if let Some(rev) = revision {
-        if revision != job.deployed || !rev_file.exists() {
-            layout::write_atomic(&rev_file, format!("{rev}\n").as_bytes()).map_err(|source| {
-                DeployError::Io {
-                    path: rev_file.clone(),
-                    source,
-                }
-            })?;
-        }
+    if let Some(rev) = revision
+        && (revision != job.deployed || !rev_file.exists())
+    {
+        layout::write_atomic(&rev_file, format!("{rev}\n").as_bytes()).map_err(|source| {
+            DeployError::Io {
+                path: rev_file.clone(),
+                source,
+            }
+        })?;
     }
     Ok(revision)
 }

@@ -4,10 +4,13 @@
 //! checkout of only those paths, with full history, hands each new revision to systemd, and reloads the
 //! unit when, and only when, that service's files changed. ARCHITECTURE.md maps the modules.
 
+pub mod apply;
 pub mod config;
 pub mod daemon;
+pub mod exec;
 pub mod generator;
 pub mod git;
 pub mod layout;
 pub mod notify;
 pub mod service;
+pub mod systemd;

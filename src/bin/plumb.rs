@@ -36,6 +36,9 @@ struct Cli {
     /// Run one cycle over every upstream and exit: 0 when every service is OK, 1 otherwise.
     #[arg(long)]
     once: bool,
+    /// Only keep checkouts and .rev files; do not start plumb-apply@ units (test and simulation mode).
+    #[arg(long)]
+    no_apply: bool,
     #[command(subcommand)]
     command: Option<Command>,
 }
@@ -46,6 +49,12 @@ enum Command {
     CheckConfig {
         /// The file to check (default: --config).
         file: Option<PathBuf>,
+    },
+    /// Make <service>'s unit take its deployed revision (bind mounts, daemon-reload when unit
+    /// files changed, the action); run by plumb-apply@<service>.service. Exit 0 or 1.
+    Apply {
+        /// The service's name in the config.
+        service: String,
     },
 }
 
@@ -62,6 +71,9 @@ fn main() -> ExitCode {
     let result = match &cli.command {
         Some(Command::CheckConfig { file }) => {
             check_config(file.as_ref().unwrap_or(&cli.config), &cli.hosts)
+        }
+        Some(Command::Apply { service }) => {
+            Ok(plumb::apply::command(&cli.config, &cli.hosts, service))
         }
         None => serve(cli),
     };
@@ -129,6 +141,7 @@ fn serve(cli: Cli) -> anyhow::Result<ExitCode> {
         state_dir: cli.state_dir,
         interval: cli.interval,
         once: cli.once,
+        apply: !cli.no_apply,
     };
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)

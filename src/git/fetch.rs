@@ -241,11 +241,11 @@ impl<'a> Session<'a> {
             self.stopped.set(Some(Stop::Cancelled));
             return false;
         }
-        if let Some(limit) = self.transport.timeout {
-            if self.started.elapsed() > limit {
-                self.stopped.set(Some(Stop::TimedOut(limit)));
-                return false;
-            }
+        if let Some(limit) = self.transport.timeout
+            && self.started.elapsed() > limit
+        {
+            self.stopped.set(Some(Stop::TimedOut(limit)));
+            return false;
         }
         true
     }

@@ -467,13 +467,12 @@ impl Container {
         // nsenter once it has become systemd (before, it is nspawn still setting up).
         loop {
             self.check_nspawn_alive();
-            if let Some(leader) = find_leader(pid) {
-                if fs::read_to_string(format!("/proc/{leader}/comm"))
+            if let Some(leader) = find_leader(pid)
+                && fs::read_to_string(format!("/proc/{leader}/comm"))
                     .is_ok_and(|c| c.trim() == "systemd")
-                {
-                    self.leader = leader;
-                    break;
-                }
+            {
+                self.leader = leader;
+                break;
             }
             self.check_deadline(deadline, "its init to start");
             std::thread::sleep(Duration::from_millis(5));

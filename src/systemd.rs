@@ -1,0 +1,579 @@
+//! A small typed client for systemd's manager over D-Bus (`org.freedesktop.systemd1`).
+//!
+//! plumb never runs `systemctl`: it asks the manager directly, so every answer is structured and
+//! no process is spawned per reload. What this client adds over raw D-Bus calls is waiting for
+//! jobs correctly: `StartUnit`, `ReloadUnit` and friends only *queue* a job and return its object
+//! path; the outcome comes later, in a `JobRemoved(id, job, unit, result)` signal. That signal can
+//! reach the client before the method's reply (the job may finish first), so every job operation
+//!
+//! 1. has the bus deliver `JobRemoved` to this connection (`Subscribe` once per connection, plus a
+//!    match rule per operation), *before* the method is called;
+//! 2. keeps every `JobRemoved` seen while the call is in flight (the stream is read concurrently
+//!    with the call, so a burst of other jobs' signals can neither be lost nor stall the reply);
+//! 3. once the reply names the job, takes its result from what was kept, or waits for it with a
+//!    deadline.
+//!
+//! A job that ends badly is not a D-Bus error: a reload of a stopped unit ends with result
+//! `invalid`, a failed `ExecReload=` with `failed`. Those come back as [`JobResult`]; errors are
+//! for calls systemd refused (no such unit, job type not applicable) and for a lost connection.
+
+use std::collections::HashMap;
+use std::fmt;
+use std::num::NonZeroUsize;
+use std::time::Duration;
+
+use futures_util::StreamExt;
+use zbus::message::Type as MessageType;
+use zbus::{Connection, MatchRule, MessageStream, OwnedObjectPath, OwnedVariant};
+
+const DESTINATION: &str = "org.freedesktop.systemd1";
+const MANAGER_PATH: &str = "/org/freedesktop/systemd1";
+const MANAGER: &str = "org.freedesktop.systemd1.Manager";
+const UNIT: &str = "org.freedesktop.systemd1.Unit";
+const SERVICE: &str = "org.freedesktop.systemd1.Service";
+const PROPERTIES: &str = "org.freedesktop.DBus.Properties";
+
+/// How long a job may take before [`Systemd`] stops waiting for it, unless set otherwise with
+/// [`Systemd::with_job_timeout`]. A restart is a stop plus a start, each allowed 90 s by systemd's
+/// defaults; this leaves room for both.
+pub const DEFAULT_JOB_TIMEOUT: Duration = Duration::from_secs(200);
+
+/// What went wrong talking to systemd. Each names the operation and, when there is one, the unit,
+/// so its `Display` alone tells an operator what failed, e.g.
+/// `reload nginx.service: org.freedesktop.systemd1.JobTypeNotApplicable: Job type reload is not
+/// applicable for unit nginx.service.`
+#[derive(Debug, thiserror::Error)]
+pub enum SystemdError {
+    /// The bus could not be reached, or systemd refused the subscription to its signals.
+    #[error("cannot connect to systemd on {address}: {source}")]
+    Connect {
+        address: String,
+        #[source]
+        source: zbus::Error,
+    },
+    /// A call was refused or failed on the wire.
+    #[error("{op}{}: {source}", unit_suffix(unit))]
+    Call {
+        op: &'static str,
+        unit: Option<String>,
+        #[source]
+        source: zbus::Error,
+    },
+    /// A job was queued but its `JobRemoved` did not arrive in time; the job may still be running.
+    #[error("{op} {unit}: job {job} still running after {}", humantime::format_duration(*.timeout))]
+    JobTimeout {
+        op: &'static str,
+        unit: String,
+        job: String,
+        timeout: Duration,
+    },
+    /// systemd did not answer the call that queues a job in time (it may be busy or hung).
+    #[error("{op} {unit}: no reply from systemd after {}", humantime::format_duration(*.timeout))]
+    NoReply {
+        op: &'static str,
+        unit: String,
+        timeout: Duration,
+    },
+    /// The connection to the bus closed while a job was awaited.
+    #[error("{op} {unit}: the connection to systemd closed while waiting for job {job}")]
+    Disconnected {
+        op: &'static str,
+        unit: String,
+        job: String,
+    },
+}
+
+fn unit_suffix(unit: &Option<String>) -> String {
+    unit.as_ref().map(|u| format!(" {u}")).unwrap_or_default()
+}
+
+impl SystemdError {
+    /// The D-Bus error name systemd answered with, e.g.
+    /// `org.freedesktop.systemd1.NoSuchUnit`, when it refused a call.
+    pub fn dbus_error_name(&self) -> Option<String> {
+        match self {
+            SystemdError::Call { source, .. } | SystemdError::Connect { source, .. } => {
+                match source {
+                    zbus::Error::MethodError(name, _, _) => Some(name.as_str().to_owned()),
+                    zbus::Error::FDO(e) => Some(zbus::DBusError::name(e.as_ref()).to_string()),
+                    _ => None,
+                }
+            }
+            _ => None,
+        }
+    }
+
+    /// Whether systemd answered that the unit does not exist (no unit file, nothing generated).
+    pub fn is_no_such_unit(&self) -> bool {
+        self.dbus_error_name().as_deref() == Some("org.freedesktop.systemd1.NoSuchUnit")
+    }
+}
+
+/// How a job ended, from the `result` of its `JobRemoved` signal.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum JobResult {
+    /// The job did what it was asked.
+    Done,
+    /// The unit's command failed (an `ExecReload=` exiting non-zero, a start that failed).
+    Failed,
+    /// Another job replaced it, or it was cancelled.
+    Canceled,
+    /// systemd's own job timeout (`JobTimeoutSec=`) hit.
+    Timeout,
+    /// A unit it depends on failed.
+    Dependency,
+    /// Nothing to do (e.g. a start of a unit already running as a dependency of the job).
+    Skipped,
+    /// The job did not apply to the unit's state, e.g. a reload of a stopped unit.
+    Invalid,
+    /// A result this client does not know (newer systemd: `unsupported`, `once`, `frozen`, ...).
+    Other(String),
+}
+
+impl JobResult {
+    /// Reads the `result` string of `JobRemoved`.
+    pub fn parse(s: &str) -> JobResult {
+        match s {
+            "done" => JobResult::Done,
+            "failed" => JobResult::Failed,
+            "canceled" => JobResult::Canceled,
+            "timeout" => JobResult::Timeout,
+            "dependency" => JobResult::Dependency,
+            "skipped" => JobResult::Skipped,
+            "invalid" => JobResult::Invalid,
+            other => JobResult::Other(other.to_owned()),
+        }
+    }
+
+    /// The name systemd uses for this result.
+    pub fn as_str(&self) -> &str {
+        match self {
+            JobResult::Done => "done",
+            JobResult::Failed => "failed",
+            JobResult::Canceled => "canceled",
+            JobResult::Timeout => "timeout",
+            JobResult::Dependency => "dependency",
+            JobResult::Skipped => "skipped",
+            JobResult::Invalid => "invalid",
+            JobResult::Other(s) => s,
+        }
+    }
+
+    /// Whether the job did what it was asked.
+    pub fn is_done(&self) -> bool {
+        *self == JobResult::Done
+    }
+}
+
+impl fmt::Display for JobResult {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// A unit's state as `systemctl status` shows it in its `Loaded:` and `Active:` lines.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct UnitState {
+    /// `loaded`, `not-found`, `bad-setting`, `error`, `masked`, ...
+    pub load: String,
+    /// `active`, `reloading`, `inactive`, `failed`, `activating`, `deactivating`, ...
+    pub active: String,
+    /// The unit type's own state: `running`, `exited`, `dead`, `mounted`, ...
+    pub sub: String,
+    /// When the unit last entered `active`, in microseconds of `CLOCK_MONOTONIC`; 0 when never.
+    /// Lets a caller see that a unit only just started (a reload right after a start can reach
+    /// a process before it handles the signal).
+    pub active_enter_monotonic_usec: u64,
+}
+
+impl UnitState {
+    /// Whether the unit is up (`active`, or `reloading`, which is active and re-reading its files).
+    pub fn is_active(&self) -> bool {
+        matches!(self.active.as_str(), "active" | "reloading")
+    }
+}
+
+impl fmt::Display for UnitState {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{} ({}), {}", self.active, self.sub, self.load)
+    }
+}
+
+/// A connection to systemd's manager. Cheap to clone (one bus connection underneath); every
+/// operation may run concurrently with others on the same client.
+#[derive(Debug, Clone)]
+pub struct Systemd {
+    conn: Connection,
+    job_timeout: Duration,
+}
+
+/// A `JobRemoved` signal's arguments.
+#[derive(Debug, Clone)]
+struct JobRemoved {
+    job: OwnedObjectPath,
+    result: String,
+}
+
+impl Systemd {
+    /// Connects to systemd on the system bus (where `systemctl` finds it too).
+    pub async fn system() -> Result<Systemd, SystemdError> {
+        let conn = zbus::connection::Builder::system()
+            .method_timeout(DEFAULT_JOB_TIMEOUT)
+            .build()
+            .await
+            .map_err(|source| SystemdError::Connect {
+                address: "the system bus".into(),
+                source,
+            })?;
+        Systemd::subscribe(conn, "the system bus").await
+    }
+
+    /// Connects to the bus at `address` (a D-Bus address such as
+    /// `unix:path=/run/dbus/system_bus_socket`), for tests that reach another machine's bus.
+    pub async fn from_address(address: &str) -> Result<Systemd, SystemdError> {
+        let connect = |source| SystemdError::Connect {
+            address: address.to_owned(),
+            source,
+        };
+        let conn = zbus::connection::Builder::address(address)
+            .method_timeout(DEFAULT_JOB_TIMEOUT)
+            .build()
+            .await
+            .map_err(connect)?;
+        Systemd::subscribe(conn, address).await
+    }
+
+    /// Asks systemd to send its signals (it only emits `JobRemoved` once a client subscribed;
+    /// the subscription ends when this connection does).
+    async fn subscribe(conn: Connection, address: &str) -> Result<Systemd, SystemdError> {
+        conn.call_method(
+            Some(DESTINATION),
+            MANAGER_PATH,
+            Some(MANAGER),
+            "Subscribe",
+            &(),
+        )
+        .await
+        .map_err(|source| SystemdError::Connect {
+            address: address.to_owned(),
+            source,
+        })?;
+        Ok(Systemd {
+            conn,
+            job_timeout: DEFAULT_JOB_TIMEOUT,
+        })
+    }
+
+    /// Waits at most `timeout` for each job (its call and its `JobRemoved`) instead of
+    /// [`DEFAULT_JOB_TIMEOUT`].
+    pub fn with_job_timeout(mut self, timeout: Duration) -> Systemd {
+        self.job_timeout = timeout;
+        self
+    }
+
+    /// Re-reads every unit file and re-runs the generators (`systemctl daemon-reload`). Returns
+    /// when systemd has finished: the reply to `Reload` comes after the reload.
+    pub async fn daemon_reload(&self) -> Result<(), SystemdError> {
+        self.manager("daemon-reload", None, "Reload", &()).await?;
+        Ok(())
+    }
+
+    /// Starts `unit` and waits for the job's result (`done` when it was already running).
+    pub async fn start(&self, unit: &str) -> Result<JobResult, SystemdError> {
+        self.job("start", "StartUnit", unit).await
+    }
+
+    /// Stops `unit` if it runs, and starts it, waiting for the job's result.
+    pub async fn restart(&self, unit: &str) -> Result<JobResult, SystemdError> {
+        self.job("restart", "RestartUnit", unit).await
+    }
+
+    /// Reloads `unit` (its `ExecReload=`), waiting for the job's result: `invalid` when the unit is
+    /// not running; an error when it has no way to reload.
+    pub async fn reload(&self, unit: &str) -> Result<JobResult, SystemdError> {
+        self.job("reload", "ReloadUnit", unit).await
+    }
+
+    /// Reloads `unit` when it can, restarts it otherwise (starting it when stopped), waiting for
+    /// the job's result.
+    pub async fn reload_or_restart(&self, unit: &str) -> Result<JobResult, SystemdError> {
+        self.job("reload-or-restart", "ReloadOrRestartUnit", unit)
+            .await
+    }
+
+    /// Stops `unit`, waiting for the job's result.
+    pub async fn stop(&self, unit: &str) -> Result<JobResult, SystemdError> {
+        self.job("stop", "StopUnit", unit).await
+    }
+
+    /// The unit's load, active and sub state. Loads the unit if systemd has not yet (a name no
+    /// file defines comes back as `not-found`, not as an error).
+    pub async fn unit_state(&self, unit: &str) -> Result<UnitState, SystemdError> {
+        let op = "read the state of";
+        let path = self.load_unit(op, unit).await?;
+        let reply = self
+            .call(op, Some(unit), &path, PROPERTIES, "GetAll", &(UNIT,))
+            .await?;
+        let props: HashMap<String, OwnedVariant> = reply
+            .body()
+            .deserialize()
+            .map_err(|source| call_error(op, Some(unit), source))?;
+        let text = |name: &str| -> Result<String, SystemdError> {
+            let value = props.get(name).ok_or_else(|| {
+                call_error(
+                    op,
+                    Some(unit),
+                    zbus::Error::Failure(format!("no property {name}")),
+                )
+            })?;
+            String::try_from(
+                value
+                    .try_clone()
+                    .map_err(|e| call_error(op, Some(unit), e))?,
+            )
+            .map_err(|e| call_error(op, Some(unit), e))
+        };
+        let active_enter_monotonic_usec = props
+            .get("ActiveEnterTimestampMonotonic")
+            .and_then(|v| u64::try_from(v).ok())
+            .unwrap_or(0);
+        Ok(UnitState {
+            load: text("LoadState")?,
+            active: text("ActiveState")?,
+            sub: text("SubState")?,
+            active_enter_monotonic_usec,
+        })
+    }
+
+    /// The main process of a service unit; `None` when it has none (stopped). An error for a unit
+    /// that is not a service (no `MainPID` to read).
+    pub async fn main_pid(&self, unit: &str) -> Result<Option<u32>, SystemdError> {
+        let op = "read the main PID of";
+        let path = self.load_unit(op, unit).await?;
+        let reply = self
+            .call(
+                op,
+                Some(unit),
+                &path,
+                PROPERTIES,
+                "Get",
+                &(SERVICE, "MainPID"),
+            )
+            .await?;
+        let value: OwnedVariant = reply
+            .body()
+            .deserialize()
+            .map_err(|source| call_error(op, Some(unit), source))?;
+        let pid = u32::try_from(value).map_err(|e| call_error(op, Some(unit), e))?;
+        Ok((pid != 0).then_some(pid))
+    }
+
+    /// The unit's object path (`LoadUnit`).
+    async fn load_unit(
+        &self,
+        op: &'static str,
+        unit: &str,
+    ) -> Result<OwnedObjectPath, SystemdError> {
+        let reply = self.manager(op, Some(unit), "LoadUnit", &(unit,)).await?;
+        reply
+            .body()
+            .deserialize()
+            .map_err(|source| call_error(op, Some(unit), source))
+    }
+
+    async fn manager<B>(
+        &self,
+        op: &'static str,
+        unit: Option<&str>,
+        method: &'static str,
+        body: &B,
+    ) -> Result<zbus::Message, SystemdError>
+    where
+        B: serde::Serialize + zbus::DynamicType,
+    {
+        self.call(op, unit, MANAGER_PATH, MANAGER, method, body)
+            .await
+    }
+
+    async fn call<B>(
+        &self,
+        op: &'static str,
+        unit: Option<&str>,
+        path: &str,
+        interface: &'static str,
+        method: &'static str,
+        body: &B,
+    ) -> Result<zbus::Message, SystemdError>
+    where
+        B: serde::Serialize + zbus::DynamicType,
+    {
+        self.conn
+            .call_method(Some(DESTINATION), path, Some(interface), method, body)
+            .await
+            .map_err(|source| call_error(op, unit, source))
+    }
+
+    /// Queues a job with `method(unit, "replace")` and waits for its `JobRemoved`; see the module
+    /// doc for why the signal stream is set up first and read during the call.
+    async fn job(
+        &self,
+        op: &'static str,
+        method: &'static str,
+        unit: &str,
+    ) -> Result<JobResult, SystemdError> {
+        let err = |source| call_error(op, Some(unit), source);
+        let rule = MatchRule::builder()
+            .msg_type(MessageType::Signal)
+            .sender(DESTINATION)
+            .path(MANAGER_PATH)
+            .interface(MANAGER)
+            .member("JobRemoved")
+            .build()
+            .map_err(err)?;
+        let mut signals = MessageStream::for_match_rule(rule, &self.conn, NonZeroUsize::new(256))
+            .await
+            .map_err(err)?;
+        let deadline = tokio::time::Instant::now() + self.job_timeout;
+        let mut seen = Vec::new();
+        let args = (unit, "replace");
+        let reply = {
+            let call = self.conn.call_method(
+                Some(DESTINATION),
+                MANAGER_PATH,
+                Some(MANAGER),
+                method,
+                &args,
+            );
+            tokio::pin!(call);
+            loop {
+                tokio::select! {
+                    reply = &mut call => break reply.map_err(err)?,
+                    _ = tokio::time::sleep_until(deadline) => {
+                        return Err(SystemdError::NoReply {
+                            op,
+                            unit: unit.to_owned(),
+                            timeout: self.job_timeout,
+                        });
+                    }
+                    Some(msg) = signals.next() => {
+                        if let Some(removed) = msg.ok().and_then(|m| job_removed(&m)) {
+                            seen.push(removed);
+                        }
+                    }
+                }
+            }
+        };
+        let job: OwnedObjectPath = reply.body().deserialize().map_err(err)?;
+        if let Some(done) = seen.into_iter().find(|r| r.job == job) {
+            return Ok(JobResult::parse(&done.result));
+        }
+        loop {
+            let next = tokio::time::timeout_at(deadline, signals.next()).await;
+            match next {
+                Err(_) => {
+                    return Err(SystemdError::JobTimeout {
+                        op,
+                        unit: unit.to_owned(),
+                        job: job.to_string(),
+                        timeout: self.job_timeout,
+                    });
+                }
+                Ok(None) => {
+                    return Err(SystemdError::Disconnected {
+                        op,
+                        unit: unit.to_owned(),
+                        job: job.to_string(),
+                    });
+                }
+                Ok(Some(msg)) => {
+                    if let Some(removed) = msg.ok().and_then(|m| job_removed(&m))
+                        && removed.job == job
+                    {
+                        return Ok(JobResult::parse(&removed.result));
+                    }
+                }
+            }
+        }
+    }
+}
+
+fn call_error(op: &'static str, unit: Option<&str>, source: zbus::Error) -> SystemdError {
+    SystemdError::Call {
+        op,
+        unit: unit.map(str::to_owned),
+        source,
+    }
+}
+
+/// The arguments of a `JobRemoved(u id, o job, s unit, s result)` signal; `None` for anything else.
+fn job_removed(msg: &zbus::Message) -> Option<JobRemoved> {
+    let header = msg.header();
+    if header.member().map(|m| m.as_str()) != Some("JobRemoved") {
+        return None;
+    }
+    let (_id, job, _unit, result): (u32, OwnedObjectPath, String, String) =
+        msg.body().deserialize().ok()?;
+    Some(JobRemoved { job, result })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn job_results_round_trip() {
+        for s in [
+            "done",
+            "failed",
+            "canceled",
+            "timeout",
+            "dependency",
+            "skipped",
+            "invalid",
+            "frozen",
+        ] {
+            assert_eq!(JobResult::parse(s).as_str(), s);
+        }
+        assert_eq!(JobResult::parse("invalid"), JobResult::Invalid);
+        assert_eq!(JobResult::parse("once"), JobResult::Other("once".into()));
+        assert!(JobResult::parse("done").is_done());
+        assert!(!JobResult::parse("skipped").is_done());
+    }
+
+    #[test]
+    fn errors_name_operation_and_unit() {
+        let e = call_error(
+            "reload",
+            Some("nginx.service"),
+            zbus::Error::Failure("boom".into()),
+        );
+        assert_eq!(e.to_string(), "reload nginx.service: boom");
+        let e = call_error("daemon-reload", None, zbus::Error::Failure("boom".into()));
+        assert_eq!(e.to_string(), "daemon-reload: boom");
+        let e = SystemdError::JobTimeout {
+            op: "restart",
+            unit: "x.mount".into(),
+            job: "/org/freedesktop/systemd1/job/7".into(),
+            timeout: Duration::from_secs(200),
+        };
+        assert_eq!(
+            e.to_string(),
+            "restart x.mount: job /org/freedesktop/systemd1/job/7 still running after 3m 20s"
+        );
+    }
+
+    #[test]
+    fn unit_state_activity() {
+        let state = |active: &str| UnitState {
+            load: "loaded".into(),
+            active: active.into(),
+            sub: "running".into(),
+            active_enter_monotonic_usec: 0,
+        };
+        assert!(state("active").is_active());
+        assert!(state("reloading").is_active());
+        assert!(!state("failed").is_active());
+        assert!(!state("activating").is_active());
+        assert_eq!(state("active").to_string(), "active (running), loaded");
+    }
+}

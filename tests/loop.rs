@@ -1,0 +1,305 @@
+//! The whole loop on a real systemd, as a machine runs it: plumb installed like a package in a
+//! booted container (the generator at boot, `plumb.service` enabled), an upstream on the host, and
+//! nothing but git pushes from then on. What is asserted is what an operator sees: what nginx serves,
+//! which units were reloaded or restarted, the state plumb reports, the mount table.
+
+mod support;
+
+use std::net::TcpListener;
+use std::path::Path;
+use std::time::Duration;
+
+use support::container::Container;
+use support::{GitDaemon, Upstream, require_root, temp_root, wait_until};
+
+const DEADLINE: Duration = Duration::from_secs(60);
+
+/// A container with plumb installed from this build, `config` as /etc/plumb/plumb.toml, and
+/// `extra` files (unit files of test services) in place before the first boot, so the generator
+/// runs at boot as it does on a real machine.
+fn machine(name: &str, config: &str, extra: &[(&str, &str)]) -> Container {
+    let units = Path::new(env!("CARGO_MANIFEST_DIR")).join("units");
+    let mut b = Container::builder(name)
+        .copy(
+            Path::new(env!("CARGO_BIN_EXE_plumb")),
+            "/usr/bin/plumb",
+            0o755,
+        )
+        .copy(
+            Path::new(env!("CARGO_BIN_EXE_plumb-generator")),
+            "/usr/lib/systemd/system-generators/plumb-generator",
+            0o755,
+        )
+        .copy(
+            &units.join("plumb.service"),
+            "/etc/systemd/system/plumb.service",
+            0o644,
+        )
+        .copy(
+            &units.join("plumb-apply@.service"),
+            "/etc/systemd/system/plumb-apply@.service",
+            0o644,
+        )
+        .symlink(
+            "/etc/systemd/system/multi-user.target.wants/plumb.service",
+            "/etc/systemd/system/plumb.service",
+        )
+        // The container shares the host's network: nginx serves only what git gives it.
+        .file("/etc/nginx/sites-enabled/default", "", 0o644)
+        .file("/etc/plumb/plumb.toml", config, 0o644);
+    for (path, contents) in extra {
+        b = b.file(path, contents, 0o644);
+    }
+    b.boot()
+}
+
+fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+fn get(port: u16) -> Option<String> {
+    let out = std::process::Command::new("curl")
+        .args([
+            "-s",
+            "--max-time",
+            "2",
+            &format!("http://127.0.0.1:{port}/"),
+        ])
+        .output()
+        .ok()?;
+    out.status
+        .success()
+        .then(|| String::from_utf8_lossy(&out.stdout).into_owned())
+}
+
+fn nginx_conf(port: u16) -> String {
+    format!("server {{\n  listen 127.0.0.1:{port};\n  root /var/www/plumb;\n}}\n")
+}
+
+/// What a service's state file says, inside the container.
+fn state(c: &Container, service: &str) -> serde_json::Value {
+    let text = c.sh(&format!("cat /var/lib/plumb/state/{service}.json"));
+    serde_json::from_str(&text).unwrap()
+}
+
+/// The revision `plumb apply` last applied successfully to a service, from its outcome file.
+fn applied(c: &Container, service: &str) -> Option<String> {
+    let (ok, text) = c.try_sh(&format!("cat /var/lib/plumb/state/{service}.applied"));
+    let v: serde_json::Value = serde_json::from_str(&text).ok().filter(|_| ok)?;
+    (v["ok"] == true).then(|| v["revision"].as_str().unwrap_or_default().to_owned())
+}
+
+fn main_pid(c: &Container, unit: &str) -> String {
+    c.sh(&format!("systemctl show -P MainPID {unit}"))
+}
+
+/// Mount table lines inside the container whose mount point is `target`.
+fn mounts_on(c: &Container, target: &str) -> usize {
+    c.sh(&format!(
+        "awk '$5 == \"{target}\"' /proc/self/mountinfo | wc -l"
+    ))
+    .parse()
+    .unwrap()
+}
+
+/// How often systemd reloaded `unit`, from its journal (flushed first: journald writes lazily).
+fn reloads(c: &Container, unit: &str) -> usize {
+    let (_, out) = c.try_sh(&format!(
+        "journalctl --sync; journalctl --no-pager -o cat -u {unit} | grep -c '^Reloaded'"
+    ));
+    out.trim().parse().unwrap_or(0)
+}
+
+const CONFIG_HEAD: &str = "[plumb]\ninterval = \"1s\"\n\n";
+
+#[test]
+fn nginx_follows_git_survives_reboots_and_never_stacks_mounts() {
+    require_root();
+    let root = temp_root();
+    let gitd = GitDaemon::start(root.path());
+    let up = Upstream::new(root.path(), "site");
+    let port = free_port();
+    up.write("nginx/conf.d/site.conf", &nginx_conf(port))
+        .write("www/index.html", "v1\n")
+        .write("grafana/dash.json", "{}")
+        .commit("v1");
+    let config = format!(
+        "{CONFIG_HEAD}[[services]]\nmachine = \"plumb-loop\"\nservice = \"nginx\"\naction = \"reload\"\nupstream = \"{}\"\ndirs = [\n  {{ local = \"/etc/nginx/conf.d\", link = \"nginx/conf.d\" }},\n  {{ local = \"/var/www/plumb/index.html\", link = \"www/index.html\", file = true }},\n]\n",
+        gitd.url(&up)
+    );
+    let mut c = machine("plumb-loop", &config, &[]);
+    wait_until("nginx to serve v1 from git", DEADLINE, || {
+        get(port).as_deref() == Some("v1\n")
+    });
+    let pid = main_pid(&c, "nginx.service");
+
+    // A new page: only a single file changes (git replaces it, so its bind must be re-made).
+    let v2 = up.write("www/index.html", "v2\n").commit("v2");
+    wait_until("nginx to serve v2", DEADLINE, || {
+        get(port).as_deref() == Some("v2\n")
+    });
+    wait_until("v2 applied", DEADLINE, || {
+        applied(&c, "nginx").as_deref() == Some(v2.as_str())
+    });
+    assert_eq!(
+        main_pid(&c, "nginx.service"),
+        pid,
+        "a reload, not a restart"
+    );
+    assert_eq!(state(&c, "nginx")["state"], "OK");
+
+    // A commit to files no service here uses: nginx is not told anything.
+    let before = reloads(&c, "nginx.service");
+    let unrelated = up
+        .write("grafana/dash.json", "{\"v\":2}")
+        .commit("grafana only");
+    wait_until("plumb to see the grafana commit", DEADLINE, || {
+        state(&c, "nginx")["synced"].as_str() == Some(unrelated.as_str())
+    });
+    assert_eq!(reloads(&c, "nginx.service"), before);
+
+    // Restart the daemon: nothing is re-applied or re-mounted.
+    c.sh("systemctl restart plumb");
+    up.write("www/index.html", "v3\n").commit("v3");
+    wait_until("nginx to serve v3", DEADLINE, || {
+        get(port).as_deref() == Some("v3\n")
+    });
+    for target in ["/etc/nginx/conf.d", "/var/www/plumb/index.html"] {
+        assert_eq!(mounts_on(&c, target), 1, "{target} mounted once");
+    }
+
+    // Reboot: nginx starts after its mounts, on the config from git, on the first try.
+    c.reboot();
+    wait_until("nginx to serve v3 after reboot", DEADLINE, || {
+        get(port).as_deref() == Some("v3\n")
+    });
+    assert_eq!(c.sh("systemctl show -P NRestarts nginx"), "0");
+    let order = c.sh("systemctl show -P After nginx.service");
+    assert!(order.contains("etc-nginx-conf.d.mount"), "{order}");
+    for target in ["/etc/nginx/conf.d", "/var/www/plumb/index.html"] {
+        assert_eq!(
+            mounts_on(&c, target),
+            1,
+            "{target} mounted once after reboot"
+        );
+    }
+}
+
+#[test]
+fn a_broken_config_is_broken_until_the_next_good_commit() {
+    require_root();
+    let root = temp_root();
+    let gitd = GitDaemon::start(root.path());
+    let up = Upstream::new(root.path(), "site");
+    let port = free_port();
+    up.write("nginx/conf.d/site.conf", &nginx_conf(port))
+        .write("www/index.html", "good\n")
+        .commit("good");
+    let config = format!(
+        "{CONFIG_HEAD}[[services]]\nmachine = \"plumb-broken\"\nservice = \"nginx\"\naction = \"reload\"\nupstream = \"{}\"\ndirs = [\n  {{ local = \"/etc/nginx/conf.d\", link = \"nginx/conf.d\" }},\n  {{ local = \"/var/www/plumb/index.html\", link = \"www/index.html\", file = true }},\n]\n",
+        gitd.url(&up)
+    );
+    let c = machine("plumb-broken", &config, &[]);
+    wait_until("nginx to serve from git", DEADLINE, || {
+        get(port).as_deref() == Some("good\n")
+    });
+
+    up.write(
+        "nginx/conf.d/site.conf",
+        "server { listen oops; bogus_directive; }\n",
+    )
+    .commit("broken");
+    wait_until("BROKEN", DEADLINE, || {
+        state(&c, "nginx")["state"] == "BROKEN"
+    });
+    let info = state(&c, "nginx")["info"].as_str().unwrap().to_owned();
+    assert!(info.contains("apply of"), "{info}");
+    assert!(
+        info.contains("bogus_directive") || info.contains("nginx"),
+        "{info}"
+    );
+    // nginx keeps serving what it had.
+    assert_eq!(get(port).as_deref(), Some("good\n"));
+
+    up.write("nginx/conf.d/site.conf", &nginx_conf(port))
+        .write("www/index.html", "fixed\n")
+        .commit("fixed");
+    wait_until("the fix to be served", DEADLINE, || {
+        get(port).as_deref() == Some("fixed\n")
+    });
+    wait_until("OK again", DEADLINE, || state(&c, "nginx")["state"] == "OK");
+}
+
+const COUNTER: &str = "[Unit]\nDescription=plumb test: %N\n\n[Service]\nExecStart=/bin/sleep infinity\nExecReload=/bin/true\n";
+const TEMPLATE: &str =
+    "[Unit]\nDescription=plumb test template %i\n\n[Service]\nExecStart=/bin/sleep infinity\n";
+
+#[test]
+fn actions_restart_or_leave_alone_and_template_instances_are_enabled() {
+    require_root();
+    let root = temp_root();
+    let gitd = GitDaemon::start(root.path());
+    let up = Upstream::new(root.path(), "apps");
+    let v1 = up
+        .write("restarted/conf", "1")
+        .write("untouched/conf", "1")
+        .write("templated/conf", "1")
+        .commit("v1");
+    let url = gitd.url(&up);
+    let svc = |name: &str, action: &str, link: &str| {
+        format!(
+            "[[services]]\nmachine = \"plumb-actions\"\nservice = \"{name}\"\naction = \"{action}\"\nupstream = \"{url}\"\ndirs = [{{ local = \"/etc/{link}\", link = \"{link}\" }}]\n\n"
+        )
+    };
+    let config = format!(
+        "{CONFIG_HEAD}{}{}{}",
+        svc("restarted", "restart", "restarted"),
+        svc("untouched", "none", "untouched"),
+        svc("tmpl@one", "reload", "templated"),
+    );
+    let c = machine(
+        "plumb-actions",
+        &config,
+        &[
+            ("/etc/systemd/system/restarted.service", COUNTER),
+            ("/etc/systemd/system/untouched.service", COUNTER),
+            ("/etc/systemd/system/tmpl@.service", TEMPLATE),
+        ],
+    );
+    // The template's instance is enabled by the generator and started.
+    wait_until("tmpl@one active", DEADLINE, || {
+        c.try_sh("systemctl is-active tmpl@one").0
+    });
+    // A generator's .wants link is what systemd calls enabled-runtime.
+    assert_eq!(
+        c.sh("systemctl is-enabled tmpl@one.service"),
+        "enabled-runtime"
+    );
+    wait_until("first applies", DEADLINE, || {
+        ["restarted", "untouched"]
+            .iter()
+            .all(|s| applied(&c, s).as_deref() == Some(v1.as_str()))
+    });
+    let restarted = main_pid(&c, "restarted.service");
+    let untouched = main_pid(&c, "untouched.service");
+
+    up.write("restarted/conf", "2")
+        .write("untouched/conf", "2")
+        .commit("v2");
+    wait_until("restarted got a new process", DEADLINE, || {
+        main_pid(&c, "restarted.service") != restarted
+    });
+    wait_until("untouched sees its new file", DEADLINE, || {
+        c.sh("cat /etc/untouched/conf") == "2"
+    });
+    assert_eq!(
+        main_pid(&c, "untouched.service"),
+        untouched,
+        "action none leaves it alone"
+    );
+    assert_eq!(c.sh("cat /etc/restarted/conf"), "2");
+}

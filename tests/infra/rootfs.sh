@@ -26,8 +26,10 @@ if [ ! -f "$CACHE" ]; then
   debootstrap --variant=minbase \
     --include=systemd,systemd-sysv,dbus,procps,nginx-light,ca-certificates,curl,iproute2 \
     bookworm "$BUILD" "$MIRROR"
+  chmod 0755 "$BUILD"                    # mktemp made it 0700: dbus-daemon could not reach /
   echo plumb-ci > "$BUILD/etc/hostname"
   : > "$BUILD/etc/machine-id"            # a new one on every boot
+  rm -f "$BUILD/var/lib/dbus/machine-id" # else every container shares the one debootstrap made
   chroot "$BUILD" systemctl mask systemd-timesyncd.service getty@.service console-getty.service \
     systemd-networkd.service systemd-resolved.service 2>/dev/null || true
   rm -rf "$BUILD"/var/cache/apt/archives/*.deb "$BUILD"/var/lib/apt/lists/*

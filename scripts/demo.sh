@@ -1,74 +1,107 @@
 #!/bin/bash
-# The demo: a local example upstream, `plumb --once`, and a service's checkout following a commit.
+# The demo: the whole loop on a real systemd. A Debian container (systemd-nspawn) runs plumb, which
+# manages nginx from an upstream on this machine; a scripted commit changes the page and it arrives
+# by itself. The container is left running, with instructions to make your own commit.
 #
-# Everything lives under $DEMO (default /tmp/plumb-demo) and is left there to poke at afterwards.
-# It grows into the full loop on a real systemd (mounts, reloads, plumbctl) with the systemd work.
+#   scripts/demo.sh          build, boot, run the loop, leave it running
+#   scripts/demo.sh stop     stop the container and the git server
 set -euo pipefail
 cd "$(dirname "$0")/.."
-DEMO=${DEMO:-/tmp/plumb-demo}
-cargo build --release --quiet --bins
-PLUMB=$PWD/target/release/plumb
-
-rm -rf "$DEMO"; mkdir -p "$DEMO"
-git() { command git -c user.name=demo -c user.email=demo@example.invalid "$@"; }
+REPO=$PWD
+DEMO=${DEMO:-/var/lib/plumb-demo}
+ROOT=$DEMO/rootfs
 say() { printf '\n\033[1m== %s\033[0m\n' "$*"; }
 
-say "an upstream with two services' files: nginx/ and grafana/"
-git init -q --bare -b main "$DEMO/upstream.git"
-git clone -q "$DEMO/upstream.git" "$DEMO/work" 2>/dev/null
-mkdir -p "$DEMO/work/nginx/conf.d" "$DEMO/work/grafana/dashboards"
-echo 'server { listen 8081; return 200 "v1\n"; }' > "$DEMO/work/nginx/conf.d/site.conf"
-echo '{"title": "fleet"}' > "$DEMO/work/grafana/dashboards/fleet.json"
-echo 'files no service uses' > "$DEMO/work/README"
-git -C "$DEMO/work" add -A; git -C "$DEMO/work" commit -qm "nginx and grafana"; git -C "$DEMO/work" push -q origin main
-git -C "$DEMO/work" log --oneline
+stop() {
+  [ -f "$DEMO/nspawn.pid" ] && kill -TERM "$(cat "$DEMO/nspawn.pid")" 2>/dev/null || true
+  for _ in $(seq 100); do [ -f "$DEMO/nspawn.pid" ] && kill -0 "$(cat "$DEMO/nspawn.pid")" 2>/dev/null || break; sleep 0.1; done
+  [ -f "$DEMO/gitd.pid" ] && kill "$(cat "$DEMO/gitd.pid")" 2>/dev/null || true
+  rm -f "$DEMO/nspawn.pid" "$DEMO/gitd.pid"
+}
+if [ "${1:-}" = stop ]; then stop; echo "demo stopped"; exit 0; fi
+stop
 
-cat > "$DEMO/plumb.toml" <<TOML
-# gitopper's format, plus plumb's own [plumb] table.
+free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
+wait_for() { # wait_for SECONDS WHAT CMD...: poll CMD until it succeeds
+  local end=$((SECONDS + $1)) what=$2; shift 2
+  until "$@" >/dev/null 2>&1; do
+    [ $SECONDS -lt $end ] || { echo "timed out waiting for $what" >&2; return 1; }
+    sleep 0.1
+  done
+}
+git() { command git -c user.name=demo -c user.email=demo@example.invalid "$@"; }
+
+say "building plumb"
+cargo build --release --quiet --bins
+
+say "a Debian container with systemd and nginx (built once, then cached)"
+bash tests/infra/rootfs.sh "$ROOT"
+install -m 0755 target/release/plumb target/release/plumbctl "$ROOT/usr/bin/"
+install -D -m 0755 target/release/plumb-generator "$ROOT/usr/lib/systemd/system-generators/plumb-generator"
+install -m 0644 units/plumb.service units/plumb-apply@.service "$ROOT/usr/lib/systemd/system/"
+mkdir -p "$ROOT/etc/systemd/system/multi-user.target.wants"
+ln -sf /usr/lib/systemd/system/plumb.service "$ROOT/etc/systemd/system/multi-user.target.wants/plumb.service"
+echo plumb-demo > "$ROOT/etc/hostname"
+# The container shares this machine's network: nginx serves only what git gives it, not :80.
+rm -f "$ROOT/etc/nginx/sites-enabled/default"
+
+say "an upstream on this machine, served by git daemon"
+GIT_PORT=$(free_port); WEB_PORT=$(free_port)
+rm -rf "$DEMO/srv" "$DEMO/work"; mkdir -p "$DEMO/srv"
+git init -q --bare -b main "$DEMO/srv/config.git"
+touch "$DEMO/srv/config.git/git-daemon-export-ok"
+git clone -q "$DEMO/srv/config.git" "$DEMO/work" 2>/dev/null
+mkdir -p "$DEMO/work/nginx/conf.d" "$DEMO/work/grafana"
+printf 'server {\n  listen %s;\n  location / { return 200 "hello from git: v1\\n"; }\n}\n' "$WEB_PORT" \
+  > "$DEMO/work/nginx/conf.d/demo.conf"
+echo "another service's files" > "$DEMO/work/grafana/dashboard.json"
+git -C "$DEMO/work" add -A; git -C "$DEMO/work" commit -qm "nginx serves v1"; git -C "$DEMO/work" push -q origin main
+command git daemon --reuseaddr --listen=127.0.0.1 --port="$GIT_PORT" --base-path="$DEMO/srv" \
+  --export-all --detach --pid-file="$DEMO/gitd.pid"
+wait_for 10 "git daemon" command git ls-remote "git://127.0.0.1:$GIT_PORT/config.git"
+
+mkdir -p "$ROOT/etc/plumb"
+cat > "$ROOT/etc/plumb/plumb.toml" <<TOML
 [global]
-upstream = "file://$DEMO/upstream.git"
-branch = "main"
-mount = "$DEMO/checkouts"
+upstream = "git://127.0.0.1:$GIT_PORT/config.git"
 
 [plumb]
-state_dir = "$DEMO/state"
-interval = "10s"
+interval = "5s"
 
 [[services]]
-machine = "demo"
+machine = "plumb-demo"
 service = "nginx"
 action = "reload"
 dirs = [ { local = "/etc/nginx/conf.d", link = "nginx/conf.d" } ]
-
-[[services]]
-machine = "demo"
-service = "grafana"
-action = "restart"
-dirs = [ { local = "/var/lib/grafana/dashboards", link = "grafana/dashboards" } ]
 TOML
 
-say "plumb check-config: what this machine would run"
-"$PLUMB" check-config "$DEMO/plumb.toml" --hosts demo
+say "booting the container: plumb starts, clones, systemd mounts nginx's config from git"
+systemd-nspawn -D "$ROOT" -M plumb-demo -b --register=no --keep-unit --console=passive \
+  </dev/null >"$DEMO/nspawn.log" 2>&1 &
+echo $! > "$DEMO/nspawn.pid"
+leader() { pgrep -P "$(cat "$DEMO/nspawn.pid")" -o; }
+wait_for 30 "the container" leader
+L=$(leader); IN="nsenter -t $L -a"
+wait_for 60 "systemd in the container" $IN systemctl is-system-running --wait
+page() { curl -s "http://127.0.0.1:$WEB_PORT/"; }
+serves() { [ "$(page)" = "$1" ]; }
+wait_for 60 "nginx to serve v1 from git" serves "hello from git: v1"
+echo "curl http://127.0.0.1:$WEB_PORT/ -> $(page)"
+$IN findmnt -n -o TARGET,SOURCE /etc/nginx/conf.d || true
 
-say "plumb --once: fetch, check out each service's paths, write the deployed revision"
-"$PLUMB" -c "$DEMO/plumb.toml" --hosts demo --once
-( cd "$DEMO/checkouts" && find . -type f | sort )
-for s in nginx grafana; do echo "$s.rev: $(cat "$DEMO/state/state/$s.rev")"; done
+say "a commit upstream; nobody touches the container"
+sed -i 's/v1/v2/' "$DEMO/work/nginx/conf.d/demo.conf"
+git -C "$DEMO/work" commit -qam "nginx serves v2"; git -C "$DEMO/work" push -q origin main
+start=$SECONDS
+wait_for 60 "nginx to serve v2" serves "hello from git: v2"
+echo "curl http://127.0.0.1:$WEB_PORT/ -> $(page)   (after $((SECONDS - start)) s)"
+$IN journalctl -u plumb -u plumb-apply@nginx --no-pager -n 8 -o cat || true
 
-say "a commit that changes only nginx's files"
-sed -i 's/v1/v2/' "$DEMO/work/nginx/conf.d/site.conf"
-git -C "$DEMO/work" commit -qam "nginx v2"; git -C "$DEMO/work" push -q origin main
-"$PLUMB" -c "$DEMO/plumb.toml" --hosts demo --once
-for s in nginx grafana; do echo "$s.rev: $(cat "$DEMO/state/state/$s.rev")"; done
-echo "nginx now serves: $(cat "$DEMO/checkouts/nginx/nginx/conf.d/site.conf")"
-git -C "$DEMO/work" log --oneline
-
-say "done: poke at it"
+say "done: the container is running"
 cat <<TXT
-  config        $DEMO/plumb.toml
-  upstream      $DEMO/work  (commit and push here)
-  checkouts     $DEMO/checkouts/<service>/
-  state         $DEMO/state/state/<service>.{rev,json}
-  run again     $PLUMB -c $DEMO/plumb.toml --hosts demo --once
-  or the daemon $PLUMB -c $DEMO/plumb.toml --hosts demo     (polls every 10s; SIGHUP re-reads the config)
+  make a commit     cd $DEMO/work && \$EDITOR nginx/conf.d/demo.conf && git commit -am next && git push
+  watch it arrive   watch curl -s http://127.0.0.1:$WEB_PORT/
+  inside            nsenter -t $L -a bash
+                    systemctl status plumb plumb-apply@nginx; cat /var/lib/plumb/state/nginx.json
+  stop it           $REPO/scripts/demo.sh stop
 TXT

@@ -60,14 +60,20 @@ enum Command {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    tracing_subscriber::fmt()
+    // Under systemd the journal stamps each line already.
+    let journal = std::env::var_os("JOURNAL_STREAM").is_some();
+    let logs = tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_env("PLUMB_LOG")
                 .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
         )
         .with_writer(std::io::stderr)
-        .with_ansi(std::io::stderr().is_terminal())
-        .init();
+        .with_ansi(std::io::stderr().is_terminal());
+    if journal {
+        logs.without_time().init();
+    } else {
+        logs.init();
+    }
     let result = match &cli.command {
         Some(Command::CheckConfig { file }) => {
             check_config(file.as_ref().unwrap_or(&cli.config), &cli.hosts)

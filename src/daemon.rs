@@ -12,7 +12,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, oneshot};
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, error, info, info_span, warn};
@@ -91,6 +91,7 @@ impl Summary {
 pub async fn run(
     opts: Options,
     mut reload: mpsc::Receiver<()>,
+    mut commands: mpsc::Receiver<Request>,
     shutdown: CancellationToken,
 ) -> Result<Summary, DaemonError> {
     let config = Config::load(&opts.config)?;
@@ -116,6 +117,7 @@ pub async fn run(
                 break;
             }
         } else {
+            d.tick(&tx);
             d.start_due(&tx);
         }
         let next = d.next_due();
@@ -130,6 +132,7 @@ pub async fn run(
                 d.reload();
                 notify.send("READY=1");
             }
+            Some(request) = commands.recv(), if !stopping => d.command(request, &tx),
             _ = watchdog.tick() => notify.send("WATCHDOG=1"),
             _ = tokio::time::sleep_until(next), if !stopping => {}
         }
@@ -147,6 +150,17 @@ struct Upstream {
     next: Instant,
     busy: bool,
     cycles: u64,
+    /// Checkouts asked for outside a fetch (a rollback), run when the store is free.
+    queued: Vec<DeployJob>,
+    /// Operators waiting for this upstream's current or next cycle to end.
+    waiters: Vec<Waiter>,
+}
+
+/// An operator's write, answered when its upstream's cycle is done.
+struct Waiter {
+    service: String,
+    action: &'static str,
+    reply: oneshot::Sender<Result<Reply, CommandError>>,
 }
 
 /// A finished job, back on the actor.
@@ -163,6 +177,12 @@ enum Done {
         service: String,
         revision: Oid,
         error: Option<String>,
+    },
+    /// A rollback's revision, resolved in the store (or why not).
+    Resolved {
+        service: String,
+        result: Result<Oid, String>,
+        reply: oneshot::Sender<Result<Reply, CommandError>>,
     },
 }
 
@@ -265,6 +285,8 @@ impl Daemon {
                 next: Instant::now(),
                 busy: false,
                 cycles: 0,
+                queued: Vec::new(),
+                waiters: Vec::new(),
             });
         }
     }
@@ -309,16 +331,208 @@ impl Daemon {
     }
 
     fn next_due(&self) -> Instant {
+        let now = Instant::now();
+        let unix = unix_now();
+        let expiry = self
+            .services
+            .values()
+            .filter_map(|e| e.state.frozen_until)
+            .map(|t| now + Duration::from_secs(t.saturating_sub(unix)));
         self.upstreams
             .values()
             .filter(|u| !u.busy)
-            .map(|u| u.next)
+            .map(|u| if u.queued.is_empty() { u.next } else { now })
+            .chain(expiry)
             .min()
-            .unwrap_or_else(|| Instant::now() + Duration::from_secs(3600))
+            .unwrap_or_else(|| now + Duration::from_secs(3600))
+    }
+
+    /// Ends freezes whose time is up; their services follow upstream again from the next fetch,
+    /// which is made due now.
+    fn tick(&mut self, tx: &mpsc::Sender<Done>) {
+        let now = unix_now();
+        let expired: Vec<String> = self
+            .services
+            .iter()
+            .filter(|(_, e)| e.state.frozen && e.state.frozen_until.is_some_and(|t| t <= now))
+            .map(|(n, _)| n.clone())
+            .collect();
+        for name in expired {
+            info!(service = %name, "freeze expired");
+            self.feed(&name, Event::Tick, now, tx);
+            self.fetch_soon(&name);
+        }
+    }
+
+    /// Makes the fetch of `service`'s upstream due now.
+    fn fetch_soon(&mut self, service: &str) {
+        if let Some(url) = self
+            .services
+            .get(service)
+            .map(|e| e.config.upstream.clone())
+            && let Some(u) = self.upstreams.get_mut(&url)
+        {
+            u.next = Instant::now();
+        }
+    }
+
+    fn command(&mut self, request: Request, tx: &mpsc::Sender<Done>) {
+        let Request { command, reply } = request;
+        let now = unix_now();
+        let known = |d: &Daemon, s: &str| {
+            d.services
+                .get(s)
+                .map(|e| e.config.upstream.clone())
+                .ok_or_else(|| CommandError::UnknownService(s.to_owned()))
+        };
+        match command {
+            Command::Services => {
+                let all = self.services.keys().map(|n| self.status(n)).collect();
+                let _ = reply.send(Ok(Reply::Services(all)));
+            }
+            Command::Status(service) => {
+                let answer =
+                    known(self, &service).map(|_| Reply::Services(vec![self.status(&service)]));
+                let _ = reply.send(answer);
+            }
+            Command::Freeze { service, until } => {
+                if let Err(e) = known(self, &service) {
+                    let _ = reply.send(Err(e));
+                    return;
+                }
+                info!(service = %service, until, "frozen by an operator");
+                self.feed(&service, Event::Freeze { until }, now, tx);
+                let _ = reply.send(Ok(self.action(&service, "freeze")));
+            }
+            Command::Unfreeze(service) => {
+                if let Err(e) = known(self, &service) {
+                    let _ = reply.send(Err(e));
+                    return;
+                }
+                info!(service = %service, "unfrozen by an operator");
+                // The checkout follows at the next fetch, made due now.
+                self.feed(&service, Event::Unfreeze, now, tx);
+                self.fetch_soon(&service);
+                let _ = reply.send(Ok(self.action(&service, "unfreeze")));
+            }
+            Command::Rollback { service, revision } => {
+                let url = match known(self, &service) {
+                    Ok(url) => url,
+                    Err(e) => {
+                        let _ = reply.send(Err(e));
+                        return;
+                    }
+                };
+                let Some(entry) = self.services.get(&service) else {
+                    return;
+                };
+                let head = entry.state.upstream.or(entry.state.synced);
+                let stores = self.layout.stores();
+                let tx = tx.clone();
+                // Read-only: safe beside a fetch running on the same store.
+                tokio::task::spawn_blocking(move || {
+                    let result = resolve_in_history(&stores, &url, &revision, head);
+                    let _ = tx.blocking_send(Done::Resolved {
+                        service,
+                        result,
+                        reply,
+                    });
+                });
+            }
+            Command::Pull { service, force } => {
+                let url = match known(self, &service) {
+                    Ok(url) => url,
+                    Err(e) => {
+                        let _ = reply.send(Err(e));
+                        return;
+                    }
+                };
+                if force {
+                    info!(service = %service, "pull --force: local edits are dropped by the checkout");
+                }
+                if let Some(u) = self.upstreams.get_mut(&url) {
+                    u.waiters.push(Waiter {
+                        service,
+                        action: "pull",
+                        reply,
+                    });
+                    if !u.busy {
+                        u.next = Instant::now();
+                    }
+                }
+            }
+        }
+    }
+
+    /// A service's status as the API shows it.
+    fn status(&self, name: &str) -> crate::proto::ServiceStatus {
+        use crate::proto::{ApplyStatus, DirStatus, ServiceStatus};
+        let hex = |o: Option<Oid>| o.map(|o| o.to_string());
+        let Some(e) = self.services.get(name) else {
+            unreachable!("status of a service checked to exist")
+        };
+        let (c, s) = (&e.config, &e.state);
+        ServiceStatus {
+            service: c.name.clone(),
+            machine: c.machine.clone(),
+            state: s.state.as_str().to_owned(),
+            info: s.info.clone(),
+            since: s.since,
+            upstream: git::redact_url(&c.upstream),
+            branch: c.branch.clone(),
+            deployed: hex(s.deployed),
+            upstream_head: hex(s.upstream),
+            behind: None,
+            frozen_until: s.frozen_until,
+            pinned: hex(s.pinned),
+            dirs: c
+                .dirs
+                .iter()
+                .map(|d| DirStatus {
+                    local: d.local.display().to_string(),
+                    link: d.link.clone(),
+                    file: d.file,
+                    ro: d.ro,
+                })
+                .collect(),
+            last_apply: apply::read_applied(&self.layout, name).map(|o| ApplyStatus {
+                revision: o.revision.to_string(),
+                ok: o.ok,
+                message: o.message.clone(),
+                time: o.time,
+            }),
+        }
+    }
+
+    fn action(&self, service: &str, action: &str) -> Reply {
+        let status = self.status(service);
+        let ok = !matches!(status.state.as_str(), "BROKEN" | "DIFF");
+        let message = if status.info.is_empty() {
+            format!("{action}: done, {}", status.state)
+        } else {
+            format!("{action}: {}: {}", status.state, status.info)
+        };
+        Reply::Action(Box::new(crate::proto::ActionResult {
+            action: action.to_owned(),
+            ok,
+            message,
+            status,
+        }))
     }
 
     fn start_due(&mut self, tx: &mpsc::Sender<Done>) {
         let now = Instant::now();
+        for (url, u) in self.upstreams.iter_mut() {
+            if !u.busy && !u.queued.is_empty() {
+                u.busy = true;
+                let jobs = std::mem::take(&mut u.queued);
+                let (layout, url, tx) = (self.layout.clone(), url.clone(), tx.clone());
+                tokio::task::spawn_blocking(move || {
+                    let events = deploy_all(&layout, &url, jobs);
+                    let _ = tx.blocking_send(Done::Deployed { url, events });
+                });
+            }
+        }
         let due: Vec<String> = self
             .upstreams
             .iter()
@@ -403,6 +617,35 @@ impl Daemon {
                 }
                 self.feed(&service, Event::Applied { revision, error }, now, tx);
             }
+            Done::Resolved {
+                service,
+                result,
+                reply,
+            } => match result {
+                Err(e) => {
+                    let _ = reply.send(Err(CommandError::Invalid(e)));
+                }
+                Ok(target) => {
+                    let Some(url) = self
+                        .services
+                        .get(&service)
+                        .map(|e| e.config.upstream.clone())
+                    else {
+                        let _ = reply.send(Err(CommandError::UnknownService(service)));
+                        return;
+                    };
+                    info!(service = %service, target = %service::short(Some(target)), "rollback by an operator");
+                    let jobs = self.feed(&service, Event::Rollback { target }, now, tx);
+                    if let Some(u) = self.upstreams.get_mut(&url) {
+                        u.queued.extend(jobs);
+                        u.waiters.push(Waiter {
+                            service,
+                            action: "rollback",
+                            reply,
+                        });
+                    }
+                }
+            },
             Done::Deployed { url, events } => {
                 for (name, event) in events {
                     let Some(entry) = self.services.get_mut(&name) else {
@@ -519,10 +762,20 @@ impl Daemon {
 
     fn done_with(&mut self, url: &str) {
         let wait = self.interval.saturating_sub(jitter(self.jitter));
+        let mut waiters = Vec::new();
         if let Some(u) = self.upstreams.get_mut(url) {
             u.busy = false;
             u.cycles += 1;
             u.next = Instant::now() + wait;
+            waiters = std::mem::take(&mut u.waiters);
+        }
+        for w in waiters {
+            let answer = if self.services.contains_key(&w.service) {
+                Ok(self.action(&w.service, w.action))
+            } else {
+                Err(CommandError::UnknownService(w.service))
+            };
+            let _ = w.reply.send(answer);
         }
     }
 
@@ -615,6 +868,29 @@ fn deploy(store: &Store, layout: &Layout, job: &DeployJob) -> Result<Option<Oid>
     Ok(revision)
 }
 
+/// Turns what an operator typed into a commit of the service's branch history.
+fn resolve_in_history(
+    stores: &std::path::Path,
+    url: &str,
+    revision: &str,
+    head: Option<Oid>,
+) -> Result<Oid, String> {
+    let store = Store::open_readonly(stores, url).map_err(|e| e.to_string())?;
+    let target = store
+        .resolve(revision)
+        .map_err(|_| format!("unknown revision {revision:?} in {}", git::redact_url(url)))?;
+    let head =
+        head.ok_or_else(|| "the service has no branch head yet to roll back on".to_owned())?;
+    match store.in_history(target, head) {
+        Ok(true) => Ok(target),
+        Ok(false) => Err(format!(
+            "{revision:?} ({}) is not in the history of the service's branch",
+            service::short(Some(target))
+        )),
+        Err(e) => Err(e.to_string()),
+    }
+}
+
 fn load_state(layout: &Layout, name: &str, now: u64) -> service::Service {
     let path = layout.service_state(name);
     match std::fs::read(&path) {
@@ -656,4 +932,73 @@ fn unix_now() -> u64 {
         .duration_since(UNIX_EPOCH)
         .map(|d| d.as_secs())
         .unwrap_or(0)
+}
+
+/// What the control API asks of the daemon. Answered through [`Handle::call`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Command {
+    /// Every service of this machine.
+    Services,
+    /// One service.
+    Status(String),
+    /// Stop tracking upstream, until `until` (unix seconds) or until unfrozen.
+    Freeze { service: String, until: Option<u64> },
+    /// Track upstream again (also ends a rollback pin).
+    Unfreeze(String),
+    /// Pin to `revision` (anything git accepts in the service's history) and freeze.
+    Rollback { service: String, revision: String },
+    /// Fetch and deploy now; answered when done. `force` also drops local edits.
+    Pull { service: String, force: bool },
+}
+
+/// The daemon's answer to a [`Command`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Reply {
+    Services(Vec<crate::proto::ServiceStatus>),
+    Action(Box<crate::proto::ActionResult>),
+}
+
+/// Why a command was refused; the API maps each to an HTTP status.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum CommandError {
+    /// 404.
+    #[error("no service {0:?} on this machine")]
+    UnknownService(String),
+    /// 400 / 422: the request cannot be carried out as asked (unknown revision, ...).
+    #[error("{0}")]
+    Invalid(String),
+    /// 503: the daemon is stopping.
+    #[error("plumb is shutting down")]
+    Unavailable,
+}
+
+/// One command in flight, with where its answer goes.
+#[derive(Debug)]
+pub struct Request {
+    pub command: Command,
+    pub reply: tokio::sync::oneshot::Sender<Result<Reply, CommandError>>,
+}
+
+/// The API's way into the daemon's actor: cheap to clone, one per connection if need be.
+#[derive(Debug, Clone)]
+pub struct Handle {
+    tx: mpsc::Sender<Request>,
+}
+
+impl Handle {
+    /// Sends `command` to the daemon and waits for its answer.
+    pub async fn call(&self, command: Command) -> Result<Reply, CommandError> {
+        let (reply, answer) = tokio::sync::oneshot::channel();
+        self.tx
+            .send(Request { command, reply })
+            .await
+            .map_err(|_| CommandError::Unavailable)?;
+        answer.await.map_err(|_| CommandError::Unavailable)?
+    }
+}
+
+/// A handle for the API and the receiving end for [`run`].
+pub fn channel() -> (Handle, mpsc::Receiver<Request>) {
+    let (tx, rx) = mpsc::channel(16);
+    (Handle { tx }, rx)
 }

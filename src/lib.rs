@@ -12,5 +12,6 @@ pub mod generator;
 pub mod git;
 pub mod layout;
 pub mod notify;
+pub mod proto;
 pub mod service;
 pub mod systemd;

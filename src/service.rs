@@ -73,6 +73,14 @@ pub enum Event {
         revision: Oid,
         error: Option<String>,
     },
+    /// An operator stops tracking upstream, until `until` (unix seconds) or until unfrozen.
+    Freeze { until: Option<u64> },
+    /// An operator resumes tracking upstream; ends a rollback pin too.
+    Unfreeze,
+    /// An operator pins the service to `target` (a commit of its branch's store) and freezes it.
+    Rollback { target: Oid },
+    /// Time passes: a freeze whose time is up ends.
+    Tick,
 }
 
 /// What the daemon must do for a service after an event.
@@ -114,6 +122,16 @@ pub struct Service {
     /// is deployed or an apply succeeds, however often the branch moves elsewhere.
     #[serde(default, with = "opt_oid")]
     pub failed_apply: Option<Oid>,
+    /// Not tracking upstream (an operator's freeze, or a rollback). Kept apart from `state`, which
+    /// may show a failure meanwhile, so no failure or recovery ever unfreezes a service.
+    #[serde(default)]
+    pub frozen: bool,
+    /// Unix seconds when the freeze ends by itself; `None` while frozen means until unfrozen.
+    #[serde(default)]
+    pub frozen_until: Option<u64>,
+    /// The commit a rollback pinned the service to.
+    #[serde(default, with = "opt_oid")]
+    pub pinned: Option<Oid>,
     /// The branch head last seen upstream; not persisted, the next fetch tells.
     #[serde(skip)]
     pub upstream: Option<Oid>,
@@ -131,6 +149,9 @@ impl Service {
             changed_at: None,
             last_sync: None,
             failed_apply: None,
+            frozen: false,
+            frozen_until: None,
+            pinned: None,
             upstream: None,
         }
     }
@@ -163,7 +184,12 @@ impl Service {
             } => {
                 self.upstream = Some(head);
                 // A failed checkout leaves `synced` behind, so it is retried here every tick.
-                if self.synced != Some(head) {
+                if self.frozen {
+                    if self.state == State::Diff {
+                        let info = self.resting_info();
+                        self.set(State::Freeze, info, now);
+                    }
+                } else if self.synced != Some(head) {
                     effects.push(Effect::Deploy {
                         head,
                         from: self.synced,
@@ -173,7 +199,7 @@ impl Service {
                     // A fetch that worked again after failures: nothing to move, just healthy again.
                     self.last_sync = Some(now);
                     if self.state == State::Diff {
-                        self.set(State::Ok, String::new(), now);
+                        self.rest(now);
                     }
                 }
             }
@@ -193,13 +219,11 @@ impl Service {
                 if revision.is_some() && revision == self.failed_apply {
                     // Nothing new for this service: it stays as broken as its apply left it.
                 } else {
-                    let info = match revision {
-                        None => {
-                            "waiting: none of the service's paths exist on the branch yet".into()
-                        }
-                        Some(_) => String::new(),
-                    };
-                    self.set(State::Ok, info, now);
+                    self.rest(now);
+                    if revision.is_none() && !self.frozen {
+                        self.info =
+                            "waiting: none of the service's paths exist on the branch yet".into();
+                    }
                 }
             }
             Event::Applied { revision, error } => {
@@ -215,14 +239,48 @@ impl Service {
                 } else {
                     self.failed_apply = None;
                     if self.state == State::Broken {
-                        self.set(State::Ok, String::new(), now);
+                        self.rest(now);
                     }
                 }
             }
+            Event::Freeze { until } => {
+                self.frozen = true;
+                self.frozen_until = until;
+                if !matches!(self.state, State::Broken | State::Diff) {
+                    let info = self.resting_info();
+                    self.set(State::Freeze, info, now);
+                }
+            }
+            Event::Unfreeze => effects.extend(self.unfreeze(now)),
+            Event::Tick => {
+                if self.frozen && self.frozen_until.is_some_and(|t| t <= now) {
+                    effects.extend(self.unfreeze(now));
+                }
+            }
+            Event::Rollback { target } => {
+                self.frozen = true;
+                self.frozen_until = None;
+                self.pinned = Some(target);
+                self.set(
+                    State::Rollback,
+                    format!("rolling back to {}", short(Some(target))),
+                    now,
+                );
+                effects.push(Effect::Deploy {
+                    head: target,
+                    from: self.synced,
+                    deployed: self.deployed,
+                });
+            }
             Event::DeployFailed { head, error } => {
+                let what = if self.pinned == Some(head) {
+                    "rollback to"
+                } else {
+                    "checkout of"
+                };
                 self.set(
                     State::Broken,
-                    format!("checkout of {} failed: {error}", short(Some(head))),
+                    format!("{what} {} failed: {error}", short(Some(head))),
                     now,
                 );
             }
@@ -231,6 +289,51 @@ impl Service {
             effects.push(Effect::Persist);
         }
         effects
+    }
+
+    /// The state a service settles in when nothing is wrong: FREEZE while frozen, else OK.
+    fn rest(&mut self, now: u64) {
+        let state = if self.frozen {
+            State::Freeze
+        } else {
+            State::Ok
+        };
+        let info = self.resting_info();
+        self.set(state, info, now);
+    }
+
+    fn resting_info(&self) -> String {
+        if !self.frozen {
+            return String::new();
+        }
+        match (self.pinned, self.frozen_until) {
+            (Some(p), _) => format!(
+                "rolled back to {}; unfreeze to follow upstream",
+                short(Some(p))
+            ),
+            (None, Some(t)) => format!("frozen until {t} (unix time)"),
+            (None, None) => "frozen until unfrozen".into(),
+        }
+    }
+
+    fn unfreeze(&mut self, now: u64) -> Vec<Effect> {
+        if !self.frozen {
+            return Vec::new();
+        }
+        self.frozen = false;
+        self.frozen_until = None;
+        self.pinned = None;
+        if !matches!(self.state, State::Broken | State::Diff) {
+            self.rest(now);
+        }
+        match self.upstream {
+            Some(head) if self.synced != Some(head) => vec![Effect::Deploy {
+                head,
+                from: self.synced,
+                deployed: self.deployed,
+            }],
+            _ => Vec::new(),
+        }
     }
 
     fn set(&mut self, state: State, info: String, now: u64) {
@@ -590,6 +693,124 @@ mod tests {
         );
         assert_eq!(fx, vec![]);
         assert_eq!(s.state, State::Ok);
+    }
+
+    #[test]
+    fn a_frozen_service_does_not_follow_upstream_until_unfrozen() {
+        let mut s = deployed();
+        let fx = s.handle(Event::Freeze { until: None }, 20);
+        assert_eq!(fx, vec![Effect::Persist]);
+        assert_eq!((s.state, s.frozen, s.since), (State::Freeze, true, 20));
+        assert_eq!(s.handle(fetched(Some(oid(2))), 30), vec![]);
+        assert_eq!((s.synced, s.upstream), (Some(oid(1)), Some(oid(2))));
+        // Failures and recoveries while frozen never unfreeze it.
+        s.handle(
+            Event::FetchFailed {
+                error: "down".into(),
+            },
+            40,
+        );
+        assert_eq!((s.state, s.frozen), (State::Diff, true));
+        s.handle(fetched(Some(oid(2))), 50);
+        assert_eq!(s.state, State::Freeze);
+        let fx = s.handle(Event::Unfreeze, 60);
+        assert_eq!(
+            fx,
+            vec![
+                Effect::Deploy {
+                    head: oid(2),
+                    from: Some(oid(1)),
+                    deployed: Some(oid(1))
+                },
+                Effect::Persist
+            ]
+        );
+        assert_eq!((s.state, s.frozen, s.info.as_str()), (State::Ok, false, ""));
+    }
+
+    #[test]
+    fn a_freeze_with_a_duration_ends_by_itself() {
+        let mut s = deployed();
+        s.handle(Event::Freeze { until: Some(100) }, 20);
+        assert!(s.info.contains("100"), "{}", s.info);
+        assert_eq!(s.handle(Event::Tick, 99), vec![]);
+        assert!(s.frozen);
+        let fx = s.handle(Event::Tick, 100);
+        assert_eq!(fx, vec![Effect::Persist]);
+        assert_eq!(
+            (s.state, s.frozen, s.frozen_until),
+            (State::Ok, false, None)
+        );
+        // Unfreezing what is not frozen does nothing.
+        assert_eq!(s.handle(Event::Unfreeze, 101), vec![]);
+    }
+
+    #[test]
+    fn rollback_pins_freezes_and_unfreeze_returns_to_the_head() {
+        let mut s = deployed();
+        s.handle(fetched(Some(oid(3))), 20);
+        s.handle(
+            Event::Deployed {
+                head: oid(3),
+                revision: Some(oid(3)),
+            },
+            21,
+        );
+        let fx = s.handle(Event::Rollback { target: oid(1) }, 30);
+        assert_eq!(
+            fx,
+            vec![
+                Effect::Deploy {
+                    head: oid(1),
+                    from: Some(oid(3)),
+                    deployed: Some(oid(3))
+                },
+                Effect::Persist
+            ]
+        );
+        assert_eq!(
+            (s.state, s.pinned, s.frozen),
+            (State::Rollback, Some(oid(1)), true)
+        );
+        let fx = s.handle(
+            Event::Deployed {
+                head: oid(1),
+                revision: Some(oid(1)),
+            },
+            31,
+        );
+        assert!(fx.contains(&Effect::Apply { revision: oid(1) }));
+        assert_eq!(s.state, State::Freeze);
+        assert!(s.info.contains("rolled back to 010101010101"), "{}", s.info);
+        // The head moves on; the pin holds.
+        assert_eq!(s.handle(fetched(Some(oid(4))), 40), vec![]);
+        let fx = s.handle(Event::Unfreeze, 50);
+        assert!(
+            matches!(fx[0], Effect::Deploy { head, from, .. } if head == oid(4) && from == Some(oid(1)))
+        );
+        assert_eq!((s.pinned, s.frozen, s.state), (None, false, State::Ok));
+    }
+
+    #[test]
+    fn a_failed_rollback_is_broken_and_stays_pinned() {
+        let mut s = deployed();
+        s.handle(Event::Rollback { target: oid(9) }, 20);
+        s.handle(
+            Event::DeployFailed {
+                head: oid(9),
+                error: "no such tree".into(),
+            },
+            21,
+        );
+        assert_eq!(
+            (s.state, s.pinned, s.frozen),
+            (State::Broken, Some(oid(9)), true)
+        );
+        assert!(
+            s.info.starts_with("rollback to 090909090909 failed"),
+            "{}",
+            s.info
+        );
     }
 
     #[test]

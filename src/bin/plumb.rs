@@ -170,7 +170,11 @@ fn serve(cli: Cli) -> anyhow::Result<ExitCode> {
                 }
             }
         });
-        anyhow::Ok(daemon::run(opts, reload_rx, shutdown).await?)
+        // The control API (next) talks to the daemon through `handle`.
+        let (handle, commands) = daemon::channel();
+        let summary = daemon::run(opts, reload_rx, commands, shutdown).await?;
+        drop(handle);
+        anyhow::Ok(summary)
     })?;
     if cli.once {
         for (name, s) in &summary.services {

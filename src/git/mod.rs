@@ -244,6 +244,17 @@ impl Store {
         })
     }
 
+    /// Whether `rev` is `head` or one of its ancestors: a rollback target must come from the
+    /// service's own branch, not from whatever else the store holds.
+    pub fn in_history(&self, rev: Oid, head: Oid) -> Result<bool, GitError> {
+        if rev == head {
+            return Ok(true);
+        }
+        self.repo
+            .graph_descendant_of(head, rev)
+            .map_err(|e| self.object_error(head, e))
+    }
+
     /// Number of commits reachable from `head`: lets tests and metrics confirm the store holds the
     /// full history, not a shallow part of it.
     pub fn commit_count(&self, head: Oid) -> Result<usize, GitError> {

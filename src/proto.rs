@@ -1,0 +1,124 @@
+//! The control API's wire format: the JSON bodies the daemon's API serves and `plumbctl` reads
+//! (locally, and from other machines through `ssh host plumbctl --json`). One definition for both
+//! ends, so they cannot drift apart; field names are the documented, stable schema (README).
+
+use serde::{Deserialize, Serialize};
+
+/// The path prefix of every route; a breaking change gets a new one.
+pub const PREFIX: &str = "/v1";
+
+/// One service as an operator sees it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ServiceStatus {
+    pub service: String,
+    pub machine: String,
+    /// OK, FREEZE, ROLLBACK, BROKEN or DIFF.
+    pub state: String,
+    /// Why the service is in its state.
+    pub info: String,
+    /// Unix seconds when the state was entered.
+    pub since: u64,
+    /// Upstream URL, without credentials.
+    pub upstream: String,
+    pub branch: String,
+    /// The last commit that changed the service's files, deployed here.
+    pub deployed: Option<String>,
+    /// The branch head last seen upstream.
+    pub upstream_head: Option<String>,
+    /// Commits on the branch after `deployed` that change the service's files (0 when current).
+    pub behind: Option<u64>,
+    /// Unix seconds when a freeze ends by itself; `None` with state FREEZE means until unfrozen.
+    pub frozen_until: Option<u64>,
+    /// The revision a rollback pinned the service to.
+    pub pinned: Option<String>,
+    pub dirs: Vec<DirStatus>,
+    pub last_apply: Option<ApplyStatus>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DirStatus {
+    pub local: String,
+    pub link: String,
+    pub file: bool,
+    pub ro: bool,
+}
+
+/// The last `plumb apply` of a service.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ApplyStatus {
+    pub revision: String,
+    pub ok: bool,
+    pub message: String,
+    pub time: u64,
+}
+
+/// `GET /v1/machines`: the machines named in the config, and this one's names.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Machines {
+    /// This machine's names (hostname and aliases).
+    pub this: Vec<String>,
+    /// Every machine in the config, with the services configured for it.
+    pub machines: Vec<MachineEntry>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct MachineEntry {
+    pub machine: String,
+    pub services: Vec<String>,
+}
+
+/// `GET /v1/services`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Services {
+    pub services: Vec<ServiceStatus>,
+}
+
+/// `POST /v1/services/{name}/freeze`.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct FreezeRequest {
+    /// How long, as "90m", "2h", "1d"; absent: until unfrozen.
+    #[serde(default)]
+    pub duration: Option<String>,
+}
+
+/// `POST /v1/services/{name}/rollback`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RollbackRequest {
+    /// Full or abbreviated hash, or any revision git accepts, in the service's history.
+    pub revision: String,
+}
+
+/// `POST /v1/services/{name}/pull`.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PullRequest {
+    /// Also drop local edits (drift) to the service's files.
+    #[serde(default)]
+    pub force: bool,
+}
+
+/// The answer to every write: what was done and the service afterwards.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ActionResult {
+    pub action: String,
+    pub ok: bool,
+    pub message: String,
+    pub status: ServiceStatus,
+}
+
+/// Every non-2xx answer.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ErrorBody {
+    pub error: String,
+}
+
+/// One line of the audit log (`GET /v1/audit`): every write, allowed or refused.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct AuditEntry {
+    pub time: u64,
+    pub uid: u32,
+    pub user: String,
+    pub action: String,
+    pub service: Option<String>,
+    pub arguments: serde_json::Value,
+    pub result: String,
+}

@@ -1,0 +1,226 @@
+//! Operator commands through the daemon's own handle (what the control API calls), against a real
+//! daemon on a real upstream: freeze holds a service back, unfreeze catches up, rollback pins an old
+//! revision, pull answers when done, and a freeze survives a restart.
+
+mod support;
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use plumb::daemon::{self, Command, CommandError, Handle, Reply};
+use plumb::proto::{ActionResult, ServiceStatus};
+use support::{Upstream, temp_root, wait_until};
+use tokio_util::sync::CancellationToken;
+
+const DEADLINE: Duration = Duration::from_secs(20);
+
+/// A daemon running in this process on its own runtime thread, stopped on drop.
+struct Running {
+    handle: Handle,
+    shutdown: CancellationToken,
+    thread: Option<std::thread::JoinHandle<()>>,
+    rt: tokio::runtime::Runtime,
+}
+
+impl Running {
+    fn start(config: &Path) -> Running {
+        let rt = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(1)
+            .enable_all()
+            .build()
+            .unwrap();
+        let (handle, commands) = daemon::channel();
+        let (_reload_tx, reload_rx) = tokio::sync::mpsc::channel(1);
+        let shutdown = CancellationToken::new();
+        let opts = daemon::Options {
+            config: config.to_owned(),
+            hosts: vec!["testbox".into()],
+            state_dir: None,
+            interval: Some(Duration::from_secs(3600)),
+            once: false,
+            apply: false,
+        };
+        let sd = shutdown.clone();
+        let rt_handle = rt.handle().clone();
+        let thread = std::thread::spawn(move || {
+            let _keep = _reload_tx;
+            rt_handle
+                .block_on(daemon::run(opts, reload_rx, commands, sd))
+                .unwrap();
+        });
+        Running {
+            handle,
+            shutdown,
+            thread: Some(thread),
+            rt,
+        }
+    }
+
+    fn call(&self, c: Command) -> Result<Reply, CommandError> {
+        self.rt.block_on(self.handle.call(c))
+    }
+
+    fn status(&self, service: &str) -> ServiceStatus {
+        match self.call(Command::Status(service.into())).unwrap() {
+            Reply::Services(mut v) => v.remove(0),
+            other => panic!("{other:?}"),
+        }
+    }
+
+    fn act(&self, c: Command) -> ActionResult {
+        match self.call(c).unwrap() {
+            Reply::Action(a) => *a,
+            other => panic!("{other:?}"),
+        }
+    }
+}
+
+impl Drop for Running {
+    fn drop(&mut self) {
+        self.shutdown.cancel();
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+fn setup(root: &Path) -> (Upstream, PathBuf, PathBuf, String) {
+    let up = Upstream::new(root, "ctl");
+    let v1 = up.write("app/conf", "1").commit("v1");
+    let state = root.join("state");
+    let config = root.join("plumb.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "[plumb]\nstate_dir = {state:?}\n\n[[services]]\nmachine = \"testbox\"\nservice = \"app\"\nupstream = \"{}\"\ndirs = [{{ local = \"/srv/app\", link = \"app\" }}]\n",
+            up.file_url()
+        ),
+    )
+    .unwrap();
+    (up, config, state, v1)
+}
+
+fn conf(state: &Path) -> String {
+    std::fs::read_to_string(state.join("checkouts/app/app/conf")).unwrap_or_default()
+}
+
+#[test]
+fn freeze_holds_back_unfreeze_catches_up_and_pull_answers_when_done() {
+    let root = temp_root();
+    let (up, config, state, v1) = setup(root.path());
+    let d = Running::start(&config);
+    wait_until("first deploy", DEADLINE, || {
+        d.status("app").deployed.as_deref() == Some(v1.as_str())
+    });
+    assert_eq!(conf(&state), "1");
+
+    let a = d.act(Command::Freeze {
+        service: "app".into(),
+        until: None,
+    });
+    assert!(a.ok);
+    assert_eq!(a.status.state, "FREEZE");
+
+    let v2 = up.write("app/conf", "2").commit("v2");
+    let a = d.act(Command::Pull {
+        service: "app".into(),
+        force: false,
+    });
+    // Pull answers after the fetch: the new head is known, and not deployed.
+    assert_eq!(a.status.upstream_head.as_deref(), Some(v2.as_str()));
+    assert_eq!(a.status.state, "FREEZE");
+    assert_eq!(conf(&state), "1");
+
+    let a = d.act(Command::Unfreeze("app".into()));
+    assert_eq!(a.status.state, "OK");
+    wait_until("catch up after unfreeze", DEADLINE, || {
+        d.status("app").deployed.as_deref() == Some(v2.as_str())
+    });
+    assert_eq!(conf(&state), "2");
+
+    assert_eq!(
+        d.call(Command::Status("nope".into())),
+        Err(CommandError::UnknownService("nope".into()))
+    );
+}
+
+#[test]
+fn rollback_pins_an_old_revision_until_unfrozen() {
+    let root = temp_root();
+    let (up, config, state, v1) = setup(root.path());
+    let d = Running::start(&config);
+    wait_until("first deploy", DEADLINE, || {
+        d.status("app").deployed.as_deref() == Some(v1.as_str())
+    });
+    up.write("app/conf", "2").commit("v2");
+    let a = d.act(Command::Pull {
+        service: "app".into(),
+        force: false,
+    });
+    assert_eq!(a.status.state, "OK");
+    assert_eq!(conf(&state), "2");
+
+    // An abbreviated hash is enough; the answer comes once the old files are in place.
+    let a = d.act(Command::Rollback {
+        service: "app".into(),
+        revision: v1[..8].to_owned(),
+    });
+    assert!(a.ok, "{a:?}");
+    assert_eq!(a.status.state, "FREEZE");
+    assert_eq!(a.status.pinned.as_deref(), Some(v1.as_str()));
+    assert_eq!(conf(&state), "1");
+
+    // Unknown revisions are refused with a clear message.
+    match d.call(Command::Rollback {
+        service: "app".into(),
+        revision: "no-such-rev".into(),
+    }) {
+        Err(CommandError::Invalid(m)) => {
+            assert!(m.contains("unknown revision \"no-such-rev\""), "{m}")
+        }
+        other => panic!("{other:?}"),
+    }
+
+    d.act(Command::Unfreeze("app".into()));
+    wait_until("back to the head", DEADLINE, || conf(&state) == "2");
+    assert_eq!(d.status("app").pinned, None);
+}
+
+#[test]
+fn a_freeze_survives_a_restart_and_a_timed_one_ends_by_itself() {
+    let root = temp_root();
+    let (up, config, state, v1) = setup(root.path());
+    {
+        let d = Running::start(&config);
+        wait_until("first deploy", DEADLINE, || {
+            d.status("app").deployed.as_deref() == Some(v1.as_str())
+        });
+        d.act(Command::Freeze {
+            service: "app".into(),
+            until: None,
+        });
+    }
+    up.write("app/conf", "2").commit("v2");
+    {
+        let d = Running::start(&config);
+        let a = d.act(Command::Pull {
+            service: "app".into(),
+            force: false,
+        });
+        assert_eq!(a.status.state, "FREEZE", "{a:?}");
+        assert_eq!(conf(&state), "1");
+        // A freeze that ends two seconds from now: the daemon unfreezes and catches up alone.
+        let until = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .as_secs()
+            + 2;
+        d.act(Command::Freeze {
+            service: "app".into(),
+            until: Some(until),
+        });
+        wait_until("the timed freeze to end", DEADLINE, || {
+            d.status("app").state == "OK" && conf(&state) == "2"
+        });
+    }
+}

@@ -168,6 +168,8 @@ enum Done {
     Fetched {
         url: String,
         result: Result<FetchReport, GitError>,
+        /// Local edits per service (checked after a good fetch).
+        drift: BTreeMap<String, Vec<String>>,
     },
     Deployed {
         url: String,
@@ -448,7 +450,8 @@ impl Daemon {
                     }
                 };
                 if force {
-                    info!(service = %service, "pull --force: local edits are dropped by the checkout");
+                    info!(service = %service, "pull --force: local edits will be dropped");
+                    self.feed(&service, Event::Force, unix_now(), tx);
                 }
                 if let Some(u) = self.upstreams.get_mut(&url) {
                     u.waiters.push(Waiter {
@@ -551,15 +554,41 @@ impl Daemon {
             if let Some(u) = self.upstreams.get_mut(&url) {
                 u.busy = true;
             }
+            // Checkouts to look for local edits in, at the revision each was made from.
+            let checks: Vec<(String, std::path::PathBuf, Oid, Vec<String>)> = self
+                .services
+                .values()
+                .filter(|e| e.config.upstream == url)
+                .filter_map(|e| {
+                    let synced = e.state.synced?;
+                    Some((
+                        e.config.name.clone(),
+                        e.config.checkout_dir(),
+                        synced,
+                        e.config.links(),
+                    ))
+                })
+                .collect();
             let stores = self.layout.stores();
             let transport = self.transport.clone();
             let tx = tx.clone();
             let span = info_span!("fetch", upstream = %git::redact_url(&url));
             tokio::task::spawn_blocking(move || {
                 let _g = span.enter();
-                let result =
-                    Store::open(&stores, &url).and_then(|mut s| s.fetch(&branches, &transport));
-                let _ = tx.blocking_send(Done::Fetched { url, result });
+                let mut drift = BTreeMap::new();
+                let result = Store::open(&stores, &url).and_then(|mut s| {
+                    let report = s.fetch(&branches, &transport)?;
+                    for (name, target, synced, links) in checks {
+                        match s.drift(&target, synced, &links) {
+                            Ok(files) => {
+                                drift.insert(name, files);
+                            }
+                            Err(e) => warn!(service = %name, "cannot check for local edits: {e}"),
+                        }
+                    }
+                    Ok(report)
+                });
+                let _ = tx.blocking_send(Done::Fetched { url, result, drift });
             });
         }
     }
@@ -567,7 +596,11 @@ impl Daemon {
     fn finish(&mut self, done: Done, tx: &mpsc::Sender<Done>) {
         let now = unix_now();
         match done {
-            Done::Fetched { url, result } => {
+            Done::Fetched {
+                url,
+                result,
+                mut drift,
+            } => {
                 match &result {
                     Ok(report) => {
                         debug!(upstream = %git::redact_url(&url), heads = ?report.heads, "fetch done")
@@ -582,6 +615,12 @@ impl Daemon {
                     .map(|e| (e.config.name.clone(), e.config.branch.clone()))
                     .collect();
                 for (name, branch) in names {
+                    if let Some(files) = drift.remove(&name) {
+                        if !files.is_empty() {
+                            warn!(service = %name, files = ?files, "local edits in the checkout");
+                        }
+                        jobs.extend(self.feed(&name, Event::Drift { files }, now, tx));
+                    }
                     let event = match &result {
                         Ok(report) => Event::Fetched {
                             head: report.heads.get(&branch).copied().flatten(),
@@ -693,6 +732,14 @@ impl Daemon {
                     head,
                     from,
                     deployed,
+                    restore: false,
+                }),
+                Effect::Restore { head, deployed } => jobs.push(DeployJob {
+                    service: entry.config.clone(),
+                    head,
+                    from: entry.state.synced,
+                    deployed,
+                    restore: true,
                 }),
                 Effect::Apply { revision } => applies.push(revision),
             }
@@ -795,6 +842,8 @@ struct DeployJob {
     head: Oid,
     from: Option<Oid>,
     deployed: Option<Oid>,
+    /// Rewrite the checkout even if its revision did not move (drops local edits).
+    restore: bool,
 }
 
 /// Runs the checkouts of one upstream's services, one after the other, on one store.
@@ -833,7 +882,7 @@ fn deploy(store: &Store, layout: &Layout, job: &DeployJob) -> Result<Option<Oid>
         .filter(|_| target.is_dir())
         .filter(|f| store.resolve(&f.to_string()).is_ok());
     let changed = match from {
-        Some(f) => !store.changed_paths(Some(f), job.head, &links)?.is_empty(),
+        Some(f) => job.restore || !store.changed_paths(Some(f), job.head, &links)?.is_empty(),
         None => true,
     };
     let revision = if changed {

@@ -81,6 +81,11 @@ pub enum Event {
     Rollback { target: Oid },
     /// Time passes: a freeze whose time is up ends.
     Tick,
+    /// What differs between the checkout and the revision it was made from (local edits), found
+    /// at every fetch; empty when nothing does.
+    Drift { files: Vec<String> },
+    /// An operator's `pull --force`: the next deploy may drop local edits.
+    Force,
 }
 
 /// What the daemon must do for a service after an event.
@@ -96,6 +101,9 @@ pub enum Effect {
     /// Tell the unit about its new files (`plumb apply` through systemd). Answered by `Applied`
     /// when the daemon can reach systemd; without it the `.path` unit is the only trigger.
     Apply { revision: Oid },
+    /// Like `Deploy`, but the checkout is rewritten even where its revision did not move: local
+    /// edits are dropped (only on an operator's `pull --force`).
+    Restore { head: Oid, deployed: Option<Oid> },
     /// Write the service's state to disk: something worth surviving a restart changed.
     Persist,
 }
@@ -132,6 +140,12 @@ pub struct Service {
     /// The commit a rollback pinned the service to.
     #[serde(default, with = "opt_oid")]
     pub pinned: Option<Oid>,
+    /// Files edited locally, from the last drift check; found again at every fetch.
+    #[serde(skip)]
+    pub drift: Vec<String>,
+    /// The next deploy may drop local edits (`pull --force`).
+    #[serde(skip)]
+    pub force: bool,
     /// The branch head last seen upstream; not persisted, the next fetch tells.
     #[serde(skip)]
     pub upstream: Option<Oid>,
@@ -152,6 +166,8 @@ impl Service {
             frozen: false,
             frozen_until: None,
             pinned: None,
+            drift: Vec::new(),
+            force: false,
             upstream: None,
         }
     }
@@ -189,6 +205,14 @@ impl Service {
                         let info = self.resting_info();
                         self.set(State::Freeze, info, now);
                     }
+                } else if self.force {
+                    self.force = false;
+                    effects.push(Effect::Restore {
+                        head,
+                        deployed: self.deployed,
+                    });
+                } else if !self.drift.is_empty() {
+                    // Local edits: held in DIFF until an operator drops them or they are undone.
                 } else if self.synced != Some(head) {
                     effects.push(Effect::Deploy {
                         head,
@@ -252,6 +276,31 @@ impl Service {
                 }
             }
             Event::Unfreeze => effects.extend(self.unfreeze(now)),
+            Event::Drift { files } => {
+                if files.is_empty() {
+                    if self.state == State::Diff && !self.drift.is_empty() {
+                        self.rest(now);
+                    }
+                } else if files != self.drift || self.state != State::Diff {
+                    let shown: Vec<&str> = files.iter().take(5).map(String::as_str).collect();
+                    let more = files.len().saturating_sub(shown.len());
+                    let more = if more > 0 {
+                        format!(" and {more} more")
+                    } else {
+                        String::new()
+                    };
+                    self.set(
+                        State::Diff,
+                        format!(
+                            "local edits to {}{more}; plumbctl pull --force or wipe drops them",
+                            shown.join(", ")
+                        ),
+                        now,
+                    );
+                }
+                self.drift = files;
+            }
+            Event::Force => self.force = true,
             Event::Tick => {
                 if self.frozen && self.frozen_until.is_some_and(|t| t <= now) {
                     effects.extend(self.unfreeze(now));
@@ -347,6 +396,8 @@ impl Service {
     fn persisted_differs(&self, before: &Service) -> bool {
         let strip = |s: &Service| Service {
             upstream: None,
+            drift: Vec::new(),
+            force: false,
             last_sync: None,
             ..s.clone()
         };
@@ -811,6 +862,43 @@ mod tests {
             "{}",
             s.info
         );
+    }
+
+    #[test]
+    fn local_edits_hold_the_service_in_diff_until_forced_or_undone() {
+        let mut s = deployed();
+        let fx = s.handle(
+            Event::Drift {
+                files: vec!["app/conf".into()],
+            },
+            20,
+        );
+        assert_eq!(fx, vec![Effect::Persist]);
+        assert_eq!(s.state, State::Diff);
+        assert!(s.info.starts_with("local edits to app/conf;"), "{}", s.info);
+        // A new head is not deployed over them.
+        assert_eq!(s.handle(fetched(Some(oid(2))), 21), vec![]);
+        // Forced: the next fetch restores, whatever the head.
+        s.handle(Event::Force, 30);
+        let fx = s.handle(fetched(Some(oid(2))), 31);
+        assert_eq!(
+            fx,
+            vec![Effect::Restore {
+                head: oid(2),
+                deployed: Some(oid(1))
+            }]
+        );
+        assert!(!s.force, "force is for one deploy only");
+        // Undone by hand: back to OK by itself.
+        let mut s = deployed();
+        s.handle(
+            Event::Drift {
+                files: vec!["app/x".into()],
+            },
+            20,
+        );
+        s.handle(Event::Drift { files: vec![] }, 30);
+        assert_eq!((s.state, s.since), (State::Ok, 30));
     }
 
     #[test]

@@ -224,3 +224,50 @@ fn a_freeze_survives_a_restart_and_a_timed_one_ends_by_itself() {
         });
     }
 }
+
+#[test]
+fn local_edits_are_diff_never_overwritten_until_pull_force() {
+    let root = temp_root();
+    let (up, config, state, v1) = setup(root.path());
+    let d = Running::start(&config);
+    wait_until("first deploy", DEADLINE, || {
+        d.status("app").deployed.as_deref() == Some(v1.as_str())
+    });
+    let file = state.join("checkouts/app/app/conf");
+    std::fs::write(&file, "edited by hand").unwrap();
+    let v2 = up.write("app/conf", "2").commit("v2");
+    let a = d.act(Command::Pull {
+        service: "app".into(),
+        force: false,
+    });
+    assert_eq!(a.status.state, "DIFF", "{a:?}");
+    assert!(
+        a.status.info.contains("local edits to app/conf"),
+        "{}",
+        a.status.info
+    );
+    // The edit is kept, and v2 waits.
+    assert_eq!(conf(&state), "edited by hand");
+
+    let a = d.act(Command::Pull {
+        service: "app".into(),
+        force: true,
+    });
+    assert_eq!(a.status.state, "OK", "{a:?}");
+    assert_eq!(a.status.deployed.as_deref(), Some(v2.as_str()));
+    assert_eq!(conf(&state), "2");
+
+    // Undoing an edit by hand clears the DIFF by itself.
+    std::fs::write(state.join("checkouts/app/app/extra"), "stray").unwrap();
+    let a = d.act(Command::Pull {
+        service: "app".into(),
+        force: false,
+    });
+    assert_eq!(a.status.state, "DIFF");
+    std::fs::remove_file(state.join("checkouts/app/app/extra")).unwrap();
+    let a = d.act(Command::Pull {
+        service: "app".into(),
+        force: false,
+    });
+    assert_eq!(a.status.state, "OK", "{a:?}");
+}

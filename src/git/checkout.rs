@@ -154,6 +154,81 @@ impl Store {
     }
 }
 
+impl Store {
+    /// Local edits in a service's checkout: the paths under `links` where `target` differs from
+    /// `synced`'s tree (changed, added, deleted, type or mode changed), sorted. A missing `target`
+    /// is every file deleted. Reads only; the files are left as they are, so an operator decides
+    /// (pull --force or wipe) rather than plumb overwriting them silently.
+    pub fn drift(
+        &self,
+        target: &Path,
+        synced: Oid,
+        links: &[String],
+    ) -> Result<Vec<String>, GitError> {
+        validate_links(links)?;
+        if links.is_empty() {
+            return Ok(Vec::new());
+        }
+        let revision = synced.to_string();
+        let git_err = |source: git2::Error| GitError::Checkout {
+            url: self.shown.clone(),
+            path: target.to_path_buf(),
+            revision: revision.clone(),
+            source,
+        };
+        let repo = Repository::open_bare(&self.path).map_err(|source| GitError::Store {
+            url: self.shown.clone(),
+            path: self.path.clone(),
+            source,
+        })?;
+        let tree = repo
+            .find_commit(synced)
+            .map_err(|e| self.object_error(synced, e))?
+            .tree()
+            .map_err(|e| self.reached_error(synced, e))?;
+        if !target.is_dir() {
+            // Nothing on disk: every file of the links is gone.
+            let mut gone = Vec::new();
+            tree.walk(git2::TreeWalkMode::PreOrder, |dir, entry| {
+                if entry.kind() != Some(git2::ObjectType::Tree) {
+                    let path = format!("{dir}{}", entry.name().unwrap_or_default());
+                    if super::under_links(&path, links) {
+                        gone.push(path);
+                    }
+                }
+                git2::TreeWalkResult::Ok
+            })
+            .map_err(git_err)?;
+            return Ok(gone);
+        }
+        repo.set_workdir(target, false).map_err(git_err)?;
+        let mut opts = git2::DiffOptions::new();
+        opts.include_untracked(true)
+            .recurse_untracked_dirs(true)
+            .include_typechange(true)
+            .disable_pathspec_match(true);
+        for link in links {
+            opts.pathspec(link.trim_end_matches('/'));
+        }
+        let diff = repo
+            .diff_tree_to_workdir(Some(&tree), Some(&mut opts))
+            .map_err(git_err)?;
+        let mut paths: Vec<String> = diff
+            .deltas()
+            .filter_map(|d| {
+                d.new_file()
+                    .path()
+                    .or(d.old_file().path())
+                    .map(|p| p.to_string_lossy().into_owned())
+            })
+            .filter(|p| super::under_links(p, links))
+            .collect();
+        paths.sort();
+        paths.dedup();
+        Ok(paths)
+    }
+}
+
 enum IndexError {
     Io(String, io::Error),
     Git(git2::Error),

@@ -43,7 +43,7 @@ lighttpd -f "$B/lighttpd.conf"
 for _ in $(seq 100); do ss -ltn | grep -q ":$PORT " && break; sleep 0.05; done
 
 {
-  printf '[plumb]\nstate_dir = "%s/state"\ninterval = "2s"\njitter = "1ms"\n\n' "$B"
+  printf '[plumb]\nstate_dir = "%s/state"\nsocket = "%s/plumb.sock"\ninterval = "2s"\njitter = "1ms"\n\n' "$B" "$B"
   for i in $(seq 0 19); do
     printf '[[services]]\nmachine = "bench"\nservice = "svc%d"\nupstream = "http://127.0.0.1:%d/git/fleet.git"\n' "$i" "$PORT"
     printf 'dirs = [{ local = "/srv/svc%d", link = "svc%d" }]\n\n' "$i" "$i"

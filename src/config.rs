@@ -22,6 +22,12 @@ pub const DEFAULT_BRANCH: &str = "main";
 pub const DEFAULT_INTERVAL: Duration = Duration::from_secs(5 * 60);
 /// A fetch that has not finished after this long is abandoned (the next tick tries again).
 pub const DEFAULT_FETCH_TIMEOUT: Duration = Duration::from_secs(120);
+/// Where the control API listens: under `/run`, so a reboot never finds a stale socket.
+pub const DEFAULT_SOCKET: &str = "/run/plumb/plumb.sock";
+/// The unix group whose members may change services through the API (root always may).
+pub const DEFAULT_ADMIN_GROUP: &str = "plumb";
+/// The unix group whose members may read the API (and connect to its socket).
+pub const DEFAULT_READONLY_GROUP: &str = "plumb-ro";
 
 /// Everything that can be wrong with a config file, each naming the file and, where the value has a
 /// place in the text, its line and column.
@@ -179,6 +185,12 @@ pub struct Settings {
     /// line, because the systemd generator gets no arguments: the daemon and the generator must pick
     /// the same services.
     pub hosts: Vec<String>,
+    /// The control API's unix socket.
+    pub socket: PathBuf,
+    /// Members may read and change services through the API.
+    pub admin_group: String,
+    /// Members may read through the API; the socket belongs to this group.
+    pub readonly_group: String,
 }
 
 impl Default for Settings {
@@ -191,6 +203,9 @@ impl Default for Settings {
             ssh_key: None,
             known_hosts: Vec::new(),
             hosts: Vec::new(),
+            socket: PathBuf::from(DEFAULT_SOCKET),
+            admin_group: DEFAULT_ADMIN_GROUP.to_owned(),
+            readonly_group: DEFAULT_READONLY_GROUP.to_owned(),
         }
     }
 }
@@ -280,6 +295,9 @@ struct RawPlumb {
     known_hosts: Vec<Spanned<String>>,
     #[serde(default)]
     hosts: Vec<Spanned<String>>,
+    socket: Option<Spanned<String>>,
+    admin_group: Option<Spanned<String>>,
+    readonly_group: Option<Spanned<String>>,
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -637,7 +655,37 @@ impl Cx<'_> {
                 s.hosts.push(name.to_owned());
             }
         }
+        if let Some(p) = p.socket {
+            self.absolute(&p, "plumb.socket".into())?;
+            s.socket = PathBuf::from(p.into_inner());
+        }
+        if let Some(g) = p.admin_group {
+            s.admin_group = self.group(g, "plumb.admin_group")?;
+        }
+        if let Some(g) = p.readonly_group {
+            s.readonly_group = self.group(g, "plumb.readonly_group")?;
+        }
         Ok(s)
+    }
+
+    /// A unix group name as `groupadd` accepts it: not empty, no `:`, `,`, `/` or whitespace, not
+    /// all digits (that would read as a gid).
+    fn group(&self, g: Spanned<String>, key: &str) -> Result<String, ConfigError> {
+        let name = g.get_ref();
+        let bad = name.is_empty()
+            || name.starts_with('-')
+            || name.chars().all(|c| c.is_ascii_digit())
+            || name
+                .chars()
+                .any(|c| c.is_whitespace() || c.is_control() || ":,/".contains(c));
+        if bad {
+            return Err(self.at(
+                g.span().start,
+                key.to_owned(),
+                format!("{name:?} is not a unix group name"),
+            ));
+        }
+        Ok(g.into_inner())
     }
 
     fn duration(&self, v: &Spanned<String>, key: &str) -> Result<Duration, ConfigError> {
@@ -1062,6 +1110,35 @@ upstream = "file:///r"
             err("[[services]]\nmachine = \"m\"\nservice = \"a\"\nupstream = \"u\"\ndirs = [{ local = \"/x\", link = \"x\", ro = \"yes\" }]\n")
                 .contains("5:42: dirs: invalid type: string \"yes\", expected a boolean")
         );
+    }
+
+    #[test]
+    fn api_settings() {
+        let c = parse("[plumb]\n").unwrap();
+        assert_eq!(c.settings.socket, PathBuf::from("/run/plumb/plumb.sock"));
+        assert_eq!(c.settings.admin_group, "plumb");
+        assert_eq!(c.settings.readonly_group, "plumb-ro");
+        let c = parse(
+            "[plumb]\nsocket = \"/srv/p.sock\"\nadmin_group = \"ops\"\nreadonly_group = \"ops-ro\"\n",
+        )
+        .unwrap();
+        assert_eq!(c.settings.socket, PathBuf::from("/srv/p.sock"));
+        assert_eq!(c.settings.admin_group, "ops");
+        assert_eq!(c.settings.readonly_group, "ops-ro");
+        assert!(
+            err("[plumb]\nsocket = \"p.sock\"\n")
+                .starts_with("plumb.toml:2:10: plumb.socket: \"p.sock\" must be an absolute path")
+        );
+        for bad in ["", "a b", "a:b", "123", "-x"] {
+            let e = err(&format!("[plumb]\nadmin_group = {bad:?}\n"));
+            assert!(
+                e.starts_with(&format!(
+                    "plumb.toml:2:15: plumb.admin_group: {bad:?} is not a unix group name"
+                )),
+                "{e}"
+            );
+        }
+        assert!(err("[plumb]\nreadonly_group = 7\n").contains("readonly_group: invalid type"));
     }
 
     #[test]

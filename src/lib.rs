@@ -4,8 +4,10 @@
 //! checkout of only those paths, with full history, hands each new revision to systemd, and reloads the
 //! unit when, and only when, that service's files changed. ARCHITECTURE.md maps the modules.
 
+pub mod api;
 pub mod apply;
 pub mod config;
+pub mod ctl;
 pub mod daemon;
 pub mod exec;
 pub mod generator;

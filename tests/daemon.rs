@@ -38,8 +38,9 @@ impl Machine {
     /// The same, with more `[plumb]` settings.
     fn write_config_with(&self, settings: &str, services: &str) {
         let text = format!(
-            "[plumb]\nstate_dir = {:?}\ninterval = \"1s\"\n{settings}\n{services}",
-            self.state
+            "[plumb]\nstate_dir = {:?}\nsocket = {:?}\ninterval = \"1s\"\n{settings}\n{services}",
+            self.state,
+            self.state.with_extension("sock")
         );
         fs::write(&self.config, text).unwrap();
     }
@@ -522,4 +523,77 @@ dirs = [
         stderr.contains("bad.toml:3:1: branchh: unknown field `branchh`"),
         "{stderr}"
     );
+}
+
+/// `curl --unix-socket` against the daemon's API, as the README shows it; returns the body.
+fn curl(socket: &Path, method: &str, path: &str, body: Option<&str>) -> String {
+    let mut cmd = Command::new("curl");
+    cmd.args(["-sS", "--fail-with-body", "--unix-socket"])
+        .arg(socket)
+        .args(["-X", method]);
+    if let Some(b) = body {
+        cmd.args(["-H", "content-type: application/json", "-d", b]);
+    }
+    let out = cmd.arg(format!("http://plumb{path}")).output().unwrap();
+    assert!(
+        out.status.success(),
+        "curl {method} {path}: {}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+#[test]
+fn a_freeze_made_through_the_api_survives_kill_9() {
+    require_root();
+    let root = temp_root();
+    let up = Upstream::new(root.path(), "frozen");
+    let v1 = up.write("app/conf", "1").commit("v1");
+    let m = Machine::new(root.path(), &service("app", &up.file_url(), &["app"]));
+    let socket = m.state.with_extension("sock");
+    let start = || {
+        Running(
+            m.command()
+                .stdout(Stdio::null())
+                .stderr(Stdio::null())
+                .spawn()
+                .unwrap(),
+        )
+    };
+    let mut d = start();
+    wait_until("first deploy", DEADLINE, || {
+        m.rev("app").as_deref() == Some(v1.as_str())
+    });
+    wait_until("the API socket", DEADLINE, || socket.exists());
+    let list: serde_json::Value =
+        serde_json::from_str(&curl(&socket, "GET", "/v1/services", None)).unwrap();
+    assert_eq!(list["services"][0]["service"], "app");
+    let frozen: serde_json::Value = serde_json::from_str(&curl(
+        &socket,
+        "POST",
+        "/v1/services/app/freeze",
+        Some("{}"),
+    ))
+    .unwrap();
+    assert_eq!(frozen["status"]["state"], "FREEZE");
+
+    d.0.kill().unwrap(); // SIGKILL: no chance to save anything more
+    d.0.wait().unwrap();
+    let v2 = up.write("app/conf", "2").commit("v2");
+    d = start();
+    wait_until("the API socket again", DEADLINE, || {
+        Command::new("curl")
+            .args(["-sf", "--unix-socket"])
+            .arg(&socket)
+            .arg("http://plumb/v1/services/app")
+            .output()
+            .is_ok_and(|o| o.status.success())
+    });
+    let pulled: serde_json::Value =
+        serde_json::from_str(&curl(&socket, "POST", "/v1/services/app/pull", None)).unwrap();
+    assert_eq!(pulled["status"]["state"], "FREEZE", "{pulled}");
+    assert_eq!(pulled["status"]["upstream_head"], v2.as_str());
+    assert_eq!(m.rev("app").as_deref(), Some(v1.as_str()));
+    drop(d);
 }

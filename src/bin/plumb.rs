@@ -141,6 +141,22 @@ fn check_config(file: &Path, aliases: &[String]) -> anyhow::Result<ExitCode> {
 }
 
 fn serve(cli: Cli) -> anyhow::Result<ExitCode> {
+    // Read here too for the API's socket and groups; the daemon validates and reports it the same way.
+    let config = Config::load(&cli.config)?;
+    if !config.keys.is_empty() {
+        tracing::warn!(
+            "[global] keys is ignored: plumb's API is the local socket {} for the unix groups {:?} \
+             (read and write) and {:?} (read); other machines are reached through sshd (plumbctl @host)",
+            config.settings.socket.display(),
+            config.settings.admin_group,
+            config.settings.readonly_group
+        );
+    }
+    let state_dir = cli
+        .state_dir
+        .clone()
+        .unwrap_or_else(|| config.settings.state_dir.clone());
+    let access = plumb::api::Access::new(&config, config.machine_names(&cli.hosts), &state_dir);
     let opts = daemon::Options {
         config: cli.config,
         hosts: cli.hosts,
@@ -170,11 +186,34 @@ fn serve(cli: Cli) -> anyhow::Result<ExitCode> {
                 }
             }
         });
-        // The control API (next) talks to the daemon through `handle`.
         let (handle, commands) = daemon::channel();
-        let summary = daemon::run(opts, reload_rx, commands, shutdown).await?;
-        drop(handle);
-        anyhow::Ok(summary)
+        // The API listens before the daemon reports ready; a one-shot run has none.
+        let api = if cli.once {
+            drop(handle);
+            None
+        } else {
+            let s = &config.settings;
+            let listener = plumb::api::bind(&s.socket, &s.admin_group, &s.readonly_group)
+                .with_context(|| {
+                    format!("control API socket {} ([plumb] socket)", s.socket.display())
+                })?;
+            Some(tokio::spawn(plumb::api::serve(
+                listener,
+                handle,
+                access,
+                shutdown.clone(),
+            )))
+        };
+        let summary = daemon::run(opts, reload_rx, commands, shutdown.clone()).await;
+        shutdown.cancel();
+        if let Some(api) = api {
+            match api.await {
+                Ok(Err(e)) => tracing::error!("control API: {e}"),
+                Err(e) => tracing::error!("control API task: {e}"),
+                Ok(Ok(())) => {}
+            }
+        }
+        anyhow::Ok(summary?)
     })?;
     if cli.once {
         for (name, s) in &summary.services {

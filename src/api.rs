@@ -1,0 +1,956 @@
+//! The control API: HTTP/1.1 with JSON bodies on a local unix socket, so
+//! `curl --unix-socket /run/plumb/plumb.sock http://plumb/v1/services` is a complete client and
+//! `plumbctl` is a convenience. Other machines are reached through their own sshd, never over TCP.
+//!
+//! Every route maps to one [`daemon::Command`] sent through a [`daemon::Handle`]; the daemon's actor
+//! stays the only owner of service state. Who may do what is decided per request from the caller's
+//! unix credentials (SO_PEERCRED, read once per connection) and its groups (read from the user
+//! database per request, so a change in `/etc/group` counts without a restart): root and members of
+//! the admin group may do everything, members of the read-only group may read, anyone else gets 403.
+//! Every write, allowed or refused, is appended to the audit log as one JSON line.
+
+use std::collections::BTreeMap;
+use std::ffi::CString;
+use std::fs::{self, OpenOptions};
+use std::io::{self, Write};
+use std::os::unix::fs::{DirBuilderExt, FileTypeExt, OpenOptionsExt, PermissionsExt};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use axum::Router;
+use axum::body::Bytes;
+use axum::extract::connect_info::Connected;
+use axum::extract::rejection::{BytesRejection, PathRejection, QueryRejection};
+use axum::extract::{ConnectInfo, Path as UrlPath, Query, State};
+use axum::http::{Method, StatusCode, Uri};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::serve::IncomingStream;
+use nix::unistd::{Gid, Group, Uid, User};
+use serde::Deserialize;
+use serde::de::DeserializeOwned;
+use tokio::net::UnixListener;
+use tokio_util::sync::CancellationToken;
+use tracing::{error, info, warn};
+
+use crate::config::Config;
+use crate::daemon::{self, Command, CommandError, Reply};
+use crate::proto;
+
+/// The audit log's file name under the state directory.
+pub const AUDIT_LOG: &str = "audit.log";
+
+/// Why the API could not start or stopped. Requests never end the API: their errors are answers.
+#[derive(Debug, thiserror::Error)]
+pub enum ApiError {
+    #[error("cannot create the socket's directory {path}: {source}")]
+    Directory {
+        path: PathBuf,
+        #[source]
+        source: io::Error,
+    },
+    #[error("{path} exists and is not a socket; refusing to replace it")]
+    NotASocket { path: PathBuf },
+    #[error("{path}: another process is listening on this socket (is plumb already running?)")]
+    InUse { path: PathBuf },
+    #[error("cannot remove the stale socket {path}: {source}")]
+    Stale {
+        path: PathBuf,
+        #[source]
+        source: io::Error,
+    },
+    #[error("cannot listen on {path}: {source}")]
+    Bind {
+        path: PathBuf,
+        #[source]
+        source: io::Error,
+    },
+    #[error("cannot set owner and mode of {path}: {source}")]
+    Permissions {
+        path: PathBuf,
+        #[source]
+        source: io::Error,
+    },
+    #[error("serving the API: {0}")]
+    Serve(#[source] io::Error),
+}
+
+/// The audit log of the state directory `state_dir`.
+pub fn audit_path(state_dir: &Path) -> PathBuf {
+    state_dir.join(AUDIT_LOG)
+}
+
+/// Listens on `path`, replacing a socket left by a plumb that did not stop cleanly, and gives it
+/// mode 0660 and the read-only group, so exactly the users who may call the API can connect (admins
+/// are members of both groups; root always can). A group that does not exist yet does not stop the
+/// daemon: the socket falls back to the admin group, then to root only, with a warning. Must be
+/// called inside a tokio runtime.
+pub fn bind(
+    path: &Path,
+    admin_group: &str,
+    readonly_group: &str,
+) -> Result<UnixListener, ApiError> {
+    if let Some(dir) = path.parent()
+        && !dir.as_os_str().is_empty()
+        && !dir.exists()
+    {
+        fs::DirBuilder::new()
+            .recursive(true)
+            .mode(0o755)
+            .create(dir)
+            .map_err(|source| ApiError::Directory {
+                path: dir.to_owned(),
+                source,
+            })?;
+    }
+    match fs::symlink_metadata(path) {
+        Ok(m) if !m.file_type().is_socket() => {
+            return Err(ApiError::NotASocket {
+                path: path.to_owned(),
+            });
+        }
+        Ok(_) => {
+            if std::os::unix::net::UnixStream::connect(path).is_ok() {
+                return Err(ApiError::InUse {
+                    path: path.to_owned(),
+                });
+            }
+            fs::remove_file(path).map_err(|source| ApiError::Stale {
+                path: path.to_owned(),
+                source,
+            })?;
+        }
+        Err(_) => {}
+    }
+    let listener = UnixListener::bind(path).map_err(|source| ApiError::Bind {
+        path: path.to_owned(),
+        source,
+    })?;
+    let (gid, mode) = match (group_id(readonly_group), group_id(admin_group)) {
+        (Some(g), _) => (Some(g), 0o660),
+        (None, Some(g)) => {
+            warn!(
+                "group {readonly_group:?} does not exist: only root and group {admin_group:?} can reach the API"
+            );
+            (Some(g), 0o660)
+        }
+        (None, None) => {
+            warn!(
+                "groups {admin_group:?} and {readonly_group:?} do not exist: only root can reach the API"
+            );
+            (None, 0o600)
+        }
+    };
+    let permissions = || -> io::Result<()> {
+        std::os::unix::fs::chown(path, None, gid)?;
+        fs::set_permissions(path, fs::Permissions::from_mode(mode))
+    };
+    permissions().map_err(|source| ApiError::Permissions {
+        path: path.to_owned(),
+        source,
+    })?;
+    Ok(listener)
+}
+
+/// What the API needs besides the daemon: who may do what, where the audit goes, and the machines
+/// of the config the daemon started with.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Access {
+    /// Members may read and write; root always may.
+    pub admin_group: String,
+    /// Members may read.
+    pub readonly_group: String,
+    /// The audit log, one JSON line per write.
+    pub audit_log: PathBuf,
+    /// `GET /v1/machines`. A snapshot of the config given at start: a SIGHUP that changes the
+    /// machines is seen here after a restart (the services themselves are always current).
+    pub machines: proto::Machines,
+}
+
+impl Access {
+    /// From the config the daemon starts with, this machine's names (`Config::machine_names`) and
+    /// the state directory in use (`--state-dir` or the config's).
+    pub fn new(config: &Config, this: Vec<String>, state_dir: &Path) -> Access {
+        Access {
+            admin_group: config.settings.admin_group.clone(),
+            readonly_group: config.settings.readonly_group.clone(),
+            audit_log: audit_path(state_dir),
+            machines: machines(config, this),
+        }
+    }
+}
+
+/// Every machine named in `config` with its services, in name order; `this` names this machine.
+pub fn machines(config: &Config, this: Vec<String>) -> proto::Machines {
+    let mut by_machine: BTreeMap<&str, Vec<String>> = BTreeMap::new();
+    for s in &config.services {
+        by_machine
+            .entry(s.machine.as_str())
+            .or_default()
+            .push(s.name.clone());
+    }
+    proto::Machines {
+        this,
+        machines: by_machine
+            .into_iter()
+            .map(|(machine, mut services)| {
+                services.sort();
+                proto::MachineEntry {
+                    machine: machine.to_owned(),
+                    services,
+                }
+            })
+            .collect(),
+    }
+}
+
+/// The caller's credentials as the kernel reported them when it connected (SO_PEERCRED); `None`
+/// when they could not be read, which authorises nothing.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Peer {
+    pub uid: Option<u32>,
+    pub gid: Option<u32>,
+    pub pid: Option<i32>,
+}
+
+impl Connected<IncomingStream<'_, UnixListener>> for Peer {
+    fn connect_info(stream: IncomingStream<'_, UnixListener>) -> Self {
+        match stream.io().peer_cred() {
+            Ok(c) => Peer {
+                uid: Some(c.uid()),
+                gid: Some(c.gid()),
+                pid: c.pid(),
+            },
+            Err(e) => {
+                warn!("cannot read the credentials of an API connection: {e}");
+                Peer::default()
+            }
+        }
+    }
+}
+
+/// What a caller may do, in increasing order.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+pub enum Role {
+    Nothing,
+    Read,
+    Admin,
+}
+
+/// The decision itself, pure: root and members of the admin group may write, members of the
+/// read-only group may read. A group that does not exist (`None`) admits nobody.
+pub fn role(uid: u32, gids: &[u32], admin: Option<u32>, readonly: Option<u32>) -> Role {
+    let member = |g: Option<u32>| g.is_some_and(|g| gids.contains(&g));
+    if uid == 0 || member(admin) {
+        Role::Admin
+    } else if member(readonly) {
+        Role::Read
+    } else {
+        Role::Nothing
+    }
+}
+
+/// A caller, resolved for one request.
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct Caller {
+    uid: u32,
+    user: String,
+    role: Role,
+}
+
+/// Looks the caller's groups up (primary, the peer's gid, supplementary) and decides its role.
+/// The lookups read the user database (NSS), so they run on a blocking thread.
+async fn resolve(peer: Peer, access: &Access) -> Caller {
+    let Some(uid) = peer.uid else {
+        return Caller {
+            uid: u32::MAX,
+            user: "unknown".into(),
+            role: Role::Nothing,
+        };
+    };
+    let admin_group = access.admin_group.clone();
+    let readonly_group = access.readonly_group.clone();
+    let lookup = move || {
+        let mut gids: Vec<u32> = peer.gid.into_iter().collect();
+        let user = match User::from_uid(Uid::from_raw(uid)) {
+            Ok(Some(u)) => {
+                gids.push(u.gid.as_raw());
+                if let Ok(name) = CString::new(u.name.clone())
+                    && let Ok(groups) = nix::unistd::getgrouplist(&name, u.gid)
+                {
+                    gids.extend(groups.into_iter().map(Gid::as_raw));
+                }
+                u.name
+            }
+            _ => uid.to_string(),
+        };
+        let role = role(
+            uid,
+            &gids,
+            group_id(&admin_group),
+            group_id(&readonly_group),
+        );
+        Caller { uid, user, role }
+    };
+    match tokio::task::spawn_blocking(lookup).await {
+        Ok(caller) => caller,
+        Err(e) => {
+            error!("looking up uid {uid}: {e}");
+            Caller {
+                uid,
+                user: uid.to_string(),
+                role: Role::Nothing,
+            }
+        }
+    }
+}
+
+fn group_id(name: &str) -> Option<u32> {
+    match Group::from_name(name) {
+        Ok(Some(g)) => Some(g.gid.as_raw()),
+        _ => None,
+    }
+}
+
+/// Serves the API on `listener` until `shutdown` is cancelled, then lets requests in flight finish
+/// and removes the socket file.
+pub async fn serve(
+    listener: UnixListener,
+    handle: daemon::Handle,
+    access: Access,
+    shutdown: CancellationToken,
+) -> Result<(), ApiError> {
+    let socket = listener
+        .local_addr()
+        .ok()
+        .and_then(|a| a.as_pathname().map(Path::to_owned));
+    let app = router(handle, access);
+    let result = axum::serve(listener, app.into_make_service_with_connect_info::<Peer>())
+        .with_graceful_shutdown(async move { shutdown.cancelled().await })
+        .await
+        .map_err(ApiError::Serve);
+    if let Some(path) = socket {
+        let _ = fs::remove_file(path);
+    }
+    result
+}
+
+struct App {
+    handle: daemon::Handle,
+    access: Access,
+    /// Serialises appends, so lines are written and synced one after the other.
+    audit: tokio::sync::Mutex<()>,
+}
+
+type Shared = State<Arc<App>>;
+type Conn = ConnectInfo<Peer>;
+
+/// The routes; separate from [`serve`] so their mapping can be read in one place.
+fn router(handle: daemon::Handle, access: Access) -> Router {
+    let app = Arc::new(App {
+        handle,
+        access,
+        audit: tokio::sync::Mutex::new(()),
+    });
+    let v1 = Router::new()
+        .route("/machines", get(get_machines))
+        .route("/services", get(get_services))
+        .route("/services/{name}", get(get_service))
+        .route("/services/{name}/freeze", post(freeze))
+        .route("/services/{name}/unfreeze", post(unfreeze))
+        .route("/services/{name}/rollback", post(rollback))
+        .route("/services/{name}/pull", post(pull))
+        .route("/audit", get(get_audit));
+    Router::new()
+        .nest(proto::PREFIX, v1)
+        .fallback(no_route)
+        .method_not_allowed_fallback(wrong_method)
+        .with_state(app)
+}
+
+/// An answer that is not a success: a status and the message of its [`proto::ErrorBody`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct Failure {
+    status: StatusCode,
+    message: String,
+}
+
+impl Failure {
+    fn new(status: StatusCode, message: impl Into<String>) -> Failure {
+        Failure {
+            status,
+            message: message.into(),
+        }
+    }
+}
+
+impl IntoResponse for Failure {
+    fn into_response(self) -> Response {
+        json(
+            self.status,
+            &proto::ErrorBody {
+                error: self.message,
+            },
+        )
+    }
+}
+
+impl From<CommandError> for Failure {
+    fn from(e: CommandError) -> Failure {
+        Failure::new(command_status(&e), e.to_string())
+    }
+}
+
+/// The HTTP status of each way the daemon refuses a command.
+fn command_status(e: &CommandError) -> StatusCode {
+    match e {
+        CommandError::UnknownService(_) => StatusCode::NOT_FOUND,
+        CommandError::Invalid(_) => StatusCode::UNPROCESSABLE_ENTITY,
+        CommandError::Unavailable => StatusCode::SERVICE_UNAVAILABLE,
+    }
+}
+
+fn json<T: serde::Serialize>(status: StatusCode, body: &T) -> Response {
+    match serde_json::to_vec(body) {
+        Ok(bytes) => (
+            status,
+            [(axum::http::header::CONTENT_TYPE, "application/json")],
+            bytes,
+        )
+            .into_response(),
+        Err(e) => (
+            StatusCode::INTERNAL_SERVER_ERROR,
+            format!("cannot encode the answer: {e}"),
+        )
+            .into_response(),
+    }
+}
+
+async fn no_route(method: Method, uri: Uri) -> Failure {
+    Failure::new(
+        StatusCode::NOT_FOUND,
+        format!(
+            "no route {method} {}; routes are under {}/",
+            uri.path(),
+            proto::PREFIX
+        ),
+    )
+}
+
+async fn wrong_method(method: Method, uri: Uri) -> Failure {
+    Failure::new(
+        StatusCode::METHOD_NOT_ALLOWED,
+        format!("{} does not take {method}", uri.path()),
+    )
+}
+
+fn refusal(caller: &Caller, access: &Access, write: bool) -> Failure {
+    let (admin, ro) = (&access.admin_group, &access.readonly_group);
+    let message = if write && caller.role == Role::Read {
+        format!(
+            "{} (uid {}) may only read: changes need root or group {admin:?}",
+            caller.user, caller.uid
+        )
+    } else {
+        format!(
+            "{} (uid {}) is not root and not in group {admin:?} (read and write) or {ro:?} (read only)",
+            caller.user, caller.uid
+        )
+    };
+    Failure::new(StatusCode::FORBIDDEN, message)
+}
+
+/// Resolves the caller of a read and refuses it unless it may read.
+async fn reader(app: &App, peer: Peer) -> Result<Caller, Failure> {
+    let caller = resolve(peer, &app.access).await;
+    if caller.role >= Role::Read {
+        Ok(caller)
+    } else {
+        Err(refusal(&caller, &app.access, false))
+    }
+}
+
+fn path_name(name: Result<UrlPath<String>, PathRejection>) -> Result<String, Failure> {
+    name.map(|UrlPath(n)| n)
+        .map_err(|e| Failure::new(StatusCode::BAD_REQUEST, e.body_text()))
+}
+
+async fn get_machines(State(app): Shared, ConnectInfo(peer): Conn) -> Response {
+    match reader(&app, peer).await {
+        Ok(_) => json(StatusCode::OK, &app.access.machines),
+        Err(f) => f.into_response(),
+    }
+}
+
+async fn get_services(State(app): Shared, ConnectInfo(peer): Conn) -> Response {
+    let answer = async {
+        reader(&app, peer).await?;
+        match app.handle.call(Command::Services).await? {
+            Reply::Services(services) => Ok(proto::Services { services }),
+            other => Err(unexpected(&other)),
+        }
+    };
+    match answer.await {
+        Ok(s) => json(StatusCode::OK, &s),
+        Err(f) => f.into_response(),
+    }
+}
+
+async fn get_service(
+    State(app): Shared,
+    ConnectInfo(peer): Conn,
+    name: Result<UrlPath<String>, PathRejection>,
+) -> Response {
+    let answer = async {
+        reader(&app, peer).await?;
+        let name = path_name(name)?;
+        match app.handle.call(Command::Status(name.clone())).await? {
+            Reply::Services(services) => services
+                .into_iter()
+                .find(|s| s.service == name)
+                .ok_or_else(|| CommandError::UnknownService(name).into()),
+            other => Err(unexpected(&other)),
+        }
+    };
+    match answer.await {
+        Ok(s) => json(StatusCode::OK, &s),
+        Err(f) => f.into_response(),
+    }
+}
+
+fn unexpected(reply: &Reply) -> Failure {
+    error!("the daemon answered with an unexpected reply: {reply:?}");
+    Failure::new(
+        StatusCode::INTERNAL_SERVER_ERROR,
+        "the daemon gave an unexpected answer (a bug in plumb)",
+    )
+}
+
+/// `?limit=N` on `GET /v1/audit`.
+#[derive(Debug, Deserialize)]
+struct AuditQuery {
+    limit: Option<usize>,
+}
+
+async fn get_audit(
+    State(app): Shared,
+    ConnectInfo(peer): Conn,
+    query: Result<Query<AuditQuery>, QueryRejection>,
+) -> Response {
+    let answer = async {
+        reader(&app, peer).await?;
+        let Query(q) = query.map_err(|e| Failure::new(StatusCode::BAD_REQUEST, e.body_text()))?;
+        let path = app.access.audit_log.clone();
+        let entries = tokio::task::spawn_blocking(move || read_audit(&path, q.limit))
+            .await
+            .map_err(|e| Failure::new(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))?
+            .map_err(|e| {
+                Failure::new(
+                    StatusCode::INTERNAL_SERVER_ERROR,
+                    format!("cannot read the audit log: {e}"),
+                )
+            })?;
+        Ok::<_, Failure>(entries)
+    };
+    match answer.await {
+        Ok(entries) => json(StatusCode::OK, &entries),
+        Err(f) => f.into_response(),
+    }
+}
+
+/// The audit log's entries, oldest first, the last `limit` of them. A missing log is empty; a line
+/// that is not an entry (a write cut short by a crash) is skipped with a warning.
+pub fn read_audit(path: &Path, limit: Option<usize>) -> io::Result<Vec<proto::AuditEntry>> {
+    let text = match fs::read_to_string(path) {
+        Ok(t) => t,
+        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(Vec::new()),
+        Err(e) => return Err(e),
+    };
+    let mut entries = Vec::new();
+    for (i, line) in text.lines().enumerate() {
+        if line.trim().is_empty() {
+            continue;
+        }
+        match serde_json::from_str(line) {
+            Ok(e) => entries.push(e),
+            Err(e) => warn!("{}:{}: not an audit entry: {e}", path.display(), i + 1),
+        }
+    }
+    if let Some(n) = limit {
+        entries.drain(..entries.len().saturating_sub(n));
+    }
+    Ok(entries)
+}
+
+/// Appends `entry` as one line and syncs it: an audit entry that a crash can lose is worth little.
+pub fn append_audit(path: &Path, entry: &proto::AuditEntry) -> io::Result<()> {
+    let mut line = serde_json::to_vec(entry).map_err(io::Error::other)?;
+    line.push(b'\n');
+    let mut f = OpenOptions::new()
+        .append(true)
+        .create(true)
+        .mode(0o640)
+        .open(path)?;
+    f.write_all(&line)?;
+    f.sync_data()
+}
+
+/// The four writes, with their request bodies parsed.
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum Change {
+    Freeze(proto::FreezeRequest),
+    Unfreeze,
+    Rollback(proto::RollbackRequest),
+    Pull(proto::PullRequest),
+}
+
+impl Change {
+    /// The daemon command for this write on `service`, with times taken from `now` (unix seconds).
+    fn command(self, service: String, now: u64) -> Result<Command, Failure> {
+        Ok(match self {
+            Change::Freeze(r) => {
+                let until = match r.duration.as_deref() {
+                    None => None,
+                    Some(d) => Some(now.saturating_add(parse_duration(d)?.as_secs())),
+                };
+                Command::Freeze { service, until }
+            }
+            Change::Unfreeze => Command::Unfreeze(service),
+            Change::Rollback(r) => Command::Rollback {
+                service,
+                revision: r.revision,
+            },
+            Change::Pull(r) => Command::Pull {
+                service,
+                force: r.force,
+            },
+        })
+    }
+}
+
+/// A freeze's duration: "90m", "2h", "1d" and anything humantime reads, more than zero.
+fn parse_duration(d: &str) -> Result<Duration, Failure> {
+    let invalid = |why: String| {
+        Failure::new(
+            StatusCode::UNPROCESSABLE_ENTITY,
+            format!("duration {d:?} is not a duration like \"90m\", \"2h\" or \"1d\": {why}"),
+        )
+    };
+    match humantime::parse_duration(d) {
+        Ok(x) if x.is_zero() => Err(invalid("it must be longer than 0s".into())),
+        Ok(x) => Ok(x),
+        Err(e) => Err(invalid(e.to_string())),
+    }
+}
+
+/// A JSON request body; an empty body reads as `{}` so optional fields take their defaults.
+fn body<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, Failure> {
+    let bytes: &[u8] = if bytes.iter().all(u8::is_ascii_whitespace) {
+        b"{}"
+    } else {
+        bytes
+    };
+    serde_json::from_slice(bytes).map_err(|e| {
+        Failure::new(
+            StatusCode::BAD_REQUEST,
+            format!("the request body is not valid JSON for this route: {e}"),
+        )
+    })
+}
+
+/// The request body as the audit log records it: the JSON as sent, or the text when it is not JSON.
+fn arguments(bytes: &[u8]) -> serde_json::Value {
+    if bytes.iter().all(u8::is_ascii_whitespace) {
+        return serde_json::json!({});
+    }
+    serde_json::from_slice(bytes).unwrap_or_else(|_| {
+        let text = String::from_utf8_lossy(bytes);
+        let cut: String = text.chars().take(1024).collect();
+        serde_json::json!({ "body": cut })
+    })
+}
+
+fn unix_now() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0)
+}
+
+type Body = Result<Bytes, BytesRejection>;
+type Name = Result<UrlPath<String>, PathRejection>;
+
+async fn freeze(State(app): Shared, ConnectInfo(peer): Conn, name: Name, bytes: Body) -> Response {
+    write(&app, peer, "freeze", name, bytes, |b| {
+        body(b).map(Change::Freeze)
+    })
+    .await
+}
+
+async fn unfreeze(
+    State(app): Shared,
+    ConnectInfo(peer): Conn,
+    name: Name,
+    bytes: Body,
+) -> Response {
+    write(&app, peer, "unfreeze", name, bytes, |b| {
+        body::<serde_json::Value>(b).map(|_| Change::Unfreeze)
+    })
+    .await
+}
+
+async fn rollback(
+    State(app): Shared,
+    ConnectInfo(peer): Conn,
+    name: Name,
+    bytes: Body,
+) -> Response {
+    write(&app, peer, "rollback", name, bytes, |b| {
+        body(b).map(Change::Rollback)
+    })
+    .await
+}
+
+async fn pull(State(app): Shared, ConnectInfo(peer): Conn, name: Name, bytes: Body) -> Response {
+    write(&app, peer, "pull", name, bytes, |b| {
+        body(b).map(Change::Pull)
+    })
+    .await
+}
+
+/// One write: authorise, parse, call the daemon, and audit whatever happened.
+async fn write(
+    app: &App,
+    peer: Peer,
+    action: &'static str,
+    name: Name,
+    bytes: Body,
+    parse: impl FnOnce(&[u8]) -> Result<Change, Failure>,
+) -> Response {
+    let caller = resolve(peer, &app.access).await;
+    let service = name.as_ref().ok().map(|UrlPath(n)| n.clone());
+    let (args, outcome) = match bytes {
+        Err(e) => (
+            serde_json::json!({}),
+            Err(Failure::new(e.status(), e.body_text())),
+        ),
+        Ok(bytes) => {
+            let args = arguments(&bytes);
+            let outcome = if caller.role < Role::Admin {
+                Err(refusal(&caller, &app.access, true))
+            } else {
+                carry_out(app, name, &bytes, parse).await
+            };
+            (args, outcome)
+        }
+    };
+    let result = match &outcome {
+        Ok(r) if r.ok => "ok".to_owned(),
+        Ok(r) => format!("failed: {}", r.message),
+        Err(f) if f.status == StatusCode::FORBIDDEN => format!("refused: {}", f.message),
+        Err(f) => format!("error {}: {}", f.status.as_u16(), f.message),
+    };
+    info!(
+        user = %caller.user,
+        uid = caller.uid,
+        pid = ?peer.pid,
+        service = ?service,
+        "{action}: {result}"
+    );
+    let entry = proto::AuditEntry {
+        time: unix_now(),
+        uid: caller.uid,
+        user: caller.user,
+        action: action.to_owned(),
+        service,
+        arguments: args,
+        result,
+    };
+    {
+        let _guard = app.audit.lock().await;
+        let path = app.access.audit_log.clone();
+        let appended = tokio::task::spawn_blocking(move || append_audit(&path, &entry)).await;
+        match appended {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => error!(
+                "cannot append to the audit log {}: {e}",
+                app.access.audit_log.display()
+            ),
+            Err(e) => error!("appending to the audit log: {e}"),
+        }
+    }
+    match outcome {
+        Ok(r) => json(StatusCode::OK, &r),
+        Err(f) => f.into_response(),
+    }
+}
+
+async fn carry_out(
+    app: &App,
+    name: Name,
+    bytes: &[u8],
+    parse: impl FnOnce(&[u8]) -> Result<Change, Failure>,
+) -> Result<proto::ActionResult, Failure> {
+    let name = path_name(name)?;
+    let command = parse(bytes)?.command(name, unix_now())?;
+    match app.handle.call(command).await? {
+        Reply::Action(r) => Ok(*r),
+        other => Err(unexpected(&other)),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn roles() {
+        let (admin, ro) = (Some(900), Some(901));
+        assert_eq!(role(0, &[], None, None), Role::Admin);
+        assert_eq!(role(0, &[], admin, ro), Role::Admin);
+        assert_eq!(role(1000, &[1000, 900], admin, ro), Role::Admin);
+        assert_eq!(role(1000, &[1000, 900, 901], admin, ro), Role::Admin);
+        assert_eq!(role(1000, &[901], admin, ro), Role::Read);
+        assert_eq!(role(1000, &[1000, 27], admin, ro), Role::Nothing);
+        assert_eq!(role(1000, &[], admin, ro), Role::Nothing);
+        // Missing groups admit nobody but root.
+        assert_eq!(role(1000, &[900, 901], None, None), Role::Nothing);
+        assert_eq!(role(1000, &[901], None, ro), Role::Read);
+        assert!(Role::Admin > Role::Read && Role::Read > Role::Nothing);
+    }
+
+    #[test]
+    fn command_errors_map_to_statuses() {
+        for (e, status) in [
+            (CommandError::UnknownService("x".into()), 404),
+            (CommandError::Invalid("no such revision".into()), 422),
+            (CommandError::Unavailable, 503),
+        ] {
+            let f = Failure::from(e.clone());
+            assert_eq!(f.status.as_u16(), status, "{e:?}");
+            assert_eq!(f.message, e.to_string());
+        }
+    }
+
+    #[test]
+    fn writes_become_commands() {
+        let freeze = |d: Option<&str>| {
+            Change::Freeze(proto::FreezeRequest {
+                duration: d.map(str::to_owned),
+            })
+            .command("nginx".into(), 1000)
+        };
+        assert_eq!(
+            freeze(None).unwrap(),
+            Command::Freeze {
+                service: "nginx".into(),
+                until: None
+            }
+        );
+        assert_eq!(
+            freeze(Some("90m")).unwrap(),
+            Command::Freeze {
+                service: "nginx".into(),
+                until: Some(1000 + 90 * 60)
+            }
+        );
+        for bad in ["soon", "0s", ""] {
+            let f = freeze(Some(bad)).unwrap_err();
+            assert_eq!(f.status, StatusCode::UNPROCESSABLE_ENTITY);
+            assert!(f.message.contains(&format!("{bad:?}")), "{}", f.message);
+        }
+        assert_eq!(
+            Change::Pull(proto::PullRequest { force: true })
+                .command("a".into(), 0)
+                .unwrap(),
+            Command::Pull {
+                service: "a".into(),
+                force: true
+            }
+        );
+        assert_eq!(
+            Change::Unfreeze.command("a".into(), 0).unwrap(),
+            Command::Unfreeze("a".into())
+        );
+    }
+
+    #[test]
+    fn bodies() {
+        let r: proto::FreezeRequest = body(b"").unwrap();
+        assert_eq!(r.duration, None);
+        let r: proto::PullRequest = body(b" \n").unwrap();
+        assert!(!r.force);
+        let r: proto::RollbackRequest = body(br#"{"revision":"abc"}"#).unwrap();
+        assert_eq!(r.revision, "abc");
+        let f = body::<proto::RollbackRequest>(b"").unwrap_err();
+        assert_eq!(f.status, StatusCode::BAD_REQUEST);
+        assert!(f.message.contains("revision"), "{}", f.message);
+        let f = body::<proto::FreezeRequest>(b"{not json").unwrap_err();
+        assert_eq!(f.status, StatusCode::BAD_REQUEST);
+        assert_eq!(arguments(b""), serde_json::json!({}));
+        assert_eq!(
+            arguments(b"{\"force\":true}"),
+            serde_json::json!({"force": true})
+        );
+        assert_eq!(arguments(b"x"), serde_json::json!({"body": "x"}));
+    }
+
+    #[test]
+    fn audit_log_round_trip_and_limit() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = audit_path(dir.path());
+        assert!(read_audit(&path, None).unwrap().is_empty());
+        let entry = |i: u64| proto::AuditEntry {
+            time: i,
+            uid: 0,
+            user: "root".into(),
+            action: "freeze".into(),
+            service: Some("nginx".into()),
+            arguments: serde_json::json!({}),
+            result: "ok".into(),
+        };
+        for i in 0..3 {
+            append_audit(&path, &entry(i)).unwrap();
+        }
+        // A torn line from a crash is skipped, not fatal.
+        fs::OpenOptions::new()
+            .append(true)
+            .open(&path)
+            .unwrap()
+            .write_all(b"{\"time\":")
+            .unwrap();
+        let all = read_audit(&path, None).unwrap();
+        assert_eq!(all, vec![entry(0), entry(1), entry(2)]);
+        assert_eq!(
+            read_audit(&path, Some(2)).unwrap(),
+            vec![entry(1), entry(2)]
+        );
+        assert_eq!(read_audit(&path, Some(10)).unwrap().len(), 3);
+        assert!(read_audit(&path, Some(0)).unwrap().is_empty());
+        let mode = fs::metadata(&path).unwrap().permissions().mode() & 0o777;
+        assert_eq!(mode & 0o007, 0, "the audit log is not world-readable");
+    }
+
+    #[test]
+    fn machines_from_config() {
+        let c = Config::parse(
+            Path::new("p.toml"),
+            "[global]\nupstream = \"u\"\n[[services]]\nmachine = \"b\"\nservice = \"z\"\n[[services]]\nmachine = \"a\"\nservice = \"y\"\n[[services]]\nmachine = \"b\"\nservice = \"x\"\n",
+        )
+        .unwrap();
+        let m = machines(&c, vec!["a".into()]);
+        assert_eq!(m.this, ["a"]);
+        let got: Vec<(&str, Vec<&str>)> = m
+            .machines
+            .iter()
+            .map(|e| {
+                (
+                    e.machine.as_str(),
+                    e.services.iter().map(String::as_str).collect(),
+                )
+            })
+            .collect();
+        assert_eq!(got, [("a", vec!["y"]), ("b", vec!["x", "z"])]);
+    }
+}

@@ -1,0 +1,515 @@
+//! The control API end to end: the real daemon (in-process, `--no-apply`) behind the real API on a
+//! unix socket, called with `curl --unix-socket` as real users made for the test, so the kernel's
+//! credentials, the user database's groups, the socket's mode and the audit log are all the real ones.
+
+mod support;
+
+use std::fs;
+use std::os::unix::fs::{FileTypeExt, PermissionsExt};
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::sync::Mutex;
+use std::time::Duration;
+
+use plumb::{api, config::Config, daemon};
+use serde_json::{Value, json};
+use support::{Upstream, require_root, temp_root, wait_until};
+use tokio_util::sync::CancellationToken;
+
+const DEADLINE: Duration = Duration::from_secs(20);
+
+/// `useradd` and `groupadd` lock `/etc/passwd` and `/etc/group`; tests of this file run in parallel
+/// threads, so they take turns.
+static ACCOUNTS: Mutex<()> = Mutex::new(());
+
+/// Groups and users made for one test, removed when dropped, even when the test fails.
+struct Accounts {
+    groups: Vec<String>,
+    users: Vec<String>,
+}
+
+impl Accounts {
+    fn new() -> Accounts {
+        Accounts {
+            groups: Vec::new(),
+            users: Vec::new(),
+        }
+    }
+
+    /// A unique name: tests of several runs and threads never share an account.
+    fn unique(prefix: &str) -> String {
+        format!(
+            "{prefix}{}x{}",
+            std::process::id(),
+            fastrand::u32(..1_000_000)
+        )
+    }
+
+    fn group(&mut self, prefix: &str) -> String {
+        let name = Accounts::unique(prefix);
+        let _turn = ACCOUNTS.lock().unwrap_or_else(|e| e.into_inner());
+        run(Command::new("groupadd").arg(&name));
+        self.groups.push(name.clone());
+        name
+    }
+
+    /// A user without a home or a login shell, in `groups` besides the default primary group.
+    fn user(&mut self, prefix: &str, groups: &[&str]) -> String {
+        let name = Accounts::unique(prefix);
+        let _turn = ACCOUNTS.lock().unwrap_or_else(|e| e.into_inner());
+        let mut cmd = Command::new("useradd");
+        cmd.args(["-M", "-N", "-s", "/usr/sbin/nologin"]);
+        if !groups.is_empty() {
+            cmd.arg("-G").arg(groups.join(","));
+        }
+        run(cmd.arg(&name));
+        self.users.push(name.clone());
+        name
+    }
+}
+
+impl Drop for Accounts {
+    fn drop(&mut self) {
+        let _turn = ACCOUNTS.lock().unwrap_or_else(|e| e.into_inner());
+        for u in &self.users {
+            let _ = Command::new("userdel").arg(u).status();
+        }
+        for g in &self.groups {
+            let _ = Command::new("groupdel").arg(g).status();
+        }
+    }
+}
+
+fn run(cmd: &mut Command) {
+    let out = cmd
+        .output()
+        .unwrap_or_else(|e| panic!("cannot run {cmd:?}: {e}"));
+    assert!(
+        out.status.success(),
+        "{cmd:?} failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+/// The daemon and its API, in-process, on a runtime of their own; stopped when dropped.
+struct Plumb {
+    rt: tokio::runtime::Runtime,
+    shutdown: CancellationToken,
+    daemon: Option<tokio::task::JoinHandle<()>>,
+    api: Option<tokio::task::JoinHandle<()>>,
+    socket: PathBuf,
+    state: PathBuf,
+}
+
+impl Plumb {
+    /// Starts plumb on `root` with one service, `web`, on a `file://` upstream.
+    fn start(root: &Path, admin_group: &str, readonly_group: &str) -> Plumb {
+        let up = Upstream::new(root, "config");
+        up.write("web/index.html", "hello\n");
+        up.commit("web");
+        let state = root.join("state");
+        let socket = root.join("run").join("plumb.sock");
+        let config = root.join("plumb.toml");
+        fs::write(
+            &config,
+            format!(
+                "[plumb]\nstate_dir = {state:?}\ninterval = \"1h\"\nsocket = {socket:?}\n\
+                 admin_group = {admin_group:?}\nreadonly_group = {readonly_group:?}\n\n\
+                 [[services]]\nmachine = \"testbox\"\nservice = \"web\"\nupstream = {:?}\n\
+                 dirs = [{{ local = \"/srv/web\", link = \"web\" }}]\n",
+                up.file_url()
+            ),
+        )
+        .unwrap();
+        let loaded = Config::load(&config).unwrap();
+        let hosts = vec!["testbox".to_owned()];
+        let access = api::Access::new(&loaded, loaded.machine_names(&hosts), &state);
+        let opts = daemon::Options {
+            config,
+            hosts,
+            state_dir: None,
+            interval: None,
+            once: false,
+            apply: false,
+        };
+        let rt = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(2)
+            .enable_all()
+            .build()
+            .unwrap();
+        let shutdown = CancellationToken::new();
+        let (handle, commands) = daemon::channel();
+        let (reload_tx, reload) = tokio::sync::mpsc::channel(1);
+        let listener = rt
+            .block_on(async {
+                api::bind(
+                    &loaded.settings.socket,
+                    &loaded.settings.admin_group,
+                    &loaded.settings.readonly_group,
+                )
+            })
+            .unwrap();
+        let sd = shutdown.clone();
+        let daemon = rt.spawn(async move {
+            let _keep_reload_open = reload_tx;
+            if let Err(e) = daemon::run(opts, reload, commands, sd).await {
+                panic!("daemon: {e}");
+            }
+        });
+        let sd = shutdown.clone();
+        let api = rt.spawn(async move {
+            if let Err(e) = api::serve(listener, handle, access, sd).await {
+                panic!("api: {e}");
+            }
+        });
+        let p = Plumb {
+            rt,
+            shutdown,
+            daemon: Some(daemon),
+            api: Some(api),
+            socket,
+            state,
+        };
+        wait_until("the API to answer", DEADLINE, || {
+            p.curl(None, "GET", "/v1/services", None).status == 200
+        });
+        p
+    }
+
+    /// `curl` against the socket, as `user` (`None`: root).
+    fn curl(&self, user: Option<&str>, method: &str, path: &str, body: Option<&str>) -> Answer {
+        let mut cmd = match user {
+            None => Command::new("curl"),
+            Some(u) => {
+                let mut c = Command::new("setpriv");
+                c.args([
+                    &format!("--reuid={u}"),
+                    &format!("--regid={}", primary_gid(u)),
+                    "--init-groups",
+                    "curl",
+                ]);
+                c
+            }
+        };
+        cmd.args(["-sS", "-o", "-", "-w", "\n%{http_code}", "--unix-socket"])
+            .arg(&self.socket)
+            .args(["-X", method]);
+        if let Some(b) = body {
+            cmd.args(["-H", "content-type: application/json", "--data-binary", b]);
+        } else if method == "POST" {
+            cmd.args(["--data-binary", ""]);
+        }
+        cmd.arg(format!("http://plumb{path}"));
+        let out = cmd.output().expect("run curl");
+        let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
+        let (text, code) = stdout.rsplit_once('\n').unwrap_or(("", &stdout));
+        Answer {
+            curl_exit: out.status.code(),
+            status: code.trim().parse().unwrap_or(0),
+            body: serde_json::from_str(text).unwrap_or(Value::Null),
+            stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
+        }
+    }
+
+    fn audit(&self) -> Vec<Value> {
+        let a = self.curl(None, "GET", "/v1/audit", None);
+        assert_eq!(a.status, 200, "{a:?}");
+        a.body.as_array().cloned().expect("audit is an array")
+    }
+}
+
+impl Drop for Plumb {
+    fn drop(&mut self) {
+        self.shutdown.cancel();
+        let (daemon, api) = (self.daemon.take(), self.api.take());
+        let stopped = self.rt.block_on(async {
+            tokio::time::timeout(DEADLINE, async {
+                if let Some(d) = daemon {
+                    let _ = d.await;
+                }
+                if let Some(a) = api {
+                    let _ = a.await;
+                }
+            })
+            .await
+        });
+        if stopped.is_err() && !std::thread::panicking() {
+            panic!("plumb did not stop within {DEADLINE:?}");
+        }
+    }
+}
+
+#[derive(Debug)]
+struct Answer {
+    curl_exit: Option<i32>,
+    status: u16,
+    body: Value,
+    stderr: String,
+}
+
+impl Answer {
+    fn error(&self) -> &str {
+        self.body["error"].as_str().unwrap_or_default()
+    }
+}
+
+fn primary_gid(user: &str) -> u32 {
+    nix::unistd::User::from_name(user)
+        .unwrap()
+        .unwrap_or_else(|| panic!("no user {user}"))
+        .gid
+        .as_raw()
+}
+
+fn uid(user: &str) -> u64 {
+    nix::unistd::User::from_name(user)
+        .unwrap()
+        .unwrap_or_else(|| panic!("no user {user}"))
+        .uid
+        .as_raw()
+        .into()
+}
+
+/// Who may do what: root and the admin group everything, the read-only group reads, anyone else
+/// nothing (the socket's mode keeps them out, and the API refuses them even when it does not); every
+/// write, refused or not, is in the audit log with who asked.
+#[test]
+fn groups_decide_who_may_read_and_write_and_every_write_is_audited() {
+    require_root();
+    let root = temp_root();
+    let mut accounts = Accounts::new();
+    let admin_group = accounts.group("pla");
+    let ro_group = accounts.group("plr");
+    // Admins are in both groups: the read-only group owns the socket (README).
+    let admin = accounts.user("pua", &[&admin_group, &ro_group]);
+    let reader = accounts.user("pur", &[&ro_group]);
+    let stranger = accounts.user("pus", &[]);
+    let plumb = Plumb::start(root.path(), &admin_group, &ro_group);
+
+    let meta = fs::metadata(&plumb.socket).unwrap();
+    assert!(meta.file_type().is_socket());
+    assert_eq!(meta.permissions().mode() & 0o777, 0o660);
+    assert_eq!(
+        std::os::unix::fs::MetadataExt::gid(&meta),
+        nix::unistd::Group::from_name(&ro_group)
+            .unwrap()
+            .unwrap()
+            .gid
+            .as_raw()
+    );
+
+    // The stranger cannot even connect.
+    let a = plumb.curl(Some(&stranger), "GET", "/v1/services", None);
+    assert_eq!(a.curl_exit, Some(7), "{a:?}");
+    assert_eq!(a.status, 0, "{a:?}");
+    assert!(a.stderr.contains("connect"), "{a:?}");
+
+    // Reads.
+    for user in [None, Some(admin.as_str()), Some(reader.as_str())] {
+        let a = plumb.curl(user, "GET", "/v1/services", None);
+        assert_eq!(a.status, 200, "{user:?}: {a:?}");
+        assert_eq!(a.body["services"][0]["service"], "web", "{a:?}");
+        let a = plumb.curl(user, "GET", "/v1/services/web", None);
+        assert_eq!(a.status, 200, "{user:?}: {a:?}");
+        assert_eq!(a.body["machine"], "testbox", "{a:?}");
+    }
+    let a = plumb.curl(Some(&reader), "GET", "/v1/machines", None);
+    assert_eq!(a.status, 200, "{a:?}");
+    assert_eq!(
+        a.body["machines"],
+        json!([{ "machine": "testbox", "services": ["web"] }])
+    );
+    assert!(
+        a.body["this"]
+            .as_array()
+            .unwrap()
+            .contains(&json!("testbox"))
+    );
+
+    // Writes.
+    let a = plumb.curl(
+        Some(&reader),
+        "POST",
+        "/v1/services/web/freeze",
+        Some(r#"{"duration":"2h"}"#),
+    );
+    assert_eq!(a.status, 403, "{a:?}");
+    assert!(a.error().contains("may only read"), "{a:?}");
+    assert!(a.error().contains(&admin_group), "{a:?}");
+
+    let a = plumb.curl(
+        Some(&admin),
+        "POST",
+        "/v1/services/web/freeze",
+        Some(r#"{"duration":"2h"}"#),
+    );
+    assert_eq!(a.status, 200, "{a:?}");
+    assert_eq!(a.body["action"], "freeze", "{a:?}");
+    assert_eq!(a.body["status"]["state"], "FREEZE", "{a:?}");
+    let until = a.body["status"]["frozen_until"].as_u64().expect("until");
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs();
+    assert!(
+        until > now + 7000 && until <= now + 7200,
+        "{until} vs {now}"
+    );
+    let a = plumb.curl(Some(&reader), "GET", "/v1/services/web", None);
+    assert_eq!(a.body["state"], "FREEZE", "{a:?}");
+
+    let a = plumb.curl(None, "POST", "/v1/services/web/unfreeze", None);
+    assert_eq!(a.status, 200, "{a:?}");
+    assert_ne!(a.body["status"]["state"], "FREEZE", "{a:?}");
+
+    // Everything above, oldest first, with who and what.
+    let audit = plumb.audit();
+    let summary: Vec<(u64, &str, &str, &str)> = audit
+        .iter()
+        .map(|e| {
+            (
+                e["uid"].as_u64().unwrap(),
+                e["user"].as_str().unwrap(),
+                e["action"].as_str().unwrap(),
+                e["result"].as_str().unwrap(),
+            )
+        })
+        .collect();
+    assert_eq!(summary.len(), 3, "{audit:#?}");
+    assert_eq!(summary[0].0, uid(&reader));
+    assert_eq!(summary[0].1, reader);
+    assert_eq!(summary[0].2, "freeze");
+    assert!(summary[0].3.starts_with("refused: "), "{audit:#?}");
+    assert_eq!(
+        (summary[1].0, summary[1].1, summary[1].2, summary[1].3),
+        (uid(&admin), admin.as_str(), "freeze", "ok")
+    );
+    assert_eq!(
+        (summary[2].0, summary[2].1, summary[2].2, summary[2].3),
+        (0, "root", "unfreeze", "ok")
+    );
+    assert_eq!(audit[1]["service"], "web");
+    assert_eq!(audit[1]["arguments"], json!({ "duration": "2h" }));
+    let last = plumb.curl(Some(&reader), "GET", "/v1/audit?limit=1", None);
+    assert_eq!(last.body, json!([audit[2].clone()]));
+    // The log itself: one JSON line per write, not readable by everyone.
+    let log = plumb.state.join("audit.log");
+    assert_eq!(fs::read_to_string(&log).unwrap().lines().count(), 3);
+    assert_eq!(fs::metadata(&log).unwrap().permissions().mode() & 0o007, 0);
+
+    // With the socket opened to everyone, the API still refuses the stranger, by its credentials.
+    fs::set_permissions(&plumb.socket, fs::Permissions::from_mode(0o666)).unwrap();
+    for path in ["/v1/services", "/v1/audit", "/v1/machines"] {
+        let a = plumb.curl(Some(&stranger), "GET", path, None);
+        assert_eq!(a.status, 403, "{a:?}");
+        assert!(a.error().contains(&stranger), "{a:?}");
+        assert!(a.error().contains(&ro_group), "{a:?}");
+    }
+    let a = plumb.curl(Some(&stranger), "POST", "/v1/services/web/pull", None);
+    assert_eq!(a.status, 403, "{a:?}");
+    let audit = plumb.audit();
+    assert_eq!(audit.len(), 4, "{audit:#?}");
+    assert_eq!(audit[3]["user"], stranger.as_str());
+    assert_eq!(audit[3]["action"], "pull");
+    assert!(audit[3]["result"].as_str().unwrap().starts_with("refused"));
+}
+
+/// Bad requests get JSON errors with the right status, and are audited like any write.
+#[test]
+fn bad_requests_are_json_errors() {
+    require_root();
+    let root = temp_root();
+    // Groups that do not exist: the daemon starts anyway, root-only.
+    let plumb = Plumb::start(
+        root.path(),
+        "plumb-test-no-such-admin",
+        "plumb-test-no-such-ro",
+    );
+    assert_eq!(
+        fs::metadata(&plumb.socket).unwrap().permissions().mode() & 0o777,
+        0o600
+    );
+
+    let a = plumb.curl(
+        None,
+        "POST",
+        "/v1/services/web/freeze",
+        Some(r#"{ "duration": "soon" }"#),
+    );
+    assert_eq!(a.status, 422, "{a:?}");
+    assert!(a.error().contains("\"soon\""), "{a:?}");
+
+    let a = plumb.curl(None, "GET", "/v1/services/nope", None);
+    assert_eq!(a.status, 404, "{a:?}");
+    assert!(a.error().contains("nope"), "{a:?}");
+    let a = plumb.curl(None, "POST", "/v1/services/nope/freeze", None);
+    assert_eq!(a.status, 404, "{a:?}");
+
+    let a = plumb.curl(None, "POST", "/v1/services/web/freeze", Some("{nope"));
+    assert_eq!(a.status, 400, "{a:?}");
+    assert!(!a.error().is_empty(), "{a:?}");
+    let a = plumb.curl(None, "POST", "/v1/services/web/rollback", None);
+    assert_eq!(a.status, 400, "{a:?}");
+    assert!(a.error().contains("revision"), "{a:?}");
+
+    let a = plumb.curl(None, "GET", "/v1/nothing", None);
+    assert_eq!(a.status, 404, "{a:?}");
+    assert!(a.error().contains("/v1/nothing"), "{a:?}");
+    let a = plumb.curl(None, "DELETE", "/v1/services", None);
+    assert_eq!(a.status, 405, "{a:?}");
+    assert!(!a.error().is_empty(), "{a:?}");
+    let a = plumb.curl(None, "GET", "/v1/audit?limit=many", None);
+    assert_eq!(a.status, 400, "{a:?}");
+
+    let a = plumb.curl(None, "POST", "/v1/services/web/pull", None);
+    assert_eq!(a.status, 200, "{a:?}");
+    assert_eq!(a.body["action"], "pull", "{a:?}");
+    assert_eq!(a.body["status"]["state"], "OK", "{a:?}");
+    let a = plumb.curl(
+        None,
+        "POST",
+        "/v1/services/web/rollback",
+        Some(r#"{"revision":"no-such-revision"}"#),
+    );
+    assert_eq!(a.status, 422, "{a:?}");
+
+    let results: Vec<String> = plumb
+        .audit()
+        .iter()
+        .map(|e| e["result"].as_str().unwrap().to_owned())
+        .collect();
+    assert_eq!(results.len(), 6, "{results:?}");
+    assert_eq!(results[4], "ok", "{results:?}");
+    assert!(results[5].starts_with("error 422"), "{results:?}");
+    assert!(results[0].starts_with("error 422"), "{results:?}");
+    assert!(results[1].starts_with("error 404"), "{results:?}");
+    assert!(results[2].starts_with("error 400"), "{results:?}");
+}
+
+/// A socket left by a plumb that died is replaced; one that is listening, or a file that is not a
+/// socket, is not.
+#[test]
+fn bind_replaces_only_a_stale_socket() {
+    require_root();
+    let root = temp_root();
+    let path = root.path().join("sub").join("p.sock");
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    rt.block_on(async {
+        let first = api::bind(&path, "root", "root").unwrap();
+        let e = api::bind(&path, "root", "root").unwrap_err();
+        assert!(
+            matches!(e, api::ApiError::InUse { .. }),
+            "{e}: a listening socket must not be taken over"
+        );
+        drop(first);
+        api::bind(&path, "root", "root").expect("a stale socket is replaced");
+        let file = root.path().join("file");
+        fs::write(&file, "x").unwrap();
+        let e = api::bind(&file, "root", "root").unwrap_err();
+        assert!(matches!(e, api::ApiError::NotASocket { .. }), "{e}");
+        assert_eq!(fs::read_to_string(&file).unwrap(), "x");
+    });
+}

@@ -1,0 +1,393 @@
+//! The `plumbctl` binary end to end: a real daemon and its real control API run in this process on
+//! a socket in a temp dir, and the built `plumbctl` talks to it, locally (`--socket`) and as
+//! `@host` through a real OpenSSH server on loopback, whose remote command is the same binary.
+
+mod support;
+
+use std::net::TcpListener;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+use std::time::Duration;
+
+use plumb::config::Config;
+use plumb::ctl::Envelope;
+use plumb::daemon::{self, Handle, Reply};
+use plumb::proto::{ActionResult, Services};
+use plumb::{api, proto};
+use support::{SshServer, Upstream, require_root, temp_root, wait_until};
+use tokio_util::sync::CancellationToken;
+
+const DEADLINE: Duration = Duration::from_secs(20);
+
+/// A daemon and its API running in this process on their own runtime, stopped on drop.
+struct Plumb {
+    socket: PathBuf,
+    handle: Handle,
+    shutdown: CancellationToken,
+    rt: tokio::runtime::Runtime,
+}
+
+impl Plumb {
+    fn start(root: &Path, config: &Path) -> Plumb {
+        let rt = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(2)
+            .enable_all()
+            .build()
+            .unwrap();
+        let socket = root.join("run/plumb.sock");
+        let hosts = vec!["testbox".to_owned()];
+        let cfg = Config::load(config).unwrap();
+        let access = api::Access::new(&cfg, cfg.machine_names(&hosts), &cfg.settings.state_dir);
+        let (handle, commands) = daemon::channel();
+        let shutdown = CancellationToken::new();
+        let listener = rt
+            .block_on(async { api::bind(&socket, "plumb", "plumb-read") })
+            .unwrap();
+        rt.spawn(api::serve(
+            listener,
+            handle.clone(),
+            access,
+            shutdown.clone(),
+        ));
+        let opts = daemon::Options {
+            config: config.to_owned(),
+            hosts,
+            state_dir: None,
+            interval: Some(Duration::from_secs(3600)),
+            once: false,
+            apply: false,
+        };
+        let (reload_tx, reload_rx) = tokio::sync::mpsc::channel(1);
+        let sd = shutdown.clone();
+        rt.spawn(async move {
+            let _keep = reload_tx;
+            daemon::run(opts, reload_rx, commands, sd).await.unwrap();
+        });
+        Plumb {
+            socket,
+            handle,
+            shutdown,
+            rt,
+        }
+    }
+
+    fn deployed(&self, service: &str) -> Option<String> {
+        match self
+            .rt
+            .block_on(self.handle.call(daemon::Command::Status(service.into())))
+        {
+            Ok(Reply::Services(v)) => v.into_iter().next().and_then(|s| s.deployed),
+            other => panic!("{other:?}"),
+        }
+    }
+
+    /// `plumbctl --socket <this daemon's socket> <args>`.
+    fn ctl(&self, args: &[&str]) -> Output {
+        let mut cmd = plumbctl();
+        cmd.arg("--socket").arg(&self.socket).args(args);
+        cmd.output().unwrap()
+    }
+}
+
+impl Drop for Plumb {
+    fn drop(&mut self) {
+        self.shutdown.cancel();
+    }
+}
+
+/// The built plumbctl with none of the caller's plumbctl settings.
+fn plumbctl() -> Command {
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_plumbctl"));
+    for var in ["PLUMB_SOCKET", "PLUMBCTL_SSH", "PLUMBCTL_REMOTE"] {
+        cmd.env_remove(var);
+    }
+    cmd
+}
+
+/// An upstream with one commit for service `app` of machine `testbox`, and its config.
+fn setup(root: &Path) -> (Upstream, PathBuf, String) {
+    let up = Upstream::new(root, "ctl");
+    let v1 = up.write("app/conf", "1").commit("v1");
+    let config = root.join("plumb.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "[plumb]\nstate_dir = {:?}\n\n[[services]]\nmachine = \"testbox\"\nservice = \"app\"\nupstream = \"{}\"\ndirs = [{{ local = \"/srv/app\", link = \"app\" }}]\n",
+            root.join("state"),
+            up.file_url()
+        ),
+    )
+    .unwrap();
+    (up, config, v1)
+}
+
+fn text(b: &[u8]) -> String {
+    String::from_utf8_lossy(b).into_owned()
+}
+
+fn show(out: &Output) -> String {
+    format!(
+        "exit {:?}\nstdout:\n{}\nstderr:\n{}",
+        out.status.code(),
+        text(&out.stdout),
+        text(&out.stderr)
+    )
+}
+
+fn expect(out: &Output, code: i32) -> String {
+    assert_eq!(out.status.code(), Some(code), "{}", show(out));
+    text(&out.stdout)
+}
+
+#[test]
+fn list_freeze_status_pull_rollback_unfreeze_and_log_locally() {
+    require_root();
+    let root = temp_root();
+    let (up, config, v1) = setup(root.path());
+    let d = Plumb::start(root.path(), &config);
+    wait_until("first deploy", DEADLINE, || {
+        d.deployed("app").as_deref() == Some(v1.as_str())
+    });
+
+    let table = expect(&d.ctl(&["list", "services"]), 0);
+    let mut lines = table.lines();
+    assert_eq!(
+        lines.next().unwrap(),
+        "SERVICE  STATE  DEPLOYED      BEHIND  SINCE   INFO"
+    );
+    let row: Vec<&str> = lines.next().unwrap().split_whitespace().collect();
+    assert_eq!(row[..3], ["app", "OK", &v1[..12]], "{table}");
+    assert_eq!(lines.next(), None);
+
+    let machines = expect(&d.ctl(&["list", "machines"]), 0);
+    assert_eq!(machines, "NAME     THIS  SERVICES\ntestbox  yes   app\n");
+
+    let out = expect(&d.ctl(&["freeze", "app", "1h"]), 0);
+    assert!(
+        out.starts_with("SERVICE  RESULT  STATE   MESSAGE\napp      ok      FREEZE  "),
+        "{out}"
+    );
+    let status = expect(&d.ctl(&["status", "app"]), 0);
+    assert!(status.contains("\nstate:         FREEZE\n"), "{status}");
+    assert!(status.contains("\nfrozen until:  "), "{status}");
+    assert!(
+        status.contains(&format!("\ndeployed:      {v1}\n")),
+        "{status}"
+    );
+
+    // A pull while frozen fetches and holds back; a rollback pins; unfreeze catches up.
+    let v2 = up.write("app/conf", "2").commit("v2");
+    let out = expect(&d.ctl(&["pull", "app"]), 0);
+    assert!(out.contains("app      ok      FREEZE"), "{out}");
+    expect(&d.ctl(&["unfreeze", "app"]), 0);
+    wait_until("catch up after unfreeze", DEADLINE, || {
+        d.deployed("app").as_deref() == Some(v2.as_str())
+    });
+    let out = expect(&d.ctl(&["rollback", "app", &v1[..10]]), 0);
+    assert!(out.contains("app      ok      FREEZE"), "{out}");
+    assert_eq!(d.deployed("app").as_deref(), Some(v1.as_str()));
+
+    let log = expect(&d.ctl(&["log"]), 0);
+    let actions: Vec<&str> = log
+        .lines()
+        .skip(1)
+        .map(|l| l.split_whitespace().nth(2).unwrap_or_default())
+        .collect();
+    assert_eq!(actions, ["freeze", "pull", "unfreeze", "rollback"], "{log}");
+    assert!(log.starts_with("TIME  "), "{log}");
+}
+
+#[test]
+fn refusals_are_exit_1_and_usage_errors_exit_2() {
+    require_root();
+    let root = temp_root();
+    let (_up, config, v1) = setup(root.path());
+    let d = Plumb::start(root.path(), &config);
+    wait_until("first deploy", DEADLINE, || {
+        d.deployed("app").as_deref() == Some(v1.as_str())
+    });
+
+    let out = d.ctl(&["status", "nope"]);
+    assert_eq!(expect(&out, 1), "");
+    assert_eq!(
+        text(&out.stderr),
+        "plumbctl: no service \"nope\" on this machine\n"
+    );
+    let out = d.ctl(&["rollback", "app", "no-such-rev"]);
+    expect(&out, 1);
+    assert!(text(&out.stderr).contains("no-such-rev"), "{}", show(&out));
+
+    for args in [
+        &["bogus"][..],
+        &["list"],
+        &["status"],
+        &["rollback", "app"],
+        &["diff", "app"],
+        &["list", "services", "@-oProxyCommand=x"],
+    ] {
+        let out = d.ctl(args);
+        assert_eq!(out.status.code(), Some(2), "{args:?}: {}", show(&out));
+        assert!(out.stdout.is_empty(), "{args:?}: {}", show(&out));
+    }
+
+    // No daemon: one line saying where it looked.
+    let out = plumbctl()
+        .args(["list", "services"])
+        .env("PLUMB_SOCKET", root.path().join("absent.sock"))
+        .output()
+        .unwrap();
+    expect(&out, 1);
+    let err = text(&out.stderr);
+    assert!(
+        err.starts_with(&format!(
+            "plumbctl: cannot reach plumb at {}: ",
+            root.path().join("absent.sock").display()
+        )) && err.contains("is plumb running?"),
+        "{err}"
+    );
+}
+
+#[test]
+fn json_is_one_array_with_the_proto_bodies() {
+    require_root();
+    let root = temp_root();
+    let (_up, config, v1) = setup(root.path());
+    let d = Plumb::start(root.path(), &config);
+    wait_until("first deploy", DEADLINE, || {
+        d.deployed("app").as_deref() == Some(v1.as_str())
+    });
+
+    let doc: Vec<Envelope> =
+        serde_json::from_str(&expect(&d.ctl(&["--json", "list", "services"]), 0)).unwrap();
+    assert_eq!(doc.len(), 1);
+    assert!(doc[0].ok);
+    let services: Services = serde_json::from_value(doc[0].result.clone().unwrap()).unwrap();
+    assert_eq!(services.services[0].service, "app");
+    assert_eq!(services.services[0].deployed.as_deref(), Some(v1.as_str()));
+
+    let doc: Vec<Envelope> =
+        serde_json::from_str(&expect(&d.ctl(&["freeze", "app", "--json"]), 0)).unwrap();
+    let result: ActionResult = serde_json::from_value(doc[0].result.clone().unwrap()).unwrap();
+    assert!(result.ok);
+    assert_eq!(result.status.state, "FREEZE");
+    assert_eq!(result.status.frozen_until, None);
+
+    let out = d.ctl(&["--json", "status", "nope"]);
+    let doc: serde_json::Value = serde_json::from_str(&expect(&out, 1)).unwrap();
+    let machine = doc[0]["machine"].as_str().unwrap().to_owned();
+    assert_eq!(
+        doc,
+        serde_json::json!([{"machine": machine, "ok": false, "error": "no service \"nope\" on this machine"}])
+    );
+    assert_eq!(text(&out.stderr), "");
+}
+
+/// A port on 127.0.0.1 that nothing listens on.
+fn closed_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+#[test]
+fn hosts_are_asked_through_ssh_and_an_unreachable_one_is_a_row() {
+    require_root();
+    let root = temp_root();
+    let (_up, config, v1) = setup(root.path());
+    let d = Plumb::start(root.path(), &config);
+    wait_until("first deploy", DEADLINE, || {
+        d.deployed("app").as_deref() == Some(v1.as_str())
+    });
+    let sshd = SshServer::start(root.path());
+    // What a user's ~/.ssh/config does: names for hosts, with their ports.
+    let ssh_config = root.path().join("ssh_config");
+    std::fs::write(
+        &ssh_config,
+        format!(
+            "Host good\n  HostName 127.0.0.1\n  Port {}\nHost down\n  HostName 127.0.0.1\n  Port {}\n",
+            sshd.port,
+            closed_port()
+        ),
+    )
+    .unwrap();
+    let ssh = format!(
+        "ssh -F {} -i {} -o UserKnownHostsFile={} -o StrictHostKeyChecking=yes -o IdentitiesOnly=yes -o BatchMode=yes -l root",
+        ssh_config.display(),
+        sshd.client_key.display(),
+        sshd.known_hosts.display()
+    );
+    // The remote plumbctl is this build, reaching this test's daemon.
+    let remote = format!(
+        "env PLUMB_SOCKET={} {}",
+        d.socket.display(),
+        env!("CARGO_BIN_EXE_plumbctl")
+    );
+    let ctl = |args: &[&str]| {
+        plumbctl()
+            .args(args)
+            .env("PLUMBCTL_SSH", &ssh)
+            .env("PLUMBCTL_REMOTE", &remote)
+            .output()
+            .unwrap()
+    };
+
+    let out = ctl(&["list", "services", "@good"]);
+    let table = expect(&out, 0);
+    let lines: Vec<Vec<&str>> = table
+        .lines()
+        .map(|l| l.split_whitespace().collect())
+        .collect();
+    assert_eq!(
+        lines[0],
+        [
+            "MACHINE", "SERVICE", "STATE", "DEPLOYED", "BEHIND", "SINCE", "INFO"
+        ]
+    );
+    assert_eq!(lines[1][..4], ["good", "app", "OK", &v1[..12]], "{table}");
+
+    let out = ctl(&["@down", "freeze", "app", "2h", "@good"]);
+    let table = expect(&out, 1);
+    let lines: Vec<&str> = table.lines().collect();
+    assert_eq!(lines.len(), 3, "{}", show(&out));
+    assert!(
+        lines[0].starts_with("MACHINE  SERVICE  RESULT  STATE   MESSAGE"),
+        "{table}"
+    );
+    assert!(
+        lines[1]
+            .starts_with("down     -        -       ERROR   ssh: connect to host 127.0.0.1 port "),
+        "{table}"
+    );
+    assert!(lines[1].ends_with("Connection refused"), "{table}");
+    assert!(
+        lines[2].starts_with("good     app      ok      FREEZE  "),
+        "{table}"
+    );
+
+    let out = ctl(&["--json", "status", "app", "@good", "@down"]);
+    let doc: Vec<Envelope> = serde_json::from_str(&expect(&out, 1)).unwrap();
+    assert_eq!((doc[0].machine.as_str(), doc[0].ok), ("good", true));
+    let status: proto::ServiceStatus =
+        serde_json::from_value(doc[0].result.clone().unwrap()).unwrap();
+    assert_eq!(status.state, "FREEZE");
+    assert!(status.frozen_until.is_some());
+    assert_eq!((doc[1].machine.as_str(), doc[1].ok), ("down", false));
+    assert!(
+        doc[1]
+            .error
+            .as_deref()
+            .unwrap_or_default()
+            .contains("Connection refused"),
+        "{doc:?}"
+    );
+
+    // A refusal on the remote side is that machine's error, not ssh's.
+    let out = ctl(&["status", "nope", "@good"]);
+    let blocks = expect(&out, 1);
+    assert_eq!(
+        blocks,
+        "host:  good\nerror: no service \"nope\" on this machine\n"
+    );
+}

@@ -144,6 +144,9 @@ pub async fn run(
 struct Entry {
     config: config::Service,
     state: service::Service,
+    /// Changes to the service's files on its branch after the deployed revision (derived at each
+    /// fetch, so not persisted).
+    behind: Option<u64>,
 }
 
 struct Upstream {
@@ -170,6 +173,8 @@ enum Done {
         result: Result<FetchReport, GitError>,
         /// Local edits per service (checked after a good fetch).
         drift: BTreeMap<String, Vec<String>>,
+        /// Changes to each service's files between its deployed revision and the head.
+        behind: BTreeMap<String, Option<u64>>,
     },
     Deployed {
         url: String,
@@ -260,11 +265,13 @@ impl Daemon {
                     Entry {
                         config: cfg,
                         state: old.state,
+                        behind: old.behind,
                     }
                 }
                 None => Entry {
                     state: load_state(&self.layout, &cfg.name, now),
                     config: cfg,
+                    behind: None,
                 },
             };
             services.insert(entry.config.name.clone(), entry);
@@ -485,7 +492,7 @@ impl Daemon {
             branch: c.branch.clone(),
             deployed: hex(s.deployed),
             upstream_head: hex(s.upstream),
-            behind: None,
+            behind: e.behind,
             frozen_until: s.frozen_until,
             pinned: hex(s.pinned),
             dirs: c
@@ -554,19 +561,19 @@ impl Daemon {
             if let Some(u) = self.upstreams.get_mut(&url) {
                 u.busy = true;
             }
-            // Checkouts to look for local edits in, at the revision each was made from.
-            let checks: Vec<(String, std::path::PathBuf, Oid, Vec<String>)> = self
+            // Checkouts to look for local edits in, at the revision each was made from, and how
+            // far behind each service's files are.
+            let checks: Vec<Check> = self
                 .services
                 .values()
                 .filter(|e| e.config.upstream == url)
-                .filter_map(|e| {
-                    let synced = e.state.synced?;
-                    Some((
-                        e.config.name.clone(),
-                        e.config.checkout_dir(),
-                        synced,
-                        e.config.links(),
-                    ))
+                .map(|e| Check {
+                    name: e.config.name.clone(),
+                    target: e.config.checkout_dir(),
+                    synced: e.state.synced,
+                    deployed: e.state.deployed,
+                    branch: e.config.branch.clone(),
+                    links: e.config.links(),
                 })
                 .collect();
             let stores = self.layout.stores();
@@ -576,19 +583,40 @@ impl Daemon {
             tokio::task::spawn_blocking(move || {
                 let _g = span.enter();
                 let mut drift = BTreeMap::new();
+                let mut behind = BTreeMap::new();
                 let result = Store::open(&stores, &url).and_then(|mut s| {
                     let report = s.fetch(&branches, &transport)?;
-                    for (name, target, synced, links) in checks {
-                        match s.drift(&target, synced, &links) {
-                            Ok(files) => {
-                                drift.insert(name, files);
+                    for c in checks {
+                        if let Some(synced) = c.synced {
+                            match s.drift(&c.target, synced, &c.links) {
+                                Ok(files) => {
+                                    drift.insert(c.name.clone(), files);
+                                }
+                                Err(e) => {
+                                    warn!(service = %c.name, "cannot check for local edits: {e}")
+                                }
                             }
-                            Err(e) => warn!(service = %name, "cannot check for local edits: {e}"),
+                        }
+                        let head = report.heads.get(&c.branch).copied().flatten();
+                        if let (Some(deployed), Some(head)) = (c.deployed, head) {
+                            match s.changes_since(deployed, head, &c.links, BEHIND_LIMIT) {
+                                Ok(n) => {
+                                    behind.insert(c.name, n);
+                                }
+                                Err(e) => {
+                                    warn!(service = %c.name, "cannot count changes behind: {e}")
+                                }
+                            }
                         }
                     }
                     Ok(report)
                 });
-                let _ = tx.blocking_send(Done::Fetched { url, result, drift });
+                let _ = tx.blocking_send(Done::Fetched {
+                    url,
+                    result,
+                    drift,
+                    behind,
+                });
             });
         }
     }
@@ -600,7 +628,13 @@ impl Daemon {
                 url,
                 result,
                 mut drift,
+                behind,
             } => {
+                for (name, n) in behind {
+                    if let Some(e) = self.services.get_mut(&name) {
+                        e.behind = n;
+                    }
+                }
                 match &result {
                     Ok(report) => {
                         debug!(upstream = %git::redact_url(&url), heads = ?report.heads, "fetch done")
@@ -690,6 +724,11 @@ impl Daemon {
                     let Some(entry) = self.services.get_mut(&name) else {
                         continue; // removed by a reload meanwhile
                     };
+                    if let Event::Deployed { head, .. } = &event {
+                        // At the branch head its files are current; after a rollback the next
+                        // fetch counts.
+                        entry.behind = (Some(*head) == entry.state.upstream).then_some(0);
+                    }
                     match &event {
                         Event::Deployed { revision, .. } if *revision != entry.state.deployed => {
                             info!(service = %name, revision = %service::short(*revision), "deployed")
@@ -835,6 +874,19 @@ impl Daemon {
                 .collect(),
         }
     }
+}
+
+/// The first-parent commits `behind` walks at most per service and fetch.
+const BEHIND_LIMIT: usize = 10_000;
+
+/// What the fetch job looks at for one service besides fetching.
+struct Check {
+    name: String,
+    target: std::path::PathBuf,
+    synced: Option<Oid>,
+    deployed: Option<Oid>,
+    branch: String,
+    links: Vec<String>,
 }
 
 struct DeployJob {

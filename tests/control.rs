@@ -129,7 +129,15 @@ fn freeze_holds_back_unfreeze_catches_up_and_pull_answers_when_done() {
     // Pull answers after the fetch: the new head is known, and not deployed.
     assert_eq!(a.status.upstream_head.as_deref(), Some(v2.as_str()));
     assert_eq!(a.status.state, "FREEZE");
+    assert_eq!(a.status.behind, Some(1));
     assert_eq!(conf(&state), "1");
+    // A commit to other files does not put the service further behind.
+    up.write("elsewhere/x", "1").commit("elsewhere");
+    let a = d.act(Command::Pull {
+        service: "app".into(),
+        force: false,
+    });
+    assert_eq!(a.status.behind, Some(1));
 
     let a = d.act(Command::Unfreeze("app".into()));
     assert_eq!(a.status.state, "OK");
@@ -137,6 +145,7 @@ fn freeze_holds_back_unfreeze_catches_up_and_pull_answers_when_done() {
         d.status("app").deployed.as_deref() == Some(v2.as_str())
     });
     assert_eq!(conf(&state), "2");
+    assert_eq!(d.status("app").behind, Some(0));
 
     assert_eq!(
         d.call(Command::Status("nope".into())),

@@ -180,6 +180,49 @@ impl Store {
         };
         walk().map_err(|e| self.reached_error(head, e))
     }
+
+    /// How many commits on the first-parent chain from `head` back to `deployed` (exclusive)
+    /// change `links`: how far a service is behind its branch, in changes of its own files.
+    /// `None` when `deployed` is not on that chain (history rewritten, or a rollback target off
+    /// it); the walk stops after `limit` commits with what it counted so far.
+    pub fn changes_since(
+        &self,
+        deployed: Oid,
+        head: Oid,
+        links: &[String],
+        limit: usize,
+    ) -> Result<Option<u64>, GitError> {
+        validate_links(links)?;
+        let start = self
+            .repo
+            .find_commit(head)
+            .map_err(|e| self.object_error(head, e))?;
+        let walk = move || -> Result<Option<u64>, git2::Error> {
+            let mut commit = start;
+            let mut count = 0;
+            for _ in 0..limit {
+                if commit.id() == deployed {
+                    return Ok(Some(count));
+                }
+                let tree = commit.tree()?;
+                let parent = match commit.parent(0) {
+                    Ok(parent) => parent,
+                    Err(e) if e.code() == ErrorCode::NotFound => return Ok(None),
+                    Err(e) => return Err(e),
+                };
+                let parent_tree = parent.tree()?;
+                for link in links {
+                    if entry_at(&tree, link)? != entry_at(&parent_tree, link)? {
+                        count += 1;
+                        break;
+                    }
+                }
+                commit = parent;
+            }
+            Ok(Some(count))
+        };
+        walk().map_err(|e| self.reached_error(head, e))
+    }
 }
 
 #[cfg(test)]

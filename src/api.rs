@@ -361,6 +361,7 @@ fn router(handle: daemon::Handle, access: Access) -> Router {
         .route("/services/{name}/unfreeze", post(unfreeze))
         .route("/services/{name}/rollback", post(rollback))
         .route("/services/{name}/pull", post(pull))
+        .route("/services/{name}/diff", get(get_diff))
         .route("/audit", get(get_audit));
     Router::new()
         .nest(proto::PREFIX, v1)
@@ -515,6 +516,25 @@ async fn get_service(
     };
     match answer.await {
         Ok(s) => json(StatusCode::OK, &s),
+        Err(f) => f.into_response(),
+    }
+}
+
+async fn get_diff(
+    State(app): Shared,
+    ConnectInfo(peer): Conn,
+    name: Result<UrlPath<String>, PathRejection>,
+) -> Response {
+    let answer = async {
+        reader(&app, peer).await?;
+        let name = path_name(name)?;
+        match app.handle.call(Command::Diff(name)).await? {
+            Reply::Diff(d) => Ok(d),
+            other => Err(unexpected(&other)),
+        }
+    };
+    match answer.await {
+        Ok(d) => json(StatusCode::OK, &d),
         Err(f) => f.into_response(),
     }
 }

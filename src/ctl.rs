@@ -119,6 +119,11 @@ pub enum Action {
         #[arg(long)]
         force: bool,
     },
+    /// What the next pull would change in the service's files.
+    Diff {
+        /// The service: its unit name as in the config ("nginx", "docker-compose@caddy").
+        service: String,
+    },
     /// Show the audit log: every write, allowed or refused.
     Log,
 }
@@ -173,6 +178,7 @@ pub enum Body {
     Status(proto::ServiceStatus),
     Action(proto::ActionResult),
     Audit(Vec<proto::AuditEntry>),
+    Diff(proto::DiffResult),
 }
 
 /// One machine's part of the answer.
@@ -307,6 +313,7 @@ impl Action {
                 }
                 w
             }
+            Action::Diff { service } => vec!["diff", service],
             Action::Log => vec!["log"],
         };
         words.into_iter().map(str::to_owned).collect()
@@ -336,6 +343,7 @@ impl Action {
             Action::List(ListWhat::Machines) => get(format!("{}/machines", proto::PREFIX)),
             Action::List(ListWhat::Services) => get(format!("{}/services", proto::PREFIX)),
             Action::Status { service } => get(service_path(service, "")),
+            Action::Diff { service } => get(service_path(service, "diff")),
             Action::Freeze { service, duration } => post(
                 service_path(service, "freeze"),
                 to_value(&proto::FreezeRequest {
@@ -370,13 +378,16 @@ impl Action {
             | Action::Unfreeze { .. }
             | Action::Rollback { .. }
             | Action::Pull { .. } => Body::Action(serde_json::from_value(value)?),
+            Action::Diff { .. } => Body::Diff(serde_json::from_value(value)?),
             Action::Log => Body::Audit(serde_json::from_value(value)?),
         })
     }
 
     fn timeout(&self) -> Duration {
         match self {
-            Action::List(_) | Action::Status { .. } | Action::Log => READ_TIMEOUT,
+            Action::List(_) | Action::Status { .. } | Action::Diff { .. } | Action::Log => {
+                READ_TIMEOUT
+            }
             _ => WRITE_TIMEOUT,
         }
     }
@@ -838,6 +849,7 @@ fn table_for(action: &Action, reports: &[&Report], now: u64) -> Table {
             vec!["TIME", "USER", "ACTION", "SERVICE", "RESULT", "ARGUMENTS"],
             None,
         ),
+        Action::Diff { .. } => (vec!["SERVICE", "CHANGE", "PATH"], None),
         _ => (vec!["SERVICE", "RESULT", "STATE", "MESSAGE"], Some(2)),
     };
     let mut rows = Vec::new();
@@ -881,6 +893,24 @@ fn table_for(action: &Action, reports: &[&Report], now: u64) -> Table {
                     result.message.clone(),
                 ],
             )),
+            Ok(Body::Diff(d)) => {
+                if d.files.is_empty() {
+                    rows.push((
+                        machine.clone(),
+                        vec![
+                            d.service.clone(),
+                            "-".to_owned(),
+                            "(nothing to pull)".to_owned(),
+                        ],
+                    ));
+                }
+                for f in &d.files {
+                    rows.push((
+                        machine.clone(),
+                        vec![d.service.clone(), f.change.clone(), f.path.clone()],
+                    ));
+                }
+            }
             Ok(Body::Audit(entries)) => {
                 for entry in entries {
                     let arguments = match &entry.arguments {

@@ -448,6 +448,40 @@ impl Daemon {
                     });
                 });
             }
+            Command::Diff(service) => {
+                let Some(e) = self.services.get(&service) else {
+                    let _ = reply.send(Err(CommandError::UnknownService(service)));
+                    return;
+                };
+                let (url, links) = (e.config.upstream.clone(), e.config.links());
+                let (from, to, commits) = (e.state.synced, e.state.upstream, e.behind);
+                let stores = self.layout.stores();
+                // Read-only on the store, so it needs no turn of the upstream's job.
+                tokio::task::spawn_blocking(move || {
+                    let files = match to {
+                        None => Ok(Vec::new()),
+                        Some(to) => Store::open_readonly(&stores, &url)
+                            .and_then(|s| s.file_changes(from, to, &links))
+                            .map_err(|e| CommandError::Invalid(e.to_string())),
+                    };
+                    let hex = |o: Option<Oid>| o.map(|o| o.to_string());
+                    let _ = reply.send(files.map(|files| {
+                        Reply::Diff(crate::proto::DiffResult {
+                            service,
+                            from: hex(from),
+                            to: hex(to),
+                            commits,
+                            files: files
+                                .into_iter()
+                                .map(|f| crate::proto::FileDiff {
+                                    path: f.path,
+                                    change: f.change.to_owned(),
+                                })
+                                .collect(),
+                        })
+                    }));
+                });
+            }
             Command::Pull { service, force } => {
                 let url = match known(self, &service) {
                     Ok(url) => url,
@@ -1050,6 +1084,8 @@ pub enum Command {
     Rollback { service: String, revision: String },
     /// Fetch and deploy now; answered when done. `force` also drops local edits.
     Pull { service: String, force: bool },
+    /// What the next pull would change in the service's files (from the last fetch).
+    Diff(String),
 }
 
 /// The daemon's answer to a [`Command`].
@@ -1057,6 +1093,7 @@ pub enum Command {
 pub enum Reply {
     Services(Vec<crate::proto::ServiceStatus>),
     Action(Box<crate::proto::ActionResult>),
+    Diff(crate::proto::DiffResult),
 }
 
 /// Why a command was refused; the API maps each to an HTTP status.

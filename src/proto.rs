@@ -105,6 +105,26 @@ pub struct ActionResult {
     pub status: ServiceStatus,
 }
 
+/// `GET /v1/services/{name}/diff`: what the next pull would change in the service's files.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DiffResult {
+    pub service: String,
+    /// The revision the checkout was made from.
+    pub from: Option<String>,
+    /// The branch head last fetched.
+    pub to: Option<String>,
+    /// Commits between them that change the service's files.
+    pub commits: Option<u64>,
+    pub files: Vec<FileDiff>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct FileDiff {
+    pub path: String,
+    /// added, deleted, modified, renamed or typechange.
+    pub change: String,
+}
+
 /// Every non-2xx answer.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ErrorBody {

@@ -280,3 +280,41 @@ fn local_edits_are_diff_never_overwritten_until_pull_force() {
     });
     assert_eq!(a.status.state, "OK", "{a:?}");
 }
+
+#[test]
+fn diff_shows_what_the_next_pull_would_change() {
+    let root = temp_root();
+    let (up, config, state, v1) = setup(root.path());
+    let d = Running::start(&config);
+    wait_until("first deploy", DEADLINE, || {
+        d.status("app").deployed.as_deref() == Some(v1.as_str())
+    });
+    d.act(Command::Freeze {
+        service: "app".into(),
+        until: None,
+    });
+    let v2 = up
+        .write("app/conf", "2")
+        .write("app/new", "n")
+        .write("other/x", "x")
+        .commit("v2");
+    d.act(Command::Pull {
+        service: "app".into(),
+        force: false,
+    });
+    let diff = match d.call(Command::Diff("app".into())).unwrap() {
+        Reply::Diff(diff) => diff,
+        other => panic!("{other:?}"),
+    };
+    assert_eq!(diff.from.as_deref(), Some(v1.as_str()));
+    assert_eq!(diff.to.as_deref(), Some(v2.as_str()));
+    assert_eq!(diff.commits, Some(1));
+    let files: Vec<(&str, &str)> = diff
+        .files
+        .iter()
+        .map(|f| (f.path.as_str(), f.change.as_str()))
+        .collect();
+    assert_eq!(files, vec![("app/conf", "modified"), ("app/new", "added")]);
+    // Nothing was deployed by asking.
+    assert_eq!(conf(&state), "1");
+}

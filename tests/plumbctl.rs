@@ -213,6 +213,15 @@ fn refusals_are_exit_1_and_usage_errors_exit_2() {
         text(&out.stderr),
         "plumbctl: no service \"nope\" on this machine\n"
     );
+    // diff is a read: nothing to pull here is a clean answer.
+    let out = d.ctl(&["diff", "app"]);
+    expect(&out, 0);
+    assert!(
+        text(&out.stdout).contains("(nothing to pull)"),
+        "{}",
+        show(&out)
+    );
+
     let out = d.ctl(&["rollback", "app", "no-such-rev"]);
     expect(&out, 1);
     assert!(text(&out.stderr).contains("no-such-rev"), "{}", show(&out));
@@ -222,7 +231,7 @@ fn refusals_are_exit_1_and_usage_errors_exit_2() {
         &["list"],
         &["status"],
         &["rollback", "app"],
-        &["diff", "app"],
+        &["diff"],
         &["list", "services", "@-oProxyCommand=x"],
     ] {
         let out = d.ctl(args);

@@ -82,6 +82,25 @@ impl Store {
         to: Oid,
         links: &[String],
     ) -> Result<Vec<String>, GitError> {
+        let mut paths: Vec<String> = self
+            .file_changes(from, to, links)?
+            .into_iter()
+            .flat_map(|c| [Some(c.path), c.old_path])
+            .flatten()
+            .collect();
+        paths.sort();
+        paths.dedup();
+        Ok(paths)
+    }
+
+    /// What moving a service's checkout from `from` to `to` does to each of its files: what
+    /// `plumbctl diff` shows before a pull.
+    pub fn file_changes(
+        &self,
+        from: Option<Oid>,
+        to: Oid,
+        links: &[String],
+    ) -> Result<Vec<FileChange>, GitError> {
         validate_links(links)?;
         let to_tree = self
             .repo
@@ -119,24 +138,35 @@ impl Store {
             .repo
             .diff_tree_to_tree(from_tree.as_ref(), Some(&to_tree), Some(&mut options))
             .map_err(|e| self.reached_error(to, e))?;
-        let mut paths = Vec::new();
+        let shown = |file: git2::DiffFile<'_>| {
+            file.path_bytes()
+                .map(|p| String::from_utf8_lossy(p).into_owned())
+                .filter(|p| under_links(p, links))
+        };
+        let mut changes = Vec::new();
         for delta in diff.deltas() {
             if not_deployed(delta.old_file().mode()) && not_deployed(delta.new_file().mode()) {
                 continue;
             }
-            for file in [delta.old_file(), delta.new_file()] {
-                let Some(path) = file.path_bytes() else {
-                    continue;
-                };
-                let path = String::from_utf8_lossy(path).into_owned();
-                if under_links(&path, links) {
-                    paths.push(path);
-                }
-            }
+            let (old, new) = (shown(delta.old_file()), shown(delta.new_file()));
+            let Some(path) = new.clone().or(old.clone()) else {
+                continue;
+            };
+            let change = match delta.status() {
+                git2::Delta::Added => "added",
+                git2::Delta::Deleted => "deleted",
+                git2::Delta::Renamed => "renamed",
+                git2::Delta::Typechange => "typechange",
+                _ => "modified",
+            };
+            changes.push(FileChange {
+                path,
+                old_path: old.filter(|o| Some(o) != new.as_ref()),
+                change,
+            });
         }
-        paths.sort();
-        paths.dedup();
-        Ok(paths)
+        changes.sort_by(|a, b| a.path.cmp(&b.path));
+        Ok(changes)
     }
 
     /// The newest commit on the first-parent chain from `head` where the entry (object and mode,
@@ -223,6 +253,16 @@ impl Store {
         };
         walk().map_err(|e| self.reached_error(head, e))
     }
+}
+
+/// One file's change between two revisions of a service.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct FileChange {
+    pub path: String,
+    /// The path before, when it differs (renames).
+    pub old_path: Option<String>,
+    /// added, deleted, modified, renamed or typechange.
+    pub change: &'static str,
 }
 
 #[cfg(test)]

@@ -49,7 +49,7 @@ use std::sync::atomic::AtomicBool;
 use std::time::Duration;
 
 pub use git2::Oid;
-pub use history::under_links;
+pub use history::{FileChange, under_links};
 pub use url::{redact_url, store_id};
 
 /// Errors of the git engine. Each names what it was working on (URL — always redacted —, path,

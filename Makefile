@@ -1,5 +1,5 @@
-# The two set-up commands of the README, and the benchmarks. Each installs what it needs first.
-.PHONY: demo test bench deps lint
+# The two set-up commands of the README, the generated docs, and the benchmarks. Each installs what it needs first.
+.PHONY: demo test bench deps lint docs
 
 deps:
 	bash scripts/install-deps.sh
@@ -9,6 +9,10 @@ demo: deps
 
 test: deps
 	cargo test --all-targets
+
+# Man pages and shell completions, generated from the clap definitions (src/docs.rs).
+docs:
+	cargo run --quiet --example gen-docs -- target/docs
 
 lint:
 	cargo fmt --check

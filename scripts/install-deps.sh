@@ -21,6 +21,8 @@ PACKAGES=(
   # systemd tests: systemd-analyze verify and systemd-escape (generator), and a real systemd booted
   # with systemd-nspawn from a debootstrapped rootfs cached as a zstd tarball
   systemd systemd-container debootstrap zstd
+  # docs tests: the generated man pages are rendered by man and groff and must not warn
+  man-db groff-base
 )
 
 if [ "$(id -u)" -ne 0 ]; then

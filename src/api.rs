@@ -362,6 +362,7 @@ fn router(handle: daemon::Handle, access: Access) -> Router {
         .route("/services/{name}/rollback", post(rollback))
         .route("/services/{name}/pull", post(pull))
         .route("/services/{name}/diff", get(get_diff))
+        .route("/services/{name}/wipe", post(wipe))
         .route("/audit", get(get_audit));
     Router::new()
         .nest(proto::PREFIX, v1)
@@ -623,6 +624,7 @@ enum Change {
     Unfreeze,
     Rollback(proto::RollbackRequest),
     Pull(proto::PullRequest),
+    Wipe,
 }
 
 impl Change {
@@ -645,6 +647,7 @@ impl Change {
                 service,
                 force: r.force,
             },
+            Change::Wipe => Command::Wipe(service),
         })
     }
 }
@@ -735,6 +738,13 @@ async fn rollback(
 async fn pull(State(app): Shared, ConnectInfo(peer): Conn, name: Name, bytes: Body) -> Response {
     write(&app, peer, "pull", name, bytes, |b| {
         body(b).map(Change::Pull)
+    })
+    .await
+}
+
+async fn wipe(State(app): Shared, ConnectInfo(peer): Conn, name: Name, bytes: Body) -> Response {
+    write(&app, peer, "wipe", name, bytes, |b| {
+        body::<serde_json::Value>(b).map(|_| Change::Wipe)
     })
     .await
 }

@@ -178,16 +178,30 @@ pub async fn apply(
     let _lock = lock(layout, service).await?;
     let mut last = read_applied(layout, service);
     let mut wanted = read_wanted(layout, service)?;
-    if let Some(done) = last.as_ref().filter(|o| o.ok && o.revision == wanted) {
-        info!(service, revision = %short(wanted), "already applied");
-        return Ok(done.clone());
-    }
     let run = Run {
         svc: &svc,
         unit: svc.unit(),
         layout,
         systemd,
     };
+    if let Some(done) = last.as_ref().filter(|o| o.ok && o.revision == wanted) {
+        // Nothing new for the unit, but a bind can still be wrong (a checkout rebuilt by wipe, a
+        // mount made by hand): those are re-made; the unit is left alone.
+        let mut notes = Vec::new();
+        for dir in &svc.dirs {
+            match run.mount(dir).await {
+                Ok(Some(note)) => notes.push(note),
+                Ok(None) => {}
+                Err(f) => warn!(service, "{}", f.message),
+            }
+        }
+        if notes.is_empty() {
+            info!(service, revision = %short(wanted), "already applied");
+        } else {
+            info!(service, revision = %short(wanted), "already applied; {}", notes.join("; "));
+        }
+        return Ok(done.clone());
+    }
     let mut round = 1;
     loop {
         let outcome = run.revision(wanted, last.as_ref()).await;

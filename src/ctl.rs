@@ -119,6 +119,11 @@ pub enum Action {
         #[arg(long)]
         force: bool,
     },
+    /// Rebuild the service's checkout from the store (drops local edits; the emergency path).
+    Wipe {
+        /// The service: its unit name as in the config ("nginx", "docker-compose@caddy").
+        service: String,
+    },
     /// What the next pull would change in the service's files.
     Diff {
         /// The service: its unit name as in the config ("nginx", "docker-compose@caddy").
@@ -314,6 +319,7 @@ impl Action {
                 w
             }
             Action::Diff { service } => vec!["diff", service],
+            Action::Wipe { service } => vec!["wipe", service],
             Action::Log => vec!["log"],
         };
         words.into_iter().map(str::to_owned).collect()
@@ -344,6 +350,10 @@ impl Action {
             Action::List(ListWhat::Services) => get(format!("{}/services", proto::PREFIX)),
             Action::Status { service } => get(service_path(service, "")),
             Action::Diff { service } => get(service_path(service, "diff")),
+            Action::Wipe { service } => post(
+                service_path(service, "wipe"),
+                Value::Object(Default::default()),
+            ),
             Action::Freeze { service, duration } => post(
                 service_path(service, "freeze"),
                 to_value(&proto::FreezeRequest {
@@ -377,7 +387,8 @@ impl Action {
             Action::Freeze { .. }
             | Action::Unfreeze { .. }
             | Action::Rollback { .. }
-            | Action::Pull { .. } => Body::Action(serde_json::from_value(value)?),
+            | Action::Pull { .. }
+            | Action::Wipe { .. } => Body::Action(serde_json::from_value(value)?),
             Action::Diff { .. } => Body::Diff(serde_json::from_value(value)?),
             Action::Log => Body::Audit(serde_json::from_value(value)?),
         })
@@ -1161,14 +1172,7 @@ mod tests {
         );
         let cli = parse("--socket /tmp/p.sock rollback nginx abc123");
         assert_eq!(cli.socket.as_deref(), Some(Path::new("/tmp/p.sock")));
-        for bad in [
-            "",
-            "list",
-            "status",
-            "rollback nginx",
-            "diff nginx",
-            "wipe nginx",
-        ] {
+        for bad in ["", "list", "status", "rollback nginx", "diff", "wipe"] {
             let err = Cli::try_parse_from(std::iter::once("plumbctl".to_owned()).chain(words(bad)))
                 .unwrap_err();
             assert_eq!(err.exit_code(), 2, "{bad:?}");
@@ -1181,6 +1185,8 @@ mod tests {
             "list machines",
             "list services",
             "status nginx",
+            "diff nginx",
+            "wipe nginx",
             "freeze nginx",
             "freeze nginx 90m",
             "unfreeze nginx",

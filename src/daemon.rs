@@ -203,6 +203,8 @@ struct Daemon {
     cancel: Arc<AtomicBool>,
     /// The system manager, when there is one to talk to (not in tests on a host without systemd).
     systemd: Option<Arc<Systemd>>,
+    /// Services whose checkout was rebuilt (wipe): their mounts are re-bound after the deploy.
+    rebind: BTreeSet<String>,
     services: BTreeMap<String, Entry>,
     upstreams: BTreeMap<String, Upstream>,
 }
@@ -226,6 +228,7 @@ impl Daemon {
             transport: git::Transport::default(),
             cancel,
             systemd: None,
+            rebind: BTreeSet::new(),
             layout,
             opts,
             config,
@@ -447,6 +450,36 @@ impl Daemon {
                         reply,
                     });
                 });
+            }
+            Command::Wipe(service) => {
+                let Some(e) = self.services.get(&service) else {
+                    let _ = reply.send(Err(CommandError::UnknownService(service)));
+                    return;
+                };
+                let Some(head) = e.state.synced else {
+                    let _ = reply.send(Err(CommandError::Invalid(format!(
+                        "{service} has nothing checked out yet"
+                    ))));
+                    return;
+                };
+                warn!(service = %service, "wipe: rebuilding the checkout");
+                let job = DeployJob {
+                    service: e.config.clone(),
+                    head,
+                    from: None,
+                    deployed: e.state.deployed,
+                    restore: true,
+                    fresh: true,
+                };
+                self.rebind.insert(service.clone());
+                if let Some(u) = self.upstreams.get_mut(&e.config.upstream) {
+                    u.queued.push(job);
+                    u.waiters.push(Waiter {
+                        service,
+                        action: "wipe",
+                        reply,
+                    });
+                }
             }
             Command::Diff(service) => {
                 let Some(e) = self.services.get(&service) else {
@@ -763,6 +796,7 @@ impl Daemon {
                         // fetch counts.
                         entry.behind = (Some(*head) == entry.state.upstream).then_some(0);
                     }
+                    let rebuilt = self.rebind.remove(&name);
                     match &event {
                         Event::Deployed { revision, .. } if *revision != entry.state.deployed => {
                             info!(service = %name, revision = %service::short(*revision), "deployed")
@@ -772,7 +806,17 @@ impl Daemon {
                         }
                         _ => {}
                     }
+                    let deployed = matches!(event, Event::Deployed { .. });
                     self.feed(&name, event, now, tx);
+                    if rebuilt && deployed {
+                        // A rebuilt checkout is clean, and its mounts must move onto it.
+                        self.feed(&name, Event::Drift { files: Vec::new() }, now, tx);
+                        if let Some(revision) =
+                            self.services.get(&name).and_then(|e| e.state.deployed)
+                        {
+                            self.apply(&name, revision, tx);
+                        }
+                    }
                 }
                 self.done_with(&url);
             }
@@ -806,6 +850,7 @@ impl Daemon {
                     from,
                     deployed,
                     restore: false,
+                    fresh: false,
                 }),
                 Effect::Restore { head, deployed } => jobs.push(DeployJob {
                     service: entry.config.clone(),
@@ -813,6 +858,7 @@ impl Daemon {
                     from: entry.state.synced,
                     deployed,
                     restore: true,
+                    fresh: false,
                 }),
                 Effect::Apply { revision } => applies.push(revision),
             }
@@ -910,6 +956,46 @@ impl Daemon {
     }
 }
 
+/// Wipe: checks the service out afresh beside its checkout, then swaps the two. The old one is
+/// kept as `<checkout>.plumb-wiped` (still bound until apply re-binds the mounts, so the service
+/// never sees a missing file) and removed by the next wipe.
+fn rebuild(
+    store: &Store,
+    layout: &Layout,
+    job: &DeployJob,
+    target: &std::path::Path,
+    links: &[String],
+) -> Result<(), DeployError> {
+    let io = |path: &std::path::Path| {
+        let path = path.to_owned();
+        move |source| DeployError::Io { path, source }
+    };
+    let aside = |suffix: &str| {
+        let mut p = target.as_os_str().to_owned();
+        p.push(suffix);
+        std::path::PathBuf::from(p)
+    };
+    let (new, old) = (aside(".plumb-new"), aside(".plumb-wiped"));
+    let index = layout.service_index(&job.service.name);
+    let mut new_index = index.as_os_str().to_owned();
+    new_index.push(".new");
+    let new_index = std::path::PathBuf::from(new_index);
+    for stale in [&new, &old] {
+        if stale.exists() {
+            std::fs::remove_dir_all(stale).map_err(io(stale))?;
+        }
+    }
+    let _ = std::fs::remove_file(&new_index);
+    std::fs::create_dir_all(&new).map_err(io(&new))?;
+    store.checkout(&new, &new_index, None, job.head, links)?;
+    if target.exists() {
+        std::fs::rename(target, &old).map_err(io(target))?;
+    }
+    std::fs::rename(&new, target).map_err(io(target))?;
+    std::fs::rename(&new_index, &index).map_err(io(&index))?;
+    Ok(())
+}
+
 /// The first-parent commits `behind` walks at most per service and fetch.
 const BEHIND_LIMIT: usize = 10_000;
 
@@ -930,6 +1016,8 @@ struct DeployJob {
     deployed: Option<Oid>,
     /// Rewrite the checkout even if its revision did not move (drops local edits).
     restore: bool,
+    /// Build the checkout afresh beside the old one and swap them (wipe).
+    fresh: bool,
 }
 
 /// Runs the checkouts of one upstream's services, one after the other, on one store.
@@ -976,7 +1064,9 @@ fn deploy(store: &Store, layout: &Layout, job: &DeployJob) -> Result<Option<Oid>
     } else {
         job.deployed
     };
-    if changed {
+    if job.fresh {
+        rebuild(store, layout, job, &target, &links)?;
+    } else if changed {
         std::fs::create_dir_all(&target).map_err(|source| DeployError::Io {
             path: target.clone(),
             source,
@@ -1086,6 +1176,9 @@ pub enum Command {
     Pull { service: String, force: bool },
     /// What the next pull would change in the service's files (from the last fetch).
     Diff(String),
+    /// Rebuild the service's checkout from the store at the same revision; the service keeps its
+    /// current files until the new checkout is in place and re-bound. Drops local edits.
+    Wipe(String),
 }
 
 /// The daemon's answer to a [`Command`].

@@ -6,9 +6,11 @@
 
 pub mod api;
 pub mod apply;
+pub mod cli;
 pub mod config;
 pub mod ctl;
 pub mod daemon;
+pub mod docs;
 pub mod exec;
 pub mod generator;
 pub mod git;

@@ -318,3 +318,42 @@ fn diff_shows_what_the_next_pull_would_change() {
     // Nothing was deployed by asking.
     assert_eq!(conf(&state), "1");
 }
+
+#[test]
+fn wipe_rebuilds_a_deleted_or_edited_checkout_at_the_same_revision() {
+    let root = temp_root();
+    let (up, config, state, _) = setup(root.path());
+    let deeper = up.write("app/sub/deep", "d").commit("deeper");
+    let d = Running::start(&config);
+    wait_until("first deploy", DEADLINE, || {
+        d.status("app").deployed.as_deref() == Some(deeper.as_str())
+    });
+    let checkout = state.join("checkouts/app");
+    std::fs::remove_dir_all(&checkout).unwrap();
+    let a = d.act(Command::Pull {
+        service: "app".into(),
+        force: false,
+    });
+    assert_eq!(a.status.state, "DIFF", "{a:?}");
+    assert!(a.status.info.contains("app/conf"), "{}", a.status.info);
+
+    let a = d.act(Command::Wipe("app".into()));
+    assert!(a.ok, "{a:?}");
+    assert_eq!(a.status.state, "OK", "{a:?}");
+    assert_eq!(conf(&state), "1");
+    assert_eq!(
+        std::fs::read_to_string(checkout.join("app/sub/deep")).unwrap(),
+        "d"
+    );
+
+    // Local edits go too, and the revision stays where it was.
+    std::fs::write(checkout.join("app/conf"), "edited").unwrap();
+    let a = d.act(Command::Wipe("app".into()));
+    assert_eq!(a.status.state, "OK", "{a:?}");
+    assert_eq!(conf(&state), "1");
+    assert_eq!(a.status.deployed.as_deref(), Some(deeper.as_str()));
+    assert_eq!(
+        d.call(Command::Wipe("nope".into())),
+        Err(CommandError::UnknownService("nope".into()))
+    );
+}

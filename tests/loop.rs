@@ -172,6 +172,19 @@ fn nginx_follows_git_survives_reboots_and_never_stacks_mounts() {
         assert_eq!(mounts_on(&c, target), 1, "{target} mounted once");
     }
 
+    // Wipe through the API: the checkout is rebuilt and the mounts move onto it, one each.
+    c.sh(
+        "curl -sf --unix-socket /run/plumb/plumb.sock -X POST http://plumb/v1/services/nginx/wipe",
+    );
+    wait_until("mounts on the rebuilt checkout", DEADLINE, || {
+        let (_, info) = c.try_sh("cat /proc/self/mountinfo");
+        !info.contains("plumb-wiped")
+    });
+    for target in ["/etc/nginx/conf.d", "/var/www/plumb/index.html"] {
+        assert_eq!(mounts_on(&c, target), 1, "{target} mounted once after wipe");
+    }
+    assert_eq!(get(port).as_deref(), Some("v3\n"));
+
     // Reboot: nginx starts after its mounts, on the config from git, on the first try.
     c.reboot();
     wait_until("nginx to serve v3 after reboot", DEADLINE, || {

@@ -2,61 +2,15 @@
 //! the library.
 
 use std::io::IsTerminal;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::ExitCode;
-use std::time::Duration;
 
 use anyhow::Context;
-use clap::{Parser, Subcommand};
+use clap::Parser;
+use plumb::cli::{Cli, Command};
 use plumb::config::Config;
 use plumb::daemon;
 use tokio_util::sync::CancellationToken;
-
-/// GitOps for machines you run yourself: keeps each service's files in step with a git branch.
-#[derive(Debug, Parser)]
-#[command(version, about)]
-struct Cli {
-    /// The configuration file.
-    #[arg(
-        short = 'c',
-        long = "config",
-        default_value = "/etc/plumb/plumb.toml",
-        global = true
-    )]
-    config: PathBuf,
-    /// Other names this machine answers to in the config's `machine` fields (the hostname always counts).
-    #[arg(long = "hosts", value_delimiter = ',', global = true)]
-    hosts: Vec<String>,
-    /// Poll interval, overriding the config (e.g. "30s", "5m").
-    #[arg(long, value_parser = humantime::parse_duration)]
-    interval: Option<Duration>,
-    /// State directory, overriding the config.
-    #[arg(long)]
-    state_dir: Option<PathBuf>,
-    /// Run one cycle over every upstream and exit: 0 when every service is OK, 1 otherwise.
-    #[arg(long)]
-    once: bool,
-    /// Only keep checkouts and .rev files; do not start plumb-apply@ units (test and simulation mode).
-    #[arg(long)]
-    no_apply: bool,
-    #[command(subcommand)]
-    command: Option<Command>,
-}
-
-#[derive(Debug, Subcommand)]
-enum Command {
-    /// Validate a config file and print the services this machine would run; exit 0 or 1.
-    CheckConfig {
-        /// The file to check (default: --config).
-        file: Option<PathBuf>,
-    },
-    /// Make <service>'s unit take its deployed revision (bind mounts, daemon-reload when unit
-    /// files changed, the action); run by plumb-apply@<service>.service. Exit 0 or 1.
-    Apply {
-        /// The service's name in the config.
-        service: String,
-    },
-}
 
 fn main() -> ExitCode {
     let cli = Cli::parse();

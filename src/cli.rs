@@ -1,0 +1,55 @@
+//! `plumb`'s command line, as clap types. They live in the library rather than in the binary so that
+//! `docs` can turn the same definitions into the man page and the shell completions: what `--help`
+//! says and what `man plumb` says cannot drift apart.
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use clap::{Parser, Subcommand};
+
+/// GitOps for machines you run yourself: keeps each service's files in step with a git branch.
+#[derive(Debug, Parser)]
+#[command(name = "plumb", version, about)]
+pub struct Cli {
+    /// The configuration file.
+    #[arg(
+        short = 'c',
+        long = "config",
+        default_value = "/etc/plumb/plumb.toml",
+        global = true
+    )]
+    pub config: PathBuf,
+    /// Other names this machine answers to in the config's `machine` fields (the hostname always counts).
+    #[arg(long = "hosts", value_delimiter = ',', global = true)]
+    pub hosts: Vec<String>,
+    /// Poll interval, overriding the config (e.g. "30s", "5m").
+    #[arg(long, value_parser = humantime::parse_duration)]
+    pub interval: Option<Duration>,
+    /// State directory, overriding the config.
+    #[arg(long)]
+    pub state_dir: Option<PathBuf>,
+    /// Run one cycle over every upstream and exit: 0 when every service is OK, 1 otherwise.
+    #[arg(long)]
+    pub once: bool,
+    /// Only keep checkouts and .rev files; do not start plumb-apply@ units (test and simulation mode).
+    #[arg(long)]
+    pub no_apply: bool,
+    #[command(subcommand)]
+    pub command: Option<Command>,
+}
+
+/// What `plumb` does instead of running the daemon, when a subcommand is given.
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Validate a config file and print the services this machine would run; exit 0 or 1.
+    CheckConfig {
+        /// The file to check (default: --config).
+        file: Option<PathBuf>,
+    },
+    /// Make <service>'s unit take its deployed revision (bind mounts, daemon-reload when unit
+    /// files changed, the action); run by plumb-apply@<service>.service. Exit 0 or 1.
+    Apply {
+        /// The service's name in the config.
+        service: String,
+    },
+}

@@ -522,6 +522,18 @@ impl Run<'_> {
     }
 }
 
+/// Whether every mount of `svc` shows its checkout: what the daemon checks after an apply it
+/// asked for, since a start request that lands while an apply already runs joins that run, which
+/// may have looked at the mounts before the checkout last changed.
+pub fn mounts_current(svc: &config::Service) -> bool {
+    svc.dirs.iter().all(|d| {
+        matches!(
+            bound(&svc.checkout_dir().join(&d.link), &d.local),
+            Ok(Bind::Bound | Bind::NoSource)
+        )
+    })
+}
+
 /// Whether `local` shows `what`.
 #[derive(Debug, PartialEq, Eq)]
 enum Bind {

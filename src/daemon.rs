@@ -185,6 +185,8 @@ enum Done {
         revision: Oid,
         error: Option<String>,
     },
+    /// An apply whose outcome belongs to a newer revision (reported by that one's apply).
+    ApplyOvertaken { service: String },
     /// A rollback's revision, resolved in the store (or why not).
     Resolved {
         service: String,
@@ -205,6 +207,9 @@ struct Daemon {
     systemd: Option<Arc<Systemd>>,
     /// Services whose checkout was rebuilt (wipe): their mounts are re-bound after the deploy.
     rebind: BTreeSet<String>,
+    /// Applies running per service, and the operators waiting for them to end.
+    applying: BTreeMap<String, usize>,
+    held: Vec<Waiter>,
     services: BTreeMap<String, Entry>,
     upstreams: BTreeMap<String, Upstream>,
 }
@@ -229,6 +234,8 @@ impl Daemon {
             cancel,
             systemd: None,
             rebind: BTreeSet::new(),
+            applying: BTreeMap::new(),
+            held: Vec::new(),
             layout,
             opts,
             config,
@@ -756,7 +763,9 @@ impl Daemon {
                     Some(e) => error!(service = %service, "apply failed: {e}"),
                 }
                 self.feed(&service, Event::Applied { revision, error }, now, tx);
+                self.apply_ended(&service);
             }
+            Done::ApplyOvertaken { service } => self.apply_ended(&service),
             Done::Resolved {
                 service,
                 result,
@@ -898,21 +907,37 @@ impl Daemon {
     /// Starts `plumb-apply@<service>.service` and reports its outcome as `Done::Applied`. The same
     /// unit started by the `.path` unit meanwhile is the same job, so an apply never runs twice at
     /// once.
-    fn apply(&self, service: &str, revision: Oid, tx: &mpsc::Sender<Done>) {
+    fn apply(&mut self, service: &str, revision: Oid, tx: &mpsc::Sender<Done>) {
         let Some(systemd) = self.systemd.clone() else {
             return;
         };
+        *self.applying.entry(service.to_owned()).or_default() += 1;
         let layout = self.layout.clone();
+        let config = self.services.get(service).map(|e| e.config.clone());
         let service = service.to_owned();
         let tx = tx.clone();
         tokio::spawn(async move {
             let unit = format!("plumb-apply@{service}.service");
-            let error = match systemd.start(&unit).await {
+            let mut started = systemd.start(&unit).await;
+            // Joining an apply that was already running may leave a mount it looked at before
+            // the checkout changed (wipe): start it again, a bounded number of times.
+            for _ in 0..3 {
+                match (&started, &config) {
+                    (Ok(_), Some(c)) if !apply::mounts_current(c) => {
+                        started = systemd.start(&unit).await;
+                    }
+                    _ => break,
+                }
+            }
+            let error = match started {
                 Err(e) => Some(format!("starting {unit}: {e}")),
                 Ok(_) => match apply::read_applied(&layout, &service) {
                     Some(o) if o.revision == revision => o.error(),
                     // A newer revision was applied meanwhile; its own apply reports.
-                    Some(_) => return,
+                    Some(_) => {
+                        let _ = tx.send(Done::ApplyOvertaken { service }).await;
+                        return;
+                    }
                     None => Some(format!("{unit} left no outcome; see journalctl -u {unit}")),
                 },
             };
@@ -936,13 +961,39 @@ impl Daemon {
             waiters = std::mem::take(&mut u.waiters);
         }
         for w in waiters {
-            let answer = if self.services.contains_key(&w.service) {
-                Ok(self.action(&w.service, w.action))
-            } else {
-                Err(CommandError::UnknownService(w.service))
-            };
-            let _ = w.reply.send(answer);
+            if self.applying.get(&w.service).is_some_and(|n| *n > 0) {
+                // Pull and rollback answer with the apply's result too.
+                self.held.push(w);
+                continue;
+            }
+            self.answer(w);
         }
+    }
+
+    fn apply_ended(&mut self, service: &str) {
+        if let Some(n) = self.applying.get_mut(service) {
+            *n = n.saturating_sub(1);
+            if *n > 0 {
+                return;
+            }
+            self.applying.remove(service);
+        }
+        let (ready, held): (Vec<Waiter>, Vec<Waiter>) = std::mem::take(&mut self.held)
+            .into_iter()
+            .partition(|w| w.service == service);
+        self.held = held;
+        for w in ready {
+            self.answer(w);
+        }
+    }
+
+    fn answer(&self, w: Waiter) {
+        let answer = if self.services.contains_key(&w.service) {
+            Ok(self.action(&w.service, w.action))
+        } else {
+            Err(CommandError::UnknownService(w.service))
+        };
+        let _ = w.reply.send(answer);
     }
 
     fn summary(&self) -> Summary {

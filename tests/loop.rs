@@ -226,9 +226,13 @@ fn a_broken_config_is_broken_until_the_next_good_commit() {
         "server { listen oops; bogus_directive; }\n",
     )
     .commit("broken");
-    wait_until("BROKEN", DEADLINE, || {
-        state(&c, "nginx")["state"] == "BROKEN"
-    });
+    // A pull answers once the checkout and its apply are done, with the result.
+    let answer: serde_json::Value = serde_json::from_str(&c.sh(
+        "curl -sf --unix-socket /run/plumb/plumb.sock -X POST http://plumb/v1/services/nginx/pull",
+    ))
+    .unwrap();
+    assert_eq!(answer["status"]["state"], "BROKEN", "{answer}");
+    assert_eq!(answer["ok"], false, "{answer}");
     let info = state(&c, "nginx")["info"].as_str().unwrap().to_owned();
     assert!(info.contains("apply of"), "{info}");
     assert!(

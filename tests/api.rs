@@ -412,6 +412,34 @@ fn groups_decide_who_may_read_and_write_and_every_write_is_audited() {
     assert_eq!(audit[3]["user"], stranger.as_str());
     assert_eq!(audit[3]["action"], "pull");
     assert!(audit[3]["result"].as_str().unwrap().starts_with("refused"));
+
+    // The same refusal reaches a reader using plumbctl: exit 1, the daemon's reason on stderr;
+    // reading works.
+    let ctl = |args: &[&str]| {
+        Command::new("setpriv")
+            .args([
+                &format!("--reuid={reader}"),
+                &format!("--regid={}", primary_gid(&reader)),
+                "--init-groups",
+                env!("CARGO_BIN_EXE_plumbctl"),
+                "--socket",
+            ])
+            .arg(&plumb.socket)
+            .args(args)
+            .output()
+            .expect("run plumbctl")
+    };
+    let out = ctl(&["freeze", "web", "2h"]);
+    assert_eq!(out.status.code(), Some(1), "{out:?}");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("may only read"), "{stderr}");
+    let out = ctl(&["status", "web"]);
+    assert_eq!(out.status.code(), Some(0), "{out:?}");
+    assert_eq!(
+        plumb.audit().len(),
+        5,
+        "plumbctl's refused write is audited too"
+    );
 }
 
 /// Bad requests get JSON errors with the right status, and are audited like any write.

@@ -7,7 +7,14 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 TICKS=${TICKS:-10}
 B=$(mktemp -d /tmp/plumb-bench.XXXXXX); chmod 755 "$B"
-trap 'kill $(cat "$B/lighttpd.pid" 2>/dev/null) 2>/dev/null || true; [ -n "${DPID:-}" ] && kill "$DPID" 2>/dev/null; [ -n "${KEEP:-}" ] || rm -rf "$B"' EXIT
+cleanup() {
+  local status=$?
+  kill "$(cat "$B/lighttpd.pid" 2>/dev/null)" 2>/dev/null || true
+  [ -z "${DPID:-}" ] || kill "$DPID" 2>/dev/null || true
+  [ -n "${KEEP:-}" ] || rm -rf "$B"
+  exit "$status"
+}
+trap cleanup EXIT
 cargo build --release --quiet --bins
 PLUMB=$PWD/target/release/plumb
 git() { command git -c user.name=bench -c user.email=bench@example.invalid "$@"; }
@@ -18,7 +25,14 @@ git clone -q "$B/srv/fleet.git" "$B/work" 2>/dev/null
 for i in $(seq 0 19); do mkdir -p "$B/work/svc$i"; echo "conf $i" > "$B/work/svc$i/conf"; done
 git -C "$B/work" add -A; git -C "$B/work" commit -qm fleet; git -C "$B/work" push -q origin main
 
-# lighttpd on a free port of 127.0.0.1.
+# lighttpd on a free port of 127.0.0.1. Its access log is buffered, so requests are counted by a
+# CGI wrapper that writes a line before handing over to git-http-backend.
+cat > "$B/git-cgi" <<CGI
+#!/bin/sh
+echo "\$REQUEST_METHOD \$REQUEST_URI" >> "$B/requests.log"
+exec "$(command git --exec-path)/git-http-backend"
+CGI
+chmod 755 "$B/git-cgi"; touch "$B/requests.log"; chown www-data "$B/requests.log"
 PORT=$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])')
 cat > "$B/lighttpd.conf" <<CONF
 server.modules        = ("mod_alias", "mod_cgi", "mod_setenv", "mod_accesslog")
@@ -31,7 +45,7 @@ server.pid-file       = "$B/lighttpd.pid"
 server.errorlog       = "$B/lighttpd.err"
 accesslog.filename    = "$B/access.log"
 accesslog.format      = "%r %s %b"
-alias.url += ( "/git" => "$(command git --exec-path)/git-http-backend" )
+alias.url += ( "/git" => "$B/git-cgi" )
 \$HTTP["url"] =~ "^/git" {
   cgi.assign = ( "" => "" )
   setenv.set-environment = ( "GIT_PROJECT_ROOT" => "$B/srv", "GIT_HTTP_EXPORT_ALL" => "",
@@ -54,7 +68,7 @@ wait_for() { # wait_for SECONDS CMD...: poll until CMD succeeds
   local end=$((SECONDS + $1)); shift
   until "$@"; do [ $SECONDS -lt $end ] || { echo "timed out: $*" >&2; return 1; }; sleep 0.05; done
 }
-lines() { wc -l < "$B/access.log"; }
+lines() { wc -l < "$B/requests.log"; }
 fetches() { grep -c 'fetch done' "$B/plumb.log" || true; }
 fetches_at_least() { [ "$(fetches)" -ge "$1" ]; }
 all_deployed() { [ "$(ls "$B"/state/state/*.rev 2>/dev/null | wc -l)" -eq 20 ]; }
@@ -70,21 +84,23 @@ c0=$(fetches); l0=$(lines); read -r u0 s0 < <(awk '{print $14, $15}' "/proc/$DPI
 wait_for $((TICKS * 5)) fetches_at_least $((c0 + TICKS))
 c1=$(fetches); l1=$(lines); read -r u1 s1 < <(awk '{print $14, $15}' "/proc/$DPID/stat")
 ticks=$((c1 - c0)); nreq=$((l1 - l0))
-reqs=$(tail -n "$nreq" "$B/access.log" | awk '{print $2}' | sort | uniq -c | awk '{printf "%s %s; ", $1, $2}')
-bytes=$(tail -n "$nreq" "$B/access.log" | awk '{b += $NF} END {print b}')
+reqs=$(tail -n "$nreq" "$B/requests.log" | awk '{print $2}' | sort | uniq -c | awk '{printf "%s %s; ", $1, $2}')
 hz=$(getconf CLK_TCK)
 cpu_ms=$(( ( (u1 + s1) - (u0 + s0) ) * 1000 / hz ))
 rss=$(awk '/^VmRSS/ {print $2}' "/proc/$DPID/status")
 anon=$(awk '/^RssAnon/ {print $2}' "/proc/$DPID/status")
 libs=$(awk '$6 ~ /\.so/ {print $6}' "/proc/$DPID/maps" | sort -u | xargs -n1 basename | tr '\n' ' ')
 kill "$DPID"; wait "$STRACE" || true
+# lighttpd writes its buffered access log when it stops: every idle answer has the same size.
+kill "$(cat "$B/lighttpd.pid")"; for _ in $(seq 100); do kill -0 "$(cat "$B/lighttpd.pid")" 2>/dev/null || break; sleep 0.05; done
+bytes=$(tail -n "$nreq" "$B/access.log" | awk '{b += $NF; n++} END {print (n ? int(b / n) : 0)}')
 spawned=$(( $(grep -c 'execve(' "$B/strace.log") - 1 ))
 
 table=$(cat <<TXT
 | figure (20 services, one upstream, smart HTTP, $ticks idle ticks) | value |
 |---|---|
 | requests at the server per idle tick | $(awk "BEGIN {print $nreq / $ticks}") (${reqs% ; }) |
-| bytes served per idle tick | $(( bytes / ticks )) |
+| bytes served per idle request | $bytes |
 | processes spawned by the daemon (execve after its own) | $spawned |
 | CPU time per idle tick | $(awk "BEGIN {printf \"%.1f\", $cpu_ms / $ticks}") ms |
 | daemon RSS / private (RssAnon) | $rss KiB / $anon KiB |

@@ -644,6 +644,7 @@ impl Daemon {
                 .map(|e| Check {
                     name: e.config.name.clone(),
                     target: e.config.checkout_dir(),
+                    index: self.layout.service_index(&e.config.name),
                     synced: e.state.synced,
                     deployed: e.state.deployed,
                     branch: e.config.branch.clone(),
@@ -662,7 +663,7 @@ impl Daemon {
                     let report = s.fetch(&branches, &transport)?;
                     for c in checks {
                         if let Some(synced) = c.synced {
-                            match s.drift(&c.target, synced, &c.links) {
+                            match s.drift(&c.target, &c.index, synced, &c.links) {
                                 Ok(files) => {
                                     drift.insert(c.name.clone(), files);
                                 }
@@ -1054,6 +1055,7 @@ const BEHIND_LIMIT: usize = 10_000;
 struct Check {
     name: String,
     target: std::path::PathBuf,
+    index: std::path::PathBuf,
     synced: Option<Oid>,
     deployed: Option<Oid>,
     branch: String,

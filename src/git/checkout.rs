@@ -162,6 +162,7 @@ impl Store {
     pub fn drift(
         &self,
         target: &Path,
+        index: &Path,
         synced: Oid,
         links: &[String],
     ) -> Result<Vec<String>, GitError> {
@@ -202,6 +203,12 @@ impl Store {
             return Ok(gone);
         }
         repo.set_workdir(target, false).map_err(git_err)?;
+        // The service's index is the stat cache of its checkout: with it, files whose size and
+        // times did not change are not read at all. Without one, every file is hashed.
+        let mut index = Index::open(index).ok();
+        if let Some(index) = index.as_mut() {
+            repo.set_index(index).map_err(git_err)?;
+        }
         let mut opts = git2::DiffOptions::new();
         opts.include_untracked(true)
             .recurse_untracked_dirs(true)
@@ -210,9 +217,11 @@ impl Store {
         for link in links {
             opts.pathspec(link.trim_end_matches('/'));
         }
-        let diff = repo
-            .diff_tree_to_workdir(Some(&tree), Some(&mut opts))
-            .map_err(git_err)?;
+        let diff = match index {
+            Some(_) => repo.diff_tree_to_workdir_with_index(Some(&tree), Some(&mut opts)),
+            None => repo.diff_tree_to_workdir(Some(&tree), Some(&mut opts)),
+        }
+        .map_err(git_err)?;
         let mut paths: Vec<String> = diff
             .deltas()
             .filter_map(|d| {

@@ -34,6 +34,9 @@ pub struct Cli {
     /// Only keep checkouts and .rev files; do not start plumb-apply@ units (test and simulation mode).
     #[arg(long)]
     pub no_apply: bool,
+    /// Serve Prometheus metrics here ("127.0.0.1:9222", ":9222"; empty: off), overriding the config.
+    #[arg(long)]
+    pub metrics_address: Option<String>,
     #[command(subcommand)]
     pub command: Option<Command>,
 }

@@ -24,6 +24,25 @@ pub const DEFAULT_INTERVAL: Duration = Duration::from_secs(5 * 60);
 pub const DEFAULT_FETCH_TIMEOUT: Duration = Duration::from_secs(120);
 /// Where the control API listens: under `/run`, so a reboot never finds a stale socket.
 pub const DEFAULT_SOCKET: &str = "/run/plumb/plumb.sock";
+/// gitopper's metrics port, on every address.
+pub const DEFAULT_METRICS_ADDRESS: std::net::SocketAddr =
+    std::net::SocketAddr::new(std::net::IpAddr::V4(std::net::Ipv4Addr::UNSPECIFIED), 9222);
+
+/// `host:port`, `:port` (every address, as gitopper wrote it), or empty for no listener.
+pub fn parse_metrics_address(a: &str) -> Result<Option<std::net::SocketAddr>, String> {
+    let a = a.trim();
+    if a.is_empty() {
+        return Ok(None);
+    }
+    let full = match a.strip_prefix(':') {
+        Some(port) => format!("0.0.0.0:{port}"),
+        None => a.to_owned(),
+    };
+    full.parse().map(Some).map_err(|_| {
+        format!("{a:?} is not an address like \"127.0.0.1:9222\" or \":9222\" (empty: off)")
+    })
+}
+
 /// The unix group whose members may change services through the API (root always may).
 pub const DEFAULT_ADMIN_GROUP: &str = "plumb";
 /// The unix group whose members may read the API (and connect to its socket).
@@ -191,6 +210,8 @@ pub struct Settings {
     pub admin_group: String,
     /// Members may read through the API; the socket belongs to this group.
     pub readonly_group: String,
+    /// Where `/metrics` is served; `None` turns the listener off.
+    pub metrics_address: Option<std::net::SocketAddr>,
 }
 
 impl Default for Settings {
@@ -206,6 +227,7 @@ impl Default for Settings {
             socket: PathBuf::from(DEFAULT_SOCKET),
             admin_group: DEFAULT_ADMIN_GROUP.to_owned(),
             readonly_group: DEFAULT_READONLY_GROUP.to_owned(),
+            metrics_address: Some(DEFAULT_METRICS_ADDRESS),
         }
     }
 }
@@ -298,6 +320,7 @@ struct RawPlumb {
     socket: Option<Spanned<String>>,
     admin_group: Option<Spanned<String>>,
     readonly_group: Option<Spanned<String>>,
+    metrics_address: Option<Spanned<String>>,
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -664,6 +687,10 @@ impl Cx<'_> {
         }
         if let Some(g) = p.readonly_group {
             s.readonly_group = self.group(g, "plumb.readonly_group")?;
+        }
+        if let Some(a) = p.metrics_address {
+            s.metrics_address = parse_metrics_address(a.get_ref())
+                .map_err(|m| self.at(a.span().start, "plumb.metrics_address".to_owned(), m))?;
         }
         Ok(s)
     }
@@ -1139,6 +1166,23 @@ upstream = "file:///r"
             );
         }
         assert!(err("[plumb]\nreadonly_group = 7\n").contains("readonly_group: invalid type"));
+    }
+
+    #[test]
+    fn metrics_address() {
+        assert_eq!(
+            parse_metrics_address(":9222").unwrap(),
+            Some(DEFAULT_METRICS_ADDRESS)
+        );
+        assert_eq!(parse_metrics_address("").unwrap(), None);
+        assert_eq!(
+            parse_metrics_address("127.0.0.1:9100")
+                .unwrap()
+                .unwrap()
+                .port(),
+            9100
+        );
+        assert!(err("[plumb]\nmetrics_address = \"nine\"\n").contains("plumb.metrics_address"));
     }
 
     #[test]

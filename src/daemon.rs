@@ -21,6 +21,7 @@ use crate::apply;
 use crate::config::{self, Config, ConfigError};
 use crate::git::{self, FetchReport, GitError, Oid, Store};
 use crate::layout::{self, Layout};
+use crate::metrics::Metrics;
 use crate::notify::Notifier;
 use crate::service::{self, Effect, Event, State};
 use crate::systemd::Systemd;
@@ -41,6 +42,8 @@ pub struct Options {
     /// Drive `plumb apply` through systemd after each deploy. Off, the daemon only writes `.rev`
     /// files (a test and simulation mode; the `.path` units still apply where they exist).
     pub apply: bool,
+    /// Where the daemon's state is exported for Prometheus, if anywhere.
+    pub metrics: Option<Arc<Metrics>>,
 }
 
 /// Why the daemon could not start. Once it runs, nothing a service does stops it.
@@ -175,6 +178,8 @@ enum Done {
         drift: BTreeMap<String, Vec<String>>,
         /// Changes to each service's files between its deployed revision and the head.
         behind: BTreeMap<String, Option<u64>>,
+        /// How long the fetch (with its checks) took.
+        took: Duration,
     },
     Deployed {
         url: String,
@@ -288,6 +293,9 @@ impl Daemon {
         }
         for gone in self.services.keys() {
             info!(service = %gone, "no longer configured for this machine; leaving its files as they are");
+            if let Some(m) = &self.opts.metrics {
+                m.forget(gone);
+            }
         }
         self.services = services;
         if self.services.is_empty() {
@@ -659,6 +667,7 @@ impl Daemon {
                 let _g = span.enter();
                 let mut drift = BTreeMap::new();
                 let mut behind = BTreeMap::new();
+                let started = std::time::Instant::now();
                 let result = Store::open(&stores, &url).and_then(|mut s| {
                     let report = s.fetch(&branches, &transport)?;
                     for c in checks {
@@ -691,6 +700,7 @@ impl Daemon {
                     result,
                     drift,
                     behind,
+                    took: started.elapsed(),
                 });
             });
         }
@@ -704,7 +714,11 @@ impl Daemon {
                 result,
                 mut drift,
                 behind,
+                took,
             } => {
+                if let Some(m) = &self.opts.metrics {
+                    m.fetched(&git::redact_url(&url), result.is_ok(), took);
+                }
                 for (name, n) in behind {
                     if let Some(e) = self.services.get_mut(&name) {
                         e.behind = n;
@@ -762,6 +776,9 @@ impl Daemon {
                         info!(service = %service, revision = %service::short(Some(revision)), "applied")
                     }
                     Some(e) => error!(service = %service, "apply failed: {e}"),
+                }
+                if let Some(m) = &self.opts.metrics {
+                    m.applied(&service, error.is_none());
                 }
                 self.feed(&service, Event::Applied { revision, error }, now, tx);
                 self.apply_ended(&service);
@@ -876,7 +893,15 @@ impl Daemon {
         for revision in applies {
             self.apply(name, revision, tx);
         }
+        self.observe(name);
         jobs
+    }
+
+    /// Brings the service's metrics in line with its state.
+    fn observe(&self, name: &str) {
+        if let (Some(m), Some(e)) = (&self.opts.metrics, self.services.get(name)) {
+            m.service(name, &e.config.machine, &e.state, e.behind);
+        }
     }
 
     /// Connects to systemd and applies what a crash or a restart left unapplied: a deployed revision

@@ -15,6 +15,7 @@ pub mod exec;
 pub mod generator;
 pub mod git;
 pub mod layout;
+pub mod metrics;
 pub mod notify;
 pub mod proto;
 pub mod service;

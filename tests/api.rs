@@ -131,6 +131,7 @@ impl Plumb {
             interval: None,
             once: false,
             apply: false,
+            metrics: None,
         };
         let rt = tokio::runtime::Builder::new_multi_thread()
             .worker_threads(2)

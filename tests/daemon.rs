@@ -37,8 +37,14 @@ impl Machine {
 
     /// The same, with more `[plumb]` settings.
     fn write_config_with(&self, settings: &str, services: &str) {
+        // No metrics listener unless a test asks: parallel daemons would fight over one port.
+        let metrics = if settings.contains("metrics_address") {
+            ""
+        } else {
+            "metrics_address = \"\"\n"
+        };
         let text = format!(
-            "[plumb]\nstate_dir = {:?}\nsocket = {:?}\ninterval = \"1s\"\n{settings}\n{services}",
+            "[plumb]\nstate_dir = {:?}\nsocket = {:?}\ninterval = \"1s\"\n{metrics}{settings}\n{services}",
             self.state,
             self.state.with_extension("sock")
         );
@@ -596,4 +602,101 @@ fn a_freeze_made_through_the_api_survives_kill_9() {
     assert_eq!(pulled["status"]["upstream_head"], v2.as_str());
     assert_eq!(m.rev("app").as_deref(), Some(v1.as_str()));
     drop(d);
+}
+
+fn scrape(port: u16) -> String {
+    let out = Command::new("curl")
+        .args(["-sf", &format!("http://127.0.0.1:{port}/metrics")])
+        .output()
+        .unwrap();
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+#[test]
+fn metrics_follow_the_deployed_hash_and_show_a_frozen_service_behind() {
+    require_root();
+    let root = temp_root();
+    let up = Upstream::new(root.path(), "metered");
+    let v1 = up
+        .write("app/conf", "1")
+        .write("web/conf", "1")
+        .commit("v1");
+    let url = up.file_url();
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let m = Machine::new(root.path(), "");
+    m.write_config_with(
+        &format!("metrics_address = \"127.0.0.1:{port}\"\n"),
+        &format!(
+            "{}{}",
+            service("app", &url, &["app"]),
+            service("web", &url, &["web"])
+        ),
+    );
+    let socket = m.state.with_extension("sock");
+    let _d = Running(
+        m.command()
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap(),
+    );
+    let series = |text: &str, prefix: &str| -> Vec<String> {
+        text.lines()
+            .filter(|l| l.starts_with(prefix))
+            .map(str::to_owned)
+            .collect()
+    };
+    let app_hash = |h: &str| {
+        format!("plumb_service_hash{{hash=\"{h}\",machine=\"testbox\",service=\"app\"}} 1")
+    };
+    wait_until("v1 in the metrics", DEADLINE, || {
+        scrape(port).contains(&app_hash(&v1))
+    });
+    let text = scrape(port);
+    assert!(
+        text.contains("plumb_service_state{service=\"app\",state=\"OK\"} 1"),
+        "{text}"
+    );
+    assert!(
+        text.contains("plumb_git_fetch_total{result=\"ok\""),
+        "{text}"
+    );
+    assert!(text.contains("plumb_build_info{version="), "{text}");
+
+    let v2 = up.write("app/conf", "2").commit("v2");
+    wait_until("v2 in the metrics", DEADLINE, || {
+        scrape(port).contains(&app_hash(&v2))
+    });
+    let text = scrape(port);
+    assert_eq!(
+        series(&text, "plumb_service_hash{")
+            .iter()
+            .filter(|l| l.contains("service=\"app\""))
+            .count(),
+        1,
+        "one hash series per service: {text}"
+    );
+    assert!(
+        text.contains("plumb_service_behind_commits{service=\"app\"} 0"),
+        "{text}"
+    );
+
+    // Frozen, a push: the service shows how far behind it is.
+    curl(&socket, "POST", "/v1/services/app/freeze", Some("{}"));
+    up.write("app/conf", "3").commit("v3");
+    curl(&socket, "POST", "/v1/services/app/pull", None);
+    let text = scrape(port);
+    assert!(
+        text.contains("plumb_service_frozen{service=\"app\"} 1"),
+        "{text}"
+    );
+    assert!(
+        text.contains("plumb_service_behind_commits{service=\"app\"} 1"),
+        "{text}"
+    );
+    assert!(text.contains(&app_hash(&v2)), "{text}");
 }

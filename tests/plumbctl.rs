@@ -56,6 +56,7 @@ impl Plumb {
             interval: Some(Duration::from_secs(3600)),
             once: false,
             apply: false,
+            metrics: None,
         };
         let (reload_tx, reload_rx) = tokio::sync::mpsc::channel(1);
         let sd = shutdown.clone();

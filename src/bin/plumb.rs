@@ -111,6 +111,12 @@ fn serve(cli: Cli) -> anyhow::Result<ExitCode> {
         .clone()
         .unwrap_or_else(|| config.settings.state_dir.clone());
     let access = plumb::api::Access::new(&config, config.machine_names(&cli.hosts), &state_dir);
+    let metrics_address = match &cli.metrics_address {
+        Some(a) => plumb::config::parse_metrics_address(a)
+            .map_err(|e| anyhow::anyhow!("--metrics-address: {e}"))?,
+        None => config.settings.metrics_address,
+    };
+    let metrics = (metrics_address.is_some() && !cli.once).then(plumb::metrics::Metrics::new);
     let opts = daemon::Options {
         config: cli.config,
         hosts: cli.hosts,
@@ -118,6 +124,7 @@ fn serve(cli: Cli) -> anyhow::Result<ExitCode> {
         interval: cli.interval,
         once: cli.once,
         apply: !cli.no_apply,
+        metrics: metrics.clone(),
     };
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
@@ -140,6 +147,19 @@ fn serve(cli: Cli) -> anyhow::Result<ExitCode> {
                 }
             }
         });
+        let metrics_task = match (metrics_address, metrics) {
+            (Some(addr), Some(m)) => {
+                let listener = tokio::net::TcpListener::bind(addr).await.with_context(|| {
+                    format!("metrics listener {addr} ([plumb] metrics_address)")
+                })?;
+                Some(tokio::spawn(plumb::metrics::serve(
+                    listener,
+                    m,
+                    shutdown.clone(),
+                )))
+            }
+            _ => None,
+        };
         let (handle, commands) = daemon::channel();
         // The API listens before the daemon reports ready; a one-shot run has none.
         let api = if cli.once {
@@ -160,6 +180,11 @@ fn serve(cli: Cli) -> anyhow::Result<ExitCode> {
         };
         let summary = daemon::run(opts, reload_rx, commands, shutdown.clone()).await;
         shutdown.cancel();
+        if let Some(task) = metrics_task
+            && let Ok(Err(e)) = task.await
+        {
+            tracing::error!("{e}");
+        }
         if let Some(api) = api {
             match api.await {
                 Ok(Err(e)) => tracing::error!("control API: {e}"),

@@ -1,0 +1,293 @@
+//! Prometheus metrics: what a fleet's rollout looks like from the outside. The daemon's actor
+//! updates them as its state changes; the metrics listener renders them in the text format.
+//!
+//! `plumb_service_hash{service,machine,hash}` has exactly one series per service, the deployed
+//! revision; the series of the previous hash is removed when it changes, so a query over the fleet
+//! counts machines per hash without stale rows.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use prometheus::{
+    Encoder, GaugeVec, HistogramOpts, HistogramVec, IntCounterVec, IntGaugeVec, Opts, Registry,
+    TextEncoder,
+};
+use tokio_util::sync::CancellationToken;
+
+use crate::service::{self, State};
+
+/// Errors of the metrics listener.
+#[derive(Debug, thiserror::Error)]
+pub enum MetricsError {
+    #[error("metrics listener: {0}")]
+    Serve(#[source] std::io::Error),
+}
+
+/// Every metric plumb exports, in one registry.
+pub struct Metrics {
+    registry: Registry,
+    hash: IntGaugeVec,
+    state: IntGaugeVec,
+    change_time: GaugeVec,
+    behind: IntGaugeVec,
+    frozen: IntGaugeVec,
+    last_sync: GaugeVec,
+    apply_total: IntCounterVec,
+    fetch_total: IntCounterVec,
+    fetch_duration: HistogramVec,
+    /// The hash series each service has now, so the old one can be removed.
+    hashes: Mutex<HashMap<String, (String, String)>>,
+}
+
+impl std::fmt::Debug for Metrics {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Metrics").finish_non_exhaustive()
+    }
+}
+
+impl Metrics {
+    /// A registry with every plumb metric and `plumb_build_info` set.
+    pub fn new() -> Arc<Metrics> {
+        let registry = Registry::new();
+        let gauge = |name: &str, help: &str, labels: &[&str]| {
+            let g = IntGaugeVec::new(Opts::new(name, help), labels).expect("valid metric");
+            registry
+                .register(Box::new(g.clone()))
+                .expect("unique metric");
+            g
+        };
+        let float = |name: &str, help: &str, labels: &[&str]| {
+            let g = GaugeVec::new(Opts::new(name, help), labels).expect("valid metric");
+            registry
+                .register(Box::new(g.clone()))
+                .expect("unique metric");
+            g
+        };
+        let counter = |name: &str, help: &str, labels: &[&str]| {
+            let c = IntCounterVec::new(Opts::new(name, help), labels).expect("valid metric");
+            registry
+                .register(Box::new(c.clone()))
+                .expect("unique metric");
+            c
+        };
+        let fetch_duration = HistogramVec::new(
+            HistogramOpts::new(
+                "plumb_git_fetch_duration_seconds",
+                "Time one fetch of an upstream took.",
+            )
+            .buckets(vec![
+                0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 120.0,
+            ]),
+            &["upstream"],
+        )
+        .expect("valid metric");
+        registry
+            .register(Box::new(fetch_duration.clone()))
+            .expect("unique metric");
+        let build = gauge(
+            "plumb_build_info",
+            "The running plumb's version.",
+            &["version"],
+        );
+        build.with_label_values(&[env!("CARGO_PKG_VERSION")]).set(1);
+        Arc::new(Metrics {
+            hash: gauge(
+                "plumb_service_hash",
+                "The deployed revision of each service: one series per service, value 1.",
+                &["service", "machine", "hash"],
+            ),
+            state: gauge(
+                "plumb_service_state",
+                "1 for the service's current state, 0 for the others.",
+                &["service", "state"],
+            ),
+            change_time: float(
+                "plumb_service_change_time_seconds",
+                "When the deployed revision last changed (unix time).",
+                &["service"],
+            ),
+            behind: gauge(
+                "plumb_service_behind_commits",
+                "Commits on the branch after the deployed revision that change the service's files.",
+                &["service"],
+            ),
+            frozen: gauge(
+                "plumb_service_frozen",
+                "1 while the service does not track upstream (freeze or rollback).",
+                &["service"],
+            ),
+            last_sync: float(
+                "plumb_service_last_sync_success_timestamp_seconds",
+                "When a fetch and deploy of the service last both succeeded (unix time).",
+                &["service"],
+            ),
+            apply_total: counter(
+                "plumb_apply_total",
+                "Applies of a deployed revision to its unit, by result.",
+                &["service", "result"],
+            ),
+            fetch_total: counter(
+                "plumb_git_fetch_total",
+                "Fetches of an upstream, by result.",
+                &["upstream", "result"],
+            ),
+            fetch_duration,
+            hashes: Mutex::new(HashMap::new()),
+            registry,
+        })
+    }
+
+    /// Brings one service's series in line with its state.
+    pub fn service(&self, name: &str, machine: &str, s: &service::Service, behind: Option<u64>) {
+        let mut hashes = self.hashes.lock().unwrap_or_else(|e| e.into_inner());
+        let now = s.deployed.map(|d| (machine.to_owned(), d.to_string()));
+        let before = hashes.get(name).cloned();
+        if before != now {
+            if let Some((m, h)) = before {
+                let _ = self.hash.remove_label_values(&[name, &m, &h]);
+            }
+            match &now {
+                Some((m, h)) => {
+                    self.hash.with_label_values(&[name, m, h]).set(1);
+                    hashes.insert(name.to_owned(), (m.clone(), h.clone()));
+                }
+                None => {
+                    hashes.remove(name);
+                }
+            }
+        }
+        for state in State::ALL {
+            self.state
+                .with_label_values(&[name, state.as_str()])
+                .set(i64::from(s.state == state));
+        }
+        if let Some(t) = s.changed_at {
+            self.change_time.with_label_values(&[name]).set(t as f64);
+        }
+        if let Some(t) = s.last_sync {
+            self.last_sync.with_label_values(&[name]).set(t as f64);
+        }
+        match behind {
+            Some(b) => self
+                .behind
+                .with_label_values(&[name])
+                .set(i64::try_from(b).unwrap_or(i64::MAX)),
+            None => {
+                let _ = self.behind.remove_label_values(&[name]);
+            }
+        }
+        self.frozen
+            .with_label_values(&[name])
+            .set(i64::from(s.frozen));
+    }
+
+    /// Forgets a service that is no longer configured here.
+    pub fn forget(&self, name: &str) {
+        let mut hashes = self.hashes.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some((m, h)) = hashes.remove(name) {
+            let _ = self.hash.remove_label_values(&[name, &m, &h]);
+        }
+        for state in State::ALL {
+            let _ = self.state.remove_label_values(&[name, state.as_str()]);
+        }
+        for g in [&self.behind, &self.frozen] {
+            let _ = g.remove_label_values(&[name]);
+        }
+        for g in [&self.change_time, &self.last_sync] {
+            let _ = g.remove_label_values(&[name]);
+        }
+    }
+
+    /// One fetch of `upstream` (already without credentials).
+    pub fn fetched(&self, upstream: &str, ok: bool, took: Duration) {
+        let result = if ok { "ok" } else { "error" };
+        self.fetch_total
+            .with_label_values(&[upstream, result])
+            .inc();
+        self.fetch_duration
+            .with_label_values(&[upstream])
+            .observe(took.as_secs_f64());
+    }
+
+    /// One apply's outcome.
+    pub fn applied(&self, service: &str, ok: bool) {
+        let result = if ok { "ok" } else { "error" };
+        self.apply_total.with_label_values(&[service, result]).inc();
+    }
+
+    /// The text exposition format, as `/metrics` serves it.
+    pub fn render(&self) -> String {
+        let mut out = Vec::new();
+        if let Err(e) = TextEncoder::new().encode(&self.registry.gather(), &mut out) {
+            tracing::error!("encoding metrics: {e}");
+        }
+        String::from_utf8_lossy(&out).into_owned()
+    }
+}
+
+/// Serves `GET /metrics` on `listener` until `shutdown`.
+pub async fn serve(
+    listener: tokio::net::TcpListener,
+    metrics: Arc<Metrics>,
+    shutdown: CancellationToken,
+) -> Result<(), MetricsError> {
+    use axum::http::header;
+    let app = axum::Router::new().route(
+        "/metrics",
+        axum::routing::get(move || {
+            let m = metrics.clone();
+            async move {
+                (
+                    [(
+                        header::CONTENT_TYPE,
+                        "text/plain; version=0.0.4; charset=utf-8",
+                    )],
+                    m.render(),
+                )
+            }
+        }),
+    );
+    axum::serve(listener, app)
+        .with_graceful_shutdown(async move { shutdown.cancelled().await })
+        .await
+        .map_err(MetricsError::Serve)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::git::Oid;
+
+    fn deployed(n: u8) -> service::Service {
+        let mut s = service::Service::new(0);
+        s.deployed = Some(Oid::from_bytes(&[n; 20]).unwrap());
+        s.changed_at = Some(100);
+        s
+    }
+
+    #[test]
+    fn one_hash_series_per_service_and_one_state_set() {
+        let m = Metrics::new();
+        m.service("nginx", "web1", &deployed(1), Some(0));
+        m.service("nginx", "web1", &deployed(2), Some(0));
+        let text = m.render();
+        let hashes: Vec<&str> = text
+            .lines()
+            .filter(|l| l.starts_with("plumb_service_hash{"))
+            .collect();
+        assert_eq!(hashes.len(), 1, "{text}");
+        assert!(hashes[0].contains(&"02".repeat(20)), "{text}");
+        assert!(
+            text.contains("plumb_service_state{service=\"nginx\",state=\"OK\"} 1"),
+            "{text}"
+        );
+        assert!(
+            text.contains("plumb_service_state{service=\"nginx\",state=\"DIFF\"} 0"),
+            "{text}"
+        );
+        assert!(text.contains("plumb_build_info{version="), "{text}");
+        m.forget("nginx");
+        assert!(!m.render().contains("service=\"nginx\""));
+    }
+}

@@ -97,11 +97,20 @@ wait_for 60 "nginx to serve v2" serves "hello from git: v2"
 echo "curl http://127.0.0.1:$WEB_PORT/ -> $(page)   (after $((SECONDS - start)) s)"
 $IN journalctl -u plumb -u plumb-apply@nginx --no-pager -n 8 -o cat || true
 
+say "plumbctl inside the container, and the metrics"
+$IN plumbctl list services || true
+curl -s "http://127.0.0.1:9222/metrics" | grep '^plumb_service_hash' || true
+
 say "done: the container is running"
 cat <<TXT
   make a commit     cd $DEMO/work && \$EDITOR nginx/conf.d/demo.conf && git commit -am next && git push
   watch it arrive   watch curl -s http://127.0.0.1:$WEB_PORT/
+  plumbctl          nsenter -t $L -a plumbctl status nginx
+                    nsenter -t $L -a plumbctl freeze nginx 10m    (then commit: nothing arrives)
+                    nsenter -t $L -a plumbctl diff nginx; nsenter -t $L -a plumbctl unfreeze nginx
+                    nsenter -t $L -a plumbctl rollback nginx HASH; nsenter -t $L -a plumbctl log
+  metrics           curl -s http://127.0.0.1:9222/metrics | grep plumb_
   inside            nsenter -t $L -a bash
-                    systemctl status plumb plumb-apply@nginx; cat /var/lib/plumb/state/nginx.json
+                    systemctl status plumb plumb-apply@nginx; journalctl -u plumb
   stop it           $REPO/scripts/demo.sh stop
 TXT

@@ -18,6 +18,8 @@ PACKAGES=(
   curl procps iproute2
   # benchmarks: counting the processes the daemon spawns
   strace
+  # metrics: promtool checks a live scrape of the daemon (the package's daemon is not started)
+  prometheus
   # systemd tests: systemd-analyze verify and systemd-escape (generator), and a real systemd booted
   # with systemd-nspawn from a debootstrapped rootfs cached as a zstd tarball
   systemd systemd-container debootstrap zstd

@@ -604,6 +604,34 @@ fn a_freeze_made_through_the_api_survives_kill_9() {
     drop(d);
 }
 
+/// `promtool check metrics` (Prometheus' own linter) on a scrape: exit 0 and no complaints.
+fn promtool_accepts(text: &str) {
+    use std::io::Write;
+    let mut child = Command::new("promtool")
+        .args(["check", "metrics"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("promtool (scripts/install-deps.sh installs it)");
+    child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(text.as_bytes())
+        .unwrap();
+    let out = child.wait_with_output().unwrap();
+    let said = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        out.status.success() && said.trim().is_empty(),
+        "promtool: {said}\n{text}"
+    );
+}
+
 fn scrape(port: u16) -> String {
     let out = Command::new("curl")
         .args(["-sf", &format!("http://127.0.0.1:{port}/metrics")])
@@ -666,6 +694,7 @@ fn metrics_follow_the_deployed_hash_and_show_a_frozen_service_behind() {
         "{text}"
     );
     assert!(text.contains("plumb_build_info{version="), "{text}");
+    promtool_accepts(&text);
 
     let v2 = up.write("app/conf", "2").commit("v2");
     wait_until("v2 in the metrics", DEADLINE, || {

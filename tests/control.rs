@@ -68,6 +68,21 @@ impl Running {
         }
     }
 
+    /// `pull` of the one service these tests run.
+    fn pull(&self, force: bool) -> ActionResult {
+        self.act(Command::Pull {
+            service: "app".into(),
+            force,
+        })
+    }
+
+    fn freeze(&self, until: Option<u64>) -> ActionResult {
+        self.act(Command::Freeze {
+            service: "app".into(),
+            until,
+        })
+    }
+
     fn act(&self, c: Command) -> ActionResult {
         match self.call(c).unwrap() {
             Reply::Action(a) => *a,
@@ -115,18 +130,12 @@ fn freeze_holds_back_unfreeze_catches_up_and_pull_answers_when_done() {
     });
     assert_eq!(conf(&state), "1");
 
-    let a = d.act(Command::Freeze {
-        service: "app".into(),
-        until: None,
-    });
+    let a = d.freeze(None);
     assert!(a.ok);
     assert_eq!(a.status.state, "FREEZE");
 
     let v2 = up.write("app/conf", "2").commit("v2");
-    let a = d.act(Command::Pull {
-        service: "app".into(),
-        force: false,
-    });
+    let a = d.pull(false);
     // Pull answers after the fetch: the new head is known, and not deployed.
     assert_eq!(a.status.upstream_head.as_deref(), Some(v2.as_str()));
     assert_eq!(a.status.state, "FREEZE");
@@ -134,10 +143,7 @@ fn freeze_holds_back_unfreeze_catches_up_and_pull_answers_when_done() {
     assert_eq!(conf(&state), "1");
     // A commit to other files does not put the service further behind.
     up.write("elsewhere/x", "1").commit("elsewhere");
-    let a = d.act(Command::Pull {
-        service: "app".into(),
-        force: false,
-    });
+    let a = d.pull(false);
     assert_eq!(a.status.behind, Some(1));
 
     let a = d.act(Command::Unfreeze("app".into()));
@@ -163,10 +169,7 @@ fn rollback_pins_an_old_revision_until_unfrozen() {
         d.status("app").deployed.as_deref() == Some(v1.as_str())
     });
     up.write("app/conf", "2").commit("v2");
-    let a = d.act(Command::Pull {
-        service: "app".into(),
-        force: false,
-    });
+    let a = d.pull(false);
     assert_eq!(a.status.state, "OK");
     assert_eq!(conf(&state), "2");
 
@@ -205,18 +208,12 @@ fn a_freeze_survives_a_restart_and_a_timed_one_ends_by_itself() {
         wait_until("first deploy", DEADLINE, || {
             d.status("app").deployed.as_deref() == Some(v1.as_str())
         });
-        d.act(Command::Freeze {
-            service: "app".into(),
-            until: None,
-        });
+        d.freeze(None);
     }
     up.write("app/conf", "2").commit("v2");
     {
         let d = Running::start(&config);
-        let a = d.act(Command::Pull {
-            service: "app".into(),
-            force: false,
-        });
+        let a = d.pull(false);
         assert_eq!(a.status.state, "FREEZE", "{a:?}");
         assert_eq!(conf(&state), "1");
         // A freeze that ends two seconds from now: the daemon unfreezes and catches up alone.
@@ -225,10 +222,7 @@ fn a_freeze_survives_a_restart_and_a_timed_one_ends_by_itself() {
             .unwrap()
             .as_secs()
             + 2;
-        d.act(Command::Freeze {
-            service: "app".into(),
-            until: Some(until),
-        });
+        d.freeze(Some(until));
         wait_until("the timed freeze to end", DEADLINE, || {
             d.status("app").state == "OK" && conf(&state) == "2"
         });
@@ -246,10 +240,7 @@ fn local_edits_are_diff_never_overwritten_until_pull_force() {
     let file = state.join("checkouts/app/app/conf");
     std::fs::write(&file, "edited by hand").unwrap();
     let v2 = up.write("app/conf", "2").commit("v2");
-    let a = d.act(Command::Pull {
-        service: "app".into(),
-        force: false,
-    });
+    let a = d.pull(false);
     assert_eq!(a.status.state, "DIFF", "{a:?}");
     assert!(
         a.status.info.contains("local edits to app/conf"),
@@ -259,26 +250,17 @@ fn local_edits_are_diff_never_overwritten_until_pull_force() {
     // The edit is kept, and v2 waits.
     assert_eq!(conf(&state), "edited by hand");
 
-    let a = d.act(Command::Pull {
-        service: "app".into(),
-        force: true,
-    });
+    let a = d.pull(true);
     assert_eq!(a.status.state, "OK", "{a:?}");
     assert_eq!(a.status.deployed.as_deref(), Some(v2.as_str()));
     assert_eq!(conf(&state), "2");
 
     // Undoing an edit by hand clears the DIFF by itself.
     std::fs::write(state.join("checkouts/app/app/extra"), "stray").unwrap();
-    let a = d.act(Command::Pull {
-        service: "app".into(),
-        force: false,
-    });
+    let a = d.pull(false);
     assert_eq!(a.status.state, "DIFF");
     std::fs::remove_file(state.join("checkouts/app/app/extra")).unwrap();
-    let a = d.act(Command::Pull {
-        service: "app".into(),
-        force: false,
-    });
+    let a = d.pull(false);
     assert_eq!(a.status.state, "OK", "{a:?}");
 }
 
@@ -290,19 +272,13 @@ fn diff_shows_what_the_next_pull_would_change() {
     wait_until("first deploy", DEADLINE, || {
         d.status("app").deployed.as_deref() == Some(v1.as_str())
     });
-    d.act(Command::Freeze {
-        service: "app".into(),
-        until: None,
-    });
+    d.freeze(None);
     let v2 = up
         .write("app/conf", "2")
         .write("app/new", "n")
         .write("other/x", "x")
         .commit("v2");
-    d.act(Command::Pull {
-        service: "app".into(),
-        force: false,
-    });
+    d.pull(false);
     let diff = match d.call(Command::Diff("app".into())).unwrap() {
         Reply::Diff(diff) => diff,
         other => panic!("{other:?}"),
@@ -331,10 +307,7 @@ fn wipe_rebuilds_a_deleted_or_edited_checkout_at_the_same_revision() {
     });
     let checkout = state.join("checkouts/app");
     std::fs::remove_dir_all(&checkout).unwrap();
-    let a = d.act(Command::Pull {
-        service: "app".into(),
-        force: false,
-    });
+    let a = d.pull(false);
     assert_eq!(a.status.state, "DIFF", "{a:?}");
     assert!(a.status.info.contains("app/conf"), "{}", a.status.info);
 

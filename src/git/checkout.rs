@@ -75,17 +75,8 @@ impl Store {
             }
         };
 
-        // A handle of its own, so the store's main handle stays bare and index-less.
-        let repo = Repository::open_bare(&self.path).map_err(|source| GitError::Store {
-            url: self.shown.clone(),
-            path: self.path.clone(),
-            source,
-        })?;
-        let tree = repo
-            .find_commit(rev)
-            .map_err(|e| self.object_error(rev, e))?
-            .tree()
-            .map_err(|e| self.reached_error(rev, e))?;
+        let repo = self.own_handle()?;
+        let tree = self.tree_of(&repo, rev)?;
         let baseline = match previous {
             None => None,
             Some(previous) => match repo.find_commit(previous) {
@@ -177,16 +168,8 @@ impl Store {
             revision: revision.clone(),
             source,
         };
-        let repo = Repository::open_bare(&self.path).map_err(|source| GitError::Store {
-            url: self.shown.clone(),
-            path: self.path.clone(),
-            source,
-        })?;
-        let tree = repo
-            .find_commit(synced)
-            .map_err(|e| self.object_error(synced, e))?
-            .tree()
-            .map_err(|e| self.reached_error(synced, e))?;
+        let repo = self.own_handle()?;
+        let tree = self.tree_of(&repo, synced)?;
         if !target.is_dir() {
             // Nothing on disk: every file of the links is gone.
             let mut gone = Vec::new();
@@ -235,6 +218,26 @@ impl Store {
         paths.sort();
         paths.dedup();
         Ok(paths)
+    }
+}
+
+impl Store {
+    /// A repository handle of its own for work that sets a workdir and an index, so the store's
+    /// main handle stays bare and index-less.
+    fn own_handle(&self) -> Result<Repository, GitError> {
+        Repository::open_bare(&self.path).map_err(|source| GitError::Store {
+            url: self.shown.clone(),
+            path: self.path.clone(),
+            source,
+        })
+    }
+
+    /// The tree of commit `rev` in `repo`.
+    fn tree_of<'r>(&self, repo: &'r Repository, rev: Oid) -> Result<git2::Tree<'r>, GitError> {
+        repo.find_commit(rev)
+            .map_err(|e| self.object_error(rev, e))?
+            .tree()
+            .map_err(|e| self.reached_error(rev, e))
     }
 }
 

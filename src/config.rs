@@ -212,6 +212,8 @@ pub struct Settings {
     pub readonly_group: String,
     /// Where `/metrics` is served; `None` turns the listener off.
     pub metrics_address: Option<std::net::SocketAddr>,
+    /// The shared secret git hosts sign push webhooks with; `None`: the hook is off.
+    pub webhook_secret: Option<String>,
 }
 
 impl Default for Settings {
@@ -228,6 +230,7 @@ impl Default for Settings {
             admin_group: DEFAULT_ADMIN_GROUP.to_owned(),
             readonly_group: DEFAULT_READONLY_GROUP.to_owned(),
             metrics_address: Some(DEFAULT_METRICS_ADDRESS),
+            webhook_secret: None,
         }
     }
 }
@@ -321,6 +324,7 @@ struct RawPlumb {
     admin_group: Option<Spanned<String>>,
     readonly_group: Option<Spanned<String>>,
     metrics_address: Option<Spanned<String>>,
+    webhook_secret: Option<Spanned<String>>,
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -687,6 +691,16 @@ impl Cx<'_> {
         }
         if let Some(g) = p.readonly_group {
             s.readonly_group = self.group(g, "plumb.readonly_group")?;
+        }
+        if let Some(w) = p.webhook_secret {
+            if w.get_ref().len() < 16 {
+                return Err(self.at(
+                    w.span().start,
+                    "plumb.webhook_secret".to_owned(),
+                    "must be at least 16 characters",
+                ));
+            }
+            s.webhook_secret = Some(w.into_inner());
         }
         if let Some(a) = p.metrics_address {
             s.metrics_address = parse_metrics_address(a.get_ref())

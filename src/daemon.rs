@@ -496,6 +496,13 @@ impl Daemon {
                     });
                 }
             }
+            Command::Poke => {
+                let now = Instant::now();
+                for u in self.upstreams.values_mut().filter(|u| !u.busy) {
+                    u.next = now;
+                }
+                let _ = reply.send(Ok(Reply::Services(Vec::new())));
+            }
             Command::Diff(service) => {
                 let Some(e) = self.services.get(&service) else {
                     let _ = reply.send(Err(CommandError::UnknownService(service)));
@@ -1257,6 +1264,8 @@ pub enum Command {
     /// Rebuild the service's checkout from the store at the same revision; the service keeps its
     /// current files until the new checkout is in place and re-bound. Drops local edits.
     Wipe(String),
+    /// A push webhook arrived: fetch every upstream now instead of at its next tick.
+    Poke,
 }
 
 /// The daemon's answer to a [`Command`].

@@ -14,6 +14,7 @@ pub mod docs;
 pub mod exec;
 pub mod generator;
 pub mod git;
+pub mod hook;
 pub mod layout;
 pub mod metrics;
 pub mod notify;

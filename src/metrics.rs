@@ -36,6 +36,7 @@ pub struct Metrics {
     apply_total: IntCounterVec,
     fetch_total: IntCounterVec,
     fetch_duration: HistogramVec,
+    webhook_total: IntCounterVec,
     /// The hash series each service has now, so the old one can be removed.
     hashes: Mutex<HashMap<String, (String, String)>>,
 }
@@ -132,6 +133,11 @@ impl Metrics {
                 "Fetches of an upstream, by result.",
                 &["upstream", "result"],
             ),
+            webhook_total: counter(
+                "plumb_webhook_total",
+                "Push webhooks received, by result (ok, unsigned, bad_signature, replayed, rate_limited).",
+                &["result"],
+            ),
             fetch_duration,
             hashes: Mutex::new(HashMap::new()),
             registry,
@@ -210,6 +216,11 @@ impl Metrics {
             .observe(took.as_secs_f64());
     }
 
+    /// One push webhook's fate.
+    pub fn hook(&self, result: &str) {
+        self.webhook_total.with_label_values(&[result]).inc();
+    }
+
     /// One apply's outcome.
     pub fn applied(&self, service: &str, ok: bool) {
         let result = if ok { "ok" } else { "error" };
@@ -230,10 +241,17 @@ impl Metrics {
 pub async fn serve(
     listener: tokio::net::TcpListener,
     metrics: Arc<Metrics>,
+    hook: Option<Arc<crate::hook::Hook>>,
     shutdown: CancellationToken,
 ) -> Result<(), MetricsError> {
     use axum::http::header;
-    let app = axum::Router::new().route(
+    let hooks = match hook {
+        Some(h) => axum::Router::new()
+            .route("/v1/hooks/push", axum::routing::post(crate::hook::push))
+            .with_state(h),
+        None => axum::Router::new(),
+    };
+    let app = hooks.route(
         "/metrics",
         axum::routing::get(move || {
             let m = metrics.clone();

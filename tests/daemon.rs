@@ -43,8 +43,13 @@ impl Machine {
         } else {
             "metrics_address = \"\"\n"
         };
+        let interval = if settings.contains("interval") {
+            ""
+        } else {
+            "interval = \"1s\"\n"
+        };
         let text = format!(
-            "[plumb]\nstate_dir = {:?}\nsocket = {:?}\ninterval = \"1s\"\n{metrics}{settings}\n{services}",
+            "[plumb]\nstate_dir = {:?}\nsocket = {:?}\n{interval}{metrics}{settings}\n{services}",
             self.state,
             self.state.with_extension("sock")
         );
@@ -728,4 +733,115 @@ fn metrics_follow_the_deployed_hash_and_show_a_frozen_service_behind() {
         "{text}"
     );
     assert!(text.contains(&app_hash(&v2)), "{text}");
+}
+
+/// POSTs a push webhook with `headers`; returns the HTTP status.
+fn hook(port: u16, body: &str, headers: &[String]) -> u16 {
+    let mut cmd = Command::new("curl");
+    cmd.args([
+        "-s",
+        "-o",
+        "/dev/null",
+        "-w",
+        "%{http_code}",
+        "-X",
+        "POST",
+        "--data-binary",
+        body,
+    ]);
+    for h in headers {
+        cmd.args(["-H", h]);
+    }
+    let out = cmd
+        .arg(format!("http://127.0.0.1:{port}/v1/hooks/push"))
+        .output()
+        .unwrap();
+    String::from_utf8_lossy(&out.stdout).trim().parse().unwrap()
+}
+
+/// HMAC-SHA256 of `body` as GitHub signs it, computed by openssl, not by plumb's code.
+fn github_signature(secret: &str, body: &str) -> String {
+    let mut child = Command::new("openssl")
+        .args(["dgst", "-sha256", "-hmac", secret, "-r"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    use std::io::Write;
+    child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(body.as_bytes())
+        .unwrap();
+    let out = child.wait_with_output().unwrap();
+    let hex = String::from_utf8_lossy(&out.stdout);
+    format!(
+        "X-Hub-Signature-256: sha256={}",
+        hex.split_whitespace().next().unwrap()
+    )
+}
+
+#[test]
+fn a_signed_push_webhook_fetches_now_and_a_bad_one_is_refused_and_counted() {
+    let root = temp_root();
+    let up = Upstream::new(root.path(), "hooked");
+    let v1 = up.write("app/conf", "1").commit("v1");
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let secret = "0123456789abcdef-test";
+    let m = Machine::new(root.path(), "");
+    // An hour between polls: only the hook can bring v2 in time.
+    m.write_config_with(
+        &format!(
+            "interval = \"1h\"\nmetrics_address = \"127.0.0.1:{port}\"\nwebhook_secret = \"{secret}\"\n"
+        ),
+        &service("app", &up.file_url(), &["app"]),
+    );
+    let _d = Running(
+        m.command()
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap(),
+    );
+    wait_until("first deploy", DEADLINE, || {
+        m.rev("app").as_deref() == Some(v1.as_str())
+    });
+    let v2 = up.write("app/conf", "2").commit("v2");
+    let body = r#"{"ref":"refs/heads/main"}"#;
+
+    assert_eq!(hook(port, body, &[]), 401, "unsigned");
+    let forged = github_signature("not-the-secret-at-all", body);
+    assert_eq!(
+        hook(port, body, &[forged]),
+        401,
+        "signed with another secret"
+    );
+    assert_eq!(m.rev("app").as_deref(), Some(v1.as_str()));
+
+    let signed = github_signature(secret, body);
+    let delivery = "X-GitHub-Delivery: 6d1f7c2e".to_owned();
+    assert_eq!(hook(port, body, &[signed.clone(), delivery.clone()]), 202);
+    wait_until("the hook's fetch to deploy v2", DEADLINE, || {
+        m.rev("app").as_deref() == Some(v2.as_str())
+    });
+    assert_eq!(
+        hook(port, body, &[signed, delivery]),
+        409,
+        "a replayed delivery"
+    );
+    let text = scrape(port);
+    for (result, n) in [
+        ("ok", 1),
+        ("unsigned", 1),
+        ("bad_signature", 1),
+        ("replayed", 1),
+    ] {
+        let line = format!("plumb_webhook_total{{result=\"{result}\"}} {n}");
+        assert!(text.contains(&line), "{line} in\n{text}");
+    }
 }

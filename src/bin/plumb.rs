@@ -147,20 +147,26 @@ fn serve(cli: Cli) -> anyhow::Result<ExitCode> {
                 }
             }
         });
+        let (handle, commands) = daemon::channel();
         let metrics_task = match (metrics_address, metrics) {
             (Some(addr), Some(m)) => {
                 let listener = tokio::net::TcpListener::bind(addr).await.with_context(|| {
                     format!("metrics listener {addr} ([plumb] metrics_address)")
                 })?;
+                // The push webhook shares the metrics listener (the port git hosts can reach).
+                let hook =
+                    config.settings.webhook_secret.clone().map(|secret| {
+                        plumb::hook::Hook::new(secret, handle.clone(), Some(m.clone()))
+                    });
                 Some(tokio::spawn(plumb::metrics::serve(
                     listener,
                     m,
+                    hook,
                     shutdown.clone(),
                 )))
             }
             _ => None,
         };
-        let (handle, commands) = daemon::channel();
         // The API listens before the daemon reports ready; a one-shot run has none.
         let api = if cli.once {
             drop(handle);

@@ -653,6 +653,7 @@ fn metrics_follow_the_deployed_hash_and_show_a_frozen_service_behind() {
     let v1 = up
         .write("app/conf", "1")
         .write("web/conf", "1")
+        .write("db/conf", "1")
         .commit("v1");
     let url = up.file_url();
     let port = std::net::TcpListener::bind("127.0.0.1:0")
@@ -664,9 +665,10 @@ fn metrics_follow_the_deployed_hash_and_show_a_frozen_service_behind() {
     m.write_config_with(
         &format!("metrics_address = \"127.0.0.1:{port}\"\n"),
         &format!(
-            "{}{}",
+            "{}{}{}",
             service("app", &url, &["app"]),
-            service("web", &url, &["web"])
+            service("web", &url, &["web"]),
+            service("db", &url, &["db"])
         ),
     );
     let socket = m.state.with_extension("sock");
@@ -733,6 +735,49 @@ fn metrics_follow_the_deployed_hash_and_show_a_frozen_service_behind() {
         "{text}"
     );
     assert!(text.contains(&app_hash(&v2)), "{text}");
+    // The other services did not move: their hash is still v1's.
+    for other in ["web", "db"] {
+        let line = format!(
+            "plumb_service_hash{{hash=\"{v1}\",machine=\"testbox\",service=\"{other}\"}} 1"
+        );
+        assert!(text.contains(&line), "{line}\n{text}");
+    }
+    let change_time = |text: &str| -> f64 {
+        series(text, "plumb_service_change_time_seconds{service=\"app\"}")[0]
+            .rsplit(' ')
+            .next()
+            .unwrap()
+            .parse()
+            .unwrap()
+    };
+    let before = change_time(&text);
+    // Change times are whole seconds: let one pass so the next change must show a later one.
+    wait_until("the next second", DEADLINE, || {
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .as_secs_f64()
+            >= before + 1.0
+    });
+
+    // Unfrozen: it catches up, behind goes 1 -> 0, the hash moves and the change time advances.
+    curl(&socket, "POST", "/v1/services/app/unfreeze", None);
+    let answer = curl(&socket, "POST", "/v1/services/app/pull", None);
+    let text = scrape(port);
+    assert!(
+        text.contains("plumb_service_behind_commits{service=\"app\"} 0"),
+        "{answer}\n{text}"
+    );
+    assert!(
+        text.contains("plumb_service_frozen{service=\"app\"} 0"),
+        "{text}"
+    );
+    assert!(
+        !text.contains(&app_hash(&v2)),
+        "the old series is gone: {text}"
+    );
+    assert!(change_time(&text) > before, "{text}");
+    promtool_accepts(&text);
 }
 
 /// POSTs a push webhook with `headers`; returns the HTTP status.

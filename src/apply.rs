@@ -101,7 +101,7 @@ pub enum ApplyError {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Outcome {
     /// The deployed revision this outcome is for.
-    #[serde(with = "oid_hex")]
+    #[serde(with = "crate::git::serde_hex::oid")]
     pub revision: Oid,
     /// Whether the unit took it (mounts right, job done, unit active).
     pub ok: bool,
@@ -121,7 +121,7 @@ pub struct Outcome {
     pub journal: Vec<String>,
     /// The revision whose unit files systemd has loaded (a daemon-reload happened, or was not
     /// needed, for it): the base the next apply diffs against to decide on a daemon-reload.
-    #[serde(default, with = "opt_oid_hex")]
+    #[serde(default, with = "crate::git::serde_hex::opt_oid")]
     pub units_loaded: Option<Oid>,
 }
 
@@ -740,38 +740,6 @@ fn unix_now() -> u64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
         .map_or(0, |d| d.as_secs())
-}
-
-mod oid_hex {
-    use super::Oid;
-    use serde::{Deserialize, Deserializer, Serializer};
-
-    pub fn serialize<S: Serializer>(oid: &Oid, s: S) -> Result<S::Ok, S::Error> {
-        s.serialize_str(&oid.to_string())
-    }
-
-    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Oid, D::Error> {
-        let hex = String::deserialize(d)?;
-        Oid::from_str(&hex).map_err(serde::de::Error::custom)
-    }
-}
-
-mod opt_oid_hex {
-    use super::Oid;
-    use serde::{Deserialize, Deserializer, Serializer};
-
-    pub fn serialize<S: Serializer>(oid: &Option<Oid>, s: S) -> Result<S::Ok, S::Error> {
-        match oid {
-            Some(o) => s.serialize_some(&o.to_string()),
-            None => s.serialize_none(),
-        }
-    }
-
-    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Option<Oid>, D::Error> {
-        let hex: Option<String> = Option::deserialize(d)?;
-        hex.map(|h| Oid::from_str(&h).map_err(serde::de::Error::custom))
-            .transpose()
-    }
 }
 
 #[cfg(test)]

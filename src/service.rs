@@ -117,10 +117,10 @@ pub struct Service {
     /// Unix seconds when `state` was entered.
     pub since: u64,
     /// The last commit that changed the service's files, whose files are deployed.
-    #[serde(with = "opt_oid")]
+    #[serde(with = "crate::git::serde_hex::opt_oid")]
     pub deployed: Option<Oid>,
     /// The branch head whose tree the checkout holds (the baseline of the next checkout).
-    #[serde(with = "opt_oid")]
+    #[serde(with = "crate::git::serde_hex::opt_oid")]
     pub synced: Option<Oid>,
     /// Unix seconds when `deployed` last changed.
     pub changed_at: Option<u64>,
@@ -128,7 +128,7 @@ pub struct Service {
     pub last_sync: Option<u64>,
     /// The deployed revision whose apply failed: the service stays BROKEN until another revision
     /// is deployed or an apply succeeds, however often the branch moves elsewhere.
-    #[serde(default, with = "opt_oid")]
+    #[serde(default, with = "crate::git::serde_hex::opt_oid")]
     pub failed_apply: Option<Oid>,
     /// Not tracking upstream (an operator's freeze, or a rollback). Kept apart from `state`, which
     /// may show a failure meanwhile, so no failure or recovery ever unfreezes a service.
@@ -138,7 +138,7 @@ pub struct Service {
     #[serde(default)]
     pub frozen_until: Option<u64>,
     /// The commit a rollback pinned the service to.
-    #[serde(default, with = "opt_oid")]
+    #[serde(default, with = "crate::git::serde_hex::opt_oid")]
     pub pinned: Option<Oid>,
     /// Files edited locally, from the last drift check; found again at every fetch.
     #[serde(skip)]
@@ -410,25 +410,6 @@ pub fn short(oid: Option<Oid>) -> String {
     match oid {
         Some(o) => o.to_string()[..12].to_owned(),
         None => "(none)".to_owned(),
-    }
-}
-
-/// Object ids as hex strings in the state file.
-mod opt_oid {
-    use super::Oid;
-    use serde::{Deserialize, Deserializer, Serializer};
-
-    pub fn serialize<S: Serializer>(oid: &Option<Oid>, s: S) -> Result<S::Ok, S::Error> {
-        match oid {
-            Some(o) => s.serialize_some(&o.to_string()),
-            None => s.serialize_none(),
-        }
-    }
-
-    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Option<Oid>, D::Error> {
-        let hex: Option<String> = Option::deserialize(d)?;
-        hex.map(|h| Oid::from_str(&h).map_err(serde::de::Error::custom))
-            .transpose()
     }
 }
 

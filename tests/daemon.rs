@@ -56,6 +56,17 @@ impl Machine {
         fs::write(&self.config, text).unwrap();
     }
 
+    /// The long-running daemon on this machine's config, killed when the handle drops.
+    fn spawn(&self) -> Running {
+        Running(
+            self.command()
+                .stdout(Stdio::null())
+                .stderr(Stdio::null())
+                .spawn()
+                .unwrap(),
+        )
+    }
+
     fn command(&self) -> Command {
         let mut cmd = Command::new(env!("CARGO_BIN_EXE_plumb"));
         cmd.arg("-c").arg(&self.config).args(["--hosts", "testbox"]);
@@ -413,13 +424,7 @@ fn the_daemon_polls_reloads_its_config_and_stops_cleanly() {
     up.write("a/conf", "1").write("b/conf", "1").commit("v1");
     let url = up.file_url();
     let m = Machine::new(root.path(), &service("a", &url, &["a"]));
-    let mut d = Running(
-        m.command()
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .unwrap(),
-    );
+    let mut d = m.spawn();
     wait_until("first deploy", DEADLINE, || {
         m.read("a", "a/conf").as_deref() == Some("1")
     });
@@ -563,16 +568,7 @@ fn a_freeze_made_through_the_api_survives_kill_9() {
     let v1 = up.write("app/conf", "1").commit("v1");
     let m = Machine::new(root.path(), &service("app", &up.file_url(), &["app"]));
     let socket = m.state.with_extension("sock");
-    let start = || {
-        Running(
-            m.command()
-                .stdout(Stdio::null())
-                .stderr(Stdio::null())
-                .spawn()
-                .unwrap(),
-        )
-    };
-    let mut d = start();
+    let mut d = m.spawn();
     wait_until("first deploy", DEADLINE, || {
         m.rev("app").as_deref() == Some(v1.as_str())
     });
@@ -592,7 +588,7 @@ fn a_freeze_made_through_the_api_survives_kill_9() {
     d.0.kill().unwrap(); // SIGKILL: no chance to save anything more
     d.0.wait().unwrap();
     let v2 = up.write("app/conf", "2").commit("v2");
-    d = start();
+    d = m.spawn();
     wait_until("the API socket again", DEADLINE, || {
         Command::new("curl")
             .args(["-sf", "--unix-socket"])
@@ -637,6 +633,15 @@ fn promtool_accepts(text: &str) {
     );
 }
 
+/// A port nothing listens on right now, for a listener the daemon will bind.
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
 fn scrape(port: u16) -> String {
     let out = Command::new("curl")
         .args(["-sf", &format!("http://127.0.0.1:{port}/metrics")])
@@ -656,11 +661,7 @@ fn metrics_follow_the_deployed_hash_and_show_a_frozen_service_behind() {
         .write("db/conf", "1")
         .commit("v1");
     let url = up.file_url();
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port();
+    let port = free_port();
     let m = Machine::new(root.path(), "");
     m.write_config_with(
         &format!("metrics_address = \"127.0.0.1:{port}\"\n"),
@@ -672,13 +673,7 @@ fn metrics_follow_the_deployed_hash_and_show_a_frozen_service_behind() {
         ),
     );
     let socket = m.state.with_extension("sock");
-    let _d = Running(
-        m.command()
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .unwrap(),
-    );
+    let _d = m.spawn();
     let series = |text: &str, prefix: &str| -> Vec<String> {
         text.lines()
             .filter(|l| l.starts_with(prefix))
@@ -832,11 +827,7 @@ fn a_signed_push_webhook_fetches_now_and_a_bad_one_is_refused_and_counted() {
     let root = temp_root();
     let up = Upstream::new(root.path(), "hooked");
     let v1 = up.write("app/conf", "1").commit("v1");
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port();
+    let port = free_port();
     let secret = "0123456789abcdef-test";
     let m = Machine::new(root.path(), "");
     // An hour between polls: only the hook can bring v2 in time.
@@ -846,13 +837,7 @@ fn a_signed_push_webhook_fetches_now_and_a_bad_one_is_refused_and_counted() {
         ),
         &service("app", &up.file_url(), &["app"]),
     );
-    let _d = Running(
-        m.command()
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .unwrap(),
-    );
+    let _d = m.spawn();
     wait_until("first deploy", DEADLINE, || {
         m.rev("app").as_deref() == Some(v1.as_str())
     });

@@ -41,6 +41,44 @@ mod known_hosts;
 mod store;
 mod url;
 
+/// Object ids as hex strings in the files plumb writes (state, apply outcomes): one encoding for
+/// every `#[serde(with = ...)]`.
+pub mod serde_hex {
+    /// A required id.
+    pub mod oid {
+        use crate::git::Oid;
+        use serde::{Deserialize, Deserializer, Serializer};
+
+        pub fn serialize<S: Serializer>(oid: &Oid, s: S) -> Result<S::Ok, S::Error> {
+            s.serialize_str(&oid.to_string())
+        }
+
+        pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Oid, D::Error> {
+            let hex = String::deserialize(d)?;
+            Oid::from_str(&hex).map_err(serde::de::Error::custom)
+        }
+    }
+
+    /// An optional id (`null` when absent).
+    pub mod opt_oid {
+        use crate::git::Oid;
+        use serde::{Deserialize, Deserializer, Serializer};
+
+        pub fn serialize<S: Serializer>(oid: &Option<Oid>, s: S) -> Result<S::Ok, S::Error> {
+            match oid {
+                Some(o) => s.serialize_some(&o.to_string()),
+                None => s.serialize_none(),
+            }
+        }
+
+        pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Option<Oid>, D::Error> {
+            let hex: Option<String> = Option::deserialize(d)?;
+            hex.map(|h| Oid::from_str(&h).map_err(serde::de::Error::custom))
+                .transpose()
+        }
+    }
+}
+
 use std::cell::Cell;
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};

@@ -50,6 +50,51 @@ impl Output {
     }
 }
 
+/// A child to run: what [`run_with`] needs beyond a program and its arguments.
+#[derive(Debug, Clone, Default)]
+pub struct Spec {
+    pub program: String,
+    pub args: Vec<std::ffi::OsString>,
+    /// Bytes written to the child's standard input (then closed); `None` gives it /dev/null.
+    pub stdin: Option<Vec<u8>>,
+    /// Variables added to the inherited environment.
+    pub env: Vec<(String, std::ffi::OsString)>,
+    /// The working directory; the daemon's own when `None`.
+    pub dir: Option<std::path::PathBuf>,
+    /// How long the child may run before it is killed.
+    pub timeout: Duration,
+}
+
+impl Spec {
+    pub fn new(program: impl Into<String>, timeout: Duration) -> Spec {
+        Spec {
+            program: program.into(),
+            timeout,
+            ..Spec::default()
+        }
+    }
+
+    pub fn arg(mut self, arg: impl AsRef<OsStr>) -> Spec {
+        self.args.push(arg.as_ref().to_owned());
+        self
+    }
+
+    pub fn stdin(mut self, bytes: Vec<u8>) -> Spec {
+        self.stdin = Some(bytes);
+        self
+    }
+
+    pub fn env(mut self, key: impl Into<String>, value: impl AsRef<OsStr>) -> Spec {
+        self.env.push((key.into(), value.as_ref().to_owned()));
+        self
+    }
+
+    pub fn dir(mut self, dir: impl Into<std::path::PathBuf>) -> Spec {
+        self.dir = Some(dir.into());
+        self
+    }
+}
+
 /// Runs `program` with `args`, stdin from /dev/null, and returns its output; a child still
 /// running after `timeout` is killed (and reaped) and [`ExecError::TimedOut`] returned. A non-zero
 /// exit is not an error here: the caller decides what it means.
@@ -58,32 +103,74 @@ pub async fn run<S: AsRef<OsStr>>(
     args: &[S],
     timeout: Duration,
 ) -> Result<Output, ExecError> {
-    let child = tokio::process::Command::new(program)
-        .args(args)
-        .stdin(Stdio::null())
+    let mut spec = Spec::new(program, timeout);
+    spec.args = args.iter().map(|a| a.as_ref().to_owned()).collect();
+    run_with(spec).await
+}
+
+/// Runs a [`Spec`]: like [`run`], with standard input, environment and working directory.
+pub async fn run_with(spec: Spec) -> Result<Output, ExecError> {
+    use tokio::io::AsyncWriteExt;
+    let program = spec.program.clone();
+    let mut command = tokio::process::Command::new(&spec.program);
+    command
+        .args(&spec.args)
+        .stdin(if spec.stdin.is_some() {
+            Stdio::piped()
+        } else {
+            Stdio::null()
+        })
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
-        .kill_on_drop(true)
-        .spawn()
-        .map_err(|source| ExecError::Spawn {
-            program: program.to_owned(),
-            source,
-        })?;
+        .kill_on_drop(true);
+    for (k, v) in &spec.env {
+        command.env(k, v);
+    }
+    if let Some(dir) = &spec.dir {
+        command.current_dir(dir);
+    }
+    let mut child = command.spawn().map_err(|source| ExecError::Spawn {
+        program: program.clone(),
+        source,
+    })?;
+    let feed = child.stdin.take().zip(spec.stdin).map(|(mut pipe, bytes)| {
+        tokio::spawn(async move {
+            // A child that exits without reading all of its input is not an error here.
+            let _ = pipe.write_all(&bytes).await;
+        })
+    });
     // Dropping the future on timeout drops the child, which kills it (kill_on_drop); tokio reaps it.
-    match tokio::time::timeout(timeout, child.wait_with_output()).await {
+    let result = match tokio::time::timeout(spec.timeout, child.wait_with_output()).await {
         Ok(Ok(out)) => Ok(Output {
             code: out.status.code(),
             stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
             stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
         }),
-        Ok(Err(source)) => Err(ExecError::Wait {
-            program: program.to_owned(),
-            source,
-        }),
+        Ok(Err(source)) => Err(ExecError::Wait { program, source }),
         Err(_) => Err(ExecError::TimedOut {
-            program: program.to_owned(),
-            timeout,
+            program,
+            timeout: spec.timeout,
         }),
+    };
+    if let Some(feed) = feed {
+        feed.abort();
+    }
+    result
+}
+
+/// [`run_with`] from a thread that is not a runtime worker (the daemon's blocking git jobs, or
+/// plain threads in tests): uses the current runtime when there is one, else a small one of its own.
+pub fn run_blocking(spec: Spec) -> Result<Output, ExecError> {
+    match tokio::runtime::Handle::try_current() {
+        Ok(handle) => handle.block_on(run_with(spec)),
+        Err(_) => tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .map_err(|source| ExecError::Spawn {
+                program: spec.program.clone(),
+                source,
+            })?
+            .block_on(run_with(spec)),
     }
 }
 
@@ -115,6 +202,22 @@ mod tests {
         assert!(matches!(err, ExecError::TimedOut { .. }), "{err}");
         assert!(started.elapsed() < Duration::from_secs(5));
         assert_eq!(err.to_string(), "sleep: killed after 200ms");
+    }
+
+    #[test]
+    fn stdin_env_and_dir_reach_the_child_from_a_plain_thread() {
+        let dir = tempfile::tempdir().unwrap();
+        let out = run_blocking(
+            Spec::new("sh", Duration::from_secs(10))
+                .arg("-c")
+                .arg("read line; echo \"$line $PLUMB_X $(pwd)\"")
+                .stdin(b"hello\n".to_vec())
+                .env("PLUMB_X", "x")
+                .dir(dir.path()),
+        )
+        .unwrap();
+        let pwd = dir.path().canonicalize().unwrap();
+        assert_eq!(out.stdout, format!("hello x {}\n", pwd.display()));
     }
 
     #[tokio::test]

@@ -131,6 +131,69 @@ pub struct Service {
     pub package: Option<String>,
     pub user: Option<String>,
     pub dirs: Vec<Dir>,
+    /// A command that must accept a revision before the service's files change (`check`).
+    pub check: Option<Check>,
+    /// What must hold after an apply, or plumb rolls the service back by itself (`health`).
+    pub health: Option<Health>,
+}
+
+/// `check`: run by `sh -c` against the staged tree of a new revision, before the live checkout
+/// moves. `{dir}` is the staged copy of the first `dirs` entry, `{root}` the staged checkout (the
+/// links as repository paths under it), `{rev}` the revision; the same are in `PLUMB_DIR`,
+/// `PLUMB_ROOT` and `PLUMB_REVISION`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Check {
+    pub command: String,
+    pub timeout: Duration,
+}
+
+/// `[services.health]`: after an apply the unit must stay active (not restarted) for `settle`, then
+/// `command` (by `sh -c`) and `url` (an `http://` GET answering 2xx) must succeed within `timeout`,
+/// tried again every second until then. Any failure rolls the service back to its last good
+/// revision.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Health {
+    pub settle: Duration,
+    pub command: Option<String>,
+    pub url: Option<String>,
+    pub timeout: Duration,
+}
+
+/// How long a check may run before it counts as failed.
+pub const DEFAULT_CHECK_TIMEOUT: Duration = Duration::from_secs(60);
+/// How long a service must stay up after an apply when `health` names no `settle`.
+pub const DEFAULT_HEALTH_SETTLE: Duration = Duration::from_secs(5);
+/// How long a health command or URL gets to succeed when `health` names no `timeout`.
+pub const DEFAULT_HEALTH_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// What a branch of an upstream moving to a commit that does not descend from the one a service
+/// has checked out (a force-push) does to the service.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum ForcePush {
+    /// Deploy the new head, logging the old and new heads (the default).
+    #[default]
+    Follow,
+    /// Hold the service in DIFF until an operator accepts the new history (`pull --force`).
+    Refuse,
+}
+
+/// `[[plumb.upstream]]`: settings for one upstream URL, shared by every service on it.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct UpstreamSettings {
+    /// An SSH allowed-signers file (git's `gpg.ssh.allowedSignersFile` format): heads must carry
+    /// an SSH signature by one of its keys.
+    pub allowed_signers: Option<PathBuf>,
+    /// An OpenPGP keyring (as `gpgv --keyring` reads it): heads must carry a signature by one of
+    /// its keys.
+    pub keyring: Option<PathBuf>,
+    pub force_push: ForcePush,
+}
+
+impl UpstreamSettings {
+    /// Whether heads of this upstream must be signed.
+    pub fn verifies(&self) -> bool {
+        self.allowed_signers.is_some() || self.keyring.is_some()
+    }
 }
 
 impl Service {
@@ -214,6 +277,15 @@ pub struct Settings {
     pub metrics_address: Option<std::net::SocketAddr>,
     /// The shared secret git hosts sign push webhooks with; `None`: the hook is off.
     pub webhook_secret: Option<String>,
+    /// Per upstream URL: signatures required, force-push policy. Absent URLs get the defaults.
+    pub upstreams: BTreeMap<String, UpstreamSettings>,
+}
+
+impl Settings {
+    /// The settings of the upstream at `url` (the defaults when it has no `[[plumb.upstream]]`).
+    pub fn upstream(&self, url: &str) -> UpstreamSettings {
+        self.upstreams.get(url).cloned().unwrap_or_default()
+    }
 }
 
 impl Default for Settings {
@@ -231,6 +303,7 @@ impl Default for Settings {
             readonly_group: DEFAULT_READONLY_GROUP.to_owned(),
             metrics_address: Some(DEFAULT_METRICS_ADDRESS),
             webhook_secret: None,
+            upstreams: BTreeMap::new(),
         }
     }
 }
@@ -287,6 +360,27 @@ struct RawService {
     package: Option<Spanned<String>>,
     user: Option<Spanned<String>>,
     dirs: Option<Vec<RawDir>>,
+    check: Option<Spanned<String>>,
+    check_timeout: Option<Spanned<String>>,
+    health: Option<Spanned<RawHealth>>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawHealth {
+    settle: Option<Spanned<String>>,
+    command: Option<Spanned<String>>,
+    url: Option<Spanned<String>>,
+    timeout: Option<Spanned<String>>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawUpstream {
+    url: Spanned<String>,
+    allowed_signers: Option<Spanned<String>>,
+    keyring: Option<Spanned<String>>,
+    force_push: Option<Spanned<String>>,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -325,6 +419,8 @@ struct RawPlumb {
     readonly_group: Option<Spanned<String>>,
     metrics_address: Option<Spanned<String>>,
     webhook_secret: Option<Spanned<String>>,
+    #[serde(default)]
+    upstream: Vec<Spanned<RawUpstream>>,
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -464,7 +560,9 @@ impl Cx<'_> {
     }
 
     fn validate(&self, raw: RawFile) -> Result<Config, ConfigError> {
-        let settings = self.settings(raw.plumb)?;
+        let mut raw = raw;
+        let upstreams = std::mem::take(&mut raw.plumb.upstream);
+        let mut settings = self.settings(std::mem::take(&mut raw.plumb))?;
         let g = &raw.global;
         let global_dirs = match &g.dirs {
             Some(d) => Some(self.dirs("global.dirs", d)?),
@@ -526,11 +624,17 @@ impl Cx<'_> {
                     action,
                     package: nonempty(pick(&s.package, &g.package)),
                     user: nonempty(pick(&s.user, &g.user)),
+                    check: self.check(s, &key)?,
+                    health: match &s.health {
+                        Some(h) => Some(self.health(h, &key("health"))?),
+                        None => None,
+                    },
                     dirs,
                 },
             ));
         }
         self.check_unique(&services)?;
+        settings.upstreams = self.upstreams(&upstreams, &services)?;
         Ok(Config {
             path: self.path.to_owned(),
             settings,
@@ -545,6 +649,126 @@ impl Cx<'_> {
                 })
                 .collect(),
         })
+    }
+
+    fn check(
+        &self,
+        s: &RawService,
+        key: &dyn Fn(&str) -> String,
+    ) -> Result<Option<Check>, ConfigError> {
+        let timeout = match &s.check_timeout {
+            Some(t) => self.duration(t, &key("check_timeout"))?,
+            None => DEFAULT_CHECK_TIMEOUT,
+        };
+        match &s.check {
+            None => {
+                if let Some(t) = &s.check_timeout {
+                    return Err(self.at(
+                        t.span().start,
+                        key("check_timeout"),
+                        "is set but there is no check",
+                    ));
+                }
+                Ok(None)
+            }
+            Some(c) if c.get_ref().trim().is_empty() => {
+                Err(self.at(c.span().start, key("check"), "must not be empty"))
+            }
+            Some(c) => Ok(Some(Check {
+                command: c.get_ref().clone(),
+                timeout,
+            })),
+        }
+    }
+
+    fn health(&self, h: &Spanned<RawHealth>, key: &str) -> Result<Health, ConfigError> {
+        let raw = h.get_ref();
+        let duration = |v: &Option<Spanned<String>>, field: &str, default: Duration| match v {
+            Some(v) => self.duration(v, &format!("{key}.{field}")),
+            None => Ok(default),
+        };
+        let url = match &raw.url {
+            Some(u) => {
+                http_url(u.get_ref())
+                    .map_err(|m| self.at(u.span().start, format!("{key}.url"), m))?;
+                Some(u.get_ref().clone())
+            }
+            None => None,
+        };
+        let command = match &raw.command {
+            Some(c) if c.get_ref().trim().is_empty() => {
+                return Err(self.at(
+                    c.span().start,
+                    format!("{key}.command"),
+                    "must not be empty",
+                ));
+            }
+            c => c.as_ref().map(|c| c.get_ref().clone()),
+        };
+        Ok(Health {
+            settle: duration(&raw.settle, "settle", DEFAULT_HEALTH_SETTLE)?,
+            command,
+            url,
+            timeout: duration(&raw.timeout, "timeout", DEFAULT_HEALTH_TIMEOUT)?,
+        })
+    }
+
+    /// `[[plumb.upstream]]`: each URL once, and one some service of the file uses (a typo would
+    /// otherwise silently verify nothing).
+    fn upstreams(
+        &self,
+        raw: &[Spanned<RawUpstream>],
+        services: &[(usize, Service)],
+    ) -> Result<BTreeMap<String, UpstreamSettings>, ConfigError> {
+        let mut out = BTreeMap::new();
+        for (i, u) in raw.iter().enumerate() {
+            let key = |field: &str| format!("plumb.upstream[{i}].{field}");
+            let r = u.get_ref();
+            let url = r.url.get_ref().clone();
+            if !services.iter().any(|(_, s)| s.upstream == url) {
+                return Err(self.at(
+                    r.url.span().start,
+                    key("url"),
+                    format!("{url:?} is not the upstream of any service"),
+                ));
+            }
+            let path = |v: &Option<Spanned<String>>, field: &str| -> Result<_, ConfigError> {
+                match v {
+                    Some(p) => {
+                        self.absolute(p, key(field))?;
+                        Ok(Some(PathBuf::from(p.get_ref())))
+                    }
+                    None => Ok(None),
+                }
+            };
+            let force_push = match &r.force_push {
+                None => ForcePush::Follow,
+                Some(f) => match f.get_ref().as_str() {
+                    "follow" => ForcePush::Follow,
+                    "refuse" => ForcePush::Refuse,
+                    other => {
+                        return Err(self.at(
+                            f.span().start,
+                            key("force_push"),
+                            format!("unknown value {other:?} (expected \"follow\" or \"refuse\")"),
+                        ));
+                    }
+                },
+            };
+            let settings = UpstreamSettings {
+                allowed_signers: path(&r.allowed_signers, "allowed_signers")?,
+                keyring: path(&r.keyring, "keyring")?,
+                force_push,
+            };
+            if out.insert(url.clone(), settings).is_some() {
+                return Err(self.at(
+                    r.url.span().start,
+                    key("url"),
+                    format!("{url:?} has more than one [[plumb.upstream]]"),
+                ));
+            }
+        }
+        Ok(out)
     }
 
     /// Per machine as written: one name once, one local path once.
@@ -741,6 +965,21 @@ impl Cx<'_> {
             )
         })
     }
+}
+
+/// Checks a health URL: plumb speaks plain HTTP to local services itself; anything else belongs in
+/// a health `command` (`curl -fsS https://...`).
+fn http_url(url: &str) -> Result<(), String> {
+    let Some(rest) = url.strip_prefix("http://") else {
+        return Err(format!(
+            "{url:?} is not an http:// URL (for https or anything else, use health.command, e.g. \"curl -fsS https://...\")"
+        ));
+    };
+    let host = rest.split('/').next().unwrap_or("");
+    if host.is_empty() {
+        return Err(format!("{url:?} has no host"));
+    }
+    Ok(())
 }
 
 /// Why `name` cannot be a service: systemd's unit name characters only, at most one `@`, and a

@@ -86,6 +86,60 @@ pub enum Event {
     Drift { files: Vec<String> },
     /// An operator's `pull --force`: the next deploy may drop local edits.
     Force,
+    /// An operator's `pull`: a refused head or revision is tried again.
+    Retry,
+    /// The deploy job would not let the service see `head`; nothing on disk changed. `revision` is
+    /// the last commit that changed the service's files at `head`, when it got that far.
+    Refused {
+        head: Oid,
+        revision: Option<Oid>,
+        why: Refusal,
+    },
+    /// `plumb apply` of `revision` failed, or its health check did, for a service with `health`:
+    /// the service goes back to its last good revision by itself.
+    Unhealthy { revision: Oid, error: String },
+}
+
+/// Why the deploy job refused a head.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Refusal {
+    /// The service's `check` command failed on the staged tree (its output).
+    Check(String),
+    /// The tree is not safe to mount (a symlink leaving the service's directories, ...).
+    Hostile(String),
+    /// The head is not signed by a trusted key, when the upstream requires signatures.
+    Unverified(String),
+    /// The head does not descend from the checked-out one, and the upstream refuses force-pushes.
+    Rewritten(String),
+    /// The head's files are those of a revision refused or rolled back before.
+    Known,
+}
+
+/// A head the service will not deploy, and why; persisted, so a restart does not try it again.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Rejected {
+    /// The branch head last refused: while the branch stays there, nothing is tried.
+    #[serde(with = "crate::git::serde_hex::oid")]
+    pub head: Oid,
+    /// The service revision refused (a failed check or health): later heads with the same files
+    /// are refused too, so only a newer commit of the service's files is tried.
+    #[serde(default, with = "crate::git::serde_hex::opt_oid")]
+    pub revision: Option<Oid>,
+    /// The head an automatic rollback went back to.
+    #[serde(default, with = "crate::git::serde_hex::opt_oid")]
+    pub fallback: Option<Oid>,
+    /// BROKEN (check, health, hostile tree) or DIFF (signature, history).
+    pub state: State,
+    pub info: String,
+}
+
+/// A revision the unit took and kept healthy, with the head its files were checked out from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Good {
+    #[serde(with = "crate::git::serde_hex::oid")]
+    pub head: Oid,
+    #[serde(with = "crate::git::serde_hex::oid")]
+    pub revision: Oid,
 }
 
 /// What the daemon must do for a service after an event.
@@ -140,6 +194,14 @@ pub struct Service {
     /// The commit a rollback pinned the service to.
     #[serde(default, with = "crate::git::serde_hex::opt_oid")]
     pub pinned: Option<Oid>,
+    /// The last revision whose apply (and health check) succeeded: where a failed health check
+    /// goes back to.
+    #[serde(default)]
+    pub last_good: Option<Good>,
+    /// A head (and revision) refused, so it is not tried again until the branch moves on or an
+    /// operator pulls.
+    #[serde(default)]
+    pub rejected: Option<Rejected>,
     /// Files edited locally, from the last drift check; found again at every fetch.
     #[serde(skip)]
     pub drift: Vec<String>,
@@ -166,6 +228,8 @@ impl Service {
             frozen: false,
             frozen_until: None,
             pinned: None,
+            last_good: None,
+            rejected: None,
             drift: Vec::new(),
             force: false,
             upstream: None,
@@ -213,6 +277,16 @@ impl Service {
                     });
                 } else if !self.drift.is_empty() {
                     // Local edits: held in DIFF until an operator drops them or they are undone.
+                } else if let Some(r) = self.rejected.as_ref().filter(|r| r.head == head) {
+                    // Refused already; tried again when the branch moves or an operator pulls.
+                    // A rollback whose checkout failed is retried, though.
+                    if let Some(fallback) = r.fallback.filter(|f| self.synced != Some(*f)) {
+                        effects.push(Effect::Deploy {
+                            head: fallback,
+                            from: self.synced,
+                            deployed: self.deployed,
+                        });
+                    }
                 } else if self.synced != Some(head) {
                     effects.push(Effect::Deploy {
                         head,
@@ -231,6 +305,14 @@ impl Service {
                 self.set(State::Diff, format!("fetch failed: {error}"), now);
             }
             Event::Deployed { head, revision } => {
+                if self
+                    .rejected
+                    .as_ref()
+                    .is_some_and(|r| r.fallback != Some(head))
+                {
+                    // Files other than the refused ones are in place: a newer commit is tried.
+                    self.rejected = None;
+                }
                 self.synced = Some(head);
                 self.last_sync = Some(now);
                 if revision != self.deployed {
@@ -262,10 +344,32 @@ impl Service {
                     );
                 } else {
                     self.failed_apply = None;
+                    if let Some(head) = self.synced {
+                        self.last_good = Some(Good { head, revision });
+                    }
                     if self.state == State::Broken {
                         self.rest(now);
                     }
                 }
+            }
+            Event::Unhealthy { revision, error } => {
+                if Some(revision) != self.deployed {
+                    // Overtaken by a newer deploy.
+                } else {
+                    effects.extend(self.roll_back(revision, error, now));
+                }
+            }
+            Event::Retry => {
+                if self.rejected.take().is_some() && !self.frozen {
+                    effects.extend(self.redeploy());
+                }
+            }
+            Event::Refused {
+                head,
+                revision,
+                why,
+            } => {
+                self.refused(head, revision, why, now);
             }
             Event::Freeze { until } => {
                 self.frozen = true;
@@ -275,7 +379,7 @@ impl Service {
                     self.set(State::Freeze, info, now);
                 }
             }
-            Event::Unfreeze => effects.extend(self.unfreeze(now)),
+            Event::Unfreeze => effects.extend(self.unfreeze(now, true)),
             Event::Drift { files } => {
                 if files.is_empty() {
                     if self.state == State::Diff && !self.drift.is_empty() {
@@ -303,10 +407,12 @@ impl Service {
             Event::Force => self.force = true,
             Event::Tick => {
                 if self.frozen && self.frozen_until.is_some_and(|t| t <= now) {
-                    effects.extend(self.unfreeze(now));
+                    effects.extend(self.unfreeze(now, false));
                 }
             }
             Event::Rollback { target } => {
+                // The operator chose a revision: nothing refused before stands in its way.
+                self.rejected = None;
                 self.frozen = true;
                 self.frozen_until = None;
                 self.pinned = Some(target);
@@ -340,8 +446,113 @@ impl Service {
         effects
     }
 
-    /// The state a service settles in when nothing is wrong: FREEZE while frozen, else OK.
+    /// Goes back to the last good revision after `revision` failed its apply or health check;
+    /// without one (or when the failing one is it, or an operator pinned the service), stays
+    /// BROKEN on it.
+    fn roll_back(&mut self, revision: Oid, error: String, now: u64) -> Vec<Effect> {
+        let failed = format!("apply of {} failed: {error}", short(Some(revision)));
+        let target = self
+            .last_good
+            .filter(|g| g.revision != revision && self.pinned.is_none());
+        let Some(good) = target else {
+            self.failed_apply = Some(revision);
+            let why = if self.pinned.is_some() {
+                "; pinned by an operator, not rolled back"
+            } else {
+                "; no earlier good revision to roll back to"
+            };
+            self.set(State::Broken, format!("{failed}{why}"), now);
+            return Vec::new();
+        };
+        let info = format!(
+            "rolled back from {} to {}: {error}",
+            short(Some(revision)),
+            short(Some(good.revision))
+        );
+        self.rejected = Some(Rejected {
+            head: self.upstream.or(self.synced).unwrap_or(good.head),
+            revision: Some(revision),
+            fallback: Some(good.head),
+            state: State::Broken,
+            info: info.clone(),
+        });
+        self.set(State::Broken, info, now);
+        vec![Effect::Deploy {
+            head: good.head,
+            from: self.synced,
+            deployed: self.deployed,
+        }]
+    }
+
+    fn refused(&mut self, head: Oid, revision: Option<Oid>, why: Refusal, now: u64) {
+        let (state, info) = match why {
+            Refusal::Known => {
+                if let Some(r) = &mut self.rejected {
+                    r.head = head;
+                    let (state, info) = (r.state, r.info.clone());
+                    self.set(state, info, now);
+                }
+                return;
+            }
+            Refusal::Check(output) => (
+                State::Broken,
+                format!(
+                    "check of {} failed, files not changed: {output}",
+                    short(revision.or(Some(head)))
+                ),
+            ),
+            Refusal::Hostile(reason) => (
+                State::Broken,
+                format!("refused {}: {reason}", short(Some(head))),
+            ),
+            Refusal::Unverified(reason) => (
+                State::Diff,
+                format!(
+                    "refused {}: {reason}; keeping revision {}",
+                    short(Some(head)),
+                    short(self.deployed)
+                ),
+            ),
+            Refusal::Rewritten(reason) => (
+                State::Diff,
+                format!("{reason}; plumbctl pull --force accepts the new history"),
+            ),
+        };
+        self.rejected = Some(Rejected {
+            head,
+            revision: match state {
+                State::Broken => revision,
+                _ => None,
+            },
+            fallback: None,
+            state,
+            info: info.clone(),
+        });
+        self.set(state, info, now);
+    }
+
+    /// The deploy of the branch head seen last, when the checkout is not there yet and the head
+    /// was not refused.
+    fn redeploy(&self) -> Vec<Effect> {
+        let refused = |h: Oid| self.rejected.as_ref().is_some_and(|r| r.head == h);
+        match self.upstream {
+            Some(head) if self.synced != Some(head) && !refused(head) => vec![Effect::Deploy {
+                head,
+                from: self.synced,
+                deployed: self.deployed,
+            }],
+            _ => Vec::new(),
+        }
+    }
+
+    /// The state a service settles in when nothing is wrong: FREEZE while frozen, else OK. A
+    /// refused head keeps its state (BROKEN or DIFF) until a newer commit deploys.
     fn rest(&mut self, now: u64) {
+        if let Some(r) = &self.rejected {
+            let (state, info) = (r.state, r.info.clone());
+            self.set(state, info, now);
+            return;
+        }
         let state = if self.frozen {
             State::Freeze
         } else {
@@ -365,24 +576,19 @@ impl Service {
         }
     }
 
-    fn unfreeze(&mut self, now: u64) -> Vec<Effect> {
+    fn unfreeze(&mut self, now: u64, by_hand: bool) -> Vec<Effect> {
         if !self.frozen {
             return Vec::new();
         }
         self.frozen = false;
         self.frozen_until = None;
         self.pinned = None;
-        if !matches!(self.state, State::Broken | State::Diff) {
+        // Unfreezing by hand tries the branch head again, refused or not.
+        let was_refused = by_hand && self.rejected.take().is_some();
+        if was_refused || !matches!(self.state, State::Broken | State::Diff) {
             self.rest(now);
         }
-        match self.upstream {
-            Some(head) if self.synced != Some(head) => vec![Effect::Deploy {
-                head,
-                from: self.synced,
-                deployed: self.deployed,
-            }],
-            _ => Vec::new(),
-        }
+        self.redeploy()
     }
 
     fn set(&mut self, state: State, info: String, now: u64) {
@@ -896,5 +1102,388 @@ mod tests {
                 ..s
             }
         );
+    }
+
+    fn deployed_at(s: &mut Service, n: u8, now: u64) -> Vec<Effect> {
+        s.handle(fetched(Some(oid(n))), now);
+        s.handle(
+            Event::Deployed {
+                head: oid(n),
+                revision: Some(oid(n)),
+            },
+            now,
+        )
+    }
+
+    fn applied(s: &mut Service, n: u8, now: u64) {
+        s.handle(
+            Event::Applied {
+                revision: oid(n),
+                error: None,
+            },
+            now,
+        );
+    }
+
+    #[test]
+    fn a_failed_check_leaves_the_files_and_is_not_retried_until_a_newer_commit() {
+        let mut s = deployed();
+        s.handle(fetched(Some(oid(2))), 20);
+        let fx = s.handle(
+            Event::Refused {
+                head: oid(2),
+                revision: Some(oid(2)),
+                why: Refusal::Check("nginx: bad directive".into()),
+            },
+            21,
+        );
+        assert_eq!(fx, vec![Effect::Persist]);
+        assert_eq!(
+            (s.state, s.deployed, s.synced),
+            (State::Broken, Some(oid(1)), Some(oid(1)))
+        );
+        assert!(
+            s.info.starts_with(
+                "check of 020202020202 failed, files not changed: nginx: bad directive"
+            ),
+            "{}",
+            s.info
+        );
+        // The same head again: nothing is tried.
+        assert_eq!(s.handle(fetched(Some(oid(2))), 30), vec![]);
+        // A commit elsewhere on top: tried, and refused as the known revision by the deploy job.
+        assert_eq!(s.handle(fetched(Some(oid(3))), 40).len(), 1);
+        s.handle(
+            Event::Refused {
+                head: oid(3),
+                revision: Some(oid(2)),
+                why: Refusal::Known,
+            },
+            41,
+        );
+        assert_eq!(s.state, State::Broken);
+        assert_eq!(s.rejected.as_ref().map(|r| r.head), Some(oid(3)));
+        assert_eq!(s.handle(fetched(Some(oid(3))), 50), vec![]);
+        // A newer commit of the service's files deploys and clears the refusal.
+        let fx = deployed_at(&mut s, 4, 60);
+        assert_eq!(
+            fx,
+            vec![Effect::Apply { revision: oid(4) }, Effect::Persist]
+        );
+        assert_eq!((s.state, s.rejected.clone()), (State::Ok, None));
+    }
+
+    #[test]
+    fn a_failed_health_check_rolls_back_to_the_last_good_revision_and_does_not_return() {
+        let mut s = deployed();
+        applied(&mut s, 1, 11);
+        assert_eq!(
+            s.last_good,
+            Some(Good {
+                head: oid(1),
+                revision: oid(1)
+            })
+        );
+        deployed_at(&mut s, 2, 20);
+        let fx = s.handle(
+            Event::Unhealthy {
+                revision: oid(2),
+                error: "health: GET http://127.0.0.1/ answered 500".into(),
+            },
+            25,
+        );
+        assert_eq!(
+            fx,
+            vec![
+                Effect::Deploy {
+                    head: oid(1),
+                    from: Some(oid(2)),
+                    deployed: Some(oid(2))
+                },
+                Effect::Persist
+            ]
+        );
+        assert_eq!(s.state, State::Broken);
+        assert_eq!(
+            s.info,
+            "rolled back from 020202020202 to 010101010101: health: GET http://127.0.0.1/ answered 500"
+        );
+        // The rollback lands and applies; the service stays BROKEN saying why.
+        let fx = s.handle(
+            Event::Deployed {
+                head: oid(1),
+                revision: Some(oid(1)),
+            },
+            26,
+        );
+        assert_eq!(
+            fx,
+            vec![Effect::Apply { revision: oid(1) }, Effect::Persist]
+        );
+        applied(&mut s, 1, 27);
+        assert_eq!((s.state, s.deployed), (State::Broken, Some(oid(1))));
+        assert!(
+            s.info.starts_with("rolled back from 020202020202"),
+            "{}",
+            s.info
+        );
+        // The bad head is not deployed again.
+        assert_eq!(s.handle(fetched(Some(oid(2))), 30), vec![]);
+        // An operator's pull overrides: the head is tried again.
+        let fx = s.handle(Event::Retry, 40);
+        assert_eq!(
+            fx,
+            vec![
+                Effect::Deploy {
+                    head: oid(2),
+                    from: Some(oid(1)),
+                    deployed: Some(oid(1))
+                },
+                Effect::Persist
+            ]
+        );
+        assert_eq!(s.rejected, None);
+    }
+
+    #[test]
+    fn a_failing_rollback_checkout_is_retried_at_the_next_fetch() {
+        let mut s = deployed();
+        applied(&mut s, 1, 11);
+        deployed_at(&mut s, 2, 20);
+        s.handle(
+            Event::Unhealthy {
+                revision: oid(2),
+                error: "down".into(),
+            },
+            25,
+        );
+        s.handle(
+            Event::DeployFailed {
+                head: oid(1),
+                error: "disk".into(),
+            },
+            26,
+        );
+        assert_eq!(s.state, State::Broken);
+        assert_eq!(
+            s.handle(fetched(Some(oid(2))), 30),
+            vec![Effect::Deploy {
+                head: oid(1),
+                from: Some(oid(2)),
+                deployed: Some(oid(2))
+            }]
+        );
+    }
+
+    #[test]
+    fn unhealthy_without_a_good_revision_or_when_pinned_stays_broken() {
+        let mut s = deployed();
+        let fx = s.handle(
+            Event::Unhealthy {
+                revision: oid(1),
+                error: "down".into(),
+            },
+            20,
+        );
+        assert_eq!(fx, vec![Effect::Persist]);
+        assert_eq!((s.state, s.failed_apply), (State::Broken, Some(oid(1))));
+        assert!(
+            s.info.ends_with("no earlier good revision to roll back to"),
+            "{}",
+            s.info
+        );
+
+        let mut s = deployed();
+        applied(&mut s, 1, 11);
+        deployed_at(&mut s, 2, 20);
+        applied(&mut s, 2, 21);
+        s.handle(Event::Rollback { target: oid(1) }, 30);
+        s.handle(
+            Event::Deployed {
+                head: oid(1),
+                revision: Some(oid(1)),
+            },
+            31,
+        );
+        let fx = s.handle(
+            Event::Unhealthy {
+                revision: oid(1),
+                error: "down".into(),
+            },
+            32,
+        );
+        assert_eq!(fx, vec![Effect::Persist]);
+        assert_eq!((s.state, s.deployed), (State::Broken, Some(oid(1))));
+        assert!(
+            s.info.ends_with("pinned by an operator, not rolled back"),
+            "{}",
+            s.info
+        );
+        // An outcome for a revision no longer deployed changes nothing.
+        let before = s.clone();
+        assert_eq!(
+            s.handle(
+                Event::Unhealthy {
+                    revision: oid(2),
+                    error: "x".into()
+                },
+                40
+            ),
+            vec![]
+        );
+        assert_eq!(s, before);
+    }
+
+    #[test]
+    fn an_unsigned_head_is_diff_and_the_next_head_is_tried() {
+        let mut s = deployed();
+        s.handle(fetched(Some(oid(2))), 20);
+        s.handle(
+            Event::Refused {
+                head: oid(2),
+                revision: None,
+                why: Refusal::Unverified("commit 020202020202: not signed".into()),
+            },
+            21,
+        );
+        assert_eq!((s.state, s.deployed), (State::Diff, Some(oid(1))));
+        assert_eq!(
+            s.info,
+            "refused 020202020202: commit 020202020202: not signed; keeping revision 010101010101"
+        );
+        assert_eq!(s.handle(fetched(Some(oid(2))), 30), vec![]);
+        assert_eq!(s.handle(fetched(Some(oid(3))), 40).len(), 1);
+        s.handle(
+            Event::Deployed {
+                head: oid(3),
+                revision: Some(oid(3)),
+            },
+            41,
+        );
+        assert_eq!(s.state, State::Ok);
+    }
+
+    #[test]
+    fn a_refused_rewrite_waits_for_pull_force() {
+        let mut s = deployed();
+        s.handle(fetched(Some(oid(2))), 20);
+        s.handle(
+            Event::Refused {
+                head: oid(2),
+                revision: None,
+                why: Refusal::Rewritten("history rewritten upstream".into()),
+            },
+            21,
+        );
+        assert_eq!(s.state, State::Diff);
+        assert!(
+            s.info
+                .ends_with("plumbctl pull --force accepts the new history"),
+            "{}",
+            s.info
+        );
+        assert_eq!(s.handle(fetched(Some(oid(2))), 30), vec![]);
+        s.handle(Event::Force, 31);
+        assert_eq!(
+            s.handle(fetched(Some(oid(2))), 32),
+            vec![Effect::Restore {
+                head: oid(2),
+                deployed: Some(oid(1))
+            }]
+        );
+    }
+
+    #[test]
+    fn a_hostile_tree_is_broken() {
+        let mut s = deployed();
+        s.handle(fetched(Some(oid(2))), 20);
+        s.handle(
+            Event::Refused {
+                head: oid(2),
+                revision: None,
+                why: Refusal::Hostile(
+                    "nginx/etc/x: symlink to /etc/shadow leaves the service".into(),
+                ),
+            },
+            21,
+        );
+        assert_eq!((s.state, s.synced), (State::Broken, Some(oid(1))));
+        assert!(
+            s.info.starts_with("refused 020202020202: nginx/etc/x"),
+            "{}",
+            s.info
+        );
+    }
+
+    #[test]
+    fn unfreezing_by_hand_retries_a_refused_head_and_expiry_does_not() {
+        let mut s = deployed();
+        s.handle(fetched(Some(oid(2))), 20);
+        s.handle(
+            Event::Refused {
+                head: oid(2),
+                revision: Some(oid(2)),
+                why: Refusal::Check("bad".into()),
+            },
+            21,
+        );
+        s.handle(Event::Freeze { until: Some(100) }, 22);
+        assert_eq!((s.state, s.frozen), (State::Broken, true));
+        let mut expired = s.clone();
+        assert_eq!(expired.handle(Event::Tick, 100), vec![Effect::Persist]);
+        assert_eq!((expired.state, expired.frozen), (State::Broken, false));
+        let fx = s.handle(Event::Unfreeze, 50);
+        assert_eq!(
+            fx,
+            vec![
+                Effect::Deploy {
+                    head: oid(2),
+                    from: Some(oid(1)),
+                    deployed: Some(oid(1))
+                },
+                Effect::Persist
+            ]
+        );
+        assert_eq!((s.state, s.rejected.clone()), (State::Ok, None));
+    }
+
+    #[test]
+    fn an_operator_rollback_clears_a_refusal() {
+        let mut s = deployed();
+        s.handle(fetched(Some(oid(2))), 20);
+        s.handle(
+            Event::Refused {
+                head: oid(2),
+                revision: None,
+                why: Refusal::Unverified("x".into()),
+            },
+            21,
+        );
+        s.handle(Event::Rollback { target: oid(1) }, 30);
+        assert_eq!((s.state, s.rejected.clone()), (State::Rollback, None));
+    }
+
+    #[test]
+    fn refusals_and_the_last_good_revision_survive_a_restart() {
+        let mut s = deployed();
+        applied(&mut s, 1, 11);
+        deployed_at(&mut s, 2, 20);
+        s.handle(
+            Event::Unhealthy {
+                revision: oid(2),
+                error: "down".into(),
+            },
+            25,
+        );
+        let json = serde_json::to_string(&s).unwrap();
+        let back: Service = serde_json::from_str(&json).unwrap();
+        assert_eq!(
+            (back.last_good, back.rejected.clone()),
+            (s.last_good, s.rejected.clone())
+        );
+        // A state file from before these fields existed still loads.
+        let old = r#"{"state":"OK","info":"","since":1,"deployed":null,"synced":null,"changed_at":null,"last_sync":null}"#;
+        let back: Service = serde_json::from_str(old).unwrap();
+        assert_eq!((back.last_good, back.rejected), (None, None));
     }
 }

@@ -14,6 +14,8 @@ PACKAGES=(
   git
   # integration-test servers on loopback: smart HTTP (lighttpd + git-http-backend) and ssh
   lighttpd openssh-server openssh-client
+  # signed commits: ssh-keygen verifies ssh signatures (openssh-client), gpgv OpenPGP ones; gpg (with its agent) signs in tests
+  gpg gpg-agent gpgv
   # test tooling: HTTP probes, process and socket inspection (kill, ps, ss)
   curl procps iproute2
   # benchmarks: counting the processes the daemon spawns

@@ -342,7 +342,75 @@ impl Run<'_> {
             }
             *units_loaded = Some(revision);
         }
-        self.act().await
+        let done = self.act().await?;
+        match &self.svc.health {
+            Some(health) => Ok(format!("{done}; {}", self.health(health).await?)),
+            None => Ok(done),
+        }
+    }
+
+    /// The service's `health`: the unit stays up (and is not restarted) for `settle`, then the
+    /// command and URL succeed within `timeout`, tried every [`HEALTH_RETRY`]. A failure is the
+    /// apply's failure, which makes the daemon roll the service back.
+    async fn health(&self, health: &config::Health) -> Result<String, Failure> {
+        let unit = self.unit.as_str();
+        let since = SystemTime::now();
+        let fail = |message: String| Failure {
+            unit: unit.to_owned(),
+            message: format!("health: {message}"),
+            since,
+        };
+        let state = |s: Result<UnitState, SystemdError>| s.map_err(|e| fail(e.to_string()));
+        let before = state(self.systemd.unit_state(unit).await)?;
+        tokio::time::sleep(health.settle).await;
+        let after = state(self.systemd.unit_state(unit).await)?;
+        let settle = humantime::format_duration(health.settle);
+        if !after.is_active() {
+            return Err(fail(format!(
+                "{unit} did not stay up for {settle}: it is {after}"
+            )));
+        }
+        if after.active_enter_monotonic_usec != before.active_enter_monotonic_usec {
+            return Err(fail(format!("{unit} restarted within {settle}")));
+        }
+        let deadline = tokio::time::Instant::now() + health.timeout;
+        loop {
+            let left = deadline.saturating_duration_since(tokio::time::Instant::now());
+            let mut errors = Vec::new();
+            if let Some(command) = &health.command {
+                let spec = exec::Spec::new("/bin/sh", left.max(Duration::from_secs(1)))
+                    .arg("-c")
+                    .arg(command)
+                    .env("PLUMB_SERVICE", &self.svc.name);
+                match exec::run_with(spec).await {
+                    Ok(out) if out.success() => {}
+                    Ok(out) => {
+                        let text = format!("{}{}", out.stdout, out.stderr);
+                        let last = text.lines().rev().find(|l| !l.trim().is_empty());
+                        errors.push(format!(
+                            "{command}: exit status {}{}",
+                            out.code.map_or("(signal)".to_owned(), |c| c.to_string()),
+                            last.map(|l| format!(": {}", l.trim())).unwrap_or_default()
+                        ));
+                    }
+                    Err(e) => errors.push(e.to_string()),
+                }
+            }
+            if let Some(url) = &health.url {
+                match http_get(url, left.max(Duration::from_secs(1))).await {
+                    Ok(code) if (200..300).contains(&code) => {}
+                    Ok(code) => errors.push(format!("GET {url} answered {code}")),
+                    Err(e) => errors.push(format!("GET {url}: {e}")),
+                }
+            }
+            if errors.is_empty() {
+                return Ok(format!("healthy (up for {settle})"));
+            }
+            if tokio::time::Instant::now() + HEALTH_RETRY >= deadline {
+                return Err(fail(errors.join("; ")));
+            }
+            tokio::time::sleep(HEALTH_RETRY).await;
+        }
     }
 
     /// Checks one dir's bind mount and restarts its mount unit when it does not show the checkout.
@@ -519,6 +587,72 @@ impl Run<'_> {
             }
             tokio::time::sleep(Duration::from_millis(100)).await;
         }
+    }
+}
+
+/// How often a failing health command or URL is tried again until its timeout.
+const HEALTH_RETRY: Duration = Duration::from_secs(1);
+
+/// The status code of a plain HTTP/1.1 GET of `url` (`http://host[:port]/path`, checked by the
+/// config), within `timeout`. Enough for a local health endpoint; anything more is a `command`.
+async fn http_get(url: &str, timeout: Duration) -> Result<u16, String> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let rest = url
+        .strip_prefix("http://")
+        .ok_or_else(|| "not an http:// URL".to_owned())?;
+    let (authority, path) = match rest.find('/') {
+        Some(i) => (&rest[..i], &rest[i..]),
+        None => (rest, "/"),
+    };
+    let address = if authority
+        .rsplit_once(':')
+        .is_some_and(|(_, p)| p.parse::<u16>().is_ok())
+        && !authority.ends_with(']')
+    {
+        authority.to_owned()
+    } else {
+        format!("{authority}:80")
+    };
+    let get = async {
+        let mut stream = tokio::net::TcpStream::connect(&address)
+            .await
+            .map_err(|e| e.to_string())?;
+        let request = format!(
+            "GET {path} HTTP/1.1\r\nHost: {authority}\r\nUser-Agent: plumb-health\r\nConnection: close\r\n\r\n"
+        );
+        stream
+            .write_all(request.as_bytes())
+            .await
+            .map_err(|e| e.to_string())?;
+        // The status line is all that is needed; read until its end (or 1 KiB).
+        let mut head = Vec::new();
+        let mut buf = [0u8; 256];
+        while !head.contains(&b'\n') && head.len() < 1024 {
+            let n = stream.read(&mut buf).await.map_err(|e| e.to_string())?;
+            if n == 0 {
+                break;
+            }
+            head.extend_from_slice(&buf[..n]);
+        }
+        let line = String::from_utf8_lossy(&head);
+        let line = line.lines().next().unwrap_or("");
+        line.split_whitespace()
+            .nth(1)
+            .filter(|_| line.starts_with("HTTP/"))
+            .and_then(|c| c.parse::<u16>().ok())
+            .ok_or_else(|| {
+                format!(
+                    "not an HTTP response: {:?}",
+                    line.chars().take(80).collect::<String>()
+                )
+            })
+    };
+    match tokio::time::timeout(timeout, get).await {
+        Ok(result) => result,
+        Err(_) => Err(format!(
+            "no answer within {}",
+            humantime::format_duration(timeout)
+        )),
     }
 }
 

@@ -19,11 +19,12 @@ use tracing::{debug, error, info, info_span, warn};
 
 use crate::apply;
 use crate::config::{self, Config, ConfigError};
+use crate::exec;
 use crate::git::{self, FetchReport, GitError, Oid, Store};
 use crate::layout::{self, Layout};
 use crate::metrics::Metrics;
 use crate::notify::Notifier;
-use crate::service::{self, Effect, Event, State};
+use crate::service::{self, Effect, Event, Refusal, State};
 use crate::systemd::Systemd;
 
 /// How the daemon was started; everything it reads or binds is named here, so tests use temp dirs.
@@ -59,9 +60,15 @@ pub enum DaemonError {
     },
 }
 
-/// Why moving a service's checkout failed. Becomes the service's BROKEN info.
+/// Why moving a service's checkout failed. Becomes the service's BROKEN info, except `Refused`,
+/// which is the deploy job declining a head on purpose (the files on disk are untouched).
 #[derive(Debug, thiserror::Error)]
 pub enum DeployError {
+    #[error("refused: {why}")]
+    Refused {
+        revision: Option<Oid>,
+        why: service::Refusal,
+    },
     #[error(transparent)]
     Git(#[from] GitError),
     #[error("{0}")]
@@ -456,9 +463,10 @@ impl Daemon {
                 let head = entry.state.upstream.or(entry.state.synced);
                 let stores = self.layout.stores();
                 let tx = tx.clone();
+                let trust = self.config.settings.upstream(&url);
                 // Read-only: safe beside a fetch running on the same store.
                 tokio::task::spawn_blocking(move || {
-                    let result = resolve_in_history(&stores, &url, &revision, head);
+                    let result = resolve_in_history(&stores, &url, &revision, head, &trust);
                     let _ = tx.blocking_send(Done::Resolved {
                         service,
                         result,
@@ -480,6 +488,9 @@ impl Daemon {
                 warn!(service = %service, "wipe: rebuilding the checkout");
                 let job = DeployJob {
                     service: e.config.clone(),
+                    upstream: self.config.settings.upstream(&e.config.upstream),
+                    avoid: None,
+                    follow: false,
                     head,
                     from: None,
                     deployed: e.state.deployed,
@@ -545,6 +556,8 @@ impl Daemon {
                         return;
                     }
                 };
+                // A head refused before (check, health, signature) is tried again.
+                self.feed(&service, Event::Retry, unix_now(), tx);
                 if force {
                     info!(service = %service, "pull --force: local edits will be dropped");
                     self.feed(&service, Event::Force, unix_now(), tx);
@@ -787,7 +800,22 @@ impl Daemon {
                 if let Some(m) = &self.opts.metrics {
                     m.applied(&service, error.is_none());
                 }
-                self.feed(&service, Event::Applied { revision, error }, now, tx);
+                let health = self
+                    .services
+                    .get(&service)
+                    .is_some_and(|e| e.config.health.is_some());
+                let event = match error {
+                    // With `health`, a failed apply or health check goes back to the last good
+                    // revision; without it the service stays BROKEN on the revision.
+                    Some(error) if health => {
+                        if let Some(m) = &self.opts.metrics {
+                            m.refused(&service, "health");
+                        }
+                        Event::Unhealthy { revision, error }
+                    }
+                    error => Event::Applied { revision, error },
+                };
+                self.feed(&service, event, now, tx);
                 self.apply_ended(&service);
             }
             Done::ApplyOvertaken { service } => self.apply_ended(&service),
@@ -840,6 +868,9 @@ impl Daemon {
                         }
                         _ => {}
                     }
+                    if let (Event::Refused { why, .. }, Some(m)) = (&event, &self.opts.metrics) {
+                        m.refused(&name, why.reason());
+                    }
                     let deployed = matches!(event, Event::Deployed { .. });
                     self.feed(&name, event, now, tx);
                     if rebuilt && deployed {
@@ -871,7 +902,12 @@ impl Daemon {
         };
         let mut jobs = Vec::new();
         let mut applies = Vec::new();
-        for effect in entry.state.handle(event, now) {
+        let upstream = self.config.settings.upstream(&entry.config.upstream);
+        let effects = entry.state.handle(event, now);
+        let st = &entry.state;
+        let avoid = st.rejected.as_ref().and_then(|r| r.revision);
+        let follow = |head: Oid| st.pinned.is_none() && st.upstream == Some(head);
+        for effect in effects {
             match effect {
                 Effect::Persist => persist(&self.layout, name, &entry.state),
                 Effect::Deploy {
@@ -880,6 +916,9 @@ impl Daemon {
                     deployed,
                 } => jobs.push(DeployJob {
                     service: entry.config.clone(),
+                    upstream: upstream.clone(),
+                    avoid,
+                    follow: follow(head),
                     head,
                     from,
                     deployed,
@@ -888,6 +927,10 @@ impl Daemon {
                 }),
                 Effect::Restore { head, deployed } => jobs.push(DeployJob {
                     service: entry.config.clone(),
+                    upstream: upstream.clone(),
+                    avoid,
+                    // An operator's pull --force accepts whatever history upstream has now.
+                    follow: false,
                     head,
                     from: entry.state.synced,
                     deployed,
@@ -1096,6 +1139,13 @@ struct Check {
 
 struct DeployJob {
     service: config::Service,
+    /// The upstream's trust and force-push settings.
+    upstream: config::UpstreamSettings,
+    /// A revision refused before: a head whose service files are these is refused again.
+    avoid: Option<Oid>,
+    /// The job follows the branch (not a rollback to an older commit), so a head that does not
+    /// descend from `from` is a rewrite of history.
+    follow: bool,
     head: Oid,
     from: Option<Oid>,
     deployed: Option<Oid>,
@@ -1119,6 +1169,14 @@ fn deploy_all(layout: &Layout, url: &str, jobs: Vec<DeployJob>) -> Vec<(String, 
             };
             let event = match result {
                 Ok(revision) => Event::Deployed { head, revision },
+                Err(DeployError::Refused { revision, why }) => {
+                    warn!(head = %head, reason = why.reason(), "refused: {why}");
+                    Event::Refused {
+                        head,
+                        revision,
+                        why,
+                    }
+                }
                 Err(e) => Event::DeployFailed {
                     head,
                     error: e.to_string(),
@@ -1135,6 +1193,31 @@ fn deploy(store: &Store, layout: &Layout, job: &DeployJob) -> Result<Option<Oid>
     let svc = &job.service;
     let links = svc.links();
     let target = svc.checkout_dir();
+    let refuse = |revision: Option<Oid>, why: Refusal| DeployError::Refused { revision, why };
+    if job.upstream.verifies() {
+        let trust = git::Trust {
+            allowed_signers: job.upstream.allowed_signers.clone(),
+            keyring: job.upstream.keyring.clone(),
+        };
+        match store.verify_commit(job.head, &trust) {
+            Ok(signer) => debug!(head = %job.head, "signed by {signer}"),
+            Err(e) => return Err(refuse(None, Refusal::Unverified(e.to_string()))),
+        }
+    }
+    if job.follow
+        && job.upstream.force_push == config::ForcePush::Refuse
+        && let Some(f) = job.from.filter(|f| *f != job.head)
+        && !store.in_history(f, job.head).unwrap_or(false)
+    {
+        return Err(refuse(
+            None,
+            Refusal::Rewritten(format!(
+                "history rewritten upstream: {} does not descend from the deployed {}",
+                service::short(Some(job.head)),
+                service::short(Some(f))
+            )),
+        ));
+    }
     // Without its checkout, or when the store no longer has the old head, start from nothing.
     let from = job
         .from
@@ -1149,6 +1232,14 @@ fn deploy(store: &Store, layout: &Layout, job: &DeployJob) -> Result<Option<Oid>
     } else {
         job.deployed
     };
+    if changed && !job.fresh {
+        if revision.is_some() && revision == job.avoid {
+            return Err(refuse(revision, Refusal::Known));
+        }
+        if let (Some(check), Some(rev)) = (&svc.check, revision) {
+            run_check(store, layout, svc, check, job.head, rev)?;
+        }
+    }
     if job.fresh {
         rebuild(store, layout, job, &target, &links)?;
     } else if changed {
@@ -1178,12 +1269,88 @@ fn deploy(store: &Store, layout: &Layout, job: &DeployJob) -> Result<Option<Oid>
     Ok(revision)
 }
 
+/// Checks `head` out beside the live checkout and runs the service's `check` on it; a failure is
+/// a refusal carrying the command's output. The staged tree is removed either way.
+fn run_check(
+    store: &Store,
+    layout: &Layout,
+    svc: &config::Service,
+    check: &config::Check,
+    head: Oid,
+    revision: Oid,
+) -> Result<(), DeployError> {
+    let staging = layout.staging(&svc.name);
+    let io = |path: &std::path::Path| {
+        let path = path.to_owned();
+        move |source| DeployError::Io { path, source }
+    };
+    if staging.exists() {
+        std::fs::remove_dir_all(&staging).map_err(io(&staging))?;
+    }
+    std::fs::create_dir_all(&staging).map_err(io(&staging))?;
+    let index = staging.with_extension("index");
+    let _ = std::fs::remove_file(&index);
+    let result = (|| {
+        store.checkout(&staging, &index, None, head, &svc.links())?;
+        let dir = svc
+            .dirs
+            .first()
+            .map(|d| staging.join(&d.link))
+            .unwrap_or_else(|| staging.clone());
+        let command = check
+            .command
+            .replace("{dir}", &shell_quote(&dir))
+            .replace("{root}", &shell_quote(&staging))
+            .replace("{rev}", &revision.to_string());
+        info!(command = %command, "checking {}", service::short(Some(revision)));
+        let spec = exec::Spec::new("/bin/sh", check.timeout)
+            .arg("-c")
+            .arg(&command)
+            .env("PLUMB_DIR", &dir)
+            .env("PLUMB_ROOT", &staging)
+            .env("PLUMB_REVISION", revision.to_string())
+            .env("PLUMB_SERVICE", &svc.name)
+            .dir(&staging);
+        let why = match exec::run_blocking(spec) {
+            Ok(out) if out.success() => return Ok(()),
+            Ok(out) => {
+                let text = format!("{}{}", out.stdout, out.stderr);
+                let status = match out.code {
+                    Some(c) => format!("exit status {c}"),
+                    None => "killed by a signal".to_owned(),
+                };
+                format!("{status}: {}", last_lines(&text, 10))
+            }
+            Err(e) => e.to_string(),
+        };
+        Err(DeployError::Refused {
+            revision: Some(revision),
+            why: Refusal::Check(why),
+        })
+    })();
+    let _ = std::fs::remove_dir_all(&staging);
+    let _ = std::fs::remove_file(&index);
+    result
+}
+
+/// `path` as one word for `sh`.
+fn shell_quote(path: &std::path::Path) -> String {
+    format!("'{}'", path.to_string_lossy().replace('\'', "'\\''"))
+}
+
+/// The last `n` non-empty lines of a command's output, on one line for a state's info.
+fn last_lines(text: &str, n: usize) -> String {
+    let lines: Vec<&str> = text.lines().filter(|l| !l.trim().is_empty()).collect();
+    lines[lines.len().saturating_sub(n)..].join(" | ")
+}
+
 /// Turns what an operator typed into a commit of the service's branch history.
 fn resolve_in_history(
     stores: &std::path::Path,
     url: &str,
     revision: &str,
     head: Option<Oid>,
+    upstream: &config::UpstreamSettings,
 ) -> Result<Oid, String> {
     let store = Store::open_readonly(stores, url).map_err(|e| e.to_string())?;
     let target = store
@@ -1192,6 +1359,17 @@ fn resolve_in_history(
     let head =
         head.ok_or_else(|| "the service has no branch head yet to roll back on".to_owned())?;
     match store.in_history(target, head) {
+        Ok(true) if upstream.verifies() => {
+            let trust = git::Trust {
+                allowed_signers: upstream.allowed_signers.clone(),
+                keyring: upstream.keyring.clone(),
+            };
+            // A rollback target must be signed like any head: it is deployed as one.
+            store
+                .verify_commit(target, &trust)
+                .map(|_| target)
+                .map_err(|e| format!("refusing to roll back: {e}"))
+        }
         Ok(true) => Ok(target),
         Ok(false) => Err(format!(
             "{revision:?} ({}) is not in the history of the service's branch",

@@ -54,6 +54,12 @@ impl Layout {
         self.state().join(format!("{service}.applied"))
     }
 
+    /// Where a new revision of `service` is checked out for its `check` command, apart from the
+    /// live checkout; removed after each check.
+    pub fn staging(&self, service: &str) -> PathBuf {
+        self.root.join("staging").join(service)
+    }
+
     /// Creates the directories the daemon writes into.
     pub fn create(&self) -> io::Result<()> {
         fs::create_dir_all(self.stores())?;

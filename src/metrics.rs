@@ -37,6 +37,7 @@ pub struct Metrics {
     fetch_total: IntCounterVec,
     fetch_duration: HistogramVec,
     webhook_total: IntCounterVec,
+    refused_total: IntCounterVec,
     /// The hash series each service has now, so the old one can be removed.
     hashes: Mutex<HashMap<String, (String, String)>>,
 }
@@ -138,6 +139,11 @@ impl Metrics {
                 "Push webhooks received, by result (ok, unsigned, bad_signature, replayed, rate_limited).",
                 &["result"],
             ),
+            refused_total: counter(
+                "plumb_refused_total",
+                "Revisions a service did not keep, by reason (check, health, signature, history, hostile, known).",
+                &["service", "reason"],
+            ),
             fetch_duration,
             hashes: Mutex::new(HashMap::new()),
             registry,
@@ -225,6 +231,14 @@ impl Metrics {
     pub fn applied(&self, service: &str, ok: bool) {
         let result = if ok { "ok" } else { "error" };
         self.apply_total.with_label_values(&[service, result]).inc();
+    }
+
+    /// A head or revision the service did not keep; `reason` is [`service::Refusal::reason`] or
+    /// `health` for an automatic rollback.
+    pub fn refused(&self, service: &str, reason: &str) {
+        self.refused_total
+            .with_label_values(&[service, reason])
+            .inc();
     }
 
     /// The text exposition format, as `/metrics` serves it.

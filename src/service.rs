@@ -86,7 +86,7 @@ pub enum Event {
     Drift { files: Vec<String> },
     /// An operator's `pull --force`: the next deploy may drop local edits.
     Force,
-    /// An operator's `pull`: a refused head or revision is tried again.
+    /// An operator's `pull`: a refused head or revision is tried again at the fetch the pull makes.
     Retry,
     /// The deploy job would not let the service see `head`; nothing on disk changed. `revision` is
     /// the last commit that changed the service's files at `head`, when it got that far.
@@ -113,6 +113,31 @@ pub enum Refusal {
     Rewritten(String),
     /// The head's files are those of a revision refused or rolled back before.
     Known,
+}
+
+impl std::fmt::Display for Refusal {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Refusal::Check(output) => write!(f, "check failed: {output}"),
+            Refusal::Hostile(why) | Refusal::Unverified(why) | Refusal::Rewritten(why) => {
+                f.write_str(why)
+            }
+            Refusal::Known => f.write_str("the service's files are a revision refused before"),
+        }
+    }
+}
+
+impl Refusal {
+    /// The label the refusal is counted under in metrics.
+    pub fn reason(&self) -> &'static str {
+        match self {
+            Refusal::Check(_) => "check",
+            Refusal::Hostile(_) => "hostile",
+            Refusal::Unverified(_) => "signature",
+            Refusal::Rewritten(_) => "history",
+            Refusal::Known => "known",
+        }
+    }
 }
 
 /// A head the service will not deploy, and why; persisted, so a restart does not try it again.
@@ -360,9 +385,7 @@ impl Service {
                 }
             }
             Event::Retry => {
-                if self.rejected.take().is_some() && !self.frozen {
-                    effects.extend(self.redeploy());
-                }
+                self.rejected = None;
             }
             Event::Refused {
                 head,
@@ -1229,18 +1252,15 @@ mod tests {
         );
         // The bad head is not deployed again.
         assert_eq!(s.handle(fetched(Some(oid(2))), 30), vec![]);
-        // An operator's pull overrides: the head is tried again.
-        let fx = s.handle(Event::Retry, 40);
+        // An operator's pull overrides: the head is tried again at the pull's fetch.
+        assert_eq!(s.handle(Event::Retry, 40), vec![Effect::Persist]);
         assert_eq!(
-            fx,
-            vec![
-                Effect::Deploy {
-                    head: oid(2),
-                    from: Some(oid(1)),
-                    deployed: Some(oid(1))
-                },
-                Effect::Persist
-            ]
+            s.handle(fetched(Some(oid(2))), 41),
+            vec![Effect::Deploy {
+                head: oid(2),
+                from: Some(oid(1)),
+                deployed: Some(oid(1))
+            }]
         );
         assert_eq!(s.rejected, None);
     }

@@ -875,3 +875,190 @@ fn a_signed_push_webhook_fetches_now_and_a_bad_one_is_refused_and_counted() {
         assert!(text.contains(&line), "{line} in\n{text}");
     }
 }
+
+/// `service(...)` with more keys in its `[[services]]` table.
+fn service_with(name: &str, upstream: &str, links: &[&str], keys: &str) -> String {
+    format!("{}\n{keys}\n\n", service(name, upstream, links).trim_end())
+}
+
+/// The lines of a file, none when it does not exist.
+fn lines(path: &Path) -> Vec<String> {
+    fs::read_to_string(path)
+        .map(|t| t.lines().map(str::to_owned).collect())
+        .unwrap_or_default()
+}
+
+#[test]
+fn a_commit_failing_its_check_never_reaches_the_checkout_and_a_newer_one_does() {
+    let root = temp_root();
+    let up = Upstream::new(root.path(), "checked");
+    let log = root.path().join("checks.log");
+    let v1 = up.write("app/app.conf", "mode good\n").commit("v1");
+    let check = format!(
+        "check = \"echo $PLUMB_REVISION >> {}; grep -q good {{dir}}/app.conf\"",
+        log.display()
+    );
+    let m = Machine::new(
+        root.path(),
+        &service_with("app", &up.file_url(), &["app"], &check),
+    );
+    m.once(true);
+    assert_eq!(m.rev("app").as_deref(), Some(v1.as_str()));
+    assert_eq!(lines(&log), vec![v1.clone()]);
+
+    // A bad revision: refused, the files and the hand-over file stay as they were.
+    let v2 = up.write("app/app.conf", "mode bad\n").commit("v2");
+    let out = m.once(false);
+    assert_eq!(m.rev("app").as_deref(), Some(v1.as_str()));
+    assert_eq!(m.read("app", "app/app.conf").unwrap(), "mode good\n");
+    let s = m.state_json("app");
+    assert_eq!(s["state"], "BROKEN");
+    let info = s["info"].as_str().unwrap();
+    assert!(
+        info.starts_with(&format!(
+            "check of {} failed, files not changed:",
+            &v2[..12]
+        )) && info.contains("exit status 1"),
+        "{info}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(!m.state.join("staging").join("app").exists());
+
+    // Neither the same head nor a commit elsewhere runs the check again.
+    m.once(false);
+    up.write("other/readme", "x").commit("elsewhere");
+    m.once(false);
+    assert_eq!(lines(&log), vec![v1.clone(), v2.clone()]);
+    assert_eq!(m.state_json("app")["state"], "BROKEN");
+
+    // A newer commit of the service's files is checked and deployed.
+    let v4 = up.write("app/app.conf", "mode good again\n").commit("v4");
+    m.once(true);
+    assert_eq!(m.rev("app").as_deref(), Some(v4.as_str()));
+    assert_eq!(m.read("app", "app/app.conf").unwrap(), "mode good again\n");
+    assert_eq!(lines(&log), vec![v1, v2, v4]);
+    assert_eq!(m.state_json("app")["state"], "OK");
+}
+
+/// An ed25519 key made by `ssh-keygen` under `dir`, and an allowed-signers file trusting it.
+fn signing_key(dir: &Path, name: &str) -> (PathBuf, PathBuf) {
+    let key = dir.join(name);
+    let out = Command::new("ssh-keygen")
+        .args(["-q", "-t", "ed25519", "-N", "", "-C", name, "-f"])
+        .arg(&key)
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{out:?}");
+    let public = fs::read_to_string(key.with_extension("pub")).unwrap();
+    let allowed = dir.join(format!("{name}.allowed"));
+    fs::write(&allowed, format!("{name}@example.invalid {public}")).unwrap();
+    (key, allowed)
+}
+
+#[test]
+fn only_heads_signed_by_a_trusted_key_are_deployed() {
+    let root = temp_root();
+    let up = Upstream::new(root.path(), "signed");
+    let (key, allowed) = signing_key(root.path(), "alice");
+    let (mallory, _) = signing_key(root.path(), "mallory");
+    let sign = |key: &Path, file: &str, msg: &str| {
+        up.write("app/conf", file);
+        let signingkey = format!("user.signingkey={}", key.display());
+        up.commit_with(&["gpg.format=ssh", &signingkey], &["-S"], msg)
+    };
+    let v1 = sign(&key, "1", "v1");
+    let m = Machine::new(root.path(), "");
+    m.write_config_with(
+        &format!(
+            "\n[[plumb.upstream]]\nurl = \"{}\"\nallowed_signers = {:?}\n",
+            up.file_url(),
+            allowed
+        ),
+        &service("app", &up.file_url(), &["app"]),
+    );
+    m.once(true);
+    assert_eq!(m.rev("app").as_deref(), Some(v1.as_str()));
+
+    // Unsigned, then signed by an untrusted key: neither is deployed, and the state says why.
+    let v2 = up.write("app/conf", "2").commit("v2 unsigned");
+    m.once(false);
+    let s = m.state_json("app");
+    assert_eq!(s["state"], "DIFF");
+    assert_eq!(
+        s["info"],
+        format!(
+            "refused {0}: commit {0}: not signed; keeping revision {1}",
+            &v2[..12],
+            &v1[..12]
+        )
+    );
+    let v3 = sign(&mallory, "3", "v3 by mallory");
+    m.once(false);
+    let info = m.state_json("app")["info"].as_str().unwrap().to_owned();
+    assert!(
+        info.starts_with(&format!("refused {}: commit {}", &v3[..12], &v3[..12])),
+        "{info}"
+    );
+    assert_eq!(m.rev("app").as_deref(), Some(v1.as_str()));
+    assert_eq!(m.read("app", "app/conf").unwrap(), "1");
+
+    // A trusted signature on top deploys (the head is what is verified).
+    let v4 = sign(&key, "4", "v4");
+    m.once(true);
+    assert_eq!(m.rev("app").as_deref(), Some(v4.as_str()));
+    assert_eq!(m.read("app", "app/conf").unwrap(), "4");
+}
+
+#[test]
+fn a_refused_force_push_holds_the_service_until_pull_force() {
+    let root = temp_root();
+    let up = Upstream::new(root.path(), "rewritten");
+    let v1 = up.write("app/a", "1").commit("v1");
+    let v2 = up.write("app/a", "2").commit("v2");
+    let m = Machine::new(root.path(), "");
+    m.write_config_with(
+        &format!(
+            "\n[[plumb.upstream]]\nurl = \"{}\"\nforce_push = \"refuse\"\n",
+            up.file_url()
+        ),
+        &service("app", &up.file_url(), &["app"]),
+    );
+    let socket = m.state.with_extension("sock");
+    let d = m.spawn();
+    wait_until("the first deploy", DEADLINE, || {
+        m.rev("app").as_deref() == Some(v2.as_str())
+    });
+    // Fast-forwards are followed as always.
+    let v3 = up.write("app/a", "3").commit("v3");
+    wait_until("a fast-forward", DEADLINE, || {
+        m.rev("app").as_deref() == Some(v3.as_str())
+    });
+
+    up.force_reset(&v1);
+    let v4 = up.write("app/a", "4").commit("v4 on rewritten history");
+    wait_until("the rewrite to be refused", DEADLINE, || {
+        m.state_json("app")["state"] == "DIFF"
+    });
+    let info = m.state_json("app")["info"].as_str().unwrap().to_owned();
+    assert_eq!(
+        info,
+        format!(
+            "history rewritten upstream: {} does not descend from the deployed {}; plumbctl pull --force accepts the new history",
+            &v4[..12],
+            &v3[..12]
+        )
+    );
+    assert_eq!(m.read("app", "app/a").unwrap(), "3");
+
+    let pulled: serde_json::Value = serde_json::from_str(&curl(
+        &socket,
+        "POST",
+        "/v1/services/app/pull",
+        Some("{\"force\": true}"),
+    ))
+    .unwrap();
+    assert_eq!(pulled["status"]["state"], "OK", "{pulled}");
+    assert_eq!(m.rev("app").as_deref(), Some(v4.as_str()));
+    assert_eq!(m.read("app", "app/a").unwrap(), "4");
+    drop(d);
+}

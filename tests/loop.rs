@@ -251,6 +251,104 @@ fn a_broken_config_is_broken_until_the_next_good_commit() {
     wait_until("OK again", DEADLINE, || state(&c, "nginx")["state"] == "OK");
 }
 
+/// The check: nginx's own syntax check on the staged conf.d (`$PLUMB_DIR`), in a throwaway main
+/// config that includes it. TOML's literal multi-line string keeps the quotes as they are.
+const NGINX_CHECK: &str = r#"check = '''printf 'events {}\nhttp { include %s/*.conf; }\n' "$PLUMB_DIR" > /tmp/check.conf && nginx -t -q -c /tmp/check.conf'''"#;
+
+#[test]
+fn a_commit_failing_its_check_or_its_health_never_stays_on_the_machine() {
+    require_root();
+    let root = temp_root();
+    let gitd = GitDaemon::start(root.path());
+    let up = Upstream::new(root.path(), "site");
+    let port = free_port();
+    let v1 = up
+        .write("nginx/conf.d/site.conf", &nginx_conf(port))
+        .write("www/index.html", "v1\n")
+        .write("www/health.html", "ok\n")
+        .commit("v1");
+    let config = format!(
+        "{CONFIG_HEAD}[[services]]\nmachine = \"plumb-safe\"\nservice = \"nginx\"\naction = \"reload\"\nupstream = \"{}\"\n{NGINX_CHECK}\ndirs = [\n  {{ local = \"/etc/nginx/conf.d\", link = \"nginx/conf.d\" }},\n  {{ local = \"/var/www/plumb\", link = \"www\" }},\n]\n[services.health]\nsettle = \"1s\"\nurl = \"http://127.0.0.1:{port}/health.html\"\ntimeout = \"3s\"\n",
+        gitd.url(&up)
+    );
+    let c = machine("plumb-safe", &config, &[]);
+    wait_until("nginx to serve v1", DEADLINE, || {
+        get(port).as_deref() == Some("v1\n")
+    });
+    wait_until("v1 applied", DEADLINE, || {
+        applied(&c, "nginx").as_deref() == Some(v1.as_str())
+    });
+
+    // A config nginx rejects: the check refuses it, nothing on the machine changes.
+    let v2 = up
+        .write(
+            "nginx/conf.d/site.conf",
+            "server { listen oops; bogus_directive; }\n",
+        )
+        .write("www/index.html", "v2\n")
+        .commit("v2: broken config");
+    wait_until("the check to refuse v2", DEADLINE, || {
+        state(&c, "nginx")["state"] == "BROKEN"
+    });
+    let info = state(&c, "nginx")["info"].as_str().unwrap().to_owned();
+    assert!(
+        info.starts_with(&format!(
+            "check of {} failed, files not changed:",
+            &v2[..12]
+        )) && info.contains("site.conf:1")
+            && info.contains("test failed"),
+        "{info}"
+    );
+    assert_eq!(get(port).as_deref(), Some("v1\n"));
+    assert_eq!(c.sh("cat /var/lib/plumb/state/nginx.rev"), v1);
+
+    // A config that passes the check but leaves the service unhealthy: applied, then rolled back.
+    let v3 = up
+        .write("nginx/conf.d/site.conf", &nginx_conf(port))
+        .write("www/index.html", "v3\n")
+        .remove("www/health.html")
+        .commit("v3: no health page");
+    let rolled_back = format!("rolled back from {} to {}", &v3[..12], &v1[..12]);
+    wait_until("the rollback from v3", DEADLINE, || {
+        state(&c, "nginx")["info"]
+            .as_str()
+            .is_some_and(|i| i.starts_with(&rolled_back))
+    });
+    wait_until("nginx to serve v1 again", DEADLINE, || {
+        get(port).as_deref() == Some("v1\n")
+    });
+    wait_until("v1 applied again", DEADLINE, || {
+        applied(&c, "nginx").as_deref() == Some(v1.as_str())
+    });
+    let s = state(&c, "nginx");
+    assert_eq!(
+        (s["state"].as_str(), s["deployed"].as_str()),
+        (Some("BROKEN"), Some(v1.as_str()))
+    );
+    assert!(s["info"].as_str().unwrap().contains("answered 404"), "{s}");
+
+    // A commit elsewhere does not bring v3 back.
+    let v4 = up.write("other/readme", "x\n").commit("v4: elsewhere");
+    wait_until("v4 to be seen and refused", DEADLINE, || {
+        state(&c, "nginx")["rejected"]["head"] == v4.as_str()
+    });
+    assert_eq!(get(port).as_deref(), Some("v1\n"));
+    assert_eq!(state(&c, "nginx")["deployed"], v1.as_str());
+
+    // A newer commit of the service's files is tried, and it is healthy.
+    let v5 = up
+        .write("www/index.html", "v5\n")
+        .write("www/health.html", "ok\n")
+        .commit("v5: fixed");
+    wait_until("nginx to serve v5", DEADLINE, || {
+        get(port).as_deref() == Some("v5\n")
+    });
+    wait_until("v5 applied and OK", DEADLINE, || {
+        applied(&c, "nginx").as_deref() == Some(v5.as_str()) && state(&c, "nginx")["state"] == "OK"
+    });
+    assert_eq!(mounts_on(&c, "/var/www/plumb"), 1);
+}
+
 const COUNTER: &str = "[Unit]\nDescription=plumb test: %N\n\n[Service]\nExecStart=/bin/sleep infinity\nExecReload=/bin/true\n";
 const TEMPLATE: &str =
     "[Unit]\nDescription=plumb test template %i\n\n[Service]\nExecStart=/bin/sleep infinity\n";

@@ -12,7 +12,8 @@
 //! - `store`: opening, creating and healing stores;
 //! - `fetch`: the network side (one connection per fetch, credentials, cancellation);
 //! - `history`: `changed_paths` and `last_change`;
-//! - `checkout`: per-service checkouts, including the symlink scrub.
+//! - `checkout`: per-service checkouts, including the symlink scrub;
+//! - `verify`: commit signatures (ssh and OpenPGP), checked with the real tools through `exec`.
 //!
 //! # Invariants the caller keeps
 //! - **One thread per store.** All operations on one store (fetch, checkout, history) are
@@ -40,6 +41,7 @@ mod history;
 mod known_hosts;
 mod store;
 mod url;
+mod verify;
 
 /// Object ids as hex strings in the files plumb writes (state, apply outcomes): one encoding for
 /// every `#[serde(with = ...)]`.
@@ -89,6 +91,7 @@ use std::time::Duration;
 pub use git2::Oid;
 pub use history::{FileChange, under_links};
 pub use url::{redact_url, store_id};
+pub use verify::Trust;
 
 /// Errors of the git engine. Each names what it was working on (URL — always redacted —, path,
 /// revision, branch) so that its `Display` alone tells an operator what failed, e.g.
@@ -179,6 +182,10 @@ pub enum GitError {
     /// A `link` path that would reach outside the checkout or is not a plain relative path.
     #[error("link {link:?}: {reason}")]
     Link { link: String, reason: &'static str },
+    /// A commit that is not signed by a trusted key (or whose signature could not be checked):
+    /// never deployed. `commit` is the full hash; `reason` says what is wrong with the signature.
+    #[error("commit {}: {reason}", verify::short(.commit))]
+    Unverified { commit: String, reason: String },
 }
 
 impl GitError {

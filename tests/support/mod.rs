@@ -287,6 +287,21 @@ impl Upstream {
         git(&self.work, &["rev-parse", "HEAD"])
     }
 
+    /// Like [`Upstream::commit`], with `git -c` settings and extra `commit` arguments, e.g. to sign
+    /// (`["gpg.format=ssh", "user.signingkey=/k"]`, `["-S"]`).
+    pub fn commit_with(&self, config: &[&str], args: &[&str], msg: &str) -> String {
+        git(&self.work, &["add", "-A"]);
+        let mut cmd: Vec<&str> = Vec::new();
+        for c in config {
+            cmd.extend(["-c", c]);
+        }
+        cmd.extend(["commit", "-q", "--allow-empty", "-m", msg]);
+        cmd.extend(args);
+        git(&self.work, &cmd);
+        git(&self.work, &["push", "-q", "origin", "HEAD"]);
+        git(&self.work, &["rev-parse", "HEAD"])
+    }
+
     /// Switches the work clone to branch `name`, creating it from the current HEAD if it does not
     /// exist. Nothing is pushed: the branch reaches the bare repository with the next commit.
     pub fn branch(&self, name: &str) {

@@ -1445,4 +1445,99 @@ upstream = "file:///r"
         assert!(normalise_link(".git/config").is_err());
         assert!(normalise_link("").is_err());
     }
+
+    const SAFE: &str = r#"
+[[plumb.upstream]]
+url = "https://git.example.org/ops.git"
+allowed_signers = "/etc/plumb/allowed_signers"
+force_push = "refuse"
+
+[[services]]
+machine = "web1"
+service = "nginx"
+upstream = "https://git.example.org/ops.git"
+check = "nginx -t -q -c {dir}/nginx.conf"
+dirs = [{ local = "/etc/nginx", link = "nginx/etc" }]
+health = { url = "http://127.0.0.1:8080/healthz" }
+"#;
+
+    #[test]
+    fn check_health_and_upstream_settings_with_their_defaults() {
+        let c = parse(SAFE).unwrap();
+        let s = &c.services[0];
+        assert_eq!(
+            s.check,
+            Some(Check {
+                command: "nginx -t -q -c {dir}/nginx.conf".into(),
+                timeout: DEFAULT_CHECK_TIMEOUT
+            })
+        );
+        assert_eq!(
+            s.health,
+            Some(Health {
+                settle: DEFAULT_HEALTH_SETTLE,
+                command: None,
+                url: Some("http://127.0.0.1:8080/healthz".into()),
+                timeout: DEFAULT_HEALTH_TIMEOUT
+            })
+        );
+        let u = c.settings.upstream("https://git.example.org/ops.git");
+        assert!(u.verifies());
+        assert_eq!(u.force_push, ForcePush::Refuse);
+        assert_eq!(u.keyring, None);
+        // Another upstream gets the defaults: no signatures, force-pushes followed.
+        let other = c.settings.upstream("https://elsewhere.example/x.git");
+        assert!(!other.verifies());
+        assert_eq!(other.force_push, ForcePush::Follow);
+    }
+
+    #[test]
+    fn bad_safety_settings_name_their_key_and_line() {
+        let https = SAFE.replace("http://127.0.0.1:8080", "https://127.0.0.1:8080");
+        let e = err(&https);
+        assert!(
+            e.starts_with("plumb.toml:13:18: services[0].health.url: \"https://127.0.0.1:8080/healthz\" is not an http:// URL"),
+            "{e}"
+        );
+        let e = err(&SAFE.replace("force_push = \"refuse\"", "force_push = \"never\""));
+        assert_eq!(
+            e,
+            "plumb.toml:5:14: plumb.upstream[0].force_push: unknown value \"never\" (expected \"follow\" or \"refuse\")"
+        );
+        let e = err(&SAFE.replace(
+            "url = \"https://git.example.org/ops.git\"",
+            "url = \"https://git.example.org/opz.git\"",
+        ));
+        assert_eq!(
+            e,
+            "plumb.toml:3:7: plumb.upstream[0].url: \"https://git.example.org/opz.git\" is not the upstream of any service"
+        );
+        let e = err(&SAFE.replace("allowed_signers = \"/etc", "allowed_signers = \"etc"));
+        assert!(e.contains("plumb.upstream[0].allowed_signers: \"etc/plumb/allowed_signers\" must be an absolute path"), "{e}");
+        let e = err(&SAFE.replace(
+            "check = \"nginx -t -q -c {dir}/nginx.conf\"",
+            "check_timeout = \"5s\"",
+        ));
+        assert!(
+            e.ends_with("services[0].check_timeout: is set but there is no check"),
+            "{e}"
+        );
+        let e = err(&SAFE.replace("health = { url", "health = { settle = \"soon\", url"));
+        assert!(
+            e.contains("services[0].health.settle: \"soon\" is not a duration"),
+            "{e}"
+        );
+        let e = err(&SAFE.replace("health = { url", "health = { retries = 3, url"));
+        assert!(e.contains("unknown field `retries`"), "{e}");
+        let twice = SAFE.replacen(
+            "[[services]]",
+            "[[plumb.upstream]]\nurl = \"https://git.example.org/ops.git\"\n\n[[services]]",
+            1,
+        );
+        assert!(
+            err(&twice).ends_with("has more than one [[plumb.upstream]]"),
+            "{}",
+            err(&twice)
+        );
+    }
 }

@@ -880,6 +880,47 @@ fn unix_now() -> u64 {
 mod tests {
     use super::*;
 
+    /// A one-shot HTTP server on loopback answering `response` to the first request; returns
+    /// its URL base and the request it read.
+    async fn serve_once(response: &'static str) -> (String, tokio::task::JoinHandle<String>) {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let base = format!("http://{}", listener.local_addr().unwrap());
+        let task = tokio::spawn(async move {
+            let (mut conn, _) = listener.accept().await.unwrap();
+            let mut buf = vec![0u8; 1024];
+            let n = conn.read(&mut buf).await.unwrap();
+            conn.write_all(response.as_bytes()).await.unwrap();
+            String::from_utf8_lossy(&buf[..n]).into_owned()
+        });
+        (base, task)
+    }
+
+    #[tokio::test]
+    async fn health_url_status_codes_and_silence() {
+        let (base, req) = serve_once("HTTP/1.1 204 No Content\r\n\r\n").await;
+        let t = Duration::from_secs(5);
+        assert_eq!(http_get(&format!("{base}/healthz?x=1"), t).await, Ok(204));
+        let req = req.await.unwrap();
+        assert!(req.starts_with("GET /healthz?x=1 HTTP/1.1\r\n"), "{req}");
+        assert!(req.contains(&format!("Host: {}", &base[7..])), "{req}");
+
+        let (base, _req) = serve_once("HTTP/1.0 503 Service Unavailable\r\n\r\n").await;
+        assert_eq!(http_get(&base, t).await, Ok(503));
+
+        let (base, _req) = serve_once("SSH-2.0-OpenSSH_9.2\r\n").await;
+        let e = http_get(&base, t).await.unwrap_err();
+        assert!(e.starts_with("not an HTTP response: \"SSH-2.0"), "{e}");
+
+        // A port that accepts and never answers: bounded by the timeout.
+        let silent = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let url = format!("http://{}/", silent.local_addr().unwrap());
+        let e = http_get(&url, Duration::from_millis(200))
+            .await
+            .unwrap_err();
+        assert_eq!(e, "no answer within 200ms");
+    }
+
     fn dir(local: &str, link: &str, file: bool) -> config::Dir {
         config::Dir {
             local: PathBuf::from(local),

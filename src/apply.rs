@@ -41,6 +41,7 @@ use crate::exec;
 use crate::generator;
 use crate::git::{self, GitError, Oid, Store};
 use crate::layout::{self, Layout};
+use crate::pkg;
 use crate::systemd::{JobResult, Systemd, SystemdError, UnitState};
 
 /// How many revisions one apply takes in a row before it stops (each round applies the revision
@@ -123,6 +124,10 @@ pub struct Outcome {
     /// needed, for it): the base the next apply diffs against to decide on a daemon-reload.
     #[serde(default, with = "crate::git::serde_hex::opt_oid")]
     pub units_loaded: Option<Oid>,
+    /// The failure may pass without a new revision (the service's package could not be
+    /// installed, say for a network outage): the daemon applies again at its next poll.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub retry: bool,
 }
 
 impl Outcome {
@@ -289,7 +294,17 @@ impl Run<'_> {
         info!(service = %self.svc.name, revision = %short(revision), "applying");
         let mut units_loaded = last.and_then(|o| o.units_loaded);
         let mut notes = Vec::new();
-        let result = self.steps(revision, &mut units_loaded, &mut notes).await;
+        let mut retry = false;
+        let result = match self.package().await {
+            Ok(note) => {
+                notes.extend(note);
+                self.steps(revision, &mut units_loaded, &mut notes).await
+            }
+            Err((failure, again)) => {
+                retry = again;
+                Err(failure)
+            }
+        };
         let mut outcome = Outcome {
             revision,
             ok: result.is_ok(),
@@ -300,6 +315,7 @@ impl Run<'_> {
             sub: None,
             journal: Vec::new(),
             units_loaded,
+            retry,
         };
         match result {
             Ok(done) => {
@@ -410,6 +426,48 @@ impl Run<'_> {
                 return Err(fail(errors.join("; ")));
             }
             tokio::time::sleep(HEALTH_RETRY).await;
+        }
+    }
+
+    /// Installs the service's package when it is missing, before anything else: the unit may come
+    /// with it. A failure says whether trying again later may help (not on an unsupported system).
+    async fn package(&self) -> Result<Option<String>, (Failure, bool)> {
+        let Some(package) = &self.svc.package else {
+            return Ok(None);
+        };
+        let since = SystemTime::now();
+        let _lock = package_lock(self.layout).await.map_err(|e| {
+            let failure = Failure {
+                unit: self.unit.clone(),
+                message: e.to_string(),
+                since,
+            };
+            (failure, true)
+        })?;
+        match pkg::ensure(package).await {
+            Ok(pkg::Ensured::Present) => Ok(None),
+            Ok(pkg::Ensured::Installed) => {
+                info!(service = %self.svc.name, package, "installed");
+                // The package may have brought the unit itself: systemd must read it.
+                self.systemd.daemon_reload().await.map_err(|e| {
+                    let failure = Failure {
+                        unit: self.unit.clone(),
+                        message: format!("installed package {package}, then daemon-reload: {e}"),
+                        since,
+                    };
+                    (failure, true)
+                })?;
+                Ok(Some(format!("installed package {package}")))
+            }
+            Err(e) => {
+                let again = !matches!(e, pkg::PkgError::Unsupported { .. });
+                let failure = Failure {
+                    unit: self.unit.clone(),
+                    message: e.to_string(),
+                    since,
+                };
+                Err((failure, again))
+            }
         }
     }
 
@@ -841,7 +899,16 @@ fn write_applied(layout: &Layout, service: &str, outcome: &Outcome) -> Result<()
 /// Takes the service's apply lock (`<state>/state/<service>.apply.lock`), waiting while another
 /// apply of the service runs. Released when the returned guard drops (or the process ends).
 async fn lock(layout: &Layout, service: &str) -> Result<nix::fcntl::Flock<fs::File>, ApplyError> {
-    let path = layout.state().join(format!("{service}.apply.lock"));
+    lock_path(layout.state().join(format!("{service}.apply.lock"))).await
+}
+
+/// Held while a package is installed: applies of different services run at once, and package
+/// managers refuse to run twice (apt's lock is not waited for).
+async fn package_lock(layout: &Layout) -> Result<nix::fcntl::Flock<fs::File>, ApplyError> {
+    lock_path(layout.root().join("package.lock")).await
+}
+
+async fn lock_path(path: PathBuf) -> Result<nix::fcntl::Flock<fs::File>, ApplyError> {
     let file = fs::OpenOptions::new()
         .create(true)
         .truncate(false)
@@ -1031,6 +1098,7 @@ mod tests {
             sub: Some("running".into()),
             journal: vec!["nginx: [emerg] unexpected \"}\"".into()],
             units_loaded: None,
+            retry: false,
         }
     }
 

@@ -774,6 +774,7 @@ impl Daemon {
                         },
                     };
                     jobs.extend(self.feed(&name, event, now, tx));
+                    self.retry_apply(&name, tx);
                 }
                 if jobs.is_empty() || self.cancel.load(Ordering::Relaxed) {
                     self.done_with(&url);
@@ -945,6 +946,30 @@ impl Daemon {
         }
         self.observe(name);
         jobs
+    }
+
+    /// Applies again a revision whose apply failed in a way that may pass by itself (its package
+    /// could not be installed): once per poll of the service's upstream, while nothing else runs.
+    fn retry_apply(&mut self, name: &str, tx: &mpsc::Sender<Done>) {
+        let Some(e) = self.services.get(name) else {
+            return;
+        };
+        let Some(revision) = e
+            .state
+            .failed_apply
+            .filter(|r| Some(*r) == e.state.deployed)
+        else {
+            return;
+        };
+        if self.applying.contains_key(name) {
+            return;
+        }
+        if apply::read_applied(&self.layout, name)
+            .is_some_and(|o| o.retry && o.revision == revision)
+        {
+            info!(service = %name, "applying again: the last apply may pass now");
+            self.apply(name, revision, tx);
+        }
     }
 
     /// Brings the service's metrics in line with its state.

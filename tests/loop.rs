@@ -6,7 +6,7 @@
 mod support;
 
 use std::net::TcpListener;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use support::container::Container;
@@ -347,6 +347,171 @@ fn a_commit_failing_its_check_or_its_health_never_stays_on_the_machine() {
         applied(&c, "nginx").as_deref() == Some(v5.as_str()) && state(&c, "nginx")["state"] == "OK"
     });
     assert_eq!(mounts_on(&c, "/var/www/plumb"), 1);
+}
+
+/// A Debian package built with `dpkg-deb` on the host: `name` at `version`, shipping a unit file
+/// `<name>.service` (a process that stays up) and a conffile.
+fn deb(dir: &Path, name: &str, version: &str) -> PathBuf {
+    let root = dir.join(format!("{name}-{version}"));
+    let write = |path: &str, text: &str| {
+        let p = root.join(path);
+        std::fs::create_dir_all(p.parent().unwrap()).unwrap();
+        std::fs::write(p, text).unwrap();
+    };
+    write(
+        "DEBIAN/control",
+        &format!(
+            "Package: {name}\nVersion: {version}\nArchitecture: all\nMaintainer: plumb tests <t@example.invalid>\nDescription: plumb test package\n"
+        ),
+    );
+    write("DEBIAN/conffiles", &format!("/etc/{name}.conf\n"));
+    write(&format!("etc/{name}.conf"), &format!("version {version}\n"));
+    write(
+        &format!("lib/systemd/system/{name}.service"),
+        &format!("[Unit]\nDescription={name}\n\n[Service]\nExecStart=/bin/sleep infinity\n"),
+    );
+    let out_file = dir.join(format!("{name}_{version}_all.deb"));
+    let out = std::process::Command::new("dpkg-deb")
+        .args(["--root-owner-group", "-Zgzip", "--build"])
+        .arg(&root)
+        .arg(&out_file)
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "dpkg-deb: {out:?}");
+    out_file
+}
+
+/// A flat apt repository's `Packages` index for `debs` (all in the repository's directory).
+fn packages_index(debs: &[&Path]) -> String {
+    use sha2::Digest;
+    let mut index = String::new();
+    for deb in debs {
+        let bytes = std::fs::read(deb).unwrap();
+        let control = std::process::Command::new("dpkg-deb")
+            .arg("-f")
+            .arg(deb)
+            .output()
+            .unwrap();
+        let sha: String = sha2::Sha256::digest(&bytes)
+            .iter()
+            .map(|b| format!("{b:02x}"))
+            .collect();
+        index.push_str(String::from_utf8_lossy(&control.stdout).trim_end());
+        index.push_str(&format!(
+            "\nFilename: ./{}\nSize: {}\nSHA256: {sha}\n\n",
+            deb.file_name().unwrap().to_string_lossy(),
+            bytes.len()
+        ));
+    }
+    index
+}
+
+#[test]
+fn a_missing_package_is_installed_never_upgraded_and_a_failed_install_is_retried() {
+    require_root();
+    let root = temp_root();
+    let gitd = GitDaemon::start(root.path());
+    let up = Upstream::new(root.path(), "pkgs");
+    up.write("hello/hello.conf", "one\n")
+        .write("later/later.conf", "one\n")
+        .commit("v1");
+    let hello = deb(root.path(), "plumb-hello", "1.0");
+    let service = |name: &str, link: &str| {
+        format!(
+            "[[services]]\nmachine = \"plumb-pkg\"\nservice = \"{name}\"\npackage = \"{name}\"\naction = \"restart\"\nupstream = \"{}\"\ndirs = [{{ local = \"/etc/{name}.d\", link = \"{link}\" }}]\n\n",
+            gitd.url(&up)
+        )
+    };
+    let config = format!(
+        "{CONFIG_HEAD}{}{}",
+        service("plumb-hello", "hello"),
+        service("plumb-later", "later")
+    );
+    // A local repository holding plumb-hello only; no network sources.
+    let c = Container::builder("plumb-pkg")
+        .copy(
+            Path::new(env!("CARGO_BIN_EXE_plumb")),
+            "/usr/bin/plumb",
+            0o755,
+        )
+        .copy(
+            Path::new(env!("CARGO_BIN_EXE_plumb-generator")),
+            "/usr/lib/systemd/system-generators/plumb-generator",
+            0o755,
+        )
+        .copy(
+            &units().join("plumb.service"),
+            "/etc/systemd/system/plumb.service",
+            0o644,
+        )
+        .copy(
+            &units().join("plumb-apply@.service"),
+            "/etc/systemd/system/plumb-apply@.service",
+            0o644,
+        )
+        .symlink(
+            "/etc/systemd/system/multi-user.target.wants/plumb.service",
+            "/etc/systemd/system/plumb.service",
+        )
+        .file("/etc/plumb/plumb.toml", config, 0o644)
+        .file("/etc/apt/sources.list", "", 0o644)
+        .file(
+            "/etc/apt/sources.list.d/plumb-test.list",
+            "deb [trusted=yes] file:/srv/repo ./\n",
+            0o644,
+        )
+        .copy(&hello, "/srv/repo/plumb-hello_1.0_all.deb", 0o644)
+        .file("/srv/repo/Packages", packages_index(&[&hello]), 0o644)
+        .boot();
+
+    // plumb-hello: installed (after refreshing the empty package lists), its unit started.
+    wait_until("plumb-hello installed and OK", DEADLINE, || {
+        state(&c, "plumb-hello")["state"] == "OK"
+    });
+    assert_eq!(c.sh("dpkg-query -W -f='${Version}' plumb-hello"), "1.0");
+    assert_eq!(c.sh("systemctl is-active plumb-hello.service"), "active");
+    let outcome = c.sh("cat /var/lib/plumb/state/plumb-hello.applied");
+    assert!(
+        outcome.contains("installed package plumb-hello"),
+        "{outcome}"
+    );
+
+    // plumb-later is in no repository: BROKEN, saying so.
+    wait_until("plumb-later to fail", DEADLINE, || {
+        state(&c, "plumb-later")["state"] == "BROKEN"
+    });
+    let info = state(&c, "plumb-later")["info"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    assert!(
+        info.contains("package plumb-later: apt-get failed: exit status 100")
+            && info.contains("Unable to locate package plumb-later"),
+        "{info}"
+    );
+
+    // The package appears upstream (and a newer plumb-hello with it): plumb-later is installed at
+    // a later poll without any commit; plumb-hello is not upgraded, even by a new revision.
+    let later = deb(root.path(), "plumb-later", "1.0");
+    let hello2 = deb(root.path(), "plumb-hello", "2.0");
+    c.install(&later, "/srv/repo/plumb-later_1.0_all.deb", 0o644);
+    c.install(&hello2, "/srv/repo/plumb-hello_2.0_all.deb", 0o644);
+    let index = root.path().join("Packages");
+    std::fs::write(&index, packages_index(&[&hello, &hello2, &later])).unwrap();
+    c.install(&index, "/srv/repo/Packages", 0o644);
+    wait_until("plumb-later installed by a retry", DEADLINE, || {
+        state(&c, "plumb-later")["state"] == "OK"
+    });
+    assert_eq!(c.sh("systemctl is-active plumb-later.service"), "active");
+    let v2 = up.write("hello/hello.conf", "two\n").commit("v2");
+    wait_until("v2 applied to plumb-hello", DEADLINE, || {
+        applied(&c, "plumb-hello").as_deref() == Some(v2.as_str())
+    });
+    assert_eq!(c.sh("dpkg-query -W -f='${Version}' plumb-hello"), "1.0");
+}
+
+fn units() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("units")
 }
 
 const COUNTER: &str = "[Unit]\nDescription=plumb test: %N\n\n[Service]\nExecStart=/bin/sleep infinity\nExecReload=/bin/true\n";

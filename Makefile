@@ -1,5 +1,5 @@
 # The two set-up commands of the README, the generated docs, and the benchmarks. Each installs what it needs first.
-.PHONY: demo test bench deps lint docs
+.PHONY: demo test bench deps lint docs fuzz
 
 deps:
 	bash scripts/install-deps.sh
@@ -20,3 +20,7 @@ lint:
 
 bench: deps
 	bash bench/idle-tick.sh
+
+# Every fuzz target (fuzz/) for 10 minutes each; `bash scripts/fuzz.sh SECONDS [TARGET...]` for other runs.
+fuzz:
+	bash scripts/fuzz.sh

@@ -31,16 +31,13 @@ wait_for() { # wait_for SECONDS WHAT CMD...: poll CMD until it succeeds
 }
 git() { command git -c user.name=demo -c user.email=demo@example.invalid "$@"; }
 
-say "building plumb"
-cargo build --release --quiet --bins
+say "building plumb and its Debian package"
+DEB=$(bash scripts/build-deb.sh)
 
-say "a Debian container with systemd and nginx (built once, then cached)"
+say "a Debian container with systemd and nginx (built once, then cached), plumb's package installed"
 bash tests/infra/rootfs.sh "$ROOT"
-install -m 0755 target/release/plumb target/release/plumbctl "$ROOT/usr/bin/"
-install -D -m 0755 target/release/plumb-generator "$ROOT/usr/lib/systemd/system-generators/plumb-generator"
-install -m 0644 units/plumb.service units/plumb-apply@.service "$ROOT/usr/lib/systemd/system/"
-mkdir -p "$ROOT/etc/systemd/system/multi-user.target.wants"
-ln -sf /usr/lib/systemd/system/plumb.service "$ROOT/etc/systemd/system/multi-user.target.wants/plumb.service"
+# The package's postinst runs in the container's root: groups, state directory, plumb.service enabled.
+dpkg --root="$ROOT" -i "$DEB" >/dev/null
 echo plumb-demo > "$ROOT/etc/hostname"
 # The container shares this machine's network: nginx serves only what git gives it, not :80.
 rm -f "$ROOT/etc/nginx/sites-enabled/default"

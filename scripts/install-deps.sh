@@ -27,6 +27,8 @@ PACKAGES=(
   systemd systemd-container debootstrap zstd
   # docs tests: the generated man pages are rendered by man and groff and must not warn
   man-db groff-base
+  # the NixOS module and the flake: scripts/check-nix.sh parses every .nix file with nix-instantiate
+  nix-bin
 )
 
 if [ "$(id -u)" -ne 0 ]; then

@@ -652,7 +652,43 @@ impl Change {
     }
 }
 
-/// A freeze's duration: "90m", "2h", "1d" and anything humantime reads, more than zero.
+/// The write `action` (the route's last segment) with its request body parsed.
+fn change(action: &str, bytes: &[u8]) -> Result<Change, Failure> {
+    match action {
+        "freeze" => body(bytes).map(Change::Freeze),
+        "unfreeze" => body::<serde_json::Value>(bytes).map(|_| Change::Unfreeze),
+        "rollback" => body(bytes).map(Change::Rollback),
+        "pull" => body(bytes).map(Change::Pull),
+        "wipe" => body::<serde_json::Value>(bytes).map(|_| Change::Wipe),
+        other => Err(Failure::new(
+            StatusCode::NOT_FOUND,
+            format!("no write {other:?}"),
+        )),
+    }
+}
+
+/// The parsing half of a write, pure: the daemon command that `action` ("freeze", "unfreeze",
+/// "rollback", "pull", "wipe") with the request body `bytes` asks for on `service` at `now` (unix
+/// seconds), or the status and message the caller gets. The handlers run exactly this; it is
+/// public for the fuzz targets (`fuzz/`).
+pub fn write_command(
+    action: &str,
+    service: String,
+    bytes: &[u8],
+    now: u64,
+) -> Result<Command, (StatusCode, String)> {
+    change(action, bytes)
+        .and_then(|c| c.command(service, now))
+        .map_err(|f| (f.status, f.message))
+}
+
+/// The longest freeze with a duration: a hundred years. Longer is refused rather than kept, since
+/// the daemon schedules the freeze's end as a point in time (an `Instant`), which a duration near
+/// `u64::MAX` seconds would overflow; "until unfrozen" is a freeze without a duration.
+pub const MAX_FREEZE: Duration = Duration::from_secs(100 * 365 * 86_400);
+
+/// A freeze's duration: "90m", "2h", "1d" and anything humantime reads, more than zero and at most
+/// [`MAX_FREEZE`].
 fn parse_duration(d: &str) -> Result<Duration, Failure> {
     let invalid = |why: String| {
         Failure::new(
@@ -662,6 +698,10 @@ fn parse_duration(d: &str) -> Result<Duration, Failure> {
     };
     match humantime::parse_duration(d) {
         Ok(x) if x.is_zero() => Err(invalid("it must be longer than 0s".into())),
+        Ok(x) if x > MAX_FREEZE => Err(invalid(
+            "it must be at most 100 years; freeze without a duration to freeze until unfrozen"
+                .into(),
+        )),
         Ok(x) => Ok(x),
         Err(e) => Err(invalid(e.to_string())),
     }
@@ -683,7 +723,7 @@ fn body<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, Failure> {
 }
 
 /// The request body as the audit log records it: the JSON as sent, or the text when it is not JSON.
-fn arguments(bytes: &[u8]) -> serde_json::Value {
+pub fn arguments(bytes: &[u8]) -> serde_json::Value {
     if bytes.iter().all(u8::is_ascii_whitespace) {
         return serde_json::json!({});
     }
@@ -705,10 +745,7 @@ type Body = Result<Bytes, BytesRejection>;
 type Name = Result<UrlPath<String>, PathRejection>;
 
 async fn freeze(State(app): Shared, ConnectInfo(peer): Conn, name: Name, bytes: Body) -> Response {
-    write(&app, peer, "freeze", name, bytes, |b| {
-        body(b).map(Change::Freeze)
-    })
-    .await
+    write(&app, peer, "freeze", name, bytes).await
 }
 
 async fn unfreeze(
@@ -717,10 +754,7 @@ async fn unfreeze(
     name: Name,
     bytes: Body,
 ) -> Response {
-    write(&app, peer, "unfreeze", name, bytes, |b| {
-        body::<serde_json::Value>(b).map(|_| Change::Unfreeze)
-    })
-    .await
+    write(&app, peer, "unfreeze", name, bytes).await
 }
 
 async fn rollback(
@@ -729,35 +763,19 @@ async fn rollback(
     name: Name,
     bytes: Body,
 ) -> Response {
-    write(&app, peer, "rollback", name, bytes, |b| {
-        body(b).map(Change::Rollback)
-    })
-    .await
+    write(&app, peer, "rollback", name, bytes).await
 }
 
 async fn pull(State(app): Shared, ConnectInfo(peer): Conn, name: Name, bytes: Body) -> Response {
-    write(&app, peer, "pull", name, bytes, |b| {
-        body(b).map(Change::Pull)
-    })
-    .await
+    write(&app, peer, "pull", name, bytes).await
 }
 
 async fn wipe(State(app): Shared, ConnectInfo(peer): Conn, name: Name, bytes: Body) -> Response {
-    write(&app, peer, "wipe", name, bytes, |b| {
-        body::<serde_json::Value>(b).map(|_| Change::Wipe)
-    })
-    .await
+    write(&app, peer, "wipe", name, bytes).await
 }
 
 /// One write: authorise, parse, call the daemon, and audit whatever happened.
-async fn write(
-    app: &App,
-    peer: Peer,
-    action: &'static str,
-    name: Name,
-    bytes: Body,
-    parse: impl FnOnce(&[u8]) -> Result<Change, Failure>,
-) -> Response {
+async fn write(app: &App, peer: Peer, action: &'static str, name: Name, bytes: Body) -> Response {
     let caller = resolve(peer, &app.access).await;
     let service = name.as_ref().ok().map(|UrlPath(n)| n.clone());
     let (args, outcome) = match bytes {
@@ -770,7 +788,7 @@ async fn write(
             let outcome = if caller.role < Role::Admin {
                 Err(refusal(&caller, &app.access, true))
             } else {
-                carry_out(app, name, &bytes, parse).await
+                carry_out(app, action, name, &bytes).await
             };
             (args, outcome)
         }
@@ -818,12 +836,12 @@ async fn write(
 
 async fn carry_out(
     app: &App,
+    action: &str,
     name: Name,
     bytes: &[u8],
-    parse: impl FnOnce(&[u8]) -> Result<Change, Failure>,
 ) -> Result<proto::ActionResult, Failure> {
     let name = path_name(name)?;
-    let command = parse(bytes)?.command(name, unix_now())?;
+    let command = change(action, bytes)?.command(name, unix_now())?;
     match app.handle.call(command).await? {
         Reply::Action(r) => Ok(*r),
         other => Err(unexpected(&other)),
@@ -885,7 +903,7 @@ mod tests {
                 until: Some(1000 + 90 * 60)
             }
         );
-        for bad in ["soon", "0s", ""] {
+        for bad in ["soon", "0s", "", "101y", "18446744073709551615s"] {
             let f = freeze(Some(bad)).unwrap_err();
             assert_eq!(f.status, StatusCode::UNPROCESSABLE_ENTITY);
             assert!(f.message.contains(&format!("{bad:?}")), "{}", f.message);

@@ -23,7 +23,7 @@ pub struct Cli {
     #[arg(long = "hosts", value_delimiter = ',', global = true)]
     pub hosts: Vec<String>,
     /// Poll interval, overriding the config (e.g. "30s", "5m").
-    #[arg(long, value_parser = humantime::parse_duration)]
+    #[arg(long, value_parser = interval)]
     pub interval: Option<Duration>,
     /// State directory, overriding the config.
     #[arg(long)]
@@ -55,4 +55,14 @@ pub enum Command {
         /// The service's name in the config.
         service: String,
     },
+}
+
+/// `--interval`: a humantime duration of at most 100 years, like the config's durations (the
+/// daemon schedules with `Instant::now() + interval`, which a larger one would overflow).
+fn interval(text: &str) -> Result<Duration, String> {
+    let d = humantime::parse_duration(text).map_err(|e| e.to_string())?;
+    if d > Duration::from_secs(100 * 365 * 86_400) {
+        return Err("longer than 100 years".to_owned());
+    }
+    Ok(d)
 }

@@ -279,6 +279,9 @@ pub struct Settings {
     pub webhook_secret: Option<String>,
     /// Per upstream URL: signatures required, force-push policy. Absent URLs get the defaults.
     pub upstreams: BTreeMap<String, UpstreamSettings>,
+    /// The largest file a revision may hold under a service's links (bytes; `u64::MAX`: no
+    /// limit). A checkout holds a whole file in memory, so this bounds the daemon's memory.
+    pub max_file_size: u64,
 }
 
 impl Settings {
@@ -304,6 +307,7 @@ impl Default for Settings {
             metrics_address: Some(DEFAULT_METRICS_ADDRESS),
             webhook_secret: None,
             upstreams: BTreeMap::new(),
+            max_file_size: crate::git::DEFAULT_MAX_FILE_SIZE,
         }
     }
 }
@@ -421,6 +425,7 @@ struct RawPlumb {
     webhook_secret: Option<Spanned<String>>,
     #[serde(default)]
     upstream: Vec<Spanned<RawUpstream>>,
+    max_file_size: Option<Spanned<String>>,
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -926,6 +931,10 @@ impl Cx<'_> {
             }
             s.webhook_secret = Some(w.into_inner());
         }
+        if let Some(m) = p.max_file_size {
+            s.max_file_size = parse_size(m.get_ref())
+                .map_err(|e| self.at(m.span().start, "plumb.max_file_size".to_owned(), e))?;
+        }
         if let Some(a) = p.metrics_address {
             s.metrics_address = parse_metrics_address(a.get_ref())
                 .map_err(|m| self.at(a.span().start, "plumb.metrics_address".to_owned(), m))?;
@@ -954,7 +963,10 @@ impl Cx<'_> {
     }
 
     fn duration(&self, v: &Spanned<String>, key: &str) -> Result<Duration, ConfigError> {
-        humantime::parse_duration(v.get_ref()).map_err(|e| {
+        // plumb schedules with `Instant::now() + duration`, which panics past the clock's range
+        // (humantime reads up to u64::MAX seconds); no setting needs anywhere near a century.
+        const MAX: Duration = Duration::from_secs(100 * 365 * 86_400);
+        let d = humantime::parse_duration(v.get_ref()).map_err(|e| {
             self.at(
                 v.span().start,
                 key.to_owned(),
@@ -963,8 +975,47 @@ impl Cx<'_> {
                     v.get_ref()
                 ),
             )
-        })
+        })?;
+        if d > MAX {
+            return Err(self.at(
+                v.span().start,
+                key.to_owned(),
+                format!("{:?} is longer than 100 years", v.get_ref()),
+            ));
+        }
+        Ok(d)
     }
+}
+
+/// A size like `"256MiB"`, `"1G"` (binary units: K, M, G, with or without `iB`; `KB`, `MB`, `GB`
+/// are decimal), a plain number of bytes, or `"unlimited"`.
+pub fn parse_size(text: &str) -> Result<u64, String> {
+    let t = text.trim();
+    if t == "unlimited" {
+        return Ok(u64::MAX);
+    }
+    let split = t.find(|c: char| !c.is_ascii_digit()).unwrap_or(t.len());
+    let (number, unit) = t.split_at(split);
+    let unit_factor: u64 = match unit.trim() {
+        "" | "B" => 1,
+        "K" | "KiB" => 1 << 10,
+        "M" | "MiB" => 1 << 20,
+        "G" | "GiB" => 1 << 30,
+        "KB" => 1_000,
+        "MB" => 1_000_000,
+        "GB" => 1_000_000_000,
+        _ => {
+            return Err(format!(
+                "{text:?} is not a size like \"256MiB\", \"1G\" or \"unlimited\""
+            ));
+        }
+    };
+    number
+        .parse::<u64>()
+        .ok()
+        .and_then(|n| n.checked_mul(unit_factor))
+        .filter(|n| *n > 0)
+        .ok_or_else(|| format!("{text:?} is not a size like \"256MiB\", \"1G\" or \"unlimited\""))
 }
 
 /// Checks a health URL: plumb speaks plain HTTP to local services itself; anything else belongs in
@@ -1538,6 +1589,30 @@ health = { url = "http://127.0.0.1:8080/healthz" }
             err(&twice).ends_with("has more than one [[plumb.upstream]]"),
             "{}",
             err(&twice)
+        );
+    }
+
+    #[test]
+    fn sizes_in_binary_and_decimal_units() {
+        assert_eq!(parse_size("256MiB"), Ok(256 << 20));
+        assert_eq!(parse_size("1G"), Ok(1 << 30));
+        assert_eq!(parse_size("10 KB"), Ok(10_000));
+        assert_eq!(parse_size("4096"), Ok(4096));
+        assert_eq!(parse_size("unlimited"), Ok(u64::MAX));
+        for bad in ["", "0", "MiB", "1.5G", "1T", "99999999999999999999G", "-1"] {
+            assert!(parse_size(bad).is_err(), "{bad:?}");
+        }
+        let e = err("[plumb]\nmax_file_size = \"lots\"\n");
+        assert_eq!(
+            e,
+            "plumb.toml:2:17: plumb.max_file_size: \"lots\" is not a size like \"256MiB\", \"1G\" or \"unlimited\""
+        );
+        assert_eq!(
+            parse("[plumb]\nmax_file_size = \"1GiB\"\n")
+                .unwrap()
+                .settings
+                .max_file_size,
+            1 << 30
         );
     }
 }

@@ -477,6 +477,16 @@ fn local_hostname() -> String {
 pub fn call_local(socket: &Path, action: &Action) -> Result<Body, CtlError> {
     let req = action.request();
     let response = http(socket, &req, action.timeout())?;
+    read_answer(socket, action, &response)
+}
+
+/// What the daemon on `socket` answered to `action`: the body of a success as the type the action
+/// gets, or the daemon's refusal. Pure, so the fuzz targets (`fuzz/`) can feed it anything.
+pub fn read_answer(
+    socket: &Path,
+    action: &Action,
+    response: &HttpResponse,
+) -> Result<Body, CtlError> {
     if (200..300).contains(&response.status) {
         let value: Value =
             serde_json::from_slice(&response.body).map_err(|e| CtlError::Protocol {

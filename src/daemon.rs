@@ -185,6 +185,8 @@ enum Done {
         drift: BTreeMap<String, Vec<String>>,
         /// Changes to each service's files between its deployed revision and the head.
         behind: BTreeMap<String, Option<u64>>,
+        /// Services whose last checkout did not finish (crash, failure): redone, not drift.
+        interrupted: BTreeSet<String>,
         /// How long the fetch (with its checks) took.
         took: Duration,
     },
@@ -371,7 +373,9 @@ impl Daemon {
             .services
             .values()
             .filter_map(|e| e.state.frozen_until)
-            .map(|t| now + Duration::from_secs(t.saturating_sub(unix)));
+            // checked: `frozen_until` comes from the API and the state files, and a time past the
+            // clock's range would panic; such a freeze just never ends by itself.
+            .filter_map(|t| now.checked_add(Duration::from_secs(t.saturating_sub(unix))));
         self.upstreams
             .values()
             .filter(|u| !u.busy)
@@ -489,6 +493,9 @@ impl Daemon {
                 let job = DeployJob {
                     service: e.config.clone(),
                     upstream: self.config.settings.upstream(&e.config.upstream),
+                    limits: git::Limits {
+                        max_file_size: self.config.settings.max_file_size,
+                    },
                     avoid: None,
                     follow: false,
                     head,
@@ -670,6 +677,7 @@ impl Daemon {
                 .values()
                 .filter(|e| e.config.upstream == url)
                 .map(|e| Check {
+                    interrupted: self.layout.service_deploying(&e.config.name).exists(),
                     name: e.config.name.clone(),
                     target: e.config.checkout_dir(),
                     index: self.layout.service_index(&e.config.name),
@@ -687,11 +695,14 @@ impl Daemon {
                 let _g = span.enter();
                 let mut drift = BTreeMap::new();
                 let mut behind = BTreeMap::new();
+                let mut interrupted = BTreeSet::new();
                 let started = std::time::Instant::now();
                 let result = Store::open(&stores, &url).and_then(|mut s| {
                     let report = s.fetch(&branches, &transport)?;
                     for c in checks {
-                        if let Some(synced) = c.synced {
+                        if c.interrupted {
+                            interrupted.insert(c.name.clone());
+                        } else if let Some(synced) = c.synced {
                             match s.drift(&c.target, &c.index, synced, &c.links) {
                                 Ok(files) => {
                                     drift.insert(c.name.clone(), files);
@@ -720,6 +731,7 @@ impl Daemon {
                     result,
                     drift,
                     behind,
+                    interrupted,
                     took: started.elapsed(),
                 });
             });
@@ -734,6 +746,7 @@ impl Daemon {
                 result,
                 mut drift,
                 behind,
+                interrupted,
                 took,
             } => {
                 if let Some(m) = &self.opts.metrics {
@@ -758,6 +771,10 @@ impl Daemon {
                     .map(|e| (e.config.name.clone(), e.config.branch.clone()))
                     .collect();
                 for (name, branch) in names {
+                    if interrupted.contains(&name) && result.is_ok() {
+                        warn!(service = %name, "the last checkout did not finish; redoing it");
+                        self.feed(&name, Event::Force, now, tx);
+                    }
                     if let Some(files) = drift.remove(&name) {
                         if !files.is_empty() {
                             warn!(service = %name, files = ?files, "local edits in the checkout");
@@ -874,6 +891,20 @@ impl Daemon {
                     }
                     let deployed = matches!(event, Event::Deployed { .. });
                     self.feed(&name, event, now, tx);
+                    let saved = deployed
+                        && self
+                            .services
+                            .get(&name)
+                            .is_some_and(|e| persist(&self.layout, &name, &e.state));
+                    if saved {
+                        // The deploy is on disk: the checkout is no longer half-made.
+                        let marker = self.layout.service_deploying(&name);
+                        if let Err(e) = std::fs::remove_file(&marker)
+                            && e.kind() != std::io::ErrorKind::NotFound
+                        {
+                            warn!(service = %name, "{}: {e}", marker.display());
+                        }
+                    }
                     if rebuilt && deployed {
                         // A rebuilt checkout is clean, and its mounts must move onto it.
                         self.feed(&name, Event::Drift { files: Vec::new() }, now, tx);
@@ -904,13 +935,18 @@ impl Daemon {
         let mut jobs = Vec::new();
         let mut applies = Vec::new();
         let upstream = self.config.settings.upstream(&entry.config.upstream);
+        let limits = git::Limits {
+            max_file_size: self.config.settings.max_file_size,
+        };
         let effects = entry.state.handle(event, now);
         let st = &entry.state;
         let avoid = st.rejected.as_ref().and_then(|r| r.revision);
         let follow = |head: Oid| st.pinned.is_none() && st.upstream == Some(head);
         for effect in effects {
             match effect {
-                Effect::Persist => persist(&self.layout, name, &entry.state),
+                Effect::Persist => {
+                    persist(&self.layout, name, &entry.state);
+                }
                 Effect::Deploy {
                     head,
                     from,
@@ -918,6 +954,7 @@ impl Daemon {
                 } => jobs.push(DeployJob {
                     service: entry.config.clone(),
                     upstream: upstream.clone(),
+                    limits,
                     avoid,
                     follow: follow(head),
                     head,
@@ -929,6 +966,7 @@ impl Daemon {
                 Effect::Restore { head, deployed } => jobs.push(DeployJob {
                     service: entry.config.clone(),
                     upstream: upstream.clone(),
+                    limits,
                     avoid,
                     // An operator's pull --force accepts whatever history upstream has now.
                     follow: false,
@@ -1139,7 +1177,14 @@ fn rebuild(
     }
     let _ = std::fs::remove_file(&new_index);
     std::fs::create_dir_all(&new).map_err(io(&new))?;
-    store.checkout(&new, &new_index, None, job.head, links)?;
+    store.checkout_as(
+        &new,
+        &new_index,
+        None,
+        job.head,
+        links,
+        job.service.user.as_deref(),
+    )?;
     if target.exists() {
         std::fs::rename(target, &old).map_err(io(target))?;
     }
@@ -1154,6 +1199,8 @@ const BEHIND_LIMIT: usize = 10_000;
 /// What the fetch job looks at for one service besides fetching.
 struct Check {
     name: String,
+    /// A checkout of the service was interrupted (its marker file exists).
+    interrupted: bool,
     target: std::path::PathBuf,
     index: std::path::PathBuf,
     synced: Option<Oid>,
@@ -1166,6 +1213,8 @@ struct DeployJob {
     service: config::Service,
     /// The upstream's trust and force-push settings.
     upstream: config::UpstreamSettings,
+    /// What a revision may hold (file sizes).
+    limits: git::Limits,
     /// A revision refused before: a head whose service files are these is refused again.
     avoid: Option<Oid>,
     /// The job follows the branch (not a rollback to an older commit), so a head that does not
@@ -1257,27 +1306,42 @@ fn deploy(store: &Store, layout: &Layout, job: &DeployJob) -> Result<Option<Oid>
     } else {
         job.deployed
     };
-    if changed && !job.fresh {
-        if revision.is_some() && revision == job.avoid {
-            return Err(refuse(revision, Refusal::Known));
-        }
-        if let (Some(check), Some(rev)) = (&svc.check, revision) {
-            run_check(store, layout, svc, check, job.head, rev)?;
+    if changed && !job.fresh && revision.is_some() && revision == job.avoid {
+        return Err(refuse(revision, Refusal::Known));
+    }
+    if changed || job.fresh {
+        match store.inspect(job.head, &links, &job.limits) {
+            Err(e @ GitError::Hostile { .. }) => {
+                return Err(refuse(revision, Refusal::Hostile(e.to_string())));
+            }
+            other => other?,
         }
     }
+    if changed
+        && !job.fresh
+        && let (Some(check), Some(rev)) = (&svc.check, revision)
+    {
+        run_check(store, layout, svc, check, job.head, rev)?;
+    }
+    let marker = layout.service_deploying(&svc.name);
+    let io = |path: &std::path::Path| {
+        let path = path.to_owned();
+        move |source| DeployError::Io { path, source }
+    };
     if job.fresh {
         rebuild(store, layout, job, &target, &links)?;
     } else if changed {
-        std::fs::create_dir_all(&target).map_err(|source| DeployError::Io {
-            path: target.clone(),
-            source,
-        })?;
-        store.checkout(
+        std::fs::create_dir_all(&target).map_err(io(&target))?;
+        // Until the daemon has saved the deploy, a half-made checkout must not read as local
+        // edits: the marker makes the next fetch redo it instead (removed once saved).
+        layout::write_atomic(&marker, format!("{}\n", job.head).as_bytes()).map_err(io(&marker))?;
+        store.checkout_as(
             &target,
             &layout.service_index(&svc.name),
             from,
             job.head,
             &links,
+            svc.user.as_deref(),
         )?;
     }
     let rev_file = layout.service_rev(&svc.name);
@@ -1422,14 +1486,16 @@ fn load_state(layout: &Layout, name: &str, now: u64) -> service::Service {
     }
 }
 
-fn persist(layout: &Layout, name: &str, state: &service::Service) {
+/// Writes the service's state file; false (logged) when it could not.
+fn persist(layout: &Layout, name: &str, state: &service::Service) -> bool {
     let path = layout.service_state(name);
     let write = serde_json::to_vec_pretty(state)
         .map_err(std::io::Error::other)
         .and_then(|json| layout::write_atomic(&path, &json));
-    if let Err(e) = write {
+    if let Err(e) = &write {
         error!(service = %name, "cannot save state to {}: {e}", path.display());
     }
+    write.is_ok()
 }
 
 /// A random wait in `[0, max)`, so machines started together drift apart.

@@ -140,11 +140,16 @@ pub async fn run_with(spec: Spec) -> Result<Output, ExecError> {
         })
     });
     // Dropping the future on timeout drops the child, which kills it (kill_on_drop); tokio reaps it.
-    let result = match tokio::time::timeout(spec.timeout, child.wait_with_output()).await {
-        Ok(Ok(out)) => Ok(Output {
-            code: out.status.code(),
-            stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
-            stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
+    let (stdout, stderr) = (child.stdout.take(), child.stderr.take());
+    let wait = async {
+        let (stdout, stderr, status) = tokio::join!(capture(stdout), capture(stderr), child.wait());
+        status.map(|status| (status, stdout, stderr))
+    };
+    let result = match tokio::time::timeout(spec.timeout, wait).await {
+        Ok(Ok((status, stdout, stderr))) => Ok(Output {
+            code: status.code(),
+            stdout: String::from_utf8_lossy(&stdout).into_owned(),
+            stderr: String::from_utf8_lossy(&stderr).into_owned(),
         }),
         Ok(Err(source)) => Err(ExecError::Wait { program, source }),
         Err(_) => Err(ExecError::TimedOut {
@@ -156,6 +161,30 @@ pub async fn run_with(spec: Spec) -> Result<Output, ExecError> {
         feed.abort();
     }
     result
+}
+
+/// The most of each output stream kept; the rest is read and dropped, so a child printing without
+/// end (a check on a hostile revision, a broken remote plumbctl) costs time, bounded by the
+/// timeout, but not memory. The control API's answers are bounded the same (`ctl`).
+pub const MAX_OUTPUT: usize = 64 << 20;
+
+/// Reads `pipe` to its end, keeping the first [`MAX_OUTPUT`] bytes.
+async fn capture(pipe: Option<impl tokio::io::AsyncRead + Unpin>) -> Vec<u8> {
+    use tokio::io::AsyncReadExt;
+    let mut kept = Vec::new();
+    let Some(mut pipe) = pipe else {
+        return kept;
+    };
+    let mut buf = vec![0u8; 64 << 10];
+    loop {
+        match pipe.read(&mut buf).await {
+            Ok(0) | Err(_) => return kept,
+            Ok(n) => {
+                let room = MAX_OUTPUT.saturating_sub(kept.len());
+                kept.extend_from_slice(&buf[..n.min(room)]);
+            }
+        }
+    }
 }
 
 /// [`run_with`] from a thread that is not a runtime worker (the daemon's blocking git jobs, or
@@ -191,6 +220,20 @@ mod tests {
         assert!(!out.success());
         assert_eq!(out.stdout, "out\n");
         assert_eq!(out.stderr, "err\n");
+    }
+
+    #[tokio::test]
+    async fn endless_output_is_cut_not_kept() {
+        let out = run(
+            "sh",
+            &["-c", "head -c 70000000 /dev/zero; echo done >&2"],
+            Duration::from_secs(60),
+        )
+        .await
+        .unwrap();
+        assert!(out.success());
+        assert_eq!(out.stdout.len(), MAX_OUTPUT);
+        assert_eq!(out.stderr, "done\n");
     }
 
     #[tokio::test]

@@ -18,6 +18,7 @@ pub mod hook;
 pub mod layout;
 pub mod metrics;
 pub mod notify;
+pub mod owner;
 pub mod pkg;
 pub mod proto;
 pub mod service;

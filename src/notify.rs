@@ -44,7 +44,8 @@ impl Notifier {
         {
             return None;
         }
-        (usec > 0).then(|| Duration::from_micros(usec / 2))
+        // At least 1µs: a zero period would panic `tokio::time::interval` (WATCHDOG_USEC=1).
+        (usec > 0).then(|| Duration::from_micros((usec / 2).max(1)))
     }
 }
 

@@ -408,7 +408,10 @@ impl Service {
                     if self.state == State::Diff && !self.drift.is_empty() {
                         self.rest(now);
                     }
-                } else if files != self.drift || self.state != State::Diff {
+                } else if files != self.drift
+                    || self.state != State::Diff
+                    || !self.info.starts_with("local edits")
+                {
                     let shown: Vec<&str> = files.iter().take(5).map(String::as_str).collect();
                     let more = files.len().saturating_sub(shown.len());
                     let more = if more > 0 {

@@ -133,10 +133,20 @@ fn boots_serves_reboots_and_leaves_nothing_behind() {
     // Nothing the container mounts is visible on the host, not even its root overlay.
     assert_eq!(host_mounts_mentioning(CI_DIR), Vec::<String>::new());
 
-    // The binary built by cargo runs in the rootfs (same libc, OpenSSL and zlib), and the
-    // repository's units are in place after install_plumb's daemon-reload.
-    c.install_plumb(&[(Path::new(env!("CARGO_BIN_EXE_plumb")), "/usr/bin/plumb")]);
-    c.sh("plumb --help >/dev/null");
+    // The package of this build installs in the rootfs (its dependencies are there, the binaries
+    // run with its libc, OpenSSL and zlib), and its man pages and units are in place.
+    c.install_deb();
+    c.sh("plumb --help >/dev/null && plumbctl --help >/dev/null");
+    c.sh("getent group plumb && getent group plumb-ro && test -d /var/lib/plumb");
+    // `man` finds the package's pages, as a user at the machine would look them up.
+    for (page, says) in [
+        ("plumb", "plumb apply"),
+        ("plumbctl", "rollback"),
+        ("5 plumb.toml", "allowed_signers"),
+    ] {
+        let text = c.sh(&format!("MANWIDTH=100 man -P cat {page} 2>/dev/null"));
+        assert!(text.contains(says), "man {page}:\n{text}");
+    }
     if Path::new(env!("CARGO_MANIFEST_DIR"))
         .join("units/plumb.service")
         .exists()

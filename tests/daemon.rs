@@ -1062,3 +1062,89 @@ fn a_refused_force_push_holds_the_service_until_pull_force() {
     assert_eq!(m.read("app", "app/a").unwrap(), "4");
     drop(d);
 }
+
+#[test]
+fn a_hostile_revision_is_refused_whole_and_the_next_clean_one_deploys() {
+    let root = temp_root();
+    let up = Upstream::new(root.path(), "hostile");
+    let v1 = up.write("app/conf", "1").commit("v1");
+    let m = Machine::new(root.path(), "");
+    m.write_config_with(
+        "max_file_size = \"1KiB\"\n",
+        &service("app", &up.file_url(), &["app"]),
+    );
+    m.once(true);
+
+    // A symlink out of the service's files, beside an innocent change: nothing of it lands.
+    let v2 = up
+        .write("app/conf", "2")
+        .symlink("app/shadow", "../../etc/shadow")
+        .commit("v2");
+    m.once(false);
+    let s = m.state_json("app");
+    assert_eq!(s["state"], "BROKEN");
+    let info = s["info"].as_str().unwrap();
+    assert!(
+        info.starts_with(&format!("refused {}: ", &v2[..12]))
+            && info.contains("app/shadow: symlink to \"../../etc/shadow\" leaves app"),
+        "{info}"
+    );
+    assert_eq!(m.rev("app").as_deref(), Some(v1.as_str()));
+    assert_eq!(tree(&m.checkout("app")), vec!["app/conf"]);
+    assert_eq!(m.read("app", "app/conf").unwrap(), "1");
+
+    // A file over max_file_size: refused the same way.
+    let v3 = up
+        .remove("app/shadow")
+        .write("app/big", &"x".repeat(2048))
+        .commit("v3");
+    m.once(false);
+    let info = m.state_json("app")["info"].as_str().unwrap().to_owned();
+    assert!(
+        info.starts_with(&format!("refused {}: ", &v3[..12]))
+            && info.contains(
+                "app/big: file of 2048 bytes (2 KiB) is larger than max_file_size (1 KiB)"
+            ),
+        "{info}"
+    );
+    assert_eq!(m.read("app", "app/conf").unwrap(), "1");
+
+    let v4 = up.remove("app/big").write("app/conf", "4").commit("v4");
+    m.once(true);
+    assert_eq!(m.rev("app").as_deref(), Some(v4.as_str()));
+    assert_eq!(tree(&m.checkout("app")), vec!["app/conf"]);
+}
+
+#[test]
+fn deployed_files_belong_to_the_services_user() {
+    require_root();
+    let root = temp_root();
+    let up = Upstream::new(root.path(), "owned");
+    up.write("app/conf", "1")
+        .write("app/sub/x", "x")
+        .commit("v1");
+    let m = Machine::new(
+        root.path(),
+        &service_with("app", &up.file_url(), &["app"], "user = \"nobody\""),
+    );
+    m.once(true);
+    let nobody = nix::unistd::User::from_name("nobody").unwrap().unwrap();
+    for path in ["app", "app/conf", "app/sub", "app/sub/x"] {
+        let meta = fs::metadata(m.checkout("app").join(path)).unwrap();
+        assert_eq!(meta.uid(), nobody.uid.as_raw(), "{path}");
+    }
+    // A user that does not exist: the deploy fails (BROKEN), naming the user.
+    up.write("app/conf", "2").commit("v2");
+    m.write_config(&service_with(
+        "app",
+        &up.file_url(),
+        &["app"],
+        "user = \"plumb-nosuchuser\"",
+    ));
+    m.once(false);
+    let info = m.state_json("app")["info"].as_str().unwrap().to_owned();
+    assert!(
+        info.contains("user \"plumb-nosuchuser\": no such user"),
+        "{info}"
+    );
+}

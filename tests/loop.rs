@@ -9,48 +9,29 @@ use std::net::TcpListener;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use support::container::Container;
+use support::container::{Boot, Container};
 use support::{GitDaemon, Upstream, require_root, temp_root, wait_until};
 
 const DEADLINE: Duration = Duration::from_secs(60);
 
-/// A container with plumb installed from this build, `config` as /etc/plumb/plumb.toml, and
-/// `extra` files (unit files of test services) in place before the first boot, so the generator
-/// runs at boot as it does on a real machine.
+/// A container with `config` as /etc/plumb/plumb.toml and `extra` files (unit files of test
+/// services) in place, then plumb installed from this build's Debian package: its postinst
+/// runs the generator (daemon-reload) and starts plumb.service, as on a real machine.
 fn machine(name: &str, config: &str, extra: &[(&str, &str)]) -> Container {
-    let units = Path::new(env!("CARGO_MANIFEST_DIR")).join("units");
     let mut b = Container::builder(name)
-        .copy(
-            Path::new(env!("CARGO_BIN_EXE_plumb")),
-            "/usr/bin/plumb",
-            0o755,
-        )
-        .copy(
-            Path::new(env!("CARGO_BIN_EXE_plumb-generator")),
-            "/usr/lib/systemd/system-generators/plumb-generator",
-            0o755,
-        )
-        .copy(
-            &units.join("plumb.service"),
-            "/etc/systemd/system/plumb.service",
-            0o644,
-        )
-        .copy(
-            &units.join("plumb-apply@.service"),
-            "/etc/systemd/system/plumb-apply@.service",
-            0o644,
-        )
-        .symlink(
-            "/etc/systemd/system/multi-user.target.wants/plumb.service",
-            "/etc/systemd/system/plumb.service",
-        )
         // The container shares the host's network: nginx serves only what git gives it.
-        .file("/etc/nginx/sites-enabled/default", "", 0o644)
-        .file("/etc/plumb/plumb.toml", config, 0o644);
+        .file("/etc/nginx/sites-enabled/default", "", 0o644);
     for (path, contents) in extra {
         b = b.file(path, contents, 0o644);
     }
-    b.boot()
+    machine_from(b, config)
+}
+
+/// [`machine`] from a builder the caller filled.
+fn machine_from(b: Boot, config: &str) -> Container {
+    let c = b.file("/etc/plumb/plumb.toml", config, 0o644).boot();
+    c.install_deb();
+    c
 }
 
 fn free_port() -> u16 {
@@ -428,45 +409,22 @@ fn a_missing_package_is_installed_never_upgraded_and_a_failed_install_is_retried
         service("plumb-later", "later")
     );
     // A local repository holding plumb-hello only; no network sources.
-    let c = Container::builder("plumb-pkg")
-        .copy(
-            Path::new(env!("CARGO_BIN_EXE_plumb")),
-            "/usr/bin/plumb",
-            0o755,
-        )
-        .copy(
-            Path::new(env!("CARGO_BIN_EXE_plumb-generator")),
-            "/usr/lib/systemd/system-generators/plumb-generator",
-            0o755,
-        )
-        .copy(
-            &units().join("plumb.service"),
-            "/etc/systemd/system/plumb.service",
-            0o644,
-        )
-        .copy(
-            &units().join("plumb-apply@.service"),
-            "/etc/systemd/system/plumb-apply@.service",
-            0o644,
-        )
-        .symlink(
-            "/etc/systemd/system/multi-user.target.wants/plumb.service",
-            "/etc/systemd/system/plumb.service",
-        )
-        .file("/etc/plumb/plumb.toml", config, 0o644)
-        .file("/etc/apt/sources.list", "", 0o644)
-        .file(
-            "/etc/apt/sources.list.d/plumb-test.list",
-            "deb [trusted=yes] file:/srv/repo ./\n",
-            0o644,
-        )
-        .copy(&hello, "/srv/repo/plumb-hello_1.0_all.deb", 0o644)
-        .file("/srv/repo/Packages", packages_index(&[&hello]), 0o644)
-        .boot();
+    let c = machine_from(
+        Container::builder("plumb-pkg")
+            .file("/etc/apt/sources.list", "", 0o644)
+            .file(
+                "/etc/apt/sources.list.d/plumb-test.list",
+                "deb [trusted=yes] file:/srv/repo ./\n",
+                0o644,
+            )
+            .copy(&hello, "/srv/repo/plumb-hello_1.0_all.deb", 0o644)
+            .file("/srv/repo/Packages", packages_index(&[&hello]), 0o644),
+        &config,
+    );
 
     // plumb-hello: installed (after refreshing the empty package lists), its unit started.
-    wait_until("plumb-hello installed and OK", DEADLINE, || {
-        state(&c, "plumb-hello")["state"] == "OK"
+    wait_until("plumb-hello applied (installed) and OK", DEADLINE, || {
+        applied(&c, "plumb-hello").is_some() && state(&c, "plumb-hello")["state"] == "OK"
     });
     assert_eq!(c.sh("dpkg-query -W -f='${Version}' plumb-hello"), "1.0");
     assert_eq!(c.sh("systemctl is-active plumb-hello.service"), "active");
@@ -500,7 +458,7 @@ fn a_missing_package_is_installed_never_upgraded_and_a_failed_install_is_retried
     std::fs::write(&index, packages_index(&[&hello, &hello2, &later])).unwrap();
     c.install(&index, "/srv/repo/Packages", 0o644);
     wait_until("plumb-later installed by a retry", DEADLINE, || {
-        state(&c, "plumb-later")["state"] == "OK"
+        applied(&c, "plumb-later").is_some() && state(&c, "plumb-later")["state"] == "OK"
     });
     assert_eq!(c.sh("systemctl is-active plumb-later.service"), "active");
     let v2 = up.write("hello/hello.conf", "two\n").commit("v2");
@@ -508,10 +466,6 @@ fn a_missing_package_is_installed_never_upgraded_and_a_failed_install_is_retried
         applied(&c, "plumb-hello").as_deref() == Some(v2.as_str())
     });
     assert_eq!(c.sh("dpkg-query -W -f='${Version}' plumb-hello"), "1.0");
-}
-
-fn units() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("units")
 }
 
 const COUNTER: &str = "[Unit]\nDescription=plumb test: %N\n\n[Service]\nExecStart=/bin/sleep infinity\nExecReload=/bin/true\n";

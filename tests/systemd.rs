@@ -10,7 +10,6 @@ mod support;
 
 use std::io::{Read, Write};
 use std::net::{Ipv4Addr, TcpListener, TcpStream};
-use std::path::Path;
 use std::time::{Duration, Instant};
 
 use plumb::apply::Outcome;
@@ -290,18 +289,15 @@ dirs = [
 "#
         )
     };
-    let c = Container::builder("plumb-apply")
-        .file("/etc/plumb/plumb.toml", config(""), 0o644)
-        .boot();
-    c.install_plumb(&[
-        (Path::new(env!("CARGO_BIN_EXE_plumb")), "/usr/bin/plumb"),
-        (
-            Path::new(env!("CARGO_BIN_EXE_plumb-generator")),
-            "/usr/lib/systemd/system-generators/plumb-generator",
-        ),
-    ]);
-    // The generator ran in install_plumb's daemon-reload; its path unit starts at boot, so by hand
-    // here. A bind made by hand before plumb's mount unit ever ran: systemd adopts it as mounted.
+    // The package first, with no config yet, so its postinst does not start the daemon: this
+    // test plays the daemon's part by hand. Then the config, and the generator on daemon-reload.
+    let c = Container::builder("plumb-apply").boot();
+    c.install_deb();
+    let config_file = root.path().join("plumb.toml");
+    std::fs::write(&config_file, config("")).unwrap();
+    c.install(&config_file, "/etc/plumb/plumb.toml", 0o644);
+    c.sh("systemctl daemon-reload");
+    // Its path unit starts at boot, so by hand here. A bind made by hand before plumb's mount unit ever ran: systemd adopts it as mounted.
     c.sh("systemctl start plumb-apply@nginx.path");
     c.sh("touch /var/www/html/plumb.txt && mount --bind /etc/hostname /var/www/html/plumb.txt");
     wait_until("systemd to adopt the hand-made bind", DEADLINE, || {

@@ -14,6 +14,13 @@
 //! it. So before each checkout every symlink under the links that the baseline does not have (same
 //! path, same target) is removed, and so is any symlink on the way to a link.
 //!
+//! With a service `user`, [`Store::checkout_as`] then gives the whole target to that user
+//! (`crate::owner`, never following a symlink) and refreshes the index's stat data for what it
+//! changed, so that the drift check's stat cache stays valid.
+//!
+//! Nothing here judges what a revision holds (symlinks out of a link, oversized files): that is
+//! [`Store::inspect`], which the caller runs first.
+//!
 //! Content is written as stored in git: no filters (no end-of-line conversion, no `ident`), since a
 //! deployed file must be the same bytes on every machine whatever `.gitattributes` says.
 
@@ -27,6 +34,7 @@ use git2::{ErrorCode, Index, Oid, Repository, Tree};
 
 use super::history::validate_links;
 use super::{GitError, Store};
+use crate::owner::{Owner, OwnerError, chown_tree};
 
 /// An unborn branch `HEAD` points at when there is no baseline: the store never has `refs/heads/*`
 /// (fetched branches live under `refs/remotes/origin/`), so this never exists.
@@ -35,15 +43,19 @@ const NO_BASELINE: &str = "refs/heads/plumb-no-baseline";
 /// Git's mode for a symlink.
 const SYMLINK_MODE: i32 = 0o120000;
 
+/// Git's mode for a gitlink (submodule), as the index stores it.
+const GITLINK_MODE: u32 = 0o160000;
+
 impl Store {
     /// Makes `target` hold exactly `links` of `rev` (and nothing else under those paths), using and
     /// updating the service's index at `index`. `previous` is the revision currently deployed in
     /// `target` (`None` for a first checkout); when the store lacks it (history rewritten and the
     /// store re-created since), the checkout proceeds as a first one.
     ///
-    /// Modes (executable bit) and symlinks are as in git; submodules are not checked out; files
-    /// outside the links are not touched. Points the store's `HEAD` at `previous` (see the module
-    /// invariants).
+    /// Modes (executable bit) and symlinks are as in git; submodules are not checked out (an
+    /// empty directory stands for one); files outside the links are not touched. Points the
+    /// store's `HEAD` at `previous` (see the module invariants). Checks nothing of what `rev`
+    /// holds: call [`Store::inspect`] first.
     pub fn checkout(
         &self,
         target: &Path,
@@ -52,7 +64,31 @@ impl Store {
         rev: Oid,
         links: &[String],
     ) -> Result<(), GitError> {
+        self.checkout_as(target, index, previous, rev, links, None)
+    }
+
+    /// [`Store::checkout`], then, when `user` is given, gives all of `target` (files, directories,
+    /// symlinks themselves, `target` included) to that user and its primary group, as gitopper's
+    /// `user` does. The service's index is updated with the new owners and change times, so the
+    /// next drift check still trusts its stat cache instead of reading every file. An unknown
+    /// user fails before anything is written.
+    pub fn checkout_as(
+        &self,
+        target: &Path,
+        index: &Path,
+        previous: Option<Oid>,
+        rev: Oid,
+        links: &[String],
+        user: Option<&str>,
+    ) -> Result<(), GitError> {
         validate_links(links)?;
+        let owner_err = |source: OwnerError| GitError::Owner {
+            url: self.shown.clone(),
+            path: target.to_path_buf(),
+            revision: rev.to_string(),
+            source: Box::new(source),
+        };
+        let owner = user.map(Owner::lookup).transpose().map_err(owner_err)?;
         if links.is_empty() {
             // No pathspec would mean "everything": a service without links holds nothing.
             return Ok(());
@@ -140,6 +176,11 @@ impl Store {
                 }
                 err
             })?;
+        if let Some(owner) = &owner
+            && chown_tree(target, owner).map_err(owner_err)? > 0
+        {
+            restat(&mut index, target).map_err(git_err)?;
+        }
         index.write().map_err(git_err)?;
         Ok(())
     }
@@ -239,6 +280,40 @@ impl Store {
             .tree()
             .map_err(|e| self.reached_error(rev, e))
     }
+}
+
+/// Refreshes the stat data (change time, owner) of the index entries whose files changed only in
+/// those since the checkout wrote them (a chown): same inode, size and modification time. Without
+/// this, every such file would look possibly modified to the next drift check and be read.
+fn restat(index: &mut Index, target: &Path) -> Result<(), git2::Error> {
+    use std::os::unix::ffi::OsStrExt;
+    use std::os::unix::fs::MetadataExt;
+    let mut updated = Vec::new();
+    for mut entry in index.iter() {
+        if entry.mode == GITLINK_MODE {
+            continue;
+        }
+        let path = target.join(OsStr::from_bytes(&entry.path));
+        let Ok(meta) = fs::symlink_metadata(&path) else {
+            continue;
+        };
+        // The index keeps 32 bits of these, as git does.
+        let same_file = entry.ino == meta.ino() as u32
+            && entry.file_size == meta.size() as u32
+            && entry.mtime.seconds() == meta.mtime() as i32
+            && entry.mtime.nanoseconds() == meta.mtime_nsec() as u32;
+        let ctime = git2::IndexTime::new(meta.ctime() as i32, meta.ctime_nsec() as u32);
+        if same_file && (entry.uid, entry.gid, entry.ctime) != (meta.uid(), meta.gid(), ctime) {
+            entry.uid = meta.uid();
+            entry.gid = meta.gid();
+            entry.ctime = ctime;
+            updated.push(entry);
+        }
+    }
+    for entry in &updated {
+        index.add(entry)?;
+    }
+    Ok(())
 }
 
 enum IndexError {

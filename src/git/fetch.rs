@@ -64,8 +64,10 @@ impl Store {
         if branches.is_empty() {
             return Ok(FetchReport {
                 heads: BTreeMap::new(),
+                rewritten: BTreeMap::new(),
             });
         }
+        super::timeouts::init(transport.timeout);
         self.refresh()?;
         let report = match self.fetch_once(branches, transport) {
             Err(e) if e.is_corruption() && self.heal_on_fetch_error => {
@@ -138,8 +140,14 @@ impl Store {
                 }
             }
         }
+        let mut rewritten = BTreeMap::new();
         for (branch, head) in heads.iter_mut() {
             let refname = format!("{BRANCH_PREFIX}{branch}");
+            let old = self
+                .repo
+                .find_reference(&refname)
+                .ok()
+                .and_then(|r| r.target());
             match *head {
                 Some(oid) => {
                     let commit = self
@@ -160,6 +168,22 @@ impl Store {
                             session.error(damage)
                         })?;
                     *head = Some(commit.id());
+                    if let Some(old) = old.filter(|o| *o != commit.id()) {
+                        let forward = self
+                            .repo
+                            .graph_descendant_of(commit.id(), old)
+                            .map_err(|e| session.error(e))?;
+                        if !forward {
+                            tracing::warn!(
+                                url = self.shown,
+                                branch = %branch,
+                                old = %old,
+                                new = %commit.id(),
+                                "branch was force-pushed upstream: the new head does not descend from the old one"
+                            );
+                            rewritten.insert(branch.clone(), (old, commit.id()));
+                        }
+                    }
                     self.repo
                         .reference(&refname, commit.id(), true, "plumb: fetch")
                         .map_err(|e| session.error(e))?;
@@ -171,7 +195,7 @@ impl Store {
                 }
             }
         }
-        Ok(FetchReport { heads })
+        Ok(FetchReport { heads, rewritten })
     }
 }
 

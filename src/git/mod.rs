@@ -11,8 +11,11 @@
 //! - `known_hosts`: the ssh host key check (never skipped);
 //! - `store`: opening, creating and healing stores;
 //! - `fetch`: the network side (one connection per fetch, credentials, cancellation);
+//! - `timeouts`: libgit2's socket timeouts (the crate's only `unsafe`);
 //! - `history`: `changed_paths` and `last_change`;
-//! - `checkout`: per-service checkouts, including the symlink scrub;
+//! - `inspect`: what a revision must not hold before it is checked out (escaping symlinks,
+//!   oversized files);
+//! - `checkout`: per-service checkouts, including the symlink scrub and the owner;
 //! - `verify`: commit signatures (ssh and OpenPGP), checked with the real tools through `exec`.
 //!
 //! # Invariants the caller keeps
@@ -24,12 +27,13 @@
 //! - **Targets are plumb's.** A checkout overwrites, deletes and replaces anything under the link
 //!   paths of its target; nothing else may write there.
 //!
-//! # Limits (libgit2 through git2 0.21, with `unsafe_code` forbidden)
+//! # Limits (libgit2 through git2 0.21)
 //! - [`Transport::timeout`] and [`Transport::cancel`] are checked whenever libgit2 calls back
 //!   (certificate check, authentication, pack progress, server messages). A connect that hangs,
-//!   or a server that accepts the connection and then sends nothing at all, is not interrupted:
-//!   libgit2's socket timeouts default to none and are only settable through `unsafe` functions
-//!   of git2 (`git2::opts::set_server_timeout_in_milliseconds`).
+//!   or a server that accepts the connection and then sends nothing, is bounded by libgit2's
+//!   socket timeouts instead (`timeouts`: each connect and each read or write, set once per
+//!   process from the first fetch's timeout); cancellation waits for the next callback or for
+//!   that timeout.
 //! - Stores are never repacked or garbage-collected (libgit2 has no `gc`): each fetch that brings
 //!   something adds one pack.
 //! - libgit2 reads the usual git config files (`/etc/gitconfig`, `~/.gitconfig`), so settings such
@@ -38,8 +42,10 @@
 mod checkout;
 mod fetch;
 mod history;
+mod inspect;
 mod known_hosts;
 mod store;
+mod timeouts;
 mod url;
 mod verify;
 
@@ -90,6 +96,7 @@ use std::time::Duration;
 
 pub use git2::Oid;
 pub use history::{FileChange, under_links};
+pub use inspect::{DEFAULT_MAX_FILE_SIZE, Limits, human_size};
 pub use url::{redact_url, store_id};
 pub use verify::Trust;
 
@@ -182,6 +189,25 @@ pub enum GitError {
     /// A `link` path that would reach outside the checkout or is not a plain relative path.
     #[error("link {link:?}: {reason}")]
     Link { link: String, reason: &'static str },
+    /// A revision refused before anything of it is checked out ([`Store::inspect`]): a symlink
+    /// that leaves its link, a file larger than [`Limits::max_file_size`]. `commit` is the full
+    /// hash, `path` the repository path of the offending entry.
+    #[error("{url}: refusing {commit}: {path}: {reason}")]
+    Hostile {
+        url: String,
+        commit: String,
+        path: String,
+        reason: String,
+    },
+    /// Giving a checkout's files to the service's `user` failed (unknown user, chown refused).
+    #[error("checkout {revision} of {url} into {}: {source}", .path.display())]
+    Owner {
+        url: String,
+        path: PathBuf,
+        revision: String,
+        #[source]
+        source: Box<crate::owner::OwnerError>,
+    },
     /// A commit that is not signed by a trusted key (or whose signature could not be checked):
     /// never deployed. `commit` is the full hash; `reason` says what is wrong with the signature.
     #[error("commit {}: {reason}", verify::short(.commit))]
@@ -216,7 +242,8 @@ pub struct Transport {
     /// `/etc/ssh/ssh_known_hosts`. A host that is not in them is refused.
     pub known_hosts: Vec<PathBuf>,
     /// Give up on a fetch that runs longer than this, so one stuck upstream cannot hold its store
-    /// thread forever (checked whenever libgit2 calls back; see the module doc).
+    /// thread forever (checked whenever libgit2 calls back, and bounding each socket connect,
+    /// read and write; see the module doc).
     pub timeout: Option<Duration>,
     /// Set to abort a running fetch (shutdown).
     pub cancel: Arc<AtomicBool>,
@@ -229,6 +256,9 @@ pub struct FetchReport {
     /// Requested branch -> its head commit upstream, as now stored under
     /// `refs/remotes/origin/<branch>`; `None` when the branch does not exist upstream.
     pub heads: BTreeMap<String, Option<Oid>>,
+    /// Branches this fetch force-updated: branch -> (old head, new head), the new head not a
+    /// descendant of the old one (a force-push or rewrite upstream; logged at warn).
+    pub rewritten: BTreeMap<String, (Oid, Oid)>,
 }
 
 /// A bare object store for one upstream URL, shared by every service on that upstream.

@@ -24,7 +24,7 @@ if [ ! -f "$CACHE" ]; then
   BUILD=$(mktemp -d /var/tmp/plumb-rootfs.XXXXXX)
   trap 'rm -rf "$BUILD"' EXIT
   debootstrap --variant=minbase \
-    --include=systemd,systemd-sysv,dbus,procps,nginx-light,ca-certificates,curl,iproute2 \
+    --include=systemd,systemd-sysv,dbus,procps,nginx-light,ca-certificates,curl,iproute2,man-db \
     bookworm "$BUILD" "$MIRROR"
   chmod 0755 "$BUILD"                    # mktemp made it 0700: dbus-daemon could not reach /
   echo plumb-ci > "$BUILD/etc/hostname"

@@ -362,6 +362,15 @@ impl Container {
         }
     }
 
+    /// Installs this build's Debian package ([`plumb_deb`]) with `dpkg -i`: its postinst creates
+    /// the groups and the state directory, runs `daemon-reload` (so the generator runs), enables
+    /// plumb.service and starts it when `/etc/plumb/plumb.toml` exists. The package is what
+    /// the systemd tests run.
+    pub fn install_deb(&self) {
+        self.install(plumb_deb(), "/var/cache/plumb-test/plumb.deb", 0o644);
+        self.sh("dpkg -i /var/cache/plumb-test/plumb.deb >/dev/null");
+    }
+
     /// Installs plumb the way a package would, then `systemctl daemon-reload` (which also runs the
     /// generators): each `(host_path, container_path)` of `bins` with mode 0755, and every file
     /// of the repository's `units/` directory into `/etc/systemd/system`. The binaries' paths come
@@ -859,4 +868,48 @@ fn seed(lower: &Path, upper: &Path, path: &str, what: &Seed) {
         Seed::Symlink(target) => std::os::unix::fs::symlink(target, &file)
             .unwrap_or_else(|e| panic!("symlink {} -> {target}: {e}", file.display())),
     }
+}
+
+/// plumb's Debian package, built from this test build's binaries by `scripts/build-deb.sh`
+/// (uncompressed), once per test process, under cargo's temp dir for integration tests. The man
+/// pages and completions come from the library in-process: no cargo runs from inside a test.
+pub fn plumb_deb() -> &'static Path {
+    static DEB: OnceLock<PathBuf> = OnceLock::new();
+    DEB.get_or_init(|| {
+        let base = Path::new(env!("CARGO_TARGET_TMPDIR")).join("plumb-deb");
+        // Leftovers of test processes that have ended.
+        if let Ok(entries) = fs::read_dir(&base) {
+            for e in entries.flatten() {
+                let pid = e.file_name().to_string_lossy().parse::<u32>().ok();
+                if pid.is_some_and(|p| !Path::new(&format!("/proc/{p}")).exists()) {
+                    let _ = fs::remove_dir_all(e.path());
+                }
+            }
+        }
+        let dir = base.join(std::process::id().to_string());
+        let _ = fs::remove_dir_all(&dir);
+        fs::create_dir_all(&dir).expect("create the package build dir");
+        let docs = dir.join("docs");
+        plumb::docs::write_docs(&docs).expect("generate man pages and completions");
+        let bins = Path::new(env!("CARGO_BIN_EXE_plumb"))
+            .parent()
+            .expect("binary dir");
+        let deb = dir.join("plumb.deb");
+        let out = Command::new(Path::new(env!("CARGO_MANIFEST_DIR")).join("scripts/build-deb.sh"))
+            .arg("--bin-dir")
+            .arg(bins)
+            .arg("--docs-dir")
+            .arg(&docs)
+            .arg("--fast")
+            .arg(&deb)
+            .output()
+            .expect("run scripts/build-deb.sh");
+        assert!(
+            out.status.success(),
+            "scripts/build-deb.sh failed:\n{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        deb
+    })
 }

@@ -817,3 +817,106 @@ LogLevel VERBOSE
         authorized_keys = authorized_keys.display(),
     )
 }
+
+impl Server {
+    /// Kills the server (as dropping it does), runs `down` while nothing listens on `port`, then
+    /// starts the same program again (same arguments, environment and working directory, read
+    /// from `/proc`) on the same port, appending to the same log; waits until it accepts
+    /// connections. An upstream that goes away and comes back where it was.
+    fn restart_after(self, port: u16, down: impl FnOnce()) -> Server {
+        let pid = self.child.id();
+        let read = |what: &str| {
+            fs::read(format!("/proc/{pid}/{what}"))
+                .unwrap_or_else(|e| panic!("read /proc/{pid}/{what}: {e}"))
+        };
+        let split = |bytes: Vec<u8>| -> Vec<std::ffi::OsString> {
+            use std::os::unix::ffi::OsStringExt;
+            bytes
+                .split(|b| *b == 0)
+                .filter(|s| !s.is_empty())
+                .map(|s| std::ffi::OsString::from_vec(s.to_vec()))
+                .collect()
+        };
+        let argv = split(read("cmdline"));
+        let env = split(read("environ"));
+        let cwd = fs::read_link(format!("/proc/{pid}/cwd")).expect("read the server's cwd");
+        let log = self.log.clone();
+        drop(self);
+        down();
+        for attempt in 1..=SERVER_START_ATTEMPTS {
+            let log_file = fs::OpenOptions::new()
+                .append(true)
+                .open(&log)
+                .unwrap_or_else(|e| panic!("open {}: {e}", log.display()));
+            let mut cmd = Command::new(&argv[0]);
+            cmd.args(&argv[1..]).current_dir(&cwd).env_clear();
+            for kv in &env {
+                let kv = kv.to_string_lossy();
+                if let Some((k, v)) = kv.split_once('=') {
+                    cmd.env(k, v);
+                }
+            }
+            cmd.process_group(0)
+                .stdin(Stdio::null())
+                .stdout(log_file.try_clone().expect("dup log file"))
+                .stderr(log_file);
+            let child = cmd
+                .spawn()
+                .unwrap_or_else(|e| panic!("cannot restart {argv:?}: {e}"));
+            let mut server = Server {
+                child,
+                log: log.clone(),
+            };
+            let deadline = Instant::now() + SERVER_START_TIMEOUT;
+            loop {
+                if let Some(status) = server.child.try_wait().expect("wait for server") {
+                    // The port may linger for a moment after the kill: try again.
+                    if attempt < SERVER_START_ATTEMPTS {
+                        std::thread::sleep(Duration::from_millis(200));
+                        break;
+                    }
+                    panic!(
+                        "{argv:?} exited ({status}) when restarted on port {port}; its log:\n{}",
+                        server.log_text()
+                    );
+                }
+                if accepts(port) {
+                    return server;
+                }
+                if Instant::now() >= deadline {
+                    panic!(
+                        "{argv:?} did not accept connections on {port} again within {SERVER_START_TIMEOUT:?}; its log:\n{}",
+                        server.log_text()
+                    );
+                }
+                std::thread::sleep(Duration::from_millis(10));
+            }
+        }
+        unreachable!("the last attempt panics instead of breaking")
+    }
+}
+
+impl GitDaemon {
+    /// Kills the daemon, runs `down` while the upstream is unreachable (connections refused),
+    /// then starts it again on the same port: the same URLs work again.
+    pub fn restart_after(self, down: impl FnOnce()) -> GitDaemon {
+        let port = self.port;
+        GitDaemon {
+            port,
+            server: self.server.restart_after(port, down),
+        }
+    }
+}
+
+impl HttpServer {
+    /// Kills lighttpd, runs `down` while the upstream is unreachable (connections refused), then
+    /// starts it again on the same port with the same config: the same URLs work again.
+    pub fn restart_after(self, down: impl FnOnce()) -> HttpServer {
+        let port = self.port;
+        HttpServer {
+            port,
+            access_log: self.access_log,
+            server: self.server.restart_after(port, down),
+        }
+    }
+}

@@ -1,0 +1,774 @@
+//! A hostile (or careless) repository against the git engine: symlinks out of a service's links,
+//! submodules, oversized files, ownership of deployed files, and a revision of 100,000 files. Real
+//! repositories made by the real git, real checkouts on disk; every test checks what an operator
+//! would see: the files in the checkout, the files outside it, the error message.
+//!
+//! Memory figures (a 1 GB file, 100,000 files, through the `plumb` binary) are printed by
+//! `bench/hostile-memory.sh`, not asserted here.
+
+mod support;
+
+use std::collections::BTreeMap;
+use std::fs;
+use std::io::Write;
+use std::net::TcpListener;
+use std::os::unix::fs::{MetadataExt, PermissionsExt};
+use std::path::{Path, PathBuf};
+use std::process::Stdio;
+use std::time::Instant;
+
+use plumb::git::{GitError, Limits, Oid, Store, Transport, under_links};
+use plumb::owner::{Owner, chown_tree};
+use support::{Upstream, git, git_command, require_root, temp_root};
+
+// ---------------------------------------------------------------------------------------------
+// helpers
+
+fn links(l: &[&str]) -> Vec<String> {
+    l.iter().map(|s| s.to_string()).collect()
+}
+
+fn oid(hash: &str) -> Oid {
+    Oid::from_str(hash).expect("a commit hash")
+}
+
+/// Fetches `main` and returns its head.
+fn fetch_main(store: &mut Store) -> Oid {
+    let report = store
+        .fetch(&links(&["main"]), &Transport::default())
+        .expect("fetch main");
+    report.heads["main"].expect("main exists upstream")
+}
+
+/// What the daemon does with a new revision: inspect it, and check it out only if that passes.
+fn deploy(
+    store: &Store,
+    target: &Path,
+    index: &Path,
+    previous: Option<Oid>,
+    rev: Oid,
+    l: &[String],
+) -> Result<(), GitError> {
+    store.inspect(rev, l, &Limits::default())?;
+    store.checkout(target, index, previous, rev, l)
+}
+
+/// What a path is, as `ls -l` and `cat` show it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum Node {
+    Dir,
+    File(String),
+    Symlink(PathBuf),
+}
+
+/// Everything under `root`, never following symlinks, keyed by relative path (`.git` skipped).
+fn snapshot(root: &Path) -> BTreeMap<String, Node> {
+    fn walk(root: &Path, dir: &Path, out: &mut BTreeMap<String, Node>) {
+        let Ok(entries) = fs::read_dir(dir) else {
+            return;
+        };
+        for entry in entries {
+            let path = entry.expect("read_dir entry").path();
+            if path.file_name().is_some_and(|n| n == ".git") {
+                continue;
+            }
+            let rel = path
+                .strip_prefix(root)
+                .unwrap()
+                .to_string_lossy()
+                .into_owned();
+            let meta = fs::symlink_metadata(&path).expect("lstat");
+            if meta.file_type().is_symlink() {
+                out.insert(rel, Node::Symlink(fs::read_link(&path).unwrap()));
+            } else if meta.is_dir() {
+                out.insert(rel, Node::Dir);
+                walk(root, &path, out);
+            } else {
+                out.insert(rel, Node::File(fs::read_to_string(&path).unwrap()));
+            }
+        }
+    }
+    let mut out = BTreeMap::new();
+    walk(root, root, &mut out);
+    out
+}
+
+/// [`snapshot`] restricted to `l`.
+fn snapshot_links(root: &Path, l: &[String]) -> BTreeMap<String, Node> {
+    snapshot(root)
+        .into_iter()
+        .filter(|(path, _)| under_links(path, l))
+        .collect()
+}
+
+/// What the real git checks out for `rev`, restricted to `l`.
+fn git_checkout(up: &Upstream, scratch: &Path, rev: &str, l: &[String]) -> BTreeMap<String, Node> {
+    let dir = scratch.join(format!("git-checkout-{rev}"));
+    if !dir.exists() {
+        let (bare, to) = (up.bare.to_str().unwrap(), dir.to_str().unwrap());
+        git(scratch, &["clone", "-q", "--no-checkout", bare, to]);
+        let detach = [
+            "-c",
+            "advice.detachedHead=false",
+            "checkout",
+            "-q",
+            "--detach",
+            rev,
+        ];
+        git(&dir, &detach);
+    }
+    snapshot_links(&dir, l)
+}
+
+/// Commits symlinks `(target, path)` given as raw bytes (names git takes but a `&str` cannot
+/// hold) on top of the upstream's branch, through a clone of its own; returns the commit.
+fn commit_raw(up: &Upstream, scratch: &Path, symlinks: &[(&[u8], &[u8])]) -> String {
+    let clone = tempfile::tempdir_in(scratch).unwrap();
+    let dir = clone.path().join("c");
+    git(
+        scratch,
+        &[
+            "clone",
+            "-q",
+            up.bare.to_str().unwrap(),
+            dir.to_str().unwrap(),
+        ],
+    );
+    let mut info = Vec::new();
+    for (target, path) in symlinks {
+        let mut hash = git_command(&dir)
+            .args(["hash-object", "-w", "--stdin"])
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .spawn()
+            .unwrap();
+        hash.stdin.take().unwrap().write_all(target).unwrap();
+        let out = hash.wait_with_output().unwrap();
+        assert!(out.status.success());
+        info.extend_from_slice(b"120000 ");
+        info.extend_from_slice(out.stdout.trim_ascii());
+        info.extend_from_slice(b" 0\t");
+        info.extend_from_slice(path);
+        info.push(b'\n');
+    }
+    let mut update = git_command(&dir)
+        .args(["update-index", "--index-info"])
+        .stdin(Stdio::piped())
+        .spawn()
+        .unwrap();
+    update.stdin.take().unwrap().write_all(&info).unwrap();
+    assert!(update.wait().unwrap().success());
+    git(&dir, &["commit", "-qm", "raw symlinks"]);
+    git(&dir, &["push", "-q", "origin", "HEAD:main"]);
+    git(&dir, &["rev-parse", "HEAD"])
+}
+
+// ---------------------------------------------------------------------------------------------
+// symlinks
+
+/// One hostile change to the upstream: what it does, the path the refusal must name, and words
+/// the reason must contain.
+struct Case {
+    change: fn(&Upstream),
+    path: &'static str,
+    reason: &'static str,
+}
+
+#[test]
+fn escaping_symlinks_are_refused_and_the_checkout_stays() {
+    let root = temp_root();
+    let up = Upstream::new(root.path(), "infra");
+    let l = links(&["nginx/etc", "app"]);
+    up.write("nginx/etc/nginx.conf", "n1\n")
+        .write("nginx/etc/sites-available/default", "server {}\n")
+        .write("nginx/README", "not deployed\n")
+        .write("app/conf", "a1\n");
+    let r1 = up.commit("good");
+    let mut store = Store::open(&root.path().join("stores"), &up.file_url()).unwrap();
+    assert_eq!(fetch_main(&mut store), oid(&r1));
+    let target = root.path().join("deploy");
+    let index = root.path().join("idx");
+    deploy(&store, &target, &index, None, oid(&r1), &l).unwrap();
+    let good = snapshot(&target);
+    assert_eq!(
+        snapshot_links(&target, &l),
+        git_checkout(&up, root.path(), &r1, &l)
+    );
+
+    let cases = [
+        Case {
+            // The issue's example: up and out of the checkout.
+            change: |up| {
+                up.symlink("nginx/etc/x", "../../../etc/shadow");
+            },
+            path: "nginx/etc/x",
+            reason: "symlink to \"../../../etc/shadow\" leaves nginx/etc",
+        },
+        Case {
+            change: |up| {
+                up.symlink("nginx/etc/abs", "/etc/shadow");
+            },
+            path: "nginx/etc/abs",
+            reason: "symlink to \"/etc/shadow\" is absolute",
+        },
+        Case {
+            change: |up| {
+                up.symlink("nginx/etc/a", "b/../../c");
+            },
+            path: "nginx/etc/a",
+            reason: "leaves nginx/etc",
+        },
+        Case {
+            // Lands back inside the checkout, but the link is mounted on its own (on /etc/nginx,
+            // say): from there `../etc/nginx.conf` is /etc/etc/nginx.conf.
+            change: |up| {
+                up.symlink("nginx/etc/back", "../etc/nginx.conf");
+            },
+            path: "nginx/etc/back",
+            reason: "leaves nginx/etc",
+        },
+        Case {
+            // Into another link of the same service: a different mount on the machine.
+            change: |up| {
+                up.symlink("nginx/etc/app", "../../app/conf");
+            },
+            path: "nginx/etc/app",
+            reason: "leaves nginx/etc",
+        },
+        Case {
+            // Each symlink alone stays inside; followed as the kernel does, the pair leaves.
+            change: |up| {
+                up.symlink("nginx/etc/here", ".")
+                    .symlink("nginx/etc/chain", "here/../x");
+            },
+            path: "nginx/etc/chain",
+            reason: "leaves nginx/etc",
+        },
+        Case {
+            change: |up| {
+                up.symlink("nginx/etc/sub/up", "..")
+                    .symlink("nginx/etc/sneak", "sub/up/../../shadow");
+            },
+            path: "nginx/etc/sneak",
+            reason: "leaves nginx/etc",
+        },
+        Case {
+            change: |up| {
+                up.symlink("nginx/etc/deep/abs", "/etc")
+                    .symlink("nginx/etc/via", "deep/abs/shadow");
+            },
+            path: "nginx/etc/via",
+            reason: "goes through nginx/etc/deep/abs (a symlink to \"/etc\"), which leaves",
+        },
+        Case {
+            change: |up| {
+                up.symlink("nginx/etc/loop1", "loop2")
+                    .symlink("nginx/etc/loop2", "loop1");
+            },
+            path: "nginx/etc/loop",
+            reason: "too many levels of symbolic links",
+        },
+        Case {
+            // A link that is a symlink: its mount would follow it from the checkout's directory.
+            change: |up| {
+                up.remove("app").symlink("app", "nginx/etc");
+            },
+            path: "app",
+            reason: "the link itself is a symlink",
+        },
+    ];
+    for case in &cases {
+        (case.change)(&up);
+        let bad = up.commit("hostile");
+        assert_eq!(fetch_main(&mut store), oid(&bad));
+        let err = deploy(&store, &target, &index, Some(oid(&r1)), oid(&bad), &l).unwrap_err();
+        let msg = err.to_string();
+        assert!(matches!(err, GitError::Hostile { .. }), "{msg}");
+        assert!(
+            msg.contains(&format!("refusing {bad}: {}", case.path)),
+            "{msg}"
+        );
+        assert!(msg.contains(case.reason), "{msg}");
+        assert!(!err.is_corruption());
+        assert_eq!(snapshot(&target), good, "nothing of {bad} was checked out");
+        up.force_reset(&r1);
+    }
+
+    // The same pair under a directory whose name is not UTF-8: still followed, still refused.
+    let bad = commit_raw(
+        &up,
+        root.path(),
+        &[
+            (b"..", b"nginx/etc/\xff/up"),
+            (b"up/../../shadow", b"nginx/etc/\xff/sneak"),
+        ],
+    );
+    fetch_main(&mut store);
+    let err = deploy(&store, &target, &index, Some(oid(&r1)), oid(&bad), &l).unwrap_err();
+    assert!(
+        err.to_string()
+            .contains("nginx/etc/\u{fffd}/sneak: symlink to \"up/../../shadow\" leaves nginx/etc"),
+        "{err}"
+    );
+    assert_eq!(snapshot(&target), good);
+    up.force_reset(&r1);
+
+    // The full message, as the daemon's BROKEN state shows it.
+    up.symlink("nginx/etc/x", "../../../etc/shadow");
+    let bad = up.commit("hostile");
+    fetch_main(&mut store);
+    let err = store
+        .inspect(oid(&bad), &l, &Limits::default())
+        .unwrap_err();
+    assert_eq!(
+        err.to_string(),
+        format!(
+            "{}: refusing {bad}: nginx/etc/x: symlink to \"../../../etc/shadow\" leaves nginx/etc",
+            up.file_url()
+        )
+    );
+    // The same symlink outside the service's links is not the service's business.
+    store
+        .inspect(oid(&bad), &links(&["app"]), &Limits::default())
+        .unwrap();
+}
+
+#[test]
+fn symlinks_staying_inside_are_deployed() {
+    let root = temp_root();
+    let up = Upstream::new(root.path(), "infra");
+    let l = links(&["nginx/etc", "nginx/etc/conf.d", "single.conf"]);
+    up.write("nginx/etc/nginx.conf", "n1\n")
+        .write("nginx/etc/sites-available/default", "server {}\n")
+        .write("nginx/etc/conf.d/a.conf", "a\n")
+        .write("single.conf", "s\n")
+        .symlink(
+            "nginx/etc/sites-enabled/default",
+            "../sites-available/default",
+        )
+        .symlink("nginx/etc/same", "nginx.conf")
+        .symlink("nginx/etc/dot", "./nginx.conf")
+        .symlink("nginx/etc/self", ".")
+        .symlink("nginx/etc/dangling", "missing/file")
+        .symlink("nginx/etc/sub", "sites-available")
+        .symlink("nginx/etc/through", "sub/../nginx.conf")
+        .symlink("nginx/etc/conf.d/b.conf", "a.conf")
+        .symlink("nginx/etc/conf.d/up", "./x/../a.conf");
+    let r1 = up.commit("symlinks that stay inside their link");
+    let mut store = Store::open(&root.path().join("stores"), &up.file_url()).unwrap();
+    fetch_main(&mut store);
+    let target = root.path().join("deploy");
+    let index = root.path().join("idx");
+    deploy(&store, &target, &index, None, oid(&r1), &l).unwrap();
+    assert_eq!(
+        snapshot_links(&target, &l),
+        git_checkout(&up, root.path(), &r1, &l)
+    );
+    assert_eq!(
+        fs::read_to_string(target.join("nginx/etc/sites-enabled/default")).unwrap(),
+        "server {}\n"
+    );
+
+    // `conf.d` is a link of its own (mounted somewhere else): leaving it is refused even though
+    // the target is inside `nginx/etc`.
+    up.symlink("nginx/etc/conf.d/main", "../nginx.conf");
+    let r2 = up.commit("out of the inner link");
+    fetch_main(&mut store);
+    let err = deploy(&store, &target, &index, Some(oid(&r1)), oid(&r2), &l).unwrap_err();
+    assert!(
+        err.to_string().contains(
+            "nginx/etc/conf.d/main: symlink to \"../nginx.conf\" leaves nginx/etc/conf.d"
+        ),
+        "{err}"
+    );
+}
+
+// ---------------------------------------------------------------------------------------------
+// sizes
+
+#[test]
+fn oversized_files_are_refused_from_their_size_alone() {
+    let root = temp_root();
+    let up = Upstream::new(root.path(), "infra");
+    let l = links(&["svc"]);
+    let limits = Limits {
+        max_file_size: 1024,
+    };
+    up.write("svc/at-limit", &"x".repeat(1024))
+        .write("elsewhere/big", &"y".repeat(4096));
+    let r1 = up.commit("at the limit; big outside the links");
+    up.write("svc/big", &"z".repeat(1025));
+    let r2 = up.commit("one byte over");
+    // A symlink no kernel takes (longer than PATH_MAX), so it is made with git alone.
+    let clone = root.path().join("clone");
+    git(
+        root.path(),
+        &[
+            "clone",
+            "-q",
+            up.bare.to_str().unwrap(),
+            clone.to_str().unwrap(),
+        ],
+    );
+    fs::write(root.path().join("long"), "a/".repeat(2500)).unwrap();
+    let blob = git(
+        &clone,
+        &[
+            "hash-object",
+            "-w",
+            root.path().join("long").to_str().unwrap(),
+        ],
+    );
+    git(&clone, &["rm", "-q", "svc/big"]);
+    git(
+        &clone,
+        &[
+            "update-index",
+            "--add",
+            "--cacheinfo",
+            &format!("120000,{blob},svc/long"),
+        ],
+    );
+    git(&clone, &["commit", "-qm", "a symlink no kernel takes"]);
+    git(&clone, &["push", "-q", "origin", "main"]);
+    let r3 = git(&clone, &["rev-parse", "HEAD"]);
+    let mut store = Store::open(&root.path().join("stores"), &up.file_url()).unwrap();
+    fetch_main(&mut store);
+    store.inspect(oid(&r1), &l, &limits).unwrap();
+    let err = store.inspect(oid(&r2), &l, &limits).unwrap_err();
+    assert!(
+        err.to_string().ends_with(
+            "svc/big: file of 1025 bytes (1.0 KiB) is larger than max_file_size (1 KiB)"
+        ),
+        "{err}"
+    );
+    let err = store.inspect(oid(&r3), &l, &limits).unwrap_err();
+    assert!(
+        err.to_string().ends_with(
+            "svc/long: symlink target of 5000 bytes (4.9 KiB) is longer than a path can be"
+        ),
+        "{err}"
+    );
+    // The default is generous for configuration.
+    store.inspect(oid(&r2), &l, &Limits::default()).unwrap();
+    assert_eq!(Limits::default().max_file_size, 256 << 20);
+}
+
+// ---------------------------------------------------------------------------------------------
+// submodules
+
+#[test]
+fn gitlinks_are_ignored_and_never_fetched() {
+    let root = temp_root();
+    // Where the submodule claims to live: nothing may ever connect here.
+    let trap = TcpListener::bind("127.0.0.1:0").unwrap();
+    trap.set_nonblocking(true).unwrap();
+    let port = trap.local_addr().unwrap().port();
+
+    let up = Upstream::new(root.path(), "infra");
+    let l = links(&["svc"]);
+    up.write("svc/conf", "1\n")
+        .write("svc/sub/file", "a directory first\n");
+    let r1 = up.commit("plain files");
+    let gitmodules = format!(
+        "[submodule \"sub\"]\n\tpath = svc/sub\n\turl = git://127.0.0.1:{port}/sub.git\n\
+         [submodule \"sub2\"]\n\tpath = svc/sub2\n\turl = http://127.0.0.1:{port}/sub2.git\n"
+    );
+    up.remove("svc/sub").write(".gitmodules", &gitmodules);
+    up.commit("the submodule's config");
+    // Gitlinks to commits that exist nowhere, as the real git records them.
+    let clone = root.path().join("clone");
+    git(
+        root.path(),
+        &[
+            "clone",
+            "-q",
+            up.bare.to_str().unwrap(),
+            clone.to_str().unwrap(),
+        ],
+    );
+    for (path, commit) in [
+        ("svc/sub", "1111111111111111111111111111111111111111"),
+        ("svc/sub2", "2222222222222222222222222222222222222222"),
+    ] {
+        git(
+            &clone,
+            &[
+                "update-index",
+                "--add",
+                "--cacheinfo",
+                &format!("160000,{commit},{path}"),
+            ],
+        );
+    }
+    git(&clone, &["commit", "-qm", "submodules inside the service"]);
+    git(&clone, &["push", "-q", "origin", "main"]);
+    let r2 = git(&clone, &["rev-parse", "HEAD"]);
+
+    let mut store = Store::open(&root.path().join("stores"), &up.file_url()).unwrap();
+    assert_eq!(fetch_main(&mut store), oid(&r2));
+    let target = root.path().join("deploy");
+    let index = root.path().join("idx");
+    deploy(&store, &target, &index, None, oid(&r1), &l).unwrap();
+    deploy(&store, &target, &index, Some(oid(&r1)), oid(&r2), &l).unwrap();
+    // The rest deployed; a submodule is at most an empty directory.
+    assert_eq!(fs::read_to_string(target.join("svc/conf")).unwrap(), "1\n");
+    for sub in ["svc/sub", "svc/sub2"] {
+        let path = target.join(sub);
+        if path.exists() {
+            assert!(path.is_dir() && !path.is_symlink(), "{sub}");
+            assert_eq!(fs::read_dir(&path).unwrap().count(), 0, "{sub} is empty");
+        }
+    }
+    assert!(
+        store
+            .drift(&target, &index, oid(&r2), &l)
+            .unwrap()
+            .is_empty()
+    );
+    let changed = store.changed_paths(Some(oid(&r1)), oid(&r2), &l).unwrap();
+    assert!(changed.contains(&"svc/sub/file".to_owned()), "{changed:?}");
+    // A fresh checkout straight to the submodules, and back.
+    let fresh = root.path().join("fresh");
+    deploy(
+        &store,
+        &fresh,
+        &root.path().join("idx2"),
+        None,
+        oid(&r2),
+        &l,
+    )
+    .unwrap();
+    assert_eq!(fs::read_to_string(fresh.join("svc/conf")).unwrap(), "1\n");
+    deploy(&store, &target, &index, Some(oid(&r2)), oid(&r1), &l).unwrap();
+    assert_eq!(
+        snapshot_links(&target, &l),
+        git_checkout(&up, root.path(), &r1, &l)
+    );
+    assert_eq!(
+        trap.accept().map(|_| ()).unwrap_err().kind(),
+        std::io::ErrorKind::WouldBlock,
+        "nothing connected to the submodule's URL"
+    );
+}
+
+// ---------------------------------------------------------------------------------------------
+// ownership
+
+/// Every entry under `dir` (itself included, symlinks not followed) with its owner.
+fn owners(dir: &Path) -> BTreeMap<String, (u32, u32)> {
+    let mut out = BTreeMap::new();
+    let mut pending = vec![dir.to_path_buf()];
+    while let Some(path) = pending.pop() {
+        let meta = fs::symlink_metadata(&path).unwrap();
+        let rel = path
+            .strip_prefix(dir)
+            .unwrap()
+            .to_string_lossy()
+            .into_owned();
+        out.insert(rel, (meta.uid(), meta.gid()));
+        if meta.is_dir() {
+            pending.extend(fs::read_dir(&path).unwrap().map(|e| e.unwrap().path()));
+        }
+    }
+    out
+}
+
+#[test]
+fn checkout_gives_the_files_to_the_service_user() {
+    require_root();
+    let root = temp_root();
+    let nobody = Owner::lookup("nobody").expect("the nobody user");
+    let theirs = (nobody.uid.as_raw(), nobody.gid.as_raw());
+    let up = Upstream::new(root.path(), "infra");
+    let l = links(&["grafana/etc", "grafana/dashboards"]);
+    up.write("grafana/etc/grafana.ini", "a\n")
+        .write("grafana/etc/provisioning/x.yml", "x\n")
+        .write("grafana/bin/run", "#!/bin/sh\n")
+        .chmod_exec("grafana/bin/run", true)
+        .symlink("grafana/etc/default.ini", "grafana.ini")
+        .write("grafana/dashboards/a.json", "{}\n");
+    let r1 = up.commit("one");
+    let mut store = Store::open(&root.path().join("stores"), &up.file_url()).unwrap();
+    fetch_main(&mut store);
+    let target = root.path().join("deploy");
+    let index = root.path().join("idx");
+    store.inspect(oid(&r1), &l, &Limits::default()).unwrap();
+    store
+        .checkout_as(&target, &index, None, oid(&r1), &l, Some("nobody"))
+        .unwrap();
+    let got = owners(&target);
+    assert_eq!(got.len(), 9, "{got:?}");
+    for (path, owner) in &got {
+        assert_eq!(*owner, theirs, "{path:?} belongs to nobody");
+    }
+    // The stat cache knows the new owners: the drift check trusts it rather than reading files.
+    let cache = git2::Index::open(&index).unwrap();
+    assert_eq!(cache.len(), 4);
+    for entry in cache.iter() {
+        assert_eq!((entry.uid, entry.gid), theirs);
+    }
+    assert!(
+        store
+            .drift(&target, &index, oid(&r1), &l)
+            .unwrap()
+            .is_empty()
+    );
+
+    // An update: new and changed files are the user's too; untouched ones are not touched again.
+    let before = fs::symlink_metadata(target.join("grafana/dashboards/a.json")).unwrap();
+    up.write("grafana/etc/grafana.ini", "b\n")
+        .write("grafana/etc/new/y.yml", "y\n");
+    let r2 = up.commit("two");
+    fetch_main(&mut store);
+    store
+        .checkout_as(
+            &target,
+            &index,
+            Some(oid(&r1)),
+            oid(&r2),
+            &l,
+            Some("nobody"),
+        )
+        .unwrap();
+    for (path, owner) in owners(&target) {
+        assert_eq!(owner, theirs, "{path:?} belongs to nobody");
+    }
+    let after = fs::symlink_metadata(target.join("grafana/dashboards/a.json")).unwrap();
+    assert_eq!(
+        (before.ino(), before.ctime(), before.ctime_nsec()),
+        (after.ino(), after.ctime(), after.ctime_nsec())
+    );
+    assert!(
+        store
+            .drift(&target, &index, oid(&r2), &l)
+            .unwrap()
+            .is_empty()
+    );
+
+    // An unknown user is named, and nothing is written.
+    let other = root.path().join("other");
+    let err = store
+        .checkout_as(
+            &other,
+            &root.path().join("idx3"),
+            None,
+            oid(&r2),
+            &l,
+            Some("plumb-nobody"),
+        )
+        .unwrap_err();
+    assert!(
+        err.to_string()
+            .contains("user \"plumb-nobody\": no such user"),
+        "{err}"
+    );
+    assert!(!other.exists());
+}
+
+#[test]
+fn chown_never_follows_a_symlink() {
+    require_root();
+    let root = temp_root();
+    let nobody = Owner::lookup("nobody").unwrap();
+    let tree = root.path().join("tree");
+    let outside = root.path().join("outside");
+    fs::create_dir_all(tree.join("d")).unwrap();
+    fs::create_dir_all(outside.join("dir")).unwrap();
+    fs::write(outside.join("file"), "precious\n").unwrap();
+    fs::write(tree.join("d/f"), "mine\n").unwrap();
+    std::os::unix::fs::symlink(outside.join("file"), tree.join("to-file")).unwrap();
+    std::os::unix::fs::symlink(outside.join("dir"), tree.join("d/to-dir")).unwrap();
+    let mode = |p: &Path| fs::symlink_metadata(p).unwrap().permissions().mode();
+    let modes = [mode(&tree.join("d/f")), mode(&outside.join("file"))];
+    assert_eq!(chown_tree(&tree, &nobody).unwrap(), 5);
+    assert_eq!(chown_tree(&tree, &nobody).unwrap(), 0, "already theirs");
+    let theirs = (nobody.uid.as_raw(), nobody.gid.as_raw());
+    for (path, owner) in owners(&tree) {
+        assert_eq!(owner, theirs, "{path:?}");
+    }
+    for (path, owner) in owners(&outside) {
+        assert_eq!(owner, (0, 0), "{path:?} outside stays root's");
+    }
+    // Mode bits are left as they were.
+    assert_eq!(
+        modes,
+        [mode(&tree.join("d/f")), mode(&outside.join("file"))]
+    );
+}
+
+// ---------------------------------------------------------------------------------------------
+// size of the tree
+
+#[test]
+fn a_hundred_thousand_files_deploy() {
+    require_root();
+    const DIRS: usize = 100;
+    const FILES: usize = 1000;
+    let root = temp_root();
+    let up = Upstream::new(root.path(), "infra");
+    // One commit of 100,000 files straight into the upstream (fast-import: seconds, not minutes).
+    let mut import = git_command(&up.bare)
+        .args(["fast-import", "--quiet"])
+        .stdin(Stdio::piped())
+        .spawn()
+        .unwrap();
+    {
+        let mut stream = std::io::BufWriter::new(import.stdin.take().unwrap());
+        writeln!(stream, "commit refs/heads/main").unwrap();
+        writeln!(
+            stream,
+            "committer plumb test <t@example.invalid> 1700000000 +0000"
+        )
+        .unwrap();
+        writeln!(stream, "data 4\nmany").unwrap();
+        for d in 0..DIRS {
+            for f in 0..FILES {
+                let content = format!("file {d} {f}\n");
+                writeln!(stream, "M 100644 inline svc/d{d:03}/f{f:04}.conf").unwrap();
+                writeln!(stream, "data {}\n{content}", content.len()).unwrap();
+            }
+        }
+        writeln!(stream, "M 100644 inline other/x\ndata 2\nx\n").unwrap();
+    }
+    assert!(import.wait().unwrap().success());
+
+    let l = links(&["svc"]);
+    let mut store = Store::open(&root.path().join("stores"), &up.file_url()).unwrap();
+    let head = fetch_main(&mut store);
+
+    let target = root.path().join("deploy");
+    let index = root.path().join("idx");
+    let t = Instant::now();
+    store.inspect(head, &l, &Limits::default()).unwrap();
+    let inspected = t.elapsed();
+    store
+        .checkout_as(&target, &index, None, head, &l, Some("nobody"))
+        .unwrap();
+    let checked_out = t.elapsed();
+    assert!(store.drift(&target, &index, head, &l).unwrap().is_empty());
+    eprintln!(
+        "100,000 files: inspect {inspected:?}, inspect + checkout + chown {checked_out:?}, drift {:?}",
+        t.elapsed() - checked_out
+    );
+
+    // What a user notices: every file there, with its content, and nothing else.
+    let mut count = 0;
+    for d in 0..DIRS {
+        let dir = target.join(format!("svc/d{d:03}"));
+        count += fs::read_dir(&dir).unwrap().count();
+        let f = FILES - 1;
+        assert_eq!(
+            fs::read_to_string(dir.join(format!("f{f:04}.conf"))).unwrap(),
+            format!("file {d} {f}\n")
+        );
+    }
+    assert_eq!(count, DIRS * FILES);
+    assert_eq!(fs::read_dir(&target).unwrap().count(), 1, "only svc/");
+    assert_eq!(
+        fs::symlink_metadata(target.join("svc/d042/f0042.conf"))
+            .unwrap()
+            .uid(),
+        Owner::lookup("nobody").unwrap().uid.as_raw()
+    );
+}

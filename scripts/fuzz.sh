@@ -55,7 +55,8 @@ failed=()
 for t in "${targets[@]}"; do
   mkdir -p "fuzz/runs/$t" "fuzz/artifacts/$t"
   log="fuzz/runs/$t.log"
-  options=(-max_total_time="$seconds" -timeout=10 -rss_limit_mb=2048 -print_final_stats=1)
+  # A fixed seed (PLUMB_FUZZ_SEED to change it) so that a run can be repeated.
+  options=(-max_total_time="$seconds" -seed="${PLUMB_FUZZ_SEED:-1}" -timeout=10 -rss_limit_mb=2048 -print_final_stats=1)
   if [ -f "fuzz/dict/$t.dict" ]; then
     options+=(-dict="fuzz/dict/$t.dict")
   fi

@@ -697,7 +697,8 @@ fn parse_duration(d: &str) -> Result<Duration, Failure> {
         )
     };
     match humantime::parse_duration(d) {
-        Ok(x) if x.is_zero() => Err(invalid("it must be longer than 0s".into())),
+        // Freezes end on whole seconds: "500ms" would end the moment it began.
+        Ok(x) if x < Duration::from_secs(1) => Err(invalid("it must be at least 1s".into())),
         Ok(x) if x > MAX_FREEZE => Err(invalid(
             "it must be at most 100 years; freeze without a duration to freeze until unfrozen"
                 .into(),
@@ -903,7 +904,7 @@ mod tests {
                 until: Some(1000 + 90 * 60)
             }
         );
-        for bad in ["soon", "0s", "", "101y", "18446744073709551615s"] {
+        for bad in ["soon", "0s", "500ms", "", "101y", "18446744073709551615s"] {
             let f = freeze(Some(bad)).unwrap_err();
             assert_eq!(f.status, StatusCode::UNPROCESSABLE_ENTITY);
             assert!(f.message.contains(&format!("{bad:?}")), "{}", f.message);

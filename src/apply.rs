@@ -400,15 +400,7 @@ impl Run<'_> {
                     .env("PLUMB_SERVICE", &self.svc.name);
                 match exec::run_with(spec).await {
                     Ok(out) if out.success() => {}
-                    Ok(out) => {
-                        let text = format!("{}{}", out.stdout, out.stderr);
-                        let last = text.lines().rev().find(|l| !l.trim().is_empty());
-                        errors.push(format!(
-                            "{command}: exit status {}{}",
-                            out.code.map_or("(signal)".to_owned(), |c| c.to_string()),
-                            last.map(|l| format!(": {}", l.trim())).unwrap_or_default()
-                        ));
-                    }
+                    Ok(out) => errors.push(format!("{command}: {}", out.failure(1))),
                     Err(e) => errors.push(e.to_string()),
                 }
             }

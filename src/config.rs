@@ -194,6 +194,14 @@ impl UpstreamSettings {
     pub fn verifies(&self) -> bool {
         self.allowed_signers.is_some() || self.keyring.is_some()
     }
+
+    /// The keys the git engine checks this upstream's heads against.
+    pub fn trust(&self) -> crate::git::Trust {
+        crate::git::Trust {
+            allowed_signers: self.allowed_signers.clone(),
+            keyring: self.keyring.clone(),
+        }
+    }
 }
 
 impl Service {
@@ -285,6 +293,13 @@ pub struct Settings {
 }
 
 impl Settings {
+    /// What a revision may hold to be checked out.
+    pub fn limits(&self) -> crate::git::Limits {
+        crate::git::Limits {
+            max_file_size: self.max_file_size,
+        }
+    }
+
     /// The settings of the upstream at `url` (the defaults when it has no `[[plumb.upstream]]`).
     pub fn upstream(&self, url: &str) -> UpstreamSettings {
         self.upstreams.get(url).cloned().unwrap_or_default()

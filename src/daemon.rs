@@ -493,9 +493,7 @@ impl Daemon {
                 let job = DeployJob {
                     service: e.config.clone(),
                     upstream: self.config.settings.upstream(&e.config.upstream),
-                    limits: git::Limits {
-                        max_file_size: self.config.settings.max_file_size,
-                    },
+                    limits: self.config.settings.limits(),
                     avoid: None,
                     follow: false,
                     head,
@@ -935,9 +933,7 @@ impl Daemon {
         let mut jobs = Vec::new();
         let mut applies = Vec::new();
         let upstream = self.config.settings.upstream(&entry.config.upstream);
-        let limits = git::Limits {
-            max_file_size: self.config.settings.max_file_size,
-        };
+        let limits = self.config.settings.limits();
         let effects = entry.state.handle(event, now);
         let st = &entry.state;
         let avoid = st.rejected.as_ref().and_then(|r| r.revision);
@@ -1269,11 +1265,7 @@ fn deploy(store: &Store, layout: &Layout, job: &DeployJob) -> Result<Option<Oid>
     let target = svc.checkout_dir();
     let refuse = |revision: Option<Oid>, why: Refusal| DeployError::Refused { revision, why };
     if job.upstream.verifies() {
-        let trust = git::Trust {
-            allowed_signers: job.upstream.allowed_signers.clone(),
-            keyring: job.upstream.keyring.clone(),
-        };
-        match store.verify_commit(job.head, &trust) {
+        match store.verify_commit(job.head, &job.upstream.trust()) {
             Ok(signer) => debug!(head = %job.head, "signed by {signer}"),
             Err(e) => return Err(refuse(None, Refusal::Unverified(e.to_string()))),
         }
@@ -1402,14 +1394,7 @@ fn run_check(
             .dir(&staging);
         let why = match exec::run_blocking(spec) {
             Ok(out) if out.success() => return Ok(()),
-            Ok(out) => {
-                let text = format!("{}{}", out.stdout, out.stderr);
-                let status = match out.code {
-                    Some(c) => format!("exit status {c}"),
-                    None => "killed by a signal".to_owned(),
-                };
-                format!("{status}: {}", last_lines(&text, 10))
-            }
+            Ok(out) => out.failure(10),
             Err(e) => e.to_string(),
         };
         Err(DeployError::Refused {
@@ -1425,12 +1410,6 @@ fn run_check(
 /// `path` as one word for `sh`.
 fn shell_quote(path: &std::path::Path) -> String {
     format!("'{}'", path.to_string_lossy().replace('\'', "'\\''"))
-}
-
-/// The last `n` non-empty lines of a command's output, on one line for a state's info.
-fn last_lines(text: &str, n: usize) -> String {
-    let lines: Vec<&str> = text.lines().filter(|l| !l.trim().is_empty()).collect();
-    lines[lines.len().saturating_sub(n)..].join(" | ")
 }
 
 /// Turns what an operator typed into a commit of the service's branch history.
@@ -1449,13 +1428,9 @@ fn resolve_in_history(
         head.ok_or_else(|| "the service has no branch head yet to roll back on".to_owned())?;
     match store.in_history(target, head) {
         Ok(true) if upstream.verifies() => {
-            let trust = git::Trust {
-                allowed_signers: upstream.allowed_signers.clone(),
-                keyring: upstream.keyring.clone(),
-            };
             // A rollback target must be signed like any head: it is deployed as one.
             store
-                .verify_commit(target, &trust)
+                .verify_commit(target, &upstream.trust())
                 .map(|_| target)
                 .map_err(|e| format!("refusing to roll back: {e}"))
         }

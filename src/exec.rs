@@ -48,6 +48,26 @@ impl Output {
     pub fn success(&self) -> bool {
         self.code == Some(0)
     }
+
+    /// How the child failed, on one line for a state's info: its exit status, then the last
+    /// `lines` non-empty lines it printed (stdout, then stderr), joined by ` | `.
+    pub fn failure(&self, lines: usize) -> String {
+        let status = match self.code {
+            Some(c) => format!("exit status {c}"),
+            None => "killed by a signal".to_owned(),
+        };
+        let printed: Vec<&str> = self
+            .stdout
+            .lines()
+            .chain(self.stderr.lines())
+            .map(str::trim)
+            .filter(|l| !l.is_empty())
+            .collect();
+        match &printed[printed.len().saturating_sub(lines)..] {
+            [] => status,
+            tail => format!("{status}: {}", tail.join(" | ")),
+        }
+    }
 }
 
 /// A child to run: what [`run_with`] needs beyond a program and its arguments.
@@ -220,6 +240,8 @@ mod tests {
         assert!(!out.success());
         assert_eq!(out.stdout, "out\n");
         assert_eq!(out.stderr, "err\n");
+        assert_eq!(out.failure(1), "exit status 3: err");
+        assert_eq!(out.failure(5), "exit status 3: out | err");
     }
 
     #[tokio::test]

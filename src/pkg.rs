@@ -18,6 +18,9 @@ use crate::exec::{self, Spec};
 /// How long one package manager command may take (a download on a slow mirror included).
 pub const INSTALL_TIMEOUT: Duration = Duration::from_secs(600);
 
+/// apt's option to wait up to two minutes for dpkg's lock instead of failing at once.
+const APT_LOCK_WAIT: &str = "DPkg::Lock::Timeout=120";
+
 /// How long asking whether a package is installed may take.
 const QUERY_TIMEOUT: Duration = Duration::from_secs(30);
 
@@ -115,6 +118,10 @@ impl Manager {
                 .env("DEBIAN_FRONTEND", "noninteractive")
                 .arg("-q")
                 .arg("-y")
+                // dpkg may be busy with something else (plumb's own package being installed,
+                // an operator's apt): wait for it rather than fail.
+                .arg("-o")
+                .arg(APT_LOCK_WAIT)
                 .arg("-o")
                 .arg("Dpkg::Options::=--force-confdef")
                 .arg("-o")
@@ -142,6 +149,8 @@ impl Manager {
                 Spec::new("apt-get", INSTALL_TIMEOUT)
                     .env("DEBIAN_FRONTEND", "noninteractive")
                     .arg("-q")
+                    .arg("-o")
+                    .arg(APT_LOCK_WAIT)
                     .arg("update"),
             ),
             Manager::Dnf | Manager::Pacman => None,
@@ -193,18 +202,10 @@ pub async fn ensure_with(manager: Manager, package: &str) -> Result<Ensured, Pkg
     if out.success() {
         return Ok(Ensured::Installed);
     }
-    let text = format!("{}{}", out.stdout, out.stderr);
-    let last: Vec<&str> = text.lines().filter(|l| !l.trim().is_empty()).collect();
-    let status = out.code.map_or("killed by a signal".to_owned(), |c| {
-        format!("exit status {c}")
-    });
     Err(PkgError::Install {
         package: package.to_owned(),
         manager: manager.name(),
-        detail: format!(
-            "{status}: {}",
-            last[last.len().saturating_sub(3)..].join(" | ")
-        ),
+        detail: out.failure(3),
     })
 }
 

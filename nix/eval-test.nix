@@ -86,6 +86,8 @@ let
             wantedBy = opt (types.listOf types.str) [ ];
             path = opt (types.listOf types.package) [ ];
             reloadTriggers = opt (types.listOf types.unspecified) [ ];
+            environment = opt (types.attrsOf types.str) { };
+            unitConfig = opt (types.attrsOf types.anything) { };
             restartIfChanged = opt types.bool true;
             serviceConfig = opt (types.attrsOf types.anything) { };
           };
@@ -174,6 +176,19 @@ let
     web
     { services.plumb.settings.global.package = "nginx"; }
   ];
+  bootstrapped = eval [
+    {
+      services.plumb = {
+        enable = true;
+        package = plumbPackage;
+        bootstrap.url = "https://git.example.org/ops/config.git";
+      };
+    }
+  ];
+  bootstrapWithSettings = eval [
+    web
+    { services.plumb.bootstrap.url = "https://git.example.org/ops/config.git"; }
+  ];
   disabled = eval [ { services.plumb.settings.plumb.interval = "1m"; } ];
   vm = eval [ (import ./vm-test.nix { inherit lib; }).nodes.machine ];
 
@@ -241,6 +256,24 @@ let
       !(lib.all (a: a.assertion) noMetricsButFirewall.assertions);
     "no warnings normally" = defaults.warnings == [ ] && custom.warnings == [ ];
     "a package key warns" = lib.length withPackage.warnings == 1;
+    "bootstrap: no /etc file, the repository in the environment, conditions reset" =
+      let
+        s = bootstrapped.systemd.services.plumb;
+      in
+      !(bootstrapped.environment.etc ? "plumb/plumb.toml")
+      && s.environment == {
+        PLUMB_BOOTSTRAP = "https://git.example.org/ops/config.git";
+        PLUMB_BOOTSTRAP_DIR = "plumb";
+        PLUMB_BOOTSTRAP_BRANCH = "main";
+      }
+      && s.unitConfig.ConditionPathExists == [ "" ]
+      && s.reloadTriggers == [ ]
+      && lib.all (a: a.assertion) bootstrapped.assertions;
+    "bootstrap with settings fails an assertion" =
+      !(lib.all (a: a.assertion) bootstrapWithSettings.assertions);
+    "no bootstrap: no environment, conditions kept" =
+      defaults.systemd.services.plumb.environment == { }
+      && !(defaults.systemd.services.plumb.unitConfig ? ConditionPathExists);
     "disabled: nothing set" =
       disabled.environment.etc == { } && disabled.systemd.services == { } && disabled.users.groups == { };
     "vm node: two services under the alias" =

@@ -1,5 +1,6 @@
 # The NixOS module `services.plumb`: owns how plumb is wired into a NixOS system: the config file
-# (rendered from `settings` at /etc/plumb/plumb.toml, the one path the generator reads), the
+# (rendered from `settings` at /etc/plumb/plumb.toml, the one path the generator reads, unless
+# `bootstrap` has plumb take it from git), the
 # generator link, the shipped units and their drop-ins (PATH, enablement, reload on a config
 # change), the API's groups, the state directory and the optional firewall opening.
 #
@@ -150,6 +151,38 @@ in
       '';
     };
 
+    bootstrap = lib.mkOption {
+      type = lib.types.nullOr (
+        lib.types.submodule {
+          options = {
+            url = lib.mkOption {
+              type = lib.types.str;
+              example = "https://git.example.org/ops/config.git";
+              description = "The repository holding plumb's own config.";
+            };
+            dir = lib.mkOption {
+              type = lib.types.str;
+              default = "plumb";
+              description = "The repository directory with plumb.toml (or gitopper's config.toml).";
+            };
+            branch = lib.mkOption {
+              type = lib.types.str;
+              default = "main";
+              description = "The branch to follow.";
+            };
+          };
+        }
+      );
+      default = null;
+      description = ''
+        Take the config from git instead of `settings` (`plumb --bootstrap`): plumb manages
+        itself as the service "plumb", checks each new config with `check-config` and installs
+        it at /etc/plumb/plumb.toml, then reloads and re-runs the generator. `settings` (and
+        `hosts`, `metricsAddress`, the groups) must then be said in that file; the module writes
+        none of it.
+      '';
+    };
+
     checkConfig = lib.mkOption {
       type = lib.types.bool;
       default = true;
@@ -165,6 +198,10 @@ in
       {
         assertion = cfg.openFirewall -> cfg.metricsAddress != "";
         message = "services.plumb.openFirewall needs a metricsAddress (it is \"\": metrics off).";
+      }
+      {
+        assertion = cfg.bootstrap != null -> !(cfg.settings ? services || cfg.settings ? global);
+        message = "services.plumb.bootstrap takes the config from git: leave services.plumb.settings empty.";
       }
     ];
 
@@ -185,7 +222,8 @@ in
       hosts = lib.mkIf (cfg.hosts != [ ]) cfg.hosts;
     };
 
-    environment.etc."plumb/plumb.toml".source = configFile;
+    # With bootstrap, plumb itself installs the file (a real file, written by the daemon).
+    environment.etc."plumb/plumb.toml" = lib.mkIf (cfg.bootstrap == null) { source = configFile; };
 
     # plumbctl, and the man pages.
     environment.systemPackages = [ cfg.package ];
@@ -200,7 +238,15 @@ in
       # The unit reads the config at /etc, so a new config changes no unit file: reload (SIGHUP,
       # the unit's ExecReload) when it changes. The switch's daemon-reload re-runs the generator
       # first, so new mounts exist before the daemon deploys into them.
-      reloadTriggers = [ configFile ];
+      reloadTriggers = lib.mkIf (cfg.bootstrap == null) [ configFile ];
+      # The packaged unit starts only with a config or /etc/default/plumb; a bootstrapped machine
+      # has neither before its first start.
+      unitConfig.ConditionPathExists = lib.mkIf (cfg.bootstrap != null) [ "" ];
+      environment = lib.mkIf (cfg.bootstrap != null) {
+        PLUMB_BOOTSTRAP = cfg.bootstrap.url;
+        PLUMB_BOOTSTRAP_DIR = cfg.bootstrap.dir;
+        PLUMB_BOOTSTRAP_BRANCH = cfg.bootstrap.branch;
+      };
       # Besides NixOS's default PATH (coreutils, findutils, grep, sed, systemd): ssh-keygen and
       # gpgv verify signed heads. Checks run /bin/sh, which NixOS has.
       path = [

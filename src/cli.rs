@@ -37,6 +37,30 @@ pub struct Cli {
     /// Serve Prometheus metrics here ("127.0.0.1:9222", ":9222"; empty: off), overriding the config.
     #[arg(long)]
     pub metrics_address: Option<String>,
+    /// The control API's socket, overriding the config.
+    #[arg(long)]
+    pub socket: Option<PathBuf>,
+    /// Take the configuration from this git repository and keep it in step, managing plumb itself
+    /// as the service "plumb": each new config is checked, then installed over --config.
+    #[arg(long, value_name = "URL", env = "PLUMB_BOOTSTRAP")]
+    pub bootstrap: Option<String>,
+    /// The bootstrap repository's directory holding plumb.toml (or gitopper's config.toml).
+    #[arg(
+        long,
+        value_name = "DIR",
+        default_value = "plumb",
+        env = "PLUMB_BOOTSTRAP_DIR",
+        requires = "bootstrap"
+    )]
+    pub bootstrap_dir: String,
+    /// The bootstrap repository's branch.
+    #[arg(
+        long,
+        default_value = "main",
+        env = "PLUMB_BOOTSTRAP_BRANCH",
+        requires = "bootstrap"
+    )]
+    pub branch: String,
     #[command(subcommand)]
     pub command: Option<Command>,
 }
@@ -46,7 +70,8 @@ pub struct Cli {
 pub enum Command {
     /// Validate a config file and print the services this machine would run; exit 0 or 1.
     CheckConfig {
-        /// The file to check (default: --config).
+        /// The file to check (default: --config); a directory means its plumb.toml, else its
+        /// config.toml, checked as a bootstrap directory.
         file: Option<PathBuf>,
     },
     /// Make <service>'s unit take its deployed revision (bind mounts, daemon-reload when unit
@@ -65,4 +90,17 @@ fn interval(text: &str) -> Result<Duration, String> {
         return Err("longer than 100 years".to_owned());
     }
     Ok(d)
+}
+
+impl Cli {
+    /// Where the configuration comes from in bootstrap mode, if that is the mode.
+    pub fn bootstrap(&self) -> Option<crate::bootstrap::Bootstrap> {
+        self.bootstrap
+            .as_ref()
+            .map(|url| crate::bootstrap::Bootstrap {
+                url: url.clone(),
+                dir: self.bootstrap_dir.clone(),
+                branch: self.branch.clone(),
+            })
+    }
 }

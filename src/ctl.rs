@@ -666,25 +666,11 @@ pub fn ssh_command(settings: &Settings, host: &str, action: &Action) -> (String,
     args.push(
         remote
             .iter()
-            .map(|w| shell_quote(w))
+            .map(|w| exec::shell_quote(w))
             .collect::<Vec<_>>()
             .join(" "),
     );
     (program, args)
-}
-
-/// `word` as one word for a POSIX shell: unchanged when it is only safe characters, else in single
-/// quotes.
-pub fn shell_quote(word: &str) -> String {
-    let safe = !word.is_empty()
-        && word
-            .chars()
-            .all(|c| c.is_ascii_alphanumeric() || "_@%+=:,./-".contains(c));
-    if safe {
-        word.to_owned()
-    } else {
-        format!("'{}'", word.replace('\'', r"'\''"))
-    }
 }
 
 async fn call_remote(settings: &Settings, host: &str, action: &Action) -> Result<Body, CtlError> {
@@ -1272,15 +1258,6 @@ mod tests {
         ] {
             assert!(parse_response(bad).is_err(), "{bad:?}");
         }
-    }
-
-    #[test]
-    fn quoting_for_the_remote_shell() {
-        assert_eq!(shell_quote("docker-compose@caddy"), "docker-compose@caddy");
-        assert_eq!(shell_quote("/opt/bin/plumbctl"), "/opt/bin/plumbctl");
-        assert_eq!(shell_quote(""), "''");
-        assert_eq!(shell_quote("a b"), "'a b'");
-        assert_eq!(shell_quote("it's;rm"), r"'it'\''s;rm'");
     }
 
     #[test]

@@ -18,6 +18,7 @@ use tokio_util::sync::CancellationToken;
 use tracing::{debug, error, info, info_span, warn};
 
 use crate::apply;
+use crate::bootstrap::{self, Bootstrap, BootstrapError};
 use crate::config::{self, Config, ConfigError};
 use crate::exec;
 use crate::git::{self, FetchReport, GitError, Oid, Store};
@@ -45,6 +46,8 @@ pub struct Options {
     pub apply: bool,
     /// Where the daemon's state is exported for Prometheus, if anywhere.
     pub metrics: Option<Arc<Metrics>>,
+    /// Take the config from git and install it over `config` (`--bootstrap`).
+    pub bootstrap: Option<Bootstrap>,
 }
 
 /// Why the daemon could not start. Once it runs, nothing a service does stops it.
@@ -52,6 +55,8 @@ pub struct Options {
 pub enum DaemonError {
     #[error(transparent)]
     Config(#[from] ConfigError),
+    #[error(transparent)]
+    Bootstrap(#[from] BootstrapError),
     #[error("cannot create state directory {path}: {source}")]
     StateDir {
         path: PathBuf,
@@ -104,11 +109,20 @@ pub async fn run(
     mut commands: mpsc::Receiver<Request>,
     shutdown: CancellationToken,
 ) -> Result<Summary, DaemonError> {
-    let config = Config::load(&opts.config)?;
+    let config = load_config(&opts)?;
     let mut d = Daemon::new(opts, config)?;
     let (tx, mut rx) = mpsc::channel::<Done>(64);
     if d.opts.apply {
         d.connect_systemd(&tx).await;
+    }
+    // A config checked out from git but not yet installed (a crash in between) is installed now.
+    if let Some(revision) = d
+        .services
+        .get(bootstrap::SELF)
+        .and_then(|e| e.state.deployed)
+        && d.opts.bootstrap.is_some()
+    {
+        d.apply(bootstrap::SELF, revision, &tx);
     }
     let notify = Notifier::from_env();
     let mut ready = false;
@@ -226,16 +240,56 @@ struct Daemon {
     held: Vec<Waiter>,
     services: BTreeMap<String, Entry>,
     upstreams: BTreeMap<String, Upstream>,
+    /// `daemon-reload`s asked for since start, and (shared with their tasks) how many of them
+    /// finished: an apply started after a config change waits for the generator to have run.
+    reloads_asked: u64,
+    reloads_done: Arc<tokio::sync::watch::Sender<u64>>,
+}
+
+/// Reads the config; in bootstrap mode a config not installed yet is an empty one (the bootstrap
+/// repository's first revision brings it).
+fn load_config(opts: &Options) -> Result<Config, ConfigError> {
+    match Config::load(&opts.config) {
+        Err(ConfigError::Read { source, .. })
+            if opts.bootstrap.is_some() && source.kind() == std::io::ErrorKind::NotFound =>
+        {
+            info!(config = %opts.config.display(), "no config yet: taking it from the bootstrap repository");
+            Config::parse(&opts.config, "")
+        }
+        other => other,
+    }
+}
+
+/// This machine's services in `config`, and plumb itself in bootstrap mode.
+fn select(
+    opts: &Options,
+    config: &Config,
+    layout: &Layout,
+) -> Result<Vec<config::Service>, BootstrapError> {
+    let hosts = config.machine_names(&opts.hosts);
+    let Some(b) = &opts.bootstrap else {
+        return Ok(config.select(&hosts)?);
+    };
+    bootstrap::validate(config, &opts.hosts)?;
+    let mut selected = config.select(&hosts)?;
+    let machine = hosts.first().map(String::as_str).unwrap_or("localhost");
+    selected.push(b.service(
+        machine,
+        &opts.hosts,
+        &opts.config,
+        &layout.root().join("checkouts"),
+    ));
+    Ok(selected)
 }
 
 impl Daemon {
     fn new(opts: Options, config: Config) -> Result<Daemon, DaemonError> {
-        let selected = config.select(&config.machine_names(&opts.hosts))?;
         let layout = Layout::new(
             opts.state_dir
                 .clone()
                 .unwrap_or_else(|| config.settings.state_dir.clone()),
         );
+        let selected = select(&opts, &config, &layout)?;
         layout.create().map_err(|source| DaemonError::StateDir {
             path: layout.root().to_owned(),
             source,
@@ -255,6 +309,8 @@ impl Daemon {
             config,
             services: BTreeMap::new(),
             upstreams: BTreeMap::new(),
+            reloads_asked: 0,
+            reloads_done: Arc::new(tokio::sync::watch::channel(0).0),
         };
         d.adopt(selected);
         Ok(d)
@@ -329,14 +385,14 @@ impl Daemon {
 
     fn reload(&mut self) {
         info!(config = %self.opts.config.display(), "re-reading the configuration");
-        let config = match Config::load(&self.opts.config) {
+        let config = match load_config(&self.opts) {
             Ok(c) => c,
             Err(e) => {
                 error!("keeping the running configuration: {e}");
                 return;
             }
         };
-        let selected = match config.select(&config.machine_names(&self.opts.hosts)) {
+        let selected = match select(&self.opts, &config, &self.layout) {
             Ok(s) => s,
             Err(e) => {
                 error!("keeping the running configuration: {e}");
@@ -354,10 +410,15 @@ impl Daemon {
         self.adopt(selected);
         if let Some(systemd) = self.systemd.clone() {
             // The generator reads the config: let systemd run it again for new mounts and units.
+            // Applies from now on wait for it (a new service's mounts must exist first).
+            self.reloads_asked += 1;
+            let asked = self.reloads_asked;
+            let done = self.reloads_done.clone();
             tokio::spawn(async move {
                 if let Err(e) = systemd.daemon_reload().await {
                     warn!("daemon-reload after the config changed: {e}");
                 }
+                done.send_modify(|n| *n = (*n).max(asked));
             });
         }
     }
@@ -1043,6 +1104,10 @@ impl Daemon {
     /// unit started by the `.path` unit meanwhile is the same job, so an apply never runs twice at
     /// once.
     fn apply(&mut self, service: &str, revision: Oid, tx: &mpsc::Sender<Done>) {
+        if service == bootstrap::SELF && self.opts.bootstrap.is_some() {
+            self.install_config(revision, tx);
+            return;
+        }
         let Some(systemd) = self.systemd.clone() else {
             return;
         };
@@ -1051,7 +1116,10 @@ impl Daemon {
         let config = self.services.get(service).map(|e| e.config.clone());
         let service = service.to_owned();
         let tx = tx.clone();
+        let reloaded = self.reloads_asked;
+        let mut reloads = self.reloads_done.subscribe();
         tokio::spawn(async move {
+            let _ = reloads.wait_for(|done| *done >= reloaded).await;
             let unit = format!("plumb-apply@{service}.service");
             let mut started = systemd.start(&unit).await;
             // Joining an apply that was already running may leave a mount it looked at before
@@ -1079,6 +1147,39 @@ impl Daemon {
             let _ = tx
                 .send(Done::Applied {
                     service,
+                    revision,
+                    error,
+                })
+                .await;
+        });
+    }
+
+    /// plumb's own apply in bootstrap mode: installs the config file of the deployed revision over
+    /// the local one and re-reads it (and systemd re-runs the generator). A config that fails to
+    /// validate leaves the running one, and the service BROKEN.
+    fn install_config(&mut self, revision: Oid, tx: &mpsc::Sender<Done>) {
+        let (Some(b), Some(e)) = (&self.opts.bootstrap, self.services.get(bootstrap::SELF)) else {
+            return;
+        };
+        let installed = b
+            .checked_out(&e.config)
+            .and_then(|from| bootstrap::install(&from, &self.opts.config, &self.opts.hosts));
+        let error = match installed {
+            Ok(changed) => {
+                if changed {
+                    info!(revision = %service::short(Some(revision)), config = %self.opts.config.display(), "installed the config from git");
+                    self.reload();
+                }
+                None
+            }
+            Err(e) => Some(e.to_string()),
+        };
+        *self.applying.entry(bootstrap::SELF.to_owned()).or_default() += 1;
+        let tx = tx.clone();
+        tokio::spawn(async move {
+            let _ = tx
+                .send(Done::Applied {
+                    service: bootstrap::SELF.to_owned(),
                     revision,
                     error,
                 })
@@ -1380,8 +1481,8 @@ fn run_check(
             .unwrap_or_else(|| staging.clone());
         let command = check
             .command
-            .replace("{dir}", &shell_quote(&dir))
-            .replace("{root}", &shell_quote(&staging))
+            .replace("{dir}", &exec::shell_quote(&dir.to_string_lossy()))
+            .replace("{root}", &exec::shell_quote(&staging.to_string_lossy()))
             .replace("{rev}", &revision.to_string());
         info!(command = %command, "checking {}", service::short(Some(revision)));
         let spec = exec::Spec::new("/bin/sh", check.timeout)
@@ -1405,11 +1506,6 @@ fn run_check(
     let _ = std::fs::remove_dir_all(&staging);
     let _ = std::fs::remove_file(&index);
     result
-}
-
-/// `path` as one word for `sh`.
-fn shell_quote(path: &std::path::Path) -> String {
-    format!("'{}'", path.to_string_lossy().replace('\'', "'\\''"))
 }
 
 /// Turns what an operator typed into a commit of the service's branch history.

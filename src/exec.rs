@@ -223,6 +223,20 @@ pub fn run_blocking(spec: Spec) -> Result<Output, ExecError> {
     }
 }
 
+/// `word` as one word for a POSIX shell (`sh -c` commands, ssh's remote command line): unchanged
+/// when it is only safe characters, else in single quotes.
+pub fn shell_quote(word: &str) -> String {
+    let safe = !word.is_empty()
+        && word
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || "_@%+=:,./-".contains(c));
+    if safe {
+        word.to_owned()
+    } else {
+        format!("'{}'", word.replace('\'', r"'\''"))
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -267,6 +281,15 @@ mod tests {
         assert!(matches!(err, ExecError::TimedOut { .. }), "{err}");
         assert!(started.elapsed() < Duration::from_secs(5));
         assert_eq!(err.to_string(), "sleep: killed after 200ms");
+    }
+
+    #[test]
+    fn quoting_for_the_remote_shell() {
+        assert_eq!(shell_quote("docker-compose@caddy"), "docker-compose@caddy");
+        assert_eq!(shell_quote("/opt/bin/plumbctl"), "/opt/bin/plumbctl");
+        assert_eq!(shell_quote(""), "''");
+        assert_eq!(shell_quote("a b"), "'a b'");
+        assert_eq!(shell_quote("it's;rm"), r"'it'\''s;rm'");
     }
 
     #[test]

@@ -18,7 +18,8 @@
 //!   daemon deploys. A service name may itself hold an `@` (`docker-compose@caddy`): systemd takes the
 //!   instance as everything between the first `@` and the suffix, so
 //!   `plumb-apply@docker-compose@caddy.path` is a valid name and `%i` is `docker-compose@caddy`.
-//! - `.wants/` symlinks from `multi-user.target` to the path unit and to the managed unit: generated
+//! - `.wants/` symlinks from `multi-user.target` to the mounts, the path unit and the managed unit
+//!   (the mounts too, so the files are in place at boot even where no unit wants them): generated
 //!   units cannot be `systemctl enable`d. systemd takes the dependency from the link's *name*; the
 //!   target is only checked to be the same name or, for an instance, its template (anything else
 //!   logs "has different name"). So links point at `../<unit>`, or `../<template>` for an instance,
@@ -107,6 +108,9 @@ pub fn generate(config: &Config, hosts: &[String]) -> Result<Vec<Output>, Config
         for (j, d) in s.dirs.iter().enumerate() {
             let (name, file) = mount_unit(s, d, &source, &unit)
                 .map_err(|(key, e)| invalid(s, format!("dirs[{j}].{key}"), e))?;
+            // Wanted at boot by the target too, not only by the unit: a service whose unit does
+            // not exist (action "none", files read on use) still gets its files.
+            out.push(wants(&name, PathBuf::from(format!("../{name}"))));
             mounts.push(name);
             out.push(file);
         }

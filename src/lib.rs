@@ -6,6 +6,7 @@
 
 pub mod api;
 pub mod apply;
+pub mod bootstrap;
 pub mod cli;
 pub mod config;
 pub mod ctl;

@@ -132,6 +132,7 @@ impl Plumb {
             once: false,
             apply: false,
             metrics: None,
+            bootstrap: None,
         };
         let rt = tokio::runtime::Builder::new_multi_thread()
             .worker_threads(2)

@@ -40,6 +40,7 @@ impl Running {
             once: false,
             apply: false,
             metrics: None,
+            bootstrap: None,
         };
         let sd = shutdown.clone();
         let rt_handle = rt.handle().clone();

@@ -1148,3 +1148,99 @@ fn deployed_files_belong_to_the_services_user() {
         "{info}"
     );
 }
+
+#[test]
+fn bootstrap_takes_the_config_from_git_keeps_state_and_refuses_a_bad_one() {
+    require_root();
+    let root = temp_root();
+    let http = HttpServer::start(root.path());
+    let up = Upstream::new(root.path(), "ops");
+    let url = http.url(&up);
+    // No local config at all: the machine has only the bootstrap URL.
+    let m = Machine {
+        config: root.path().join("etc/plumb/plumb.toml"),
+        state: root.path().join("state"),
+    };
+    let socket = root.path().join("plumb.sock");
+    let settings = format!(
+        "[plumb]\nstate_dir = {:?}\ninterval = \"1s\"\nmetrics_address = \"\"\n\n",
+        m.state
+    );
+    let first = format!("{settings}{}", service("app", &url, &["app"]));
+    up.write("plumb/plumb.toml", &first)
+        .write("app/conf", "v1")
+        .write("web/index", "w1")
+        .commit("ops");
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_plumb"));
+    cmd.arg("-c")
+        .arg(&m.config)
+        .args(["--hosts", "testbox", "--bootstrap", &url, "--socket"])
+        .arg(&socket)
+        // The state directory must be known before any config is.
+        .arg("--state-dir")
+        .arg(&m.state)
+        .env("PLUMB_LOG", "debug")
+        .stdout(Stdio::null())
+        .stderr(Stdio::null());
+    let _daemon = Running(cmd.spawn().unwrap());
+    wait_until("the config from git installed", DEADLINE, || {
+        fs::read_to_string(&m.config).is_ok_and(|t| t == first)
+    });
+    wait_until("app deployed", DEADLINE, || {
+        m.read("app", "app/conf").as_deref() == Some("v1")
+    });
+    assert_eq!(m.state_json("plumb")["state"], "OK");
+    assert_eq!(
+        fs::metadata(&m.config).unwrap().mode() & 0o777,
+        0o640,
+        "the installed config may hold secrets"
+    );
+
+    // A commit that adds a service and changes app's files while app is frozen: the new service
+    // arrives, and app's freeze (persisted state) outlives the config change.
+    curl(&socket, "POST", "/v1/services/app/freeze", Some("{}"));
+    let second = format!(
+        "{first}{}",
+        service("web", &url, &["web"]).replace("[[services]]", "[[services]]\naction = \"none\"")
+    );
+    up.write("plumb/plumb.toml", &second)
+        .write("app/conf", "v2")
+        .commit("add web");
+    wait_until("web deployed from the new config", DEADLINE, || {
+        m.read("web", "web/index").as_deref() == Some("w1")
+    });
+    assert_eq!(fs::read_to_string(&m.config).unwrap(), second);
+    let app = m.state_json("app");
+    assert_eq!(app["state"], "FREEZE", "{app}");
+    assert_eq!(m.read("app", "app/conf").as_deref(), Some("v1"));
+
+    // A bad config in git is refused before it reaches the machine; the running one keeps going.
+    up.write(
+        "plumb/plumb.toml",
+        &format!("{second}[[services]]\nservice = 3\n"),
+    )
+    .commit("broken config");
+    wait_until("plumb refusing its new config", DEADLINE, || {
+        m.state_json("plumb")["state"] == "BROKEN"
+    });
+    let info = m.state_json("plumb")["info"].to_string();
+    assert!(info.contains("plumb.toml"), "{info}");
+    assert_eq!(fs::read_to_string(&m.config).unwrap(), second);
+    up.write("web/index", "w2").commit("web moves on");
+    wait_until("web deployed under the kept config", DEADLINE, || {
+        m.read("web", "web/index").as_deref() == Some("w2")
+    });
+
+    // Fixed in git: installed, and plumb is OK again.
+    up.write(
+        "plumb/plumb.toml",
+        &second.replace("interval = \"1s\"", "interval = \"2s\""),
+    )
+    .commit("fix config");
+    wait_until("the fixed config installed", DEADLINE, || {
+        fs::read_to_string(&m.config).is_ok_and(|t| t.contains("interval = \"2s\""))
+    });
+    wait_until("plumb OK again", DEADLINE, || {
+        m.state_json("plumb")["state"] == "OK"
+    });
+}

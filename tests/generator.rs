@@ -397,6 +397,7 @@ fn binary_writes_units_and_links_for_a_valid_config() {
         paths,
         [
             "etc-nginx.mount",
+            "multi-user.target.wants/etc-nginx.mount",
             "multi-user.target.wants/nginx.service",
             "multi-user.target.wants/plumb-apply@nginx.path",
             "nginx.service.d/50-plumb.conf",
@@ -426,7 +427,7 @@ fn binary_writes_units_and_links_for_a_valid_config() {
     let single = Scratch::new(Some(TESTBOX));
     let out = run(generator_cmd(&single.config, &single.kmsg).arg(&single.out));
     assert!(out.status.success(), "{out:?}");
-    assert_eq!(single.written().len(), 5);
+    assert_eq!(single.written().len(), 6);
 }
 
 #[test]

@@ -537,3 +537,81 @@ fn actions_restart_or_leave_alone_and_template_instances_are_enabled() {
     );
     assert_eq!(c.sh("cat /etc/restarted/conf"), "2");
 }
+
+/// The machine knows only the bootstrap URL (`PLUMB_BOOTSTRAP` in /etc/default/plumb): plumb takes
+/// its config from git, brings nginx up from it, follows config commits (the generator runs again,
+/// persisted state stays), refuses a bad config, and boots again from the config it installed.
+#[test]
+fn bootstrap_takes_the_config_from_git_and_manages_plumb_itself() {
+    require_root();
+    let root = temp_root();
+    let gitd = GitDaemon::start(root.path());
+    let up = Upstream::new(root.path(), "ops");
+    let url = gitd.url(&up);
+    let port = free_port();
+    let nginx = format!(
+        "[[services]]\nmachine = \"plumb-boot\"\nservice = \"nginx\"\naction = \"reload\"\nupstream = \"{url}\"\ndirs = [\n  {{ local = \"/etc/nginx/conf.d\", link = \"nginx/conf.d\" }},\n  {{ local = \"/var/www/plumb/index.html\", link = \"www/index.html\", file = true }},\n]\n\n"
+    );
+    let first = format!("{CONFIG_HEAD}{nginx}");
+    up.write("plumb/plumb.toml", &first)
+        .write("nginx/conf.d/site.conf", &nginx_conf(port))
+        .write("www/index.html", "v1\n")
+        .write("motd/motd", "hello\n")
+        .commit("ops");
+    let mut c = Container::builder("plumb-boot")
+        .file("/etc/nginx/sites-enabled/default", "", 0o644)
+        .file(
+            "/etc/default/plumb",
+            format!("PLUMB_BOOTSTRAP={url}\n"),
+            0o644,
+        )
+        .boot();
+    c.install_deb();
+    wait_until(
+        "nginx to serve v1 from the bootstrapped config",
+        DEADLINE,
+        || get(port).as_deref() == Some("v1\n"),
+    );
+    assert_eq!(c.sh("cat /etc/plumb/plumb.toml"), first.trim_end());
+    assert_eq!(state(&c, "plumb")["state"], "OK");
+
+    // A config commit adds a service with a bind mount of its own: the generator must run again
+    // for its mount unit. nginx is frozen first; the freeze outlives the new config.
+    c.sh("plumbctl freeze nginx");
+    let second = format!(
+        "{first}[[services]]\nmachine = \"plumb-boot\"\nservice = \"motd\"\naction = \"none\"\nupstream = \"{url}\"\ndirs = [{{ local = \"/srv/motd\", link = \"motd\" }}]\n"
+    );
+    up.write("plumb/plumb.toml", &second)
+        .write("www/index.html", "v2\n")
+        .commit("add motd");
+    wait_until("motd bound from its new mount unit", DEADLINE, || {
+        c.try_sh("cat /srv/motd/motd").1.trim() == "hello"
+    });
+    assert_eq!(c.sh("systemctl is-active srv-motd.mount"), "active");
+    assert_eq!(state(&c, "nginx")["state"], "FREEZE");
+    assert_eq!(get(port).as_deref(), Some("v1\n"), "nginx stays frozen");
+
+    // A bad config: refused by check-config before it reaches /etc; the running one stays.
+    up.write(
+        "plumb/plumb.toml",
+        &format!("{second}[[services]]\nservice = 3\n"),
+    )
+    .commit("broken config");
+    wait_until("plumb refusing the bad config", DEADLINE, || {
+        state(&c, "plumb")["state"] == "BROKEN"
+    });
+    assert_eq!(c.sh("cat /etc/plumb/plumb.toml"), second.trim_end());
+    assert_eq!(c.sh("systemctl is-active plumb"), "active");
+
+    // At boot the generator reads the installed config: everything comes back, frozen included.
+    c.reboot();
+    wait_until("nginx serving after the reboot", DEADLINE, || {
+        get(port).as_deref() == Some("v1\n")
+    });
+    assert_eq!(c.sh("cat /srv/motd/motd"), "hello");
+    assert_eq!(state(&c, "nginx")["state"], "FREEZE");
+    c.sh("plumbctl unfreeze nginx");
+    wait_until("nginx to serve v2 once unfrozen", DEADLINE, || {
+        get(port).as_deref() == Some("v2\n")
+    });
+}

@@ -57,6 +57,7 @@ impl Plumb {
             once: false,
             apply: false,
             metrics: None,
+            bootstrap: None,
         };
         let (reload_tx, reload_rx) = tokio::sync::mpsc::channel(1);
         let sd = shutdown.clone();

@@ -7,6 +7,7 @@ use std::process::ExitCode;
 
 use anyhow::Context;
 use clap::Parser;
+use plumb::bootstrap;
 use plumb::cli::{Cli, Command};
 use plumb::config::Config;
 use plumb::daemon;
@@ -47,13 +48,25 @@ fn main() -> ExitCode {
 }
 
 fn check_config(file: &Path, aliases: &[String]) -> anyhow::Result<ExitCode> {
-    let config = match Config::load(file) {
+    // A directory is a bootstrap directory: its config must also leave plumb's own name free.
+    let bootstrap = file.is_dir();
+    let loaded = if bootstrap {
+        bootstrap::find_config(file).and_then(|f| {
+            let config = Config::load(&f)?;
+            bootstrap::validate(&config, aliases)?;
+            Ok(config)
+        })
+    } else {
+        Config::load(file).map_err(Into::into)
+    };
+    let config = match loaded {
         Ok(c) => c,
         Err(e) => {
             eprintln!("{e}");
             return Ok(ExitCode::FAILURE);
         }
     };
+    let file = config.path.clone();
     let hosts = config.machine_names(aliases);
     if !config.keys.is_empty() {
         println!(
@@ -95,8 +108,17 @@ fn check_config(file: &Path, aliases: &[String]) -> anyhow::Result<ExitCode> {
 }
 
 fn serve(cli: Cli) -> anyhow::Result<ExitCode> {
-    // Read here too for the API's socket and groups; the daemon validates and reports it the same way.
-    let config = Config::load(&cli.config)?;
+    // Read here too for the API's socket and groups; the daemon validates and reports it the same
+    // way. In bootstrap mode there may be none yet: then the defaults hold until a restart.
+    let bootstrap = cli.bootstrap();
+    let config = match Config::load(&cli.config) {
+        Err(plumb::config::ConfigError::Read { source, .. })
+            if bootstrap.is_some() && source.kind() == std::io::ErrorKind::NotFound =>
+        {
+            Config::parse(&cli.config, "")?
+        }
+        other => other?,
+    };
     if !config.keys.is_empty() {
         tracing::warn!(
             "[global] keys is ignored: plumb's API is the local socket {} for the unix groups {:?} \
@@ -125,6 +147,7 @@ fn serve(cli: Cli) -> anyhow::Result<ExitCode> {
         once: cli.once,
         apply: !cli.no_apply,
         metrics: metrics.clone(),
+        bootstrap,
     };
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
@@ -173,9 +196,10 @@ fn serve(cli: Cli) -> anyhow::Result<ExitCode> {
             None
         } else {
             let s = &config.settings;
-            let listener = plumb::api::bind(&s.socket, &s.admin_group, &s.readonly_group)
+            let socket = cli.socket.as_ref().unwrap_or(&s.socket);
+            let listener = plumb::api::bind(socket, &s.admin_group, &s.readonly_group)
                 .with_context(|| {
-                    format!("control API socket {} ([plumb] socket)", s.socket.display())
+                    format!("control API socket {} ([plumb] socket)", socket.display())
                 })?;
             Some(tokio::spawn(plumb::api::serve(
                 listener,

@@ -88,7 +88,7 @@ in
         `plumb.admin_group` and `plumb.readonly_group` from its own options.
 
         The file is in the Nix store, readable by every user: do not put `webhook_secret` or
-        anything else secret here on a shared machine. Commands a service's `check` or `health`
+        anything else secret here; set `plumb.webhook_secret_file` to a file outside the store. Commands a service's `check` or `health`
         runs must be on the daemon's PATH: add their packages to
         `systemd.services.plumb.path` (check) and `systemd.services."plumb-apply@".path` (health).
       '';

@@ -67,6 +67,8 @@ pub enum ConfigError {
         key: Option<String>,
         message: String,
     },
+    #[error("{} (plumb.webhook_secret_file): {message}", path.display())]
+    Secret { path: PathBuf, message: String },
     #[error("{}: {message} (machines {hosts:?})", path.display())]
     Selection {
         path: PathBuf,
@@ -285,6 +287,9 @@ pub struct Settings {
     pub metrics_address: Option<std::net::SocketAddr>,
     /// The shared secret git hosts sign push webhooks with; `None`: the hook is off.
     pub webhook_secret: Option<String>,
+    /// The same secret in a file of its own (`webhook_secret_file`), read when the daemon starts,
+    /// so the config itself can be world-readable (the Nix store, a git repository).
+    pub webhook_secret_file: Option<PathBuf>,
     /// Per upstream URL: signatures required, force-push policy. Absent URLs get the defaults.
     pub upstreams: BTreeMap<String, UpstreamSettings>,
     /// The largest file a revision may hold under a service's links (bytes; `u64::MAX`: no
@@ -298,6 +303,24 @@ impl Settings {
         crate::git::Limits {
             max_file_size: self.max_file_size,
         }
+    }
+
+    /// The push webhook's secret, from the config or read now from `webhook_secret_file` (one
+    /// line; surrounding whitespace is not part of it).
+    pub fn webhook_secret(&self) -> Result<Option<String>, ConfigError> {
+        let Some(path) = &self.webhook_secret_file else {
+            return Ok(self.webhook_secret.clone());
+        };
+        let secret = |message: String| ConfigError::Secret {
+            path: path.clone(),
+            message,
+        };
+        let text = std::fs::read_to_string(path).map_err(|e| secret(e.to_string()))?;
+        let text = text.trim();
+        if text.len() < 16 {
+            return Err(secret("must be at least 16 characters".to_owned()));
+        }
+        Ok(Some(text.to_owned()))
     }
 
     /// The settings of the upstream at `url` (the defaults when it has no `[[plumb.upstream]]`).
@@ -321,6 +344,7 @@ impl Default for Settings {
             readonly_group: DEFAULT_READONLY_GROUP.to_owned(),
             metrics_address: Some(DEFAULT_METRICS_ADDRESS),
             webhook_secret: None,
+            webhook_secret_file: None,
             upstreams: BTreeMap::new(),
             max_file_size: crate::git::DEFAULT_MAX_FILE_SIZE,
         }
@@ -438,6 +462,7 @@ struct RawPlumb {
     readonly_group: Option<Spanned<String>>,
     metrics_address: Option<Spanned<String>>,
     webhook_secret: Option<Spanned<String>>,
+    webhook_secret_file: Option<Spanned<String>>,
     #[serde(default)]
     upstream: Vec<Spanned<RawUpstream>>,
     max_file_size: Option<Spanned<String>>,
@@ -945,6 +970,17 @@ impl Cx<'_> {
                 ));
             }
             s.webhook_secret = Some(w.into_inner());
+        }
+        if let Some(f) = p.webhook_secret_file {
+            self.absolute(&f, "plumb.webhook_secret_file".into())?;
+            if s.webhook_secret.is_some() {
+                return Err(self.at(
+                    f.span().start,
+                    "plumb.webhook_secret_file".to_owned(),
+                    "set webhook_secret or webhook_secret_file, not both",
+                ));
+            }
+            s.webhook_secret_file = Some(PathBuf::from(f.into_inner()));
         }
         if let Some(m) = p.max_file_size {
             s.max_file_size = parse_size(m.get_ref())
@@ -1629,5 +1665,30 @@ health = { url = "http://127.0.0.1:8080/healthz" }
                 .max_file_size,
             1 << 30
         );
+    }
+
+    #[test]
+    fn the_webhook_secret_from_its_own_file() {
+        let d = tempfile::tempdir().unwrap();
+        let file = d.path().join("secret");
+        std::fs::write(&file, "0123456789abcdefXYZ\n").unwrap();
+        let text = format!("[plumb]\nwebhook_secret_file = {:?}\n", file);
+        let c = Config::parse(Path::new("plumb.toml"), &text).unwrap();
+        assert_eq!(
+            c.settings.webhook_secret().unwrap().as_deref(),
+            Some("0123456789abcdefXYZ")
+        );
+        std::fs::write(&file, "short\n").unwrap();
+        let e = c.settings.webhook_secret().unwrap_err().to_string();
+        assert!(e.contains("secret") && e.contains("16 characters"), "{e}");
+        std::fs::remove_file(&file).unwrap();
+        assert!(c.settings.webhook_secret().is_err());
+        let both = format!("{text}webhook_secret = \"0123456789abcdefXYZ\"\n");
+        let e = Config::parse(Path::new("plumb.toml"), &both)
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("plumb.toml:2:") && e.contains("not both"), "{e}");
+        let relative = "[plumb]\nwebhook_secret_file = \"secret\"\n";
+        assert!(Config::parse(Path::new("plumb.toml"), relative).is_err());
     }
 }

@@ -830,10 +830,14 @@ fn a_signed_push_webhook_fetches_now_and_a_bad_one_is_refused_and_counted() {
     let port = free_port();
     let secret = "0123456789abcdef-test";
     let m = Machine::new(root.path(), "");
+    // The secret in a file of its own (as a secrets manager writes it, with a newline), so the
+    // config holds none.
+    let secret_file = root.path().join("webhook-secret");
+    fs::write(&secret_file, format!("{secret}\n")).unwrap();
     // An hour between polls: only the hook can bring v2 in time.
     m.write_config_with(
         &format!(
-            "interval = \"1h\"\nmetrics_address = \"127.0.0.1:{port}\"\nwebhook_secret = \"{secret}\"\n"
+            "interval = \"1h\"\nmetrics_address = \"127.0.0.1:{port}\"\nwebhook_secret_file = {secret_file:?}\n"
         ),
         &service("app", &up.file_url(), &["app"]),
     );

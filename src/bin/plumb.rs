@@ -177,10 +177,10 @@ fn serve(cli: Cli) -> anyhow::Result<ExitCode> {
                     format!("metrics listener {addr} ([plumb] metrics_address)")
                 })?;
                 // The push webhook shares the metrics listener (the port git hosts can reach).
-                let hook =
-                    config.settings.webhook_secret.clone().map(|secret| {
-                        plumb::hook::Hook::new(secret, handle.clone(), Some(m.clone()))
-                    });
+                let hook = config
+                    .settings
+                    .webhook_secret()?
+                    .map(|secret| plumb::hook::Hook::new(secret, handle.clone(), Some(m.clone())));
                 Some(tokio::spawn(plumb::metrics::serve(
                     listener,
                     m,

@@ -181,6 +181,24 @@ struct Upstream {
     queued: Vec<DeployJob>,
     /// Operators waiting for this upstream's current or next cycle to end.
     waiters: Vec<Waiter>,
+    /// A fetch was asked for (pull, webhook) while one ran, which may have read the heads before
+    /// the push that asked: another one starts as soon as this one ends.
+    again: bool,
+    /// Operators waiting for that next cycle.
+    after: Vec<Waiter>,
+}
+
+impl Upstream {
+    /// Makes a fetch that starts after this call due now, and has `waiter` answered when it ends.
+    fn fetch_now(&mut self, waiter: Option<Waiter>) {
+        if self.busy {
+            self.again = true;
+            self.after.extend(waiter);
+        } else {
+            self.next = Instant::now();
+            self.waiters.extend(waiter);
+        }
+    }
 }
 
 /// An operator's write, answered when its upstream's cycle is done.
@@ -379,6 +397,8 @@ impl Daemon {
                 cycles: 0,
                 queued: Vec::new(),
                 waiters: Vec::new(),
+                again: false,
+                after: Vec::new(),
             });
         }
     }
@@ -471,7 +491,7 @@ impl Daemon {
             .map(|e| e.config.upstream.clone())
             && let Some(u) = self.upstreams.get_mut(&url)
         {
-            u.next = Instant::now();
+            u.fetch_now(None);
         }
     }
 
@@ -574,9 +594,8 @@ impl Daemon {
                 }
             }
             Command::Poke => {
-                let now = Instant::now();
-                for u in self.upstreams.values_mut().filter(|u| !u.busy) {
-                    u.next = now;
+                for u in self.upstreams.values_mut() {
+                    u.fetch_now(None);
                 }
                 let _ = reply.send(Ok(Reply::Services(Vec::new())));
             }
@@ -629,14 +648,14 @@ impl Daemon {
                     self.feed(&service, Event::Force, unix_now(), tx);
                 }
                 if let Some(u) = self.upstreams.get_mut(&url) {
-                    u.waiters.push(Waiter {
+                    if u.busy {
+                        debug!(service = %service, "pull: after the fetch running now");
+                    }
+                    u.fetch_now(Some(Waiter {
                         service,
                         action: "pull",
                         reply,
-                    });
-                    if !u.busy {
-                        u.next = Instant::now();
-                    }
+                    }));
                 }
             }
         }
@@ -1193,8 +1212,11 @@ impl Daemon {
         if let Some(u) = self.upstreams.get_mut(url) {
             u.busy = false;
             u.cycles += 1;
-            u.next = Instant::now() + wait;
-            waiters = std::mem::take(&mut u.waiters);
+            u.next = Instant::now();
+            if !std::mem::take(&mut u.again) {
+                u.next += wait;
+            }
+            waiters = std::mem::replace(&mut u.waiters, std::mem::take(&mut u.after));
         }
         for w in waiters {
             if self.applying.get(&w.service).is_some_and(|n| *n > 0) {

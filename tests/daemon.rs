@@ -67,6 +67,17 @@ impl Machine {
         )
     }
 
+    /// [`Machine::spawn`], its log (debug) going to `log`.
+    fn spawn_logged(&self, log: &Path) -> Running {
+        Running(
+            self.command()
+                .stdout(Stdio::null())
+                .stderr(fs::File::create(log).unwrap())
+                .spawn()
+                .unwrap(),
+        )
+    }
+
     fn command(&self) -> Command {
         let mut cmd = Command::new(env!("CARGO_BIN_EXE_plumb"));
         cmd.arg("-c").arg(&self.config).args(["--hosts", "testbox"]);
@@ -1247,4 +1258,61 @@ fn bootstrap_takes_the_config_from_git_keeps_state_and_refuses_a_bad_one() {
     wait_until("plumb OK again", DEADLINE, || {
         m.state_json("plumb")["state"] == "OK"
     });
+}
+
+/// A pull asked for while a fetch of the same upstream runs (which may have read the heads before
+/// the push that asked) waits for a fetch that starts after it, and that fetch starts at once.
+#[test]
+fn a_pull_during_a_running_fetch_gets_a_fetch_of_its_own() {
+    let root = temp_root();
+    let up = Upstream::new(root.path(), "busy");
+    let v1 = up.write("app/conf", "1").commit("v1");
+    let hold = root.path().join("hold");
+    let m = Machine::new(root.path(), "");
+    // The check holds the upstream's cycle while the file `hold` exists.
+    m.write_config_with(
+        "interval = \"1h\"\n",
+        &service("app", &up.file_url(), &["app"]).replace(
+            "dirs =",
+            &format!(
+                "check = \"while [ -e {} ]; do sleep 0.02; done\"\ndirs =",
+                hold.display()
+            ),
+        ),
+    );
+    let log = root.path().join("plumb.log");
+    let _d = m.spawn_logged(&log);
+    let socket = m.state.with_extension("sock");
+    wait_until("first deploy", DEADLINE, || {
+        m.rev("app").as_deref() == Some(v1.as_str())
+    });
+
+    fs::write(&hold, "").unwrap();
+    let v2 = up.write("app/conf", "2").commit("v2");
+    let first = {
+        let socket = socket.clone();
+        std::thread::spawn(move || curl(&socket, "POST", "/v1/services/app/pull", None))
+    };
+    wait_until("v2's check holding the cycle", DEADLINE, || {
+        fs::read_dir(m.state.join("staging")).is_ok_and(|mut d| d.next().is_some())
+    });
+    let v3 = up.write("app/conf", "3").commit("v3");
+    let second = {
+        let socket = socket.clone();
+        std::thread::spawn(move || curl(&socket, "POST", "/v1/services/app/pull", None))
+    };
+    wait_until(
+        "the second pull queued behind the running fetch",
+        DEADLINE,
+        || fs::read_to_string(&log).is_ok_and(|l| l.contains("pull: after the fetch running now")),
+    );
+    fs::remove_file(&hold).unwrap();
+    first.join().unwrap();
+    assert!(m.rev("app") == Some(v2.clone()) || m.rev("app") == Some(v3.clone()));
+    second.join().unwrap();
+    assert_eq!(
+        m.rev("app").as_deref(),
+        Some(v3.as_str()),
+        "the second pull answered with the commit pushed before it"
+    );
 }

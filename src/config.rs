@@ -919,11 +919,11 @@ impl Cx<'_> {
         }
         if let Some(j) = p.jitter {
             s.jitter = self.duration(&j, "plumb.jitter")?;
-            if s.jitter >= s.interval {
+            if s.jitter > s.interval / 2 {
                 return Err(self.at(
                     j.span().start,
                     "plumb.jitter".to_owned(),
-                    "must be shorter than plumb.interval",
+                    "must be at most half of plumb.interval",
                 ));
             }
         }
@@ -1404,8 +1404,8 @@ upstream = "file:///r"
                 .starts_with("plumb.toml:2:12: plumb.interval: \"soon\" is not a duration")
         );
         assert!(
-            err("[plumb]\ninterval = \"10s\"\njitter = \"10s\"\n")
-                .contains("plumb.jitter: must be shorter")
+            err("[plumb]\ninterval = \"10s\"\njitter = \"6s\"\n")
+                .contains("plumb.jitter: must be at most half")
         );
         assert!(err("[[services]]\nmachine = \"m\"\nservice = \"a\"\nupstream = \"u\"\naction = \"bounce\"\n").contains("unknown action \"bounce\""));
         assert!(

@@ -1447,3 +1447,55 @@ fn submodules_are_not_deployed() {
         git_checkout(&up, root.path(), &c1, &l)
     );
 }
+
+/// A checkout writes its files and then its index within the same clock tick, so git cannot trust
+/// the index's stat data and would read every file at every drift check ("racy git"). The first
+/// clean check writes the index again, later than the files; a same-size edit made after that is
+/// still seen.
+#[test]
+fn a_clean_drift_check_makes_the_index_newer_than_its_files() {
+    let root = temp_root();
+    let up = Upstream::new(root.path(), "racy");
+    let head = oid(&up
+        .write("web/a.conf", "aaaa\n")
+        .write("web/b.conf", "bbbb\n")
+        .commit("web"));
+    let mut store = Store::open(&root.path().join("stores"), &up.file_url()).unwrap();
+    assert_eq!(fetch_main(&mut store, &Transport::default()), head);
+    let web = links(&["web"]);
+    let target = root.path().join("deploy");
+    let index = root.path().join("web.index");
+    store.checkout(&target, &index, None, head, &web).unwrap();
+    let newest_file = ["web/a.conf", "web/b.conf"]
+        .iter()
+        .map(|f| fs::metadata(target.join(f)).unwrap().modified().unwrap())
+        .max()
+        .unwrap();
+    // Let the clock move past the files' modification time, as the next tick would.
+    wait_until(
+        "the clock to pass the checkout",
+        Duration::from_secs(5),
+        || std::time::SystemTime::now() > newest_file,
+    );
+    assert!(store.drift(&target, &index, head, &web).unwrap().is_empty());
+    let written = fs::metadata(&index).unwrap().modified().unwrap();
+    assert!(
+        written > newest_file,
+        "the index ({written:?}) is newer than its files ({newest_file:?})"
+    );
+    let mut cache = git2::Index::open(&index).unwrap();
+    cache.read(true).unwrap();
+    assert_eq!(cache.len(), 2, "the index still lists the checkout");
+
+    // An edit of the same size, after the index was written: still local edits.
+    wait_until(
+        "the clock to pass the index",
+        Duration::from_secs(5),
+        || std::time::SystemTime::now() > written,
+    );
+    fs::write(target.join("web/a.conf"), "AAAA\n").unwrap();
+    assert_eq!(
+        store.drift(&target, &index, head, &web).unwrap(),
+        vec!["web/a.conf".to_owned()]
+    );
+}

@@ -229,6 +229,7 @@ impl Store {
         repo.set_workdir(target, false).map_err(git_err)?;
         // The service's index is the stat cache of its checkout: with it, files whose size and
         // times did not change are not read at all. Without one, every file is hashed.
+        let index_path = index;
         let mut index = Index::open(index).ok();
         if let Some(index) = index.as_mut() {
             repo.set_index(index).map_err(git_err)?;
@@ -246,6 +247,17 @@ impl Store {
             None => repo.diff_tree_to_workdir(Some(&tree), Some(&mut opts)),
         }
         .map_err(git_err)?;
+        if diff.deltas().len() == 0
+            && let Some(index) = index.as_mut()
+            && racy(index, index_path)
+        {
+            // Clean, but the index is no newer than files it lists, so git cannot trust their
+            // stat data and every tick would read and hash them all again ("racy git"). Written
+            // now, later than the files, it makes the next check a stat per file.
+            if let Err(e) = index.write() {
+                tracing::debug!(index = %index_path.display(), "cannot refresh the index: {e}");
+            }
+        }
         let mut paths: Vec<String> = diff
             .deltas()
             .filter_map(|d| {
@@ -280,6 +292,24 @@ impl Store {
             .tree()
             .map_err(|e| self.reached_error(rev, e))
     }
+}
+
+/// Whether an entry of `index` was modified no earlier than the index file was written: git then
+/// cannot tell a later edit of the same size from the file as checked out, and reads the file.
+fn racy(index: &Index, path: &Path) -> bool {
+    let Ok(written) = std::fs::metadata(path).and_then(|m| m.modified()) else {
+        return false;
+    };
+    let written = written
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap_or_default();
+    index.iter().any(|e| {
+        let mtime = std::time::Duration::new(
+            u64::try_from(e.mtime.seconds()).unwrap_or(0),
+            e.mtime.nanoseconds(),
+        );
+        mtime >= written
+    })
 }
 
 /// Refreshes the stat data (change time, owner) of the index entries whose files changed only in

@@ -18,8 +18,11 @@ lint:
 	cargo fmt --check
 	cargo clippy --all-targets -- -D warnings
 
+# One machine's costs, push-to-applied latency in a container, a simulated fleet: each appends its table to bench/RESULTS.md.
 bench: deps
-	bash bench/idle-tick.sh
+	bash bench/machine.sh
+	bash bench/push-latency.sh
+	bash bench/fleet.sh
 
 # Every fuzz target (fuzz/) for 10 minutes each; `bash scripts/fuzz.sh SECONDS [TARGET...]` for other runs.
 fuzz:

@@ -18,8 +18,8 @@ PACKAGES=(
   gpg gpg-agent gpgv
   # test tooling: HTTP probes, process and socket inspection (kill, ps, ss)
   curl procps iproute2
-  # benchmarks: counting the processes the daemon spawns
-  strace
+  # benchmarks: counting the processes the daemon spawns; plotting the fleet's rollout (bench/fleet.sh)
+  strace gnuplot-nox
   # metrics: promtool checks a live scrape of the daemon (the package's daemon is not started)
   prometheus
   # systemd tests: systemd-analyze verify and systemd-escape (generator), and a real systemd booted

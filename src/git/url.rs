@@ -40,18 +40,30 @@ pub fn redact_url(url: &str) -> String {
     let Some((scheme, rest)) = url.split_once("://") else {
         return url.to_string();
     };
-    let authority_end = rest.find('/').unwrap_or(rest.len());
-    let (authority, path) = rest.split_at(authority_end);
-    let Some(at) = authority.rfind('@') else {
+    let Some(at) = userinfo_end(rest) else {
         return url.to_string();
     };
-    let (userinfo, host) = (&authority[..at], &authority[at + 1..]);
+    let (userinfo, host_path) = (&rest[..at], &rest[at + 1..]);
     if is_ssh_scheme(scheme) {
         let user = userinfo.split_once(':').map_or(userinfo, |(u, _)| u);
-        format!("{scheme}://{user}@{host}{path}")
+        format!("{scheme}://{user}@{host_path}")
     } else {
-        format!("{scheme}://{host}{path}")
+        format!("{scheme}://{host_path}")
     }
+}
+
+/// Where the userinfo (`user:password`) of the part of a URL after `scheme://` ends: its `@`.
+///
+/// It is the last `@` before the path. A password with an unencoded `/` (base64 tokens have them)
+/// puts its `@` after the first `/`; with a `:` before that `/` it is taken as userinfo too, since
+/// for what is printed, cutting too much beats leaking a secret: such a URL is not valid, and a
+/// URL with both a port and an `@` in its path is rare.
+fn userinfo_end(rest: &str) -> Option<usize> {
+    let authority_end = rest.find('/').unwrap_or(rest.len());
+    rest[..authority_end].rfind('@').or_else(|| {
+        let at = rest.rfind('@')?;
+        rest[..authority_end].contains(':').then_some(at)
+    })
 }
 
 /// `url` with only the password removed (user kept): the identity of an upstream.
@@ -77,8 +89,7 @@ fn readable_part(url: &str) -> String {
         Some((_, rest)) => rest,
         None => url,
     };
-    let authority_end = rest.find('/').unwrap_or(rest.len());
-    let rest = match rest[..authority_end].rfind('@') {
+    let rest = match userinfo_end(rest) {
         Some(at) => &rest[at + 1..],
         None => match rest.split_once('@') {
             // scp-like user@host:path: drop the user
@@ -303,6 +314,14 @@ mod tests {
         }
         let long = format!("https://example.com/{}", "x".repeat(500));
         assert!(store_id(&long).len() <= READABLE_MAX + 1 + HASH_HEX);
+    }
+
+    #[test]
+    fn a_password_with_an_unencoded_slash_is_still_redacted() {
+        let url = "https://ci:abc/def+ghi==@git.example.org/ops.git";
+        assert_eq!(redact_url(url), "https://git.example.org/ops.git");
+        assert!(!store_id(url).contains("abc"), "{}", store_id(url));
+        assert_eq!(redact_url("ssh://git:pa/ss@host/r"), "ssh://git@host/r");
     }
 
     #[test]

@@ -106,6 +106,20 @@ impl Bootstrap {
     }
 }
 
+/// Reads the config at `path`; in bootstrap mode (`bootstrapping`) a config not installed yet is an
+/// empty one, which the bootstrap repository's first revision replaces.
+pub fn load_config(path: &Path, bootstrapping: bool) -> Result<Config, ConfigError> {
+    match Config::load(path) {
+        Err(ConfigError::Read { source, .. })
+            if bootstrapping && source.kind() == std::io::ErrorKind::NotFound =>
+        {
+            tracing::info!(config = %path.display(), "no config yet: taking it from the bootstrap repository");
+            Config::parse(path, "")
+        }
+        other => other,
+    }
+}
+
 /// The config file in a bootstrap directory: `plumb.toml`, else `config.toml`.
 pub fn find_config(dir: &Path) -> Result<PathBuf, BootstrapError> {
     CONFIG_NAMES

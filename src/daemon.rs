@@ -264,18 +264,9 @@ struct Daemon {
     reloads_done: Arc<tokio::sync::watch::Sender<u64>>,
 }
 
-/// Reads the config; in bootstrap mode a config not installed yet is an empty one (the bootstrap
-/// repository's first revision brings it).
+/// Reads the config (none yet is an empty one in bootstrap mode).
 fn load_config(opts: &Options) -> Result<Config, ConfigError> {
-    match Config::load(&opts.config) {
-        Err(ConfigError::Read { source, .. })
-            if opts.bootstrap.is_some() && source.kind() == std::io::ErrorKind::NotFound =>
-        {
-            info!(config = %opts.config.display(), "no config yet: taking it from the bootstrap repository");
-            Config::parse(&opts.config, "")
-        }
-        other => other,
-    }
+    bootstrap::load_config(&opts.config, opts.bootstrap.is_some())
 }
 
 /// This machine's services in `config`, and plumb itself in bootstrap mode.

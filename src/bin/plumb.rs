@@ -111,14 +111,7 @@ fn serve(cli: Cli) -> anyhow::Result<ExitCode> {
     // Read here too for the API's socket and groups; the daemon validates and reports it the same
     // way. In bootstrap mode there may be none yet: then the defaults hold until a restart.
     let bootstrap = cli.bootstrap();
-    let config = match Config::load(&cli.config) {
-        Err(plumb::config::ConfigError::Read { source, .. })
-            if bootstrap.is_some() && source.kind() == std::io::ErrorKind::NotFound =>
-        {
-            Config::parse(&cli.config, "")?
-        }
-        other => other?,
-    };
+    let config = bootstrap::load_config(&cli.config, bootstrap.is_some())?;
     if !config.keys.is_empty() {
         tracing::warn!(
             "[global] keys is ignored: plumb's API is the local socket {} for the unix groups {:?} \

@@ -415,6 +415,30 @@ impl Daemon {
         {
             warn!("state_dir changed; it takes effect at the next restart");
         }
+        let (old, new) = (&self.config.settings, &config.settings);
+        let at_start = [
+            ("socket", old.socket != new.socket),
+            ("admin_group", old.admin_group != new.admin_group),
+            ("readonly_group", old.readonly_group != new.readonly_group),
+            (
+                "metrics_address",
+                old.metrics_address != new.metrics_address,
+            ),
+            ("webhook_secret", old.webhook_secret != new.webhook_secret),
+            (
+                "webhook_secret_file",
+                old.webhook_secret_file != new.webhook_secret_file,
+            ),
+        ];
+        let changed: Vec<&str> = at_start
+            .iter()
+            .filter(|(_, c)| *c)
+            .map(|(k, _)| *k)
+            .collect();
+        if !changed.is_empty() {
+            // The listeners are bound at start; their settings are not re-read.
+            warn!(settings = ?changed, "changed; they take effect at the next restart (systemctl restart plumb)");
+        }
         let state_dir = self.config.settings.state_dir.clone();
         self.config = config;
         self.config.settings.state_dir = state_dir;

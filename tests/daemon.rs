@@ -1196,7 +1196,7 @@ fn bootstrap_takes_the_config_from_git_keeps_state_and_refuses_a_bad_one() {
         .arg(&m.state)
         .env("PLUMB_LOG", "debug")
         .stdout(Stdio::null())
-        .stderr(Stdio::null());
+        .stderr(fs::File::create(root.path().join("plumb.log")).unwrap());
     let _daemon = Running(cmd.spawn().unwrap());
     wait_until("the config from git installed", DEADLINE, || {
         fs::read_to_string(&m.config).is_ok_and(|t| t == first)
@@ -1205,6 +1205,13 @@ fn bootstrap_takes_the_config_from_git_keeps_state_and_refuses_a_bad_one() {
         m.read("app", "app/conf").as_deref() == Some("v1")
     });
     assert_eq!(m.state_json("plumb")["state"], "OK");
+    // The metrics listener was bound with the defaults: the operator is told to restart.
+    wait_until("a warning about settings read at start", DEADLINE, || {
+        fs::read_to_string(root.path().join("plumb.log")).is_ok_and(|l| {
+            l.lines()
+                .any(|l| l.contains("next restart") && l.contains("metrics_address"))
+        })
+    });
     assert_eq!(
         fs::metadata(&m.config).unwrap().mode() & 0o777,
         0o640,

@@ -1123,6 +1123,8 @@ impl Daemon {
         let pending: Vec<(String, Oid)> = self
             .services
             .iter()
+            // plumb's own config is installed at start whether or not there is a systemd.
+            .filter(|(name, _)| name.as_str() != bootstrap::SELF || self.opts.bootstrap.is_none())
             .filter_map(|(name, e)| {
                 let deployed = e.state.deployed?;
                 let applied = apply::read_applied(&self.layout, name).map(|o| o.revision);

@@ -183,7 +183,8 @@ for mode in pull webhook; do
   say "mode $mode: interval 1h, $PUSHES pushes"
   fetch_mark
   for _ in $(seq "$PUSHES"); do
-    # The hook accepts one delivery a second (429 otherwise): keep the pushes that far apart.
+    # Hooks make at most one fetch a second (a later one is deferred): keep the pushes that far apart,
+    # so each is measured undeferred.
     if [ "$mode" = webhook ]; then
       now_ms; gap=$((1100 - (NOW - LAST_HOOK)))
       [ $gap -le 0 ] || sleep "$(awk -v g=$gap 'BEGIN {printf "%.3f", g / 1000}')"

@@ -1,8 +1,10 @@
 //! The push webhook: `POST /v1/hooks/push` on the metrics listener makes every upstream fetch now
 //! rather than at its next tick. Only signed requests count: GitHub's and Gitea/Forgejo's
 //! HMAC-SHA256 of the body, or GitLab's token header, with the configured shared secret. A
-//! delivery id seen before is refused (replay), and accepted hooks are rate-limited so a flood
-//! cannot turn into a flood of fetches. Answers at once; the fetch runs in the daemon's loop.
+//! delivery id seen before is refused (replay). Accepted hooks make at most one fetch a second: a
+//! hook within a second of the last one is answered at once and its fetch deferred to the end of
+//! that second (several such hooks share it), so a flood cannot turn into a flood of fetches and a
+//! burst of pushes never loses its last one. Answers at once; the fetch runs in the daemon's loop.
 
 use std::collections::VecDeque;
 use std::sync::{Arc, Mutex};
@@ -25,8 +27,27 @@ pub enum HookError {
     BadSignature,
     #[error("delivery {0} was seen before")]
     Replayed(String),
-    #[error("too many hooks; the next fetch is already due")]
-    RateLimited,
+}
+
+/// What an accepted hook does.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Admitted {
+    /// Makes the fetch due now.
+    Now,
+    /// Makes it due after this long, the end of the second since the last accepted hook.
+    After(Duration),
+    /// Joins a deferred fetch asked for already.
+    Joined,
+}
+
+impl Admitted {
+    /// The `result` label of `plumb_webhook_total`.
+    fn label(self) -> &'static str {
+        match self {
+            Admitted::Now => "ok",
+            Admitted::After(_) | Admitted::Joined => "deferred",
+        }
+    }
 }
 
 impl HookError {
@@ -34,7 +55,6 @@ impl HookError {
         match self {
             HookError::Unsigned | HookError::BadSignature => StatusCode::UNAUTHORIZED,
             HookError::Replayed(_) => StatusCode::CONFLICT,
-            HookError::RateLimited => StatusCode::TOO_MANY_REQUESTS,
         }
     }
 
@@ -44,7 +64,6 @@ impl HookError {
             HookError::Unsigned => "unsigned",
             HookError::BadSignature => "bad_signature",
             HookError::Replayed(_) => "replayed",
-            HookError::RateLimited => "rate_limited",
         }
     }
 }
@@ -97,14 +116,24 @@ fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
 pub struct Hook {
     secret: String,
     handle: Handle,
-    seen: Mutex<(VecDeque<String>, Option<Instant>)>,
+    seen: Mutex<Seen>,
     metrics: Option<Arc<crate::metrics::Metrics>>,
+}
+
+/// What the webhook remembers between requests.
+#[derive(Default)]
+struct Seen {
+    /// The last deliveries' ids, oldest first.
+    deliveries: VecDeque<String>,
+    /// When the last fetch was asked for (now, or at the end of a deferral).
+    last: Option<Instant>,
+    /// A deferred fetch is waiting for its time.
+    deferred: bool,
 }
 
 /// Deliveries remembered for replay detection.
 const REMEMBERED: usize = 1024;
-/// At most one accepted hook per this long; later ones in the window are refused (the fetch the
-/// first one asked for is already due).
+/// At most one fetch asked for by hooks per this long; later hooks in the window defer theirs.
 const MIN_GAP: Duration = Duration::from_secs(1);
 
 impl Hook {
@@ -116,34 +145,44 @@ impl Hook {
         Arc::new(Hook {
             secret,
             handle,
-            seen: Mutex::new((VecDeque::new(), None)),
+            seen: Mutex::new(Seen::default()),
             metrics,
         })
     }
 
-    fn admit(&self, headers: &HeaderMap, body: &[u8]) -> Result<(), HookError> {
+    fn admit(&self, headers: &HeaderMap, body: &[u8], now: Instant) -> Result<Admitted, HookError> {
         let delivery = verify(headers, body, &self.secret)?;
         let mut seen = self.seen.lock().unwrap_or_else(|e| e.into_inner());
         if let Some(d) = &delivery
-            && seen.0.contains(d)
+            && seen.deliveries.contains(d)
         {
             return Err(HookError::Replayed(d.clone()));
         }
-        let now = Instant::now();
-        if seen
-            .1
-            .is_some_and(|last| now.duration_since(last) < MIN_GAP)
-        {
-            return Err(HookError::RateLimited);
-        }
-        seen.1 = Some(now);
         if let Some(d) = delivery {
-            if seen.0.len() == REMEMBERED {
-                seen.0.pop_front();
+            if seen.deliveries.len() == REMEMBERED {
+                seen.deliveries.pop_front();
             }
-            seen.0.push_back(d);
+            seen.deliveries.push_back(d);
         }
-        Ok(())
+        let admitted = match seen.last.map(|last| last + MIN_GAP) {
+            _ if seen.deferred => Admitted::Joined,
+            Some(due) if due > now => {
+                seen.deferred = true;
+                Admitted::After(due - now)
+            }
+            _ => {
+                seen.last = Some(now);
+                Admitted::Now
+            }
+        };
+        Ok(admitted)
+    }
+
+    /// The deferred fetch's time has come: the next hook starts a new window from now.
+    fn deferral_ended(&self) {
+        let mut seen = self.seen.lock().unwrap_or_else(|e| e.into_inner());
+        seen.deferred = false;
+        seen.last = Some(Instant::now());
     }
 }
 
@@ -153,15 +192,36 @@ pub async fn push(
     headers: HeaderMap,
     body: Bytes,
 ) -> (StatusCode, String) {
-    let result = hook.admit(&headers, &body);
+    let result = hook.admit(&headers, &body, Instant::now());
     if let Some(m) = &hook.metrics {
-        m.hook(result.as_ref().err().map_or("ok", HookError::label));
+        m.hook(match &result {
+            Ok(a) => a.label(),
+            Err(e) => e.label(),
+        });
     }
     match result {
-        Ok(()) => match hook.handle.call(Command::Poke).await {
+        Ok(Admitted::Now) => match hook.handle.call(Command::Poke).await {
             Ok(_) => (StatusCode::ACCEPTED, "fetching\n".to_owned()),
             Err(e) => (StatusCode::SERVICE_UNAVAILABLE, format!("{e}\n")),
         },
+        Ok(Admitted::After(wait)) => {
+            let deferred = hook.clone();
+            tokio::spawn(async move {
+                tokio::time::sleep(wait).await;
+                deferred.deferral_ended();
+                if let Err(e) = deferred.handle.call(Command::Poke).await {
+                    tracing::warn!("push webhook: deferred fetch: {e}");
+                }
+            });
+            (
+                StatusCode::ACCEPTED,
+                format!("fetching in {} ms\n", wait.as_millis()),
+            )
+        }
+        Ok(Admitted::Joined) => (
+            StatusCode::ACCEPTED,
+            "fetching with the deferred fetch\n".to_owned(),
+        ),
         Err(e) => {
             tracing::warn!("push webhook refused: {e}");
             (e.status(), format!("{e}\n"))
@@ -218,5 +278,34 @@ mod tests {
         );
         let odd = headers(&[("x-hub-signature-256", "sha256=abc")]);
         assert_eq!(verify(&odd, b"{}", secret), Err(HookError::BadSignature));
+    }
+
+    #[test]
+    fn hooks_within_a_second_defer_one_fetch_and_replays_are_refused() {
+        let secret = "0123456789abcdef";
+        let (handle, _commands) = crate::daemon::channel();
+        let hook = Hook::new(secret.to_owned(), handle, None);
+        let signed = |delivery: &str| {
+            headers(&[
+                ("x-gitlab-token", secret),
+                ("x-gitlab-event-uuid", delivery),
+            ])
+        };
+        let t0 = Instant::now();
+        assert_eq!(hook.admit(&signed("a"), b"{}", t0), Ok(Admitted::Now));
+        let t1 = t0 + Duration::from_millis(300);
+        assert_eq!(
+            hook.admit(&signed("b"), b"{}", t1),
+            Ok(Admitted::After(Duration::from_millis(700)))
+        );
+        let t2 = t0 + Duration::from_millis(600);
+        assert_eq!(hook.admit(&signed("c"), b"{}", t2), Ok(Admitted::Joined));
+        assert_eq!(
+            hook.admit(&signed("b"), b"{}", t2),
+            Err(HookError::Replayed("b".into()))
+        );
+        hook.deferral_ended();
+        let later = Instant::now() + MIN_GAP;
+        assert_eq!(hook.admit(&signed("d"), b"{}", later), Ok(Admitted::Now));
     }
 }

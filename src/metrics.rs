@@ -138,7 +138,7 @@ impl Metrics {
             ),
             webhook_total: counter(
                 "plumb_webhook_total",
-                "Push webhooks received, by result (ok, unsigned, bad_signature, replayed, rate_limited).",
+                "Push webhooks received, by result (ok, deferred, unsigned, bad_signature, replayed).",
                 &["result"],
             ),
             refused_total: counter(

@@ -875,17 +875,36 @@ fn a_signed_push_webhook_fetches_now_and_a_bad_one_is_refused_and_counted() {
         m.rev("app").as_deref() == Some(v2.as_str())
     });
     assert_eq!(
-        hook(port, body, &[signed, delivery]),
+        hook(port, body, &[signed.clone(), delivery]),
         409,
         "a replayed delivery"
     );
+
+    // A burst: two pushes, each with its hook, well within a second. The second hook's fetch is
+    // deferred to the end of the second, and brings the last push.
+    up.write("app/conf", "3").commit("v3");
+    assert_eq!(
+        hook(
+            port,
+            body,
+            &[signed.clone(), "X-GitHub-Delivery: b1".into()]
+        ),
+        202
+    );
+    let v4 = up.write("app/conf", "4").commit("v4");
+    assert_eq!(
+        hook(port, body, &[signed, "X-GitHub-Delivery: b2".into()]),
+        202
+    );
+    wait_until("the burst's last push deployed", DEADLINE, || {
+        m.rev("app").as_deref() == Some(v4.as_str())
+    });
     let text = scrape(port);
-    for (result, n) in [
-        ("ok", 1),
-        ("unsigned", 1),
-        ("bad_signature", 1),
-        ("replayed", 1),
-    ] {
+    for result in ["ok", "deferred"] {
+        let counted = format!("plumb_webhook_total{{result=\"{result}\"}}");
+        assert!(text.contains(&counted), "{counted} in\n{text}");
+    }
+    for (result, n) in [("unsigned", 1), ("bad_signature", 1), ("replayed", 1)] {
         let line = format!("plumb_webhook_total{{result=\"{result}\"}} {n}");
         assert!(text.contains(&line), "{line} in\n{text}");
     }

@@ -608,9 +608,20 @@ impl Daemon {
                     });
                 }
             }
-            Command::Poke => {
-                for u in self.upstreams.values_mut() {
-                    u.fetch_now(None);
+            Command::Poke { repositories } => {
+                let keys: BTreeSet<String> = repositories
+                    .iter()
+                    .map(|r| git::repository_key(r))
+                    .collect();
+                let named = |url: &String| keys.contains(&git::repository_key(url));
+                let any = self.upstreams.keys().any(named);
+                if !any && !keys.is_empty() {
+                    debug!(repositories = ?repositories, "push webhook: no upstream is one of its repositories; fetching all");
+                }
+                for (url, u) in self.upstreams.iter_mut() {
+                    if !any || named(url) {
+                        u.fetch_now(None);
+                    }
                 }
                 let _ = reply.send(Ok(Reply::Services(Vec::new())));
             }
@@ -1643,8 +1654,10 @@ pub enum Command {
     /// Rebuild the service's checkout from the store at the same revision; the service keeps its
     /// current files until the new checkout is in place and re-bound. Drops local edits.
     Wipe(String),
-    /// A push webhook arrived: fetch every upstream now instead of at its next tick.
-    Poke,
+    /// A push webhook arrived: fetch now instead of at the next tick the upstreams that are one of
+    /// `repositories` (URLs from its payload, any protocol), or every upstream when none is (a
+    /// mirror, a host known by another name) or the payload named none.
+    Poke { repositories: Vec<String> },
 }
 
 /// The daemon's answer to a [`Command`].

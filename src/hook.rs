@@ -1,5 +1,6 @@
-//! The push webhook: `POST /v1/hooks/push` on the metrics listener makes every upstream fetch now
-//! rather than at its next tick. Only signed requests count: GitHub's and Gitea/Forgejo's
+//! The push webhook: `POST /v1/hooks/push` on the metrics listener makes the upstreams its payload
+//! names (any of the repository's URLs; every upstream when none matches) fetch now rather than at
+//! their next tick. Only signed requests count: GitHub's and Gitea/Forgejo's
 //! HMAC-SHA256 of the body, or GitLab's token header, with the configured shared secret. A
 //! delivery id seen before is refused (replay). Accepted hooks make at most one fetch a second: a
 //! hook within a second of the last one is answered at once and its fetch deferred to the end of
@@ -129,6 +130,8 @@ struct Seen {
     last: Option<Instant>,
     /// A deferred fetch is waiting for its time.
     deferred: bool,
+    /// The repositories of the hooks waiting for it (`None`: one named none, so every upstream).
+    waiting: Option<Vec<String>>,
 }
 
 /// Deliveries remembered for replay detection.
@@ -150,7 +153,13 @@ impl Hook {
         })
     }
 
-    fn admit(&self, headers: &HeaderMap, body: &[u8], now: Instant) -> Result<Admitted, HookError> {
+    fn admit(
+        &self,
+        headers: &HeaderMap,
+        body: &[u8],
+        repositories: &[String],
+        now: Instant,
+    ) -> Result<Admitted, HookError> {
         let delivery = verify(headers, body, &self.secret)?;
         let mut seen = self.seen.lock().unwrap_or_else(|e| e.into_inner());
         if let Some(d) = &delivery
@@ -164,10 +173,22 @@ impl Hook {
             }
             seen.deliveries.push_back(d);
         }
+        // An empty list names no repository: the fetch is for every upstream.
+        let named = (!repositories.is_empty()).then(|| repositories.to_vec());
         let admitted = match seen.last.map(|last| last + MIN_GAP) {
-            _ if seen.deferred => Admitted::Joined,
+            _ if seen.deferred => {
+                seen.waiting = match (seen.waiting.take(), named) {
+                    (Some(mut all), Some(more)) => {
+                        all.extend(more);
+                        Some(all)
+                    }
+                    _ => None,
+                };
+                Admitted::Joined
+            }
             Some(due) if due > now => {
                 seen.deferred = true;
+                seen.waiting = named;
                 Admitted::After(due - now)
             }
             _ => {
@@ -178,12 +199,47 @@ impl Hook {
         Ok(admitted)
     }
 
-    /// The deferred fetch's time has come: the next hook starts a new window from now.
-    fn deferral_ended(&self) {
+    /// The deferred fetch's time has come: the next hook starts a new window from now. Returns the
+    /// repositories the hooks that waited named (empty: every upstream).
+    fn deferral_ended(&self) -> Vec<String> {
         let mut seen = self.seen.lock().unwrap_or_else(|e| e.into_inner());
         seen.deferred = false;
         seen.last = Some(Instant::now());
+        seen.waiting.take().unwrap_or_default()
     }
+}
+
+/// The repository URLs a push payload names: GitHub's and Gitea/Forgejo's `repository` (clone,
+/// ssh, git and web URLs), GitLab's `project` and `repository`. None for a body that is not JSON
+/// (GitHub's form encoding) or names none.
+fn repositories(body: &[u8]) -> Vec<String> {
+    const FIELDS: [&str; 10] = [
+        "clone_url",
+        "ssh_url",
+        "git_url",
+        "html_url",
+        "url",
+        "git_http_url",
+        "git_ssh_url",
+        "http_url",
+        "web_url",
+        "homepage",
+    ];
+    let Ok(payload) = serde_json::from_slice::<serde_json::Value>(body) else {
+        return Vec::new();
+    };
+    let mut urls = Vec::new();
+    for object in ["repository", "project"] {
+        for field in FIELDS {
+            if let Some(url) = payload[object][field].as_str()
+                && !url.is_empty()
+                && !urls.iter().any(|u| u == url)
+            {
+                urls.push(url.to_owned());
+            }
+        }
+    }
+    urls
 }
 
 /// `POST /v1/hooks/push`.
@@ -192,7 +248,8 @@ pub async fn push(
     headers: HeaderMap,
     body: Bytes,
 ) -> (StatusCode, String) {
-    let result = hook.admit(&headers, &body, Instant::now());
+    let repositories = repositories(&body);
+    let result = hook.admit(&headers, &body, &repositories, Instant::now());
     if let Some(m) = &hook.metrics {
         m.hook(match &result {
             Ok(a) => a.label(),
@@ -200,7 +257,7 @@ pub async fn push(
         });
     }
     match result {
-        Ok(Admitted::Now) => match hook.handle.call(Command::Poke).await {
+        Ok(Admitted::Now) => match hook.handle.call(Command::Poke { repositories }).await {
             Ok(_) => (StatusCode::ACCEPTED, "fetching\n".to_owned()),
             Err(e) => (StatusCode::SERVICE_UNAVAILABLE, format!("{e}\n")),
         },
@@ -208,8 +265,8 @@ pub async fn push(
             let deferred = hook.clone();
             tokio::spawn(async move {
                 tokio::time::sleep(wait).await;
-                deferred.deferral_ended();
-                if let Err(e) = deferred.handle.call(Command::Poke).await {
+                let repositories = deferred.deferral_ended();
+                if let Err(e) = deferred.handle.call(Command::Poke { repositories }).await {
                     tracing::warn!("push webhook: deferred fetch: {e}");
                 }
             });
@@ -292,20 +349,52 @@ mod tests {
             ])
         };
         let t0 = Instant::now();
-        assert_eq!(hook.admit(&signed("a"), b"{}", t0), Ok(Admitted::Now));
+        assert_eq!(hook.admit(&signed("a"), b"{}", &[], t0), Ok(Admitted::Now));
         let t1 = t0 + Duration::from_millis(300);
         assert_eq!(
-            hook.admit(&signed("b"), b"{}", t1),
+            hook.admit(&signed("b"), b"{}", &["https://h/x".into()], t1),
             Ok(Admitted::After(Duration::from_millis(700)))
         );
         let t2 = t0 + Duration::from_millis(600);
-        assert_eq!(hook.admit(&signed("c"), b"{}", t2), Ok(Admitted::Joined));
         assert_eq!(
-            hook.admit(&signed("b"), b"{}", t2),
+            hook.admit(&signed("c"), b"{}", &["git@h:y.git".into()], t2),
+            Ok(Admitted::Joined)
+        );
+        assert_eq!(
+            hook.admit(&signed("b"), b"{}", &[], t2),
             Err(HookError::Replayed("b".into()))
         );
-        hook.deferral_ended();
+        assert_eq!(hook.deferral_ended(), vec!["https://h/x", "git@h:y.git"]);
         let later = Instant::now() + MIN_GAP;
-        assert_eq!(hook.admit(&signed("d"), b"{}", later), Ok(Admitted::Now));
+        assert_eq!(
+            hook.admit(&signed("d"), b"{}", &[], later),
+            Ok(Admitted::Now)
+        );
+        // A hook naming no repository in the deferral makes it a fetch of every upstream.
+        let t3 = later + Duration::from_millis(10);
+        hook.admit(&signed("e"), b"{}", &["https://h/x".into()], t3)
+            .unwrap();
+        hook.admit(&signed("f"), b"{}", &[], t3).unwrap();
+        assert!(hook.deferral_ended().is_empty());
+    }
+
+    #[test]
+    fn the_repositories_a_payload_names() {
+        let github = br#"{"ref":"refs/heads/main","repository":{"clone_url":"https://github.com/o/r.git","ssh_url":"git@github.com:o/r.git","html_url":"https://github.com/o/r"}}"#;
+        assert_eq!(
+            repositories(github),
+            vec![
+                "https://github.com/o/r.git",
+                "git@github.com:o/r.git",
+                "https://github.com/o/r"
+            ]
+        );
+        let gitlab = br#"{"project":{"git_http_url":"https://gl/o/r.git","git_ssh_url":"git@gl:o/r.git"},"repository":{"url":"git@gl:o/r.git"}}"#;
+        assert_eq!(
+            repositories(gitlab),
+            vec!["git@gl:o/r.git", "https://gl/o/r.git"]
+        );
+        assert!(repositories(b"payload=%7B%7D").is_empty());
+        assert!(repositories(br#"{"repository":{"clone_url":3}}"#).is_empty());
     }
 }

@@ -1342,3 +1342,74 @@ fn a_pull_during_a_running_fetch_gets_a_fetch_of_its_own() {
         "the second pull answered with the commit pushed before it"
     );
 }
+
+/// A hook whose payload names one repository fetches that upstream only; one naming none of the
+/// upstreams (a mirror, another name for the host) fetches them all.
+#[test]
+fn a_push_webhook_fetches_the_upstream_its_payload_names() {
+    let root = temp_root();
+    let alpha = Upstream::new(root.path(), "alpha");
+    let beta = Upstream::new(root.path(), "beta");
+    alpha.write("app/conf", "1").commit("a1");
+    let b1 = beta.write("web/conf", "1").commit("b1");
+    let port = free_port();
+    let secret = "0123456789abcdef-test";
+    let m = Machine::new(root.path(), "");
+    m.write_config_with(
+        &format!(
+            "interval = \"1h\"\nmetrics_address = \"127.0.0.1:{port}\"\nwebhook_secret = \"{secret}\"\n"
+        ),
+        &format!(
+            "{}{}",
+            service("app", &alpha.file_url(), &["app"]),
+            service("web", &beta.file_url(), &["web"])
+        ),
+    );
+    let _d = m.spawn();
+    wait_until("first deploys", DEADLINE, || {
+        m.rev("app").is_some() && m.rev("web").is_some()
+    });
+    let send = |repository: &str, delivery: &str| {
+        let body =
+            format!(r#"{{"ref":"refs/heads/main","repository":{{"clone_url":"{repository}"}}}}"#);
+        let headers = [
+            github_signature(secret, &body),
+            format!("X-GitHub-Delivery: {delivery}"),
+        ];
+        assert_eq!(hook(port, &body, &headers), 202);
+    };
+    let fetches = |up: &Upstream| {
+        let line = format!(
+            "plumb_git_fetch_total{{result=\"ok\",upstream=\"{}\"}} ",
+            up.file_url()
+        );
+        scrape(port)
+            .lines()
+            .find_map(|l| l.strip_prefix(&line).map(|n| n.parse::<u64>().unwrap()))
+            .unwrap_or(0)
+    };
+
+    let a2 = alpha.write("app/conf", "2").commit("a2");
+    beta.write("web/conf", "2").commit("b2");
+    // The payload names alpha by another of its URLs' spellings.
+    let alpha_url = format!("{}/", alpha.file_url());
+    send(&alpha_url, "h1");
+    wait_until("alpha's push deployed", DEADLINE, || {
+        m.rev("app").as_deref() == Some(a2.as_str())
+    });
+    // A second hook for alpha, after which any fetch of beta the first one started is done too.
+    let a3 = alpha.write("app/conf", "3").commit("a3");
+    send(&alpha_url, "h2");
+    wait_until("alpha's second push deployed", DEADLINE, || {
+        m.rev("app").as_deref() == Some(a3.as_str())
+    });
+    assert_eq!(fetches(&beta), 1, "beta fetched only at start");
+    assert_eq!(m.rev("web").as_deref(), Some(b1.as_str()));
+
+    send("https://mirror.example.invalid/elsewhere.git", "h3");
+    wait_until(
+        "beta fetched by a hook naming no upstream",
+        DEADLINE,
+        || fetches(&beta) == 2,
+    );
+}

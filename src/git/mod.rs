@@ -97,7 +97,7 @@ use std::time::Duration;
 pub use git2::Oid;
 pub use history::{FileChange, under_links};
 pub use inspect::{DEFAULT_MAX_FILE_SIZE, Limits, human_size};
-pub use url::{redact_url, store_id};
+pub use url::{redact_url, repository_key, store_id};
 pub use verify::Trust;
 
 /// Errors of the git engine. Each names what it was working on (URL — always redacted —, path,

@@ -66,6 +66,39 @@ fn userinfo_end(rest: &str) -> Option<usize> {
     })
 }
 
+/// What names a repository whatever the protocol that reaches it: the host (lower case, without
+/// user or port) and the path without `.git` and surrounding slashes, lower case. So the
+/// `https://`, `ssh://` and scp-like `git@host:path` URLs a git host lists for one repository
+/// (in a push webhook's payload, say) give the key of the upstream configured by any of them.
+pub fn repository_key(url: &str) -> String {
+    let (host, path) = match url.split_once("://") {
+        Some((_, rest)) => {
+            let rest = userinfo_end(rest).map_or(rest, |at| &rest[at + 1..]);
+            let (authority, path) = rest.split_at(rest.find('/').unwrap_or(rest.len()));
+            (authority, path)
+        }
+        // scp-like: [user@]host:path
+        None => match url.split_once(':') {
+            Some((authority, path)) => (authority.rsplit('@').next().unwrap_or(authority), path),
+            None => ("", url),
+        },
+    };
+    let host = match host.rsplit_once(':') {
+        Some((h, port)) if port.chars().all(|c| c.is_ascii_digit()) => h,
+        _ => host,
+    };
+    let path = path.trim_matches('/');
+    let path = path
+        .strip_suffix(".git")
+        .unwrap_or(path)
+        .trim_end_matches('/');
+    format!(
+        "{}/{}",
+        host.to_ascii_lowercase(),
+        path.to_ascii_lowercase()
+    )
+}
+
 /// `url` with only the password removed (user kept): the identity of an upstream.
 fn without_password(url: &str) -> String {
     let Some((scheme, rest)) = url.split_once("://") else {
@@ -407,5 +440,29 @@ mod tests {
         assert_eq!(http_credentials("ssh://u:p@h/x"), None);
         assert_eq!(percent_decode("a%2"), "a%2");
         assert_eq!(percent_decode("%zz%41"), "%zzA");
+    }
+
+    #[test]
+    fn one_repository_key_for_every_protocol_of_a_repository() {
+        let key = "git.example.org/ops/config";
+        for url in [
+            "https://git.example.org/ops/config.git",
+            "https://ci:token@git.example.org/Ops/Config",
+            "http://git.example.org:3000/ops/config/",
+            "ssh://git@git.example.org:2222/ops/config.git",
+            "git@git.example.org:ops/config.git",
+            "git://git.example.org/ops/config",
+        ] {
+            assert_eq!(repository_key(url), key, "{url}");
+        }
+        assert_ne!(repository_key("https://git.example.org/ops/other.git"), key);
+        assert_ne!(
+            repository_key("https://mirror.example.org/ops/config.git"),
+            key
+        );
+        assert_eq!(
+            repository_key("file:///srv/git/config.git"),
+            "/srv/git/config"
+        );
     }
 }

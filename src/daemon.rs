@@ -134,7 +134,11 @@ pub async fn run(
             ready = true;
             notify.send("READY=1");
         }
-        let stopping = shutdown.is_cancelled() || (d.opts.once && d.all_cycled());
+        // A one-shot run ends when every upstream has had a cycle and none is running (a config
+        // installed by bootstrap may have started another: it must not be cancelled).
+        let once_done =
+            d.opts.once && d.all_cycled() && d.upstreams.values().all(|u| !u.busy && !u.again);
+        let stopping = shutdown.is_cancelled() || once_done;
         if stopping {
             d.cancel.store(true, Ordering::Relaxed);
             if d.upstreams.values().all(|u| !u.busy) {
@@ -186,6 +190,9 @@ struct Upstream {
     again: bool,
     /// Operators waiting for that next cycle.
     after: Vec<Waiter>,
+    /// Services were added to it (or moved onto it) since its last fetch started: it does not
+    /// count as cycled (`--once`) until a fetch starts after the change.
+    stale: bool,
 }
 
 impl Upstream {
@@ -339,6 +346,8 @@ impl Daemon {
         };
         let now = unix_now();
         let mut services = BTreeMap::new();
+        // Upstreams with a service new to them: fetched now, not at their next tick.
+        let mut due = BTreeSet::new();
         for cfg in selected {
             let entry = match self.services.remove(&cfg.name) {
                 Some(mut old) => {
@@ -348,8 +357,9 @@ impl Daemon {
                         || old.config.mount != cfg.mount;
                     if moved {
                         // Its paths changed: the next fetch checks it out afresh.
-                        info!(service = %cfg.name, "configuration changed; redeploying at the next fetch");
+                        info!(service = %cfg.name, "configuration changed; redeploying now");
                         old.state.synced = None;
+                        due.insert(cfg.upstream.clone());
                     }
                     Entry {
                         config: cfg,
@@ -357,11 +367,14 @@ impl Daemon {
                         behind: old.behind,
                     }
                 }
-                None => Entry {
-                    state: load_state(&self.layout, &cfg.name, now),
-                    config: cfg,
-                    behind: None,
-                },
+                None => {
+                    due.insert(cfg.upstream.clone());
+                    Entry {
+                        state: load_state(&self.layout, &cfg.name, now),
+                        config: cfg,
+                        behind: None,
+                    }
+                }
             };
             services.insert(entry.config.name.clone(), entry);
         }
@@ -390,7 +403,14 @@ impl Daemon {
                 waiters: Vec::new(),
                 again: false,
                 after: Vec::new(),
+                stale: false,
             });
+        }
+        for url in due {
+            if let Some(u) = self.upstreams.get_mut(&url) {
+                u.stale = true;
+                u.fetch_now(None);
+            }
         }
     }
 
@@ -464,7 +484,7 @@ impl Daemon {
     }
 
     fn all_cycled(&self) -> bool {
-        self.upstreams.values().all(|u| u.cycles > 0)
+        self.upstreams.values().all(|u| u.cycles > 0 && !u.stale)
     }
 
     fn next_due(&self) -> Instant {
@@ -778,6 +798,7 @@ impl Daemon {
                 .collect();
             if let Some(u) = self.upstreams.get_mut(&url) {
                 u.busy = true;
+                u.stale = false;
             }
             // Checkouts to look for local edits in, at the revision each was made from, and how
             // far behind each service's files are.

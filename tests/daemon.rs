@@ -1413,3 +1413,49 @@ fn a_push_webhook_fetches_the_upstream_its_payload_names() {
         || fetches(&beta) == 2,
     );
 }
+
+/// `plumb --once --bootstrap`: one run takes the config from git and deploys the services it
+/// names, including those on the bootstrap repository itself, already fetched once in that run.
+#[test]
+fn a_one_shot_bootstrap_deploys_what_the_new_config_names() {
+    let root = temp_root();
+    let up = Upstream::new(root.path(), "ops");
+    let m = Machine {
+        config: root.path().join("etc/plumb.toml"),
+        state: root.path().join("state"),
+    };
+    let config = format!(
+        "[plumb]\nstate_dir = {:?}\ninterval = \"1h\"\nmetrics_address = \"\"\n\n{}",
+        m.state,
+        service("app", &up.file_url(), &["app"])
+    );
+    let head = up
+        .write("plumb/plumb.toml", &config)
+        .write("app/conf", "v1")
+        .commit("ops");
+    let out = Command::new(env!("CARGO_BIN_EXE_plumb"))
+        .arg("-c")
+        .arg(&m.config)
+        .args([
+            "--hosts",
+            "testbox",
+            "--once",
+            "--bootstrap",
+            &up.file_url(),
+        ])
+        .arg("--state-dir")
+        .arg(&m.state)
+        .arg("--socket")
+        .arg(root.path().join("plumb.sock"))
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{stdout}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(fs::read_to_string(&m.config).unwrap(), config);
+    assert_eq!(m.rev("app").as_deref(), Some(head.as_str()), "{stdout}");
+    assert_eq!(m.read("app", "app/conf").as_deref(), Some("v1"));
+}

@@ -212,7 +212,7 @@ impl Hook {
 /// The repository URLs a push payload names: GitHub's and Gitea/Forgejo's `repository` (clone,
 /// ssh, git and web URLs), GitLab's `project` and `repository`. None for a body that is not JSON
 /// (GitHub's form encoding) or names none.
-fn repositories(body: &[u8]) -> Vec<String> {
+pub fn repositories(body: &[u8]) -> Vec<String> {
     const FIELDS: [&str; 10] = [
         "clone_url",
         "ssh_url",

@@ -129,6 +129,10 @@ fn webhook(data: &[u8]) {
         }
     }
     let _ = plumb::hook::verify(&headers, body, SECRET).map_err(|e| (e.to_string(), e.label()));
+    // The repositories a payload names, and their keys, from any body.
+    for url in plumb::hook::repositories(body) {
+        let _ = plumb::git::repository_key(&url);
+    }
     // A correct signature of the same body passes, whatever else the request holds.
     let mut mac = Hmac::<Sha256>::new_from_slice(SECRET.as_bytes()).expect("key");
     mac.update(body);

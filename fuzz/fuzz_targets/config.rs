@@ -55,6 +55,7 @@ fuzz_target!(|data: &[u8]| {
         let _ = config.settings.upstream(&s.upstream);
         let _ = plumb::git::redact_url(&s.upstream);
         let _ = plumb::git::store_id(&s.upstream);
+        let _ = plumb::git::repository_key(&s.upstream);
     }
     let _ = plumb::api::machines(&config, hosts.clone());
     if let Err(e) = config.select(&hosts) {

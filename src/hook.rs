@@ -153,14 +153,16 @@ impl Hook {
         })
     }
 
+    /// Checks a hook and decides when its fetch runs; returns that and the repositories its payload
+    /// names (read only once the signature holds).
     fn admit(
         &self,
         headers: &HeaderMap,
         body: &[u8],
-        repositories: &[String],
         now: Instant,
-    ) -> Result<Admitted, HookError> {
+    ) -> Result<(Admitted, Vec<String>), HookError> {
         let delivery = verify(headers, body, &self.secret)?;
+        let repositories = repositories(body);
         let mut seen = self.seen.lock().unwrap_or_else(|e| e.into_inner());
         if let Some(d) = &delivery
             && seen.deliveries.contains(d)
@@ -174,7 +176,7 @@ impl Hook {
             seen.deliveries.push_back(d);
         }
         // An empty list names no repository: the fetch is for every upstream.
-        let named = (!repositories.is_empty()).then(|| repositories.to_vec());
+        let named = (!repositories.is_empty()).then(|| repositories.clone());
         let admitted = match seen.last.map(|last| last + MIN_GAP) {
             _ if seen.deferred => {
                 seen.waiting = match (seen.waiting.take(), named) {
@@ -196,7 +198,7 @@ impl Hook {
                 Admitted::Now
             }
         };
-        Ok(admitted)
+        Ok((admitted, repositories))
     }
 
     /// The deferred fetch's time has come: the next hook starts a new window from now. Returns the
@@ -248,20 +250,21 @@ pub async fn push(
     headers: HeaderMap,
     body: Bytes,
 ) -> (StatusCode, String) {
-    let repositories = repositories(&body);
-    let result = hook.admit(&headers, &body, &repositories, Instant::now());
+    let result = hook.admit(&headers, &body, Instant::now());
     if let Some(m) = &hook.metrics {
         m.hook(match &result {
-            Ok(a) => a.label(),
+            Ok((a, _)) => a.label(),
             Err(e) => e.label(),
         });
     }
     match result {
-        Ok(Admitted::Now) => match hook.handle.call(Command::Poke { repositories }).await {
-            Ok(_) => (StatusCode::ACCEPTED, "fetching\n".to_owned()),
-            Err(e) => (StatusCode::SERVICE_UNAVAILABLE, format!("{e}\n")),
-        },
-        Ok(Admitted::After(wait)) => {
+        Ok((Admitted::Now, repositories)) => {
+            match hook.handle.call(Command::Poke { repositories }).await {
+                Ok(_) => (StatusCode::ACCEPTED, "fetching\n".to_owned()),
+                Err(e) => (StatusCode::SERVICE_UNAVAILABLE, format!("{e}\n")),
+            }
+        }
+        Ok((Admitted::After(wait), _)) => {
             let deferred = hook.clone();
             tokio::spawn(async move {
                 tokio::time::sleep(wait).await;
@@ -275,7 +278,7 @@ pub async fn push(
                 format!("fetching in {} ms\n", wait.as_millis()),
             )
         }
-        Ok(Admitted::Joined) => (
+        Ok((Admitted::Joined, _)) => (
             StatusCode::ACCEPTED,
             "fetching with the deferred fetch\n".to_owned(),
         ),
@@ -348,33 +351,34 @@ mod tests {
                 ("x-gitlab-event-uuid", delivery),
             ])
         };
+        let x = br#"{"repository":{"clone_url":"https://h/x"}}"#;
+        let y = br#"{"repository":{"clone_url":"git@h:y.git"}}"#;
+        let when = |delivery: &str, body: &[u8], now: Instant| {
+            hook.admit(&signed(delivery), body, now).map(|(a, _)| a)
+        };
         let t0 = Instant::now();
-        assert_eq!(hook.admit(&signed("a"), b"{}", &[], t0), Ok(Admitted::Now));
+        assert_eq!(
+            hook.admit(&signed("a"), x, t0),
+            Ok((Admitted::Now, vec!["https://h/x".to_owned()]))
+        );
         let t1 = t0 + Duration::from_millis(300);
         assert_eq!(
-            hook.admit(&signed("b"), b"{}", &["https://h/x".into()], t1),
+            when("b", x, t1),
             Ok(Admitted::After(Duration::from_millis(700)))
         );
         let t2 = t0 + Duration::from_millis(600);
-        assert_eq!(
-            hook.admit(&signed("c"), b"{}", &["git@h:y.git".into()], t2),
-            Ok(Admitted::Joined)
-        );
-        assert_eq!(
-            hook.admit(&signed("b"), b"{}", &[], t2),
-            Err(HookError::Replayed("b".into()))
-        );
+        assert_eq!(when("c", y, t2), Ok(Admitted::Joined));
+        assert_eq!(when("b", b"{}", t2), Err(HookError::Replayed("b".into())));
         assert_eq!(hook.deferral_ended(), vec!["https://h/x", "git@h:y.git"]);
         let later = Instant::now() + MIN_GAP;
-        assert_eq!(
-            hook.admit(&signed("d"), b"{}", &[], later),
-            Ok(Admitted::Now)
-        );
+        assert_eq!(when("d", b"{}", later), Ok(Admitted::Now));
         // A hook naming no repository in the deferral makes it a fetch of every upstream.
         let t3 = later + Duration::from_millis(10);
-        hook.admit(&signed("e"), b"{}", &["https://h/x".into()], t3)
-            .unwrap();
-        hook.admit(&signed("f"), b"{}", &[], t3).unwrap();
+        assert_eq!(
+            when("e", x, t3),
+            Ok(Admitted::After(Duration::from_millis(990)))
+        );
+        assert_eq!(when("f", b"{}", t3), Ok(Admitted::Joined));
         assert!(hook.deferral_ended().is_empty());
     }
 

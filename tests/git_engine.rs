@@ -1013,16 +1013,7 @@ fn last_change_is_the_commit_that_touched_the_links() {
     );
 
     // A merge: the feature branch changes svc2, main changes README, then merges the branch.
-    let clone = root.path().join("clone");
-    git(
-        root.path(),
-        &[
-            "clone",
-            "-q",
-            up.bare.to_str().unwrap(),
-            clone.to_str().unwrap(),
-        ],
-    );
+    let clone = up.clone_into(&root.path().join("clone"));
     git(&clone, &["switch", "-q", "-c", "feature"]);
     fs::write(clone.join("svc2/a"), "feature\n").unwrap();
     git(&clone, &["commit", "-qam", "feature changes svc2"]);
@@ -1393,16 +1384,7 @@ fn submodules_are_not_deployed() {
     let root = temp_root();
     let up = Upstream::new(root.path(), "infra");
     let c1 = up.write("svc/conf", "1\n").commit("one");
-    let clone = root.path().join("clone");
-    git(
-        root.path(),
-        &[
-            "clone",
-            "-q",
-            up.bare.to_str().unwrap(),
-            clone.to_str().unwrap(),
-        ],
-    );
+    let clone = up.clone_into(&root.path().join("clone"));
     git(
         &clone,
         &[

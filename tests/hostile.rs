@@ -400,16 +400,7 @@ fn oversized_files_are_refused_from_their_size_alone() {
     up.write("svc/big", &"z".repeat(1025));
     let r2 = up.commit("one byte over");
     // A symlink no kernel takes (longer than PATH_MAX), so it is made with git alone.
-    let clone = root.path().join("clone");
-    git(
-        root.path(),
-        &[
-            "clone",
-            "-q",
-            up.bare.to_str().unwrap(),
-            clone.to_str().unwrap(),
-        ],
-    );
+    let clone = up.clone_into(&root.path().join("clone"));
     fs::write(root.path().join("long"), "a/".repeat(2500)).unwrap();
     let blob = git(
         &clone,
@@ -477,16 +468,7 @@ fn gitlinks_are_ignored_and_never_fetched() {
     up.remove("svc/sub").write(".gitmodules", &gitmodules);
     up.commit("the submodule's config");
     // Gitlinks to commits that exist nowhere, as the real git records them.
-    let clone = root.path().join("clone");
-    git(
-        root.path(),
-        &[
-            "clone",
-            "-q",
-            up.bare.to_str().unwrap(),
-            clone.to_str().unwrap(),
-        ],
-    );
+    let clone = up.clone_into(&root.path().join("clone"));
     for (path, commit) in [
         ("svc/sub", "1111111111111111111111111111111111111111"),
         ("svc/sub2", "2222222222222222222222222222222222222222"),

@@ -278,6 +278,23 @@ impl Upstream {
         self
     }
 
+    /// A clone of the bare repository at `dir`, for commits that [`Upstream::write`] cannot make
+    /// (index-only entries such as gitlinks, branches and merges); push from it, and the work clone
+    /// of [`Upstream::commit`] is behind.
+    pub fn clone_into(&self, dir: &Path) -> PathBuf {
+        let parent = dir.parent().expect("a clone directory with a parent");
+        git(
+            parent,
+            &[
+                "clone",
+                "-q",
+                self.bare.to_str().unwrap(),
+                dir.to_str().unwrap(),
+            ],
+        );
+        dir.to_path_buf()
+    }
+
     /// Stages everything (`add -A`), commits (empty commits allowed) and pushes the current branch
     /// to the bare repository. Returns the new commit's full hash.
     pub fn commit(&self, msg: &str) -> String {
@@ -402,30 +419,39 @@ impl Server {
                 .spawn()
                 .unwrap_or_else(|e| panic!("cannot start {what} ({cmd:?}): {e}"));
             let mut server = Server { child, log };
-            let deadline = Instant::now() + SERVER_START_TIMEOUT;
-            loop {
-                if let Some(status) = server.child.try_wait().expect("wait for server") {
-                    let log = server.log_text();
-                    if log.contains("in use") && attempt < SERVER_START_ATTEMPTS {
-                        break; // lost the port to someone else: try another one
-                    }
-                    panic!(
-                        "{what} exited ({status}) before accepting connections on {port}; its log:\n{log}"
-                    );
-                }
-                if accepts(port) {
-                    return (server, port);
-                }
-                if Instant::now() >= deadline {
-                    panic!(
-                        "{what} did not accept connections on {port} within {SERVER_START_TIMEOUT:?}; its log:\n{}",
-                        server.log_text()
-                    );
-                }
-                std::thread::sleep(Duration::from_millis(10));
+            let Err(status) = server.wait_accepting(what, port) else {
+                return (server, port);
+            };
+            let log = server.log_text();
+            if log.contains("in use") && attempt < SERVER_START_ATTEMPTS {
+                continue; // lost the port to someone else: try another one
             }
+            panic!(
+                "{what} exited ({status}) before accepting connections on {port}; its log:\n{log}"
+            );
         }
-        unreachable!("the last attempt panics instead of breaking")
+        unreachable!("the last attempt panics instead of trying again")
+    }
+
+    /// Waits until `port` accepts connections; the server's exit status if it exits first. Panics
+    /// with its log when neither happens within the start timeout.
+    fn wait_accepting(&mut self, what: &str, port: u16) -> Result<(), std::process::ExitStatus> {
+        let deadline = Instant::now() + SERVER_START_TIMEOUT;
+        loop {
+            if let Some(status) = self.child.try_wait().expect("wait for server") {
+                return Err(status);
+            }
+            if accepts(port) {
+                return Ok(());
+            }
+            if Instant::now() >= deadline {
+                panic!(
+                    "{what} did not accept connections on {port} within {SERVER_START_TIMEOUT:?}; its log:\n{}",
+                    self.log_text()
+                );
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
     }
 
     /// What the server printed so far, or why it cannot be read.
@@ -867,32 +893,20 @@ impl Server {
                 child,
                 log: log.clone(),
             };
-            let deadline = Instant::now() + SERVER_START_TIMEOUT;
-            loop {
-                if let Some(status) = server.child.try_wait().expect("wait for server") {
-                    // The port may linger for a moment after the kill: try again.
-                    if attempt < SERVER_START_ATTEMPTS {
-                        std::thread::sleep(Duration::from_millis(200));
-                        break;
-                    }
-                    panic!(
-                        "{argv:?} exited ({status}) when restarted on port {port}; its log:\n{}",
-                        server.log_text()
-                    );
-                }
-                if accepts(port) {
-                    return server;
-                }
-                if Instant::now() >= deadline {
-                    panic!(
-                        "{argv:?} did not accept connections on {port} again within {SERVER_START_TIMEOUT:?}; its log:\n{}",
-                        server.log_text()
-                    );
-                }
-                std::thread::sleep(Duration::from_millis(10));
+            let Err(status) = server.wait_accepting(&format!("{argv:?}"), port) else {
+                return server;
+            };
+            // The port may linger for a moment after the kill: try again.
+            if attempt < SERVER_START_ATTEMPTS {
+                std::thread::sleep(Duration::from_millis(200));
+                continue;
             }
+            panic!(
+                "{argv:?} exited ({status}) when restarted on port {port}; its log:\n{}",
+                server.log_text()
+            );
         }
-        unreachable!("the last attempt panics instead of breaking")
+        unreachable!("the last attempt panics instead of trying again")
     }
 }
 

@@ -189,6 +189,20 @@ pub async fn apply(
         layout,
         systemd,
     };
+    if let Some(prev) = last.as_ref().filter(|o| o.ok && o.revision != wanted)
+        && run.same_files(prev.revision, wanted).await
+    {
+        // Only the hash moved (a commit restoring earlier files, an amended commit): the unit
+        // took these very files already, so it is not reloaded; the outcome follows the hash.
+        let outcome = Outcome {
+            revision: wanted,
+            message: format!("same files as {}; unit left alone", short(prev.revision)),
+            time: unix_now(),
+            ..prev.clone()
+        };
+        write_applied(layout, service, &outcome)?;
+        last = Some(outcome);
+    }
     if let Some(done) = last.as_ref().filter(|o| o.ok && o.revision == wanted) {
         // Nothing new for the unit, but a bind can still be wrong (a checkout rebuilt by wipe, a
         // mount made by hand): those are re-made; the unit is left alone.
@@ -532,6 +546,18 @@ impl Run<'_> {
             dir.local.display(),
             what.display()
         )))
+    }
+
+    /// Whether `a` and `b` hold the same service files; false when that cannot be told.
+    async fn same_files(&self, a: Oid, b: Oid) -> bool {
+        let stores = self.layout.stores();
+        let url = self.svc.upstream.clone();
+        let links = self.svc.links();
+        let changed = tokio::task::spawn_blocking(move || -> Result<Vec<String>, GitError> {
+            Store::open_readonly(&stores, &url)?.changed_paths(Some(a), b, &links)
+        })
+        .await;
+        matches!(changed, Ok(Ok(paths)) if paths.is_empty())
     }
 
     /// Whether a file the service deploys into a systemd directory changed from `from` to `to`.

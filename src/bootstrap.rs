@@ -97,6 +97,7 @@ impl Bootstrap {
                 timeout: CHECK_TIMEOUT,
             }),
             health: None,
+            noop: false,
         }
     }
 

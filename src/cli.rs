@@ -34,6 +34,11 @@ pub struct Cli {
     /// Only keep checkouts and .rev files; do not start plumb-apply@ units (test and simulation mode).
     #[arg(long)]
     pub no_apply: bool,
+    /// Report what would be deployed and touch nothing: fetch, verify, inspect and run each
+    /// service's check on a staged copy, but never move a checkout, a .rev file, a mount, a unit
+    /// or a package (as the config's `noop = true`, for every service).
+    #[arg(long)]
+    pub noop: bool,
     /// Serve Prometheus metrics here ("127.0.0.1:9222", ":9222"; empty: off), overriding the config.
     #[arg(long)]
     pub metrics_address: Option<String>,

@@ -137,6 +137,9 @@ pub struct Service {
     pub check: Option<Check>,
     /// What must hold after an apply, or plumb rolls the service back by itself (`health`).
     pub health: Option<Health>,
+    /// Report what would be deployed, and deploy nothing (`noop`, a plumb extension): fetch,
+    /// verify, inspect and `check` run; the checkout, `.rev`, mounts, units and packages stay.
+    pub noop: bool,
 }
 
 /// `check`: run by `sh -c` against the staged tree of a new revision, before the live checkout
@@ -387,6 +390,7 @@ struct RawGlobal {
     package: Option<Spanned<String>>,
     user: Option<Spanned<String>>,
     dirs: Option<Vec<RawDir>>,
+    noop: Option<bool>,
     #[serde(default)]
     keys: Vec<RawKey>,
 }
@@ -406,6 +410,7 @@ struct RawService {
     check: Option<Spanned<String>>,
     check_timeout: Option<Spanned<String>>,
     health: Option<Spanned<RawHealth>>,
+    noop: Option<bool>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -674,6 +679,7 @@ impl Cx<'_> {
                         Some(h) => Some(self.health(h, &key("health"))?),
                         None => None,
                     },
+                    noop: s.noop.or(g.noop).unwrap_or(false),
                     dirs,
                 },
             ));

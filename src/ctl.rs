@@ -955,10 +955,16 @@ fn service_row(s: &proto::ServiceStatus, now: u64) -> Vec<String> {
         s.deployed.as_deref().map(short).unwrap_or("-").to_owned(),
         s.behind.map_or_else(|| "-".to_owned(), |b| b.to_string()),
         ago(now, s.since),
-        if s.info.is_empty() {
-            "-".to_owned()
-        } else {
-            s.info.clone()
+        {
+            let said: Vec<&str> = std::iter::once(s.info.as_str())
+                .chain(s.notes.iter().map(String::as_str))
+                .filter(|t| !t.is_empty())
+                .collect();
+            if said.is_empty() {
+                "-".to_owned()
+            } else {
+                said.join("; ")
+            }
         },
     ]
 }
@@ -1001,6 +1007,9 @@ fn status_lines(s: &proto::ServiceStatus, now: u64, kv: &mut Vec<(&'static str, 
     kv.push(("state", s.state.clone()));
     if !s.info.is_empty() {
         kv.push(("info", s.info.clone()));
+    }
+    for note in &s.notes {
+        kv.push(("note", note.clone()));
     }
     kv.push(("since", when(s.since)));
     kv.push(("upstream", s.upstream.clone()));
@@ -1301,6 +1310,7 @@ mod tests {
             behind: Some(0),
             frozen_until: None,
             pinned: None,
+            notes: Vec::new(),
             dirs: vec![proto::DirStatus {
                 local: "/etc/nginx".into(),
                 link: "nginx/etc".into(),

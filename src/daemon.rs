@@ -44,6 +44,8 @@ pub struct Options {
     /// Drive `plumb apply` through systemd after each deploy. Off, the daemon only writes `.rev`
     /// files (a test and simulation mode; the `.path` units still apply where they exist).
     pub apply: bool,
+    /// Every service only reports what it would deploy (`--noop`), whatever the config says.
+    pub noop: bool,
     /// Where the daemon's state is exported for Prometheus, if anywhere.
     pub metrics: Option<Arc<Metrics>>,
     /// Take the config from git and install it over `config` (`--bootstrap`).
@@ -93,11 +95,12 @@ pub struct Summary {
 }
 
 impl Summary {
-    /// True when every service is tracking its upstream (cron users exit non-zero otherwise).
+    /// True when every service is tracking its upstream and every upstream answered (cron users
+    /// exit non-zero otherwise).
     pub fn healthy(&self) -> bool {
         self.services
             .iter()
-            .all(|(_, s)| matches!(s.state, State::Ok | State::Freeze))
+            .all(|(_, s)| matches!(s.state, State::Ok | State::Freeze) && s.unreachable.is_none())
     }
 }
 
@@ -238,8 +241,6 @@ enum Done {
         revision: Oid,
         error: Option<String>,
     },
-    /// An apply whose outcome belongs to a newer revision (reported by that one's apply).
-    ApplyOvertaken { service: String },
     /// A rollback's revision, resolved in the store (or why not).
     Resolved {
         service: String,
@@ -349,7 +350,8 @@ impl Daemon {
         // Upstreams with a service new to them: fetched now, not at their next tick.
         let mut due = BTreeSet::new();
         for cfg in selected {
-            let entry = match self.services.remove(&cfg.name) {
+            let noop = self.opts.noop || cfg.noop;
+            let mut entry = match self.services.remove(&cfg.name) {
                 Some(mut old) => {
                     let moved = old.config.upstream != cfg.upstream
                         || old.config.branch != cfg.branch
@@ -376,6 +378,15 @@ impl Daemon {
                     }
                 }
             };
+            if entry.state.noop != noop {
+                if noop {
+                    info!(service = %entry.config.name, "noop: reporting what would be deployed, touching nothing");
+                } else if entry.state.would.is_some() {
+                    info!(service = %entry.config.name, "noop is off: deploying what is pending");
+                    due.insert(entry.config.upstream.clone());
+                }
+                entry.state.handle(Event::Reconfigured { noop }, now);
+            }
             services.insert(entry.config.name.clone(), entry);
         }
         for gone in self.services.keys() {
@@ -585,6 +596,10 @@ impl Daemon {
                 let Some(entry) = self.services.get(&service) else {
                     return;
                 };
+                if entry.state.noop {
+                    let _ = reply.send(Err(noop_refusal(&service, "rollback")));
+                    return;
+                }
                 let head = entry.state.upstream.or(entry.state.synced);
                 let stores = self.layout.stores();
                 let tx = tx.clone();
@@ -604,6 +619,10 @@ impl Daemon {
                     let _ = reply.send(Err(CommandError::UnknownService(service)));
                     return;
                 };
+                if e.state.noop {
+                    let _ = reply.send(Err(noop_refusal(&service, "wipe")));
+                    return;
+                }
                 let Some(head) = e.state.synced else {
                     let _ = reply.send(Err(CommandError::Invalid(format!(
                         "{service} has nothing checked out yet"
@@ -622,6 +641,7 @@ impl Daemon {
                     deployed: e.state.deployed,
                     restore: true,
                     fresh: true,
+                    noop: false,
                 };
                 self.rebind.insert(service.clone());
                 if let Some(u) = self.upstreams.get_mut(&e.config.upstream) {
@@ -743,6 +763,7 @@ impl Daemon {
                     ro: d.ro,
                 })
                 .collect(),
+            notes: notes(c, s),
             last_apply: apply::read_applied(&self.layout, name).map(|o| ApplyStatus {
                 revision: o.revision.to_string(),
                 ok: o.ok,
@@ -921,7 +942,6 @@ impl Daemon {
                         },
                     };
                     jobs.extend(self.feed(&name, event, now, tx));
-                    self.retry_apply(&name, tx);
                 }
                 if jobs.is_empty() || self.cancel.load(Ordering::Relaxed) {
                     self.done_with(&url);
@@ -939,34 +959,37 @@ impl Daemon {
                 revision,
                 error,
             } => {
-                match &error {
-                    None => {
-                        info!(service = %service, revision = %service::short(Some(revision)), "applied")
-                    }
-                    Some(e) => error!(service = %service, "apply failed: {e}"),
+                let Some(entry) = self.services.get(&service) else {
+                    self.apply_ended(&service);
+                    return;
+                };
+                let short = service::short(Some(revision));
+                if entry.state.deployed != Some(revision) {
+                    // Overtaken by a newer deploy, whose own apply reports.
+                    debug!(service = %service, revision = %short, "apply outcome of an older revision");
+                    self.apply_ended(&service);
+                    return;
                 }
+                match &error {
+                    None => info!(service = %service, revision = %short, "applied"),
+                    Some(e) => error!(service = %service, revision = %short, "apply failed: {e}"),
+                }
+                let health = entry.config.health.is_some();
                 if let Some(m) = &self.opts.metrics {
                     m.applied(&service, error.is_none());
+                    if health && error.is_some() {
+                        m.refused(&service, "health");
+                    }
                 }
-                let health = self
-                    .services
-                    .get(&service)
-                    .is_some_and(|e| e.config.health.is_some());
                 let event = match error {
                     // With `health`, a failed apply or health check goes back to the last good
                     // revision; without it the service stays BROKEN on the revision.
-                    Some(error) if health => {
-                        if let Some(m) = &self.opts.metrics {
-                            m.refused(&service, "health");
-                        }
-                        Event::Unhealthy { revision, error }
-                    }
+                    Some(error) if health => Event::Unhealthy { revision, error },
                     error => Event::Applied { revision, error },
                 };
                 self.feed(&service, event, now, tx);
                 self.apply_ended(&service);
             }
-            Done::ApplyOvertaken { service } => self.apply_ended(&service),
             Done::Resolved {
                 service,
                 result,
@@ -1090,6 +1113,7 @@ impl Daemon {
                     deployed,
                     restore: false,
                     fresh: false,
+                    noop: false,
                 }),
                 Effect::Restore { head, deployed } => jobs.push(DeployJob {
                     service: entry.config.clone(),
@@ -1103,8 +1127,28 @@ impl Daemon {
                     deployed,
                     restore: true,
                     fresh: false,
+                    noop: false,
+                }),
+                Effect::Preview { head, from } => jobs.push(DeployJob {
+                    service: entry.config.clone(),
+                    upstream: upstream.clone(),
+                    limits,
+                    avoid,
+                    follow: follow(head),
+                    head,
+                    from,
+                    deployed: entry.state.deployed,
+                    restore: false,
+                    fresh: false,
+                    noop: true,
                 }),
                 Effect::Apply { revision } => applies.push(revision),
+                Effect::Reapply { revision } => {
+                    if !self.applying.contains_key(name) {
+                        info!(service = %name, revision = %service::short(Some(revision)), "applying again: the last apply failed");
+                        applies.push(revision);
+                    }
+                }
             }
         }
         for revision in applies {
@@ -1112,30 +1156,6 @@ impl Daemon {
         }
         self.observe(name);
         jobs
-    }
-
-    /// Applies again a revision whose apply failed in a way that may pass by itself (its package
-    /// could not be installed): once per poll of the service's upstream, while nothing else runs.
-    fn retry_apply(&mut self, name: &str, tx: &mpsc::Sender<Done>) {
-        let Some(e) = self.services.get(name) else {
-            return;
-        };
-        let Some(revision) = e
-            .state
-            .failed_apply
-            .filter(|r| Some(*r) == e.state.deployed)
-        else {
-            return;
-        };
-        if self.applying.contains_key(name) {
-            return;
-        }
-        if apply::read_applied(&self.layout, name)
-            .is_some_and(|o| o.retry && o.revision == revision)
-        {
-            info!(service = %name, "applying again: the last apply may pass now");
-            self.apply(name, revision, tx);
-        }
     }
 
     /// Brings the service's metrics in line with its state.
@@ -1162,6 +1182,7 @@ impl Daemon {
             .iter()
             // plumb's own config is installed at start whether or not there is a systemd.
             .filter(|(name, _)| name.as_str() != bootstrap::SELF || self.opts.bootstrap.is_none())
+            .filter(|(_, e)| !e.state.noop)
             .filter_map(|(name, e)| {
                 let deployed = e.state.deployed?;
                 let applied = apply::read_applied(&self.layout, name).map(|o| o.revision);
@@ -1177,6 +1198,9 @@ impl Daemon {
     /// unit started by the `.path` unit meanwhile is the same job, so an apply never runs twice at
     /// once.
     fn apply(&mut self, service: &str, revision: Oid, tx: &mpsc::Sender<Done>) {
+        if self.services.get(service).is_none_or(|e| e.state.noop) {
+            return;
+        }
         if service == bootstrap::SELF && self.opts.bootstrap.is_some() {
             self.install_config(revision, tx);
             return;
@@ -1205,16 +1229,17 @@ impl Daemon {
                     _ => break,
                 }
             }
+            // Judged on the outcome for `revision` alone: an outcome for another one is either
+            // older (the apply failed before writing one: a bad config, a crash) or newer (a
+            // deploy overtook this one, and the state machine drops this report as stale).
             let error = match started {
                 Err(e) => Some(format!("starting {unit}: {e}")),
-                Ok(_) => match apply::read_applied(&layout, &service) {
+                Ok(job) => match apply::read_applied(&layout, &service) {
                     Some(o) if o.revision == revision => o.error(),
-                    // A newer revision was applied meanwhile; its own apply reports.
-                    Some(_) => {
-                        let _ = tx.send(Done::ApplyOvertaken { service }).await;
-                        return;
-                    }
-                    None => Some(format!("{unit} left no outcome; see journalctl -u {unit}")),
+                    _ => Some(format!(
+                        "{unit} ({job}) left no outcome for {}; see journalctl -u {unit}",
+                        service::short(Some(revision))
+                    )),
                 },
             };
             let _ = tx
@@ -1400,6 +1425,16 @@ struct DeployJob {
     restore: bool,
     /// Build the checkout afresh beside the old one and swap them (wipe).
     fresh: bool,
+    /// Judge the head and count what would change, and stop there: nothing is written.
+    noop: bool,
+}
+
+/// What a deploy job did for one service.
+enum Deployed {
+    /// The checkout holds the head: the service's revision there, and whether any file moved.
+    Done { revision: Option<Oid>, files: bool },
+    /// Noop: the head passed every gate; the revision it would deploy and how many files change.
+    Would { revision: Option<Oid>, files: usize },
 }
 
 /// Runs the checkouts of one upstream's services, one after the other, on one store.
@@ -1415,7 +1450,16 @@ fn deploy_all(layout: &Layout, url: &str, jobs: Vec<DeployJob>) -> Vec<(String, 
                 Err(e) => Err(DeployError::Store(e.to_string())),
             };
             let event = match result {
-                Ok(revision) => Event::Deployed { head, revision },
+                Ok(Deployed::Done { revision, files }) => Event::Deployed {
+                    head,
+                    revision,
+                    files,
+                },
+                Ok(Deployed::Would { revision, files }) => Event::Previewed {
+                    head,
+                    revision,
+                    files,
+                },
                 Err(DeployError::Refused { revision, why }) => {
                     warn!(head = %head, reason = why.reason(), "refused: {why}");
                     Event::Refused {
@@ -1435,8 +1479,14 @@ fn deploy_all(layout: &Layout, url: &str, jobs: Vec<DeployJob>) -> Vec<(String, 
 }
 
 /// Moves one service's checkout to `job.head` when its paths changed, and hands a new deployed
-/// revision to systemd by rewriting the service's `.rev` file. Returns the deployed revision.
-fn deploy(store: &Store, layout: &Layout, job: &DeployJob) -> Result<Option<Oid>, DeployError> {
+/// revision to systemd by rewriting the service's `.rev` file. Returns the deployed revision, and
+/// whether any file moved.
+///
+/// The revision is a function of the head alone ([`Store::last_change`]): two machines on the
+/// same head report the same hash whatever they fetched before, and after a force-push the hash is
+/// one the branch has. When only the hash moves (a commit restoring earlier files, an amended
+/// commit), the `.rev` follows and the files stay.
+fn deploy(store: &Store, layout: &Layout, job: &DeployJob) -> Result<Deployed, DeployError> {
     let svc = &job.service;
     let links = svc.links();
     let target = svc.checkout_dir();
@@ -1470,11 +1520,7 @@ fn deploy(store: &Store, layout: &Layout, job: &DeployJob) -> Result<Option<Oid>
         Some(f) => job.restore || !store.changed_paths(Some(f), job.head, &links)?.is_empty(),
         None => true,
     };
-    let revision = if changed {
-        store.last_change(job.head, &links)?
-    } else {
-        job.deployed
-    };
+    let revision = store.last_change(job.head, &links)?;
     if changed && !job.fresh && revision.is_some() && revision == job.avoid {
         return Err(refuse(revision, Refusal::Known));
     }
@@ -1491,6 +1537,14 @@ fn deploy(store: &Store, layout: &Layout, job: &DeployJob) -> Result<Option<Oid>
         && let (Some(check), Some(rev)) = (&svc.check, revision)
     {
         run_check(store, layout, svc, check, job.head, rev)?;
+    }
+    if job.noop {
+        let files = if changed {
+            store.changed_paths(from, job.head, &links)?.len()
+        } else {
+            0
+        };
+        return Ok(Deployed::Would { revision, files });
     }
     let marker = layout.service_deploying(&svc.name);
     let io = |path: &std::path::Path| {
@@ -1524,7 +1578,10 @@ fn deploy(store: &Store, layout: &Layout, job: &DeployJob) -> Result<Option<Oid>
             }
         })?;
     }
-    Ok(revision)
+    Ok(Deployed::Done {
+        revision,
+        files: changed || job.fresh,
+    })
 }
 
 /// Checks `head` out beside the live checkout and runs the service's `check` on it; a failure is
@@ -1643,6 +1700,44 @@ fn persist(layout: &Layout, name: &str, state: &service::Service) -> bool {
         error!(service = %name, "cannot save state to {}: {e}", path.display());
     }
     write.is_ok()
+}
+
+/// What an operator should know beside a service's state: its upstream failing, what noop mode
+/// holds back.
+fn notes(c: &config::Service, s: &service::Service) -> Vec<String> {
+    let mut notes: Vec<String> = s
+        .unreachable
+        .iter()
+        .map(|e| format!("upstream unreachable, serving the last fetched revision: {e}"))
+        .collect();
+    if s.noop {
+        notes.push(match s.would {
+            None => "noop: nothing to deploy".to_owned(),
+            Some(w) if w.files == 0 => format!(
+                "noop: would move to head {} without changing a file",
+                service::short(Some(w.head))
+            ),
+            Some(w) => format!(
+                "noop: would deploy {}: {} file{} changed, {}",
+                service::short(w.revision),
+                w.files,
+                if w.files == 1 { "" } else { "s" },
+                if c.check.is_some() {
+                    "check passed"
+                } else {
+                    "no check configured"
+                }
+            ),
+        });
+    }
+    notes
+}
+
+/// Why a write that would touch a noop service's files is not carried out.
+fn noop_refusal(service: &str, action: &str) -> CommandError {
+    CommandError::Invalid(format!(
+        "{service} is in noop mode: a {action} would change its files; turn noop off first"
+    ))
 }
 
 /// A random wait in `[0, max)`, so machines started together drift apart.

@@ -32,9 +32,11 @@ pub struct Metrics {
     change_time: GaugeVec,
     behind: IntGaugeVec,
     frozen: IntGaugeVec,
+    noop: IntGaugeVec,
     last_sync: GaugeVec,
     apply_total: IntCounterVec,
     fetch_total: IntCounterVec,
+    upstream_up: IntGaugeVec,
     fetch_duration: HistogramVec,
     webhook_total: IntCounterVec,
     refused_total: IntCounterVec,
@@ -121,6 +123,11 @@ impl Metrics {
                 "1 while the service does not track upstream (freeze or rollback).",
                 &["service"],
             ),
+            noop: gauge(
+                "plumb_service_noop",
+                "1 while the service only reports what it would deploy (noop mode).",
+                &["service"],
+            ),
             last_sync: float(
                 "plumb_service_last_sync_success_timestamp_seconds",
                 "When a fetch and deploy of the service last both succeeded (unix time).",
@@ -135,6 +142,11 @@ impl Metrics {
                 "plumb_git_fetch_total",
                 "Fetches of an upstream, by result.",
                 &["upstream", "result"],
+            ),
+            upstream_up: gauge(
+                "plumb_upstream_up",
+                "1 when the last fetch of the upstream succeeded, 0 while it fails (the services keep their state and files).",
+                &["upstream"],
             ),
             webhook_total: counter(
                 "plumb_webhook_total",
@@ -194,6 +206,7 @@ impl Metrics {
         self.frozen
             .with_label_values(&[name])
             .set(i64::from(s.frozen));
+        self.noop.with_label_values(&[name]).set(i64::from(s.noop));
     }
 
     /// Forgets a service that is no longer configured here.
@@ -205,7 +218,7 @@ impl Metrics {
         for state in State::ALL {
             let _ = self.state.remove_label_values(&[name, state.as_str()]);
         }
-        for g in [&self.behind, &self.frozen] {
+        for g in [&self.behind, &self.frozen, &self.noop] {
             let _ = g.remove_label_values(&[name]);
         }
         for g in [&self.change_time, &self.last_sync] {
@@ -222,6 +235,9 @@ impl Metrics {
         self.fetch_duration
             .with_label_values(&[upstream])
             .observe(took.as_secs_f64());
+        self.upstream_up
+            .with_label_values(&[upstream])
+            .set(i64::from(ok));
     }
 
     /// One push webhook's fate.

@@ -33,6 +33,10 @@ pub struct ServiceStatus {
     pub pinned: Option<String>,
     pub dirs: Vec<DirStatus>,
     pub last_apply: Option<ApplyStatus>,
+    /// Conditions beside the state, one sentence each: the upstream unreachable, ... Empty when
+    /// there are none; absent from daemons older than the field.
+    #[serde(default)]
+    pub notes: Vec<String>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]

@@ -64,8 +64,14 @@ pub enum Event {
     /// The fetch of the service's upstream failed.
     FetchFailed { error: String },
     /// The checkout now holds the service's paths at `head`; `revision` is the last commit that changed
-    /// them (`None` when none of them exists on the branch yet).
-    Deployed { head: Oid, revision: Option<Oid> },
+    /// them (`None` when none of them exists on the branch yet). `files` is false when no file
+    /// moved (only the revision's hash did: a commit that restored the files of an earlier one, an
+    /// amended commit after a force-push): the unit is not told then.
+    Deployed {
+        head: Oid,
+        revision: Option<Oid>,
+        files: bool,
+    },
     /// Moving the checkout to `head` failed; the files on disk are those of the previous revision.
     DeployFailed { head: Oid, error: String },
     /// `plumb apply` finished for `revision`: the unit took the new files (`error == None`) or not.
@@ -95,6 +101,16 @@ pub enum Event {
         revision: Option<Oid>,
         why: Refusal,
     },
+    /// In noop mode, the deploy job judged `head` and would deploy it: `revision` is the
+    /// service's revision there, `files` how many of its files would change. Nothing moved.
+    Previewed {
+        head: Oid,
+        revision: Option<Oid>,
+        files: usize,
+    },
+    /// The configuration was read (at start, or again): `noop` is whether the service only
+    /// reports what it would deploy. Turning it off deploys what is pending at the next fetch.
+    Reconfigured { noop: bool },
     /// `plumb apply` of `revision` failed, or its health check did, for a service with `health`:
     /// the service goes back to its last good revision by itself.
     Unhealthy { revision: Oid, error: String },
@@ -183,6 +199,14 @@ pub enum Effect {
     /// Like `Deploy`, but the checkout is rewritten even where its revision did not move: local
     /// edits are dropped (only on an operator's `pull --force`).
     Restore { head: Oid, deployed: Option<Oid> },
+    /// Noop mode: judge `head` as a deploy would (signature, history, tree, `check` on a staged
+    /// copy) and say what would change since `from`, touching nothing. Answered by `Previewed` or
+    /// `Refused`.
+    Preview { head: Oid, from: Option<Oid> },
+    /// Apply again the deployed revision, whose apply failed: at every poll, until it works, since
+    /// its cause (a package mirror, a file outside git, the unit's own config) may pass without a
+    /// new commit. Skipped while an apply of the service runs. Answered by `Applied`.
+    Reapply { revision: Oid },
     /// Write the service's state to disk: something worth surviving a restart changed.
     Persist,
 }
@@ -236,6 +260,28 @@ pub struct Service {
     /// The branch head last seen upstream; not persisted, the next fetch tells.
     #[serde(skip)]
     pub upstream: Option<Oid>,
+    /// Why the last fetch of the service's upstream failed, while it does. The upstream's
+    /// condition, shown beside the state and never a state of its own: the files stay served and
+    /// a frozen service stays FREEZE.
+    #[serde(skip)]
+    pub unreachable: Option<String>,
+    /// Only report what would be deployed (the config's `noop`, or `plumb --noop`).
+    #[serde(skip)]
+    pub noop: bool,
+    /// In noop mode, what the last preview found; a head is judged once.
+    #[serde(skip)]
+    pub would: Option<Would>,
+}
+
+/// What a service in noop mode would deploy.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Would {
+    /// The branch head judged.
+    pub head: Oid,
+    /// The service's revision at that head.
+    pub revision: Option<Oid>,
+    /// How many of the service's files would change.
+    pub files: usize,
 }
 
 impl Service {
@@ -258,6 +304,9 @@ impl Service {
             drift: Vec::new(),
             force: false,
             upstream: None,
+            unreachable: None,
+            noop: false,
+            would: None,
         }
     }
 
@@ -268,6 +317,7 @@ impl Service {
         match event {
             Event::Fetched { branch, head: None } => {
                 self.upstream = None;
+                self.unreachable = None;
                 match self.deployed {
                     None if self.synced.is_none() => self.set(
                         State::Ok,
@@ -288,13 +338,14 @@ impl Service {
                 head: Some(head), ..
             } => {
                 self.upstream = Some(head);
+                self.unreachable = None;
                 // A failed checkout leaves `synced` behind, so it is retried here every tick.
                 if self.frozen {
                     if self.state == State::Diff {
                         let info = self.resting_info();
                         self.set(State::Freeze, info, now);
                     }
-                } else if self.force {
+                } else if self.force && !self.noop {
                     self.force = false;
                     effects.push(Effect::Restore {
                         head,
@@ -313,23 +364,30 @@ impl Service {
                         });
                     }
                 } else if self.synced != Some(head) {
-                    effects.push(Effect::Deploy {
-                        head,
-                        from: self.synced,
-                        deployed: self.deployed,
-                    });
+                    effects.extend(self.deploy(head));
                 } else {
                     // A fetch that worked again after failures: nothing to move, just healthy again.
                     self.last_sync = Some(now);
+                    self.would = None;
                     if self.state == State::Diff {
                         self.rest(now);
                     }
                 }
+                if effects.is_empty() {
+                    effects.extend(self.reapply());
+                }
             }
             Event::FetchFailed { error } => {
-                self.set(State::Diff, format!("fetch failed: {error}"), now);
+                // The upstream's condition, not the service's: its files and state stay as they
+                // are (a frozen service stays FREEZE), and the failure shows beside the state.
+                self.unreachable = Some(error);
+                effects.extend(self.reapply());
             }
-            Event::Deployed { head, revision } => {
+            Event::Deployed {
+                head,
+                revision,
+                files,
+            } => {
                 if self
                     .rejected
                     .as_ref()
@@ -341,10 +399,22 @@ impl Service {
                 self.synced = Some(head);
                 self.last_sync = Some(now);
                 if revision != self.deployed {
+                    let before = self.deployed;
                     self.deployed = revision;
                     self.changed_at = Some(now);
-                    if let Some(revision) = revision {
-                        effects.push(Effect::Apply { revision });
+                    match revision {
+                        Some(revision) if files => effects.push(Effect::Apply { revision }),
+                        Some(revision) => {
+                            // Only the hash moved: the unit keeps what it has, and whatever was
+                            // said of the files under the old hash holds under the new one.
+                            if self.failed_apply.is_some() && self.failed_apply == before {
+                                self.failed_apply = Some(revision);
+                            }
+                            if self.last_good.is_some_and(|g| Some(g.revision) == before) {
+                                self.last_good = Some(Good { head, revision });
+                            }
+                        }
+                        None => {}
                     }
                 }
                 if revision.is_some() && revision == self.failed_apply {
@@ -386,6 +456,26 @@ impl Service {
             }
             Event::Retry => {
                 self.rejected = None;
+                self.would = None;
+            }
+            Event::Previewed {
+                head,
+                revision,
+                files,
+            } => {
+                if self.noop {
+                    self.would = Some(Would {
+                        head,
+                        revision,
+                        files,
+                    });
+                }
+            }
+            Event::Reconfigured { noop } => {
+                if self.noop != noop {
+                    self.noop = noop;
+                    self.would = None;
+                }
             }
             Event::Refused {
                 head,
@@ -557,16 +647,39 @@ impl Service {
         self.set(state, info, now);
     }
 
+    /// The deploy of `head`, or in noop mode its preview (once per head).
+    fn deploy(&self, head: Oid) -> Option<Effect> {
+        if !self.noop {
+            return Some(Effect::Deploy {
+                head,
+                from: self.synced,
+                deployed: self.deployed,
+            });
+        }
+        (self.would.map(|w| w.head) != Some(head)).then_some(Effect::Preview {
+            head,
+            from: self.synced,
+        })
+    }
+
+    /// The apply of the deployed revision again, when its last one failed (never in noop mode).
+    fn reapply(&self) -> Vec<Effect> {
+        match self.failed_apply {
+            Some(revision) if self.deployed == Some(revision) && !self.noop => {
+                vec![Effect::Reapply { revision }]
+            }
+            _ => Vec::new(),
+        }
+    }
+
     /// The deploy of the branch head seen last, when the checkout is not there yet and the head
     /// was not refused.
     fn redeploy(&self) -> Vec<Effect> {
         let refused = |h: Oid| self.rejected.as_ref().is_some_and(|r| r.head == h);
         match self.upstream {
-            Some(head) if self.synced != Some(head) && !refused(head) => vec![Effect::Deploy {
-                head,
-                from: self.synced,
-                deployed: self.deployed,
-            }],
+            Some(head) if self.synced != Some(head) && !refused(head) => {
+                self.deploy(head).into_iter().collect()
+            }
             _ => Vec::new(),
         }
     }
@@ -628,6 +741,8 @@ impl Service {
     fn persisted_differs(&self, before: &Service) -> bool {
         let strip = |s: &Service| Service {
             upstream: None,
+            unreachable: None,
+            would: None,
             drift: Vec::new(),
             force: false,
             last_sync: None,
@@ -668,6 +783,7 @@ mod tests {
             Event::Deployed {
                 head: oid(1),
                 revision: Some(oid(1)),
+                files: true,
             },
             10,
         );
@@ -691,6 +807,7 @@ mod tests {
             Event::Deployed {
                 head: oid(1),
                 revision: Some(oid(1)),
+                files: true,
             },
             10,
         );
@@ -730,6 +847,7 @@ mod tests {
             Event::Deployed {
                 head: oid(1),
                 revision: None,
+                files: true,
             },
             6,
         );
@@ -769,6 +887,7 @@ mod tests {
             Event::Deployed {
                 head: oid(2),
                 revision: Some(oid(1)),
+                files: true,
             },
             21,
         );
@@ -780,28 +899,98 @@ mod tests {
     }
 
     #[test]
-    fn fetch_failure_is_diff_and_recovers() {
+    fn a_fetch_failure_is_the_upstreams_condition_not_a_state() {
         let mut s = deployed();
+        let before = (s.state, s.since, s.info.clone());
         let fx = s.handle(
             Event::FetchFailed {
                 error: "connection refused".into(),
             },
             20,
         );
-        assert_eq!(fx, vec![Effect::Persist]);
-        assert_eq!((s.state, s.since), (State::Diff, 20));
-        assert_eq!(s.info, "fetch failed: connection refused");
-        // Failing again keeps the time it started failing.
+        assert_eq!(fx, vec![], "nothing to persist, nothing to run");
+        assert_eq!((s.state, s.since, s.info.clone()), before);
+        assert_eq!(s.unreachable.as_deref(), Some("connection refused"));
         s.handle(
             Event::FetchFailed {
                 error: "timed out".into(),
             },
             30,
         );
-        assert_eq!((s.state, s.since), (State::Diff, 20));
+        assert_eq!(s.unreachable.as_deref(), Some("timed out"));
         let fx = s.handle(fetched(Some(oid(1))), 40);
-        assert_eq!(fx, vec![Effect::Persist]);
-        assert_eq!((s.state, s.since, s.info.as_str()), (State::Ok, 40, ""));
+        assert_eq!(fx, vec![]);
+        assert_eq!(
+            (s.state, s.since, s.unreachable.clone()),
+            (State::Ok, before.1, None)
+        );
+    }
+
+    #[test]
+    fn a_failed_apply_is_applied_again_at_every_poll_until_it_works() {
+        let mut s = deployed();
+        s.handle(
+            Event::Applied {
+                revision: oid(1),
+                error: Some("unknown field".into()),
+            },
+            11,
+        );
+        assert_eq!(s.state, State::Broken);
+        let again = vec![Effect::Reapply { revision: oid(1) }];
+        // A poll whose fetch moved nothing, and one whose fetch failed: both apply again.
+        assert_eq!(s.handle(fetched(Some(oid(1))), 20), again);
+        assert_eq!(
+            s.handle(Event::FetchFailed { error: "x".into() }, 30),
+            again
+        );
+        // A head that moves elsewhere in the repository: the deploy, then the apply again.
+        assert!(matches!(
+            s.handle(fetched(Some(oid(2))), 40)[..],
+            [Effect::Deploy { .. }]
+        ));
+        s.handle(
+            Event::Deployed {
+                head: oid(2),
+                revision: Some(oid(1)),
+                files: false,
+            },
+            41,
+        );
+        assert_eq!(s.state, State::Broken);
+        assert_eq!(s.handle(fetched(Some(oid(2))), 50), again);
+        applied(&mut s, 1, 51);
+        assert_eq!((s.state, s.failed_apply), (State::Ok, None));
+        assert_eq!(s.handle(fetched(Some(oid(2))), 60), vec![]);
+    }
+
+    #[test]
+    fn a_new_hash_over_the_same_files_is_not_applied() {
+        let mut s = deployed();
+        applied(&mut s, 1, 11);
+        s.handle(fetched(Some(oid(3))), 20);
+        // Commit 3 restored the files of commit 1 after a commit 2 this machine never fetched.
+        let fx = s.handle(
+            Event::Deployed {
+                head: oid(3),
+                revision: Some(oid(3)),
+                files: false,
+            },
+            21,
+        );
+        assert_eq!(fx, vec![Effect::Persist], "no apply");
+        assert_eq!(
+            (s.deployed, s.changed_at, s.state),
+            (Some(oid(3)), Some(21), State::Ok)
+        );
+        assert_eq!(
+            s.last_good,
+            Some(Good {
+                head: oid(3),
+                revision: oid(3)
+            }),
+            "the files that were good are still good under the new hash"
+        );
     }
 
     #[test]
@@ -814,6 +1003,7 @@ mod tests {
             Event::Deployed {
                 head: oid(2),
                 revision: Some(oid(2)),
+                files: true,
             },
             31,
         );
@@ -861,6 +1051,7 @@ mod tests {
             Event::Deployed {
                 head: oid(2),
                 revision: Some(oid(2)),
+                files: true,
             },
             31,
         );
@@ -891,6 +1082,7 @@ mod tests {
             Event::Deployed {
                 head: oid(2),
                 revision: Some(oid(1)),
+                files: true,
             },
             31,
         );
@@ -902,6 +1094,7 @@ mod tests {
             Event::Deployed {
                 head: oid(3),
                 revision: Some(oid(3)),
+                files: true,
             },
             41,
         );
@@ -945,6 +1138,7 @@ mod tests {
             Event::Deployed {
                 head: oid(2),
                 revision: Some(oid(2)),
+                files: true,
             },
             21,
         );
@@ -974,7 +1168,7 @@ mod tests {
             },
             40,
         );
-        assert_eq!((s.state, s.frozen), (State::Diff, true));
+        assert_eq!((s.state, s.frozen), (State::Freeze, true));
         s.handle(fetched(Some(oid(2))), 50);
         assert_eq!(s.state, State::Freeze);
         let fx = s.handle(Event::Unfreeze, 60);
@@ -1017,6 +1211,7 @@ mod tests {
             Event::Deployed {
                 head: oid(3),
                 revision: Some(oid(3)),
+                files: true,
             },
             21,
         );
@@ -1040,6 +1235,7 @@ mod tests {
             Event::Deployed {
                 head: oid(1),
                 revision: Some(oid(1)),
+                files: true,
             },
             31,
         );
@@ -1136,6 +1332,7 @@ mod tests {
             Event::Deployed {
                 head: oid(n),
                 revision: Some(oid(n)),
+                files: true,
             },
             now,
         )
@@ -1239,6 +1436,7 @@ mod tests {
             Event::Deployed {
                 head: oid(1),
                 revision: Some(oid(1)),
+                files: true,
             },
             26,
         );
@@ -1325,6 +1523,7 @@ mod tests {
             Event::Deployed {
                 head: oid(1),
                 revision: Some(oid(1)),
+                files: true,
             },
             31,
         );
@@ -1380,6 +1579,7 @@ mod tests {
             Event::Deployed {
                 head: oid(3),
                 revision: Some(oid(3)),
+                files: true,
             },
             41,
         );

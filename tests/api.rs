@@ -131,6 +131,7 @@ impl Plumb {
             interval: None,
             once: false,
             apply: false,
+            noop: false,
             metrics: None,
             bootstrap: None,
         };

@@ -39,6 +39,7 @@ impl Running {
             interval: Some(Duration::from_secs(3600)),
             once: false,
             apply: false,
+            noop: false,
             metrics: None,
             bootstrap: None,
         };

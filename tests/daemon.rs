@@ -233,6 +233,62 @@ fn only_the_service_whose_files_changed_gets_a_new_revision() {
 }
 
 #[test]
+fn the_deployed_hash_is_the_same_on_every_machine_on_the_same_head() {
+    let root = temp_root();
+    let up = Upstream::new(root.path(), "fleet");
+    up.write("nginx/etc/x", "1")
+        .write("other/f", "1")
+        .commit("A");
+    let machine = |name: &str| {
+        let dir = root.path().join(name);
+        fs::create_dir_all(&dir).unwrap();
+        Machine::new(&dir, &service("nginx", &up.file_url(), &["nginx/etc"]))
+    };
+    let (early, late) = (machine("early"), machine("late"));
+    early.once(true);
+    late.once(true);
+
+    // B adds a file, C removes it again. One machine fetches B then C, the other only C: both
+    // report C, the last commit that changed nginx's files, and hold the same files.
+    let b = up.write("nginx/etc/y", "1").commit("B adds y");
+    early.once(true);
+    assert_eq!(early.rev("nginx").as_deref(), Some(b.as_str()));
+    let c = up.remove("nginx/etc/y").commit("C removes y");
+    early.once(true);
+    late.once(true);
+    for m in [&early, &late] {
+        assert_eq!(m.rev("nginx").as_deref(), Some(c.as_str()));
+        assert_eq!(m.state_json("nginx")["deployed"], c.as_str());
+        assert_eq!(tree(&m.checkout("nginx")), ["nginx/etc/x"]);
+    }
+
+    // The head is amended and force-pushed (same tree, new hash): every machine follows to the
+    // hash the branch has now, and no file is rewritten.
+    let file = late.checkout("nginx").join("nginx/etc/x");
+    let inode = fs::metadata(&file).unwrap().ino();
+    let amended = up.amend("C, reworded");
+    assert_ne!(amended, c);
+    early.once(true);
+    late.once(true);
+    for m in [&early, &late] {
+        assert_eq!(m.rev("nginx").as_deref(), Some(amended.as_str()));
+        assert_eq!(m.state_json("nginx")["state"], "OK");
+    }
+    assert_eq!(
+        fs::metadata(&file).unwrap().ino(),
+        inode,
+        "the file was not rewritten"
+    );
+
+    // A commit elsewhere moves nothing: the .rev file is not even rewritten.
+    let rev_inode = late.rev_inode("nginx");
+    up.write("other/f", "2").commit("D, not nginx");
+    late.once(true);
+    assert_eq!(late.rev("nginx").as_deref(), Some(amended.as_str()));
+    assert_eq!(late.rev_inode("nginx"), rev_inode);
+}
+
+#[test]
 fn an_idle_tick_for_twenty_services_is_one_request() {
     require_root();
     let root = temp_root();
@@ -359,7 +415,7 @@ fn two_upstreams_over_git_and_ssh_get_a_store_each() {
 }
 
 #[test]
-fn an_unreachable_upstream_is_diff_keeps_files_and_recovers() {
+fn an_unreachable_upstream_keeps_files_fails_the_run_and_recovers() {
     let root = temp_root();
     let up = Upstream::new(root.path(), "flaky");
     let v1 = up.write("app/conf", "1").commit("v1");
@@ -368,14 +424,11 @@ fn an_unreachable_upstream_is_diff_keeps_files_and_recovers() {
 
     let away = root.path().join("away.git");
     fs::rename(&up.bare, &away).unwrap();
+    // A cron user's run fails, saying why; the service's state is its own, not the upstream's.
     let out = m.once(false);
-    let s = m.state_json("app");
-    assert_eq!(s["state"], "DIFF", "{s}");
-    assert!(
-        s["info"].as_str().unwrap().starts_with("fetch failed"),
-        "{s}"
-    );
-    assert!(String::from_utf8_lossy(&out.stdout).contains("DIFF"));
+    assert_eq!(m.state_json("app")["state"], "OK");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(stdout.contains("upstream unreachable"), "{stdout}");
     assert_eq!(m.read("app", "app/conf").unwrap(), "1");
     assert_eq!(m.rev("app").as_deref(), Some(v1.as_str()));
 
@@ -1458,4 +1511,95 @@ fn a_one_shot_bootstrap_deploys_what_the_new_config_names() {
     assert_eq!(fs::read_to_string(&m.config).unwrap(), config);
     assert_eq!(m.rev("app").as_deref(), Some(head.as_str()), "{stdout}");
     assert_eq!(m.read("app", "app/conf").as_deref(), Some("v1"));
+}
+
+#[test]
+fn noop_judges_and_reports_what_it_would_deploy_and_touches_nothing_until_turned_off() {
+    require_root();
+    let root = temp_root();
+    let up = Upstream::new(root.path(), "noop");
+    let v1 = up
+        .write("app/conf", "1")
+        .write("app/more", "1")
+        .commit("v1");
+    let checks = root.path().join("checks.log");
+    let config = |noop: bool| {
+        service("app", &up.file_url(), &["app"]).replace(
+            "dirs = [",
+            &format!(
+                "noop = {noop}\ncheck = \"test -f $PLUMB_DIR/conf && echo $PLUMB_REVISION >> {}\"\ndirs = [",
+                checks.display()
+            ),
+        )
+    };
+    let m = Machine::new(root.path(), &config(false));
+
+    // `plumb --once --noop` over a config without noop: the head is judged (its check runs on a
+    // staged copy), and nothing of the service is written.
+    let out = m.command().args(["--once", "--noop"]).output().unwrap();
+    assert!(out.status.success(), "{out:?}");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        stdout.contains(&format!(
+            "noop: would deploy {}, 2 files changed",
+            &v1[..12]
+        )),
+        "{stdout}"
+    );
+    assert_eq!(lines(&checks), std::slice::from_ref(&v1));
+    assert!(!m.checkout("app").exists(), "no checkout in noop");
+    assert_eq!(m.rev("app"), None, "no .rev in noop");
+
+    // The daemon with `noop = true` in the config: status says what it would deploy.
+    m.write_config(&config(true));
+    let socket = m.state.with_extension("sock");
+    let d = m.spawn();
+    let status = || -> serde_json::Value {
+        serde_json::from_str(&curl(&socket, "GET", "/v1/services/app", None)).unwrap()
+    };
+    wait_until("the API socket", DEADLINE, || socket.exists());
+    let would = |v: &str| {
+        format!(
+            "noop: would deploy {}: 2 files changed, check passed",
+            &v[..12]
+        )
+    };
+    wait_until("a report of what noop would deploy", DEADLINE, || {
+        status()["notes"]
+            .as_array()
+            .is_some_and(|n| n.iter().any(|n| n.as_str() == Some(would(&v1).as_str())))
+    });
+    let v2 = up
+        .write("app/conf", "2")
+        .write("app/more", "2")
+        .commit("v2");
+    wait_until("the report to follow the new head", DEADLINE, || {
+        status()["notes"]
+            .as_array()
+            .is_some_and(|n| n.iter().any(|n| n.as_str() == Some(would(&v2).as_str())))
+    });
+    assert_eq!(status()["state"], "OK");
+    assert_eq!(status()["deployed"], serde_json::Value::Null);
+    let refused = Command::new("curl")
+        .args(["-s", "--unix-socket"])
+        .arg(&socket)
+        .args(["-X", "POST", "http://plumb/v1/services/app/wipe"])
+        .output()
+        .unwrap();
+    let refused = String::from_utf8_lossy(&refused.stdout);
+    assert!(refused.contains("noop mode"), "{refused}");
+    assert!(!m.checkout("app").exists() && m.rev("app").is_none());
+    // Each head was judged once, however many polls passed.
+    let judged = lines(&checks);
+    assert_eq!(judged.iter().filter(|l| **l == v2).count(), 1, "{judged:?}");
+
+    // noop off and SIGHUP: what was pending is deployed.
+    m.write_config(&config(false));
+    signal(&d.0, nix::sys::signal::Signal::SIGHUP);
+    wait_until("v2 deployed once noop is off", DEADLINE, || {
+        m.rev("app").as_deref() == Some(v2.as_str())
+    });
+    assert_eq!(m.read("app", "app/conf").as_deref(), Some("2"));
+    let notes = status()["notes"].clone();
+    assert_eq!(notes, serde_json::json!([]), "{notes}");
 }

@@ -249,50 +249,81 @@ fn wait_for_status(
 }
 
 #[test]
-fn an_upstream_that_goes_down_is_diff_keeps_its_files_and_recovers_by_itself() {
+fn an_upstream_that_goes_down_keeps_states_and_files_and_recovers_by_itself() {
     require_root();
     let root = temp_root();
     let gitd = GitDaemon::start(root.path());
     let http = HttpServer::start(root.path());
     let up = Upstream::new(root.path(), "down");
-    let v1 = up.write("a/conf", "1").write("b/conf", "1").commit("v1");
+    let v1 = up
+        .write("a/conf", "1")
+        .write("b/conf", "1")
+        .write("c/conf", "1")
+        .commit("v1");
     let (git_url, http_url) = (gitd.url(&up), http.url(&up));
     let port = free_port();
     let m = Machine::new(
         root.path(),
         &format!("metrics_address = \"127.0.0.1:{port}\"\n"),
         &format!(
-            "{}{}",
+            "{}{}{}",
             service("a", &git_url, &["a"]),
-            service("b", &http_url, &["b"])
+            service("b", &http_url, &["b"]),
+            service("c", &git_url, &["c"])
         ),
     );
     let mut d = m.spawn();
-    for s in ["a", "b"] {
+    for s in ["a", "b", "c"] {
         wait_for_status(&m, s, "v1 deployed, OK", DEADLINE, |st| {
             st.state == "OK" && st.deployed.as_deref() == Some(v1.as_str())
         });
     }
+    let frozen = Command::new("curl")
+        .args(["-sf", "-X", "POST", "--unix-socket"])
+        .arg(&m.socket)
+        .args(["-H", "content-type: application/json", "-d", "{}"])
+        .arg("http://plumb/v1/services/c/freeze")
+        .output()
+        .unwrap();
+    assert!(frozen.status.success(), "{frozen:?}");
+    let unreachable = |st: &ServiceStatus| {
+        st.notes
+            .iter()
+            .any(|n| n.starts_with("upstream unreachable") && n.contains(&git_url))
+    };
 
-    // git daemon killed: a goes DIFF saying why, keeps v1 on disk, and b (another upstream) is not
-    // affected. A commit made meanwhile arrives by itself once the server is back on its port.
+    // git daemon killed: a and c keep their state (OK, FREEZE) and v1 on disk, and say why
+    // nothing moves; b (another upstream) is not affected. The upstream's condition is its own
+    // metric. A commit made meanwhile arrives by itself once the server is back on its port.
     let mut v2 = String::new();
     let gitd = gitd.restart_after(|| {
-        let s = wait_for_status(&m, "a", "DIFF: fetch failed", DEADLINE, |st| {
-            st.state == "DIFF" && st.info.starts_with("fetch failed")
+        let s = wait_for_status(&m, "a", "OK, upstream unreachable", DEADLINE, |st| {
+            st.state == "OK" && unreachable(st)
         });
-        assert!(s.info.contains(&git_url), "{s:?}");
         assert_eq!(s.deployed.as_deref(), Some(v1.as_str()));
         assert_eq!(m.rev("a").as_deref(), Some(v1.as_str()));
         assert_eq!(m.read("a", "a/conf").as_deref(), Some("1"));
+        wait_for_status(&m, "c", "FREEZE, upstream unreachable", DEADLINE, |st| {
+            st.state == "FREEZE" && unreachable(st)
+        });
         let persisted: serde_json::Value =
-            serde_json::from_str(&fs::read_to_string(m.state.join("state/a.json")).unwrap())
+            serde_json::from_str(&fs::read_to_string(m.state.join("state/c.json")).unwrap())
                 .unwrap();
-        assert_eq!(persisted["state"], "DIFF", "{persisted}");
+        assert_eq!(persisted["state"], "FREEZE", "{persisted}");
         wait_until("the failed fetches in the metrics", DEADLINE, || {
             fetches(&scrape(port), &git_url, "error") >= 2
         });
-        assert_eq!(m.status("b").unwrap().state, "OK");
+        let metrics = scrape(port);
+        for line in [
+            format!("plumb_upstream_up{{upstream=\"{git_url}\"}} 0"),
+            format!("plumb_upstream_up{{upstream=\"{http_url}\"}} 1"),
+            "plumb_service_state{service=\"c\",state=\"FREEZE\"} 1".to_owned(),
+            "plumb_service_state{service=\"a\",state=\"OK\"} 1".to_owned(),
+        ] {
+            assert!(metrics.lines().any(|l| l == line), "{line} in\n{metrics}");
+        }
+        let b = m.status("b").unwrap();
+        assert_eq!((b.state.as_str(), b.notes.len()), ("OK", 0), "{b:?}");
         v2 = up
             .write("a/conf", "2")
             .commit("v2 while git daemon is down");
@@ -301,15 +332,19 @@ fn an_upstream_that_goes_down_is_diff_keeps_its_files_and_recovers_by_itself() {
     let s = wait_for_status(&m, "a", "v2 deployed, OK", DEADLINE, |st| {
         st.state == "OK" && st.deployed.as_deref() == Some(v2.as_str())
     });
-    assert_eq!(s.info, "", "{s:?}");
+    assert_eq!((s.info.as_str(), s.notes.len()), ("", 0), "{s:?}");
+    let c = wait_for_status(&m, "c", "FREEZE, upstream back", DEADLINE, |st| {
+        st.notes.is_empty()
+    });
+    assert_eq!(c.state, "FREEZE", "{c:?}");
     assert_eq!(m.read("a", "a/conf").as_deref(), Some("2"));
     assert!(fetches(&scrape(port), &git_url, "ok") >= 2);
 
     // The same over HTTP: lighttpd killed and restarted.
     let mut v3 = String::new();
     let http = http.restart_after(|| {
-        wait_for_status(&m, "b", "DIFF: fetch failed", DEADLINE, |st| {
-            st.state == "DIFF" && st.info.starts_with("fetch failed")
+        wait_for_status(&m, "b", "OK, upstream unreachable", DEADLINE, |st| {
+            st.state == "OK" && st.notes.iter().any(|n| n.contains(&http_url))
         });
         assert_eq!(m.rev("b").as_deref(), Some(v1.as_str()));
         assert_eq!(m.read("b", "b/conf").as_deref(), Some("1"));
@@ -473,13 +508,14 @@ fn a_hanging_upstream_times_out_keeps_the_last_good_revision_and_recovers() {
         .write("s/conf", "2")
         .commit("v2");
     for (s, url) in names.iter().zip(&urls) {
-        let st = wait_for_status(&m, s, "DIFF: the fetch gave up", HANG_DEADLINE, |st| {
-            st.state == "DIFF" && st.info.starts_with("fetch failed")
+        let st = wait_for_status(&m, s, "the fetch gave up", HANG_DEADLINE, |st| {
+            st.state == "OK" && !st.notes.is_empty()
         });
         // libgit2's words: "could not read from socket: timed out" (git://, http://), "failed
         // to start SSH session: Timed out waiting on socket" (libssh2).
-        assert!(st.info.contains(&format!("fetch {url}: ")), "{st:?}");
-        assert!(st.info.to_lowercase().contains("timed out"), "{st:?}");
+        let note = &st.notes[0];
+        assert!(note.contains(&format!("fetch {url}: ")), "{st:?}");
+        assert!(note.to_lowercase().contains("timed out"), "{st:?}");
         assert_eq!(st.deployed.as_deref(), Some(v1.as_str()));
         assert_eq!(m.rev(s).as_deref(), Some(v1.as_str()));
         assert_eq!(m.read(s, &format!("{s}/conf")).as_deref(), Some("1"));

@@ -232,6 +232,70 @@ fn a_broken_config_is_broken_until_the_next_good_commit() {
     wait_until("OK again", DEADLINE, || state(&c, "nginx")["state"] == "OK");
 }
 
+/// `plumb_apply_total` of `service` with `result`, from the daemon's metrics inside the container.
+fn applies(c: &Container, metrics: u16, service: &str, result: &str) -> u64 {
+    let (_, text) = c.try_sh(&format!("curl -sf http://127.0.0.1:{metrics}/metrics"));
+    let series = format!("plumb_apply_total{{result=\"{result}\",service=\"{service}\"}} ");
+    text.lines()
+        .find_map(|l| l.strip_prefix(&series))
+        .and_then(|n| n.trim().parse().ok())
+        .unwrap_or(0)
+}
+
+#[test]
+fn an_apply_failing_before_its_outcome_is_broken_counted_and_retried_until_it_works() {
+    require_root();
+    let root = temp_root();
+    let gitd = GitDaemon::start(root.path());
+    let up = Upstream::new(root.path(), "site");
+    let (port, metrics) = (free_port(), free_port());
+    up.write("nginx/conf.d/site.conf", &nginx_conf(port))
+        .write("www/index.html", "v1\n")
+        .commit("v1");
+    let config = format!(
+        "[plumb]\ninterval = \"1s\"\nmetrics_address = \"127.0.0.1:{metrics}\"\n\n[[services]]\nmachine = \"plumb-noapply\"\nservice = \"nginx\"\naction = \"reload\"\nupstream = \"{}\"\ndirs = [\n  {{ local = \"/etc/nginx/conf.d\", link = \"nginx/conf.d\" }},\n  {{ local = \"/var/www/plumb/index.html\", link = \"www/index.html\", file = true }},\n]\n",
+        gitd.url(&up)
+    );
+    let c = machine("plumb-noapply", &config, &[]);
+    wait_until("nginx to serve v1 from git", DEADLINE, || {
+        get(port).as_deref() == Some("v1\n")
+    });
+
+    // The config on disk gains a key `plumb apply` refuses, and the daemon is not told: every
+    // apply now fails before it can write an outcome.
+    c.sh("printf '\\n[plumb.typo]\\nx = 1\\n' >> /etc/plumb/plumb.toml");
+    let v2 = up.write("www/index.html", "v2\n").commit("v2");
+    wait_until(
+        "nginx BROKEN on v2, saying the apply left no outcome",
+        DEADLINE,
+        || {
+            let s = state(&c, "nginx");
+            s["state"] == "BROKEN"
+                && s["deployed"].as_str() == Some(v2.as_str())
+                && s["info"]
+                    .as_str()
+                    .is_some_and(|i| i.contains("left no outcome"))
+        },
+    );
+    assert!(applies(&c, metrics, "nginx", "error") >= 1);
+    let shown = c.sh("plumbctl status nginx");
+    assert!(shown.contains("left no outcome"), "{shown}");
+    // Applied again at every poll while it fails.
+    let failures = applies(&c, metrics, "nginx", "error");
+    wait_until("the apply to be tried again", DEADLINE, || {
+        applies(&c, metrics, "nginx", "error") > failures
+    });
+
+    // The cause fixed by hand, no commit, no restart: the next poll's apply takes v2.
+    c.sh("sed -i '/^\\[plumb.typo\\]/,$d' /etc/plumb/plumb.toml");
+    wait_until("OK on v2", DEADLINE, || {
+        let s = state(&c, "nginx");
+        s["state"] == "OK" && applied(&c, "nginx").as_deref() == Some(v2.as_str())
+    });
+    assert!(applies(&c, metrics, "nginx", "ok") >= 1);
+    assert_eq!(get(port).as_deref(), Some("v2\n"));
+}
+
 /// The check: nginx's own syntax check on the staged conf.d (`$PLUMB_DIR`), in a throwaway main
 /// config that includes it. TOML's literal multi-line string keeps the quotes as they are.
 const NGINX_CHECK: &str = r#"check = '''printf 'events {}\nhttp { include %s/*.conf; }\n' "$PLUMB_DIR" > /tmp/check.conf && nginx -t -q -c /tmp/check.conf'''"#;

@@ -56,6 +56,7 @@ impl Plumb {
             interval: Some(Duration::from_secs(3600)),
             once: false,
             apply: false,
+            noop: false,
             metrics: None,
             bootstrap: None,
         };

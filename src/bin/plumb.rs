@@ -139,6 +139,7 @@ fn serve(cli: Cli) -> anyhow::Result<ExitCode> {
         interval: cli.interval,
         once: cli.once,
         apply: !cli.no_apply,
+        noop: cli.noop,
         metrics: metrics.clone(),
         bootstrap,
     };
@@ -220,7 +221,23 @@ fn serve(cli: Cli) -> anyhow::Result<ExitCode> {
     if cli.once {
         for (name, s) in &summary.services {
             let deployed = plumb::service::short(s.deployed);
-            println!("{name:<24} {:<8} {deployed}  {}", s.state.as_str(), s.info);
+            let mut notes = s
+                .unreachable
+                .as_ref()
+                .map(|e| format!(" (upstream unreachable: {e})"))
+                .unwrap_or_default();
+            if let Some(w) = s.would {
+                notes.push_str(&format!(
+                    " (noop: would deploy {}, {} files changed)",
+                    plumb::service::short(w.revision),
+                    w.files
+                ));
+            }
+            println!(
+                "{name:<24} {:<8} {deployed}  {}{notes}",
+                s.state.as_str(),
+                s.info
+            );
         }
         if !summary.healthy() {
             return Ok(ExitCode::FAILURE);

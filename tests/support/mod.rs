@@ -342,6 +342,17 @@ impl Upstream {
         git(&self.work, &["rev-parse", "HEAD"])
     }
 
+    /// Rewrites the last commit with a new message (same tree, new hash) and force-pushes it, as
+    /// an upstream that amended its head. Returns the new head hash.
+    pub fn amend(&self, msg: &str) -> String {
+        git(
+            &self.work,
+            &["commit", "-q", "--amend", "--allow-empty", "-m", msg],
+        );
+        git(&self.work, &["push", "-q", "--force", "origin", "HEAD"]);
+        git(&self.work, &["rev-parse", "HEAD"])
+    }
+
     /// Number of commits reachable from `branch` in the bare repository; 0 when the branch does not
     /// exist there (an unborn `main` of a new upstream, or a branch never pushed).
     pub fn rev_count(&self, branch: &str) -> usize {

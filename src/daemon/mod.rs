@@ -20,13 +20,24 @@ use tracing::{debug, error, info, info_span, warn};
 use crate::apply;
 use crate::bootstrap::{self, Bootstrap, BootstrapError};
 use crate::config::{self, Config, ConfigError};
-use crate::exec;
-use crate::git::{self, FetchReport, GitError, Oid, Store};
-use crate::layout::{self, Layout};
+use crate::git::{self, Oid};
+use crate::layout::Layout;
 use crate::metrics::Metrics;
 use crate::notify::Notifier;
-use crate::service::{self, Effect, Event, Refusal, State};
+use crate::service::{self, Effect, Event, State};
 use crate::systemd::Systemd;
+
+mod commands;
+mod deploy;
+mod fetch;
+mod persist;
+mod scheduler;
+
+pub use commands::{Command, CommandError, Handle, Reply, Request, channel};
+pub use deploy::DeployError;
+use deploy::{DeployJob, deploy_all};
+use fetch::Check;
+use persist::{load_state, persist};
 
 /// How the daemon was started; everything it reads or binds is named here, so tests use temp dirs.
 #[derive(Debug, Clone)]
@@ -61,27 +72,6 @@ pub enum DaemonError {
     Bootstrap(#[from] BootstrapError),
     #[error("cannot create state directory {path}: {source}")]
     StateDir {
-        path: PathBuf,
-        #[source]
-        source: std::io::Error,
-    },
-}
-
-/// Why moving a service's checkout failed. Becomes the service's BROKEN info, except `Refused`,
-/// which is the deploy job declining a head on purpose (the files on disk are untouched).
-#[derive(Debug, thiserror::Error)]
-pub enum DeployError {
-    #[error("refused: {why}")]
-    Refused {
-        revision: Option<Oid>,
-        why: service::Refusal,
-    },
-    #[error(transparent)]
-    Git(#[from] GitError),
-    #[error("{0}")]
-    Store(String),
-    #[error("{path}: {source}")]
-    Io {
         path: PathBuf,
         #[source]
         source: std::io::Error,
@@ -139,12 +129,11 @@ pub async fn run(
         }
         // A one-shot run ends when every upstream has had a cycle and none is running (a config
         // installed by bootstrap may have started another: it must not be cancelled).
-        let once_done =
-            d.opts.once && d.all_cycled() && d.upstreams.values().all(|u| !u.busy && !u.again);
+        let once_done = d.opts.once && d.all_cycled() && d.upstreams.values().all(|u| u.settled());
         let stopping = shutdown.is_cancelled() || once_done;
         if stopping {
             d.cancel.store(true, Ordering::Relaxed);
-            if d.upstreams.values().all(|u| !u.busy) {
+            if d.upstreams.values().all(|u| !u.busy()) {
                 break;
             }
         } else {
@@ -180,36 +169,7 @@ struct Entry {
     behind: Option<u64>,
 }
 
-struct Upstream {
-    next: Instant,
-    busy: bool,
-    cycles: u64,
-    /// Checkouts asked for outside a fetch (a rollback), run when the store is free.
-    queued: Vec<DeployJob>,
-    /// Operators waiting for this upstream's current or next cycle to end.
-    waiters: Vec<Waiter>,
-    /// A fetch was asked for (pull, webhook) while one ran, which may have read the heads before
-    /// the push that asked: another one starts as soon as this one ends.
-    again: bool,
-    /// Operators waiting for that next cycle.
-    after: Vec<Waiter>,
-    /// Services were added to it (or moved onto it) since its last fetch started: it does not
-    /// count as cycled (`--once`) until a fetch starts after the change.
-    stale: bool,
-}
-
-impl Upstream {
-    /// Makes a fetch that starts after this call due now, and has `waiter` answered when it ends.
-    fn fetch_now(&mut self, waiter: Option<Waiter>) {
-        if self.busy {
-            self.again = true;
-            self.after.extend(waiter);
-        } else {
-            self.next = Instant::now();
-            self.waiters.extend(waiter);
-        }
-    }
-}
+type Upstream = scheduler::Upstream<Waiter, DeployJob>;
 
 /// An operator's write, answered when its upstream's cycle is done.
 struct Waiter {
@@ -222,15 +182,7 @@ struct Waiter {
 enum Done {
     Fetched {
         url: String,
-        result: Result<FetchReport, GitError>,
-        /// Local edits per service (checked after a good fetch).
-        drift: BTreeMap<String, Vec<String>>,
-        /// Changes to each service's files between its deployed revision and the head.
-        behind: BTreeMap<String, Option<u64>>,
-        /// Services whose last checkout did not finish (crash, failure): redone, not drift.
-        interrupted: BTreeSet<String>,
-        /// How long the fetch (with its checks) took.
-        took: Duration,
+        job: fetch::Fetched,
     },
     Deployed {
         url: String,
@@ -406,21 +358,13 @@ impl Daemon {
             .collect();
         self.upstreams.retain(|url, _| urls.contains(url));
         for url in urls {
-            self.upstreams.entry(url).or_insert(Upstream {
-                next: Instant::now(),
-                busy: false,
-                cycles: 0,
-                queued: Vec::new(),
-                waiters: Vec::new(),
-                again: false,
-                after: Vec::new(),
-                stale: false,
-            });
+            self.upstreams
+                .entry(url)
+                .or_insert_with(|| Upstream::new(Instant::now()));
         }
         for url in due {
             if let Some(u) = self.upstreams.get_mut(&url) {
-                u.stale = true;
-                u.fetch_now(None);
+                u.changed(Instant::now());
             }
         }
     }
@@ -495,7 +439,7 @@ impl Daemon {
     }
 
     fn all_cycled(&self) -> bool {
-        self.upstreams.values().all(|u| u.cycles > 0 && !u.stale)
+        self.upstreams.values().all(|u| u.cycled())
     }
 
     fn next_due(&self) -> Instant {
@@ -510,8 +454,7 @@ impl Daemon {
             .filter_map(|t| now.checked_add(Duration::from_secs(t.saturating_sub(unix))));
         self.upstreams
             .values()
-            .filter(|u| !u.busy)
-            .map(|u| if u.queued.is_empty() { u.next } else { now })
+            .filter_map(|u| u.due(now))
             .chain(expiry)
             .min()
             .unwrap_or_else(|| now + Duration::from_secs(3600))
@@ -542,272 +485,26 @@ impl Daemon {
             .map(|e| e.config.upstream.clone())
             && let Some(u) = self.upstreams.get_mut(&url)
         {
-            u.fetch_now(None);
+            u.fetch_now(Instant::now(), None);
         }
-    }
-
-    fn command(&mut self, request: Request, tx: &mpsc::Sender<Done>) {
-        let Request { command, reply } = request;
-        let now = unix_now();
-        let known = |d: &Daemon, s: &str| {
-            d.services
-                .get(s)
-                .map(|e| e.config.upstream.clone())
-                .ok_or_else(|| CommandError::UnknownService(s.to_owned()))
-        };
-        match command {
-            Command::Services => {
-                let all = self.services.keys().map(|n| self.status(n)).collect();
-                let _ = reply.send(Ok(Reply::Services(all)));
-            }
-            Command::Status(service) => {
-                let answer =
-                    known(self, &service).map(|_| Reply::Services(vec![self.status(&service)]));
-                let _ = reply.send(answer);
-            }
-            Command::Freeze { service, until } => {
-                if let Err(e) = known(self, &service) {
-                    let _ = reply.send(Err(e));
-                    return;
-                }
-                info!(service = %service, until, "frozen by an operator");
-                self.feed(&service, Event::Freeze { until }, now, tx);
-                let _ = reply.send(Ok(self.action(&service, "freeze")));
-            }
-            Command::Unfreeze(service) => {
-                if let Err(e) = known(self, &service) {
-                    let _ = reply.send(Err(e));
-                    return;
-                }
-                info!(service = %service, "unfrozen by an operator");
-                // The checkout follows at the next fetch, made due now.
-                self.feed(&service, Event::Unfreeze, now, tx);
-                self.fetch_soon(&service);
-                let _ = reply.send(Ok(self.action(&service, "unfreeze")));
-            }
-            Command::Rollback { service, revision } => {
-                let url = match known(self, &service) {
-                    Ok(url) => url,
-                    Err(e) => {
-                        let _ = reply.send(Err(e));
-                        return;
-                    }
-                };
-                let Some(entry) = self.services.get(&service) else {
-                    return;
-                };
-                if entry.state.noop {
-                    let _ = reply.send(Err(noop_refusal(&service, "rollback")));
-                    return;
-                }
-                let head = entry.state.upstream.or(entry.state.synced);
-                let stores = self.layout.stores();
-                let tx = tx.clone();
-                let trust = self.config.settings.upstream(&url);
-                // Read-only: safe beside a fetch running on the same store.
-                tokio::task::spawn_blocking(move || {
-                    let result = resolve_in_history(&stores, &url, &revision, head, &trust);
-                    let _ = tx.blocking_send(Done::Resolved {
-                        service,
-                        result,
-                        reply,
-                    });
-                });
-            }
-            Command::Wipe(service) => {
-                let Some(e) = self.services.get(&service) else {
-                    let _ = reply.send(Err(CommandError::UnknownService(service)));
-                    return;
-                };
-                if e.state.noop {
-                    let _ = reply.send(Err(noop_refusal(&service, "wipe")));
-                    return;
-                }
-                let Some(head) = e.state.synced else {
-                    let _ = reply.send(Err(CommandError::Invalid(format!(
-                        "{service} has nothing checked out yet"
-                    ))));
-                    return;
-                };
-                warn!(service = %service, "wipe: rebuilding the checkout");
-                let job = DeployJob {
-                    service: e.config.clone(),
-                    upstream: self.config.settings.upstream(&e.config.upstream),
-                    limits: self.config.settings.limits(),
-                    avoid: None,
-                    follow: false,
-                    head,
-                    from: None,
-                    deployed: e.state.deployed,
-                    restore: true,
-                    fresh: true,
-                    noop: false,
-                };
-                self.rebind.insert(service.clone());
-                if let Some(u) = self.upstreams.get_mut(&e.config.upstream) {
-                    u.queued.push(job);
-                    u.waiters.push(Waiter {
-                        service,
-                        action: "wipe",
-                        reply,
-                    });
-                }
-            }
-            Command::Poke { repositories } => {
-                let keys: BTreeSet<String> = repositories
-                    .iter()
-                    .map(|r| git::repository_key(r))
-                    .collect();
-                let named = |url: &String| keys.contains(&git::repository_key(url));
-                let any = self.upstreams.keys().any(named);
-                if !any && !keys.is_empty() {
-                    debug!(repositories = ?repositories, "push webhook: no upstream is one of its repositories; fetching all");
-                }
-                for (url, u) in self.upstreams.iter_mut() {
-                    if !any || named(url) {
-                        u.fetch_now(None);
-                    }
-                }
-                let _ = reply.send(Ok(Reply::Services(Vec::new())));
-            }
-            Command::Diff(service) => {
-                let Some(e) = self.services.get(&service) else {
-                    let _ = reply.send(Err(CommandError::UnknownService(service)));
-                    return;
-                };
-                let (url, links) = (e.config.upstream.clone(), e.config.links());
-                let (from, to, commits) = (e.state.synced, e.state.upstream, e.behind);
-                let stores = self.layout.stores();
-                // Read-only on the store, so it needs no turn of the upstream's job.
-                tokio::task::spawn_blocking(move || {
-                    let files = match to {
-                        None => Ok(Vec::new()),
-                        Some(to) => Store::open_readonly(&stores, &url)
-                            .and_then(|s| s.file_changes(from, to, &links))
-                            .map_err(|e| CommandError::Invalid(e.to_string())),
-                    };
-                    let hex = |o: Option<Oid>| o.map(|o| o.to_string());
-                    let _ = reply.send(files.map(|files| {
-                        Reply::Diff(crate::proto::DiffResult {
-                            service,
-                            from: hex(from),
-                            to: hex(to),
-                            commits,
-                            files: files
-                                .into_iter()
-                                .map(|f| crate::proto::FileDiff {
-                                    path: f.path,
-                                    change: f.change.to_owned(),
-                                })
-                                .collect(),
-                        })
-                    }));
-                });
-            }
-            Command::Pull { service, force } => {
-                let url = match known(self, &service) {
-                    Ok(url) => url,
-                    Err(e) => {
-                        let _ = reply.send(Err(e));
-                        return;
-                    }
-                };
-                // A head refused before (check, health, signature) is tried again.
-                self.feed(&service, Event::Retry, unix_now(), tx);
-                if force {
-                    info!(service = %service, "pull --force: local edits will be dropped");
-                    self.feed(&service, Event::Force, unix_now(), tx);
-                }
-                if let Some(u) = self.upstreams.get_mut(&url) {
-                    if u.busy {
-                        debug!(service = %service, "pull: after the fetch running now");
-                    }
-                    u.fetch_now(Some(Waiter {
-                        service,
-                        action: "pull",
-                        reply,
-                    }));
-                }
-            }
-        }
-    }
-
-    /// A service's status as the API shows it.
-    fn status(&self, name: &str) -> crate::proto::ServiceStatus {
-        use crate::proto::{ApplyStatus, DirStatus, ServiceStatus};
-        let hex = |o: Option<Oid>| o.map(|o| o.to_string());
-        let Some(e) = self.services.get(name) else {
-            unreachable!("status of a service checked to exist")
-        };
-        let (c, s) = (&e.config, &e.state);
-        ServiceStatus {
-            service: c.name.clone(),
-            machine: c.machine.clone(),
-            state: s.state.as_str().to_owned(),
-            info: s.info.clone(),
-            since: s.since,
-            upstream: git::redact_url(&c.upstream),
-            branch: c.branch.clone(),
-            deployed: hex(s.deployed),
-            upstream_head: hex(s.upstream),
-            behind: e.behind,
-            frozen_until: s.frozen_until,
-            pinned: hex(s.pinned),
-            dirs: c
-                .dirs
-                .iter()
-                .map(|d| DirStatus {
-                    local: d.local.display().to_string(),
-                    link: d.link.clone(),
-                    file: d.file,
-                    ro: d.ro,
-                })
-                .collect(),
-            notes: notes(c, s),
-            last_apply: apply::read_applied(&self.layout, name).map(|o| ApplyStatus {
-                revision: o.revision.to_string(),
-                ok: o.ok,
-                message: o.message.clone(),
-                time: o.time,
-            }),
-        }
-    }
-
-    fn action(&self, service: &str, action: &str) -> Reply {
-        let status = self.status(service);
-        let ok = !matches!(status.state.as_str(), "BROKEN" | "DIFF");
-        let message = if status.info.is_empty() {
-            format!("{action}: done, {}", status.state)
-        } else {
-            format!("{action}: {}: {}", status.state, status.info)
-        };
-        Reply::Action(Box::new(crate::proto::ActionResult {
-            action: action.to_owned(),
-            ok,
-            message,
-            status,
-        }))
     }
 
     fn start_due(&mut self, tx: &mpsc::Sender<Done>) {
         let now = Instant::now();
+        let mut due = Vec::new();
         for (url, u) in self.upstreams.iter_mut() {
-            if !u.busy && !u.queued.is_empty() {
-                u.busy = true;
-                let jobs = std::mem::take(&mut u.queued);
-                let (layout, url, tx) = (self.layout.clone(), url.clone(), tx.clone());
-                tokio::task::spawn_blocking(move || {
-                    let events = deploy_all(&layout, &url, jobs);
-                    let _ = tx.blocking_send(Done::Deployed { url, events });
-                });
+            match u.start(now) {
+                None => {}
+                Some(scheduler::Start::Checkouts(jobs)) => {
+                    let (layout, url, tx) = (self.layout.clone(), url.clone(), tx.clone());
+                    tokio::task::spawn_blocking(move || {
+                        let events = deploy_all(&layout, &url, jobs);
+                        let _ = tx.blocking_send(Done::Deployed { url, events });
+                    });
+                }
+                Some(scheduler::Start::Fetch) => due.push(url.clone()),
             }
         }
-        let due: Vec<String> = self
-            .upstreams
-            .iter()
-            .filter(|(_, u)| !u.busy && u.next <= now)
-            .map(|(url, _)| url.clone())
-            .collect();
         for url in due {
             let branches: Vec<String> = self
                 .services
@@ -817,10 +514,6 @@ impl Daemon {
                 .collect::<BTreeSet<_>>()
                 .into_iter()
                 .collect();
-            if let Some(u) = self.upstreams.get_mut(&url) {
-                u.busy = true;
-                u.stale = false;
-            }
             // Checkouts to look for local edits in, at the revision each was made from, and how
             // far behind each service's files are.
             let checks: Vec<Check> = self
@@ -844,47 +537,8 @@ impl Daemon {
             let span = info_span!("fetch", upstream = %git::redact_url(&url));
             tokio::task::spawn_blocking(move || {
                 let _g = span.enter();
-                let mut drift = BTreeMap::new();
-                let mut behind = BTreeMap::new();
-                let mut interrupted = BTreeSet::new();
-                let started = std::time::Instant::now();
-                let result = Store::open(&stores, &url).and_then(|mut s| {
-                    let report = s.fetch(&branches, &transport)?;
-                    for c in checks {
-                        if c.interrupted {
-                            interrupted.insert(c.name.clone());
-                        } else if let Some(synced) = c.synced {
-                            match s.drift(&c.target, &c.index, synced, &c.links) {
-                                Ok(files) => {
-                                    drift.insert(c.name.clone(), files);
-                                }
-                                Err(e) => {
-                                    warn!(service = %c.name, "cannot check for local edits: {e}")
-                                }
-                            }
-                        }
-                        let head = report.heads.get(&c.branch).copied().flatten();
-                        if let (Some(deployed), Some(head)) = (c.deployed, head) {
-                            match s.changes_since(deployed, head, &c.links, BEHIND_LIMIT) {
-                                Ok(n) => {
-                                    behind.insert(c.name, n);
-                                }
-                                Err(e) => {
-                                    warn!(service = %c.name, "cannot count changes behind: {e}")
-                                }
-                            }
-                        }
-                    }
-                    Ok(report)
-                });
-                let _ = tx.blocking_send(Done::Fetched {
-                    url,
-                    result,
-                    drift,
-                    behind,
-                    interrupted,
-                    took: started.elapsed(),
-                });
+                let job = fetch::run(&stores, &url, &branches, checks, &transport);
+                let _ = tx.blocking_send(Done::Fetched { url, job });
             });
         }
     }
@@ -894,11 +548,14 @@ impl Daemon {
         match done {
             Done::Fetched {
                 url,
-                result,
-                mut drift,
-                behind,
-                interrupted,
-                took,
+                job:
+                    fetch::Fetched {
+                        result,
+                        mut drift,
+                        behind,
+                        interrupted,
+                        took,
+                    },
             } => {
                 if let Some(m) = &self.opts.metrics {
                     m.fetched(&git::redact_url(&url), result.is_ok(), took);
@@ -1010,12 +667,14 @@ impl Daemon {
                     info!(service = %service, target = %service::short(Some(target)), "rollback by an operator");
                     let jobs = self.feed(&service, Event::Rollback { target }, now, tx);
                     if let Some(u) = self.upstreams.get_mut(&url) {
-                        u.queued.extend(jobs);
-                        u.waiters.push(Waiter {
-                            service,
-                            action: "rollback",
-                            reply,
-                        });
+                        u.queue(
+                            jobs,
+                            Some(Waiter {
+                                service,
+                                action: "rollback",
+                                reply,
+                            }),
+                        );
                     }
                 }
             },
@@ -1287,16 +946,10 @@ impl Daemon {
 
     fn done_with(&mut self, url: &str) {
         let wait = self.interval.saturating_sub(jitter(self.jitter));
-        let mut waiters = Vec::new();
-        if let Some(u) = self.upstreams.get_mut(url) {
-            u.busy = false;
-            u.cycles += 1;
-            u.next = Instant::now();
-            if !std::mem::take(&mut u.again) {
-                u.next += wait;
-            }
-            waiters = std::mem::replace(&mut u.waiters, std::mem::take(&mut u.after));
-        }
+        let waiters = match self.upstreams.get_mut(url) {
+            Some(u) => u.done(Instant::now(), wait),
+            None => Vec::new(),
+        };
         for w in waiters {
             if self.applying.get(&w.service).is_some_and(|n| *n > 0) {
                 // Pull and rollback answer with the apply's result too.
@@ -1344,402 +997,6 @@ impl Daemon {
     }
 }
 
-/// Wipe: checks the service out afresh beside its checkout, then swaps the two. The old one is
-/// kept as `<checkout>.plumb-wiped` (still bound until apply re-binds the mounts, so the service
-/// never sees a missing file) and removed by the next wipe.
-fn rebuild(
-    store: &Store,
-    layout: &Layout,
-    job: &DeployJob,
-    target: &std::path::Path,
-    links: &[String],
-) -> Result<(), DeployError> {
-    let io = |path: &std::path::Path| {
-        let path = path.to_owned();
-        move |source| DeployError::Io { path, source }
-    };
-    let aside = |suffix: &str| {
-        let mut p = target.as_os_str().to_owned();
-        p.push(suffix);
-        std::path::PathBuf::from(p)
-    };
-    let (new, old) = (aside(".plumb-new"), aside(".plumb-wiped"));
-    let index = layout.service_index(&job.service.name);
-    let mut new_index = index.as_os_str().to_owned();
-    new_index.push(".new");
-    let new_index = std::path::PathBuf::from(new_index);
-    for stale in [&new, &old] {
-        if stale.exists() {
-            std::fs::remove_dir_all(stale).map_err(io(stale))?;
-        }
-    }
-    let _ = std::fs::remove_file(&new_index);
-    std::fs::create_dir_all(&new).map_err(io(&new))?;
-    store.checkout_as(
-        &new,
-        &new_index,
-        None,
-        job.head,
-        links,
-        job.service.user.as_deref(),
-    )?;
-    if target.exists() {
-        std::fs::rename(target, &old).map_err(io(target))?;
-    }
-    std::fs::rename(&new, target).map_err(io(target))?;
-    std::fs::rename(&new_index, &index).map_err(io(&index))?;
-    Ok(())
-}
-
-/// The first-parent commits `behind` walks at most per service and fetch.
-const BEHIND_LIMIT: usize = 10_000;
-
-/// What the fetch job looks at for one service besides fetching.
-struct Check {
-    name: String,
-    /// A checkout of the service was interrupted (its marker file exists).
-    interrupted: bool,
-    target: std::path::PathBuf,
-    index: std::path::PathBuf,
-    synced: Option<Oid>,
-    deployed: Option<Oid>,
-    branch: String,
-    links: Vec<String>,
-}
-
-struct DeployJob {
-    service: config::Service,
-    /// The upstream's trust and force-push settings.
-    upstream: config::UpstreamSettings,
-    /// What a revision may hold (file sizes).
-    limits: git::Limits,
-    /// A revision refused before: a head whose service files are these is refused again.
-    avoid: Option<Oid>,
-    /// The job follows the branch (not a rollback to an older commit), so a head that does not
-    /// descend from `from` is a rewrite of history.
-    follow: bool,
-    head: Oid,
-    from: Option<Oid>,
-    deployed: Option<Oid>,
-    /// Rewrite the checkout even if its revision did not move (drops local edits).
-    restore: bool,
-    /// Build the checkout afresh beside the old one and swap them (wipe).
-    fresh: bool,
-    /// Judge the head and count what would change, and stop there: nothing is written.
-    noop: bool,
-}
-
-/// What a deploy job did for one service.
-enum Deployed {
-    /// The checkout holds the head: the service's revision there, and whether any file moved.
-    Done { revision: Option<Oid>, files: bool },
-    /// Noop: the head passed every gate; the revision it would deploy and how many files change.
-    Would { revision: Option<Oid>, files: usize },
-}
-
-/// Runs the checkouts of one upstream's services, one after the other, on one store.
-fn deploy_all(layout: &Layout, url: &str, jobs: Vec<DeployJob>) -> Vec<(String, Event)> {
-    let store = Store::open(&layout.stores(), url);
-    jobs.into_iter()
-        .map(|job| {
-            let span = info_span!("service", name = %job.service.name);
-            let _g = span.enter();
-            let head = job.head;
-            let result = match &store {
-                Ok(store) => deploy(store, layout, &job),
-                Err(e) => Err(DeployError::Store(e.to_string())),
-            };
-            let event = match result {
-                Ok(Deployed::Done { revision, files }) => Event::Deployed {
-                    head,
-                    revision,
-                    files,
-                },
-                Ok(Deployed::Would { revision, files }) => Event::Previewed {
-                    head,
-                    revision,
-                    files,
-                },
-                Err(DeployError::Refused { revision, why }) => {
-                    warn!(head = %head, reason = why.reason(), "refused: {why}");
-                    Event::Refused {
-                        head,
-                        revision,
-                        why,
-                    }
-                }
-                Err(e) => Event::DeployFailed {
-                    head,
-                    error: e.to_string(),
-                },
-            };
-            (job.service.name, event)
-        })
-        .collect()
-}
-
-/// Moves one service's checkout to `job.head` when its paths changed, and hands a new deployed
-/// revision to systemd by rewriting the service's `.rev` file. Returns the deployed revision, and
-/// whether any file moved.
-///
-/// The revision is a function of the head alone ([`Store::last_change`]): two machines on the
-/// same head report the same hash whatever they fetched before, and after a force-push the hash is
-/// one the branch has. When only the hash moves (a commit restoring earlier files, an amended
-/// commit), the `.rev` follows and the files stay.
-fn deploy(store: &Store, layout: &Layout, job: &DeployJob) -> Result<Deployed, DeployError> {
-    let svc = &job.service;
-    let links = svc.links();
-    let target = svc.checkout_dir();
-    let refuse = |revision: Option<Oid>, why: Refusal| DeployError::Refused { revision, why };
-    if job.upstream.verifies() {
-        match store.verify_commit(job.head, &job.upstream.trust()) {
-            Ok(signer) => debug!(head = %job.head, "signed by {signer}"),
-            Err(e) => return Err(refuse(None, Refusal::Unverified(e.to_string()))),
-        }
-    }
-    if job.follow
-        && job.upstream.force_push == config::ForcePush::Refuse
-        && let Some(f) = job.from.filter(|f| *f != job.head)
-        && !store.in_history(f, job.head).unwrap_or(false)
-    {
-        return Err(refuse(
-            None,
-            Refusal::Rewritten(format!(
-                "history rewritten upstream: {} does not descend from the deployed {}",
-                service::short(Some(job.head)),
-                service::short(Some(f))
-            )),
-        ));
-    }
-    // Without its checkout, or when the store no longer has the old head, start from nothing.
-    let from = job
-        .from
-        .filter(|_| target.is_dir())
-        .filter(|f| store.resolve(&f.to_string()).is_ok());
-    let changed = match from {
-        Some(f) => job.restore || !store.changed_paths(Some(f), job.head, &links)?.is_empty(),
-        None => true,
-    };
-    let revision = store.last_change(job.head, &links)?;
-    if changed && !job.fresh && revision.is_some() && revision == job.avoid {
-        return Err(refuse(revision, Refusal::Known));
-    }
-    if changed || job.fresh {
-        match store.inspect(job.head, &links, &job.limits) {
-            Err(e @ GitError::Hostile { .. }) => {
-                return Err(refuse(revision, Refusal::Hostile(e.to_string())));
-            }
-            other => other?,
-        }
-    }
-    if changed
-        && !job.fresh
-        && let (Some(check), Some(rev)) = (&svc.check, revision)
-    {
-        run_check(store, layout, svc, check, job.head, rev)?;
-    }
-    if job.noop {
-        let files = if changed {
-            store.changed_paths(from, job.head, &links)?.len()
-        } else {
-            0
-        };
-        return Ok(Deployed::Would { revision, files });
-    }
-    let marker = layout.service_deploying(&svc.name);
-    let io = |path: &std::path::Path| {
-        let path = path.to_owned();
-        move |source| DeployError::Io { path, source }
-    };
-    if job.fresh {
-        rebuild(store, layout, job, &target, &links)?;
-    } else if changed {
-        std::fs::create_dir_all(&target).map_err(io(&target))?;
-        // Until the daemon has saved the deploy, a half-made checkout must not read as local
-        // edits: the marker makes the next fetch redo it instead (removed once saved).
-        layout::write_atomic(&marker, format!("{}\n", job.head).as_bytes()).map_err(io(&marker))?;
-        store.checkout_as(
-            &target,
-            &layout.service_index(&svc.name),
-            from,
-            job.head,
-            &links,
-            svc.user.as_deref(),
-        )?;
-    }
-    let rev_file = layout.service_rev(&svc.name);
-    if let Some(rev) = revision
-        && (revision != job.deployed || !rev_file.exists())
-    {
-        layout::write_atomic(&rev_file, format!("{rev}\n").as_bytes()).map_err(|source| {
-            DeployError::Io {
-                path: rev_file.clone(),
-                source,
-            }
-        })?;
-    }
-    Ok(Deployed::Done {
-        revision,
-        files: changed || job.fresh,
-    })
-}
-
-/// Checks `head` out beside the live checkout and runs the service's `check` on it; a failure is
-/// a refusal carrying the command's output. The staged tree is removed either way.
-fn run_check(
-    store: &Store,
-    layout: &Layout,
-    svc: &config::Service,
-    check: &config::Check,
-    head: Oid,
-    revision: Oid,
-) -> Result<(), DeployError> {
-    let staging = layout.staging(&svc.name);
-    let io = |path: &std::path::Path| {
-        let path = path.to_owned();
-        move |source| DeployError::Io { path, source }
-    };
-    if staging.exists() {
-        std::fs::remove_dir_all(&staging).map_err(io(&staging))?;
-    }
-    std::fs::create_dir_all(&staging).map_err(io(&staging))?;
-    let index = staging.with_extension("index");
-    let _ = std::fs::remove_file(&index);
-    let result = (|| {
-        store.checkout(&staging, &index, None, head, &svc.links())?;
-        let dir = svc
-            .dirs
-            .first()
-            .map(|d| staging.join(&d.link))
-            .unwrap_or_else(|| staging.clone());
-        let command = check
-            .command
-            .replace("{dir}", &exec::shell_quote(&dir.to_string_lossy()))
-            .replace("{root}", &exec::shell_quote(&staging.to_string_lossy()))
-            .replace("{rev}", &revision.to_string());
-        info!(command = %command, "checking {}", service::short(Some(revision)));
-        let spec = exec::Spec::new("/bin/sh", check.timeout)
-            .arg("-c")
-            .arg(&command)
-            .env("PLUMB_DIR", &dir)
-            .env("PLUMB_ROOT", &staging)
-            .env("PLUMB_REVISION", revision.to_string())
-            .env("PLUMB_SERVICE", &svc.name)
-            .dir(&staging);
-        let why = match exec::run_blocking(spec) {
-            Ok(out) if out.success() => return Ok(()),
-            Ok(out) => out.failure(10),
-            Err(e) => e.to_string(),
-        };
-        Err(DeployError::Refused {
-            revision: Some(revision),
-            why: Refusal::Check(why),
-        })
-    })();
-    let _ = std::fs::remove_dir_all(&staging);
-    let _ = std::fs::remove_file(&index);
-    result
-}
-
-/// Turns what an operator typed into a commit of the service's branch history.
-fn resolve_in_history(
-    stores: &std::path::Path,
-    url: &str,
-    revision: &str,
-    head: Option<Oid>,
-    upstream: &config::UpstreamSettings,
-) -> Result<Oid, String> {
-    let store = Store::open_readonly(stores, url).map_err(|e| e.to_string())?;
-    let target = store
-        .resolve(revision)
-        .map_err(|_| format!("unknown revision {revision:?} in {}", git::redact_url(url)))?;
-    let head =
-        head.ok_or_else(|| "the service has no branch head yet to roll back on".to_owned())?;
-    match store.in_history(target, head) {
-        Ok(true) if upstream.verifies() => {
-            // A rollback target must be signed like any head: it is deployed as one.
-            store
-                .verify_commit(target, &upstream.trust())
-                .map(|_| target)
-                .map_err(|e| format!("refusing to roll back: {e}"))
-        }
-        Ok(true) => Ok(target),
-        Ok(false) => Err(format!(
-            "{revision:?} ({}) is not in the history of the service's branch",
-            service::short(Some(target))
-        )),
-        Err(e) => Err(e.to_string()),
-    }
-}
-
-fn load_state(layout: &Layout, name: &str, now: u64) -> service::Service {
-    let path = layout.service_state(name);
-    match std::fs::read(&path) {
-        Ok(bytes) => match serde_json::from_slice(&bytes) {
-            Ok(s) => s,
-            Err(e) => {
-                error!(service = %name, "{}: unreadable state ({e}); starting afresh", path.display());
-                service::Service::new(now)
-            }
-        },
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => service::Service::new(now),
-        Err(e) => {
-            error!(service = %name, "{}: {e}; starting afresh", path.display());
-            service::Service::new(now)
-        }
-    }
-}
-
-/// Writes the service's state file; false (logged) when it could not.
-fn persist(layout: &Layout, name: &str, state: &service::Service) -> bool {
-    let path = layout.service_state(name);
-    let write = serde_json::to_vec_pretty(state)
-        .map_err(std::io::Error::other)
-        .and_then(|json| layout::write_atomic(&path, &json));
-    if let Err(e) = &write {
-        error!(service = %name, "cannot save state to {}: {e}", path.display());
-    }
-    write.is_ok()
-}
-
-/// What an operator should know beside a service's state: its upstream failing, what noop mode
-/// holds back.
-fn notes(c: &config::Service, s: &service::Service) -> Vec<String> {
-    let mut notes: Vec<String> = s
-        .unreachable
-        .iter()
-        .map(|e| format!("upstream unreachable, serving the last fetched revision: {e}"))
-        .collect();
-    if s.noop {
-        notes.push(match s.would {
-            None => "noop: nothing to deploy".to_owned(),
-            Some(w) if w.files == 0 => format!(
-                "noop: would move to head {} without changing a file",
-                service::short(Some(w.head))
-            ),
-            Some(w) => format!(
-                "noop: would deploy {}: {} file{} changed, {}",
-                service::short(w.revision),
-                w.files,
-                if w.files == 1 { "" } else { "s" },
-                if c.check.is_some() {
-                    "check passed"
-                } else {
-                    "no check configured"
-                }
-            ),
-        });
-    }
-    notes
-}
-
-/// Why a write that would touch a noop service's files is not carried out.
-fn noop_refusal(service: &str, action: &str) -> CommandError {
-    CommandError::Invalid(format!(
-        "{service} is in noop mode: a {action} would change its files; turn noop off first"
-    ))
-}
-
 /// A random wait in `[0, max)`, so machines started together drift apart.
 fn jitter(max: Duration) -> Duration {
     if max.is_zero() {
@@ -1753,83 +1010,4 @@ fn unix_now() -> u64 {
         .duration_since(UNIX_EPOCH)
         .map(|d| d.as_secs())
         .unwrap_or(0)
-}
-
-/// What the control API asks of the daemon. Answered through [`Handle::call`].
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Command {
-    /// Every service of this machine.
-    Services,
-    /// One service.
-    Status(String),
-    /// Stop tracking upstream, until `until` (unix seconds) or until unfrozen.
-    Freeze { service: String, until: Option<u64> },
-    /// Track upstream again (also ends a rollback pin).
-    Unfreeze(String),
-    /// Pin to `revision` (anything git accepts in the service's history) and freeze.
-    Rollback { service: String, revision: String },
-    /// Fetch and deploy now; answered when done. `force` also drops local edits.
-    Pull { service: String, force: bool },
-    /// What the next pull would change in the service's files (from the last fetch).
-    Diff(String),
-    /// Rebuild the service's checkout from the store at the same revision; the service keeps its
-    /// current files until the new checkout is in place and re-bound. Drops local edits.
-    Wipe(String),
-    /// A push webhook arrived: fetch now instead of at the next tick the upstreams that are one of
-    /// `repositories` (URLs from its payload, any protocol), or every upstream when none is (a
-    /// mirror, a host known by another name) or the payload named none.
-    Poke { repositories: Vec<String> },
-}
-
-/// The daemon's answer to a [`Command`].
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Reply {
-    Services(Vec<crate::proto::ServiceStatus>),
-    Action(Box<crate::proto::ActionResult>),
-    Diff(crate::proto::DiffResult),
-}
-
-/// Why a command was refused; the API maps each to an HTTP status.
-#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-pub enum CommandError {
-    /// 404.
-    #[error("no service {0:?} on this machine")]
-    UnknownService(String),
-    /// 400 / 422: the request cannot be carried out as asked (unknown revision, ...).
-    #[error("{0}")]
-    Invalid(String),
-    /// 503: the daemon is stopping.
-    #[error("plumb is shutting down")]
-    Unavailable,
-}
-
-/// One command in flight, with where its answer goes.
-#[derive(Debug)]
-pub struct Request {
-    pub command: Command,
-    pub reply: tokio::sync::oneshot::Sender<Result<Reply, CommandError>>,
-}
-
-/// The API's way into the daemon's actor: cheap to clone, one per connection if need be.
-#[derive(Debug, Clone)]
-pub struct Handle {
-    tx: mpsc::Sender<Request>,
-}
-
-impl Handle {
-    /// Sends `command` to the daemon and waits for its answer.
-    pub async fn call(&self, command: Command) -> Result<Reply, CommandError> {
-        let (reply, answer) = tokio::sync::oneshot::channel();
-        self.tx
-            .send(Request { command, reply })
-            .await
-            .map_err(|_| CommandError::Unavailable)?;
-        answer.await.map_err(|_| CommandError::Unavailable)?
-    }
-}
-
-/// A handle for the API and the receiving end for [`run`].
-pub fn channel() -> (Handle, mpsc::Receiver<Request>) {
-    let (tx, rx) = mpsc::channel(16);
-    (Handle { tx }, rx)
 }

@@ -1,0 +1,383 @@
+//! Operators' commands to the daemon: the messages the control API sends (`Command`, answered
+//! through a [`Handle`]), and how the actor carries each out.
+
+use std::collections::BTreeSet;
+
+use tokio::sync::mpsc;
+use tokio::time::Instant;
+use tracing::{debug, info, warn};
+
+use super::{Daemon, Done, Waiter, deploy, unix_now};
+use crate::apply;
+use crate::config;
+use crate::git::{self, Oid, Store};
+use crate::service::{self, Event};
+
+impl Daemon {
+    /// Carries out one operator's command; writes that need the store answer later.
+    pub(super) fn command(&mut self, request: Request, tx: &mpsc::Sender<Done>) {
+        let Request { command, reply } = request;
+        let now = unix_now();
+        let known = |d: &Daemon, s: &str| {
+            d.services
+                .get(s)
+                .map(|e| e.config.upstream.clone())
+                .ok_or_else(|| CommandError::UnknownService(s.to_owned()))
+        };
+        match command {
+            Command::Services => {
+                let all = self.services.keys().map(|n| self.status(n)).collect();
+                let _ = reply.send(Ok(Reply::Services(all)));
+            }
+            Command::Status(service) => {
+                let answer =
+                    known(self, &service).map(|_| Reply::Services(vec![self.status(&service)]));
+                let _ = reply.send(answer);
+            }
+            Command::Freeze { service, until } => {
+                if let Err(e) = known(self, &service) {
+                    let _ = reply.send(Err(e));
+                    return;
+                }
+                info!(service = %service, until, "frozen by an operator");
+                self.feed(&service, Event::Freeze { until }, now, tx);
+                let _ = reply.send(Ok(self.action(&service, "freeze")));
+            }
+            Command::Unfreeze(service) => {
+                if let Err(e) = known(self, &service) {
+                    let _ = reply.send(Err(e));
+                    return;
+                }
+                info!(service = %service, "unfrozen by an operator");
+                // The checkout follows at the next fetch, made due now.
+                self.feed(&service, Event::Unfreeze, now, tx);
+                self.fetch_soon(&service);
+                let _ = reply.send(Ok(self.action(&service, "unfreeze")));
+            }
+            Command::Rollback { service, revision } => {
+                let url = match known(self, &service) {
+                    Ok(url) => url,
+                    Err(e) => {
+                        let _ = reply.send(Err(e));
+                        return;
+                    }
+                };
+                let Some(entry) = self.services.get(&service) else {
+                    return;
+                };
+                if entry.state.noop {
+                    let _ = reply.send(Err(noop_refusal(&service, "rollback")));
+                    return;
+                }
+                let head = entry.state.upstream.or(entry.state.synced);
+                let stores = self.layout.stores();
+                let tx = tx.clone();
+                let trust = self.config.settings.upstream(&url);
+                // Read-only: safe beside a fetch running on the same store.
+                tokio::task::spawn_blocking(move || {
+                    let result = deploy::resolve_in_history(&stores, &url, &revision, head, &trust);
+                    let _ = tx.blocking_send(Done::Resolved {
+                        service,
+                        result,
+                        reply,
+                    });
+                });
+            }
+            Command::Wipe(service) => {
+                let Some(e) = self.services.get(&service) else {
+                    let _ = reply.send(Err(CommandError::UnknownService(service)));
+                    return;
+                };
+                if e.state.noop {
+                    let _ = reply.send(Err(noop_refusal(&service, "wipe")));
+                    return;
+                }
+                let Some(head) = e.state.synced else {
+                    let _ = reply.send(Err(CommandError::Invalid(format!(
+                        "{service} has nothing checked out yet"
+                    ))));
+                    return;
+                };
+                warn!(service = %service, "wipe: rebuilding the checkout");
+                let job = deploy::DeployJob {
+                    service: e.config.clone(),
+                    upstream: self.config.settings.upstream(&e.config.upstream),
+                    limits: self.config.settings.limits(),
+                    avoid: None,
+                    follow: false,
+                    head,
+                    from: None,
+                    deployed: e.state.deployed,
+                    restore: true,
+                    fresh: true,
+                    noop: false,
+                };
+                self.rebind.insert(service.clone());
+                if let Some(u) = self.upstreams.get_mut(&e.config.upstream) {
+                    u.queue(
+                        [job],
+                        Some(Waiter {
+                            service,
+                            action: "wipe",
+                            reply,
+                        }),
+                    );
+                }
+            }
+            Command::Poke { repositories } => {
+                let keys: BTreeSet<String> = repositories
+                    .iter()
+                    .map(|r| git::repository_key(r))
+                    .collect();
+                let named = |url: &String| keys.contains(&git::repository_key(url));
+                let any = self.upstreams.keys().any(named);
+                if !any && !keys.is_empty() {
+                    debug!(repositories = ?repositories, "push webhook: no upstream is one of its repositories; fetching all");
+                }
+                for (url, u) in self.upstreams.iter_mut() {
+                    if !any || named(url) {
+                        u.fetch_now(Instant::now(), None);
+                    }
+                }
+                let _ = reply.send(Ok(Reply::Services(Vec::new())));
+            }
+            Command::Diff(service) => {
+                let Some(e) = self.services.get(&service) else {
+                    let _ = reply.send(Err(CommandError::UnknownService(service)));
+                    return;
+                };
+                let (url, links) = (e.config.upstream.clone(), e.config.links());
+                let (from, to, commits) = (e.state.synced, e.state.upstream, e.behind);
+                let stores = self.layout.stores();
+                // Read-only on the store, so it needs no turn of the upstream's job.
+                tokio::task::spawn_blocking(move || {
+                    let files = match to {
+                        None => Ok(Vec::new()),
+                        Some(to) => Store::open_readonly(&stores, &url)
+                            .and_then(|s| s.file_changes(from, to, &links))
+                            .map_err(|e| CommandError::Invalid(e.to_string())),
+                    };
+                    let hex = |o: Option<Oid>| o.map(|o| o.to_string());
+                    let _ = reply.send(files.map(|files| {
+                        Reply::Diff(crate::proto::DiffResult {
+                            service,
+                            from: hex(from),
+                            to: hex(to),
+                            commits,
+                            files: files
+                                .into_iter()
+                                .map(|f| crate::proto::FileDiff {
+                                    path: f.path,
+                                    change: f.change.to_owned(),
+                                })
+                                .collect(),
+                        })
+                    }));
+                });
+            }
+            Command::Pull { service, force } => {
+                let url = match known(self, &service) {
+                    Ok(url) => url,
+                    Err(e) => {
+                        let _ = reply.send(Err(e));
+                        return;
+                    }
+                };
+                // A head refused before (check, health, signature) is tried again.
+                self.feed(&service, Event::Retry, unix_now(), tx);
+                if force {
+                    info!(service = %service, "pull --force: local edits will be dropped");
+                    self.feed(&service, Event::Force, unix_now(), tx);
+                }
+                if let Some(u) = self.upstreams.get_mut(&url) {
+                    if u.busy() {
+                        debug!(service = %service, "pull: after the fetch running now");
+                    }
+                    u.fetch_now(
+                        Instant::now(),
+                        Some(Waiter {
+                            service,
+                            action: "pull",
+                            reply,
+                        }),
+                    );
+                }
+            }
+        }
+    }
+
+    /// A service's status as the API shows it.
+    fn status(&self, name: &str) -> crate::proto::ServiceStatus {
+        use crate::proto::{ApplyStatus, DirStatus, ServiceStatus};
+        let hex = |o: Option<Oid>| o.map(|o| o.to_string());
+        let Some(e) = self.services.get(name) else {
+            unreachable!("status of a service checked to exist")
+        };
+        let (c, s) = (&e.config, &e.state);
+        ServiceStatus {
+            service: c.name.clone(),
+            machine: c.machine.clone(),
+            state: s.state.as_str().to_owned(),
+            info: s.info.clone(),
+            since: s.since,
+            upstream: git::redact_url(&c.upstream),
+            branch: c.branch.clone(),
+            deployed: hex(s.deployed),
+            upstream_head: hex(s.upstream),
+            behind: e.behind,
+            frozen_until: s.frozen_until,
+            pinned: hex(s.pinned),
+            dirs: c
+                .dirs
+                .iter()
+                .map(|d| DirStatus {
+                    local: d.local.display().to_string(),
+                    link: d.link.clone(),
+                    file: d.file,
+                    ro: d.ro,
+                })
+                .collect(),
+            notes: notes(c, s),
+            last_apply: apply::read_applied(&self.layout, name).map(|o| ApplyStatus {
+                revision: o.revision.to_string(),
+                ok: o.ok,
+                message: o.message.clone(),
+                time: o.time,
+            }),
+        }
+    }
+
+    /// The answer to a write: what was asked, whether the service is fine, and its status.
+    pub(super) fn action(&self, service: &str, action: &str) -> Reply {
+        let status = self.status(service);
+        let ok = !matches!(status.state.as_str(), "BROKEN" | "DIFF");
+        let message = if status.info.is_empty() {
+            format!("{action}: done, {}", status.state)
+        } else {
+            format!("{action}: {}: {}", status.state, status.info)
+        };
+        Reply::Action(Box::new(crate::proto::ActionResult {
+            action: action.to_owned(),
+            ok,
+            message,
+            status,
+        }))
+    }
+}
+
+/// What an operator should know beside a service's state: its upstream failing, what noop mode
+/// holds back.
+fn notes(c: &config::Service, s: &service::Service) -> Vec<String> {
+    let mut notes: Vec<String> = s
+        .unreachable
+        .iter()
+        .map(|e| format!("upstream unreachable, serving the last fetched revision: {e}"))
+        .collect();
+    if s.noop {
+        notes.push(match s.would {
+            None => "noop: nothing to deploy".to_owned(),
+            Some(w) if w.files == 0 => format!(
+                "noop: would move to head {} without changing a file",
+                service::short(Some(w.head))
+            ),
+            Some(w) => format!(
+                "noop: would deploy {}: {} file{} changed, {}",
+                service::short(w.revision),
+                w.files,
+                if w.files == 1 { "" } else { "s" },
+                if c.check.is_some() {
+                    "check passed"
+                } else {
+                    "no check configured"
+                }
+            ),
+        });
+    }
+    notes
+}
+
+/// Why a write that would touch a noop service's files is not carried out.
+fn noop_refusal(service: &str, action: &str) -> CommandError {
+    CommandError::Invalid(format!(
+        "{service} is in noop mode: a {action} would change its files; turn noop off first"
+    ))
+}
+
+/// What the control API asks of the daemon. Answered through [`Handle::call`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Command {
+    /// Every service of this machine.
+    Services,
+    /// One service.
+    Status(String),
+    /// Stop tracking upstream, until `until` (unix seconds) or until unfrozen.
+    Freeze { service: String, until: Option<u64> },
+    /// Track upstream again (also ends a rollback pin).
+    Unfreeze(String),
+    /// Pin to `revision` (anything git accepts in the service's history) and freeze.
+    Rollback { service: String, revision: String },
+    /// Fetch and deploy now; answered when done. `force` also drops local edits.
+    Pull { service: String, force: bool },
+    /// What the next pull would change in the service's files (from the last fetch).
+    Diff(String),
+    /// Rebuild the service's checkout from the store at the same revision; the service keeps its
+    /// current files until the new checkout is in place and re-bound. Drops local edits.
+    Wipe(String),
+    /// A push webhook arrived: fetch now instead of at the next tick the upstreams that are one of
+    /// `repositories` (URLs from its payload, any protocol), or every upstream when none is (a
+    /// mirror, a host known by another name) or the payload named none.
+    Poke { repositories: Vec<String> },
+}
+
+/// The daemon's answer to a [`Command`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Reply {
+    Services(Vec<crate::proto::ServiceStatus>),
+    Action(Box<crate::proto::ActionResult>),
+    Diff(crate::proto::DiffResult),
+}
+
+/// Why a command was refused; the API maps each to an HTTP status.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum CommandError {
+    /// 404.
+    #[error("no service {0:?} on this machine")]
+    UnknownService(String),
+    /// 400 / 422: the request cannot be carried out as asked (unknown revision, ...).
+    #[error("{0}")]
+    Invalid(String),
+    /// 503: the daemon is stopping.
+    #[error("plumb is shutting down")]
+    Unavailable,
+}
+
+/// One command in flight, with where its answer goes.
+#[derive(Debug)]
+pub struct Request {
+    pub command: Command,
+    pub reply: tokio::sync::oneshot::Sender<Result<Reply, CommandError>>,
+}
+
+/// The API's way into the daemon's actor: cheap to clone, one per connection if need be.
+#[derive(Debug, Clone)]
+pub struct Handle {
+    tx: mpsc::Sender<Request>,
+}
+
+impl Handle {
+    /// Sends `command` to the daemon and waits for its answer.
+    pub async fn call(&self, command: Command) -> Result<Reply, CommandError> {
+        let (reply, answer) = tokio::sync::oneshot::channel();
+        self.tx
+            .send(Request { command, reply })
+            .await
+            .map_err(|_| CommandError::Unavailable)?;
+        answer.await.map_err(|_| CommandError::Unavailable)?
+    }
+}
+
+/// A handle for the API and the receiving end for [`run`].
+pub fn channel() -> (Handle, mpsc::Receiver<Request>) {
+    let (tx, rx) = mpsc::channel(16);
+    (Handle { tx }, rx)
+}

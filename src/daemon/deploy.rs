@@ -1,0 +1,347 @@
+//! The deploy job: the gates a head passes before it reaches a service's checkout (signature,
+//! history, a revision refused before, the tree's inspection, the service's `check` on a staged
+//! copy), the checkout itself, and the `.rev` hand-over to systemd. Runs on a blocking thread,
+//! one upstream's services one after the other on its store; every outcome becomes an event.
+
+use std::path::PathBuf;
+
+use tracing::{debug, info, info_span, warn};
+
+use crate::config;
+use crate::exec;
+use crate::git::{self, GitError, Oid, Store};
+use crate::layout::{self, Layout};
+use crate::service::{self, Event, Refusal};
+
+/// Why moving a service's checkout failed. Becomes the service's BROKEN info, except `Refused`,
+/// which is the deploy job declining a head on purpose (the files on disk are untouched).
+#[derive(Debug, thiserror::Error)]
+pub enum DeployError {
+    #[error("refused: {why}")]
+    Refused {
+        revision: Option<Oid>,
+        why: service::Refusal,
+    },
+    #[error(transparent)]
+    Git(#[from] GitError),
+    #[error("{0}")]
+    Store(String),
+    #[error("{path}: {source}")]
+    Io {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+pub(super) struct DeployJob {
+    pub(super) service: config::Service,
+    /// The upstream's trust and force-push settings.
+    pub(super) upstream: config::UpstreamSettings,
+    /// What a revision may hold (file sizes).
+    pub(super) limits: git::Limits,
+    /// A revision refused before: a head whose service files are these is refused again.
+    pub(super) avoid: Option<Oid>,
+    /// The job follows the branch (not a rollback to an older commit), so a head that does not
+    /// descend from `from` is a rewrite of history.
+    pub(super) follow: bool,
+    pub(super) head: Oid,
+    pub(super) from: Option<Oid>,
+    pub(super) deployed: Option<Oid>,
+    /// Rewrite the checkout even if its revision did not move (drops local edits).
+    pub(super) restore: bool,
+    /// Build the checkout afresh beside the old one and swap them (wipe).
+    pub(super) fresh: bool,
+    /// Judge the head and count what would change, and stop there: nothing is written.
+    pub(super) noop: bool,
+}
+
+/// What a deploy job did for one service.
+pub(super) enum Deployed {
+    /// The checkout holds the head: the service's revision there, and whether any file moved.
+    Done { revision: Option<Oid>, files: bool },
+    /// Noop: the head passed every gate; the revision it would deploy and how many files change.
+    Would { revision: Option<Oid>, files: usize },
+}
+
+/// Runs the checkouts of one upstream's services, one after the other, on one store.
+pub(super) fn deploy_all(layout: &Layout, url: &str, jobs: Vec<DeployJob>) -> Vec<(String, Event)> {
+    let store = Store::open(&layout.stores(), url);
+    jobs.into_iter()
+        .map(|job| {
+            let span = info_span!("service", name = %job.service.name);
+            let _g = span.enter();
+            let head = job.head;
+            let result = match &store {
+                Ok(store) => deploy(store, layout, &job),
+                Err(e) => Err(DeployError::Store(e.to_string())),
+            };
+            let event = match result {
+                Ok(Deployed::Done { revision, files }) => Event::Deployed {
+                    head,
+                    revision,
+                    files,
+                },
+                Ok(Deployed::Would { revision, files }) => Event::Previewed {
+                    head,
+                    revision,
+                    files,
+                },
+                Err(DeployError::Refused { revision, why }) => {
+                    warn!(head = %head, reason = why.reason(), "refused: {why}");
+                    Event::Refused {
+                        head,
+                        revision,
+                        why,
+                    }
+                }
+                Err(e) => Event::DeployFailed {
+                    head,
+                    error: e.to_string(),
+                },
+            };
+            (job.service.name, event)
+        })
+        .collect()
+}
+
+/// Moves one service's checkout to `job.head` when its paths changed, and hands a new deployed
+/// revision to systemd by rewriting the service's `.rev` file. Returns the deployed revision, and
+/// whether any file moved.
+///
+/// The revision is a function of the head alone ([`Store::last_change`]): two machines on the
+/// same head report the same hash whatever they fetched before, and after a force-push the hash is
+/// one the branch has. When only the hash moves (a commit restoring earlier files, an amended
+/// commit), the `.rev` follows and the files stay.
+fn deploy(store: &Store, layout: &Layout, job: &DeployJob) -> Result<Deployed, DeployError> {
+    let svc = &job.service;
+    let links = svc.links();
+    let target = svc.checkout_dir();
+    let refuse = |revision: Option<Oid>, why: Refusal| DeployError::Refused { revision, why };
+    if job.upstream.verifies() {
+        match store.verify_commit(job.head, &job.upstream.trust()) {
+            Ok(signer) => debug!(head = %job.head, "signed by {signer}"),
+            Err(e) => return Err(refuse(None, Refusal::Unverified(e.to_string()))),
+        }
+    }
+    if job.follow
+        && job.upstream.force_push == config::ForcePush::Refuse
+        && let Some(f) = job.from.filter(|f| *f != job.head)
+        && !store.in_history(f, job.head).unwrap_or(false)
+    {
+        return Err(refuse(
+            None,
+            Refusal::Rewritten(format!(
+                "history rewritten upstream: {} does not descend from the deployed {}",
+                service::short(Some(job.head)),
+                service::short(Some(f))
+            )),
+        ));
+    }
+    // Without its checkout, or when the store no longer has the old head, start from nothing.
+    let from = job
+        .from
+        .filter(|_| target.is_dir())
+        .filter(|f| store.resolve(&f.to_string()).is_ok());
+    let changed = match from {
+        Some(f) => job.restore || !store.changed_paths(Some(f), job.head, &links)?.is_empty(),
+        None => true,
+    };
+    let revision = store.last_change(job.head, &links)?;
+    if changed && !job.fresh && revision.is_some() && revision == job.avoid {
+        return Err(refuse(revision, Refusal::Known));
+    }
+    if changed || job.fresh {
+        match store.inspect(job.head, &links, &job.limits) {
+            Err(e @ GitError::Hostile { .. }) => {
+                return Err(refuse(revision, Refusal::Hostile(e.to_string())));
+            }
+            other => other?,
+        }
+    }
+    if changed
+        && !job.fresh
+        && let (Some(check), Some(rev)) = (&svc.check, revision)
+    {
+        run_check(store, layout, svc, check, job.head, rev)?;
+    }
+    if job.noop {
+        let files = if changed {
+            store.changed_paths(from, job.head, &links)?.len()
+        } else {
+            0
+        };
+        return Ok(Deployed::Would { revision, files });
+    }
+    let marker = layout.service_deploying(&svc.name);
+    let io = |path: &std::path::Path| {
+        let path = path.to_owned();
+        move |source| DeployError::Io { path, source }
+    };
+    if job.fresh {
+        rebuild(store, layout, job, &target, &links)?;
+    } else if changed {
+        std::fs::create_dir_all(&target).map_err(io(&target))?;
+        // Until the daemon has saved the deploy, a half-made checkout must not read as local
+        // edits: the marker makes the next fetch redo it instead (removed once saved).
+        layout::write_atomic(&marker, format!("{}\n", job.head).as_bytes()).map_err(io(&marker))?;
+        store.checkout_as(
+            &target,
+            &layout.service_index(&svc.name),
+            from,
+            job.head,
+            &links,
+            svc.user.as_deref(),
+        )?;
+    }
+    let rev_file = layout.service_rev(&svc.name);
+    if let Some(rev) = revision
+        && (revision != job.deployed || !rev_file.exists())
+    {
+        layout::write_atomic(&rev_file, format!("{rev}\n").as_bytes()).map_err(|source| {
+            DeployError::Io {
+                path: rev_file.clone(),
+                source,
+            }
+        })?;
+    }
+    Ok(Deployed::Done {
+        revision,
+        files: changed || job.fresh,
+    })
+}
+
+/// Checks `head` out beside the live checkout and runs the service's `check` on it; a failure is
+/// a refusal carrying the command's output. The staged tree is removed either way.
+fn run_check(
+    store: &Store,
+    layout: &Layout,
+    svc: &config::Service,
+    check: &config::Check,
+    head: Oid,
+    revision: Oid,
+) -> Result<(), DeployError> {
+    let staging = layout.staging(&svc.name);
+    let io = |path: &std::path::Path| {
+        let path = path.to_owned();
+        move |source| DeployError::Io { path, source }
+    };
+    if staging.exists() {
+        std::fs::remove_dir_all(&staging).map_err(io(&staging))?;
+    }
+    std::fs::create_dir_all(&staging).map_err(io(&staging))?;
+    let index = staging.with_extension("index");
+    let _ = std::fs::remove_file(&index);
+    let result = (|| {
+        store.checkout(&staging, &index, None, head, &svc.links())?;
+        let dir = svc
+            .dirs
+            .first()
+            .map(|d| staging.join(&d.link))
+            .unwrap_or_else(|| staging.clone());
+        let command = check
+            .command
+            .replace("{dir}", &exec::shell_quote(&dir.to_string_lossy()))
+            .replace("{root}", &exec::shell_quote(&staging.to_string_lossy()))
+            .replace("{rev}", &revision.to_string());
+        info!(command = %command, "checking {}", service::short(Some(revision)));
+        let spec = exec::Spec::new("/bin/sh", check.timeout)
+            .arg("-c")
+            .arg(&command)
+            .env("PLUMB_DIR", &dir)
+            .env("PLUMB_ROOT", &staging)
+            .env("PLUMB_REVISION", revision.to_string())
+            .env("PLUMB_SERVICE", &svc.name)
+            .dir(&staging);
+        let why = match exec::run_blocking(spec) {
+            Ok(out) if out.success() => return Ok(()),
+            Ok(out) => out.failure(10),
+            Err(e) => e.to_string(),
+        };
+        Err(DeployError::Refused {
+            revision: Some(revision),
+            why: Refusal::Check(why),
+        })
+    })();
+    let _ = std::fs::remove_dir_all(&staging);
+    let _ = std::fs::remove_file(&index);
+    result
+}
+
+/// Turns what an operator typed into a commit of the service's branch history.
+pub(super) fn resolve_in_history(
+    stores: &std::path::Path,
+    url: &str,
+    revision: &str,
+    head: Option<Oid>,
+    upstream: &config::UpstreamSettings,
+) -> Result<Oid, String> {
+    let store = Store::open_readonly(stores, url).map_err(|e| e.to_string())?;
+    let target = store
+        .resolve(revision)
+        .map_err(|_| format!("unknown revision {revision:?} in {}", git::redact_url(url)))?;
+    let head =
+        head.ok_or_else(|| "the service has no branch head yet to roll back on".to_owned())?;
+    match store.in_history(target, head) {
+        Ok(true) if upstream.verifies() => {
+            // A rollback target must be signed like any head: it is deployed as one.
+            store
+                .verify_commit(target, &upstream.trust())
+                .map(|_| target)
+                .map_err(|e| format!("refusing to roll back: {e}"))
+        }
+        Ok(true) => Ok(target),
+        Ok(false) => Err(format!(
+            "{revision:?} ({}) is not in the history of the service's branch",
+            service::short(Some(target))
+        )),
+        Err(e) => Err(e.to_string()),
+    }
+}
+
+/// Wipe: checks the service out afresh beside its checkout, then swaps the two. The old one is
+/// kept as `<checkout>.plumb-wiped` (still bound until apply re-binds the mounts, so the service
+/// never sees a missing file) and removed by the next wipe.
+fn rebuild(
+    store: &Store,
+    layout: &Layout,
+    job: &DeployJob,
+    target: &std::path::Path,
+    links: &[String],
+) -> Result<(), DeployError> {
+    let io = |path: &std::path::Path| {
+        let path = path.to_owned();
+        move |source| DeployError::Io { path, source }
+    };
+    let aside = |suffix: &str| {
+        let mut p = target.as_os_str().to_owned();
+        p.push(suffix);
+        std::path::PathBuf::from(p)
+    };
+    let (new, old) = (aside(".plumb-new"), aside(".plumb-wiped"));
+    let index = layout.service_index(&job.service.name);
+    let mut new_index = index.as_os_str().to_owned();
+    new_index.push(".new");
+    let new_index = std::path::PathBuf::from(new_index);
+    for stale in [&new, &old] {
+        if stale.exists() {
+            std::fs::remove_dir_all(stale).map_err(io(stale))?;
+        }
+    }
+    let _ = std::fs::remove_file(&new_index);
+    std::fs::create_dir_all(&new).map_err(io(&new))?;
+    store.checkout_as(
+        &new,
+        &new_index,
+        None,
+        job.head,
+        links,
+        job.service.user.as_deref(),
+    )?;
+    if target.exists() {
+        std::fs::rename(target, &old).map_err(io(target))?;
+    }
+    std::fs::rename(&new, target).map_err(io(target))?;
+    std::fs::rename(&new_index, &index).map_err(io(&index))?;
+    Ok(())
+}

@@ -1,0 +1,86 @@
+//! The fetch job: one fetch of an upstream, then, per service on it, what only a look at the
+//! store and the checkout tells: local edits, a checkout left half-made, and how far behind the
+//! service's files are. Runs on a blocking thread; its result goes back to the actor whole.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use tracing::warn;
+
+use crate::git::{FetchReport, GitError, Oid, Store, Transport};
+
+/// The first-parent commits `behind` walks at most per service and fetch.
+pub(super) const BEHIND_LIMIT: usize = 10_000;
+
+/// What the fetch job looks at for one service besides fetching.
+pub(super) struct Check {
+    pub(super) name: String,
+    /// A checkout of the service was interrupted (its marker file exists).
+    pub(super) interrupted: bool,
+    pub(super) target: PathBuf,
+    pub(super) index: PathBuf,
+    pub(super) synced: Option<Oid>,
+    pub(super) deployed: Option<Oid>,
+    pub(super) branch: String,
+    pub(super) links: Vec<String>,
+}
+
+/// What one fetch job found.
+pub(super) struct Fetched {
+    pub(super) result: Result<FetchReport, GitError>,
+    /// Local edits per service (checked after a good fetch).
+    pub(super) drift: BTreeMap<String, Vec<String>>,
+    /// Changes to each service's files between its deployed revision and the head.
+    pub(super) behind: BTreeMap<String, Option<u64>>,
+    /// Services whose last checkout did not finish (crash, failure): redone, not drift.
+    pub(super) interrupted: BTreeSet<String>,
+    /// How long the fetch (with its checks) took.
+    pub(super) took: Duration,
+}
+
+/// Fetches `branches` of `url` into its store under `stores`, then looks at each of `checks`.
+pub(super) fn run(
+    stores: &Path,
+    url: &str,
+    branches: &[String],
+    checks: Vec<Check>,
+    transport: &Transport,
+) -> Fetched {
+    let mut drift = BTreeMap::new();
+    let mut behind = BTreeMap::new();
+    let mut interrupted = BTreeSet::new();
+    let started = std::time::Instant::now();
+    let result = Store::open(stores, url).and_then(|mut s| {
+        let report = s.fetch(branches, transport)?;
+        for c in checks {
+            if c.interrupted {
+                interrupted.insert(c.name.clone());
+            } else if let Some(synced) = c.synced {
+                match s.drift(&c.target, &c.index, synced, &c.links) {
+                    Ok(files) => {
+                        drift.insert(c.name.clone(), files);
+                    }
+                    Err(e) => warn!(service = %c.name, "cannot check for local edits: {e}"),
+                }
+            }
+            let head = report.heads.get(&c.branch).copied().flatten();
+            if let (Some(deployed), Some(head)) = (c.deployed, head) {
+                match s.changes_since(deployed, head, &c.links, BEHIND_LIMIT) {
+                    Ok(n) => {
+                        behind.insert(c.name, n);
+                    }
+                    Err(e) => warn!(service = %c.name, "cannot count changes behind: {e}"),
+                }
+            }
+        }
+        Ok(report)
+    });
+    Fetched {
+        result,
+        drift,
+        behind,
+        interrupted,
+        took: started.elapsed(),
+    }
+}

@@ -20,7 +20,7 @@ use std::time::{Duration, Instant};
 
 use plumb::git::{GitError, Oid, Store, Transport, under_links};
 use support::{
-    GitDaemon, HttpServer, SshServer, Upstream, git, require_root, temp_root, wait_until,
+    GitDaemon, HttpServer, SshServer, Tmpfs, Upstream, git, require_root, temp_root, wait_until,
 };
 
 // ---------------------------------------------------------------------------------------------
@@ -1151,6 +1151,758 @@ fn git_symlink_replaced_by_directory_does_not_write_through() {
     assert_eq!(
         snapshot_links(&target, &l),
         git_checkout(&up, root.path(), &r1, &l)
+    );
+}
+
+// ---------------------------------------------------------------------------------------------
+// all-or-nothing checkouts (`checkout_atomic`)
+
+/// Where `checkout_atomic` stages a revision beside `target`.
+fn staging_dir(target: &Path) -> PathBuf {
+    let mut name = target.as_os_str().to_owned();
+    name.push(".plumb-stage");
+    PathBuf::from(name)
+}
+
+/// `checkout_atomic` without a service user, which must succeed.
+fn deploy(
+    store: &Store,
+    target: &Path,
+    index: &Path,
+    previous: Option<&str>,
+    rev: &str,
+    l: &[String],
+) {
+    store
+        .checkout_atomic(target, index, previous.map(oid), oid(rev), l, None)
+        .unwrap_or_else(|e| panic!("checkout_atomic {rev} (from {previous:?}): {e}"));
+    assert!(
+        !staging_dir(target).exists(),
+        "no staging directory is left after a deploy"
+    );
+}
+
+/// The inode of `path` itself (a symlink is not followed).
+fn inode(path: &Path) -> u64 {
+    use std::os::unix::fs::MetadataExt;
+    fs::symlink_metadata(path)
+        .unwrap_or_else(|e| panic!("lstat {}: {e}", path.display()))
+        .ino()
+}
+
+/// The newest modification time of the files and symlinks under `dir`.
+fn newest_file(dir: &Path) -> std::time::SystemTime {
+    let mut newest = std::time::UNIX_EPOCH;
+    let mut pending = vec![dir.to_path_buf()];
+    while let Some(path) = pending.pop() {
+        let meta = fs::symlink_metadata(&path).unwrap();
+        if meta.is_dir() {
+            pending.extend(fs::read_dir(&path).unwrap().map(|e| e.unwrap().path()));
+        } else {
+            newest = newest.max(meta.modified().unwrap());
+        }
+    }
+    newest
+}
+
+/// Runs `git args...` in `dir` with `input` on stdin; returns trimmed stdout.
+fn git_with_input(dir: &Path, args: &[&str], input: &str) -> String {
+    let mut child = support::git_command(dir)
+        .args(args)
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .expect("run git");
+    child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(input.as_bytes())
+        .unwrap();
+    let out = child.wait_with_output().unwrap();
+    assert!(out.status.success(), "git {args:?} failed");
+    String::from_utf8(out.stdout).unwrap().trim().to_string()
+}
+
+#[test]
+fn atomic_checkout_forwards_and_backwards_matches_git() {
+    let root = temp_root();
+    let up = Upstream::new(root.path(), "infra");
+    let l = links(&["svc", "single.conf"]);
+    up.write("svc/keep", "same\n")
+        .write("svc/gone", "deleted later\n")
+        .write("svc/old-name", "moves\n")
+        .write("svc/tool", "#!/bin/sh\n")
+        .chmod_exec("svc/tool", true)
+        .write("svc/script", "#!/bin/sh\n")
+        .symlink("svc/link", "keep")
+        .write("svc/becomes-link", "file\n")
+        .write("svc/becomes-dir", "file\n")
+        .write("svc/dir-becomes-file/inner", "x\n")
+        .write("svc/dir-becomes-link/inner", "x\n")
+        .write("svc/a/b/c/deep", "deep\n")
+        .write("single.conf", "v1\n")
+        .write("other/untouched", "not ours\n");
+    let r1 = up.commit("r1");
+    up.remove("svc/gone")
+        .remove("svc/old-name")
+        .write("svc/renamed/new-name", "moves\n")
+        .chmod_exec("svc/tool", false)
+        .chmod_exec("svc/script", true)
+        .remove("svc/link")
+        .write("svc/link", "now a file\n")
+        .symlink("svc/becomes-link", "../single.conf")
+        .remove("svc/becomes-dir")
+        .write("svc/becomes-dir/f", "in dir\n")
+        .remove("svc/dir-becomes-file")
+        .write("svc/dir-becomes-file", "now file\n")
+        .remove("svc/dir-becomes-link")
+        .symlink("svc/dir-becomes-link", "a/b")
+        .write("svc/a/b/c/deep", "deeper\n")
+        .write("svc/new/deep/file", "new\n")
+        .write("single.conf", "v2\n");
+    let r2 = up.commit("r2");
+    up.remove("svc").remove("single.conf");
+    let r3 = up.commit("r3: service removed");
+
+    let mut store = Store::open(&root.path().join("stores"), &up.file_url()).unwrap();
+    fetch_main(&mut store, &transport());
+    let target = root.path().join("deploy");
+    let index = root.path().join("state/svc.index");
+    fs::create_dir_all(target.join("other")).unwrap();
+    fs::write(target.join("other/mine"), "outside the links\n").unwrap();
+
+    let steps = [
+        (None, &r1),
+        (Some(&r1), &r2),
+        (Some(&r2), &r1),
+        (Some(&r1), &r2),
+        (Some(&r2), &r3),
+        (Some(&r3), &r1),
+        (Some(&r1), &r1),
+    ];
+    for (previous, rev) in steps {
+        deploy(
+            &store,
+            &target,
+            &index,
+            previous.map(String::as_str),
+            rev,
+            &l,
+        );
+        assert_eq!(
+            snapshot_links(&target, &l),
+            git_checkout(&up, root.path(), rev, &l),
+            "after checking out {rev} (from {previous:?})"
+        );
+        assert_eq!(
+            fs::read_to_string(target.join("other/mine")).unwrap(),
+            "outside the links\n",
+            "files outside the links are not touched"
+        );
+        assert!(
+            !target.join("other/untouched").exists(),
+            "paths outside the links are not checked out"
+        );
+        assert!(
+            store
+                .drift(&target, &index, oid(rev), &l)
+                .unwrap()
+                .is_empty(),
+            "the index describes {rev}"
+        );
+    }
+
+    // A second service on the same store, at another revision, is independent.
+    let target2 = root.path().join("deploy2");
+    let index2 = root.path().join("state/svc2.index");
+    deploy(&store, &target2, &index2, None, &r2, &l);
+    assert_eq!(
+        snapshot_links(&target2, &l),
+        git_checkout(&up, root.path(), &r2, &l)
+    );
+    assert_eq!(
+        snapshot_links(&target, &l),
+        git_checkout(&up, root.path(), &r1, &l)
+    );
+    // And checkout_as takes over from checkout_atomic, and back.
+    store
+        .checkout(&target, &index, Some(oid(&r1)), oid(&r2), &l)
+        .unwrap();
+    deploy(&store, &target, &index, Some(&r2), &r1, &l);
+    assert_eq!(
+        snapshot_links(&target, &l),
+        git_checkout(&up, root.path(), &r1, &l)
+    );
+}
+
+/// Directory bind mounts pin a directory's inode: a deploy that changes, adds and removes files in
+/// a link must leave every directory that stays where it was, and unchanged files too.
+#[test]
+fn atomic_checkout_keeps_directory_inodes() {
+    let root = temp_root();
+    let up = Upstream::new(root.path(), "infra");
+    let l = links(&["nginx/etc", "svc"]);
+    up.write("nginx/etc/nginx.conf", "n1\n")
+        .write("nginx/etc/mime.types", "same\n")
+        .write("nginx/etc/old.conf", "removed later\n")
+        .write("nginx/etc/conf.d/a.conf", "a1\n")
+        .write("svc/sub/x", "x1\n")
+        .write("svc/top", "t\n");
+    let r1 = up.commit("r1");
+    up.write("nginx/etc/nginx.conf", "n2, longer\n")
+        .remove("nginx/etc/old.conf")
+        .write("nginx/etc/conf.d/b.conf", "b2\n")
+        .write("nginx/etc/new/deep.conf", "d2\n")
+        .write("svc/sub/x", "x2\n")
+        .write("svc/sub/y", "y2\n");
+    let r2 = up.commit("r2");
+    let mut store = Store::open(&root.path().join("stores"), &up.file_url()).unwrap();
+    fetch_main(&mut store, &transport());
+    let target = root.path().join("deploy");
+    let index = root.path().join("idx");
+    deploy(&store, &target, &index, None, &r1, &l);
+
+    let kept = ["nginx", "nginx/etc", "nginx/etc/conf.d", "svc", "svc/sub"];
+    let unchanged = ["nginx/etc/mime.types", "nginx/etc/conf.d/a.conf", "svc/top"];
+    let inodes =
+        |paths: &[&str]| -> Vec<u64> { paths.iter().map(|p| inode(&target.join(p))).collect() };
+    let (dirs, files) = (inodes(&kept), inodes(&unchanged));
+    let changed = inode(&target.join("nginx/etc/nginx.conf"));
+    for (previous, rev) in [(&r1, &r2), (&r2, &r1), (&r1, &r2)] {
+        deploy(&store, &target, &index, Some(previous), rev, &l);
+        assert_eq!(
+            snapshot_links(&target, &l),
+            git_checkout(&up, root.path(), rev, &l)
+        );
+        assert_eq!(inodes(&kept), dirs, "directories keep their inode");
+        assert_eq!(inodes(&unchanged), files, "unchanged files are not touched");
+    }
+    assert_ne!(
+        inode(&target.join("nginx/etc/nginx.conf")),
+        changed,
+        "a changed file is a new one, renamed in"
+    );
+}
+
+#[test]
+fn atomic_checkout_reverts_local_edits_and_strays() {
+    let root = temp_root();
+    let up = Upstream::new(root.path(), "infra");
+    let l = links(&["svc"]);
+    up.write("svc/a", "a\n")
+        .write("svc/b", "b\n")
+        .write("svc/d/c", "c\n")
+        .write("svc/.gitignore", "*.log\n");
+    let r1 = up.commit("r1");
+    let mut store = Store::open(&root.path().join("stores"), &up.file_url()).unwrap();
+    fetch_main(&mut store, &transport());
+    let target = root.path().join("deploy");
+    let index = root.path().join("idx");
+    deploy(&store, &target, &index, None, &r1, &l);
+    let svc = inode(&target.join("svc"));
+
+    fs::write(target.join("svc/a"), "edited by hand, longer\n").unwrap();
+    fs::remove_file(target.join("svc/b")).unwrap();
+    fs::write(target.join("svc/stray"), "left here\n").unwrap();
+    fs::write(
+        target.join("svc/ignored.log"),
+        "ignored by git, still a stray\n",
+    )
+    .unwrap();
+    fs::create_dir_all(target.join("svc/d/stray-dir")).unwrap();
+    fs::write(target.join("svc/d/stray-dir/f"), "x\n").unwrap();
+    fs::create_dir_all(target.join("svc/empty/deeper")).unwrap();
+    fs::set_permissions(target.join("svc/d/c"), fs::Permissions::from_mode(0o755)).unwrap();
+    deploy(&store, &target, &index, Some(&r1), &r1, &l);
+    assert_eq!(
+        snapshot_links(&target, &l),
+        git_checkout(&up, root.path(), &r1, &l)
+    );
+    assert_eq!(inode(&target.join("svc")), svc);
+
+    // A first checkout into a directory full of leftovers (state lost) ends up exact too.
+    fs::write(target.join("svc/stray"), "left here\n").unwrap();
+    fs::write(target.join("svc/a"), "edited\n").unwrap();
+    fs::remove_file(&index).unwrap();
+    deploy(&store, &target, &index, None, &r1, &l);
+    assert_eq!(
+        snapshot_links(&target, &l),
+        git_checkout(&up, root.path(), &r1, &l)
+    );
+    assert!(
+        store
+            .drift(&target, &index, oid(&r1), &l)
+            .unwrap()
+            .is_empty()
+    );
+
+    // A damaged index (it is only a cache) or a lock left by a crash does not stop a checkout.
+    fs::write(&index, b"DIRC garbage").unwrap();
+    fs::write(index.with_extension("lock"), b"").unwrap();
+    fs::write(target.join("svc/a"), "edited again\n").unwrap();
+    deploy(&store, &target, &index, Some(&r1), &r1, &l);
+    assert_eq!(
+        snapshot_links(&target, &l),
+        git_checkout(&up, root.path(), &r1, &l)
+    );
+    assert!(!index.with_extension("lock").exists());
+    assert!(
+        store
+            .drift(&target, &index, oid(&r1), &l)
+            .unwrap()
+            .is_empty()
+    );
+
+    // A previous revision the store does not know is treated like a first checkout.
+    fs::write(target.join("svc/stray"), "left here\n").unwrap();
+    let unknown = "0123456789012345678901234567890123456789";
+    deploy(&store, &target, &index, Some(unknown), &r1, &l);
+    assert_eq!(
+        snapshot_links(&target, &l),
+        git_checkout(&up, root.path(), &r1, &l)
+    );
+
+    // A staging directory left by a crash is replaced, not reused: what it holds (here a symlink
+    // out of it where the next deploy stages files) is never written through.
+    let outside = root.path().join("outside");
+    fs::create_dir_all(&outside).unwrap();
+    fs::create_dir_all(staging_dir(&target)).unwrap();
+    std::os::unix::fs::symlink(&outside, staging_dir(&target).join("svc")).unwrap();
+    fs::write(target.join("svc/a"), "edited once more\n").unwrap();
+    deploy(&store, &target, &index, Some(&r1), &r1, &l);
+    assert_eq!(
+        snapshot_links(&target, &l),
+        git_checkout(&up, root.path(), &r1, &l)
+    );
+    assert!(snapshot(&outside).is_empty(), "{:?}", snapshot(&outside));
+}
+
+#[test]
+fn atomic_checkout_never_follows_planted_symlinks() {
+    let root = temp_root();
+    let up = Upstream::new(root.path(), "infra");
+    let l = links(&["svc", "nginx/etc"]);
+    up.write("svc/conf", "v1\n")
+        .write("svc/dir/x", "x1\n")
+        .symlink("svc/legit", "conf")
+        .write("nginx/etc/nginx.conf", "n1\n");
+    let r1 = up.commit("r1");
+    up.write("svc/conf", "v2\n")
+        .write("svc/dir/y", "y2\n")
+        .write("nginx/etc/nginx.conf", "n2\n");
+    let r2 = up.commit("r2");
+    let mut store = Store::open(&root.path().join("stores"), &up.file_url()).unwrap();
+    fetch_main(&mut store, &transport());
+    let target = root.path().join("deploy");
+    let index = root.path().join("idx");
+    deploy(&store, &target, &index, None, &r1, &l);
+
+    // Somewhere the service must never write: it holds files named like the service's.
+    let outside = root.path().join("outside");
+    fs::create_dir_all(outside.join("etc")).unwrap();
+    for name in ["conf", "x", "y", "nginx.conf", "etc/nginx.conf"] {
+        fs::write(outside.join(name), "precious\n").unwrap();
+    }
+    let precious = snapshot(&outside);
+
+    // A tracked file replaced by a symlink, a tracked directory replaced by one, a link's parent
+    // replaced by one, and a new symlink where the next revision puts a file.
+    fs::remove_file(target.join("svc/conf")).unwrap();
+    std::os::unix::fs::symlink(outside.join("conf"), target.join("svc/conf")).unwrap();
+    fs::remove_dir_all(target.join("svc/dir")).unwrap();
+    std::os::unix::fs::symlink(&outside, target.join("svc/dir")).unwrap();
+    fs::remove_dir_all(target.join("nginx")).unwrap();
+    std::os::unix::fs::symlink(&outside, target.join("nginx")).unwrap();
+
+    deploy(&store, &target, &index, Some(&r1), &r2, &l);
+    assert_eq!(
+        snapshot(&outside),
+        precious,
+        "nothing was written through a planted symlink"
+    );
+    assert_eq!(
+        snapshot_links(&target, &l),
+        git_checkout(&up, root.path(), &r2, &l)
+    );
+    assert_eq!(
+        fs::read_link(target.join("svc/legit")).unwrap(),
+        PathBuf::from("conf"),
+        "symlinks that are in git stay"
+    );
+
+    // Same again with the same revision (nothing changes upstream): still not followed.
+    fs::remove_file(target.join("svc/conf")).unwrap();
+    std::os::unix::fs::symlink(outside.join("conf"), target.join("svc/conf")).unwrap();
+    fs::remove_file(target.join("svc/legit")).unwrap();
+    std::os::unix::fs::symlink(&outside, target.join("svc/legit")).unwrap();
+    deploy(&store, &target, &index, Some(&r2), &r2, &l);
+    assert_eq!(snapshot(&outside), precious);
+    assert_eq!(
+        snapshot_links(&target, &l),
+        git_checkout(&up, root.path(), &r2, &l)
+    );
+    assert!(
+        store
+            .drift(&target, &index, oid(&r2), &l)
+            .unwrap()
+            .is_empty()
+    );
+}
+
+#[test]
+fn atomic_checkout_git_symlink_replaced_by_directory_does_not_write_through() {
+    let root = temp_root();
+    let up = Upstream::new(root.path(), "infra");
+    let outside = root.path().join("outside");
+    fs::create_dir_all(&outside).unwrap();
+    let l = links(&["svc"]);
+    up.symlink("svc/data", outside.to_str().unwrap())
+        .write("svc/f", "1\n");
+    let r1 = up.commit("data is a symlink out of the checkout");
+    up.remove("svc/data").write("svc/data/file", "inside\n");
+    let r2 = up.commit("data becomes a directory");
+    let mut store = Store::open(&root.path().join("stores"), &up.file_url()).unwrap();
+    fetch_main(&mut store, &transport());
+    let target = root.path().join("deploy");
+    let index = root.path().join("idx");
+    deploy(&store, &target, &index, None, &r1, &l);
+    assert_eq!(fs::read_link(target.join("svc/data")).unwrap(), outside);
+    deploy(&store, &target, &index, Some(&r1), &r2, &l);
+    assert!(snapshot(&outside).is_empty(), "{:?}", snapshot(&outside));
+    assert_eq!(
+        snapshot_links(&target, &l),
+        git_checkout(&up, root.path(), &r2, &l)
+    );
+    // And back: svc/data/file is removed from the directory, not through the symlink.
+    fs::write(outside.join("file"), "precious\n").unwrap();
+    deploy(&store, &target, &index, Some(&r2), &r1, &l);
+    assert_eq!(
+        snapshot_links(&target, &l),
+        git_checkout(&up, root.path(), &r1, &l)
+    );
+    assert_eq!(
+        fs::read_to_string(outside.join("file")).unwrap(),
+        "precious\n"
+    );
+}
+
+#[test]
+fn atomic_checkout_of_submodules_matches_git() {
+    let root = temp_root();
+    let up = Upstream::new(root.path(), "infra");
+    let c1 = up.write("svc/conf", "1\n").commit("one");
+    let clone = up.clone_into(&root.path().join("clone"));
+    git(
+        &clone,
+        &[
+            "update-index",
+            "--add",
+            "--cacheinfo",
+            &format!("160000,{c1},svc/sub"),
+        ],
+    );
+    git(&clone, &["commit", "-qm", "a submodule inside the service"]);
+    git(&clone, &["push", "-q", "origin", "main"]);
+    let c2 = git(&clone, &["rev-parse", "HEAD"]);
+    let mut store = Store::open(&root.path().join("stores"), &up.file_url()).unwrap();
+    assert_eq!(fetch_main(&mut store, &transport()), oid(&c2));
+    let l = links(&["svc"]);
+    let target = root.path().join("deploy");
+    let index = root.path().join("idx");
+    for (previous, rev) in [(None, &c1), (Some(&c1), &c2), (Some(&c2), &c1), (None, &c2)] {
+        deploy(
+            &store,
+            &target,
+            &index,
+            previous.map(String::as_str),
+            rev,
+            &l,
+        );
+        assert_eq!(
+            snapshot_links(&target, &l),
+            git_checkout(&up, root.path(), rev, &l),
+            "after {rev}"
+        );
+    }
+}
+
+/// The index written by a deploy is newer than every file it lists, so the next drift check
+/// trusts their stat data: it finds nothing and has nothing to rewrite. A same-size edit made
+/// right after the deploy is still seen.
+#[test]
+fn atomic_checkout_leaves_an_index_the_drift_check_trusts() {
+    let root = temp_root();
+    let up = Upstream::new(root.path(), "racy");
+    let r1 = up
+        .write("web/a.conf", "aaaa\n")
+        .write("web/b.conf", "bbbb\n")
+        .commit("web");
+    let r2 = up.write("web/b.conf", "BBBB\n").commit("web b");
+    let mut store = Store::open(&root.path().join("stores"), &up.file_url()).unwrap();
+    fetch_main(&mut store, &transport());
+    let web = links(&["web"]);
+    let target = root.path().join("deploy");
+    let index = root.path().join("web.index");
+    for (previous, rev) in [(None, &r1), (Some(&r1), &r2)] {
+        deploy(
+            &store,
+            &target,
+            &index,
+            previous.map(String::as_str),
+            rev,
+            &web,
+        );
+        let written = fs::metadata(&index).unwrap().modified().unwrap();
+        let newest = newest_file(&target);
+        assert!(
+            written > newest,
+            "the index ({written:?}) is newer than its files ({newest:?})"
+        );
+        assert!(
+            store
+                .drift(&target, &index, oid(rev), &web)
+                .unwrap()
+                .is_empty()
+        );
+        assert_eq!(
+            fs::metadata(&index).unwrap().modified().unwrap(),
+            written,
+            "a clean drift check finds nothing to refresh"
+        );
+        let cache = git2::Index::open(&index).unwrap();
+        assert_eq!(cache.len(), 2, "the index lists the checkout");
+    }
+    fs::write(target.join("web/a.conf"), "AAAA\n").unwrap();
+    assert_eq!(
+        store.drift(&target, &index, oid(&r2), &web).unwrap(),
+        vec!["web/a.conf".to_owned()]
+    );
+}
+
+#[test]
+fn atomic_checkout_gives_the_files_to_the_service_user() {
+    use std::os::unix::fs::MetadataExt;
+    require_root();
+    let root = temp_root();
+    let nobody = plumb::owner::Owner::lookup("nobody").expect("the nobody user");
+    let theirs = (nobody.uid.as_raw(), nobody.gid.as_raw());
+    let up = Upstream::new(root.path(), "infra");
+    let l = links(&["grafana/etc"]);
+    up.write("grafana/etc/grafana.ini", "a\n")
+        .symlink("grafana/etc/default.ini", "grafana.ini")
+        .write("grafana/etc/provisioning/x.yml", "x\n");
+    let r1 = up.commit("one");
+    up.write("grafana/etc/grafana.ini", "b\n")
+        .write("grafana/etc/new/deeper/y.yml", "y\n");
+    let r2 = up.commit("two");
+    let mut store = Store::open(&root.path().join("stores"), &up.file_url()).unwrap();
+    fetch_main(&mut store, &transport());
+    let target = root.path().join("deploy");
+    let index = root.path().join("idx");
+    let owners = |dir: &Path| {
+        let mut out = BTreeMap::new();
+        let mut pending = vec![dir.to_path_buf()];
+        while let Some(path) = pending.pop() {
+            let meta = fs::symlink_metadata(&path).unwrap();
+            out.insert(path.clone(), (meta.uid(), meta.gid()));
+            if meta.is_dir() {
+                pending.extend(fs::read_dir(&path).unwrap().map(|e| e.unwrap().path()));
+            }
+        }
+        out
+    };
+    for (previous, rev) in [(None, &r1), (Some(&r1), &r2)] {
+        store
+            .checkout_atomic(
+                &target,
+                &index,
+                previous.map(|p| oid(p)),
+                oid(rev),
+                &l,
+                Some("nobody"),
+            )
+            .unwrap();
+        assert_eq!(
+            snapshot_links(&target, &l),
+            git_checkout(&up, root.path(), rev, &l)
+        );
+        for (path, owner) in owners(&target) {
+            assert_eq!(owner, theirs, "{} belongs to nobody", path.display());
+        }
+        let cache = git2::Index::open(&index).unwrap();
+        for entry in cache.iter() {
+            assert_eq!((entry.uid, entry.gid), theirs);
+        }
+        assert!(
+            store
+                .drift(&target, &index, oid(rev), &l)
+                .unwrap()
+                .is_empty()
+        );
+        assert!(!staging_dir(&target).exists());
+    }
+    // New directories have git's mode, as checkout_as makes them.
+    let mode = |p: &str| fs::metadata(target.join(p)).unwrap().mode() & 0o7777;
+    assert_eq!(
+        mode("grafana/etc/new/deeper"),
+        mode("grafana/etc/provisioning")
+    );
+
+    // An unknown user is named, and nothing is written.
+    let before = snapshot(&target);
+    let index_before = fs::read(&index).unwrap();
+    let err = store
+        .checkout_atomic(
+            &target,
+            &index,
+            Some(oid(&r2)),
+            oid(&r1),
+            &l,
+            Some("plumb-nobody"),
+        )
+        .unwrap_err();
+    assert!(
+        err.to_string()
+            .contains("user \"plumb-nobody\": no such user"),
+        "{err}"
+    );
+    assert_eq!(snapshot(&target), before);
+    assert_eq!(fs::read(&index).unwrap(), index_before);
+}
+
+/// A deploy that does not fit on the checkout's file system fails before it changes anything:
+/// the service keeps the old revision whole, not a mix with a truncated file.
+#[test]
+fn atomic_checkout_on_a_full_file_system_changes_nothing() {
+    require_root();
+    let root = temp_root();
+    let up = Upstream::new(root.path(), "infra");
+    let l = links(&["svc"]);
+    let v1 = up
+        .write("svc/a", "a v1\n")
+        .write("svc/b", "b v1\n")
+        .commit("v1");
+    let v2 = up
+        .write("svc/a", "a v2\n")
+        .write("svc/b", "b v2\n")
+        .write("svc/c", &"c".repeat(2 << 20))
+        .commit("v2: 2 MB more");
+    let v3 = up
+        .write("svc/a", "a v3\n")
+        .write("svc/c", &"c".repeat(100 << 10))
+        .commit("v3: fits");
+    let mut store = Store::open(&root.path().join("stores"), &up.file_url()).unwrap();
+    fetch_main(&mut store, &transport());
+
+    let mnt = root.path().join("mnt");
+    let _tmpfs = Tmpfs::mount(&mnt, "1m");
+    let target = mnt.join("checkout");
+    let index = mnt.join("state/svc.index");
+    deploy(&store, &target, &index, None, &v1, &l);
+    let deployed = snapshot(&target);
+    let index_bytes = fs::read(&index).unwrap();
+
+    let err = store
+        .checkout_atomic(&target, &index, Some(oid(&v1)), oid(&v2), &l, None)
+        .unwrap_err();
+    assert!(
+        err.to_string().contains("No space left on device")
+            || err.to_string().contains("no space left"),
+        "{err}"
+    );
+    assert_eq!(fs::read_to_string(target.join("svc/a")).unwrap(), "a v1\n");
+    assert_eq!(fs::read_to_string(target.join("svc/b")).unwrap(), "b v1\n");
+    assert!(!target.join("svc/c").exists());
+    assert_eq!(snapshot(&target), deployed, "nothing live changed");
+    assert!(
+        !staging_dir(&target).exists(),
+        "the staging directory is gone"
+    );
+    assert_eq!(
+        fs::read(&index).unwrap(),
+        index_bytes,
+        "the index is untouched"
+    );
+    assert!(
+        store
+            .drift(&target, &index, oid(&v1), &l)
+            .unwrap()
+            .is_empty()
+    );
+
+    deploy(&store, &target, &index, Some(&v1), &v3, &l);
+    assert_eq!(
+        snapshot_links(&target, &l),
+        git_checkout(&up, root.path(), &v3, &l)
+    );
+    assert!(
+        store
+            .drift(&target, &index, oid(&v3), &l)
+            .unwrap()
+            .is_empty()
+    );
+}
+
+/// A revision libgit2 refuses to write (here a file named `.git`, made with git's plumbing) fails
+/// in staging: the live files and the index stay as they were.
+#[test]
+fn atomic_checkout_refused_by_libgit2_changes_nothing() {
+    let root = temp_root();
+    let up = Upstream::new(root.path(), "infra");
+    let l = links(&["svc"]);
+    let r1 = up
+        .write("svc/conf", "v1\n")
+        .write("svc/other", "o1\n")
+        .commit("r1");
+    let clone = up.clone_into(&root.path().join("clone"));
+    let blob = git_with_input(&clone, &["hash-object", "-w", "--stdin"], "v2\n");
+    let svc = git_with_input(
+        &clone,
+        &["mktree"],
+        &format!("100644 blob {blob}\t.git\n100644 blob {blob}\tconf\n"),
+    );
+    let top = git_with_input(&clone, &["mktree"], &format!("040000 tree {svc}\tsvc\n"));
+    let r2 = git(
+        &clone,
+        &["commit-tree", &top, "-p", &r1, "-m", "a file named .git"],
+    );
+    git(
+        &clone,
+        &["push", "-q", "origin", &format!("{r2}:refs/heads/main")],
+    );
+
+    let mut store = Store::open(&root.path().join("stores"), &up.file_url()).unwrap();
+    assert_eq!(fetch_main(&mut store, &transport()), oid(&r2));
+    let target = root.path().join("deploy");
+    let index = root.path().join("idx");
+    deploy(&store, &target, &index, None, &r1, &l);
+    let deployed = snapshot(&target);
+    let index_bytes = fs::read(&index).unwrap();
+
+    let err = store
+        .checkout_atomic(&target, &index, Some(oid(&r1)), oid(&r2), &l, None)
+        .unwrap_err();
+    assert!(err.to_string().contains(".git"), "{err}");
+    assert_eq!(snapshot(&target), deployed, "nothing live changed");
+    assert_eq!(
+        fs::read(&index).unwrap(),
+        index_bytes,
+        "the index is untouched"
+    );
+    assert!(!staging_dir(&target).exists());
+
+    // A staging directory that cannot be made (its parent is a file) fails the same way.
+    let blocked = root.path().join("blocked");
+    fs::write(&blocked, "a file where the checkout's parent should be\n").unwrap();
+    let err = store
+        .checkout_atomic(&blocked.join("deploy"), &index, None, oid(&r1), &l, None)
+        .unwrap_err();
+    assert!(err.to_string().contains("blocked"), "{err}");
+    assert_eq!(
+        fs::read(&index).unwrap(),
+        index_bytes,
+        "the index is untouched"
     );
 }
 

@@ -30,7 +30,7 @@ use std::io;
 use std::path::{Path, PathBuf};
 
 use git2::build::CheckoutBuilder;
-use git2::{ErrorCode, Index, Oid, Repository, Tree};
+use git2::{Commit, ErrorCode, Index, Oid, Repository, Tree};
 
 use super::history::validate_links;
 use super::{GitError, Store};
@@ -41,10 +41,10 @@ use crate::owner::{Owner, OwnerError, chown_tree};
 const NO_BASELINE: &str = "refs/heads/plumb-no-baseline";
 
 /// Git's mode for a symlink.
-const SYMLINK_MODE: i32 = 0o120000;
+pub(super) const SYMLINK_MODE: i32 = 0o120000;
 
 /// Git's mode for a gitlink (submodule), as the index stores it.
-const GITLINK_MODE: u32 = 0o160000;
+pub(super) const GITLINK_MODE: u32 = 0o160000;
 
 impl Store {
     /// Makes `target` hold exactly `links` of `rev` (and nothing else under those paths), using and
@@ -113,22 +113,7 @@ impl Store {
 
         let repo = self.own_handle()?;
         let tree = self.tree_of(&repo, rev)?;
-        let baseline = match previous {
-            None => None,
-            Some(previous) => match repo.find_commit(previous) {
-                Ok(commit) => Some(commit),
-                Err(e) if e.code() == ErrorCode::NotFound => {
-                    tracing::warn!(
-                        url = self.shown,
-                        target = %target.display(),
-                        %previous,
-                        "previously deployed revision not in the store; checking out as if for the first time"
-                    );
-                    None
-                }
-                Err(e) => return Err(self.object_error(previous, e)),
-            },
-        };
+        let baseline = self.baseline(&repo, target, previous)?;
         let baseline_tree = match &baseline {
             Some(commit) => Some(
                 commit
@@ -277,7 +262,7 @@ impl Store {
 impl Store {
     /// A repository handle of its own for work that sets a workdir and an index, so the store's
     /// main handle stays bare and index-less.
-    fn own_handle(&self) -> Result<Repository, GitError> {
+    pub(super) fn own_handle(&self) -> Result<Repository, GitError> {
         Repository::open_bare(&self.path).map_err(|source| GitError::Store {
             url: self.shown.clone(),
             path: self.path.clone(),
@@ -286,11 +271,42 @@ impl Store {
     }
 
     /// The tree of commit `rev` in `repo`.
-    fn tree_of<'r>(&self, repo: &'r Repository, rev: Oid) -> Result<git2::Tree<'r>, GitError> {
+    pub(super) fn tree_of<'r>(
+        &self,
+        repo: &'r Repository,
+        rev: Oid,
+    ) -> Result<git2::Tree<'r>, GitError> {
         repo.find_commit(rev)
             .map_err(|e| self.object_error(rev, e))?
             .tree()
             .map_err(|e| self.reached_error(rev, e))
+    }
+
+    /// The commit a checkout of `target` starts from: `previous`, or `None` for a first checkout
+    /// and for a `previous` the store does not have (history rewritten and the store re-created
+    /// since), which then proceeds as a first one.
+    pub(super) fn baseline<'r>(
+        &self,
+        repo: &'r Repository,
+        target: &Path,
+        previous: Option<Oid>,
+    ) -> Result<Option<Commit<'r>>, GitError> {
+        let Some(previous) = previous else {
+            return Ok(None);
+        };
+        match repo.find_commit(previous) {
+            Ok(commit) => Ok(Some(commit)),
+            Err(e) if e.code() == ErrorCode::NotFound => {
+                tracing::warn!(
+                    url = self.shown,
+                    target = %target.display(),
+                    %previous,
+                    "previously deployed revision not in the store; checking out as if for the first time"
+                );
+                Ok(None)
+            }
+            Err(e) => Err(self.object_error(previous, e)),
+        }
     }
 }
 
@@ -315,7 +331,7 @@ fn racy(index: &Index, path: &Path) -> bool {
 /// Refreshes the stat data (change time, owner) of the index entries whose files changed only in
 /// those since the checkout wrote them (a chown): same inode, size and modification time. Without
 /// this, every such file would look possibly modified to the next drift check and be read.
-fn restat(index: &mut Index, target: &Path) -> Result<(), git2::Error> {
+pub(super) fn restat(index: &mut Index, target: &Path) -> Result<(), git2::Error> {
     use std::os::unix::ffi::OsStrExt;
     use std::os::unix::fs::MetadataExt;
     let mut updated = Vec::new();
@@ -379,13 +395,31 @@ fn open_index(path: &Path) -> Result<Index, IndexError> {
 
 /// Removes every symlink under `links` in `target` that `baseline` does not have at the same path
 /// with the same target, and every symlink on the way to a link (a link's parent directories are
-/// never plumb's symlinks). Never follows a symlink. Returns the path that could not be removed.
-fn scrub_symlinks(
+/// never plumb's symlinks): [`planted_symlinks`]. Never follows a symlink. Returns the path that
+/// could not be removed.
+pub(super) fn scrub_symlinks(
     repo: &Repository,
     target: &Path,
     baseline: Option<&Tree<'_>>,
     links: &[String],
 ) -> Result<(), (PathBuf, io::Error)> {
+    for path in planted_symlinks(repo, target, baseline, links)? {
+        remove_symlink(&path)?;
+    }
+    Ok(())
+}
+
+/// The symlinks [`scrub_symlinks`] removes, read only: every symlink under `links` in `target`
+/// that `baseline` does not have at the same path with the same target, and every symlink on the
+/// way to a link. Never follows (nor descends through) a symlink. Returns the path that could not
+/// be read on error.
+pub(super) fn planted_symlinks(
+    repo: &Repository,
+    target: &Path,
+    baseline: Option<&Tree<'_>>,
+    links: &[String],
+) -> Result<Vec<PathBuf>, (PathBuf, io::Error)> {
+    let mut planted = Vec::new();
     for link in links {
         let link = link.trim_end_matches('/');
         let components: Vec<&str> = link.split('/').collect();
@@ -402,7 +436,7 @@ fn scrub_symlinks(
             let is_link_itself = i + 1 == components.len();
             if meta.file_type().is_symlink() {
                 if !(is_link_itself && baseline_has_symlink(repo, baseline, &rel, &path)) {
-                    remove_symlink(&path)?;
+                    planted.push(path);
                 }
                 break;
             }
@@ -410,18 +444,21 @@ fn scrub_symlinks(
                 break;
             }
             if is_link_itself {
-                scrub_dir(repo, baseline, &path, &rel)?;
+                planted_in_dir(repo, baseline, &path, &rel, &mut planted)?;
             }
         }
     }
-    Ok(())
+    planted.sort();
+    planted.dedup();
+    Ok(planted)
 }
 
-fn scrub_dir(
+fn planted_in_dir(
     repo: &Repository,
     baseline: Option<&Tree<'_>>,
     dir: &Path,
     rel: &Path,
+    planted: &mut Vec<PathBuf>,
 ) -> Result<(), (PathBuf, io::Error)> {
     let entries = fs::read_dir(dir).map_err(|e| (dir.to_path_buf(), e))?;
     for entry in entries {
@@ -432,10 +469,10 @@ fn scrub_dir(
         let child_rel = rel.join(entry.file_name());
         if kind.is_symlink() {
             if !baseline_has_symlink(repo, baseline, &child_rel, &path) {
-                remove_symlink(&path)?;
+                planted.push(path);
             }
         } else if kind.is_dir() {
-            scrub_dir(repo, baseline, &path, &child_rel)?;
+            planted_in_dir(repo, baseline, &path, &child_rel, planted)?;
         }
     }
     Ok(())

@@ -16,6 +16,8 @@
 //! - `inspect`: what a revision must not hold before it is checked out (escaping symlinks,
 //!   oversized files);
 //! - `checkout`: per-service checkouts, including the symlink scrub and the owner;
+//! - `stage`: all-or-nothing checkouts ([`Store::checkout_atomic`]): what changed is staged
+//!   beside the checkout, then renamed in;
 //! - `verify`: commit signatures (ssh and OpenPGP), checked with the real tools through `exec`.
 //!
 //! # Invariants the caller keeps
@@ -44,6 +46,7 @@ mod fetch;
 mod history;
 mod inspect;
 mod known_hosts;
+mod stage;
 mod store;
 mod timeouts;
 mod url;

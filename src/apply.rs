@@ -513,6 +513,11 @@ impl Run<'_> {
         // Twice at most: a restart unmounts one layer, and a hand-made bind may sit under ours.
         for _ in 0..2 {
             info!(service = %self.svc.name, %unit, "re-binding {} onto {}", what.display(), dir.local.display());
+            // Every deploy that replaces a bound file re-binds it: a mount unit's start limit
+            // protects nothing here, and hitting it would fail the apply.
+            if let Err(e) = self.systemd.reset_failed(&unit).await {
+                warn!(service = %self.svc.name, %unit, "reset-failed: {e}");
+            }
             let mut restarted = self.systemd.restart(&unit).await;
             if !generated && restarted.as_ref().is_err_and(SystemdError::is_no_such_unit) {
                 // The config gained this dir after the generator last ran: run it, then retry.

@@ -92,6 +92,10 @@ pub enum Event {
     Drift { files: Vec<String> },
     /// An operator's `pull --force`: the next deploy may drop local edits.
     Force,
+    /// The last checkout did not finish (a crash, a full disk): what is on disk may be neither
+    /// revision, so the next deploy rewrites it, as `pull --force` would, rather than taking the
+    /// difference for local edits.
+    Interrupted,
     /// An operator's `pull`: a refused head or revision is tried again at the fetch the pull makes.
     Retry,
     /// The deploy job would not let the service see `head`; nothing on disk changed. `revision` is
@@ -109,11 +113,14 @@ pub enum Event {
         files: usize,
     },
     /// The configuration was read (at start, or again): `noop` is whether the service only
-    /// reports what it would deploy. Turning it off deploys what is pending at the next fetch.
-    Reconfigured { noop: bool },
-    /// `plumb apply` of `revision` failed, or its health check did, for a service with `health`:
-    /// the service goes back to its last good revision by itself.
-    Unhealthy { revision: Oid, error: String },
+    /// reports what it would deploy (turning it off deploys what is pending at the next fetch);
+    /// `health` whether it has a health check, which makes a failed apply roll back by itself;
+    /// `moved` that its upstream, branch or paths changed, so the next fetch checks it out afresh.
+    Reconfigured {
+        noop: bool,
+        health: bool,
+        moved: bool,
+    },
 }
 
 /// Why the deploy job refused a head.
@@ -192,23 +199,44 @@ pub enum Effect {
         head: Oid,
         from: Option<Oid>,
         deployed: Option<Oid>,
+        gate: Gate,
     },
     /// Tell the unit about its new files (`plumb apply` through systemd). Answered by `Applied`
     /// when the daemon can reach systemd; without it the `.path` unit is the only trigger.
     Apply { revision: Oid },
     /// Like `Deploy`, but the checkout is rewritten even where its revision did not move: local
     /// edits are dropped (only on an operator's `pull --force`).
-    Restore { head: Oid, deployed: Option<Oid> },
+    Restore {
+        head: Oid,
+        deployed: Option<Oid>,
+        gate: Gate,
+    },
     /// Noop mode: judge `head` as a deploy would (signature, history, tree, `check` on a staged
     /// copy) and say what would change since `from`, touching nothing. Answered by `Previewed` or
     /// `Refused`.
-    Preview { head: Oid, from: Option<Oid> },
+    Preview {
+        head: Oid,
+        from: Option<Oid>,
+        gate: Gate,
+    },
     /// Apply again the deployed revision, whose apply failed: at every poll, until it works, since
     /// its cause (a package mirror, a file outside git, the unit's own config) may pass without a
     /// new commit. Skipped while an apply of the service runs. Answered by `Applied`.
     Reapply { revision: Oid },
     /// Write the service's state to disk: something worth surviving a restart changed.
     Persist,
+}
+
+/// What the deploy job holds a head to, besides its signature and its tree: decided here, from
+/// the state the event left, so the job only carries it out.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Gate {
+    /// The head is the branch head the service follows (not a rollback target, not an operator's
+    /// `pull --force`): one that does not descend from the checkout's rewrites history.
+    pub follow: bool,
+    /// A revision refused before (check, health): a head whose service files are these is
+    /// refused again without running anything.
+    pub avoid: Option<Oid>,
 }
 
 /// One service's state. Serialised as the service's state file, so a restart resumes where it was.
@@ -271,6 +299,9 @@ pub struct Service {
     /// In noop mode, what the last preview found; a head is judged once.
     #[serde(skip)]
     pub would: Option<Would>,
+    /// The service has a health check: a failed apply rolls it back to its last good revision.
+    #[serde(skip)]
+    pub health: bool,
 }
 
 /// What a service in noop mode would deploy.
@@ -307,6 +338,7 @@ impl Service {
             unreachable: None,
             noop: false,
             would: None,
+            health: false,
         }
     }
 
@@ -350,6 +382,7 @@ impl Service {
                     effects.push(Effect::Restore {
                         head,
                         deployed: self.deployed,
+                        gate: Gate::default(),
                     });
                 } else if !self.drift.is_empty() {
                     // Local edits: held in DIFF until an operator drops them or they are undone.
@@ -361,6 +394,7 @@ impl Service {
                             head: fallback,
                             from: self.synced,
                             deployed: self.deployed,
+                            gate: Gate::default(),
                         });
                     }
                 } else if self.synced != Some(head) {
@@ -430,6 +464,10 @@ impl Service {
             Event::Applied { revision, error } => {
                 if Some(revision) != self.deployed {
                     // An outcome overtaken by a newer deploy; that one's apply will report.
+                } else if let Some(error) = error.clone().filter(|_| self.health) {
+                    // With a health check, a failed apply or health check goes back to the last
+                    // good revision; without one the service stays BROKEN on the revision.
+                    effects.extend(self.roll_back(revision, error, now));
                 } else if let Some(error) = error {
                     self.failed_apply = Some(revision);
                     self.set(
@@ -445,13 +483,6 @@ impl Service {
                     if self.state == State::Broken {
                         self.rest(now);
                     }
-                }
-            }
-            Event::Unhealthy { revision, error } => {
-                if Some(revision) != self.deployed {
-                    // Overtaken by a newer deploy.
-                } else {
-                    effects.extend(self.roll_back(revision, error, now));
                 }
             }
             Event::Retry => {
@@ -471,7 +502,15 @@ impl Service {
                     });
                 }
             }
-            Event::Reconfigured { noop } => {
+            Event::Reconfigured {
+                noop,
+                health,
+                moved,
+            } => {
+                self.health = health;
+                if moved {
+                    self.synced = None;
+                }
                 if self.noop != noop {
                     self.noop = noop;
                     self.would = None;
@@ -520,7 +559,7 @@ impl Service {
                 }
                 self.drift = files;
             }
-            Event::Force => self.force = true,
+            Event::Force | Event::Interrupted => self.force = true,
             Event::Tick => {
                 if self.frozen && self.frozen_until.is_some_and(|t| t <= now) {
                     effects.extend(self.unfreeze(now, false));
@@ -541,6 +580,7 @@ impl Service {
                     head: target,
                     from: self.synced,
                     deployed: self.deployed,
+                    gate: Gate::default(),
                 });
             }
             Event::DeployFailed { head, error } => {
@@ -554,6 +594,19 @@ impl Service {
                     format!("{what} {} failed: {error}", short(Some(head))),
                     now,
                 );
+            }
+        }
+        let gate = |head: Oid, follows: bool| Gate {
+            follow: follows && self.pinned.is_none() && self.upstream == Some(head),
+            avoid: self.rejected.as_ref().and_then(|r| r.revision),
+        };
+        for effect in &mut effects {
+            match effect {
+                Effect::Deploy { head, gate: g, .. } | Effect::Preview { head, gate: g, .. } => {
+                    *g = gate(*head, true);
+                }
+                Effect::Restore { head, gate: g, .. } => *g = gate(*head, false),
+                _ => {}
             }
         }
         if self.persisted_differs(&before) {
@@ -597,6 +650,7 @@ impl Service {
             head: good.head,
             from: self.synced,
             deployed: self.deployed,
+            gate: Gate::default(),
         }]
     }
 
@@ -654,11 +708,13 @@ impl Service {
                 head,
                 from: self.synced,
                 deployed: self.deployed,
+                gate: Gate::default(),
             });
         }
         (self.would.map(|w| w.head) != Some(head)).then_some(Effect::Preview {
             head,
             from: self.synced,
+            gate: Gate::default(),
         })
     }
 
@@ -768,6 +824,25 @@ mod tests {
         Oid::from_bytes(&[n; 20]).unwrap()
     }
 
+    /// `s`, configured with a health check.
+    fn checked(mut s: Service) -> Service {
+        s.handle(
+            Event::Reconfigured {
+                noop: false,
+                health: true,
+                moved: false,
+            },
+            0,
+        );
+        s
+    }
+
+    /// The gate of a deploy of the branch head, with nothing refused.
+    const FOLLOW: Gate = Gate {
+        follow: true,
+        avoid: None,
+    };
+
     fn fetched(head: Option<Oid>) -> Event {
         Event::Fetched {
             branch: "main".into(),
@@ -799,7 +874,8 @@ mod tests {
             vec![Effect::Deploy {
                 head: oid(1),
                 from: None,
-                deployed: None
+                deployed: None,
+                gate: FOLLOW,
             }]
         );
         assert_eq!(s.upstream, Some(oid(1)));
@@ -874,7 +950,8 @@ mod tests {
             vec![Effect::Deploy {
                 head: oid(2),
                 from: Some(oid(1)),
-                deployed: Some(oid(1))
+                deployed: Some(oid(1)),
+                gate: FOLLOW,
             }]
         );
     }
@@ -1178,7 +1255,8 @@ mod tests {
                 Effect::Deploy {
                     head: oid(2),
                     from: Some(oid(1)),
-                    deployed: Some(oid(1))
+                    deployed: Some(oid(1)),
+                    gate: FOLLOW,
                 },
                 Effect::Persist
             ]
@@ -1222,7 +1300,8 @@ mod tests {
                 Effect::Deploy {
                     head: oid(1),
                     from: Some(oid(3)),
-                    deployed: Some(oid(3))
+                    deployed: Some(oid(3)),
+                    gate: Gate::default(),
                 },
                 Effect::Persist
             ]
@@ -1294,7 +1373,8 @@ mod tests {
             fx,
             vec![Effect::Restore {
                 head: oid(2),
-                deployed: Some(oid(1))
+                deployed: Some(oid(1)),
+                gate: Gate::default(),
             }]
         );
         assert!(!s.force, "force is for one deploy only");
@@ -1398,7 +1478,7 @@ mod tests {
 
     #[test]
     fn a_failed_health_check_rolls_back_to_the_last_good_revision_and_does_not_return() {
-        let mut s = deployed();
+        let mut s = checked(deployed());
         applied(&mut s, 1, 11);
         assert_eq!(
             s.last_good,
@@ -1409,9 +1489,9 @@ mod tests {
         );
         deployed_at(&mut s, 2, 20);
         let fx = s.handle(
-            Event::Unhealthy {
+            Event::Applied {
                 revision: oid(2),
-                error: "health: GET http://127.0.0.1/ answered 500".into(),
+                error: Some("health: GET http://127.0.0.1/ answered 500".into()),
             },
             25,
         );
@@ -1421,7 +1501,11 @@ mod tests {
                 Effect::Deploy {
                     head: oid(1),
                     from: Some(oid(2)),
-                    deployed: Some(oid(2))
+                    deployed: Some(oid(2)),
+                    gate: Gate {
+                        follow: false,
+                        avoid: Some(oid(2))
+                    },
                 },
                 Effect::Persist
             ]
@@ -1460,7 +1544,8 @@ mod tests {
             vec![Effect::Deploy {
                 head: oid(2),
                 from: Some(oid(1)),
-                deployed: Some(oid(1))
+                deployed: Some(oid(1)),
+                gate: FOLLOW,
             }]
         );
         assert_eq!(s.rejected, None);
@@ -1468,13 +1553,13 @@ mod tests {
 
     #[test]
     fn a_failing_rollback_checkout_is_retried_at_the_next_fetch() {
-        let mut s = deployed();
+        let mut s = checked(deployed());
         applied(&mut s, 1, 11);
         deployed_at(&mut s, 2, 20);
         s.handle(
-            Event::Unhealthy {
+            Event::Applied {
                 revision: oid(2),
-                error: "down".into(),
+                error: Some("down".into()),
             },
             25,
         );
@@ -1491,18 +1576,22 @@ mod tests {
             vec![Effect::Deploy {
                 head: oid(1),
                 from: Some(oid(2)),
-                deployed: Some(oid(2))
+                deployed: Some(oid(2)),
+                gate: Gate {
+                    follow: false,
+                    avoid: Some(oid(2))
+                },
             }]
         );
     }
 
     #[test]
     fn unhealthy_without_a_good_revision_or_when_pinned_stays_broken() {
-        let mut s = deployed();
+        let mut s = checked(deployed());
         let fx = s.handle(
-            Event::Unhealthy {
+            Event::Applied {
                 revision: oid(1),
-                error: "down".into(),
+                error: Some("down".into()),
             },
             20,
         );
@@ -1514,7 +1603,7 @@ mod tests {
             s.info
         );
 
-        let mut s = deployed();
+        let mut s = checked(deployed());
         applied(&mut s, 1, 11);
         deployed_at(&mut s, 2, 20);
         applied(&mut s, 2, 21);
@@ -1528,9 +1617,9 @@ mod tests {
             31,
         );
         let fx = s.handle(
-            Event::Unhealthy {
+            Event::Applied {
                 revision: oid(1),
-                error: "down".into(),
+                error: Some("down".into()),
             },
             32,
         );
@@ -1545,9 +1634,9 @@ mod tests {
         let before = s.clone();
         assert_eq!(
             s.handle(
-                Event::Unhealthy {
+                Event::Applied {
                     revision: oid(2),
-                    error: "x".into()
+                    error: Some("x".into())
                 },
                 40
             ),
@@ -1611,7 +1700,8 @@ mod tests {
             s.handle(fetched(Some(oid(2))), 32),
             vec![Effect::Restore {
                 head: oid(2),
-                deployed: Some(oid(1))
+                deployed: Some(oid(1)),
+                gate: Gate::default(),
             }]
         );
     }
@@ -1662,7 +1752,8 @@ mod tests {
                 Effect::Deploy {
                     head: oid(2),
                     from: Some(oid(1)),
-                    deployed: Some(oid(1))
+                    deployed: Some(oid(1)),
+                    gate: FOLLOW,
                 },
                 Effect::Persist
             ]
@@ -1688,13 +1779,13 @@ mod tests {
 
     #[test]
     fn refusals_and_the_last_good_revision_survive_a_restart() {
-        let mut s = deployed();
+        let mut s = checked(deployed());
         applied(&mut s, 1, 11);
         deployed_at(&mut s, 2, 20);
         s.handle(
-            Event::Unhealthy {
+            Event::Applied {
                 revision: oid(2),
-                error: "down".into(),
+                error: Some("down".into()),
             },
             25,
         );

@@ -278,6 +278,19 @@ impl Systemd {
         Ok(())
     }
 
+    /// Clears `unit`'s failed state and its start rate counter (`systemctl reset-failed`), so a
+    /// start plumb asks for is not refused as "start request repeated too quickly". A unit that
+    /// is not loaded has nothing to clear, which is not an error.
+    pub async fn reset_failed(&self, unit: &str) -> Result<(), SystemdError> {
+        match self
+            .manager("reset-failed", Some(unit), "ResetFailedUnit", &(unit,))
+            .await
+        {
+            Err(e) if e.is_no_such_unit() => Ok(()),
+            other => other.map(|_| ()),
+        }
+    }
+
     /// Starts `unit` and waits for the job's result (`done` when it was already running).
     pub async fn start(&self, unit: &str) -> Result<JobResult, SystemdError> {
         self.job("start", "StartUnit", unit).await

@@ -10,7 +10,9 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
 use std::time::Duration;
 
-use support::{GitDaemon, HttpServer, SshServer, Upstream, require_root, temp_root, wait_until};
+use support::{
+    GitDaemon, HttpServer, SshServer, Tmpfs, Upstream, require_root, temp_root, wait_until,
+};
 
 const DEADLINE: Duration = Duration::from_secs(20);
 
@@ -1602,4 +1604,56 @@ fn noop_judges_and_reports_what_it_would_deploy_and_touches_nothing_until_turned
     assert_eq!(m.read("app", "app/conf").as_deref(), Some("2"));
     let notes = status()["notes"].clone();
     assert_eq!(notes, serde_json::json!([]), "{notes}");
+}
+
+#[test]
+fn a_deploy_that_does_not_fit_leaves_the_last_revision_whole_and_the_next_one_deploys() {
+    require_root();
+    let root = temp_root();
+    let up = Upstream::new(root.path(), "small");
+    let v1 = up
+        .write("app/a", "a1\n")
+        .write("app/b", "b1\n")
+        .commit("v1");
+    let mount = root.path().join("mnt");
+    let _tmpfs = Tmpfs::mount(&mount, "1m");
+    let m = Machine::new(
+        root.path(),
+        &service("app", &up.file_url(), &["app"]).replace(
+            "dirs = [",
+            &format!("mount = \"{}\"\ndirs = [", mount.display()),
+        ),
+    );
+    m.once(true);
+    let live = mount.join("app/app");
+    assert_eq!(fs::read_to_string(live.join("a")).unwrap(), "a1\n");
+
+    // a and b change, and c (2 MB) does not fit on the checkout's 1 MB file system.
+    up.write("app/a", "a2\n")
+        .write("app/b", "b2\n")
+        .write("app/c", &"x".repeat(2 << 20))
+        .commit("v2, too big");
+    let out = m.once(false);
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(stdout.contains("BROKEN"), "{stdout}");
+    assert_eq!(m.state_json("app")["state"], "BROKEN");
+    assert_eq!(fs::read_to_string(live.join("a")).unwrap(), "a1\n");
+    assert_eq!(fs::read_to_string(live.join("b")).unwrap(), "b1\n");
+    assert!(!live.join("c").exists(), "no truncated c");
+    assert_eq!(
+        tree(&mount),
+        ["app/app/a", "app/app/b"],
+        "nothing left beside it"
+    );
+    assert_eq!(m.rev("app").as_deref(), Some(v1.as_str()));
+
+    // Tried again at the next poll (still too big), then a revision that fits deploys.
+    m.once(false);
+    assert_eq!(fs::read_to_string(live.join("a")).unwrap(), "a1\n");
+    let v3 = up.remove("app/c").write("app/a", "a3\n").commit("v3");
+    m.once(true);
+    assert_eq!(m.rev("app").as_deref(), Some(v3.as_str()));
+    assert_eq!(tree(&live), ["a", "b"]);
+    assert_eq!(fs::read_to_string(live.join("a")).unwrap(), "a3\n");
+    assert_eq!(fs::read_to_string(live.join("b")).unwrap(), "b2\n");
 }

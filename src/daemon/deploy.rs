@@ -40,11 +40,8 @@ pub(super) struct DeployJob {
     pub(super) upstream: config::UpstreamSettings,
     /// What a revision may hold (file sizes).
     pub(super) limits: git::Limits,
-    /// A revision refused before: a head whose service files are these is refused again.
-    pub(super) avoid: Option<Oid>,
-    /// The job follows the branch (not a rollback to an older commit), so a head that does not
-    /// descend from `from` is a rewrite of history.
-    pub(super) follow: bool,
+    /// What the state machine holds the head to: history, a revision refused before.
+    pub(super) gate: service::Gate,
     pub(super) head: Oid,
     pub(super) from: Option<Oid>,
     pub(super) deployed: Option<Oid>,
@@ -124,7 +121,7 @@ fn deploy(store: &Store, layout: &Layout, job: &DeployJob) -> Result<Deployed, D
             Err(e) => return Err(refuse(None, Refusal::Unverified(e.to_string()))),
         }
     }
-    if job.follow
+    if job.gate.follow
         && job.upstream.force_push == config::ForcePush::Refuse
         && let Some(f) = job.from.filter(|f| *f != job.head)
         && !store.in_history(f, job.head).unwrap_or(false)
@@ -148,7 +145,7 @@ fn deploy(store: &Store, layout: &Layout, job: &DeployJob) -> Result<Deployed, D
         None => true,
     };
     let revision = store.last_change(job.head, &links)?;
-    if changed && !job.fresh && revision.is_some() && revision == job.avoid {
+    if changed && !job.fresh && revision.is_some() && revision == job.gate.avoid {
         return Err(refuse(revision, Refusal::Known));
     }
     if changed || job.fresh {
@@ -182,10 +179,12 @@ fn deploy(store: &Store, layout: &Layout, job: &DeployJob) -> Result<Deployed, D
         rebuild(store, layout, job, &target, &links)?;
     } else if changed {
         std::fs::create_dir_all(&target).map_err(io(&target))?;
-        // Until the daemon has saved the deploy, a half-made checkout must not read as local
-        // edits: the marker makes the next fetch redo it instead (removed once saved).
+        // Until the daemon has saved the deploy, a checkout cut short (kill -9 while its files
+        // are renamed into place) must not read as local edits: the marker makes the next fetch
+        // redo it instead (removed once saved). Anything failing before the renames leaves the
+        // live files as they were: the new revision is written beside them first.
         layout::write_atomic(&marker, format!("{}\n", job.head).as_bytes()).map_err(io(&marker))?;
-        store.checkout_as(
+        store.checkout_atomic(
             &target,
             &layout.service_index(&svc.name),
             from,

@@ -303,16 +303,15 @@ impl Daemon {
         let mut due = BTreeSet::new();
         for cfg in selected {
             let noop = self.opts.noop || cfg.noop;
+            let mut moved = false;
             let mut entry = match self.services.remove(&cfg.name) {
-                Some(mut old) => {
-                    let moved = old.config.upstream != cfg.upstream
+                Some(old) => {
+                    moved = old.config.upstream != cfg.upstream
                         || old.config.branch != cfg.branch
                         || old.config.dirs != cfg.dirs
                         || old.config.mount != cfg.mount;
                     if moved {
-                        // Its paths changed: the next fetch checks it out afresh.
                         info!(service = %cfg.name, "configuration changed; redeploying now");
-                        old.state.synced = None;
                         due.insert(cfg.upstream.clone());
                     }
                     Entry {
@@ -337,8 +336,14 @@ impl Daemon {
                     info!(service = %entry.config.name, "noop is off: deploying what is pending");
                     due.insert(entry.config.upstream.clone());
                 }
-                entry.state.handle(Event::Reconfigured { noop }, now);
             }
+            let health = entry.config.health.is_some();
+            let reconfigured = Event::Reconfigured {
+                noop,
+                health,
+                moved,
+            };
+            entry.state.handle(reconfigured, now);
             services.insert(entry.config.name.clone(), entry);
         }
         for gone in self.services.keys() {
@@ -581,7 +586,7 @@ impl Daemon {
                 for (name, branch) in names {
                     if interrupted.contains(&name) && result.is_ok() {
                         warn!(service = %name, "the last checkout did not finish; redoing it");
-                        self.feed(&name, Event::Force, now, tx);
+                        self.feed(&name, Event::Interrupted, now, tx);
                     }
                     if let Some(files) = drift.remove(&name) {
                         if !files.is_empty() {
@@ -631,20 +636,15 @@ impl Daemon {
                     None => info!(service = %service, revision = %short, "applied"),
                     Some(e) => error!(service = %service, revision = %short, "apply failed: {e}"),
                 }
-                let health = entry.config.health.is_some();
                 if let Some(m) = &self.opts.metrics {
                     m.applied(&service, error.is_none());
-                    if health && error.is_some() {
+                    if entry.state.health && error.is_some() {
                         m.refused(&service, "health");
                     }
                 }
-                let event = match error {
-                    // With `health`, a failed apply or health check goes back to the last good
-                    // revision; without it the service stays BROKEN on the revision.
-                    Some(error) if health => Event::Unhealthy { revision, error },
-                    error => Event::Applied { revision, error },
-                };
-                self.feed(&service, event, now, tx);
+                // A failed health check rolls back: its checkout runs now, not at the next poll.
+                let jobs = self.feed(&service, Event::Applied { revision, error }, now, tx);
+                self.queue(&service, jobs);
                 self.apply_ended(&service);
             }
             Done::Resolved {
@@ -749,9 +749,6 @@ impl Daemon {
         let upstream = self.config.settings.upstream(&entry.config.upstream);
         let limits = self.config.settings.limits();
         let effects = entry.state.handle(event, now);
-        let st = &entry.state;
-        let avoid = st.rejected.as_ref().and_then(|r| r.revision);
-        let follow = |head: Oid| st.pinned.is_none() && st.upstream == Some(head);
         for effect in effects {
             match effect {
                 Effect::Persist => {
@@ -761,12 +758,12 @@ impl Daemon {
                     head,
                     from,
                     deployed,
+                    gate,
                 } => jobs.push(DeployJob {
                     service: entry.config.clone(),
                     upstream: upstream.clone(),
                     limits,
-                    avoid,
-                    follow: follow(head),
+                    gate,
                     head,
                     from,
                     deployed,
@@ -774,13 +771,15 @@ impl Daemon {
                     fresh: false,
                     noop: false,
                 }),
-                Effect::Restore { head, deployed } => jobs.push(DeployJob {
+                Effect::Restore {
+                    head,
+                    deployed,
+                    gate,
+                } => jobs.push(DeployJob {
                     service: entry.config.clone(),
                     upstream: upstream.clone(),
                     limits,
-                    avoid,
-                    // An operator's pull --force accepts whatever history upstream has now.
-                    follow: false,
+                    gate,
                     head,
                     from: entry.state.synced,
                     deployed,
@@ -788,12 +787,11 @@ impl Daemon {
                     fresh: false,
                     noop: false,
                 }),
-                Effect::Preview { head, from } => jobs.push(DeployJob {
+                Effect::Preview { head, from, gate } => jobs.push(DeployJob {
                     service: entry.config.clone(),
                     upstream: upstream.clone(),
                     limits,
-                    avoid,
-                    follow: follow(head),
+                    gate,
                     head,
                     from,
                     deployed: entry.state.deployed,
@@ -836,20 +834,49 @@ impl Daemon {
                 return;
             }
         }
-        let pending: Vec<(String, Oid)> = self
+        let deployed: Vec<(String, Oid)> = self
             .services
             .iter()
             // plumb's own config is installed at start whether or not there is a systemd.
             .filter(|(name, _)| name.as_str() != bootstrap::SELF || self.opts.bootstrap.is_none())
             .filter(|(_, e)| !e.state.noop)
-            .filter_map(|(name, e)| {
-                let deployed = e.state.deployed?;
-                let applied = apply::read_applied(&self.layout, name).map(|o| o.revision);
-                (applied != Some(deployed)).then(|| (name.clone(), deployed))
-            })
+            .filter_map(|(name, e)| Some((name.clone(), e.state.deployed?)))
             .collect();
-        for (name, revision) in pending {
-            self.apply(&name, revision, tx);
+        let now = unix_now();
+        for (name, revision) in deployed {
+            match apply::read_applied(&self.layout, &name) {
+                // Applied while no daemon listened (a crash, the .path unit): the state machine
+                // learns how it went, so a failure is BROKEN (and applied again) here too.
+                Some(o) if o.revision == revision => {
+                    if let Some(error) = o.error() {
+                        let jobs = self.feed(
+                            &name,
+                            Event::Applied {
+                                revision,
+                                error: Some(error),
+                            },
+                            now,
+                            tx,
+                        );
+                        self.queue(&name, jobs);
+                    }
+                }
+                _ => self.apply(&name, revision, tx),
+            }
+        }
+    }
+
+    /// Queues checkouts a service's state machine asked for outside a fetch on its upstream.
+    fn queue(&mut self, service: &str, jobs: Vec<DeployJob>) {
+        if jobs.is_empty() {
+            return;
+        }
+        if let Some(u) = self
+            .services
+            .get(service)
+            .and_then(|e| self.upstreams.get_mut(&e.config.upstream))
+        {
+            u.queue(jobs, None);
         }
     }
 

@@ -696,13 +696,15 @@ fn stores_are_per_url_and_reopen() {
 // ---------------------------------------------------------------------------------------------
 // checkouts
 
-#[test]
-fn checkout_forwards_and_backwards_matches_git() {
+/// One history through every kind of change a service's files can see: r1, then r2 (deletes,
+/// renames, mode changes, file <-> directory <-> symlink, deeper trees), then r3 without the
+/// service. The store is fetched.
+fn three_revisions() -> (tempfile::TempDir, Upstream, [String; 3], Store) {
     let root = temp_root();
     let up = Upstream::new(root.path(), "infra");
-    let l = links(&["svc", "single.conf"]);
     up.write("svc/keep", "same\n")
         .write("svc/gone", "deleted later\n")
+        .write("svc/old-name", "moves\n")
         .write("svc/tool", "#!/bin/sh\n")
         .chmod_exec("svc/tool", true)
         .write("svc/script", "#!/bin/sh\n")
@@ -710,10 +712,14 @@ fn checkout_forwards_and_backwards_matches_git() {
         .write("svc/becomes-link", "file\n")
         .write("svc/becomes-dir", "file\n")
         .write("svc/dir-becomes-file/inner", "x\n")
+        .write("svc/dir-becomes-link/inner", "x\n")
+        .write("svc/a/b/c/deep", "deep\n")
         .write("single.conf", "v1\n")
         .write("other/untouched", "not ours\n");
     let r1 = up.commit("r1");
     up.remove("svc/gone")
+        .remove("svc/old-name")
+        .write("svc/renamed/new-name", "moves\n")
         .chmod_exec("svc/tool", false)
         .chmod_exec("svc/script", true)
         .remove("svc/link")
@@ -723,6 +729,9 @@ fn checkout_forwards_and_backwards_matches_git() {
         .write("svc/becomes-dir/f", "in dir\n")
         .remove("svc/dir-becomes-file")
         .write("svc/dir-becomes-file", "now file\n")
+        .remove("svc/dir-becomes-link")
+        .symlink("svc/dir-becomes-link", "a/b")
+        .write("svc/a/b/c/deep", "deeper\n")
         .write("svc/new/deep/file", "new\n")
         .write("single.conf", "v2\n");
     let r2 = up.commit("r2");
@@ -731,6 +740,13 @@ fn checkout_forwards_and_backwards_matches_git() {
 
     let mut store = Store::open(&root.path().join("stores"), &up.file_url()).unwrap();
     fetch_main(&mut store, &transport());
+    (root, up, [r1, r2, r3], store)
+}
+
+#[test]
+fn checkout_forwards_and_backwards_matches_git() {
+    let (root, up, [r1, r2, r3], store) = three_revisions();
+    let l = links(&["svc", "single.conf"]);
     let target = root.path().join("deploy");
     let index = root.path().join("state/svc.index");
     fs::create_dir_all(target.join("other")).unwrap();
@@ -1226,47 +1242,8 @@ fn git_with_input(dir: &Path, args: &[&str], input: &str) -> String {
 
 #[test]
 fn atomic_checkout_forwards_and_backwards_matches_git() {
-    let root = temp_root();
-    let up = Upstream::new(root.path(), "infra");
+    let (root, up, [r1, r2, r3], store) = three_revisions();
     let l = links(&["svc", "single.conf"]);
-    up.write("svc/keep", "same\n")
-        .write("svc/gone", "deleted later\n")
-        .write("svc/old-name", "moves\n")
-        .write("svc/tool", "#!/bin/sh\n")
-        .chmod_exec("svc/tool", true)
-        .write("svc/script", "#!/bin/sh\n")
-        .symlink("svc/link", "keep")
-        .write("svc/becomes-link", "file\n")
-        .write("svc/becomes-dir", "file\n")
-        .write("svc/dir-becomes-file/inner", "x\n")
-        .write("svc/dir-becomes-link/inner", "x\n")
-        .write("svc/a/b/c/deep", "deep\n")
-        .write("single.conf", "v1\n")
-        .write("other/untouched", "not ours\n");
-    let r1 = up.commit("r1");
-    up.remove("svc/gone")
-        .remove("svc/old-name")
-        .write("svc/renamed/new-name", "moves\n")
-        .chmod_exec("svc/tool", false)
-        .chmod_exec("svc/script", true)
-        .remove("svc/link")
-        .write("svc/link", "now a file\n")
-        .symlink("svc/becomes-link", "../single.conf")
-        .remove("svc/becomes-dir")
-        .write("svc/becomes-dir/f", "in dir\n")
-        .remove("svc/dir-becomes-file")
-        .write("svc/dir-becomes-file", "now file\n")
-        .remove("svc/dir-becomes-link")
-        .symlink("svc/dir-becomes-link", "a/b")
-        .write("svc/a/b/c/deep", "deeper\n")
-        .write("svc/new/deep/file", "new\n")
-        .write("single.conf", "v2\n");
-    let r2 = up.commit("r2");
-    up.remove("svc").remove("single.conf");
-    let r3 = up.commit("r3: service removed");
-
-    let mut store = Store::open(&root.path().join("stores"), &up.file_url()).unwrap();
-    fetch_main(&mut store, &transport());
     let target = root.path().join("deploy");
     let index = root.path().join("state/svc.index");
     fs::create_dir_all(target.join("other")).unwrap();

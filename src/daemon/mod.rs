@@ -178,6 +178,16 @@ struct Waiter {
     reply: oneshot::Sender<Result<Reply, CommandError>>,
 }
 
+/// Which of the state machine's checkout effects a deploy job carries out.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Kind {
+    Deploy,
+    /// Rewrite the checkout even where its revision did not move (`pull --force`).
+    Restore,
+    /// Noop: judge and report, write nothing.
+    Preview,
+}
+
 /// A finished job, back on the actor.
 enum Done {
     Fetched {
@@ -749,6 +759,19 @@ impl Daemon {
         let upstream = self.config.settings.upstream(&entry.config.upstream);
         let limits = self.config.settings.limits();
         let effects = entry.state.handle(event, now);
+        let config = &entry.config;
+        let job = |head, from, deployed, gate, kind| DeployJob {
+            service: config.clone(),
+            upstream: upstream.clone(),
+            limits,
+            gate,
+            head,
+            from,
+            deployed,
+            restore: kind == Kind::Restore,
+            fresh: false,
+            noop: kind == Kind::Preview,
+        };
         for effect in effects {
             match effect {
                 Effect::Persist => {
@@ -759,46 +782,15 @@ impl Daemon {
                     from,
                     deployed,
                     gate,
-                } => jobs.push(DeployJob {
-                    service: entry.config.clone(),
-                    upstream: upstream.clone(),
-                    limits,
-                    gate,
-                    head,
-                    from,
-                    deployed,
-                    restore: false,
-                    fresh: false,
-                    noop: false,
-                }),
+                } => jobs.push(job(head, from, deployed, gate, Kind::Deploy)),
                 Effect::Restore {
                     head,
                     deployed,
                     gate,
-                } => jobs.push(DeployJob {
-                    service: entry.config.clone(),
-                    upstream: upstream.clone(),
-                    limits,
-                    gate,
-                    head,
-                    from: entry.state.synced,
-                    deployed,
-                    restore: true,
-                    fresh: false,
-                    noop: false,
-                }),
-                Effect::Preview { head, from, gate } => jobs.push(DeployJob {
-                    service: entry.config.clone(),
-                    upstream: upstream.clone(),
-                    limits,
-                    gate,
-                    head,
-                    from,
-                    deployed: entry.state.deployed,
-                    restore: false,
-                    fresh: false,
-                    noop: true,
-                }),
+                } => jobs.push(job(head, entry.state.synced, deployed, gate, Kind::Restore)),
+                Effect::Preview { head, from, gate } => {
+                    jobs.push(job(head, from, entry.state.deployed, gate, Kind::Preview))
+                }
                 Effect::Apply { revision } => applies.push(revision),
                 Effect::Reapply { revision } => {
                     if !self.applying.contains_key(name) {

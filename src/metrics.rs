@@ -167,7 +167,7 @@ impl Metrics {
     /// Brings one service's series in line with its state.
     pub fn service(&self, name: &str, machine: &str, s: &service::Service, behind: Option<u64>) {
         let mut hashes = self.hashes.lock().unwrap_or_else(|e| e.into_inner());
-        let now = s.deployed.map(|d| (machine.to_owned(), d.to_string()));
+        let now = s.deployed().map(|d| (machine.to_owned(), d.to_string()));
         let before = hashes.get(name).cloned();
         if before != now {
             if let Some((m, h)) = before {
@@ -186,12 +186,12 @@ impl Metrics {
         for state in State::ALL {
             self.state
                 .with_label_values(&[name, state.as_str()])
-                .set(i64::from(s.state == state));
+                .set(i64::from(s.state() == state));
         }
-        if let Some(t) = s.changed_at {
+        if let Some(t) = s.changed_at() {
             self.change_time.with_label_values(&[name]).set(t as f64);
         }
-        if let Some(t) = s.last_sync {
+        if let Some(t) = s.last_sync() {
             self.last_sync.with_label_values(&[name]).set(t as f64);
         }
         match behind {
@@ -205,8 +205,10 @@ impl Metrics {
         }
         self.frozen
             .with_label_values(&[name])
-            .set(i64::from(s.frozen));
-        self.noop.with_label_values(&[name]).set(i64::from(s.noop));
+            .set(i64::from(s.frozen()));
+        self.noop
+            .with_label_values(&[name])
+            .set(i64::from(s.noop()));
     }
 
     /// Forgets a service that is no longer configured here.
@@ -309,11 +311,9 @@ mod tests {
     use super::*;
     use crate::git::Oid;
 
+    /// A service that deployed revision `n` (as head `n`) at time 100.
     fn deployed(n: u8) -> service::Service {
-        let mut s = service::Service::new(0);
-        s.deployed = Some(Oid::from_bytes(&[n; 20]).unwrap());
-        s.changed_at = Some(100);
-        s
+        service::Service::deployed_at(Oid::from_bytes(&[n; 20]).unwrap(), 100)
     }
 
     #[test]

@@ -242,66 +242,66 @@ pub struct Gate {
 /// One service's state. Serialised as the service's state file, so a restart resumes where it was.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Service {
-    pub state: State,
+    state: State,
     /// Why the service is in its state, for operators ("fetch failed: ...").
-    pub info: String,
+    info: String,
     /// Unix seconds when `state` was entered.
-    pub since: u64,
+    since: u64,
     /// The last commit that changed the service's files, whose files are deployed.
     #[serde(with = "crate::git::serde_hex::opt_oid")]
-    pub deployed: Option<Oid>,
+    deployed: Option<Oid>,
     /// The branch head whose tree the checkout holds (the baseline of the next checkout).
     #[serde(with = "crate::git::serde_hex::opt_oid")]
-    pub synced: Option<Oid>,
+    synced: Option<Oid>,
     /// Unix seconds when `deployed` last changed.
-    pub changed_at: Option<u64>,
+    changed_at: Option<u64>,
     /// Unix seconds of the last fetch and deploy that both succeeded.
-    pub last_sync: Option<u64>,
+    last_sync: Option<u64>,
     /// The deployed revision whose apply failed: the service stays BROKEN until another revision
     /// is deployed or an apply succeeds, however often the branch moves elsewhere.
     #[serde(default, with = "crate::git::serde_hex::opt_oid")]
-    pub failed_apply: Option<Oid>,
+    failed_apply: Option<Oid>,
     /// Not tracking upstream (an operator's freeze, or a rollback). Kept apart from `state`, which
     /// may show a failure meanwhile, so no failure or recovery ever unfreezes a service.
     #[serde(default)]
-    pub frozen: bool,
+    frozen: bool,
     /// Unix seconds when the freeze ends by itself; `None` while frozen means until unfrozen.
     #[serde(default)]
-    pub frozen_until: Option<u64>,
+    frozen_until: Option<u64>,
     /// The commit a rollback pinned the service to.
     #[serde(default, with = "crate::git::serde_hex::opt_oid")]
-    pub pinned: Option<Oid>,
+    pinned: Option<Oid>,
     /// The last revision whose apply (and health check) succeeded: where a failed health check
     /// goes back to.
     #[serde(default)]
-    pub last_good: Option<Good>,
+    last_good: Option<Good>,
     /// A head (and revision) refused, so it is not tried again until the branch moves on or an
     /// operator pulls.
     #[serde(default)]
-    pub rejected: Option<Rejected>,
+    rejected: Option<Rejected>,
     /// Files edited locally, from the last drift check; found again at every fetch.
     #[serde(skip)]
-    pub drift: Vec<String>,
+    drift: Vec<String>,
     /// The next deploy may drop local edits (`pull --force`).
     #[serde(skip)]
-    pub force: bool,
+    force: bool,
     /// The branch head last seen upstream; not persisted, the next fetch tells.
     #[serde(skip)]
-    pub upstream: Option<Oid>,
+    upstream: Option<Oid>,
     /// Why the last fetch of the service's upstream failed, while it does. The upstream's
     /// condition, shown beside the state and never a state of its own: the files stay served and
     /// a frozen service stays FREEZE.
     #[serde(skip)]
-    pub unreachable: Option<String>,
+    unreachable: Option<String>,
     /// Only report what would be deployed (the config's `noop`, or `plumb --noop`).
     #[serde(skip)]
-    pub noop: bool,
+    noop: bool,
     /// In noop mode, what the last preview found; a head is judged once.
     #[serde(skip)]
-    pub would: Option<Would>,
+    would: Option<Would>,
     /// The service has a health check: a failed apply rolls it back to its last good revision.
     #[serde(skip)]
-    pub health: bool,
+    health: bool,
 }
 
 /// What a service in noop mode would deploy.
@@ -340,6 +340,103 @@ impl Service {
             would: None,
             health: false,
         }
+    }
+
+    /// A service that fetched and deployed `head` (its own revision) at `now`, as the state
+    /// machine leaves it: for exporters' and renderers' tests.
+    pub fn deployed_at(head: Oid, now: u64) -> Service {
+        let mut s = Service::new(now);
+        s.handle(
+            Event::Fetched {
+                branch: "main".into(),
+                head: Some(head),
+            },
+            now,
+        );
+        s.handle(
+            Event::Deployed {
+                head,
+                revision: Some(head),
+                files: true,
+            },
+            now,
+        );
+        s
+    }
+
+    /// The state an operator sees.
+    pub fn state(&self) -> State {
+        self.state
+    }
+
+    /// Why the service is in its state.
+    pub fn info(&self) -> &str {
+        &self.info
+    }
+
+    /// Unix seconds when the state was entered.
+    pub fn since(&self) -> u64 {
+        self.since
+    }
+
+    /// The last commit that changed the service's files, whose files are deployed.
+    pub fn deployed(&self) -> Option<Oid> {
+        self.deployed
+    }
+
+    /// The branch head whose tree the checkout holds.
+    pub fn synced(&self) -> Option<Oid> {
+        self.synced
+    }
+
+    /// Unix seconds when the deployed revision last changed.
+    pub fn changed_at(&self) -> Option<u64> {
+        self.changed_at
+    }
+
+    /// Unix seconds of the last fetch and deploy that both succeeded.
+    pub fn last_sync(&self) -> Option<u64> {
+        self.last_sync
+    }
+
+    /// Not tracking upstream (a freeze or a rollback).
+    pub fn frozen(&self) -> bool {
+        self.frozen
+    }
+
+    /// When a freeze ends by itself (unix seconds).
+    pub fn frozen_until(&self) -> Option<u64> {
+        self.frozen_until
+    }
+
+    /// The commit a rollback pinned the service to.
+    pub fn pinned(&self) -> Option<Oid> {
+        self.pinned
+    }
+
+    /// The branch head last seen upstream.
+    pub fn upstream(&self) -> Option<Oid> {
+        self.upstream
+    }
+
+    /// Why the upstream's last fetch failed, while it does.
+    pub fn unreachable(&self) -> Option<&str> {
+        self.unreachable.as_deref()
+    }
+
+    /// Only reporting what would be deployed.
+    pub fn noop(&self) -> bool {
+        self.noop
+    }
+
+    /// In noop mode, what the last preview found.
+    pub fn would(&self) -> Option<Would> {
+        self.would
+    }
+
+    /// A failed apply rolls the service back by itself.
+    pub fn health(&self) -> bool {
+        self.health
     }
 
     /// Feeds one event in; returns what the daemon must do.

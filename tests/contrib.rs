@@ -37,10 +37,7 @@ fn alert_rules_are_valid_and_fire_when_they_should() {
 /// The metric names plumb exports, every one given a series first.
 fn exported() -> Vec<String> {
     let m = Metrics::new();
-    let mut s = plumb::service::Service::new(0);
-    s.deployed = Some(Oid::from_bytes(&[1; 20]).unwrap());
-    s.changed_at = Some(1);
-    s.last_sync = Some(1);
+    let s = plumb::service::Service::deployed_at(Oid::from_bytes(&[1; 20]).unwrap(), 1);
     m.service("nginx", "web1", &s, Some(0));
     m.fetched(
         "https://git.example.org/ops.git",

@@ -220,13 +220,13 @@ fn serve(cli: Cli) -> anyhow::Result<ExitCode> {
     })?;
     if cli.once {
         for (name, s) in &summary.services {
-            let deployed = plumb::service::short(s.deployed);
+            let deployed = plumb::service::short(s.deployed());
             let mut notes = s
-                .unreachable
+                .unreachable()
                 .as_ref()
                 .map(|e| format!(" (upstream unreachable: {e})"))
                 .unwrap_or_default();
-            if let Some(w) = s.would {
+            if let Some(w) = s.would() {
                 notes.push_str(&format!(
                     " (noop: would deploy {}, {} files changed)",
                     plumb::service::short(w.revision),
@@ -235,8 +235,8 @@ fn serve(cli: Cli) -> anyhow::Result<ExitCode> {
             }
             println!(
                 "{name:<24} {:<8} {deployed}  {}{notes}",
-                s.state.as_str(),
-                s.info
+                s.state().as_str(),
+                s.info()
             );
         }
         if !summary.healthy() {

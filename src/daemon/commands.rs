@@ -65,11 +65,11 @@ impl Daemon {
                 let Some(entry) = self.services.get(&service) else {
                     return;
                 };
-                if entry.state.noop {
+                if entry.state.noop() {
                     let _ = reply.send(Err(noop_refusal(&service, "rollback")));
                     return;
                 }
-                let head = entry.state.upstream.or(entry.state.synced);
+                let head = entry.state.upstream().or(entry.state.synced());
                 let stores = self.layout.stores();
                 let tx = tx.clone();
                 let trust = self.config.settings.upstream(&url);
@@ -88,11 +88,11 @@ impl Daemon {
                     let _ = reply.send(Err(CommandError::UnknownService(service)));
                     return;
                 };
-                if e.state.noop {
+                if e.state.noop() {
                     let _ = reply.send(Err(noop_refusal(&service, "wipe")));
                     return;
                 }
-                let Some(head) = e.state.synced else {
+                let Some(head) = e.state.synced() else {
                     let _ = reply.send(Err(CommandError::Invalid(format!(
                         "{service} has nothing checked out yet"
                     ))));
@@ -106,7 +106,7 @@ impl Daemon {
                     gate: service::Gate::default(),
                     head,
                     from: None,
-                    deployed: e.state.deployed,
+                    deployed: e.state.deployed(),
                     restore: true,
                     fresh: true,
                     noop: false,
@@ -146,7 +146,7 @@ impl Daemon {
                     return;
                 };
                 let (url, links) = (e.config.upstream.clone(), e.config.links());
-                let (from, to, commits) = (e.state.synced, e.state.upstream, e.behind);
+                let (from, to, commits) = (e.state.synced(), e.state.upstream(), e.behind);
                 let stores = self.layout.stores();
                 // Read-only on the store, so it needs no turn of the upstream's job.
                 tokio::task::spawn_blocking(move || {
@@ -216,16 +216,16 @@ impl Daemon {
         ServiceStatus {
             service: c.name.clone(),
             machine: c.machine.clone(),
-            state: s.state.as_str().to_owned(),
-            info: s.info.clone(),
-            since: s.since,
+            state: s.state().as_str().to_owned(),
+            info: s.info().to_owned(),
+            since: s.since(),
             upstream: git::redact_url(&c.upstream),
             branch: c.branch.clone(),
-            deployed: hex(s.deployed),
-            upstream_head: hex(s.upstream),
+            deployed: hex(s.deployed()),
+            upstream_head: hex(s.upstream()),
             behind: e.behind,
-            frozen_until: s.frozen_until,
-            pinned: hex(s.pinned),
+            frozen_until: s.frozen_until(),
+            pinned: hex(s.pinned()),
             dirs: c
                 .dirs
                 .iter()
@@ -268,12 +268,12 @@ impl Daemon {
 /// holds back.
 fn notes(c: &config::Service, s: &service::Service) -> Vec<String> {
     let mut notes: Vec<String> = s
-        .unreachable
+        .unreachable()
         .iter()
         .map(|e| format!("upstream unreachable, serving the last fetched revision: {e}"))
         .collect();
-    if s.noop {
-        notes.push(match s.would {
+    if s.noop() {
+        notes.push(match s.would() {
             None => "noop: nothing to deploy".to_owned(),
             Some(w) if w.files == 0 => format!(
                 "noop: would move to head {} without changing a file",

@@ -88,9 +88,9 @@ impl Summary {
     /// True when every service is tracking its upstream and every upstream answered (cron users
     /// exit non-zero otherwise).
     pub fn healthy(&self) -> bool {
-        self.services
-            .iter()
-            .all(|(_, s)| matches!(s.state, State::Ok | State::Freeze) && s.unreachable.is_none())
+        self.services.iter().all(|(_, s)| {
+            matches!(s.state(), State::Ok | State::Freeze) && s.unreachable().is_none()
+        })
     }
 }
 
@@ -112,7 +112,7 @@ pub async fn run(
     if let Some(revision) = d
         .services
         .get(bootstrap::SELF)
-        .and_then(|e| e.state.deployed)
+        .and_then(|e| e.state.deployed())
         && d.opts.bootstrap.is_some()
     {
         d.apply(bootstrap::SELF, revision, &tx);
@@ -339,10 +339,10 @@ impl Daemon {
                     }
                 }
             };
-            if entry.state.noop != noop {
+            if entry.state.noop() != noop {
                 if noop {
                     info!(service = %entry.config.name, "noop: reporting what would be deployed, touching nothing");
-                } else if entry.state.would.is_some() {
+                } else if entry.state.would().is_some() {
                     info!(service = %entry.config.name, "noop is off: deploying what is pending");
                     due.insert(entry.config.upstream.clone());
                 }
@@ -463,7 +463,7 @@ impl Daemon {
         let expiry = self
             .services
             .values()
-            .filter_map(|e| e.state.frozen_until)
+            .filter_map(|e| e.state.frozen_until())
             // checked: `frozen_until` comes from the API and the state files, and a time past the
             // clock's range would panic; such a freeze just never ends by itself.
             .filter_map(|t| now.checked_add(Duration::from_secs(t.saturating_sub(unix))));
@@ -482,7 +482,7 @@ impl Daemon {
         let expired: Vec<String> = self
             .services
             .iter()
-            .filter(|(_, e)| e.state.frozen && e.state.frozen_until.is_some_and(|t| t <= now))
+            .filter(|(_, e)| e.state.frozen() && e.state.frozen_until().is_some_and(|t| t <= now))
             .map(|(n, _)| n.clone())
             .collect();
         for name in expired {
@@ -540,8 +540,8 @@ impl Daemon {
                     name: e.config.name.clone(),
                     target: e.config.checkout_dir(),
                     index: self.layout.service_index(&e.config.name),
-                    synced: e.state.synced,
-                    deployed: e.state.deployed,
+                    synced: e.state.synced(),
+                    deployed: e.state.deployed(),
                     branch: e.config.branch.clone(),
                     links: e.config.links(),
                 })
@@ -636,7 +636,7 @@ impl Daemon {
                     return;
                 };
                 let short = service::short(Some(revision));
-                if entry.state.deployed != Some(revision) {
+                if entry.state.deployed() != Some(revision) {
                     // Overtaken by a newer deploy, whose own apply reports.
                     debug!(service = %service, revision = %short, "apply outcome of an older revision");
                     self.apply_ended(&service);
@@ -648,7 +648,7 @@ impl Daemon {
                 }
                 if let Some(m) = &self.opts.metrics {
                     m.applied(&service, error.is_none());
-                    if entry.state.health && error.is_some() {
+                    if entry.state.health() && error.is_some() {
                         m.refused(&service, "health");
                     }
                 }
@@ -696,11 +696,11 @@ impl Daemon {
                     if let Event::Deployed { head, .. } = &event {
                         // At the branch head its files are current; after a rollback the next
                         // fetch counts.
-                        entry.behind = (Some(*head) == entry.state.upstream).then_some(0);
+                        entry.behind = (Some(*head) == entry.state.upstream()).then_some(0);
                     }
                     let rebuilt = self.rebind.remove(&name);
                     match &event {
-                        Event::Deployed { revision, .. } if *revision != entry.state.deployed => {
+                        Event::Deployed { revision, .. } if *revision != entry.state.deployed() => {
                             info!(service = %name, revision = %service::short(*revision), "deployed")
                         }
                         Event::DeployFailed { error, .. } => {
@@ -731,7 +731,7 @@ impl Daemon {
                         // A rebuilt checkout is clean, and its mounts must move onto it.
                         self.feed(&name, Event::Drift { files: Vec::new() }, now, tx);
                         if let Some(revision) =
-                            self.services.get(&name).and_then(|e| e.state.deployed)
+                            self.services.get(&name).and_then(|e| e.state.deployed())
                         {
                             self.apply(&name, revision, tx);
                         }
@@ -787,9 +787,15 @@ impl Daemon {
                     head,
                     deployed,
                     gate,
-                } => jobs.push(job(head, entry.state.synced, deployed, gate, Kind::Restore)),
+                } => jobs.push(job(
+                    head,
+                    entry.state.synced(),
+                    deployed,
+                    gate,
+                    Kind::Restore,
+                )),
                 Effect::Preview { head, from, gate } => {
-                    jobs.push(job(head, from, entry.state.deployed, gate, Kind::Preview))
+                    jobs.push(job(head, from, entry.state.deployed(), gate, Kind::Preview))
                 }
                 Effect::Apply { revision } => applies.push(revision),
                 Effect::Reapply { revision } => {
@@ -831,8 +837,8 @@ impl Daemon {
             .iter()
             // plumb's own config is installed at start whether or not there is a systemd.
             .filter(|(name, _)| name.as_str() != bootstrap::SELF || self.opts.bootstrap.is_none())
-            .filter(|(_, e)| !e.state.noop)
-            .filter_map(|(name, e)| Some((name.clone(), e.state.deployed?)))
+            .filter(|(_, e)| !e.state.noop())
+            .filter_map(|(name, e)| Some((name.clone(), e.state.deployed()?)))
             .collect();
         let now = unix_now();
         for (name, revision) in deployed {
@@ -876,7 +882,7 @@ impl Daemon {
     /// unit started by the `.path` unit meanwhile is the same job, so an apply never runs twice at
     /// once.
     fn apply(&mut self, service: &str, revision: Oid, tx: &mpsc::Sender<Done>) {
-        if self.services.get(service).is_none_or(|e| e.state.noop) {
+        if self.services.get(service).is_none_or(|e| e.state.noop()) {
             return;
         }
         if service == bootstrap::SELF && self.opts.bootstrap.is_some() {

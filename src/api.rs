@@ -25,7 +25,7 @@ use axum::extract::rejection::{BytesRejection, PathRejection, QueryRejection};
 use axum::extract::{ConnectInfo, Path as UrlPath, Query, State};
 use axum::http::{Method, StatusCode, Uri};
 use axum::response::{IntoResponse, Response};
-use axum::routing::{get, post};
+use axum::routing::{MethodFilter, MethodRouter, on};
 use axum::serve::IncomingStream;
 use nix::unistd::{Gid, Group, Uid, User};
 use serde::Deserialize;
@@ -353,22 +353,37 @@ fn router(handle: daemon::Handle, access: Access) -> Router {
         access,
         audit: tokio::sync::Mutex::new(()),
     });
-    let v1 = Router::new()
-        .route("/machines", get(get_machines))
-        .route("/services", get(get_services))
-        .route("/services/{name}", get(get_service))
-        .route("/services/{name}/freeze", post(freeze))
-        .route("/services/{name}/unfreeze", post(unfreeze))
-        .route("/services/{name}/rollback", post(rollback))
-        .route("/services/{name}/pull", post(pull))
-        .route("/services/{name}/diff", get(get_diff))
-        .route("/services/{name}/wipe", post(wipe))
-        .route("/audit", get(get_audit));
+    let v1 = proto::Route::ALL
+        .into_iter()
+        .fold(Router::new(), |v1, route| {
+            v1.route(route.pattern(), handler(route))
+        });
     Router::new()
         .nest(proto::PREFIX, v1)
         .fallback(no_route)
         .method_not_allowed_fallback(wrong_method)
         .with_state(app)
+}
+
+/// The handler of each route of [`proto::Route`]'s table, under the table's method.
+fn handler(route: proto::Route) -> MethodRouter<Arc<App>> {
+    use proto::Route;
+    let method = match route.method() {
+        "POST" => MethodFilter::POST,
+        _ => MethodFilter::GET,
+    };
+    match route {
+        Route::Machines => on(method, get_machines),
+        Route::Services => on(method, get_services),
+        Route::Service => on(method, get_service),
+        Route::Freeze => on(method, freeze),
+        Route::Unfreeze => on(method, unfreeze),
+        Route::Rollback => on(method, rollback),
+        Route::Pull => on(method, pull),
+        Route::Diff => on(method, get_diff),
+        Route::Wipe => on(method, wipe),
+        Route::Audit => on(method, get_audit),
+    }
 }
 
 /// An answer that is not a success: a status and the message of its [`proto::ErrorBody`].

@@ -327,54 +327,40 @@ impl Action {
 
     /// The route, method and JSON body of the action.
     pub fn request(&self) -> ApiRequest {
-        let service_path = |name: &str, verb: &str| {
-            let mut p = format!("{}/services/{}", proto::PREFIX, encode_segment(name));
-            if !verb.is_empty() {
-                p.push('/');
-                p.push_str(verb);
-            }
-            p
-        };
-        let get = |path: String| ApiRequest {
-            method: "GET",
-            path,
-            body: None,
-        };
-        let post = |path: String, body: Value| ApiRequest {
-            method: "POST",
-            path,
-            body: Some(body),
-        };
-        match self {
-            Action::List(ListWhat::Machines) => get(format!("{}/machines", proto::PREFIX)),
-            Action::List(ListWhat::Services) => get(format!("{}/services", proto::PREFIX)),
-            Action::Status { service } => get(service_path(service, "")),
-            Action::Diff { service } => get(service_path(service, "diff")),
-            Action::Wipe { service } => post(
-                service_path(service, "wipe"),
-                Value::Object(Default::default()),
-            ),
-            Action::Freeze { service, duration } => post(
-                service_path(service, "freeze"),
-                to_value(&proto::FreezeRequest {
+        use proto::Route;
+        let empty = || Value::Object(Default::default());
+        let (route, service, body) = match self {
+            Action::List(ListWhat::Machines) => (Route::Machines, "", None),
+            Action::List(ListWhat::Services) => (Route::Services, "", None),
+            Action::Status { service } => (Route::Service, service.as_str(), None),
+            Action::Diff { service } => (Route::Diff, service.as_str(), None),
+            Action::Wipe { service } => (Route::Wipe, service.as_str(), Some(empty())),
+            Action::Freeze { service, duration } => (
+                Route::Freeze,
+                service.as_str(),
+                Some(to_value(&proto::FreezeRequest {
                     duration: duration.clone(),
-                }),
+                })),
             ),
-            Action::Unfreeze { service } => post(
-                service_path(service, "unfreeze"),
-                Value::Object(Default::default()),
-            ),
-            Action::Rollback { service, hash } => post(
-                service_path(service, "rollback"),
-                to_value(&proto::RollbackRequest {
+            Action::Unfreeze { service } => (Route::Unfreeze, service.as_str(), Some(empty())),
+            Action::Rollback { service, hash } => (
+                Route::Rollback,
+                service.as_str(),
+                Some(to_value(&proto::RollbackRequest {
                     revision: hash.clone(),
-                }),
+                })),
             ),
-            Action::Pull { service, force } => post(
-                service_path(service, "pull"),
-                to_value(&proto::PullRequest { force: *force }),
+            Action::Pull { service, force } => (
+                Route::Pull,
+                service.as_str(),
+                Some(to_value(&proto::PullRequest { force: *force })),
             ),
-            Action::Log => get(format!("{}/audit", proto::PREFIX)),
+            Action::Log => (Route::Audit, "", None),
+        };
+        ApiRequest {
+            method: route.method(),
+            path: route.path(&encode_segment(service)),
+            body,
         }
     }
 

@@ -7,6 +7,70 @@ use serde::{Deserialize, Serialize};
 /// The path prefix of every route; a breaking change gets a new one.
 pub const PREFIX: &str = "/v1";
 
+/// Every route of the control API: the one table the server (`api.rs`) and the client (`plumbctl`)
+/// are both built from, so a route cannot exist on one end only.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Route {
+    Machines,
+    Services,
+    Service,
+    Freeze,
+    Unfreeze,
+    Rollback,
+    Pull,
+    Diff,
+    Wipe,
+    Audit,
+}
+
+impl Route {
+    /// Every route, in the order the API documents them.
+    pub const ALL: [Route; 10] = [
+        Route::Machines,
+        Route::Services,
+        Route::Service,
+        Route::Freeze,
+        Route::Unfreeze,
+        Route::Rollback,
+        Route::Pull,
+        Route::Diff,
+        Route::Wipe,
+        Route::Audit,
+    ];
+
+    /// The HTTP method: reads are GET, changes POST.
+    pub fn method(self) -> &'static str {
+        match self {
+            Route::Freeze | Route::Unfreeze | Route::Rollback | Route::Pull | Route::Wipe => "POST",
+            Route::Machines | Route::Services | Route::Service | Route::Diff | Route::Audit => {
+                "GET"
+            }
+        }
+    }
+
+    /// The path under [`PREFIX`] as the server matches it, `{name}` standing for the service.
+    pub fn pattern(self) -> &'static str {
+        match self {
+            Route::Machines => "/machines",
+            Route::Services => "/services",
+            Route::Service => "/services/{name}",
+            Route::Freeze => "/services/{name}/freeze",
+            Route::Unfreeze => "/services/{name}/unfreeze",
+            Route::Rollback => "/services/{name}/rollback",
+            Route::Pull => "/services/{name}/pull",
+            Route::Diff => "/services/{name}/diff",
+            Route::Wipe => "/services/{name}/wipe",
+            Route::Audit => "/audit",
+        }
+    }
+
+    /// The full path of a request; `service` (already percent-encoded as one path segment)
+    /// takes the place of `{name}`.
+    pub fn path(self, service: &str) -> String {
+        format!("{PREFIX}{}", self.pattern().replace("{name}", service))
+    }
+}
+
 /// One service as an operator sees it.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ServiceStatus {
@@ -145,4 +209,26 @@ pub struct AuditEntry {
     pub service: Option<String>,
     pub arguments: serde_json::Value,
     pub result: String,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_route_has_its_own_pattern_and_fills_in_the_service() {
+        let mut patterns: Vec<&str> = Route::ALL.iter().map(|r| r.pattern()).collect();
+        patterns.sort();
+        patterns.dedup();
+        assert_eq!(patterns.len(), Route::ALL.len());
+        assert_eq!(
+            Route::Freeze.path("docker-compose@caddy"),
+            "/v1/services/docker-compose@caddy/freeze"
+        );
+        assert_eq!(Route::Audit.path(""), "/v1/audit");
+        assert_eq!(
+            (Route::Diff.method(), Route::Wipe.method()),
+            ("GET", "POST")
+        );
+    }
 }

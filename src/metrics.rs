@@ -228,6 +228,12 @@ impl Metrics {
         }
     }
 
+    /// Forgets an upstream no service here uses any more, so its `plumb_upstream_up` does not
+    /// stay at its last value.
+    pub fn forget_upstream(&self, upstream: &str) {
+        let _ = self.upstream_up.remove_label_values(&[upstream]);
+    }
+
     /// One fetch of `upstream` (already without credentials).
     pub fn fetched(&self, upstream: &str, ok: bool, took: Duration) {
         let result = if ok { "ok" } else { "error" };
@@ -314,6 +320,23 @@ mod tests {
     /// A service that deployed revision `n` (as head `n`) at time 100.
     fn deployed(n: u8) -> service::Service {
         service::Service::deployed_at(Oid::from_bytes(&[n; 20]).unwrap(), 100)
+    }
+
+    #[test]
+    fn an_upstream_is_up_after_a_good_fetch_down_after_a_bad_one_and_gone_when_forgotten() {
+        let m = Metrics::new();
+        let up = |m: &Metrics| {
+            m.render()
+                .lines()
+                .find_map(|l| l.strip_prefix("plumb_upstream_up{upstream=\"git://h/r\"} "))
+                .map(str::to_owned)
+        };
+        m.fetched("git://h/r", true, Duration::from_millis(1));
+        assert_eq!(up(&m).as_deref(), Some("1"));
+        m.fetched("git://h/r", false, Duration::from_millis(1));
+        assert_eq!(up(&m).as_deref(), Some("0"));
+        m.forget_upstream("git://h/r");
+        assert_eq!(up(&m), None);
     }
 
     #[test]

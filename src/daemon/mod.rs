@@ -371,7 +371,14 @@ impl Daemon {
             .values()
             .map(|e| e.config.upstream.clone())
             .collect();
-        self.upstreams.retain(|url, _| urls.contains(url));
+        let metrics = self.opts.metrics.clone();
+        self.upstreams.retain(|url, _| {
+            let keep = urls.contains(url);
+            if let (false, Some(m)) = (keep, &metrics) {
+                m.forget_upstream(&git::redact_url(url));
+            }
+            keep
+        });
         for url in urls {
             self.upstreams
                 .entry(url)

@@ -745,122 +745,169 @@ fn three_revisions() -> (tempfile::TempDir, Upstream, [String; 3], Store) {
 
 #[test]
 fn checkout_forwards_and_backwards_matches_git() {
-    let (root, up, [r1, r2, r3], store) = three_revisions();
-    let l = links(&["svc", "single.conf"]);
-    let target = root.path().join("deploy");
-    let index = root.path().join("state/svc.index");
-    fs::create_dir_all(target.join("other")).unwrap();
-    fs::write(target.join("other/mine"), "outside the links\n").unwrap();
+    for way in Way::ALL {
+        let (root, up, [r1, r2, r3], store) = three_revisions();
+        let l = links(&["svc", "single.conf"]);
+        let target = root.path().join("deploy");
+        let index = root.path().join("state/svc.index");
+        fs::create_dir_all(target.join("other")).unwrap();
+        fs::write(target.join("other/mine"), "outside the links\n").unwrap();
 
-    let steps = [
-        (None, &r1),
-        (Some(&r1), &r2),
-        (Some(&r2), &r1),
-        (Some(&r1), &r2),
-        (Some(&r2), &r3),
-        (Some(&r3), &r1),
-    ];
-    for (previous, rev) in steps {
-        store
-            .checkout(&target, &index, previous.map(|p| oid(p)), oid(rev), &l)
-            .unwrap_or_else(|e| panic!("checkout {rev}: {e}"));
+        let steps = [
+            (None, &r1),
+            (Some(&r1), &r2),
+            (Some(&r2), &r1),
+            (Some(&r1), &r2),
+            (Some(&r2), &r3),
+            (Some(&r3), &r1),
+            (Some(&r1), &r1),
+        ];
+        for (previous, rev) in steps {
+            way.checkout(
+                &store,
+                &target,
+                &index,
+                previous.map(String::as_str),
+                rev,
+                &l,
+            );
+            assert_eq!(
+                snapshot_links(&target, &l),
+                git_checkout(&up, root.path(), rev, &l),
+                "after checking out {rev} (from {previous:?})"
+            );
+            assert_eq!(
+                fs::read_to_string(target.join("other/mine")).unwrap(),
+                "outside the links\n",
+                "files outside the links are not touched"
+            );
+            assert!(
+                !target.join("other/untouched").exists(),
+                "paths outside the links are not checked out"
+            );
+            assert!(
+                store
+                    .drift(&target, &index, oid(rev), &l)
+                    .unwrap()
+                    .is_empty(),
+                "the index describes {rev}"
+            );
+        }
+
+        assert!(
+            !store.path().join("logs").exists(),
+            "checkouts leave no reflog growing in the store"
+        );
+        // A second service on the same store, at another revision, is independent.
+        let target2 = root.path().join("deploy2");
+        let index2 = root.path().join("state/svc2.index");
+        way.checkout(&store, &target2, &index2, None, &r2, &l);
+        assert_eq!(
+            snapshot_links(&target2, &l),
+            git_checkout(&up, root.path(), &r2, &l)
+        );
         assert_eq!(
             snapshot_links(&target, &l),
-            git_checkout(&up, root.path(), rev, &l),
-            "after checking out {rev} (from {previous:?})"
+            git_checkout(&up, root.path(), &r1, &l)
         );
+        // And checkout_as takes over from checkout_atomic, and back.
+        store
+            .checkout(&target, &index, Some(oid(&r1)), oid(&r2), &l)
+            .unwrap();
+        way.checkout(&store, &target, &index, Some(&r2), &r1, &l);
         assert_eq!(
-            fs::read_to_string(target.join("other/mine")).unwrap(),
-            "outside the links\n",
-            "files outside the links are not touched"
-        );
-        assert!(
-            !target.join("other/untouched").exists(),
-            "paths outside the links are not checked out"
+            snapshot_links(&target, &l),
+            git_checkout(&up, root.path(), &r1, &l)
         );
     }
-
-    assert!(
-        !store.path().join("logs").exists(),
-        "checkouts leave no reflog growing in the store"
-    );
-    // A second service on the same store, at another revision, is independent.
-    let target2 = root.path().join("deploy2");
-    let index2 = root.path().join("state/svc2.index");
-    store
-        .checkout(&target2, &index2, None, oid(&r2), &l)
-        .unwrap();
-    assert_eq!(
-        snapshot_links(&target2, &l),
-        git_checkout(&up, root.path(), &r2, &l)
-    );
-    assert_eq!(
-        snapshot_links(&target, &l),
-        git_checkout(&up, root.path(), &r1, &l)
-    );
 }
 
 #[test]
 fn local_edits_and_strays_are_reverted() {
-    let root = temp_root();
-    let up = Upstream::new(root.path(), "infra");
-    let l = links(&["svc"]);
-    up.write("svc/a", "a\n")
-        .write("svc/b", "b\n")
-        .write("svc/d/c", "c\n");
-    let r1 = up.commit("r1");
-    let mut store = Store::open(&root.path().join("stores"), &up.file_url()).unwrap();
-    fetch_main(&mut store, &transport());
-    let target = root.path().join("deploy");
-    let index = root.path().join("idx");
-    store.checkout(&target, &index, None, oid(&r1), &l).unwrap();
+    for way in Way::ALL {
+        let root = temp_root();
+        let up = Upstream::new(root.path(), "infra");
+        let l = links(&["svc"]);
+        up.write("svc/a", "a\n")
+            .write("svc/b", "b\n")
+            .write("svc/d/c", "c\n")
+            .write("svc/.gitignore", "*.log\n");
+        let r1 = up.commit("r1");
+        let mut store = Store::open(&root.path().join("stores"), &up.file_url()).unwrap();
+        fetch_main(&mut store, &transport());
+        let target = root.path().join("deploy");
+        let index = root.path().join("idx");
+        way.checkout(&store, &target, &index, None, &r1, &l);
+        let svc = inode(&target.join("svc"));
 
-    fs::write(target.join("svc/a"), "edited by hand, longer\n").unwrap();
-    fs::remove_file(target.join("svc/b")).unwrap();
-    fs::write(target.join("svc/stray"), "left here\n").unwrap();
-    fs::create_dir_all(target.join("svc/d/stray-dir")).unwrap();
-    fs::write(target.join("svc/d/stray-dir/f"), "x\n").unwrap();
-    fs::set_permissions(target.join("svc/d/c"), fs::Permissions::from_mode(0o755)).unwrap();
-    store
-        .checkout(&target, &index, Some(oid(&r1)), oid(&r1), &l)
+        fs::write(target.join("svc/a"), "edited by hand, longer\n").unwrap();
+        fs::remove_file(target.join("svc/b")).unwrap();
+        fs::write(target.join("svc/stray"), "left here\n").unwrap();
+        fs::write(
+            target.join("svc/ignored.log"),
+            "ignored by git, still a stray\n",
+        )
         .unwrap();
-    assert_eq!(
-        snapshot_links(&target, &l),
-        git_checkout(&up, root.path(), &r1, &l)
-    );
+        fs::create_dir_all(target.join("svc/d/stray-dir")).unwrap();
+        fs::write(target.join("svc/d/stray-dir/f"), "x\n").unwrap();
+        fs::create_dir_all(target.join("svc/empty/deeper")).unwrap();
+        fs::set_permissions(target.join("svc/d/c"), fs::Permissions::from_mode(0o755)).unwrap();
+        way.checkout(&store, &target, &index, Some(&r1), &r1, &l);
+        assert_eq!(
+            snapshot_links(&target, &l),
+            git_checkout(&up, root.path(), &r1, &l)
+        );
+        assert_eq!(inode(&target.join("svc")), svc);
 
-    // A first checkout into a directory full of leftovers (state lost) ends up exact too.
-    fs::write(target.join("svc/stray"), "left here\n").unwrap();
-    fs::remove_file(&index).unwrap();
-    store.checkout(&target, &index, None, oid(&r1), &l).unwrap();
-    assert_eq!(
-        snapshot_links(&target, &l),
-        git_checkout(&up, root.path(), &r1, &l)
-    );
+        // A first checkout into a directory full of leftovers (state lost) ends up exact too.
+        fs::write(target.join("svc/stray"), "left here\n").unwrap();
+        fs::write(target.join("svc/a"), "edited\n").unwrap();
+        fs::remove_file(&index).unwrap();
+        way.checkout(&store, &target, &index, None, &r1, &l);
+        assert_deployed(&store, &up, root.path(), &target, &index, &r1, &l);
 
-    // A damaged index (it is only a cache) or a lock left by a crash does not stop a checkout.
-    fs::write(&index, b"DIRC garbage").unwrap();
-    fs::write(index.with_extension("lock"), b"").unwrap();
-    fs::write(target.join("svc/a"), "edited again\n").unwrap();
-    store
-        .checkout(&target, &index, Some(oid(&r1)), oid(&r1), &l)
-        .unwrap();
-    assert_eq!(
-        snapshot_links(&target, &l),
-        git_checkout(&up, root.path(), &r1, &l)
-    );
-    assert!(!index.with_extension("lock").exists());
+        // A damaged index (it is only a cache) or a lock left by a crash does not stop a checkout.
+        fs::write(&index, b"DIRC garbage").unwrap();
+        fs::write(index.with_extension("lock"), b"").unwrap();
+        fs::write(target.join("svc/a"), "edited again\n").unwrap();
+        way.checkout(&store, &target, &index, Some(&r1), &r1, &l);
+        assert_eq!(
+            snapshot_links(&target, &l),
+            git_checkout(&up, root.path(), &r1, &l)
+        );
+        assert!(!index.with_extension("lock").exists());
+        assert!(
+            store
+                .drift(&target, &index, oid(&r1), &l)
+                .unwrap()
+                .is_empty()
+        );
 
-    // A previous revision the store does not know is treated like a first checkout.
-    fs::write(target.join("svc/stray"), "left here\n").unwrap();
-    let unknown = oid("0123456789012345678901234567890123456789");
-    store
-        .checkout(&target, &index, Some(unknown), oid(&r1), &l)
-        .unwrap();
-    assert_eq!(
-        snapshot_links(&target, &l),
-        git_checkout(&up, root.path(), &r1, &l)
-    );
+        // A previous revision the store does not know is treated like a first checkout.
+        fs::write(target.join("svc/stray"), "left here\n").unwrap();
+        let unknown = "0123456789012345678901234567890123456789";
+        way.checkout(&store, &target, &index, Some(unknown), &r1, &l);
+        assert_eq!(
+            snapshot_links(&target, &l),
+            git_checkout(&up, root.path(), &r1, &l)
+        );
+
+        if let Way::Atomic = way {
+            // A staging directory left by a crash is replaced, not reused: what it holds (here a symlink
+            // out of it where the next deploy stages files) is never written through.
+            let outside = root.path().join("outside");
+            fs::create_dir_all(&outside).unwrap();
+            fs::create_dir_all(staging_dir(&target)).unwrap();
+            std::os::unix::fs::symlink(&outside, staging_dir(&target).join("svc")).unwrap();
+            fs::write(target.join("svc/a"), "edited once more\n").unwrap();
+            way.checkout(&store, &target, &index, Some(&r1), &r1, &l);
+            assert_eq!(
+                snapshot_links(&target, &l),
+                git_checkout(&up, root.path(), &r1, &l)
+            );
+            assert!(snapshot(&outside).is_empty(), "{:?}", snapshot(&outside));
+        }
+    }
 }
 
 #[test]
@@ -1067,107 +1114,106 @@ fn last_change_is_the_commit_that_touched_the_links() {
 
 #[test]
 fn planted_symlinks_are_never_followed() {
-    let root = temp_root();
-    let up = Upstream::new(root.path(), "infra");
-    let l = links(&["svc", "nginx/etc"]);
-    up.write("svc/conf", "v1\n")
-        .write("svc/dir/x", "x1\n")
-        .symlink("svc/legit", "conf")
-        .write("nginx/etc/nginx.conf", "n1\n");
-    let r1 = up.commit("r1");
-    up.write("svc/conf", "v2\n")
-        .write("svc/dir/y", "y2\n")
-        .write("nginx/etc/nginx.conf", "n2\n");
-    let r2 = up.commit("r2");
-    let mut store = Store::open(&root.path().join("stores"), &up.file_url()).unwrap();
-    fetch_main(&mut store, &transport());
-    let target = root.path().join("deploy");
-    let index = root.path().join("idx");
-    store.checkout(&target, &index, None, oid(&r1), &l).unwrap();
+    for way in Way::ALL {
+        let root = temp_root();
+        let up = Upstream::new(root.path(), "infra");
+        let l = links(&["svc", "nginx/etc"]);
+        up.write("svc/conf", "v1\n")
+            .write("svc/dir/x", "x1\n")
+            .symlink("svc/legit", "conf")
+            .write("nginx/etc/nginx.conf", "n1\n");
+        let r1 = up.commit("r1");
+        up.write("svc/conf", "v2\n")
+            .write("svc/dir/y", "y2\n")
+            .write("nginx/etc/nginx.conf", "n2\n");
+        let r2 = up.commit("r2");
+        let mut store = Store::open(&root.path().join("stores"), &up.file_url()).unwrap();
+        fetch_main(&mut store, &transport());
+        let target = root.path().join("deploy");
+        let index = root.path().join("idx");
+        way.checkout(&store, &target, &index, None, &r1, &l);
 
-    // Somewhere the service must never write: it holds files named like the service's.
-    let outside = root.path().join("outside");
-    fs::create_dir_all(outside.join("etc")).unwrap();
-    for name in ["conf", "x", "y", "nginx.conf", "etc/nginx.conf"] {
-        fs::write(outside.join(name), "precious\n").unwrap();
+        // Somewhere the service must never write: it holds files named like the service's.
+        let outside = root.path().join("outside");
+        fs::create_dir_all(outside.join("etc")).unwrap();
+        for name in ["conf", "x", "y", "nginx.conf", "etc/nginx.conf"] {
+            fs::write(outside.join(name), "precious\n").unwrap();
+        }
+        let precious = snapshot(&outside);
+
+        // A tracked file replaced by a symlink, a tracked directory replaced by one, a link's parent
+        // replaced by one, and a new symlink where the next revision puts a file.
+        fs::remove_file(target.join("svc/conf")).unwrap();
+        std::os::unix::fs::symlink(outside.join("conf"), target.join("svc/conf")).unwrap();
+        fs::remove_dir_all(target.join("svc/dir")).unwrap();
+        std::os::unix::fs::symlink(&outside, target.join("svc/dir")).unwrap();
+        fs::remove_dir_all(target.join("nginx")).unwrap();
+        std::os::unix::fs::symlink(&outside, target.join("nginx")).unwrap();
+
+        way.checkout(&store, &target, &index, Some(&r1), &r2, &l);
+        assert_eq!(
+            snapshot(&outside),
+            precious,
+            "nothing was written through a planted symlink"
+        );
+        assert_eq!(
+            snapshot_links(&target, &l),
+            git_checkout(&up, root.path(), &r2, &l)
+        );
+        assert_eq!(
+            fs::read_link(target.join("svc/legit")).unwrap(),
+            PathBuf::from("conf"),
+            "symlinks that are in git stay"
+        );
+
+        // Same again with the same revision (nothing changes upstream): still not followed.
+        fs::remove_file(target.join("svc/conf")).unwrap();
+        std::os::unix::fs::symlink(outside.join("conf"), target.join("svc/conf")).unwrap();
+        fs::remove_file(target.join("svc/legit")).unwrap();
+        std::os::unix::fs::symlink(&outside, target.join("svc/legit")).unwrap();
+        way.checkout(&store, &target, &index, Some(&r2), &r2, &l);
+        assert_eq!(snapshot(&outside), precious);
+        assert_deployed(&store, &up, root.path(), &target, &index, &r2, &l);
     }
-    let precious = snapshot(&outside);
-
-    // A tracked file replaced by a symlink, a tracked directory replaced by one, a link's parent
-    // replaced by one, and a new symlink where the next revision puts a file.
-    fs::remove_file(target.join("svc/conf")).unwrap();
-    std::os::unix::fs::symlink(outside.join("conf"), target.join("svc/conf")).unwrap();
-    fs::remove_dir_all(target.join("svc/dir")).unwrap();
-    std::os::unix::fs::symlink(&outside, target.join("svc/dir")).unwrap();
-    fs::remove_dir_all(target.join("nginx")).unwrap();
-    std::os::unix::fs::symlink(&outside, target.join("nginx")).unwrap();
-
-    store
-        .checkout(&target, &index, Some(oid(&r1)), oid(&r2), &l)
-        .unwrap();
-    assert_eq!(
-        snapshot(&outside),
-        precious,
-        "nothing was written through a planted symlink"
-    );
-    assert_eq!(
-        snapshot_links(&target, &l),
-        git_checkout(&up, root.path(), &r2, &l)
-    );
-    assert_eq!(
-        fs::read_link(target.join("svc/legit")).unwrap(),
-        PathBuf::from("conf"),
-        "symlinks that are in git stay"
-    );
-
-    // Same again with the same revision (nothing changes upstream): still not followed.
-    fs::remove_file(target.join("svc/conf")).unwrap();
-    std::os::unix::fs::symlink(outside.join("conf"), target.join("svc/conf")).unwrap();
-    fs::remove_file(target.join("svc/legit")).unwrap();
-    std::os::unix::fs::symlink(&outside, target.join("svc/legit")).unwrap();
-    store
-        .checkout(&target, &index, Some(oid(&r2)), oid(&r2), &l)
-        .unwrap();
-    assert_eq!(snapshot(&outside), precious);
-    assert_eq!(
-        snapshot_links(&target, &l),
-        git_checkout(&up, root.path(), &r2, &l)
-    );
 }
 
 #[test]
 fn git_symlink_replaced_by_directory_does_not_write_through() {
-    let root = temp_root();
-    let up = Upstream::new(root.path(), "infra");
-    let outside = root.path().join("outside");
-    fs::create_dir_all(&outside).unwrap();
-    let l = links(&["svc"]);
-    up.symlink("svc/data", outside.to_str().unwrap())
-        .write("svc/f", "1\n");
-    let r1 = up.commit("data is a symlink out of the checkout");
-    up.remove("svc/data").write("svc/data/file", "inside\n");
-    let r2 = up.commit("data becomes a directory");
-    let mut store = Store::open(&root.path().join("stores"), &up.file_url()).unwrap();
-    fetch_main(&mut store, &transport());
-    let target = root.path().join("deploy");
-    let index = root.path().join("idx");
-    store.checkout(&target, &index, None, oid(&r1), &l).unwrap();
-    assert_eq!(fs::read_link(target.join("svc/data")).unwrap(), outside);
-    store
-        .checkout(&target, &index, Some(oid(&r1)), oid(&r2), &l)
-        .unwrap();
-    assert!(snapshot(&outside).is_empty(), "{:?}", snapshot(&outside));
-    assert_eq!(
-        snapshot_links(&target, &l),
-        git_checkout(&up, root.path(), &r2, &l)
-    );
-    store
-        .checkout(&target, &index, Some(oid(&r2)), oid(&r1), &l)
-        .unwrap();
-    assert_eq!(
-        snapshot_links(&target, &l),
-        git_checkout(&up, root.path(), &r1, &l)
-    );
+    for way in Way::ALL {
+        let root = temp_root();
+        let up = Upstream::new(root.path(), "infra");
+        let outside = root.path().join("outside");
+        fs::create_dir_all(&outside).unwrap();
+        let l = links(&["svc"]);
+        up.symlink("svc/data", outside.to_str().unwrap())
+            .write("svc/f", "1\n");
+        let r1 = up.commit("data is a symlink out of the checkout");
+        up.remove("svc/data").write("svc/data/file", "inside\n");
+        let r2 = up.commit("data becomes a directory");
+        let mut store = Store::open(&root.path().join("stores"), &up.file_url()).unwrap();
+        fetch_main(&mut store, &transport());
+        let target = root.path().join("deploy");
+        let index = root.path().join("idx");
+        way.checkout(&store, &target, &index, None, &r1, &l);
+        assert_eq!(fs::read_link(target.join("svc/data")).unwrap(), outside);
+        way.checkout(&store, &target, &index, Some(&r1), &r2, &l);
+        assert!(snapshot(&outside).is_empty(), "{:?}", snapshot(&outside));
+        assert_eq!(
+            snapshot_links(&target, &l),
+            git_checkout(&up, root.path(), &r2, &l)
+        );
+        // And back: svc/data/file is removed from the directory, not through the symlink.
+        fs::write(outside.join("file"), "precious\n").unwrap();
+        way.checkout(&store, &target, &index, Some(&r2), &r1, &l);
+        assert_eq!(
+            snapshot_links(&target, &l),
+            git_checkout(&up, root.path(), &r1, &l)
+        );
+        assert_eq!(
+            fs::read_to_string(outside.join("file")).unwrap(),
+            "precious\n"
+        );
+    }
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -1195,6 +1241,58 @@ fn deploy(
     assert!(
         !staging_dir(target).exists(),
         "no staging directory is left after a deploy"
+    );
+}
+
+/// The two ways a checkout moves: libgit2's in place (a fresh checkout for wipe and for the
+/// staged copy `check` runs on) and the all-or-nothing deploy. Every scenario holds for both.
+#[derive(Debug, Clone, Copy)]
+enum Way {
+    InPlace,
+    Atomic,
+}
+
+impl Way {
+    const ALL: [Way; 2] = [Way::InPlace, Way::Atomic];
+
+    /// Moves `target` from `previous` to `rev`, which must succeed.
+    fn checkout(
+        self,
+        store: &Store,
+        target: &Path,
+        index: &Path,
+        previous: Option<&str>,
+        rev: &str,
+        l: &[String],
+    ) {
+        match self {
+            Way::InPlace => store
+                .checkout(target, index, previous.map(oid), oid(rev), l)
+                .unwrap_or_else(|e| panic!("checkout {rev} (from {previous:?}): {e}")),
+            Way::Atomic => deploy(store, target, index, previous, rev, l),
+        }
+    }
+}
+
+/// `target` holds exactly `rev`'s files under `l`, as git checks them out, and the index at
+/// `index` describes them: the drift check finds nothing.
+fn assert_deployed(
+    store: &Store,
+    up: &Upstream,
+    root: &Path,
+    target: &Path,
+    index: &Path,
+    rev: &str,
+    l: &[String],
+) {
+    assert_eq!(
+        snapshot_links(target, l),
+        git_checkout(up, root, rev, l),
+        "the files of {rev}"
+    );
+    assert!(
+        store.drift(target, index, oid(rev), l).unwrap().is_empty(),
+        "the index describes {rev}"
     );
 }
 
@@ -1238,79 +1336,6 @@ fn git_with_input(dir: &Path, args: &[&str], input: &str) -> String {
     let out = child.wait_with_output().unwrap();
     assert!(out.status.success(), "git {args:?} failed");
     String::from_utf8(out.stdout).unwrap().trim().to_string()
-}
-
-#[test]
-fn atomic_checkout_forwards_and_backwards_matches_git() {
-    let (root, up, [r1, r2, r3], store) = three_revisions();
-    let l = links(&["svc", "single.conf"]);
-    let target = root.path().join("deploy");
-    let index = root.path().join("state/svc.index");
-    fs::create_dir_all(target.join("other")).unwrap();
-    fs::write(target.join("other/mine"), "outside the links\n").unwrap();
-
-    let steps = [
-        (None, &r1),
-        (Some(&r1), &r2),
-        (Some(&r2), &r1),
-        (Some(&r1), &r2),
-        (Some(&r2), &r3),
-        (Some(&r3), &r1),
-        (Some(&r1), &r1),
-    ];
-    for (previous, rev) in steps {
-        deploy(
-            &store,
-            &target,
-            &index,
-            previous.map(String::as_str),
-            rev,
-            &l,
-        );
-        assert_eq!(
-            snapshot_links(&target, &l),
-            git_checkout(&up, root.path(), rev, &l),
-            "after checking out {rev} (from {previous:?})"
-        );
-        assert_eq!(
-            fs::read_to_string(target.join("other/mine")).unwrap(),
-            "outside the links\n",
-            "files outside the links are not touched"
-        );
-        assert!(
-            !target.join("other/untouched").exists(),
-            "paths outside the links are not checked out"
-        );
-        assert!(
-            store
-                .drift(&target, &index, oid(rev), &l)
-                .unwrap()
-                .is_empty(),
-            "the index describes {rev}"
-        );
-    }
-
-    // A second service on the same store, at another revision, is independent.
-    let target2 = root.path().join("deploy2");
-    let index2 = root.path().join("state/svc2.index");
-    deploy(&store, &target2, &index2, None, &r2, &l);
-    assert_eq!(
-        snapshot_links(&target2, &l),
-        git_checkout(&up, root.path(), &r2, &l)
-    );
-    assert_eq!(
-        snapshot_links(&target, &l),
-        git_checkout(&up, root.path(), &r1, &l)
-    );
-    // And checkout_as takes over from checkout_atomic, and back.
-    store
-        .checkout(&target, &index, Some(oid(&r1)), oid(&r2), &l)
-        .unwrap();
-    deploy(&store, &target, &index, Some(&r2), &r1, &l);
-    assert_eq!(
-        snapshot_links(&target, &l),
-        git_checkout(&up, root.path(), &r1, &l)
-    );
 }
 
 /// Directory bind mounts pin a directory's inode: a deploy that changes, adds and removes files in
@@ -1360,248 +1385,6 @@ fn atomic_checkout_keeps_directory_inodes() {
         changed,
         "a changed file is a new one, renamed in"
     );
-}
-
-#[test]
-fn atomic_checkout_reverts_local_edits_and_strays() {
-    let root = temp_root();
-    let up = Upstream::new(root.path(), "infra");
-    let l = links(&["svc"]);
-    up.write("svc/a", "a\n")
-        .write("svc/b", "b\n")
-        .write("svc/d/c", "c\n")
-        .write("svc/.gitignore", "*.log\n");
-    let r1 = up.commit("r1");
-    let mut store = Store::open(&root.path().join("stores"), &up.file_url()).unwrap();
-    fetch_main(&mut store, &transport());
-    let target = root.path().join("deploy");
-    let index = root.path().join("idx");
-    deploy(&store, &target, &index, None, &r1, &l);
-    let svc = inode(&target.join("svc"));
-
-    fs::write(target.join("svc/a"), "edited by hand, longer\n").unwrap();
-    fs::remove_file(target.join("svc/b")).unwrap();
-    fs::write(target.join("svc/stray"), "left here\n").unwrap();
-    fs::write(
-        target.join("svc/ignored.log"),
-        "ignored by git, still a stray\n",
-    )
-    .unwrap();
-    fs::create_dir_all(target.join("svc/d/stray-dir")).unwrap();
-    fs::write(target.join("svc/d/stray-dir/f"), "x\n").unwrap();
-    fs::create_dir_all(target.join("svc/empty/deeper")).unwrap();
-    fs::set_permissions(target.join("svc/d/c"), fs::Permissions::from_mode(0o755)).unwrap();
-    deploy(&store, &target, &index, Some(&r1), &r1, &l);
-    assert_eq!(
-        snapshot_links(&target, &l),
-        git_checkout(&up, root.path(), &r1, &l)
-    );
-    assert_eq!(inode(&target.join("svc")), svc);
-
-    // A first checkout into a directory full of leftovers (state lost) ends up exact too.
-    fs::write(target.join("svc/stray"), "left here\n").unwrap();
-    fs::write(target.join("svc/a"), "edited\n").unwrap();
-    fs::remove_file(&index).unwrap();
-    deploy(&store, &target, &index, None, &r1, &l);
-    assert_eq!(
-        snapshot_links(&target, &l),
-        git_checkout(&up, root.path(), &r1, &l)
-    );
-    assert!(
-        store
-            .drift(&target, &index, oid(&r1), &l)
-            .unwrap()
-            .is_empty()
-    );
-
-    // A damaged index (it is only a cache) or a lock left by a crash does not stop a checkout.
-    fs::write(&index, b"DIRC garbage").unwrap();
-    fs::write(index.with_extension("lock"), b"").unwrap();
-    fs::write(target.join("svc/a"), "edited again\n").unwrap();
-    deploy(&store, &target, &index, Some(&r1), &r1, &l);
-    assert_eq!(
-        snapshot_links(&target, &l),
-        git_checkout(&up, root.path(), &r1, &l)
-    );
-    assert!(!index.with_extension("lock").exists());
-    assert!(
-        store
-            .drift(&target, &index, oid(&r1), &l)
-            .unwrap()
-            .is_empty()
-    );
-
-    // A previous revision the store does not know is treated like a first checkout.
-    fs::write(target.join("svc/stray"), "left here\n").unwrap();
-    let unknown = "0123456789012345678901234567890123456789";
-    deploy(&store, &target, &index, Some(unknown), &r1, &l);
-    assert_eq!(
-        snapshot_links(&target, &l),
-        git_checkout(&up, root.path(), &r1, &l)
-    );
-
-    // A staging directory left by a crash is replaced, not reused: what it holds (here a symlink
-    // out of it where the next deploy stages files) is never written through.
-    let outside = root.path().join("outside");
-    fs::create_dir_all(&outside).unwrap();
-    fs::create_dir_all(staging_dir(&target)).unwrap();
-    std::os::unix::fs::symlink(&outside, staging_dir(&target).join("svc")).unwrap();
-    fs::write(target.join("svc/a"), "edited once more\n").unwrap();
-    deploy(&store, &target, &index, Some(&r1), &r1, &l);
-    assert_eq!(
-        snapshot_links(&target, &l),
-        git_checkout(&up, root.path(), &r1, &l)
-    );
-    assert!(snapshot(&outside).is_empty(), "{:?}", snapshot(&outside));
-}
-
-#[test]
-fn atomic_checkout_never_follows_planted_symlinks() {
-    let root = temp_root();
-    let up = Upstream::new(root.path(), "infra");
-    let l = links(&["svc", "nginx/etc"]);
-    up.write("svc/conf", "v1\n")
-        .write("svc/dir/x", "x1\n")
-        .symlink("svc/legit", "conf")
-        .write("nginx/etc/nginx.conf", "n1\n");
-    let r1 = up.commit("r1");
-    up.write("svc/conf", "v2\n")
-        .write("svc/dir/y", "y2\n")
-        .write("nginx/etc/nginx.conf", "n2\n");
-    let r2 = up.commit("r2");
-    let mut store = Store::open(&root.path().join("stores"), &up.file_url()).unwrap();
-    fetch_main(&mut store, &transport());
-    let target = root.path().join("deploy");
-    let index = root.path().join("idx");
-    deploy(&store, &target, &index, None, &r1, &l);
-
-    // Somewhere the service must never write: it holds files named like the service's.
-    let outside = root.path().join("outside");
-    fs::create_dir_all(outside.join("etc")).unwrap();
-    for name in ["conf", "x", "y", "nginx.conf", "etc/nginx.conf"] {
-        fs::write(outside.join(name), "precious\n").unwrap();
-    }
-    let precious = snapshot(&outside);
-
-    // A tracked file replaced by a symlink, a tracked directory replaced by one, a link's parent
-    // replaced by one, and a new symlink where the next revision puts a file.
-    fs::remove_file(target.join("svc/conf")).unwrap();
-    std::os::unix::fs::symlink(outside.join("conf"), target.join("svc/conf")).unwrap();
-    fs::remove_dir_all(target.join("svc/dir")).unwrap();
-    std::os::unix::fs::symlink(&outside, target.join("svc/dir")).unwrap();
-    fs::remove_dir_all(target.join("nginx")).unwrap();
-    std::os::unix::fs::symlink(&outside, target.join("nginx")).unwrap();
-
-    deploy(&store, &target, &index, Some(&r1), &r2, &l);
-    assert_eq!(
-        snapshot(&outside),
-        precious,
-        "nothing was written through a planted symlink"
-    );
-    assert_eq!(
-        snapshot_links(&target, &l),
-        git_checkout(&up, root.path(), &r2, &l)
-    );
-    assert_eq!(
-        fs::read_link(target.join("svc/legit")).unwrap(),
-        PathBuf::from("conf"),
-        "symlinks that are in git stay"
-    );
-
-    // Same again with the same revision (nothing changes upstream): still not followed.
-    fs::remove_file(target.join("svc/conf")).unwrap();
-    std::os::unix::fs::symlink(outside.join("conf"), target.join("svc/conf")).unwrap();
-    fs::remove_file(target.join("svc/legit")).unwrap();
-    std::os::unix::fs::symlink(&outside, target.join("svc/legit")).unwrap();
-    deploy(&store, &target, &index, Some(&r2), &r2, &l);
-    assert_eq!(snapshot(&outside), precious);
-    assert_eq!(
-        snapshot_links(&target, &l),
-        git_checkout(&up, root.path(), &r2, &l)
-    );
-    assert!(
-        store
-            .drift(&target, &index, oid(&r2), &l)
-            .unwrap()
-            .is_empty()
-    );
-}
-
-#[test]
-fn atomic_checkout_git_symlink_replaced_by_directory_does_not_write_through() {
-    let root = temp_root();
-    let up = Upstream::new(root.path(), "infra");
-    let outside = root.path().join("outside");
-    fs::create_dir_all(&outside).unwrap();
-    let l = links(&["svc"]);
-    up.symlink("svc/data", outside.to_str().unwrap())
-        .write("svc/f", "1\n");
-    let r1 = up.commit("data is a symlink out of the checkout");
-    up.remove("svc/data").write("svc/data/file", "inside\n");
-    let r2 = up.commit("data becomes a directory");
-    let mut store = Store::open(&root.path().join("stores"), &up.file_url()).unwrap();
-    fetch_main(&mut store, &transport());
-    let target = root.path().join("deploy");
-    let index = root.path().join("idx");
-    deploy(&store, &target, &index, None, &r1, &l);
-    assert_eq!(fs::read_link(target.join("svc/data")).unwrap(), outside);
-    deploy(&store, &target, &index, Some(&r1), &r2, &l);
-    assert!(snapshot(&outside).is_empty(), "{:?}", snapshot(&outside));
-    assert_eq!(
-        snapshot_links(&target, &l),
-        git_checkout(&up, root.path(), &r2, &l)
-    );
-    // And back: svc/data/file is removed from the directory, not through the symlink.
-    fs::write(outside.join("file"), "precious\n").unwrap();
-    deploy(&store, &target, &index, Some(&r2), &r1, &l);
-    assert_eq!(
-        snapshot_links(&target, &l),
-        git_checkout(&up, root.path(), &r1, &l)
-    );
-    assert_eq!(
-        fs::read_to_string(outside.join("file")).unwrap(),
-        "precious\n"
-    );
-}
-
-#[test]
-fn atomic_checkout_of_submodules_matches_git() {
-    let root = temp_root();
-    let up = Upstream::new(root.path(), "infra");
-    let c1 = up.write("svc/conf", "1\n").commit("one");
-    let clone = up.clone_into(&root.path().join("clone"));
-    git(
-        &clone,
-        &[
-            "update-index",
-            "--add",
-            "--cacheinfo",
-            &format!("160000,{c1},svc/sub"),
-        ],
-    );
-    git(&clone, &["commit", "-qm", "a submodule inside the service"]);
-    git(&clone, &["push", "-q", "origin", "main"]);
-    let c2 = git(&clone, &["rev-parse", "HEAD"]);
-    let mut store = Store::open(&root.path().join("stores"), &up.file_url()).unwrap();
-    assert_eq!(fetch_main(&mut store, &transport()), oid(&c2));
-    let l = links(&["svc"]);
-    let target = root.path().join("deploy");
-    let index = root.path().join("idx");
-    for (previous, rev) in [(None, &c1), (Some(&c1), &c2), (Some(&c2), &c1), (None, &c2)] {
-        deploy(
-            &store,
-            &target,
-            &index,
-            previous.map(String::as_str),
-            rev,
-            &l,
-        );
-        assert_eq!(
-            snapshot_links(&target, &l),
-            git_checkout(&up, root.path(), rev, &l),
-            "after {rev}"
-        );
-    }
 }
 
 /// The index written by a deploy is newer than every file it lists, so the next drift check
@@ -1809,16 +1592,7 @@ fn atomic_checkout_on_a_full_file_system_changes_nothing() {
     );
 
     deploy(&store, &target, &index, Some(&v1), &v3, &l);
-    assert_eq!(
-        snapshot_links(&target, &l),
-        git_checkout(&up, root.path(), &v3, &l)
-    );
-    assert!(
-        store
-            .drift(&target, &index, oid(&v3), &l)
-            .unwrap()
-            .is_empty()
-    );
+    assert_deployed(&store, &up, root.path(), &target, &index, &v3, &l);
 }
 
 /// A revision libgit2 refuses to write (here a file named `.git`, made with git's plumbing) fails
@@ -2110,53 +1884,54 @@ fn broken_upstream_costs_at_most_one_copy_set_aside() {
 
 #[test]
 fn submodules_are_not_deployed() {
-    let root = temp_root();
-    let up = Upstream::new(root.path(), "infra");
-    let c1 = up.write("svc/conf", "1\n").commit("one");
-    let clone = up.clone_into(&root.path().join("clone"));
-    git(
-        &clone,
-        &[
-            "update-index",
-            "--add",
-            "--cacheinfo",
-            &format!("160000,{c1},svc/sub"),
-        ],
-    );
-    git(&clone, &["commit", "-qm", "a submodule inside the service"]);
-    git(&clone, &["push", "-q", "origin", "main"]);
-    let c2 = git(&clone, &["rev-parse", "HEAD"]);
-
-    let mut store = Store::open(&root.path().join("stores"), &up.file_url()).unwrap();
-    assert_eq!(fetch_main(&mut store, &transport()), oid(&c2));
-    let l = links(&["svc"]);
-    assert!(
-        store
-            .changed_paths(Some(oid(&c1)), oid(&c2), &l)
-            .unwrap()
-            .is_empty()
-    );
-    assert_eq!(
-        store.changed_paths(None, oid(&c2), &l).unwrap(),
-        links(&["svc/conf"])
-    );
-    let target = root.path().join("deploy");
-    let index = root.path().join("idx");
-    store.checkout(&target, &index, None, oid(&c1), &l).unwrap();
-    store
-        .checkout(&target, &index, Some(oid(&c1)), oid(&c2), &l)
-        .unwrap();
-    assert_eq!(
-        snapshot_links(&target, &l),
-        git_checkout(&up, root.path(), &c2, &l)
-    );
-    store
-        .checkout(&target, &index, Some(oid(&c2)), oid(&c1), &l)
-        .unwrap();
-    assert_eq!(
-        snapshot_links(&target, &l),
-        git_checkout(&up, root.path(), &c1, &l)
-    );
+    for way in Way::ALL {
+        let root = temp_root();
+        let up = Upstream::new(root.path(), "infra");
+        let c1 = up.write("svc/conf", "1\n").commit("one");
+        let clone = up.clone_into(&root.path().join("clone"));
+        git(
+            &clone,
+            &[
+                "update-index",
+                "--add",
+                "--cacheinfo",
+                &format!("160000,{c1},svc/sub"),
+            ],
+        );
+        git(&clone, &["commit", "-qm", "a submodule inside the service"]);
+        git(&clone, &["push", "-q", "origin", "main"]);
+        let c2 = git(&clone, &["rev-parse", "HEAD"]);
+        let mut store = Store::open(&root.path().join("stores"), &up.file_url()).unwrap();
+        assert_eq!(fetch_main(&mut store, &transport()), oid(&c2));
+        let l = links(&["svc"]);
+        assert!(
+            store
+                .changed_paths(Some(oid(&c1)), oid(&c2), &l)
+                .unwrap()
+                .is_empty()
+        );
+        assert_eq!(
+            store.changed_paths(None, oid(&c2), &l).unwrap(),
+            links(&["svc/conf"])
+        );
+        let target = root.path().join("deploy");
+        let index = root.path().join("idx");
+        for (previous, rev) in [(None, &c1), (Some(&c1), &c2), (Some(&c2), &c1), (None, &c2)] {
+            way.checkout(
+                &store,
+                &target,
+                &index,
+                previous.map(String::as_str),
+                rev,
+                &l,
+            );
+            assert_eq!(
+                snapshot_links(&target, &l),
+                git_checkout(&up, root.path(), rev, &l),
+                "after {rev}"
+            );
+        }
+    }
 }
 
 /// A checkout writes its files and then its index within the same clock tick, so git cannot trust

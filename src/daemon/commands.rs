@@ -107,9 +107,7 @@ impl Daemon {
                     head,
                     from: None,
                     deployed: e.state.deployed(),
-                    restore: true,
-                    fresh: true,
-                    noop: false,
+                    kind: deploy::Kind::Rebuild,
                 };
                 self.rebind.insert(service.clone());
                 if let Some(u) = self.upstreams.get_mut(&e.config.upstream) {

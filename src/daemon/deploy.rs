@@ -45,12 +45,21 @@ pub(super) struct DeployJob {
     pub(super) head: Oid,
     pub(super) from: Option<Oid>,
     pub(super) deployed: Option<Oid>,
-    /// Rewrite the checkout even if its revision did not move (drops local edits).
-    pub(super) restore: bool,
+    pub(super) kind: Kind,
+}
+
+/// What a deploy job does with a head that passed the gates.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum Kind {
+    /// Move the checkout to the head, where the service's files changed.
+    Deploy,
+    /// The same, rewriting the checkout even where its revision did not move: drops local edits
+    /// (`pull --force`) and finishes a checkout cut short.
+    Restore,
     /// Build the checkout afresh beside the old one and swap them (wipe).
-    pub(super) fresh: bool,
-    /// Judge the head and count what would change, and stop there: nothing is written.
-    pub(super) noop: bool,
+    Rebuild,
+    /// Noop: judge the head, count what would change, and write nothing.
+    Preview,
 }
 
 /// What a deploy job did for one service.
@@ -140,15 +149,16 @@ fn deploy(store: &Store, layout: &Layout, job: &DeployJob) -> Result<Deployed, D
         .from
         .filter(|_| target.is_dir())
         .filter(|f| store.resolve(&f.to_string()).is_ok());
-    let changed = match from {
-        Some(f) => job.restore || !store.changed_paths(Some(f), job.head, &links)?.is_empty(),
-        None => true,
-    };
+    // Every service file of the head when there is nothing to start from.
+    let paths = store.changed_paths(from, job.head, &links)?;
+    let fresh = job.kind == Kind::Rebuild;
+    let changed =
+        from.is_none() || !paths.is_empty() || matches!(job.kind, Kind::Restore | Kind::Rebuild);
     let revision = store.last_change(job.head, &links)?;
-    if changed && !job.fresh && revision.is_some() && revision == job.gate.avoid {
+    if changed && !fresh && revision.is_some() && revision == job.gate.avoid {
         return Err(refuse(revision, Refusal::Known));
     }
-    if changed || job.fresh {
+    if changed {
         match store.inspect(job.head, &links, &job.limits) {
             Err(e @ GitError::Hostile { .. }) => {
                 return Err(refuse(revision, Refusal::Hostile(e.to_string())));
@@ -157,25 +167,23 @@ fn deploy(store: &Store, layout: &Layout, job: &DeployJob) -> Result<Deployed, D
         }
     }
     if changed
-        && !job.fresh
+        && !fresh
         && let (Some(check), Some(rev)) = (&svc.check, revision)
     {
         run_check(store, layout, svc, check, job.head, rev)?;
     }
-    if job.noop {
-        let files = if changed {
-            store.changed_paths(from, job.head, &links)?.len()
-        } else {
-            0
-        };
-        return Ok(Deployed::Would { revision, files });
+    if job.kind == Kind::Preview {
+        return Ok(Deployed::Would {
+            revision,
+            files: paths.len(),
+        });
     }
     let marker = layout.service_deploying(&svc.name);
     let io = |path: &std::path::Path| {
         let path = path.to_owned();
         move |source| DeployError::Io { path, source }
     };
-    if job.fresh {
+    if fresh {
         rebuild(store, layout, job, &target, &links)?;
     } else if changed {
         std::fs::create_dir_all(&target).map_err(io(&target))?;
@@ -206,7 +214,7 @@ fn deploy(store: &Store, layout: &Layout, job: &DeployJob) -> Result<Deployed, D
     }
     Ok(Deployed::Done {
         revision,
-        files: changed || job.fresh,
+        files: changed,
     })
 }
 

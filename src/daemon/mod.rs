@@ -35,7 +35,7 @@ mod scheduler;
 
 pub use commands::{Command, CommandError, Handle, Reply, Request, channel};
 pub use deploy::DeployError;
-use deploy::{DeployJob, deploy_all};
+use deploy::{DeployJob, Kind, deploy_all};
 use fetch::Check;
 use persist::{load_state, persist};
 
@@ -176,16 +176,6 @@ struct Waiter {
     service: String,
     action: &'static str,
     reply: oneshot::Sender<Result<Reply, CommandError>>,
-}
-
-/// Which of the state machine's checkout effects a deploy job carries out.
-#[derive(Clone, Copy, PartialEq, Eq)]
-enum Kind {
-    Deploy,
-    /// Rewrite the checkout even where its revision did not move (`pull --force`).
-    Restore,
-    /// Noop: judge and report, write nothing.
-    Preview,
 }
 
 /// A finished job, back on the actor.
@@ -775,9 +765,7 @@ impl Daemon {
             head,
             from,
             deployed,
-            restore: kind == Kind::Restore,
-            fresh: false,
-            noop: kind == Kind::Preview,
+            kind,
         };
         for effect in effects {
             match effect {

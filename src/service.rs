@@ -64,14 +64,8 @@ pub enum Event {
     /// The fetch of the service's upstream failed.
     FetchFailed { error: String },
     /// The checkout now holds the service's paths at `head`; `revision` is the last commit that changed
-    /// them (`None` when none of them exists on the branch yet). `files` is false when no file
-    /// moved (only the revision's hash did: a commit that restored the files of an earlier one, an
-    /// amended commit after a force-push): the unit is not told then.
-    Deployed {
-        head: Oid,
-        revision: Option<Oid>,
-        files: bool,
-    },
+    /// them (`None` when none of them exists on the branch yet).
+    Deployed { head: Oid, revision: Option<Oid> },
     /// Moving the checkout to `head` failed; the files on disk are those of the previous revision.
     DeployFailed { head: Oid, error: String },
     /// `plumb apply` finished for `revision`: the unit took the new files (`error == None`) or not.
@@ -357,7 +351,6 @@ impl Service {
             Event::Deployed {
                 head,
                 revision: Some(head),
-                files: true,
             },
             now,
         );
@@ -514,11 +507,7 @@ impl Service {
                 self.unreachable = Some(error);
                 effects.extend(self.reapply());
             }
-            Event::Deployed {
-                head,
-                revision,
-                files,
-            } => {
+            Event::Deployed { head, revision } => {
                 if self
                     .rejected
                     .as_ref()
@@ -530,22 +519,12 @@ impl Service {
                 self.synced = Some(head);
                 self.last_sync = Some(now);
                 if revision != self.deployed {
-                    let before = self.deployed;
                     self.deployed = revision;
                     self.changed_at = Some(now);
-                    match revision {
-                        Some(revision) if files => effects.push(Effect::Apply { revision }),
-                        Some(revision) => {
-                            // Only the hash moved: the unit keeps what it has, and whatever was
-                            // said of the files under the old hash holds under the new one.
-                            if self.failed_apply.is_some() && self.failed_apply == before {
-                                self.failed_apply = Some(revision);
-                            }
-                            if self.last_good.is_some_and(|g| Some(g.revision) == before) {
-                                self.last_good = Some(Good { head, revision });
-                            }
-                        }
-                        None => {}
+                    // Also when only the hash moved: `plumb apply` then finds the files the unit
+                    // already has and records the new hash without touching the unit.
+                    if let Some(revision) = revision {
+                        effects.push(Effect::Apply { revision });
                     }
                 }
                 if revision.is_some() && revision == self.failed_apply {
@@ -955,7 +934,6 @@ mod tests {
             Event::Deployed {
                 head: oid(1),
                 revision: Some(oid(1)),
-                files: true,
             },
             10,
         );
@@ -980,7 +958,6 @@ mod tests {
             Event::Deployed {
                 head: oid(1),
                 revision: Some(oid(1)),
-                files: true,
             },
             10,
         );
@@ -1020,7 +997,6 @@ mod tests {
             Event::Deployed {
                 head: oid(1),
                 revision: None,
-                files: true,
             },
             6,
         );
@@ -1061,7 +1037,6 @@ mod tests {
             Event::Deployed {
                 head: oid(2),
                 revision: Some(oid(1)),
-                files: true,
             },
             21,
         );
@@ -1127,7 +1102,6 @@ mod tests {
             Event::Deployed {
                 head: oid(2),
                 revision: Some(oid(1)),
-                files: false,
             },
             41,
         );
@@ -1139,20 +1113,24 @@ mod tests {
     }
 
     #[test]
-    fn a_new_hash_over_the_same_files_is_not_applied() {
+    fn a_new_hash_over_the_same_files_is_applied_and_its_outcome_recorded() {
         let mut s = deployed();
         applied(&mut s, 1, 11);
         s.handle(fetched(Some(oid(3))), 20);
-        // Commit 3 restored the files of commit 1 after a commit 2 this machine never fetched.
+        // Commit 3 restored the files of commit 1 after a commit 2 this machine never fetched:
+        // `plumb apply` is asked, finds the unit's files unchanged and records the new hash.
         let fx = s.handle(
             Event::Deployed {
                 head: oid(3),
                 revision: Some(oid(3)),
-                files: false,
             },
             21,
         );
-        assert_eq!(fx, vec![Effect::Persist], "no apply");
+        assert_eq!(
+            fx,
+            vec![Effect::Apply { revision: oid(3) }, Effect::Persist]
+        );
+        applied(&mut s, 3, 22);
         assert_eq!(
             (s.deployed, s.changed_at, s.state),
             (Some(oid(3)), Some(21), State::Ok)
@@ -1162,8 +1140,7 @@ mod tests {
             Some(Good {
                 head: oid(3),
                 revision: oid(3)
-            }),
-            "the files that were good are still good under the new hash"
+            })
         );
     }
 
@@ -1177,7 +1154,6 @@ mod tests {
             Event::Deployed {
                 head: oid(2),
                 revision: Some(oid(2)),
-                files: true,
             },
             31,
         );
@@ -1225,7 +1201,6 @@ mod tests {
             Event::Deployed {
                 head: oid(2),
                 revision: Some(oid(2)),
-                files: true,
             },
             31,
         );
@@ -1256,7 +1231,6 @@ mod tests {
             Event::Deployed {
                 head: oid(2),
                 revision: Some(oid(1)),
-                files: true,
             },
             31,
         );
@@ -1268,7 +1242,6 @@ mod tests {
             Event::Deployed {
                 head: oid(3),
                 revision: Some(oid(3)),
-                files: true,
             },
             41,
         );
@@ -1312,7 +1285,6 @@ mod tests {
             Event::Deployed {
                 head: oid(2),
                 revision: Some(oid(2)),
-                files: true,
             },
             21,
         );
@@ -1386,7 +1358,6 @@ mod tests {
             Event::Deployed {
                 head: oid(3),
                 revision: Some(oid(3)),
-                files: true,
             },
             21,
         );
@@ -1411,7 +1382,6 @@ mod tests {
             Event::Deployed {
                 head: oid(1),
                 revision: Some(oid(1)),
-                files: true,
             },
             31,
         );
@@ -1509,7 +1479,6 @@ mod tests {
             Event::Deployed {
                 head: oid(n),
                 revision: Some(oid(n)),
-                files: true,
             },
             now,
         )
@@ -1617,7 +1586,6 @@ mod tests {
             Event::Deployed {
                 head: oid(1),
                 revision: Some(oid(1)),
-                files: true,
             },
             26,
         );
@@ -1709,7 +1677,6 @@ mod tests {
             Event::Deployed {
                 head: oid(1),
                 revision: Some(oid(1)),
-                files: true,
             },
             31,
         );
@@ -1765,7 +1732,6 @@ mod tests {
             Event::Deployed {
                 head: oid(3),
                 revision: Some(oid(3)),
-                files: true,
             },
             41,
         );

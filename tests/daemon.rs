@@ -1553,7 +1553,9 @@ fn noop_judges_and_reports_what_it_would_deploy_and_touches_nothing_until_turned
     assert_eq!(m.rev("app"), None, "no .rev in noop");
 
     // The daemon with `noop = true` in the config: status says what it would deploy.
-    m.write_config(&config(true));
+    let port = free_port();
+    let metrics = format!("metrics_address = \"127.0.0.1:{port}\"\n");
+    m.write_config_with(&metrics, &config(true));
     let socket = m.state.with_extension("sock");
     let d = m.spawn();
     let status = || -> serde_json::Value {
@@ -1596,7 +1598,7 @@ fn noop_judges_and_reports_what_it_would_deploy_and_touches_nothing_until_turned
     assert_eq!(judged.iter().filter(|l| **l == v2).count(), 1, "{judged:?}");
 
     // noop off and SIGHUP: what was pending is deployed.
-    m.write_config(&config(false));
+    m.write_config_with(&metrics, &config(false));
     signal(&d.0, nix::sys::signal::Signal::SIGHUP);
     wait_until("v2 deployed once noop is off", DEADLINE, || {
         m.rev("app").as_deref() == Some(v2.as_str())
@@ -1604,6 +1606,41 @@ fn noop_judges_and_reports_what_it_would_deploy_and_touches_nothing_until_turned
     assert_eq!(m.read("app", "app/conf").as_deref(), Some("2"));
     let notes = status()["notes"].clone();
     assert_eq!(notes, serde_json::json!([]), "{notes}");
+
+    // noop on again, and a commit arrives: what waits shows in the metrics, and a rollback is
+    // refused like a wipe.
+    m.write_config_with(&metrics, &config(true));
+    signal(&d.0, nix::sys::signal::Signal::SIGHUP);
+    let v3 = up.write("app/conf", "3").commit("v3");
+    wait_until(
+        "noop and one change waiting in the metrics",
+        DEADLINE,
+        || {
+            let text = scrape(port);
+            text.contains("plumb_service_noop{service=\"app\"} 1")
+                && text.contains("plumb_service_behind_commits{service=\"app\"} 1")
+        },
+    );
+    assert!(
+        status()["notes"]
+            .as_array()
+            .is_some_and(|n| n.iter().any(|n| n
+                .as_str()
+                .is_some_and(|n| n.starts_with(&format!("noop: would deploy {}", &v3[..12]))))),
+        "{}",
+        status()
+    );
+    let rollback = Command::new("curl")
+        .args(["-s", "--unix-socket"])
+        .arg(&socket)
+        .args(["-H", "content-type: application/json"])
+        .args(["-d", &format!("{{\"revision\":\"{v1}\"}}")])
+        .args(["-X", "POST", "http://plumb/v1/services/app/rollback"])
+        .output()
+        .unwrap();
+    let rollback = String::from_utf8_lossy(&rollback.stdout);
+    assert!(rollback.contains("noop mode"), "{rollback}");
+    assert_eq!(m.rev("app").as_deref(), Some(v2.as_str()));
 }
 
 #[test]

@@ -143,6 +143,24 @@ fn nginx_follows_git_survives_reboots_and_never_stacks_mounts() {
     });
     assert_eq!(reloads(&c, "nginx.service"), before);
 
+    // A commit and its revert arrive in one fetch: nginx's hash moves to the revert, its files do
+    // not, and nginx is not told anything.
+    up.write("www/index.html", "oops\n").commit_local("oops");
+    let revert = up
+        .write("www/index.html", "v2\n")
+        .commit_local("revert oops");
+    up.push();
+    wait_until(
+        "nginx's hash and apply outcome to follow the revert",
+        DEADLINE,
+        || {
+            state(&c, "nginx")["deployed"].as_str() == Some(revert.as_str())
+                && applied(&c, "nginx").as_deref() == Some(revert.as_str())
+        },
+    );
+    assert_eq!(reloads(&c, "nginx.service"), before);
+    assert_eq!(get(port).as_deref(), Some("v2\n"));
+
     // Restart the daemon: nothing is re-applied or re-mounted.
     c.sh("systemctl restart plumb");
     up.write("www/index.html", "v3\n").commit("v3");

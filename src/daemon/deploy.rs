@@ -64,8 +64,8 @@ pub(super) enum Kind {
 
 /// What a deploy job did for one service.
 pub(super) enum Deployed {
-    /// The checkout holds the head: the service's revision there, and whether any file moved.
-    Done { revision: Option<Oid>, files: bool },
+    /// The checkout holds the head: the service's revision there.
+    Done { revision: Option<Oid> },
     /// Noop: the head passed every gate; the revision it would deploy and how many files change.
     Would { revision: Option<Oid>, files: usize },
 }
@@ -83,11 +83,7 @@ pub(super) fn deploy_all(layout: &Layout, url: &str, jobs: Vec<DeployJob>) -> Ve
                 Err(e) => Err(DeployError::Store(e.to_string())),
             };
             let event = match result {
-                Ok(Deployed::Done { revision, files }) => Event::Deployed {
-                    head,
-                    revision,
-                    files,
-                },
+                Ok(Deployed::Done { revision }) => Event::Deployed { head, revision },
                 Ok(Deployed::Would { revision, files }) => Event::Previewed {
                     head,
                     revision,
@@ -112,13 +108,12 @@ pub(super) fn deploy_all(layout: &Layout, url: &str, jobs: Vec<DeployJob>) -> Ve
 }
 
 /// Moves one service's checkout to `job.head` when its paths changed, and hands a new deployed
-/// revision to systemd by rewriting the service's `.rev` file. Returns the deployed revision, and
-/// whether any file moved.
+/// revision to systemd by rewriting the service's `.rev` file. Returns what it did.
 ///
 /// The revision is a function of the head alone ([`Store::last_change`]): two machines on the
 /// same head report the same hash whatever they fetched before, and after a force-push the hash is
 /// one the branch has. When only the hash moves (a commit restoring earlier files, an amended
-/// commit), the `.rev` follows and the files stay.
+/// commit), the `.rev` follows, the files stay, and `plumb apply` leaves the unit alone.
 fn deploy(store: &Store, layout: &Layout, job: &DeployJob) -> Result<Deployed, DeployError> {
     let svc = &job.service;
     let links = svc.links();
@@ -212,10 +207,7 @@ fn deploy(store: &Store, layout: &Layout, job: &DeployJob) -> Result<Deployed, D
             }
         })?;
     }
-    Ok(Deployed::Done {
-        revision,
-        files: changed,
-    })
+    Ok(Deployed::Done { revision })
 }
 
 /// Checks `head` out beside the live checkout and runs the service's `check` on it; a failure is

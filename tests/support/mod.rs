@@ -304,6 +304,19 @@ impl Upstream {
         git(&self.work, &["rev-parse", "HEAD"])
     }
 
+    /// Stages everything and commits without pushing: several commits then reach the upstream in
+    /// one [`Upstream::push`], as one fetch sees them. Returns the new commit's full hash.
+    pub fn commit_local(&self, msg: &str) -> String {
+        git(&self.work, &["add", "-A"]);
+        git(&self.work, &["commit", "-q", "--allow-empty", "-m", msg]);
+        git(&self.work, &["rev-parse", "HEAD"])
+    }
+
+    /// Pushes the current branch of the work clone.
+    pub fn push(&self) {
+        git(&self.work, &["push", "-q", "origin", "HEAD"]);
+    }
+
     /// Like [`Upstream::commit`], with `git -c` settings and extra `commit` arguments, e.g. to sign
     /// (`["gpg.format=ssh", "user.signingkey=/k"]`, `["-S"]`).
     pub fn commit_with(&self, config: &[&str], args: &[&str], msg: &str) -> String {

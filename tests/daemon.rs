@@ -1202,6 +1202,24 @@ fn a_hostile_revision_is_refused_whole_and_the_next_clean_one_deploys() {
     m.once(true);
     assert_eq!(m.rev("app").as_deref(), Some(v4.as_str()));
     assert_eq!(tree(&m.checkout("app")), vec!["app/conf"]);
+
+    // A tree written by hand: beside the directory `app`, a root entry named `app/pwn` (a
+    // symlink to /etc/shadow) that a checkout of `app` would take as `app/pwn`.
+    let app = support::git(&up.bare, &["rev-parse", &format!("{v4}:app")]);
+    let shadow = up.write_literally("blob", b"/etc/shadow");
+    let crafted = up.raw_tree(&[("40000", b"app", &app), ("120000", b"app/pwn", &shadow)]);
+    let v5 = up.commit_tree(&crafted, &v4, "crafted");
+    m.once(false);
+    let s = m.state_json("app");
+    assert_eq!(s["state"], "BROKEN");
+    let info = s["info"].as_str().unwrap();
+    assert!(
+        info.starts_with(&format!("refused {}: ", &v5[..12]))
+            && info.contains("app/pwn: tree entry \"app/pwn\" could be taken for app"),
+        "{info}"
+    );
+    assert_eq!(tree(&m.checkout("app")), vec!["app/conf"]);
+    assert_eq!(m.rev("app").as_deref(), Some(v4.as_str()));
 }
 
 #[test]

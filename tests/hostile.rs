@@ -754,3 +754,200 @@ fn a_hundred_thousand_files_deploy() {
         Owner::lookup("nobody").unwrap().uid.as_raw()
     );
 }
+
+// ---------------------------------------------------------------------------------------------
+// trees git's fsck refuses
+
+#[test]
+fn trees_git_fsck_refuses_are_refused_over_the_network() {
+    let root = temp_root();
+    let up = Upstream::new(root.path(), "infra");
+    up.write("nginx/etc/nginx.conf", "n1\n")
+        .write("other/conf", "o\n");
+    let good = up.commit("good");
+    let gitd = support::GitDaemon::start(root.path());
+    let http = support::HttpServer::start(root.path());
+    let l = links(&["nginx/etc"]);
+
+    let conf = up.write_literally("blob", b"n1\n");
+    let shadow = up.write_literally("blob", b"/etc/shadow");
+    let other = git(&up.bare, &["rev-parse", &format!("{good}:other")]);
+    let etc_ok = |extra: &[(&str, &[u8], &str)]| {
+        let mut entries = vec![("100644", &b"nginx.conf"[..], conf.as_str())];
+        entries.extend_from_slice(extra);
+        up.raw_tree(&entries)
+    };
+    let nginx_with = |etc: &str| up.raw_tree(&[("40000", b"etc", etc)]);
+    let root_with = |nginx: &str, extra: &[(&str, &[u8], &str)]| {
+        let mut entries = vec![("40000", &b"nginx"[..], nginx)];
+        entries.extend_from_slice(extra);
+        entries.push(("40000", b"other", other.as_str()));
+        up.raw_tree(&entries)
+    };
+    let in_etc = |extra: &[(&str, &[u8], &str)]| root_with(&nginx_with(&etc_ok(extra)), &[]);
+    let fine_nginx = nginx_with(&etc_ok(&[]));
+
+    // (the root tree, the path the refusal names, words of its reason)
+    let cases: Vec<(String, &str, &str)> = vec![
+        // The report's example: a symlink at the root whose name is a path under the link.
+        (
+            root_with(&fine_nginx, &[("120000", b"nginx/etc/pwn", &shadow)]),
+            "nginx/etc/pwn",
+            "could be taken for nginx/etc: its name holds `/`",
+        ),
+        // A file entry named `etc/x` inside a subtree.
+        (
+            root_with(
+                &up.raw_tree(&[("40000", b"etc", &etc_ok(&[])), ("100644", b"etc/x", &conf)]),
+                &[],
+            ),
+            "nginx/etc/x",
+            "could be taken for nginx/etc: its name holds `/`",
+        ),
+        (
+            in_etc(&[("100644", b"sub/x", &conf)]),
+            "nginx/etc/sub/x",
+            "a name holding `/`",
+        ),
+        (
+            in_etc(&[("100644", b".", &conf)]),
+            "nginx/etc/.",
+            "`.` or `..`",
+        ),
+        (
+            in_etc(&[("40000", b"..", &fine_nginx)]),
+            "nginx/etc/..",
+            "`.` or `..`",
+        ),
+        (
+            in_etc(&[("40000", b".GiT", &fine_nginx)]),
+            "nginx/etc/.GiT",
+            "the name `.git`",
+        ),
+        (
+            in_etc(&[("100644", b"nginx.conf", &shadow)]),
+            "nginx/etc/nginx.conf",
+            "two entries named \"nginx.conf\"",
+        ),
+        (
+            in_etc(&[("40000", b"nginx.conf", &fine_nginx)]),
+            "nginx/etc/nginx.conf",
+            "two entries named \"nginx.conf\"",
+        ),
+        (
+            in_etc(&[("100600", b"x", &conf)]),
+            "nginx/etc/x",
+            "mode 100600, which git does not write",
+        ),
+        (
+            root_with(
+                &nginx_with(&up.raw_tree(&[("100644", b"z", &conf), ("100644", b"a", &conf)])),
+                &[],
+            ),
+            "nginx/etc/a",
+            "out of git's order",
+        ),
+        // Twice the link's directory on the way down: which one is the link?
+        (
+            up.raw_tree(&[
+                ("40000", b"nginx", &fine_nginx),
+                (
+                    "40000",
+                    b"nginx",
+                    &nginx_with(&etc_ok(&[("120000", b"pwn", &shadow)])),
+                ),
+            ]),
+            "nginx",
+            "the directory holds two entries of that name",
+        ),
+    ];
+
+    let servers = [gitd.url(&up), http.url(&up)];
+    for (i, (tree, path, reason)) in cases.iter().enumerate() {
+        let url = &servers[i % servers.len()];
+        let stores = root.path().join(format!("stores-{i}"));
+        let mut store = Store::open(&stores, url).unwrap();
+        let target = root.path().join(format!("deploy-{i}"));
+        let index = root.path().join(format!("idx-{i}"));
+        let fetched = store.fetch(&links(&["main"]), &Transport::default());
+        assert!(fetched.is_ok(), "{fetched:?}\n{}", http.log());
+        deploy(&store, &target, &index, None, oid(&good), &l).unwrap();
+        let before = snapshot(&target);
+
+        let commit = up.commit_tree(tree, &good, "crafted");
+        let fetched = store.fetch(&links(&["main"]), &Transport::default());
+        assert!(fetched.is_ok(), "case {i} over {url}: {fetched:?}");
+        let head = fetched.unwrap().heads["main"].unwrap();
+        assert_eq!(head, oid(&commit), "case {i}: fetched over {url}");
+        match deploy(&store, &target, &index, Some(oid(&good)), head, &l) {
+            Err(GitError::Hostile {
+                path: p, reason: r, ..
+            }) => {
+                assert_eq!(p, *path, "case {i}: the refusal names the entry ({r})");
+                assert!(r.contains(reason), "case {i}: {r:?} says {reason:?}");
+            }
+            other => panic!("case {i} ({path}) over {url}: expected a refusal, got {other:?}"),
+        }
+        assert_eq!(snapshot(&target), before, "case {i}: the checkout stays");
+        up.set_main(&good);
+    }
+}
+
+/// A `file://` upstream whose head holds a tree libgit2 cannot parse (an entry with an empty
+/// name; git's own servers refuse to send it): every fetch fails, and that costs at most one copy
+/// of the store set aside, however often the store is opened again, as the daemon does per poll.
+#[test]
+fn a_broken_file_upstream_sets_its_store_aside_once() {
+    let root = temp_root();
+    let up = Upstream::new(root.path(), "infra");
+    up.write("nginx/etc/nginx.conf", "n1\n");
+    let good = up.commit("good");
+    let conf = up.write_literally("blob", b"n1\n");
+    let etc = up.raw_tree(&[("100644", b"", &conf)]);
+    let nginx = up.raw_tree(&[("40000", b"etc", &etc)]);
+    let broken_root = up.raw_tree(&[("40000", b"nginx", &nginx)]);
+    let broken = up.commit_tree(&broken_root, &good, "empty name");
+    up.set_main(&good);
+
+    let stores = root.path().join("stores");
+    let set_aside = || {
+        fs::read_dir(&stores)
+            .unwrap()
+            .filter(|e| {
+                let name = e.as_ref().unwrap().file_name();
+                name.to_string_lossy().contains(".damaged-")
+            })
+            .count()
+    };
+    let fetch = || {
+        Store::open(&stores, &up.file_url())
+            .unwrap()
+            .fetch(&links(&["main"]), &Transport::default())
+    };
+    fetch().expect("the good head fetches");
+
+    up.set_main(&broken);
+    for poll in 0..5 {
+        let err = fetch().expect_err("a tree with an empty name cannot be fetched");
+        assert!(err.to_string().contains("parse tree"), "poll {poll}: {err}");
+        assert!(
+            set_aside() <= 1,
+            "poll {poll}: {} copies set aside",
+            set_aside()
+        );
+    }
+    assert_eq!(
+        set_aside(),
+        1,
+        "the first failure may be damage of the store: one copy"
+    );
+
+    // Once a fetch works again, the next damage-like failure may heal once more.
+    up.set_main(&good);
+    fetch().expect("the good head fetches again");
+    up.set_main(&broken);
+    for _ in 0..3 {
+        fetch().expect_err("broken again");
+    }
+    assert_eq!(set_aside(), 2);
+}

@@ -72,11 +72,13 @@ impl Store {
         let report = match self.fetch_once(branches, transport) {
             Err(e) if e.is_corruption() && self.heal_on_fetch_error => {
                 self.heal(&e.to_string())?;
+                self.mark_healed_after_fetch();
                 self.fetch_once(branches, transport)
             }
             other => other,
         }?;
         self.heal_on_fetch_error = true;
+        self.unmark_healed_after_fetch();
         Ok(report)
     }
 

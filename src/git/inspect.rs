@@ -17,8 +17,17 @@
 //!   costs. Sizes come from the object headers ([`git2::Odb::read_header`]), never from content.
 //! - **Submodules (gitlinks) are skipped**: they are never fetched, and the checkout only makes an
 //!   empty directory for one.
+//! - **Every tree is one git's fsck accepts.** Under the links, an entry must have a name that is a
+//!   single path component ([`name_problem`]: not empty, `.`, `..`, `.git` in any case, and no `/`
+//!   or NUL), a mode git writes, and a place in git's order, once per directory. On the way down to
+//!   a link, no other entry may be taken for it: none with the link's next component as its name,
+//!   or as the start of a name holding `/`. libgit2 matches a checkout's paths as whole strings
+//!   (`good/etc/pwn` at the root is "under `good/etc`" to it) while this walk goes one component at
+//!   a time; on trees that pass, the two cannot disagree about what a path is. A tree libgit2
+//!   cannot parse at all is refused the same way: its content is bad, the store is not damaged.
 
-use std::collections::VecDeque;
+use std::cmp::Ordering;
+use std::collections::{HashSet, VecDeque};
 use std::ffi::OsStr;
 use std::os::unix::ffi::OsStrExt;
 use std::path::Path;
@@ -37,6 +46,39 @@ const TREE_MODE: i32 = 0o040000;
 const MAX_SYMLINK_TARGET: usize = 4095;
 /// Symlinks followed while resolving one symlink before it counts as a loop (Linux's `ELOOP`).
 const MAX_SYMLINK_HOPS: usize = 40;
+/// Git's modes for a file: regular, executable, and the group-writable one early gits wrote (fsck
+/// still accepts it; libgit2 checks it out as a regular file).
+const FILE_MODES: [i32; 3] = [0o100644, 0o100755, 0o100664];
+
+/// Why git's fsck refuses `name` as a tree entry's name, `None` when it is a good one. This is
+/// plumb's one notion of a path component: a revision is checked out only when every name under
+/// a service's links passes (see the module doc).
+pub fn name_problem(name: &[u8]) -> Option<&'static str> {
+    if name.is_empty() {
+        Some("an empty name")
+    } else if name == b"." || name == b".." {
+        Some("a name that is `.` or `..`")
+    } else if name.eq_ignore_ascii_case(b".git") {
+        Some("the name `.git`")
+    } else if name.contains(&b'/') {
+        Some("a name holding `/`")
+    } else if name.contains(&0) {
+        Some("a name holding NUL")
+    } else {
+        None
+    }
+}
+
+/// Whether git writes entries of mode `raw` (as stored, before libgit2 normalises it).
+fn mode_known(raw: i32) -> bool {
+    FILE_MODES.contains(&raw) || matches!(raw, SYMLINK_MODE | TREE_MODE | GITLINK_MODE)
+}
+
+/// Git's order of tree entries: by name, a tree's name compared as if it ended in `/`.
+fn git_order(a: &[u8], a_tree: bool, b: &[u8], b_tree: bool) -> Ordering {
+    let a = a.iter().copied().chain(a_tree.then_some(b'/'));
+    a.cmp(b.iter().copied().chain(b_tree.then_some(b'/')))
+}
 
 /// The largest file [`Limits::default`] lets through: 256 MiB.
 pub const DEFAULT_MAX_FILE_SIZE: u64 = 256 << 20;
@@ -119,19 +161,16 @@ impl Inspector<'_> {
     fn run(&self) -> Result<(), Found> {
         for link in self.links {
             let link = link.trim_end_matches('/');
-            let entry = match self.root.get_path(Path::new(link)) {
-                Ok(entry) => entry,
+            let Some(entry) = self.way_to(link)? else {
                 // Not in this revision (yet): nothing of it will be checked out.
-                Err(e) if e.code() == ErrorCode::NotFound && e.class() == ErrorClass::Tree => {
-                    continue;
-                }
-                Err(e) => return Err(e.into()),
+                continue;
             };
-            match entry.filemode() {
-                TREE_MODE => self.walk(link.as_bytes(), entry.id())?,
+            let (id, mode) = entry;
+            match mode {
+                TREE_MODE => self.walk(link.as_bytes(), id)?,
                 GITLINK_MODE => {}
                 SYMLINK_MODE => {
-                    let target = self.symlink_target(link.as_bytes(), entry.id())?;
+                    let target = self.symlink_target(link.as_bytes(), id)?;
                     return Err(hostile(
                         link.as_bytes(),
                         format!(
@@ -141,8 +180,124 @@ impl Inspector<'_> {
                         ),
                     ));
                 }
-                _ => self.check_size(link.as_bytes(), entry.id())?,
+                mode if FILE_MODES.contains(&mode) => self.check_size(link.as_bytes(), id)?,
+                mode => return Err(hostile(link.as_bytes(), unknown_mode(mode))),
             }
+        }
+        Ok(())
+    }
+
+    /// The entry at `link` (its object and raw mode), walked down from the root one component at a
+    /// time; `None` when the revision has nothing there. Refuses a tree on the way that holds
+    /// another entry a checkout could take for the link (see the module doc).
+    fn way_to(&self, link: &str) -> Result<Option<(Oid, i32)>, Found> {
+        let mut tree = self.root.clone();
+        let mut dir: Vec<u8> = Vec::new();
+        let mut components = link.split('/').peekable();
+        while let Some(component) = components.next() {
+            let component = component.as_bytes();
+            let mut found = None;
+            for (i, entry) in tree.iter().enumerate() {
+                let name = entry.name_bytes();
+                let confusable = name.strip_prefix(component).is_some_and(|rest| {
+                    rest.starts_with(b"/") || (rest.is_empty() && found.is_some())
+                });
+                if confusable {
+                    return Err(hostile(
+                        &join(&dir, name),
+                        format!(
+                            "tree entry {} could be taken for {link}: {}",
+                            shown(name),
+                            if name == component {
+                                "the directory holds two entries of that name"
+                            } else {
+                                "its name holds `/`"
+                            }
+                        ),
+                    ));
+                }
+                if name == component {
+                    found = Some(i);
+                }
+            }
+            self.check_order(&dir, &tree)?;
+            let Some((id, mode)) = found
+                .and_then(|i| tree.get(i))
+                .map(|e| (e.id(), e.filemode_raw()))
+            else {
+                return Ok(None);
+            };
+            dir = join(&dir, component);
+            if components.peek().is_none() {
+                return Ok(Some((id, mode)));
+            }
+            if mode != TREE_MODE {
+                return Ok(None);
+            }
+            tree = self.tree(&dir, id)?;
+        }
+        Ok(None)
+    }
+
+    /// Tree `id` at `path`; one libgit2 cannot parse is refused, not taken for damage.
+    fn tree(&self, path: &[u8], id: Oid) -> Result<Tree<'_>, Found> {
+        self.repo.find_tree(id).map_err(|e| {
+            if e.code() == ErrorCode::NotFound {
+                Found::Git(e)
+            } else {
+                hostile(path, format!("tree git cannot read: {}", e.message()))
+            }
+        })
+    }
+
+    /// Refuses a tree whose entries are not in git's order or name one thing twice: looking an
+    /// entry up by name (a binary search) and listing the tree would then disagree.
+    fn check_order(&self, dir: &[u8], tree: &Tree<'_>) -> Result<(), Found> {
+        self.check_tree(dir, tree, false)
+    }
+
+    /// Refuses a tree under a link holding an entry git's fsck refuses: a bad name, an unknown
+    /// mode, a name twice, entries out of order.
+    fn check_entries(&self, dir: &[u8], tree: &Tree<'_>) -> Result<(), Found> {
+        self.check_tree(dir, tree, true)
+    }
+
+    /// The order of `tree`, and with `entries` the names and modes of its entries too.
+    fn check_tree(&self, dir: &[u8], tree: &Tree<'_>, entries: bool) -> Result<(), Found> {
+        let mut previous: Option<(Vec<u8>, bool)> = None;
+        let mut names = HashSet::new();
+        for entry in tree.iter() {
+            let (name, mode) = (entry.name_bytes(), entry.filemode_raw());
+            let path = join(dir, name);
+            if entries {
+                if let Some(problem) = name_problem(name) {
+                    return Err(hostile(&path, format!("tree entry with {problem}")));
+                }
+                if !mode_known(mode) {
+                    return Err(hostile(&path, unknown_mode(mode)));
+                }
+                // In git's order, a file and a directory of one name are the only twins left.
+                if !names.insert(name.to_vec()) {
+                    return Err(hostile(
+                        &path,
+                        format!("the directory holds two entries named {}", shown(name)),
+                    ));
+                }
+            }
+            let is_tree = mode == TREE_MODE;
+            if let Some((before, before_tree)) = &previous
+                && git_order(before, *before_tree, name, is_tree) != Ordering::Less
+            {
+                return Err(hostile(
+                    &path,
+                    format!(
+                        "tree entry {} is out of git's order (after {})",
+                        shown(name),
+                        shown(before)
+                    ),
+                ));
+            }
+            previous = Some((name.to_vec(), is_tree));
         }
         Ok(())
     }
@@ -153,9 +308,10 @@ impl Inspector<'_> {
     fn walk(&self, dir: &[u8], id: Oid) -> Result<(), Found> {
         let mut pending = vec![(dir.to_vec(), id)];
         while let Some((dir, id)) = pending.pop() {
-            let tree = self.repo.find_tree(id)?;
+            let tree = self.tree(&dir, id)?;
+            self.check_entries(&dir, &tree)?;
             for entry in tree.iter() {
-                let path = [dir.as_slice(), b"/", entry.name_bytes()].concat();
+                let path = join(&dir, entry.name_bytes());
                 match entry.filemode() {
                     TREE_MODE => pending.push((path, entry.id())),
                     GITLINK_MODE => {}
@@ -300,6 +456,20 @@ impl Inspector<'_> {
             Err(e) => Err(e.into()),
         }
     }
+}
+
+/// `dir/name`, or `name` at the root.
+fn join(dir: &[u8], name: &[u8]) -> Vec<u8> {
+    if dir.is_empty() {
+        name.to_vec()
+    } else {
+        [dir, b"/", name].concat()
+    }
+}
+
+/// Why an entry of mode `mode` is refused.
+fn unknown_mode(mode: i32) -> String {
+    format!("tree entry of mode {mode:o}, which git does not write")
 }
 
 fn components(target: &[u8]) -> impl DoubleEndedIterator<Item = Vec<u8>> + '_ {

@@ -99,7 +99,7 @@ use std::time::Duration;
 
 pub use git2::Oid;
 pub use history::{FileChange, under_links};
-pub use inspect::{DEFAULT_MAX_FILE_SIZE, Limits, human_size};
+pub use inspect::{DEFAULT_MAX_FILE_SIZE, Limits, human_size, name_problem};
 pub use url::{redact_url, repository_key, store_id};
 pub use verify::Trust;
 

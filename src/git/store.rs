@@ -9,7 +9,9 @@
 //! A fetch error that looks like damage may also come from the upstream (a corrupt repository
 //! behind `file://`, a broken pack on the wire). Re-creating the store cannot fix that, so such an
 //! error heals only once until a fetch succeeds again: a broken upstream costs one copy set
-//! aside, not one per fetch.
+//! aside, not one per fetch. That "once" is a file in the new store ([`HEALED_MARK`]), not a
+//! flag of one open `Store`: the daemon opens the store afresh for every job, and a flag would
+//! set a copy aside at every poll.
 
 use std::fs;
 use std::io;
@@ -19,6 +21,10 @@ use std::time::{SystemTime, UNIX_EPOCH};
 use git2::{ErrorClass, ErrorCode, Repository, RepositoryInitOptions};
 
 use super::{GitError, Store, redact_url, store_id};
+
+/// In a store created by healing after a fetch error: until a fetch succeeds, another fetch error
+/// that looks like damage is the upstream's, and does not set this store aside again.
+pub(super) const HEALED_MARK: &str = "plumb-healed-after-fetch-error";
 
 /// Where fetched branches live in a store: `refs/remotes/origin/<branch>`.
 pub(super) const BRANCH_PREFIX: &str = "refs/remotes/origin/";
@@ -94,11 +100,11 @@ impl Store {
         };
         Ok(Store {
             repo,
-            path,
             url: url.to_string(),
             shown,
             damaged: std::cell::Cell::new(false),
-            heal_on_fetch_error: !healed,
+            heal_on_fetch_error: !healed && fs::symlink_metadata(path.join(HEALED_MARK)).is_err(),
+            path,
         })
     }
 
@@ -151,6 +157,24 @@ impl Store {
                 action,
                 source,
             }),
+        }
+    }
+
+    /// Remembers in the store that it was made by healing after a fetch error (see
+    /// [`HEALED_MARK`]). Best effort: without the file, the next fetch error heals once more.
+    pub(super) fn mark_healed_after_fetch(&self) {
+        if let Err(e) = fs::write(self.path.join(HEALED_MARK), b"") {
+            tracing::warn!(store = %self.path.display(), "cannot mark the healed store: {e}");
+        }
+    }
+
+    /// A fetch succeeded: the next fetch error that looks like damage may heal again.
+    pub(super) fn unmark_healed_after_fetch(&self) {
+        match fs::remove_file(self.path.join(HEALED_MARK)) {
+            Err(e) if e.kind() != io::ErrorKind::NotFound => {
+                tracing::warn!(store = %self.path.display(), "cannot unmark the healed store: {e}");
+            }
+            _ => {}
         }
     }
 

@@ -22,6 +22,7 @@
 pub mod container;
 
 use std::fs;
+use std::io::Write as _;
 use std::net::{Ipv4Addr, SocketAddr, TcpListener, TcpStream};
 use std::os::unix::fs::PermissionsExt;
 use std::os::unix::process::CommandExt;
@@ -382,6 +383,54 @@ impl Upstream {
         count
             .parse()
             .unwrap_or_else(|e| panic!("rev-list --count said {count:?}: {e}"))
+    }
+
+    /// Writes an object of type `kind` with exactly `content` into the bare repository, unchecked
+    /// (`--literally`), as a git server without `receive.fsckObjects` stores what it is pushed.
+    /// Returns its hash.
+    pub fn write_literally(&self, kind: &str, content: &[u8]) -> String {
+        let mut hash = git_command(&self.bare)
+            .args(["hash-object", "-t", kind, "--literally", "-w", "--stdin"])
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .spawn()
+            .expect("run git hash-object");
+        hash.stdin
+            .take()
+            .unwrap()
+            .write_all(content)
+            .expect("write to git hash-object");
+        let out = hash.wait_with_output().expect("wait for git hash-object");
+        assert!(out.status.success(), "git hash-object -t {kind}");
+        String::from_utf8(out.stdout).unwrap().trim().to_owned()
+    }
+
+    /// A tree of `entries` (mode, name, object hash), written byte for byte in the order given:
+    /// any name and any order, as a crafted tree can have them. Returns its hash.
+    pub fn raw_tree(&self, entries: &[(&str, &[u8], &str)]) -> String {
+        let mut content = Vec::new();
+        for (mode, name, id) in entries {
+            content.extend_from_slice(mode.as_bytes());
+            content.push(b' ');
+            content.extend_from_slice(name);
+            content.push(0);
+            let id = plumb::git::Oid::from_str(id).expect("an object hash");
+            content.extend_from_slice(id.as_bytes());
+        }
+        self.write_literally("tree", &content)
+    }
+
+    /// A commit of `tree` on top of `parent`, made the head of `main` in the bare repository (the
+    /// work clone does not see it). Returns its hash.
+    pub fn commit_tree(&self, tree: &str, parent: &str, msg: &str) -> String {
+        let commit = git(&self.bare, &["commit-tree", tree, "-p", parent, "-m", msg]);
+        self.set_main(&commit);
+        commit
+    }
+
+    /// Points `main` of the bare repository at `rev`, as a push that rewrote it would.
+    pub fn set_main(&self, rev: &str) {
+        git(&self.bare, &["update-ref", "refs/heads/main", rev]);
     }
 
     /// The upstream's name, `<name>` in `<name>.git`.

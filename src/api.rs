@@ -41,6 +41,25 @@ use crate::proto;
 /// The audit log's file name under the state directory.
 pub const AUDIT_LOG: &str = "audit.log";
 
+/// The largest request body read. The write routes take a few dozen bytes of JSON; a larger body
+/// is refused (413) before it is read, so a caller cannot make the daemon read, hold or audit
+/// megabytes.
+pub const MAX_BODY: usize = 4 << 10;
+
+/// The size at which the audit log is rotated: it is renamed to `audit.log.1` (replacing the one
+/// before) and a new one is started, so the log and its one predecessor take at most twice this.
+pub const AUDIT_MAX_BYTES: u64 = 8 << 20;
+
+/// Entries `GET /v1/audit` returns without `?limit=`.
+pub const AUDIT_DEFAULT_LIMIT: usize = 1000;
+
+/// The longest audit line read back; longer ones (from before bodies were bounded) are skipped.
+const AUDIT_MAX_LINE: usize = 64 << 10;
+
+/// The result of an entry written before its write is carried out; a later entry with the same
+/// `id` holds the outcome and replaces it when the log is read.
+pub const AUDIT_STARTED: &str = "started";
+
 /// Why the API could not start or stopped. Requests never end the API: their errors are answers.
 #[derive(Debug, thiserror::Error)]
 pub enum ApiError {
@@ -341,6 +360,24 @@ struct App {
     access: Access,
     /// Serialises appends, so lines are written and synced one after the other.
     audit: tokio::sync::Mutex<()>,
+    /// The next audit entry id: unix time in nanoseconds at start, then counted up, so ids stay
+    /// unique across restarts.
+    ids: std::sync::atomic::AtomicU64,
+}
+
+impl App {
+    fn next_id(&self) -> u64 {
+        self.ids.fetch_add(1, std::sync::atomic::Ordering::Relaxed)
+    }
+
+    /// Appends `entry` to the audit log and syncs it, one append at a time.
+    async fn audit(&self, entry: proto::AuditEntry) -> io::Result<()> {
+        let _guard = self.audit.lock().await;
+        let path = self.access.audit_log.clone();
+        tokio::task::spawn_blocking(move || append_audit(&path, &entry, AUDIT_MAX_BYTES))
+            .await
+            .map_err(io::Error::other)?
+    }
 }
 
 type Shared = State<Arc<App>>;
@@ -352,6 +389,11 @@ fn router(handle: daemon::Handle, access: Access) -> Router {
         handle,
         access,
         audit: tokio::sync::Mutex::new(()),
+        ids: std::sync::atomic::AtomicU64::new(
+            SystemTime::now()
+                .duration_since(UNIX_EPOCH)
+                .map_or(1, |d| d.as_nanos() as u64),
+        ),
     });
     let v1 = proto::Route::ALL
         .into_iter()
@@ -362,6 +404,7 @@ fn router(handle: daemon::Handle, access: Access) -> Router {
         .nest(proto::PREFIX, v1)
         .fallback(no_route)
         .method_not_allowed_fallback(wrong_method)
+        .layer(axum::extract::DefaultBodyLimit::max(MAX_BODY))
         .with_state(app)
 }
 
@@ -595,34 +638,152 @@ async fn get_audit(
     }
 }
 
-/// The audit log's entries, oldest first, the last `limit` of them. A missing log is empty; a line
-/// that is not an entry (a write cut short by a crash) is skipped with a warning.
+/// The audit log's entries, oldest first, the last `limit` of them ([`AUDIT_DEFAULT_LIMIT`] when
+/// `None`), from `path` and its rotated predecessor `path.1`. Read from the end, so the cost is
+/// the entries returned, not the log's size. An entry written before its write was carried out is
+/// replaced by the later one with its outcome (same `id`); one without (the daemon stopped, or the
+/// outcome could not be written) stays `started`. A missing log is empty; a line that is not an
+/// entry (cut short by a crash, or too long) is skipped with a warning.
 pub fn read_audit(path: &Path, limit: Option<usize>) -> io::Result<Vec<proto::AuditEntry>> {
-    let text = match fs::read_to_string(path) {
-        Ok(t) => t,
-        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(Vec::new()),
-        Err(e) => return Err(e),
-    };
-    let mut entries = Vec::new();
-    for (i, line) in text.lines().enumerate() {
-        if line.trim().is_empty() {
-            continue;
-        }
-        match serde_json::from_str(line) {
-            Ok(e) => entries.push(e),
-            Err(e) => warn!("{}:{}: not an audit entry: {e}", path.display(), i + 1),
+    let limit = limit.unwrap_or(AUDIT_DEFAULT_LIMIT);
+    let mut newest_first = Vec::new();
+    let mut outcomes = std::collections::HashSet::new();
+    let rotated = rotated_path(path);
+    for file in [path, rotated.as_path()] {
+        let mut lines = match fs::File::open(file) {
+            Ok(f) => LinesFromEnd::new(f)?,
+            Err(e) if e.kind() == io::ErrorKind::NotFound => continue,
+            Err(e) => return Err(e),
+        };
+        while newest_first.len() < limit {
+            let Some(line) = lines.next_line()? else {
+                break;
+            };
+            let entry: proto::AuditEntry = match line {
+                Line::Long => {
+                    warn!(
+                        "{}: skipped an audit line over {AUDIT_MAX_LINE} bytes",
+                        file.display()
+                    );
+                    continue;
+                }
+                Line::Text(text) if text.trim_ascii().is_empty() => continue,
+                Line::Text(text) => match serde_json::from_slice(&text) {
+                    Ok(e) => e,
+                    Err(e) => {
+                        warn!("{}: not an audit entry: {e}", file.display());
+                        continue;
+                    }
+                },
+            };
+            if entry.id != 0 {
+                if entry.result == AUDIT_STARTED {
+                    if outcomes.contains(&entry.id) {
+                        continue;
+                    }
+                } else {
+                    outcomes.insert(entry.id);
+                }
+            }
+            newest_first.push(entry);
         }
     }
-    if let Some(n) = limit {
-        entries.drain(..entries.len().saturating_sub(n));
+    newest_first.reverse();
+    Ok(newest_first)
+}
+
+/// `audit.log.1` beside `audit.log`.
+fn rotated_path(path: &Path) -> PathBuf {
+    let mut name = path.as_os_str().to_owned();
+    name.push(".1");
+    PathBuf::from(name)
+}
+
+/// One line read backwards.
+enum Line {
+    Text(Vec<u8>),
+    /// Longer than [`AUDIT_MAX_LINE`]: not kept.
+    Long,
+}
+
+/// A file's lines, last first, read in blocks from the end; memory is one block and one line.
+struct LinesFromEnd {
+    file: fs::File,
+    /// Where the part of the file not yet read ends.
+    pos: u64,
+    /// Read but not yet returned: the tail of a line whose start is still in the file.
+    pending: Vec<u8>,
+    /// The line being gathered is over the limit: drop it whole.
+    long: bool,
+}
+
+impl LinesFromEnd {
+    const BLOCK: u64 = 64 << 10;
+
+    fn new(file: fs::File) -> io::Result<LinesFromEnd> {
+        let pos = file.metadata()?.len();
+        Ok(LinesFromEnd {
+            file,
+            pos,
+            pending: Vec::new(),
+            long: false,
+        })
     }
-    Ok(entries)
+
+    fn next_line(&mut self) -> io::Result<Option<Line>> {
+        use std::os::unix::fs::FileExt;
+        loop {
+            if let Some(nl) = self.pending.iter().rposition(|b| *b == b'\n') {
+                let line = self.pending.split_off(nl + 1);
+                self.pending.truncate(nl);
+                let long = std::mem::take(&mut self.long);
+                if long || line.len() > AUDIT_MAX_LINE {
+                    return Ok(Some(Line::Long));
+                }
+                if line.is_empty() {
+                    continue;
+                }
+                return Ok(Some(Line::Text(line)));
+            }
+            if self.pos == 0 {
+                if self.pending.is_empty() && !self.long {
+                    return Ok(None);
+                }
+                let line = std::mem::take(&mut self.pending);
+                let long = std::mem::take(&mut self.long);
+                return Ok(Some(if long || line.len() > AUDIT_MAX_LINE {
+                    Line::Long
+                } else {
+                    Line::Text(line)
+                }));
+            }
+            if self.pending.len() > AUDIT_MAX_LINE {
+                // No line start in sight: keep only that this line is too long.
+                self.pending.clear();
+                self.long = true;
+            }
+            let n = Self::BLOCK.min(self.pos);
+            self.pos -= n;
+            let mut block = vec![0; n as usize];
+            self.file.read_exact_at(&mut block, self.pos)?;
+            block.append(&mut self.pending);
+            self.pending = block;
+        }
+    }
 }
 
 /// Appends `entry` as one line and syncs it: an audit entry that a crash can lose is worth little.
-pub fn append_audit(path: &Path, entry: &proto::AuditEntry) -> io::Result<()> {
+/// A log that would grow past `max_bytes` is first rotated to `audit.log.1` (see
+/// [`AUDIT_MAX_BYTES`]).
+pub fn append_audit(path: &Path, entry: &proto::AuditEntry, max_bytes: u64) -> io::Result<()> {
     let mut line = serde_json::to_vec(entry).map_err(io::Error::other)?;
     line.push(b'\n');
+    match fs::metadata(path) {
+        Ok(m) if m.len() > 0 && m.len() + line.len() as u64 > max_bytes => {
+            fs::rename(path, rotated_path(path))?;
+        }
+        _ => {}
+    }
     let mut f = OpenOptions::new()
         .append(true)
         .create(true)
@@ -671,10 +832,10 @@ impl Change {
 fn change(action: &str, bytes: &[u8]) -> Result<Change, Failure> {
     match action {
         "freeze" => body(bytes).map(Change::Freeze),
-        "unfreeze" => body::<serde_json::Value>(bytes).map(|_| Change::Unfreeze),
+        "unfreeze" => body::<NoArguments>(bytes).map(|_| Change::Unfreeze),
         "rollback" => body(bytes).map(Change::Rollback),
         "pull" => body(bytes).map(Change::Pull),
-        "wipe" => body::<serde_json::Value>(bytes).map(|_| Change::Wipe),
+        "wipe" => body::<NoArguments>(bytes).map(|_| Change::Wipe),
         other => Err(Failure::new(
             StatusCode::NOT_FOUND,
             format!("no write {other:?}"),
@@ -700,7 +861,7 @@ pub fn write_command(
 /// The longest freeze with a duration: a hundred years. Longer is refused rather than kept, since
 /// the daemon schedules the freeze's end as a point in time (an `Instant`), which a duration near
 /// `u64::MAX` seconds would overflow; "until unfrozen" is a freeze without a duration.
-pub const MAX_FREEZE: Duration = Duration::from_secs(100 * 365 * 86_400);
+pub const MAX_FREEZE: Duration = crate::config::MAX_DURATION;
 
 /// A freeze's duration: "90m", "2h", "1d" and anything humantime reads, more than zero and at most
 /// [`MAX_FREEZE`].
@@ -723,20 +884,42 @@ fn parse_duration(d: &str) -> Result<Duration, Failure> {
     }
 }
 
-/// A JSON request body; an empty body reads as `{}` so optional fields take their defaults.
+/// A JSON request body: an object whose keys are all the route's (a misspelt key is an error
+/// naming it, never a default); an empty body reads as `{}` so optional fields take their defaults.
 fn body<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, Failure> {
-    let bytes: &[u8] = if bytes.iter().all(u8::is_ascii_whitespace) {
-        b"{}"
-    } else {
-        bytes
-    };
-    serde_json::from_slice(bytes).map_err(|e| {
+    let bad = |why: String| {
         Failure::new(
             StatusCode::BAD_REQUEST,
-            format!("the request body is not valid JSON for this route: {e}"),
+            format!("the request body is not valid JSON for this route: {why}"),
         )
-    })
+    };
+    let value: serde_json::Value = if bytes.iter().all(u8::is_ascii_whitespace) {
+        serde_json::json!({})
+    } else {
+        serde_json::from_slice(bytes).map_err(|e| bad(e.to_string()))?
+    };
+    if !value.is_object() {
+        return Err(bad(format!("expected a JSON object, got {}", kind(&value))));
+    }
+    serde_json::from_value(value).map_err(|e| bad(e.to_string()))
 }
+
+/// What a JSON value is, for messages.
+fn kind(value: &serde_json::Value) -> &'static str {
+    match value {
+        serde_json::Value::Null => "null",
+        serde_json::Value::Bool(_) => "a boolean",
+        serde_json::Value::Number(_) => "a number",
+        serde_json::Value::String(_) => "a string",
+        serde_json::Value::Array(_) => "an array",
+        serde_json::Value::Object(_) => "an object",
+    }
+}
+
+/// The body of the writes that take no arguments: empty or `{}`.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct NoArguments {}
 
 /// The request body as the audit log records it: the JSON as sent, or the text when it is not JSON.
 pub fn arguments(bytes: &[u8]) -> serde_json::Value {
@@ -790,24 +973,53 @@ async fn wipe(State(app): Shared, ConnectInfo(peer): Conn, name: Name, bytes: Bo
     write(&app, peer, "wipe", name, bytes).await
 }
 
-/// One write: authorise, parse, call the daemon, and audit whatever happened.
+/// One write: authorise, parse, record it, call the daemon, and record the outcome. A write the
+/// audit log cannot record is not carried out (503, nothing changes): its entry is synced before
+/// the daemon is asked, and the outcome follows in a second entry with the same id. A write
+/// refused before that (403, a bad body) has one entry, the refusal.
 async fn write(app: &App, peer: Peer, action: &'static str, name: Name, bytes: Body) -> Response {
     let caller = resolve(peer, &app.access).await;
     let service = name.as_ref().ok().map(|UrlPath(n)| n.clone());
-    let (args, outcome) = match bytes {
+    let (arguments, command) = match bytes {
         Err(e) => (
             serde_json::json!({}),
             Err(Failure::new(e.status(), e.body_text())),
         ),
-        Ok(bytes) => {
-            let args = arguments(&bytes);
-            let outcome = if caller.role < Role::Admin {
-                Err(refusal(&caller, &app.access, true))
-            } else {
-                carry_out(app, action, name, &bytes).await
-            };
-            (args, outcome)
+        Ok(bytes) if caller.role < Role::Admin => {
+            (arguments(&bytes), Err(refusal(&caller, &app.access, true)))
         }
+        Ok(bytes) => (
+            arguments(&bytes),
+            path_name(name).and_then(|name| change(action, &bytes)?.command(name, unix_now())),
+        ),
+    };
+    let id = app.next_id();
+    let entry = |result: String| proto::AuditEntry {
+        id,
+        time: unix_now(),
+        uid: caller.uid,
+        user: caller.user.clone(),
+        action: action.to_owned(),
+        service: service.clone(),
+        arguments: arguments.clone(),
+        result,
+    };
+    let outcome = match command {
+        Err(f) => Err(f),
+        Ok(command) => match app.audit(entry(AUDIT_STARTED.to_owned())).await {
+            Err(e) => Err(Failure::new(
+                StatusCode::SERVICE_UNAVAILABLE,
+                format!(
+                    "nothing was changed: the write cannot be recorded in the audit log {}: {e}",
+                    app.access.audit_log.display()
+                ),
+            )),
+            Ok(()) => match app.handle.call(command).await {
+                Ok(Reply::Action(r)) => Ok(*r),
+                Ok(other) => Err(unexpected(&other)),
+                Err(e) => Err(e.into()),
+            },
+        },
     };
     let result = match &outcome {
         Ok(r) if r.ok => "ok".to_owned(),
@@ -822,45 +1034,15 @@ async fn write(app: &App, peer: Peer, action: &'static str, name: Name, bytes: B
         service = ?service,
         "{action}: {result}"
     );
-    let entry = proto::AuditEntry {
-        time: unix_now(),
-        uid: caller.uid,
-        user: caller.user,
-        action: action.to_owned(),
-        service,
-        arguments: args,
-        result,
-    };
-    {
-        let _guard = app.audit.lock().await;
-        let path = app.access.audit_log.clone();
-        let appended = tokio::task::spawn_blocking(move || append_audit(&path, &entry)).await;
-        match appended {
-            Ok(Ok(())) => {}
-            Ok(Err(e)) => error!(
-                "cannot append to the audit log {}: {e}",
-                app.access.audit_log.display()
-            ),
-            Err(e) => error!("appending to the audit log: {e}"),
-        }
+    if let Err(e) = app.audit(entry(result)).await {
+        error!(
+            "cannot append to the audit log {}: {e}",
+            app.access.audit_log.display()
+        );
     }
     match outcome {
         Ok(r) => json(StatusCode::OK, &r),
         Err(f) => f.into_response(),
-    }
-}
-
-async fn carry_out(
-    app: &App,
-    action: &str,
-    name: Name,
-    bytes: &[u8],
-) -> Result<proto::ActionResult, Failure> {
-    let name = path_name(name)?;
-    let command = change(action, bytes)?.command(name, unix_now())?;
-    match app.handle.call(command).await? {
-        Reply::Action(r) => Ok(*r),
-        other => Err(unexpected(&other)),
     }
 }
 
@@ -952,6 +1134,25 @@ mod tests {
         assert!(f.message.contains("revision"), "{}", f.message);
         let f = body::<proto::FreezeRequest>(b"{not json").unwrap_err();
         assert_eq!(f.status, StatusCode::BAD_REQUEST);
+        // A misspelt key is an error naming it, never a freeze until unfrozen.
+        let f = body::<proto::FreezeRequest>(br#"{"duraton":"2h"}"#).unwrap_err();
+        assert_eq!(f.status, StatusCode::BAD_REQUEST);
+        assert!(
+            f.message.contains("unknown field `duraton`"),
+            "{}",
+            f.message
+        );
+        for not_object in [&b"[]"[..], b"null", b"\"2h\"", b"1"] {
+            let f = body::<proto::PullRequest>(not_object).unwrap_err();
+            assert!(
+                f.message.contains("expected a JSON object"),
+                "{}",
+                f.message
+            );
+        }
+        assert!(body::<NoArguments>(b"{}").is_ok());
+        let f = body::<NoArguments>(br#"{"force":true}"#).unwrap_err();
+        assert!(f.message.contains("unknown field `force`"), "{}", f.message);
         assert_eq!(arguments(b""), serde_json::json!({}));
         assert_eq!(
             arguments(b"{\"force\":true}"),
@@ -960,22 +1161,26 @@ mod tests {
         assert_eq!(arguments(b"x"), serde_json::json!({"body": "x"}));
     }
 
-    #[test]
-    fn audit_log_round_trip_and_limit() {
-        let dir = tempfile::tempdir().unwrap();
-        let path = audit_path(dir.path());
-        assert!(read_audit(&path, None).unwrap().is_empty());
-        let entry = |i: u64| proto::AuditEntry {
-            time: i,
+    fn entry(id: u64, result: &str) -> proto::AuditEntry {
+        proto::AuditEntry {
+            id,
+            time: id,
             uid: 0,
             user: "root".into(),
             action: "freeze".into(),
             service: Some("nginx".into()),
             arguments: serde_json::json!({}),
-            result: "ok".into(),
-        };
-        for i in 0..3 {
-            append_audit(&path, &entry(i)).unwrap();
+            result: result.into(),
+        }
+    }
+
+    #[test]
+    fn audit_log_round_trip_and_limit() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = audit_path(dir.path());
+        assert!(read_audit(&path, None).unwrap().is_empty());
+        for i in 1..=3 {
+            append_audit(&path, &entry(i, "ok"), AUDIT_MAX_BYTES).unwrap();
         }
         // A torn line from a crash is skipped, not fatal.
         fs::OpenOptions::new()
@@ -985,15 +1190,95 @@ mod tests {
             .write_all(b"{\"time\":")
             .unwrap();
         let all = read_audit(&path, None).unwrap();
-        assert_eq!(all, vec![entry(0), entry(1), entry(2)]);
+        assert_eq!(all, vec![entry(1, "ok"), entry(2, "ok"), entry(3, "ok")]);
         assert_eq!(
             read_audit(&path, Some(2)).unwrap(),
-            vec![entry(1), entry(2)]
+            vec![entry(2, "ok"), entry(3, "ok")]
         );
         assert_eq!(read_audit(&path, Some(10)).unwrap().len(), 3);
         assert!(read_audit(&path, Some(0)).unwrap().is_empty());
         let mode = fs::metadata(&path).unwrap().permissions().mode() & 0o777;
         assert_eq!(mode & 0o007, 0, "the audit log is not world-readable");
+    }
+
+    #[test]
+    fn an_outcome_replaces_its_started_entry_and_a_lost_one_stays_started() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = audit_path(dir.path());
+        for e in [
+            entry(1, AUDIT_STARTED),
+            entry(2, "refused: may only read"),
+            entry(3, AUDIT_STARTED),
+            entry(1, "ok"),
+            entry(4, AUDIT_STARTED),
+            entry(4, "failed: frozen"),
+        ] {
+            append_audit(&path, &e, AUDIT_MAX_BYTES).unwrap();
+        }
+        let results: Vec<(u64, String)> = read_audit(&path, None)
+            .unwrap()
+            .into_iter()
+            .map(|e| (e.id, e.result))
+            .collect();
+        assert_eq!(
+            results,
+            [
+                (2, "refused: may only read".to_owned()),
+                (3, AUDIT_STARTED.to_owned()),
+                (1, "ok".to_owned()),
+                (4, "failed: frozen".to_owned()),
+            ]
+        );
+    }
+
+    #[test]
+    fn the_audit_log_rotates_once_and_is_read_from_the_end() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = audit_path(dir.path());
+        // Ids of one length, so each file has room for exactly ten entries.
+        let line = serde_json::to_vec(&entry(100, "ok")).unwrap().len() as u64 + 1;
+        let max = line * 10;
+        for i in 100..=134 {
+            append_audit(&path, &entry(i, "ok"), max).unwrap();
+        }
+        assert!(fs::metadata(&path).unwrap().len() <= max);
+        assert!(fs::metadata(rotated_path(&path)).unwrap().len() <= max);
+        let ids: Vec<u64> = read_audit(&path, None)
+            .unwrap()
+            .iter()
+            .map(|e| e.id)
+            .collect();
+        assert_eq!(
+            ids,
+            (120..=134).collect::<Vec<_>>(),
+            "this file and the one before"
+        );
+        let ids: Vec<u64> = read_audit(&path, Some(3))
+            .unwrap()
+            .iter()
+            .map(|e| e.id)
+            .collect();
+        assert_eq!(ids, [132, 133, 134]);
+    }
+
+    #[test]
+    fn lines_from_the_end_of_any_size() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("lines");
+        let long = "y".repeat(AUDIT_MAX_LINE + 10);
+        let block = "z".repeat(LinesFromEnd::BLOCK as usize * 2 + 3);
+        let text = format!("a\n{long}\n\nb\n{block}\nc");
+        fs::write(&path, &text).unwrap();
+        let mut lines = LinesFromEnd::new(fs::File::open(&path).unwrap()).unwrap();
+        let mut got = Vec::new();
+        while let Some(line) = lines.next_line().unwrap() {
+            got.push(match line {
+                Line::Text(t) if t.len() > 10 => format!("{} bytes", t.len()),
+                Line::Text(t) => String::from_utf8(t).unwrap(),
+                Line::Long => "long".to_owned(),
+            });
+        }
+        assert_eq!(got, ["c", "long", "b", "long", "a"]);
     }
 
     #[test]

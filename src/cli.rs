@@ -87,14 +87,14 @@ pub enum Command {
     },
 }
 
-/// `--interval`: a humantime duration of at most 100 years, like the config's durations (the
-/// daemon schedules with `Instant::now() + interval`, which a larger one would overflow).
+/// `--interval`: a humantime duration under the config's rules for `plumb.interval`
+/// ([`crate::config::interval_problem`]).
 fn interval(text: &str) -> Result<Duration, String> {
     let d = humantime::parse_duration(text).map_err(|e| e.to_string())?;
-    if d > Duration::from_secs(100 * 365 * 86_400) {
-        return Err("longer than 100 years".to_owned());
+    match crate::config::interval_problem(d) {
+        Some(problem) => Err(problem.to_owned()),
+        None => Ok(d),
     }
-    Ok(d)
 }
 
 impl Cli {

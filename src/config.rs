@@ -914,12 +914,8 @@ impl Cx<'_> {
         }
         if let Some(i) = p.interval {
             s.interval = self.duration(&i, "plumb.interval")?;
-            if s.interval.is_zero() {
-                return Err(self.at(
-                    i.span().start,
-                    "plumb.interval".to_owned(),
-                    "must be more than 0s",
-                ));
+            if let Some(problem) = interval_problem(s.interval) {
+                return Err(self.at(i.span().start, "plumb.interval".to_owned(), problem));
             }
             s.jitter = s.interval / 10;
         }
@@ -1020,9 +1016,6 @@ impl Cx<'_> {
     }
 
     fn duration(&self, v: &Spanned<String>, key: &str) -> Result<Duration, ConfigError> {
-        // plumb schedules with `Instant::now() + duration`, which panics past the clock's range
-        // (humantime reads up to u64::MAX seconds); no setting needs anywhere near a century.
-        const MAX: Duration = Duration::from_secs(100 * 365 * 86_400);
         let d = humantime::parse_duration(v.get_ref()).map_err(|e| {
             self.at(
                 v.span().start,
@@ -1033,7 +1026,7 @@ impl Cx<'_> {
                 ),
             )
         })?;
-        if d > MAX {
+        if d > MAX_DURATION {
             return Err(self.at(
                 v.span().start,
                 key.to_owned(),
@@ -1041,6 +1034,23 @@ impl Cx<'_> {
             ));
         }
         Ok(d)
+    }
+}
+
+/// The longest duration any setting takes. plumb schedules with `Instant::now() + duration`,
+/// which panics past the clock's range (humantime reads up to u64::MAX seconds); no setting needs
+/// anywhere near a century.
+pub const MAX_DURATION: Duration = Duration::from_secs(100 * 365 * 86_400);
+
+/// Why `interval` cannot be the poll interval, `None` when it can: the config's `plumb.interval`
+/// and the command line's `--interval` obey the same rule (0s would poll in a busy loop).
+pub fn interval_problem(interval: Duration) -> Option<&'static str> {
+    if interval.is_zero() {
+        Some("must be more than 0s")
+    } else if interval > MAX_DURATION {
+        Some("must be at most 100 years")
+    } else {
+        None
     }
 }
 

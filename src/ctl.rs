@@ -1528,6 +1528,7 @@ web1  yes   nginx, grafana-server
                 machine: "web1".into(),
                 outcome: Ok(Body::Audit(vec![
                     proto::AuditEntry {
+                        id: 0,
                         time: NOW,
                         uid: 1000,
                         user: "alice".into(),
@@ -1537,6 +1538,7 @@ web1  yes   nginx, grafana-server
                         result: "ok".into(),
                     },
                     proto::AuditEntry {
+                        id: 0,
                         time: NOW + 5,
                         uid: 1001,
                         user: String::new(),

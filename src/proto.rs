@@ -143,6 +143,7 @@ pub struct Services {
 
 /// `POST /v1/services/{name}/freeze`.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
 pub struct FreezeRequest {
     /// How long, as "90m", "2h", "1d"; absent: until unfrozen.
     #[serde(default)]
@@ -151,6 +152,7 @@ pub struct FreezeRequest {
 
 /// `POST /v1/services/{name}/rollback`.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
 pub struct RollbackRequest {
     /// Full or abbreviated hash, or any revision git accepts, in the service's history.
     pub revision: String,
@@ -158,6 +160,7 @@ pub struct RollbackRequest {
 
 /// `POST /v1/services/{name}/pull`.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
 pub struct PullRequest {
     /// Also drop local edits (drift) to the service's files.
     #[serde(default)]
@@ -199,9 +202,13 @@ pub struct ErrorBody {
     pub error: String,
 }
 
-/// One line of the audit log (`GET /v1/audit`): every write, allowed or refused.
+/// One entry of the audit log (`GET /v1/audit`): every write, allowed or refused.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct AuditEntry {
+    /// Ties the entry written before a write is carried out (result `started`) to the one with
+    /// its outcome; 0 in entries of plumb versions before it.
+    #[serde(default)]
+    pub id: u64,
     pub time: u64,
     pub uid: u32,
     pub user: String,

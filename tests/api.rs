@@ -395,9 +395,27 @@ fn groups_decide_who_may_read_and_write_and_every_write_is_audited() {
     assert_eq!(audit[1]["arguments"], json!({ "duration": "2h" }));
     let last = plumb.curl(Some(&reader), "GET", "/v1/audit?limit=1", None);
     assert_eq!(last.body, json!([audit[2].clone()]));
-    // The log itself: one JSON line per write, not readable by everyone.
+    // The log itself: one JSON line per refused write, two per write carried out (one before,
+    // one with the outcome), not readable by everyone.
     let log = plumb.state.join("audit.log");
-    assert_eq!(fs::read_to_string(&log).unwrap().lines().count(), 3);
+    let lines: Vec<Value> = fs::read_to_string(&log)
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    let results: Vec<&str> = lines
+        .iter()
+        .map(|e| e["result"].as_str().unwrap())
+        .collect();
+    assert_eq!(results.len(), 5, "{lines:#?}");
+    assert!(results[0].starts_with("refused: "), "{results:?}");
+    assert_eq!(
+        results[1..],
+        ["started", "ok", "started", "ok"],
+        "{results:?}"
+    );
+    assert_eq!(lines[1]["id"], lines[2]["id"]);
+    assert_ne!(lines[2]["id"], lines[3]["id"]);
     assert_eq!(fs::metadata(&log).unwrap().permissions().mode() & 0o007, 0);
 
     // With the socket opened to everyone, the API still refuses the stranger, by its credentials.
@@ -543,4 +561,128 @@ fn bind_replaces_only_a_stale_socket() {
         assert!(matches!(e, api::ApiError::NotASocket { .. }), "{e}");
         assert_eq!(fs::read_to_string(&file).unwrap(), "x");
     });
+}
+
+/// What a caller can make the daemon read, keep and write is bounded: a body over a few KiB is
+/// refused before it is read, and 50 of them, from a read-only member, add a few kilobytes to the
+/// audit log, not 100 MB. A misspelt key or a body that is not an object is an error naming it,
+/// not a write with defaults.
+#[test]
+fn bodies_are_small_strict_objects_and_refusals_cost_bytes() {
+    require_root();
+    let root = temp_root();
+    let mut accounts = Accounts::new();
+    let admin_group = accounts.group("pla");
+    let ro_group = accounts.group("plr");
+    let reader = accounts.user("pur", &[&ro_group]);
+    let plumb = Plumb::start(root.path(), &admin_group, &ro_group);
+
+    let big = root.path().join("big.json");
+    fs::write(
+        &big,
+        format!("{{\"duration\":\"{}\"}}", "x".repeat(2 << 20)),
+    )
+    .unwrap();
+    let big = format!("@{}", big.display());
+    let log = plumb.state.join("audit.log");
+    for who in [Some(reader.as_str()), None] {
+        for service in ["web", "no-such-service"] {
+            let a = plumb.curl(
+                who,
+                "POST",
+                &format!("/v1/services/{service}/freeze"),
+                Some(&big),
+            );
+            assert_eq!(a.status, 413, "{who:?}: {a:?}");
+        }
+    }
+    for _ in 0..50 {
+        let a = plumb.curl(
+            Some(&reader),
+            "POST",
+            "/v1/services/no-such-service/freeze",
+            Some(&big),
+        );
+        assert_eq!(a.status, 413, "{a:?}");
+    }
+    let size = fs::metadata(&log).unwrap().len();
+    assert!(
+        size < 54 * 1024,
+        "54 refused 2 MB bodies wrote {size} bytes to the audit log"
+    );
+    let last = plumb.audit().pop().unwrap();
+    assert!(
+        last["result"].as_str().unwrap().starts_with("error 413"),
+        "{last}"
+    );
+
+    let a = plumb.curl(
+        None,
+        "POST",
+        "/v1/services/web/freeze",
+        Some(r#"{"duraton":"2h"}"#),
+    );
+    assert_eq!(a.status, 400, "{a:?}");
+    assert!(a.error().contains("unknown field `duraton`"), "{a:?}");
+    let a = plumb.curl(None, "POST", "/v1/services/web/pull", Some("[]"));
+    assert_eq!(a.status, 400, "{a:?}");
+    assert!(a.error().contains("expected a JSON object"), "{a:?}");
+    let a = plumb.curl(
+        None,
+        "POST",
+        "/v1/services/web/wipe",
+        Some(r#"{"force":true}"#),
+    );
+    assert_eq!(a.status, 400, "{a:?}");
+    let web = plumb.curl(None, "GET", "/v1/services/web", None);
+    assert_eq!(web.body["state"], "OK", "no write happened: {web:?}");
+}
+
+/// A write the audit log cannot record is not made: with the state directory full, a freeze is
+/// answered 503 and the service is not frozen, then or once space is back.
+#[test]
+fn a_write_the_audit_log_cannot_record_is_not_made() {
+    require_root();
+    let root = temp_root();
+    let _state = support::Tmpfs::mount(&root.path().join("state"), "4m");
+    let plumb = Plumb::start(
+        root.path(),
+        "plumb-test-no-such-admin",
+        "plumb-test-no-such-ro",
+    );
+    let filler = plumb.state.join("filler");
+    let mut file = fs::File::create(&filler).unwrap();
+    let chunk = vec![0u8; 64 << 10];
+    while std::io::Write::write_all(&mut file, &chunk).is_ok() {}
+    drop(file);
+
+    let a = plumb.curl(None, "POST", "/v1/services/web/freeze", None);
+    assert_eq!(a.status, 503, "{a:?}");
+    assert!(
+        a.error()
+            .starts_with("nothing was changed: the write cannot be recorded in the audit log"),
+        "{a:?}"
+    );
+    let web = plumb.curl(None, "GET", "/v1/services/web", None);
+    assert_eq!(web.body["state"], "OK", "{web:?}");
+
+    fs::remove_file(&filler).unwrap();
+    let web = plumb.curl(None, "GET", "/v1/services/web", None);
+    assert_eq!(
+        web.body["state"], "OK",
+        "the refused freeze did not wait for space: {web:?}"
+    );
+    let a = plumb.curl(None, "POST", "/v1/services/web/freeze", None);
+    assert_eq!(a.status, 200, "{a:?}");
+    let audit = plumb.audit();
+    let last = audit.last().unwrap();
+    assert_eq!(
+        (last["action"].as_str(), last["result"].as_str()),
+        (Some("freeze"), Some("ok"))
+    );
+    assert_eq!(
+        audit.iter().filter(|e| e["result"] == "ok").count(),
+        1,
+        "{audit:#?}"
+    );
 }

@@ -1712,3 +1712,31 @@ fn a_deploy_that_does_not_fit_leaves_the_last_revision_whole_and_the_next_one_de
     assert_eq!(fs::read_to_string(live.join("a")).unwrap(), "a3\n");
     assert_eq!(fs::read_to_string(live.join("b")).unwrap(), "b2\n");
 }
+
+/// The command line's poll interval obeys the config's rule: `--interval 0s` would poll in a busy
+/// loop, so it is refused before anything starts, as `interval = "0s"` in the config is.
+#[test]
+fn a_zero_interval_on_the_command_line_is_refused() {
+    let root = temp_root();
+    let m = Machine::new(root.path(), "");
+    m.write_config("");
+    let out = m
+        .command()
+        .args(["--once", "--interval", "0s"])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2), "{out:?}");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains("--interval") && stderr.contains("must be more than 0s"),
+        "{stderr}"
+    );
+    m.write_config_with("interval = \"0s\"\n", "");
+    let out = m.command().arg("--once").output().unwrap();
+    assert!(!out.status.success());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains("plumb.interval: must be more than 0s"),
+        "{stderr}"
+    );
+}

@@ -30,6 +30,7 @@ fuzz_target!(|data: &[u8]| {
 fn writes(data: &[u8]) {
     let args = plumb::api::arguments(data);
     let entry = plumb::proto::AuditEntry {
+        id: 0,
         time: NOW,
         uid: 0,
         user: "root".into(),

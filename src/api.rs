@@ -20,13 +20,11 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use axum::Router;
 use axum::body::Bytes;
-use axum::extract::connect_info::Connected;
 use axum::extract::rejection::{BytesRejection, PathRejection, QueryRejection};
 use axum::extract::{ConnectInfo, Path as UrlPath, Query, State};
 use axum::http::{Method, StatusCode, Uri};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{MethodFilter, MethodRouter, on};
-use axum::serve::IncomingStream;
 use nix::unistd::{Gid, Group, Uid, User};
 use serde::Deserialize;
 use serde::de::DeserializeOwned;
@@ -36,6 +34,7 @@ use tracing::{error, info, warn};
 
 use crate::config::Config;
 use crate::daemon::{self, Command, CommandError, Reply};
+use crate::listener;
 use crate::proto;
 
 /// The audit log's file name under the state directory.
@@ -91,8 +90,6 @@ pub enum ApiError {
         #[source]
         source: io::Error,
     },
-    #[error("serving the API: {0}")]
-    Serve(#[source] io::Error),
 }
 
 /// The audit log of the state directory `state_dir`.
@@ -233,9 +230,10 @@ pub struct Peer {
     pub pid: Option<i32>,
 }
 
-impl Connected<IncomingStream<'_, UnixListener>> for Peer {
-    fn connect_info(stream: IncomingStream<'_, UnixListener>) -> Self {
-        match stream.io().peer_cred() {
+impl Peer {
+    /// The credentials of the process at the other end of `stream`, read once when it connected.
+    pub fn of(stream: &tokio::net::UnixStream) -> Peer {
+        match stream.peer_cred() {
             Ok(c) => Peer {
                 uid: Some(c.uid()),
                 gid: Some(c.gid()),
@@ -333,26 +331,22 @@ fn group_id(name: &str) -> Option<u32> {
 }
 
 /// Serves the API on `listener` until `shutdown` is cancelled, then lets requests in flight finish
-/// and removes the socket file.
+/// and removes the socket file. Connections are limited as [`listener::API`] says.
 pub async fn serve(
     listener: UnixListener,
     handle: daemon::Handle,
     access: Access,
     shutdown: CancellationToken,
-) -> Result<(), ApiError> {
+) {
     let socket = listener
         .local_addr()
         .ok()
         .and_then(|a| a.as_pathname().map(Path::to_owned));
     let app = router(handle, access);
-    let result = axum::serve(listener, app.into_make_service_with_connect_info::<Peer>())
-        .with_graceful_shutdown(async move { shutdown.cancelled().await })
-        .await
-        .map_err(ApiError::Serve);
+    listener::serve("control API", listener, app, listener::API, shutdown).await;
     if let Some(path) = socket {
         let _ = fs::remove_file(path);
     }
-    result
 }
 
 struct App {

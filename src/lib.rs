@@ -17,6 +17,7 @@ pub mod generator;
 pub mod git;
 pub mod hook;
 pub mod layout;
+pub mod listener;
 pub mod metrics;
 pub mod notify;
 pub mod owner;

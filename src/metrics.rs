@@ -17,13 +17,6 @@ use tokio_util::sync::CancellationToken;
 
 use crate::service::{self, State};
 
-/// Errors of the metrics listener.
-#[derive(Debug, thiserror::Error)]
-pub enum MetricsError {
-    #[error("metrics listener: {0}")]
-    Serve(#[source] std::io::Error),
-}
-
 /// Every metric plumb exports, in one registry.
 pub struct Metrics {
     registry: Registry,
@@ -277,13 +270,14 @@ impl Metrics {
     }
 }
 
-/// Serves `GET /metrics` on `listener` until `shutdown`.
+/// Serves `GET /metrics` (and the push webhook when there is one) on `listener` until `shutdown`,
+/// connections limited as [`crate::listener::METRICS`] says.
 pub async fn serve(
     listener: tokio::net::TcpListener,
     metrics: Arc<Metrics>,
     hook: Option<Arc<crate::hook::Hook>>,
     shutdown: CancellationToken,
-) -> Result<(), MetricsError> {
+) {
     use axum::http::header;
     let hooks = match hook {
         Some(h) => axum::Router::new()
@@ -306,10 +300,7 @@ pub async fn serve(
             }
         }),
     );
-    axum::serve(listener, app)
-        .with_graceful_shutdown(async move { shutdown.cancelled().await })
-        .await
-        .map_err(MetricsError::Serve)
+    crate::listener::serve("metrics", listener, app, crate::listener::METRICS, shutdown).await;
 }
 
 #[cfg(test)]

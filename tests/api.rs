@@ -161,9 +161,7 @@ impl Plumb {
         });
         let sd = shutdown.clone();
         let api = rt.spawn(async move {
-            if let Err(e) = api::serve(listener, handle, access, sd).await {
-                panic!("api: {e}");
-            }
+            api::serve(listener, handle, access, sd).await;
         });
         let p = Plumb {
             rt,

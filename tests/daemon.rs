@@ -1740,3 +1740,95 @@ fn a_zero_interval_on_the_command_line_is_refused() {
         "{stderr}"
     );
 }
+
+/// Raises this process's soft limit on open files to what a flood of `n` connections needs.
+fn allow_open_files(n: u64) {
+    use nix::sys::resource::{Resource, getrlimit, setrlimit};
+    let (soft, hard) = getrlimit(Resource::RLIMIT_NOFILE).unwrap();
+    if soft < n {
+        assert!(
+            hard >= n,
+            "the hard limit on open files ({hard}) is under {n}"
+        );
+        setrlimit(Resource::RLIMIT_NOFILE, n, hard).unwrap();
+    }
+}
+
+/// 1,100 TCP connections and 200 on the control socket, each holding half a request, take no
+/// more than their places: a push is still deployed at the next poll, the daemon closes the
+/// half-open connections after the header timeout, and `/metrics` answers once they are gone.
+#[test]
+fn slow_clients_cannot_starve_the_daemon() {
+    use std::io::{Read, Write};
+    require_root();
+    allow_open_files(4096);
+    let root = temp_root();
+    let up = Upstream::new(root.path(), "flooded");
+    up.write("app/conf", "1").commit("v1");
+    let port = free_port();
+    let m = Machine::new(root.path(), "");
+    m.write_config_with(
+        &format!("metrics_address = \"127.0.0.1:{port}\"\n"),
+        &service("app", &up.file_url(), &["app"]),
+    );
+    let _d = m.spawn();
+    wait_until("/metrics answers", DEADLINE, || {
+        scrape(port).contains("plumb_service_state")
+    });
+
+    let partial = b"GET /metrics HTTP/1.1\r\nHost: plumb\r\nX-Slow: ";
+    let mut held_tcp = Vec::new();
+    for _ in 0..1100 {
+        let Ok(mut s) = std::net::TcpStream::connect(("127.0.0.1", port)) else {
+            continue;
+        };
+        // A connection the daemon closed at once (over the cap) may refuse the write.
+        let _ = s.write_all(partial);
+        held_tcp.push(s);
+    }
+    let socket = m.state.with_extension("sock");
+    let mut held_unix = Vec::new();
+    for _ in 0..200 {
+        if let Ok(mut s) = std::os::unix::net::UnixStream::connect(&socket) {
+            let _ = s.write_all(partial);
+            held_unix.push(s);
+        }
+    }
+    assert!(held_tcp.len() > 1000, "{} connections made", held_tcp.len());
+
+    let v2 = up.write("app/conf", "2").commit("v2");
+    wait_until(
+        "v2 deployed while the connections are held",
+        DEADLINE,
+        || m.rev("app").as_deref() == Some(v2.as_str()),
+    );
+    assert_eq!(m.read("app", "app/conf").as_deref(), Some("2"));
+
+    // Every held connection is closed by the daemon: a read ends (EOF or reset) instead of
+    // waiting for the answer forever.
+    let n = held_tcp.len();
+    for s in held_tcp
+        .iter_mut()
+        .enumerate()
+        .filter(|(i, _)| *i < 64 || *i >= n - 8)
+        .map(|(_, s)| s)
+    {
+        s.set_read_timeout(Some(DEADLINE)).unwrap();
+        let mut buf = [0u8; 64];
+        match s.read(&mut buf) {
+            Ok(n) => assert!(n == 0 || buf.starts_with(b"HTTP/1.1 408"), "read {n} bytes"),
+            Err(e) => assert_ne!(e.kind(), std::io::ErrorKind::WouldBlock, "still open"),
+        }
+    }
+    for s in held_unix.iter_mut().take(64) {
+        s.set_read_timeout(Some(DEADLINE)).unwrap();
+        let mut buf = [0u8; 64];
+        if let Err(e) = s.read(&mut buf) {
+            assert_ne!(e.kind(), std::io::ErrorKind::WouldBlock, "still open");
+        }
+    }
+    drop((held_tcp, held_unix));
+    wait_until("/metrics answers again", DEADLINE, || {
+        scrape(port).contains(&format!("hash=\"{v2}\""))
+    });
+}

@@ -143,6 +143,10 @@ fn serve(cli: Cli) -> anyhow::Result<ExitCode> {
         metrics: metrics.clone(),
         bootstrap,
     };
+    match plumb::listener::raise_fd_limit() {
+        Ok(n) => tracing::debug!("open files: up to {n}"),
+        Err(e) => tracing::warn!("cannot raise the limit on open files: {e}"),
+    }
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .max_blocking_threads(8)
@@ -205,16 +209,14 @@ fn serve(cli: Cli) -> anyhow::Result<ExitCode> {
         let summary = daemon::run(opts, reload_rx, commands, shutdown.clone()).await;
         shutdown.cancel();
         if let Some(task) = metrics_task
-            && let Ok(Err(e)) = task.await
+            && let Err(e) = task.await
         {
-            tracing::error!("{e}");
+            tracing::error!("metrics task: {e}");
         }
-        if let Some(api) = api {
-            match api.await {
-                Ok(Err(e)) => tracing::error!("control API: {e}"),
-                Err(e) => tracing::error!("control API task: {e}"),
-                Ok(Ok(())) => {}
-            }
+        if let Some(api) = api
+            && let Err(e) = api.await
+        {
+            tracing::error!("control API task: {e}");
         }
         anyhow::Ok(summary?)
     })?;

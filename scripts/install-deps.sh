@@ -29,6 +29,8 @@ PACKAGES=(
   man-db groff-base
   # the NixOS module and the flake: scripts/check-nix.sh parses every .nix file with nix-instantiate
   nix-bin
+  # the Debian package: scripts/lint-deb.sh checks it with lintian
+  lintian
 )
 
 if [ "$(id -u)" -ne 0 ]; then

@@ -15,6 +15,9 @@ use std::time::{Duration, Instant};
 
 use support::container::{CI_DIR, Container};
 use support::{require_root, temp_root, wait_until};
+// The Debian package's install, upgrade and start semantics (the package_* tests).
+use support::container::plumb_deb_version;
+use support::{GitDaemon, Upstream};
 
 /// `GET /` on the host's 127.0.0.1:80 (the container's nginx): the status line and the body.
 fn http_get_localhost() -> Option<String> {
@@ -275,4 +278,322 @@ fn a_second_container_in_one_thread_is_refused() {
     require_root();
     let _first = Container::boot("first");
     let _second = Container::boot("second");
+}
+
+// The Debian package as an administrator meets it: what an install, an upgrade and a config
+// written after the install do to plumb.service, to plumb-config.path, and to the services plumb
+// manages. `cargo test --test container package_`.
+
+/// Deadline for whatever the package tests poll: a deploy, a unit's state.
+const PACKAGE_DEADLINE: Duration = Duration::from_secs(60);
+
+/// The service the package tests give plumb to manage: a process that stays (its PID says whether
+/// anything restarted it) and whose reload changes nothing. Enabled, so it runs from the boot.
+const GREETER_UNIT: &str = "[Unit]
+Description=plumb package test: a service plumb manages
+
+[Service]
+ExecStart=/bin/sleep infinity
+ExecReload=/bin/true
+
+[Install]
+WantedBy=multi-user.target
+";
+
+/// plumb's config for the package tests: `greeter` on machine `machine`, its files the
+/// `greeter/files` directory of `url`, bound on /srv/greeter (mount unit srv-greeter.mount).
+fn greeter_config(machine: &str, url: &str) -> String {
+    format!(
+        "[plumb]\ninterval = \"1s\"\n\n[[services]]\nmachine = \"{machine}\"\nservice = \"greeter\"\n\
+         upstream = \"{url}\"\naction = \"reload\"\n\
+         dirs = [{{ local = \"/srv/greeter\", link = \"greeter/files\" }}]\n"
+    )
+}
+
+/// A newer version of the package than this build's: the same binaries, built again as
+/// `<version>+pkgtest1`, which dpkg orders after `<version>`.
+fn newer_version() -> String {
+    format!("{}+pkgtest1", env!("CARGO_PKG_VERSION"))
+}
+
+/// A container named `name` with greeter.service enabled, and `config` as plumb's config when
+/// given. plumb is not installed yet.
+fn greeter_machine(name: &str, config: Option<&str>) -> Container {
+    let mut boot = Container::builder(name)
+        .file("/etc/systemd/system/greeter.service", GREETER_UNIT, 0o644)
+        .symlink(
+            "/etc/systemd/system/multi-user.target.wants/greeter.service",
+            "/etc/systemd/system/greeter.service",
+        );
+    if let Some(config) = config {
+        boot = boot.file("/etc/plumb/plumb.toml", config, 0o644);
+    }
+    boot.boot()
+}
+
+/// `systemctl is-enabled` and `is-active` of `unit`.
+fn enabled_active(c: &Container, unit: &str) -> (String, String) {
+    (
+        c.try_sh(&format!("systemctl is-enabled {unit}")).1,
+        c.try_sh(&format!("systemctl is-active {unit}")).1,
+    )
+}
+
+/// The pair [`enabled_active`] returns, from string literals.
+fn pair(enabled: &str, active: &str) -> (String, String) {
+    (enabled.to_string(), active.to_string())
+}
+
+fn unit_main_pid(c: &Container, unit: &str) -> String {
+    c.sh(&format!("systemctl show -P MainPID {unit}"))
+}
+
+/// Waits until greeter's files at `content` are bound on /srv/greeter by its active mount unit and
+/// `plumb apply` has recorded revision `revision` (so no apply is still writing plumb's state).
+fn wait_greeter_deployed(c: &Container, revision: &str, content: &str) {
+    wait_until(
+        &format!("greeter to be deployed at {revision} on its mount"),
+        PACKAGE_DEADLINE,
+        || {
+            let applied = c.try_sh("cat /var/lib/plumb/state/greeter.applied").1;
+            let applied: Option<serde_json::Value> = serde_json::from_str(&applied).ok();
+            applied.is_some_and(|a| a["ok"] == true && a["revision"] == revision)
+                && c.try_sh("systemctl is-active srv-greeter.mount").1 == "active"
+                && c.try_sh("cat /srv/greeter/hello").1 == content
+                && c.try_sh("systemctl is-active plumb-apply@greeter.service")
+                    .1
+                    != "activating"
+        },
+    );
+}
+
+/// Every file under /var/lib/plumb (stores, state, checkouts) with its size, modification time
+/// and hash: equal twice means nothing wrote there in between.
+fn plumb_state(c: &Container) -> String {
+    c.sh("cd /var/lib/plumb && find . -type f | LC_ALL=C sort | \
+          while read -r f; do echo \"$(stat -c '%s %Y' \"$f\") $(sha256sum < \"$f\" | cut -c1-16) $f\"; done")
+}
+
+/// plumb's package version, as dpkg has it installed.
+fn installed_version(c: &Container) -> String {
+    c.sh("dpkg-query -W -f '${Version}' plumb")
+}
+
+#[test]
+fn package_upgrade_keeps_a_disabled_plumb_disabled_and_its_services_running() {
+    require_root();
+    let started = Instant::now();
+    let root = temp_root();
+    let gitd = GitDaemon::start(root.path());
+    let up = Upstream::new(root.path(), "ops");
+    up.write("greeter/files/hello", "v1\n");
+    let v1 = up.commit("v1");
+    // Built before the boot: the container lock is held for less time.
+    let newer = plumb_deb_version(&newer_version());
+    let config = greeter_config("plumb-pkg-off", &gitd.url(&up));
+    let mut c = greeter_machine("plumb-pkg-off", Some(&config));
+
+    // Installed with a config in place: enabled, started, and greeter's files deployed on its mount.
+    c.install_deb();
+    assert_eq!(
+        enabled_active(&c, "plumb.service"),
+        pair("enabled", "active")
+    );
+    wait_greeter_deployed(&c, &v1, "v1");
+    let greeter = unit_main_pid(&c, "greeter.service");
+
+    // The administrator turns plumb off. plumb-config.path stops with it: nothing starts it again.
+    c.sh("systemctl disable --now plumb 2>/dev/null");
+    assert_eq!(
+        enabled_active(&c, "plumb.service"),
+        pair("disabled", "inactive")
+    );
+    assert_eq!(
+        c.try_sh("systemctl is-active plumb-config.path").1,
+        "inactive"
+    );
+    let state = plumb_state(&c);
+    assert!(state.contains("./state/greeter.rev"), "{state}");
+
+    // The upgrade keeps plumb off and leaves greeter and its mount alone.
+    let out = c.install_deb_file(&newer);
+    assert_eq!(installed_version(&c), newer_version(), "{out}");
+    assert_eq!(
+        enabled_active(&c, "plumb.service"),
+        pair("disabled", "inactive"),
+        "{out}"
+    );
+    assert_eq!(
+        c.try_sh("systemctl is-active plumb-config.path").1,
+        "inactive"
+    );
+    assert_eq!(c.sh("systemctl is-active srv-greeter.mount"), "active");
+    assert_eq!(c.sh("cat /srv/greeter/hello"), "v1");
+    assert_eq!(c.sh("systemctl is-active greeter.service"), "active");
+    assert_eq!(
+        unit_main_pid(&c, "greeter.service"),
+        greeter,
+        "greeter restarted"
+    );
+    assert_eq!(
+        plumb_state(&c),
+        state,
+        "plumb's state changed in the upgrade"
+    );
+
+    // And at the next boot: plumb stays off (its config is there, so only the disabling keeps it
+    // off); the generator still binds greeter's last deployed files.
+    c.reboot();
+    assert_eq!(
+        enabled_active(&c, "plumb.service"),
+        pair("disabled", "inactive")
+    );
+    assert_eq!(
+        c.try_sh("systemctl is-active plumb-config.path").1,
+        "inactive"
+    );
+    assert_eq!(c.sh("systemctl is-active srv-greeter.mount"), "active");
+    assert_eq!(c.sh("cat /srv/greeter/hello"), "v1");
+    assert_eq!(c.sh("systemctl is-active greeter.service"), "active");
+    eprintln!("disabled-upgrade test took {:?}", started.elapsed());
+}
+
+#[test]
+fn package_upgrade_restarts_an_enabled_plumb_and_keeps_its_services_running() {
+    require_root();
+    let started = Instant::now();
+    let root = temp_root();
+    let gitd = GitDaemon::start(root.path());
+    let up = Upstream::new(root.path(), "ops");
+    up.write("greeter/files/hello", "v1\n");
+    let v1 = up.commit("v1");
+    let newer = plumb_deb_version(&newer_version());
+    let config = greeter_config("plumb-pkg-on", &gitd.url(&up));
+    let c = greeter_machine("plumb-pkg-on", Some(&config));
+    c.install_deb();
+    wait_greeter_deployed(&c, &v1, "v1");
+    let plumb = unit_main_pid(&c, "plumb.service");
+    let greeter = unit_main_pid(&c, "greeter.service");
+
+    // The upgrade restarts plumb on the new binary; greeter, its mount and its revision stay.
+    let out = c.install_deb_file(&newer);
+    assert_eq!(installed_version(&c), newer_version(), "{out}");
+    wait_until(
+        "plumb to run again after the upgrade",
+        PACKAGE_DEADLINE,
+        || enabled_active(&c, "plumb.service") == pair("enabled", "active"),
+    );
+    assert_ne!(
+        unit_main_pid(&c, "plumb.service"),
+        plumb,
+        "plumb not restarted"
+    );
+    assert_eq!(c.sh("systemctl is-active plumb-config.path"), "active");
+    assert_eq!(c.sh("systemctl is-active srv-greeter.mount"), "active");
+    assert_eq!(c.sh("cat /srv/greeter/hello"), "v1");
+    assert_eq!(
+        unit_main_pid(&c, "greeter.service"),
+        greeter,
+        "greeter restarted"
+    );
+    assert_eq!(c.sh("cat /var/lib/plumb/state/greeter.rev"), v1);
+
+    // The upgraded daemon goes on deploying.
+    up.write("greeter/files/hello", "v2\n");
+    let v2 = up.commit("v2");
+    wait_greeter_deployed(&c, &v2, "v2");
+    assert_eq!(
+        unit_main_pid(&c, "greeter.service"),
+        greeter,
+        "reloaded, not restarted"
+    );
+    eprintln!("enabled-upgrade test took {:?}", started.elapsed());
+}
+
+#[test]
+fn package_installed_before_the_config_starts_plumb_when_the_config_appears() {
+    require_root();
+    let started = Instant::now();
+    let root = temp_root();
+    let gitd = GitDaemon::start(root.path());
+    let up = Upstream::new(root.path(), "ops");
+    up.write("greeter/files/hello", "v1\n");
+    let v1 = up.commit("v1");
+    let c = greeter_machine("plumb-pkg-late", None);
+
+    // Installed with nothing to run on: enabled, skipped by its conditions, plumb-config.path
+    // waiting for a config.
+    c.install_deb();
+    assert_eq!(
+        enabled_active(&c, "plumb.service"),
+        pair("enabled", "inactive")
+    );
+    assert_eq!(
+        c.sh("systemctl show -P ConditionResult plumb.service"),
+        "no"
+    );
+    assert_eq!(c.sh("systemctl is-active plumb-config.path"), "active");
+
+    // The config arrives (written beside it and renamed into place): plumb starts by itself and
+    // deploys greeter; its mount unit is made by the generator that plumb apply has systemd run.
+    let config = root.path().join("plumb.toml");
+    fs::write(&config, greeter_config("plumb-pkg-late", &gitd.url(&up))).expect("write config");
+    c.install(&config, "/etc/plumb/plumb.toml", 0o644);
+    wait_until("plumb to start on its own", PACKAGE_DEADLINE, || {
+        c.try_sh("systemctl is-active plumb.service").1 == "active"
+    });
+    wait_greeter_deployed(&c, &v1, "v1");
+
+    // A stop sticks: plumb-config.path stops with plumb, though the config is still there.
+    c.sh("systemctl stop plumb 2>/dev/null");
+    assert_eq!(
+        enabled_active(&c, "plumb.service"),
+        pair("enabled", "inactive")
+    );
+    assert_eq!(
+        c.try_sh("systemctl is-active plumb-config.path").1,
+        "inactive"
+    );
+    eprintln!("config-after-install test took {:?}", started.elapsed());
+}
+
+#[test]
+fn package_honours_policy_rc_d_on_install_and_upgrade() {
+    require_root();
+    let started = Instant::now();
+    let newer = plumb_deb_version(&newer_version());
+    // A config with nothing for this machine: plumb runs, idle.
+    let config = greeter_config("elsewhere", "git://127.0.0.1:9/nothing.git");
+    let deny = "printf '#!/bin/sh\\nexit 101\\n' > /usr/sbin/policy-rc.d && chmod 0755 /usr/sbin/policy-rc.d";
+    let c = greeter_machine("plumb-pkg-policy", Some(&config));
+
+    // policy-rc.d forbids starting services (an image being built): enabled, not started.
+    c.sh(deny);
+    c.install_deb();
+    assert_eq!(
+        enabled_active(&c, "plumb.service"),
+        pair("enabled", "inactive")
+    );
+    assert_eq!(
+        c.try_sh("systemctl is-active plumb-config.path").1,
+        "inactive"
+    );
+
+    // Started by hand, then upgraded under the same policy: not restarted.
+    c.sh("rm /usr/sbin/policy-rc.d && systemctl start plumb");
+    assert_eq!(c.sh("systemctl is-active plumb.service"), "active");
+    let plumb = unit_main_pid(&c, "plumb.service");
+    c.sh(deny);
+    let out = c.install_deb_file(&newer);
+    assert_eq!(installed_version(&c), newer_version(), "{out}");
+    assert_eq!(
+        enabled_active(&c, "plumb.service"),
+        pair("enabled", "active")
+    );
+    assert_eq!(
+        unit_main_pid(&c, "plumb.service"),
+        plumb,
+        "restarted despite policy-rc.d:\n{out}"
+    );
+    eprintln!("policy-rc.d test took {:?}", started.elapsed());
 }

@@ -289,10 +289,12 @@ dirs = [
 "#
         )
     };
-    // The package first, with no config yet, so its postinst does not start the daemon: this
-    // test plays the daemon's part by hand. Then the config, and the generator on daemon-reload.
+    // This test plays the daemon's part by hand, so the daemon is stopped before the config
+    // appears (plumb-config.path would start it, and it stops with plumb.service). Then the
+    // config, and the generator on daemon-reload.
     let c = Container::builder("plumb-apply").boot();
     c.install_deb();
+    c.sh("systemctl stop plumb");
     let config_file = root.path().join("plumb.toml");
     std::fs::write(&config_file, config("")).unwrap();
     c.install(&config_file, "/etc/plumb/plumb.toml", 0o644);

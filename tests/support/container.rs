@@ -371,6 +371,19 @@ impl Container {
         self.sh("dpkg -i /var/cache/plumb-test/plumb.deb >/dev/null");
     }
 
+    /// Installs the Debian package file `deb` with `dpkg -i`: an upgrade (or a downgrade) when
+    /// plumb is installed already, e.g. to a [`plumb_deb_version`] build. Returns what dpkg and
+    /// the maintainer scripts printed, stdout and stderr together.
+    pub fn install_deb_file(&self, deb: &Path) -> String {
+        let name = deb
+            .file_name()
+            .unwrap_or_else(|| panic!("{}: not a file", deb.display()))
+            .to_string_lossy();
+        let inside = format!("/var/cache/plumb-test/{name}");
+        self.install(deb, &inside, 0o644);
+        self.sh(&format!("dpkg -i '{inside}' 2>&1"))
+    }
+
     /// Installs plumb the way a package would, then `systemctl daemon-reload` (which also runs the
     /// generators): each `(host_path, container_path)` of `bins` with mode 0755, and every file
     /// of the repository's `units/` directory into `/etc/systemd/system`. The binaries' paths come
@@ -912,4 +925,45 @@ pub fn plumb_deb() -> &'static Path {
         );
         deb
     })
+}
+
+/// plumb's Debian package as [`plumb_deb`] (the same binaries, man pages and completions), but
+/// with the package version `version` (`scripts/build-deb.sh --version`): a newer build of the
+/// package to upgrade to. Built once per version and test process, beside [`plumb_deb`].
+pub fn plumb_deb_version(version: &str) -> PathBuf {
+    static BUILT: Mutex<Vec<(String, PathBuf)>> = Mutex::new(Vec::new());
+    assert!(
+        !version.is_empty()
+            && version
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || ".+~".contains(c)),
+        "package version {version:?}: want [A-Za-z0-9.+~]"
+    );
+    // Held while building: two threads asking for the same version wait for one build.
+    let mut built = BUILT.lock().unwrap_or_else(|e| e.into_inner());
+    if let Some((_, deb)) = built.iter().find(|(v, _)| v == version) {
+        return deb.clone();
+    }
+    let dir = plumb_deb().parent().expect("the package build dir");
+    let bins = Path::new(env!("CARGO_BIN_EXE_plumb"))
+        .parent()
+        .expect("binary dir");
+    let deb = dir.join(format!("plumb_{version}.deb"));
+    let out = Command::new(Path::new(env!("CARGO_MANIFEST_DIR")).join("scripts/build-deb.sh"))
+        .arg("--bin-dir")
+        .arg(bins)
+        .arg("--docs-dir")
+        .arg(dir.join("docs"))
+        .args(["--version", version, "--fast"])
+        .arg(&deb)
+        .output()
+        .expect("run scripts/build-deb.sh");
+    assert!(
+        out.status.success(),
+        "scripts/build-deb.sh --version {version} failed:\n{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    built.push((version.to_string(), deb.clone()));
+    deb
 }

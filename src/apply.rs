@@ -62,15 +62,7 @@ const JOURNAL_LINES: usize = 10;
 /// How long one journalctl may take.
 const JOURNALCTL_TIMEOUT: Duration = Duration::from_secs(10);
 
-/// Directories whose files systemd reads as unit files, drop-ins or manager configuration: a
-/// change under one of them needs a daemon-reload to take effect.
-pub const SYSTEMD_DIRS: [&str; 5] = [
-    "/etc/systemd",
-    "/run/systemd",
-    "/usr/lib/systemd",
-    "/lib/systemd",
-    "/usr/local/lib/systemd",
-];
+pub use crate::config::SYSTEMD_DIRS;
 
 /// Why an apply could not even start (the unit's own failures are an [`Outcome`] with `ok ==
 /// false`, never this).
@@ -203,7 +195,11 @@ pub async fn apply(
         write_applied(layout, service, &outcome)?;
         last = Some(outcome);
     }
-    if let Some(done) = last.as_ref().filter(|o| o.ok && o.revision == wanted) {
+    let stale = run.stale_units().await;
+    if let Some(done) = last
+        .as_ref()
+        .filter(|o| o.ok && o.revision == wanted && stale.is_none())
+    {
         // Nothing new for the unit, but a bind can still be wrong (a checkout rebuilt by wipe, a
         // mount made by hand): those are re-made; the unit is left alone.
         let mut notes = Vec::new();
@@ -360,6 +356,24 @@ impl Run<'_> {
                 notes.push(note);
             }
         }
+        // systemd is said to have this revision's unit files, yet its view is older: after a
+        // boot it read them before plumb's mounts put git's there. Reload it, and restart the
+        // unit, which has run (or failed to load) without them. (A revision whose unit files
+        // changed gets its daemon-reload below, and the service's own action.)
+        let stale = match *units_loaded == Some(revision) {
+            true => self.stale_units().await,
+            false => None,
+        };
+        if let Some(why) = &stale {
+            let since = SystemTime::now();
+            self.systemd.daemon_reload().await.map_err(|e| Failure {
+                unit: self.unit.clone(),
+                message: e.to_string(),
+                since,
+            })?;
+            notes.push(format!("daemon-reload ({why})"));
+            *units_loaded = Some(revision);
+        }
         if *units_loaded != Some(revision) {
             if self.unit_files_changed(*units_loaded, revision).await {
                 let since = SystemTime::now();
@@ -372,7 +386,7 @@ impl Run<'_> {
             }
             *units_loaded = Some(revision);
         }
-        let done = self.act().await?;
+        let done = self.act(stale.is_some()).await?;
         match &self.svc.health {
             Some(health) => Ok(format!("{done}; {}", self.health(health).await?)),
             None => Ok(done),
@@ -595,8 +609,41 @@ impl Run<'_> {
         }
     }
 
-    /// Runs the service's action on its unit and checks that the unit is active afterwards.
-    async fn act(&self) -> Result<String, Failure> {
+    /// Whether the service deploys files where systemd reads units, drop-ins or its own
+    /// configuration ([`SYSTEMD_DIRS`]).
+    fn units_from_git(&self) -> bool {
+        self.svc.units_from_git()
+    }
+
+    /// Why systemd's view of the unit is older than the files plumb deployed for it, `None` when
+    /// it is current (or the service deploys no unit files). After a boot systemd has loaded the
+    /// empty placeholder a file bind mounts over (the unit is masked) or the unit without the
+    /// drop-ins a directory bind brings (it needs a daemon-reload).
+    async fn stale_units(&self) -> Option<String> {
+        if !self.units_from_git() {
+            return None;
+        }
+        match self.systemd.unit_state(&self.unit).await {
+            Ok(state) if state.need_daemon_reload => Some(format!(
+                "systemd had not loaded {}'s files from git",
+                self.unit
+            )),
+            Ok(state) if state.load == "masked" => Some(format!(
+                "systemd had {} {} before its unit file was mounted",
+                self.unit, state.load
+            )),
+            Ok(_) => None,
+            Err(e) => {
+                warn!(service = %self.svc.name, "cannot read the state of {}: {e}", self.unit);
+                None
+            }
+        }
+    }
+
+    /// Runs the service's action on its unit and checks that the unit is active afterwards, on
+    /// the unit files systemd has loaded. `restart`: the unit ran on an old definition, so an
+    /// active one is restarted whatever its action (a reload would keep the old definition).
+    async fn act(&self, restart: bool) -> Result<String, Failure> {
         let unit = self.unit.as_str();
         let since = SystemTime::now();
         let fail = |message: String| Failure {
@@ -613,6 +660,7 @@ impl Run<'_> {
             return Err(fail(format!("{unit} cannot be used: it is {}", state.load)));
         }
         let (op, job) = match (self.svc.action, state.is_active()) {
+            (_, true) if restart => ("restart", self.systemd.restart(unit).await),
             (Action::Reload, true) => {
                 self.settle_after_start(&state).await;
                 ("reload", self.systemd.reload(unit).await)
@@ -636,7 +684,11 @@ impl Run<'_> {
             Err(e) => return Err(fail(e.to_string())),
         }
         let state = self.settled(unit).await.map_err(|e| fail(e.to_string()))?;
-        if state.active == "active" {
+        if state.need_daemon_reload && self.units_from_git() {
+            Err(fail(format!(
+                "{op} {unit}: done, but its files changed again since systemd loaded them"
+            )))
+        } else if state.active == "active" {
             Ok(format!("{op} {unit}: done"))
         } else {
             Err(fail(format!("{op} {unit}: done, but the unit is {state}")))

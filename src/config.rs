@@ -226,6 +226,15 @@ impl Service {
     pub fn unit(&self) -> String {
         unit_name(&self.name)
     }
+
+    /// Whether the service deploys files where systemd reads units, drop-ins or its own
+    /// configuration ([`SYSTEMD_DIRS`]): systemd reads those before plumb's mounts are up at
+    /// boot, so such a service is applied again once they are.
+    pub fn units_from_git(&self) -> bool {
+        self.dirs
+            .iter()
+            .any(|d| SYSTEMD_DIRS.iter().any(|s| d.local.starts_with(s)))
+    }
 }
 
 /// Unit types a `service` may end in to name a unit other than a `.service`. `.device` and `.scope`
@@ -1036,6 +1045,16 @@ impl Cx<'_> {
         Ok(d)
     }
 }
+
+/// Directories whose files systemd reads as unit files, drop-ins or manager configuration: a
+/// change under one of them needs a daemon-reload to take effect.
+pub const SYSTEMD_DIRS: [&str; 5] = [
+    "/etc/systemd",
+    "/run/systemd",
+    "/usr/lib/systemd",
+    "/lib/systemd",
+    "/usr/local/lib/systemd",
+];
 
 /// The longest duration any setting takes. plumb schedules with `Instant::now() + duration`,
 /// which panics past the clock's range (humantime reads up to u64::MAX seconds); no setting needs

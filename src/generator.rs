@@ -18,6 +18,11 @@
 //!   daemon deploys. A service name may itself hold an `@` (`docker-compose@caddy`): systemd takes the
 //!   instance as everything between the first `@` and the suffix, so
 //!   `plumb-apply@docker-compose@caddy.path` is a valid name and `%i` is `docker-compose@caddy`.
+//! - for a service whose unit file or drop-ins come from git (a `local` under a systemd directory):
+//!   `plumb-apply@<service>.service` wanted at boot, after its mounts and its unit, and the daemon
+//!   after it (`plumb.service.d/50-plumb.conf`). systemd loads units before it mounts anything, so
+//!   at boot it has the empty placeholder of a file bind (a masked unit) or the unit without git's
+//!   drop-ins; that apply reloads systemd and restarts the unit once git's files are in place.
 //! - `.wants/` symlinks from `multi-user.target` to the mounts, the path unit and the managed unit
 //!   (the mounts too, so the files are in place at boot even where no unit wants them): generated
 //!   units cannot be `systemctl enable`d. systemd takes the dependency from the link's *name*; the
@@ -41,6 +46,8 @@ pub const DROPIN: &str = "50-plumb.conf";
 pub const WANTED_BY: &str = "multi-user.target";
 /// The template whose instances apply a deployed revision (shipped as `units/plumb-apply@.service`).
 pub const APPLY_PREFIX: &str = "plumb-apply";
+/// The daemon's unit (shipped as `units/plumb.service`).
+pub const DAEMON: &str = "plumb.service";
 
 /// One thing the generator creates, relative to its output directory.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -102,6 +109,7 @@ pub fn generate(config: &Config, hosts: &[String]) -> Result<Vec<Output>, Config
             .map_err(|e| error(format!("the config's own path: {e}")))?,
     };
     let mut out = Vec::new();
+    let mut after_boot_applies = Vec::new();
     for s in &services {
         let unit = s.unit();
         let mut mounts = Vec::new();
@@ -145,6 +153,30 @@ pub fn generate(config: &Config, hosts: &[String]) -> Result<Vec<Output>, Config
             &unit,
             PathBuf::from(format!("../{}", template_of(&unit))),
         ));
+        if s.units_from_git() {
+            let apply = format!("{APPLY_PREFIX}@{}.service", s.name);
+            out.push(boot_apply(&apply, &unit, &mounts, &source.header));
+            out.push(wants(
+                &apply,
+                PathBuf::from(format!("../{APPLY_PREFIX}@.service")),
+            ));
+            after_boot_applies.push(apply);
+        }
+    }
+    if !after_boot_applies.is_empty() {
+        let mut content = format!(
+            "{}\
+             # The daemon starts once the boot's applies are done, and reads their outcomes.\n\
+             [Unit]\n",
+            source.header
+        );
+        for apply in &after_boot_applies {
+            content.push_str(&format!("After={apply}\n"));
+        }
+        out.push(Output::File {
+            path: Path::new(&format!("{DAEMON}.d")).join(DROPIN),
+            content,
+        });
     }
     out.sort_by(|a, b| a.path().cmp(b.path()));
     let mut seen = BTreeSet::new();
@@ -226,6 +258,27 @@ fn dropin(unit: &str, mounts: &[String], header: &str) -> Output {
     }
     Output::File {
         path: Path::new(&format!("{unit}.d")).join(DROPIN),
+        content,
+    }
+}
+
+/// `plumb-apply@<service>.service.d/50-plumb.conf` for a service whose unit files or drop-ins come
+/// from git: systemd loads units before any mount, so after a boot it has the empty placeholder a
+/// file bind mounts over (the unit is masked) or the unit without git's drop-ins. The apply, wanted
+/// at boot, runs once the mounts are up and the unit had its start: it reloads systemd and
+/// restarts the unit on git's files.
+fn boot_apply(apply: &str, unit: &str, mounts: &[String], header: &str) -> Output {
+    let mut content = format!(
+        "{header}\
+         # Wanted at boot: systemd read {unit}'s files before these mounts brought git's.\n\
+         [Unit]\n\
+         After={unit}\n"
+    );
+    for m in mounts {
+        content.push_str(&format!("Wants={m}\nAfter={m}\n"));
+    }
+    Output::File {
+        path: Path::new(&format!("{apply}.d")).join(DROPIN),
         content,
     }
 }
@@ -403,6 +456,40 @@ mod tests {
     }
 
     const BASE: &str = "[global]\nupstream = \"file:///r\"\nmachine = \"m\"\n";
+
+    #[test]
+    fn unit_files_from_git_are_applied_at_boot_before_the_daemon_starts() {
+        let c = config(&format!(
+            "{BASE}[[services]]\nservice = \"hello\"\ndirs = [\n  {{ local = \"/etc/systemd/system/hello.service\", link = \"hello/hello.service\", file = true }},\n  {{ local = \"/etc/systemd/system/hello.service.d\", link = \"hello/dropins\" }},\n]\n[[services]]\nservice = \"web\"\ndirs = [{{ local = \"/srv/web\", link = \"web\" }}]\n"
+        ));
+        let out = generate(&c, &hosts(&["m"])).unwrap();
+        let apply = file(&out, "plumb-apply@hello.service.d/50-plumb.conf");
+        for line in [
+            "After=hello.service",
+            "Wants=etc-systemd-system-hello.service.mount",
+            "After=etc-systemd-system-hello.service.mount",
+            "After=etc-systemd-system-hello.service.d.mount",
+        ] {
+            assert!(apply.lines().any(|l| l == line), "{line} in {apply}");
+        }
+        assert!(out.contains(&Output::Symlink {
+            path: "multi-user.target.wants/plumb-apply@hello.service".into(),
+            target: "../plumb-apply@.service".into(),
+        }));
+        let daemon = file(&out, "plumb.service.d/50-plumb.conf");
+        assert!(
+            daemon
+                .lines()
+                .any(|l| l == "After=plumb-apply@hello.service"),
+            "{daemon}"
+        );
+        // A service whose files are not systemd's is not applied at boot.
+        assert!(!daemon.contains("web"), "{daemon}");
+        assert!(
+            !out.iter()
+                .any(|o| o.path().starts_with("plumb-apply@web.service.d"))
+        );
+    }
 
     #[test]
     fn only_this_machines_services_and_a_service_without_dirs_has_no_dropin() {

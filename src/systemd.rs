@@ -184,6 +184,9 @@ pub struct UnitState {
     /// Lets a caller see that a unit only just started (a reload right after a start can reach
     /// a process before it handles the signal).
     pub active_enter_monotonic_usec: u64,
+    /// The unit's files (unit file, drop-ins) changed on disk since systemd loaded them: it runs
+    /// on an old definition until a daemon-reload.
+    pub need_daemon_reload: bool,
 }
 
 impl UnitState {
@@ -355,6 +358,10 @@ impl Systemd {
             active: text("ActiveState")?,
             sub: text("SubState")?,
             active_enter_monotonic_usec,
+            need_daemon_reload: props
+                .get("NeedDaemonReload")
+                .and_then(|v| bool::try_from(v).ok())
+                .unwrap_or(false),
         })
     }
 
@@ -582,6 +589,7 @@ mod tests {
             active: active.into(),
             sub: "running".into(),
             active_enter_monotonic_usec: 0,
+            need_daemon_reload: false,
         };
         assert!(state("active").is_active());
         assert!(state("reloading").is_active());

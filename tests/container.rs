@@ -597,3 +597,99 @@ fn package_honours_policy_rc_d_on_install_and_upgrade() {
     );
     eprintln!("policy-rc.d test took {:?}", started.elapsed());
 }
+
+/// A unit whose unit file and drop-in directory come from git: `sh` writes the drop-in's
+/// greeting where the test reads it, then stays.
+const HELLO_FROM_GIT: &str = "[Unit]
+Description=plumb reboot test: a unit from git
+
+[Service]
+ExecStart=/bin/sh -c 'echo \"$$GREETING\" > /run/hello-greeting; exec sleep infinity'
+
+[Install]
+WantedBy=multi-user.target
+";
+
+/// systemd reads unit files before it mounts anything: after a reboot it saw the empty placeholder
+/// of the unit file's bind (a masked unit) and the unit without git's drop-in. With the upstream
+/// down, the machine must still come back with the unit loaded from git, its drop-in in force, and
+/// plumb reporting what is true.
+#[test]
+fn unit_files_and_dropins_from_git_survive_a_reboot_with_the_upstream_down() {
+    require_root();
+    let root = temp_root();
+    let gitd = GitDaemon::start(root.path());
+    let up = Upstream::new(root.path(), "ops");
+    up.write("hello/hello.service", HELLO_FROM_GIT).write(
+        "hello/dropins/greeting.conf",
+        "[Service]\nEnvironment=GREETING=from-git\n",
+    );
+    let v1 = up.commit("v1");
+    let config = format!(
+        "[plumb]\ninterval = \"1s\"\n\n[[services]]\nmachine = \"plumb-units\"\nservice = \"hello\"\n\
+         upstream = \"{}\"\naction = \"restart\"\n\
+         dirs = [\n\
+           {{ local = \"/etc/systemd/system/hello.service\", link = \"hello/hello.service\", file = true }},\n\
+           {{ local = \"/etc/systemd/system/hello.service.d\", link = \"hello/dropins\" }},\n\
+         ]\n",
+        gitd.url(&up)
+    );
+    let mut c = Container::builder("plumb-units")
+        .file("/etc/plumb/plumb.toml", &config, 0o644)
+        .boot();
+    c.install_deb();
+    let as_git_says = |c: &Container| {
+        let show = c
+            .try_sh("systemctl show -p LoadState -p NeedDaemonReload -p ActiveState hello")
+            .1;
+        let mut show: Vec<&str> = show.lines().collect();
+        show.sort_unstable();
+        let applied = c.try_sh("cat /var/lib/plumb/state/hello.applied").1;
+        let applied: Option<serde_json::Value> = serde_json::from_str(&applied).ok();
+        show == [
+            "ActiveState=active",
+            "LoadState=loaded",
+            "NeedDaemonReload=no",
+        ] && c.try_sh("cat /run/hello-greeting").1 == "from-git"
+            && applied.is_some_and(|a| a["ok"] == true && a["revision"] == v1.as_str())
+    };
+    wait_or_show(&c, "hello to run from git's files", || as_git_says(&c));
+
+    // The upstream goes away for good; the machine reboots.
+    drop(gitd);
+    c.reboot();
+    wait_or_show(&c, "hello to run from git's files after the reboot", || {
+        as_git_says(&c) && c.try_sh("systemctl is-active plumb").1 == "active"
+    });
+    // It was the boot's apply that mended it: systemd had loaded the unit before its mounts.
+    let applied = c.sh("cat /var/lib/plumb/state/hello.applied");
+    assert!(
+        applied.contains("restart hello.service: done; daemon-reload (systemd had"),
+        "{applied}"
+    );
+    // The daemon came up after the boot's apply and reports the service as it is.
+    wait_until("plumb to report hello OK", PACKAGE_DEADLINE, || {
+        let status = c.try_sh("plumbctl status hello").1;
+        status.contains("OK") && status.contains(&v1[..12])
+    });
+}
+
+/// [`wait_until`] with [`PACKAGE_DEADLINE`], showing hello's and plumb's units and journal when
+/// it times out.
+fn wait_or_show(c: &Container, what: &str, mut done: impl FnMut() -> bool) {
+    let deadline = Instant::now() + PACKAGE_DEADLINE;
+    while !done() {
+        if Instant::now() > deadline {
+            let show = c
+                .try_sh(
+                    "systemctl show -P LoadState -P NeedDaemonReload -P ActiveState hello; \
+                     cat /run/hello-greeting; \
+                     systemctl status --no-pager hello 'plumb-apply@hello' plumb; \
+                     cat /var/lib/plumb/state/hello.applied; journalctl -b --no-pager | tail -40",
+                )
+                .1;
+            panic!("timed out after {PACKAGE_DEADLINE:?} waiting for {what}:\n{show}");
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}

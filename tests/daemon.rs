@@ -1286,6 +1286,9 @@ fn bootstrap_takes_the_config_from_git_keeps_state_and_refuses_a_bad_one() {
         // The state directory must be known before any config is.
         .arg("--state-dir")
         .arg(&m.state)
+        // Not the default port (every address, 9222): another daemon may hold it.
+        .arg("--metrics-address")
+        .arg(format!("127.0.0.1:{}", free_port()))
         .env("PLUMB_LOG", "debug")
         .stdout(Stdio::null())
         .stderr(fs::File::create(root.path().join("plumb.log")).unwrap());

@@ -399,7 +399,13 @@ dirs = [
     wait_until("nginx to serve v5", DEADLINE, || {
         http_get(port, "/").as_deref() == Some("v5\n")
     });
-    assert_eq!(main_pid(&c), pid);
+    assert_eq!(
+        main_pid(&c),
+        pid,
+        "{o}\n{}\n{}",
+        c.journal("nginx.service"),
+        c.journal("plumb-apply@nginx.service")
+    );
 
     // The config gains a dir after the generator ran: its mount unit does not exist yet, so apply
     // has systemd run the generator (daemon-reload) and binds it.

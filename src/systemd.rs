@@ -294,6 +294,62 @@ impl Systemd {
         }
     }
 
+    /// The loaded units whose names match `pattern` (a glob, as `systemctl list-units PATTERN`),
+    /// each with its `ActiveState`.
+    pub async fn units_matching(
+        &self,
+        pattern: &str,
+    ) -> Result<Vec<(String, String)>, SystemdError> {
+        let op = "list units";
+        let states: &[&str] = &[];
+        let reply = self
+            .manager(op, None, "ListUnitsByPatterns", &(states, &[pattern][..]))
+            .await?;
+        type Listed = (
+            String,
+            String,
+            String,
+            String,
+            String,
+            String,
+            OwnedObjectPath,
+            u32,
+            String,
+            OwnedObjectPath,
+        );
+        let units: Vec<Listed> = reply
+            .body()
+            .deserialize()
+            .map_err(|source| call_error(op, None, source))?;
+        Ok(units
+            .into_iter()
+            .map(|(name, _, _, active, ..)| (name, active))
+            .collect())
+    }
+
+    /// A stream that yields once at the end of every daemon-reload (systemd's `Reloading(false)`
+    /// signal), whoever asked for it: the generators have run again then.
+    pub async fn reloads(
+        &self,
+    ) -> Result<impl futures_util::Stream<Item = ()> + use<>, SystemdError> {
+        let err = |source| call_error("watch daemon-reloads", None, source);
+        let rule = MatchRule::builder()
+            .msg_type(MessageType::Signal)
+            .sender(DESTINATION)
+            .path(MANAGER_PATH)
+            .interface(MANAGER)
+            .member("Reloading")
+            .build()
+            .map_err(err)?;
+        let signals = MessageStream::for_match_rule(rule, &self.conn, NonZeroUsize::new(16))
+            .await
+            .map_err(err)?;
+        Ok(signals.filter_map(|msg| async move {
+            let active: bool = msg.ok()?.body().deserialize().ok()?;
+            (!active).then_some(())
+        }))
+    }
+
     /// Starts `unit` and waits for the job's result (`done` when it was already running).
     pub async fn start(&self, unit: &str) -> Result<JobResult, SystemdError> {
         self.job("start", "StartUnit", unit).await

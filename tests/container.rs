@@ -693,3 +693,38 @@ fn wait_or_show(c: &Container, what: &str, mut done: impl FnMut() -> bool) {
         std::thread::sleep(Duration::from_millis(200));
     }
 }
+
+/// The `.path` units that apply while the daemon is down are armed when the package is installed,
+/// and after a config change and a daemon-reload, not only at the next boot.
+#[test]
+fn path_units_are_armed_after_install_and_after_a_config_change() {
+    require_root();
+    let root = temp_root();
+    let gitd = GitDaemon::start(root.path());
+    let up = Upstream::new(root.path(), "ops");
+    up.write("greeter/files/hello", "v1\n")
+        .write("second/files/x", "x\n");
+    let v1 = up.commit("v1");
+    let config = greeter_config("plumb-armed", &gitd.url(&up));
+    let c = greeter_machine("plumb-armed", Some(&config));
+    c.install_deb();
+    wait_greeter_deployed(&c, &v1, "v1");
+    wait_or_show(&c, "plumb-apply@greeter.path to be armed", || {
+        c.try_sh("systemctl is-active plumb-apply@greeter.path").1 == "active"
+    });
+
+    // A service added by hand, and systemd told (not plumb): its path unit is armed too.
+    let second = format!(
+        "{config}\n[[services]]\nmachine = \"plumb-armed\"\nservice = \"second\"\n\
+         upstream = \"{}\"\naction = \"none\"\n\
+         dirs = [{{ local = \"/srv/second\", link = \"second/files\" }}]\n",
+        gitd.url(&up)
+    );
+    let file = root.path().join("plumb.toml");
+    fs::write(&file, second).unwrap();
+    c.install(&file, "/etc/plumb/plumb.toml", 0o644);
+    c.sh("systemctl daemon-reload");
+    wait_or_show(&c, "plumb-apply@second.path to be armed", || {
+        c.try_sh("systemctl is-active plumb-apply@second.path").1 == "active"
+    });
+}

@@ -107,6 +107,11 @@ pub async fn run(
     let (tx, mut rx) = mpsc::channel::<Done>(64);
     if d.opts.apply {
         d.connect_systemd(&tx).await;
+        if let Some(systemd) = d.systemd.clone()
+            && !d.opts.once
+        {
+            tokio::spawn(arm_path_units(systemd, shutdown.clone()));
+        }
     }
     // A config checked out from git but not yet installed (a crash in between) is installed now.
     if let Some(revision) = d
@@ -249,6 +254,51 @@ fn select(
         &layout.root().join("checkouts"),
     ));
     Ok(selected)
+}
+
+/// Keeps every `plumb-apply@<service>.path` unit the generator made armed: now, and after every
+/// daemon-reload (the daemon's own after a config change or a bootstrap, an operator's after
+/// editing the config, the package's). systemd pulls them in at boot only, through
+/// `multi-user.target`; a path unit generated later would stay inactive until the next boot, and
+/// with it the apply that runs while the daemon is down. Runs until `shutdown`.
+async fn arm_path_units(systemd: Arc<Systemd>, shutdown: CancellationToken) {
+    use futures_util::StreamExt;
+    let reloads = match systemd.reloads().await {
+        Ok(r) => Some(r),
+        Err(e) => {
+            warn!("path units are armed at start only: {e}");
+            None
+        }
+    };
+    let pattern = format!("{}@*.path", crate::generator::APPLY_PREFIX);
+    let arm = || async {
+        let units = match systemd.units_matching(&pattern).await {
+            Ok(u) => u,
+            Err(e) => return warn!("cannot list the path units: {e}"),
+        };
+        for (unit, active) in units {
+            if active == "active" {
+                continue;
+            }
+            match systemd.start(&unit).await {
+                Ok(r) if r.is_done() => info!(unit, "armed"),
+                Ok(r) => warn!(unit, "arming it: job {r}"),
+                Err(e) => warn!("arming {unit}: {e}"),
+            }
+        }
+    };
+    arm().await;
+    let Some(reloads) = reloads else { return };
+    let mut reloads = std::pin::pin!(reloads);
+    loop {
+        tokio::select! {
+            () = shutdown.cancelled() => return,
+            next = reloads.next() => match next {
+                Some(()) => arm().await,
+                None => return,
+            },
+        }
+    }
 }
 
 impl Daemon {

@@ -6,9 +6,11 @@
 //! Rules a generator lives by, and how this one keeps them:
 //! - it runs before /var may be mounted and must not talk to other processes: it reads only the
 //!   config in /etc, with no network and no D-Bus;
-//! - it must never break boot: a missing config writes nothing, an invalid one writes nothing for
-//!   plumb and says why on stderr and in the kernel log (`/dev/kmsg`, as syslog is not up), and
-//!   both exit 0;
+//! - it must never break boot: a missing config writes nothing; an invalid one is reported on
+//!   stderr and in the kernel log (`/dev/kmsg`, as syslog is not up) and the last config the daemon
+//!   accepted (`/etc/plumb/plumb.toml.accepted`) is generated from instead, with a drop-in that
+//!   puts the refusal in `systemctl status plumb`; without one, nothing is written for plumb; all
+//!   exit 0;
 //! - half a set of units is worse than none: everything is generated in memory first, and a failed
 //!   write removes what this run wrote.
 //!
@@ -22,7 +24,7 @@ use std::os::unix::fs::symlink;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
-use plumb::config::{Config, ConfigError};
+use plumb::config::{self, Config, ConfigError};
 use plumb::generator::{self, Output};
 
 const DEFAULT_CONFIG: &str = "/etc/plumb/plumb.toml";
@@ -50,8 +52,31 @@ fn main() -> ExitCode {
         Ok(Some(outputs)) => outputs,
         Ok(None) => return ExitCode::SUCCESS,
         Err(e) => {
-            report(&format!("{e}; no plumb units generated"));
-            return ExitCode::SUCCESS;
+            // A typo must not take the running services' mounts and units away: the last config
+            // plumb accepted stands in, and plumb.service's description says so.
+            let accepted = config::accepted_path(&config_path);
+            match outputs(&accepted) {
+                Ok(Some(mut outputs)) => {
+                    report(&format!(
+                        "{e}; generating from the last accepted config, {}",
+                        accepted.display()
+                    ));
+                    outputs.push(generator::refused(&e.to_string()));
+                    outputs
+                }
+                Ok(None) => {
+                    report(&format!(
+                        "{e}; no plumb units generated (no accepted config to fall back on)"
+                    ));
+                    return ExitCode::SUCCESS;
+                }
+                Err(fallback) => {
+                    report(&format!(
+                        "{e}; no plumb units generated (the last accepted config fails too: {fallback})"
+                    ));
+                    return ExitCode::SUCCESS;
+                }
+            }
         }
     };
     if let Err(e) = write_all(&normal, &outputs) {

@@ -1046,6 +1046,16 @@ impl Cx<'_> {
     }
 }
 
+/// Where plumb keeps the last config it accepted: beside `config`, `<name>.accepted`
+/// (`/etc/plumb/plumb.toml.accepted`). The generator falls back on it when the config does not
+/// load, so a typo never takes the running services' mounts and units away; it lives in /etc
+/// because the generator reads nothing else.
+pub fn accepted_path(config: &Path) -> PathBuf {
+    let mut name = config.file_name().unwrap_or_default().to_owned();
+    name.push(".accepted");
+    config.with_file_name(name)
+}
+
 /// Directories whose files systemd reads as unit files, drop-ins or manager configuration: a
 /// change under one of them needs a daemon-reload to take effect.
 pub const SYSTEMD_DIRS: [&str; 5] = [

@@ -33,6 +33,7 @@ pub struct Metrics {
     fetch_duration: HistogramVec,
     webhook_total: IntCounterVec,
     refused_total: IntCounterVec,
+    config_ok: IntGaugeVec,
     /// The hash series each service has now, so the old one can be removed.
     hashes: Mutex<HashMap<String, (String, String)>>,
 }
@@ -90,7 +91,14 @@ impl Metrics {
             &["version"],
         );
         build.with_label_values(&[env!("CARGO_PKG_VERSION")]).set(1);
+        let config_ok = gauge(
+            "plumb_config_last_reload_successful",
+            "1 when the config file last read was accepted, 0 while it is refused (the daemon and the generator keep the last accepted one).",
+            &[],
+        );
+        config_ok.with_label_values(&[] as &[&str]).set(1);
         Arc::new(Metrics {
+            config_ok,
             hash: gauge(
                 "plumb_service_hash",
                 "The deployed revision of each service: one series per service, value 1.",
@@ -238,6 +246,13 @@ impl Metrics {
             .observe(took.as_secs_f64());
         self.upstream_up
             .with_label_values(&[upstream])
+            .set(i64::from(ok));
+    }
+
+    /// Whether the config file last read was accepted.
+    pub fn config_accepted(&self, ok: bool) {
+        self.config_ok
+            .with_label_values(&[] as &[&str])
             .set(i64::from(ok));
     }
 

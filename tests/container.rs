@@ -728,3 +728,69 @@ fn path_units_are_armed_after_install_and_after_a_config_change() {
         c.try_sh("systemctl is-active plumb-apply@second.path").1 == "active"
     });
 }
+
+/// A typo in the config and a daemon-reload: the generator keeps generating from the last
+/// accepted config, so the mounts, drop-ins and path units stay, and the refusal shows in
+/// `systemctl status plumb`, the daemon's journal and `plumbctl status`.
+#[test]
+fn a_typo_in_the_config_keeps_the_units_and_says_so() {
+    require_root();
+    let root = temp_root();
+    let gitd = GitDaemon::start(root.path());
+    let up = Upstream::new(root.path(), "ops");
+    up.write("greeter/files/hello", "v1\n");
+    let v1 = up.commit("v1");
+    let config = greeter_config("plumb-typo", &gitd.url(&up));
+    let c = greeter_machine("plumb-typo", Some(&config));
+    c.install_deb();
+    wait_greeter_deployed(&c, &v1, "v1");
+    wait_or_show(&c, "the config kept as the accepted one", || {
+        c.try_sh("cat /etc/plumb/plumb.toml.accepted").1 == config.trim_end()
+    });
+
+    let file = root.path().join("plumb.toml");
+    fs::write(&file, format!("{config}typo = true\n")).unwrap();
+    c.install(&file, "/etc/plumb/plumb.toml", 0o644);
+    c.sh("systemctl daemon-reload");
+    for unit in [
+        "srv-greeter.mount",
+        "plumb-apply@greeter.path",
+        "greeter.service",
+    ] {
+        assert_eq!(
+            c.try_sh(&format!("systemctl is-active {unit}")).1,
+            "active",
+            "{unit}"
+        );
+    }
+    assert!(
+        c.sh("systemctl cat greeter.service")
+            .contains("After=srv-greeter.mount"),
+        "the drop-in stays"
+    );
+    let status = c.try_sh("systemctl status --no-pager plumb").1;
+    assert!(
+        status.contains("CONFIG REFUSED") && status.contains("typo"),
+        "{status}"
+    );
+    wait_or_show(&c, "the refusal in plumbctl status", || {
+        let s = c.try_sh("plumbctl status greeter").1;
+        s.contains("config refused, running on the last accepted one") && s.contains("typo")
+    });
+    assert!(c.journal("plumb.service").contains("config refused"));
+
+    // Fixed: accepted again, and the description is plumb's own.
+    fs::write(&file, &config).unwrap();
+    c.install(&file, "/etc/plumb/plumb.toml", 0o644);
+    c.sh("systemctl daemon-reload");
+    assert!(
+        !c.try_sh("systemctl status --no-pager plumb")
+            .1
+            .contains("CONFIG REFUSED")
+    );
+    wait_or_show(&c, "the refusal gone from plumbctl status", || {
+        !c.try_sh("plumbctl status greeter")
+            .1
+            .contains("config refused")
+    });
+}

@@ -1835,3 +1835,66 @@ fn slow_clients_cannot_starve_the_daemon() {
         scrape(port).contains(&format!("hash=\"{v2}\""))
     });
 }
+
+/// A config with a typo is refused on SIGHUP without losing anything, and the refusal is where an
+/// operator looks: the journal, every service's notes, `plumb_config_last_reload_successful`. The
+/// generator's fallback, `plumb.toml.accepted`, keeps the last good config.
+#[test]
+fn a_refused_config_is_visible_and_the_last_accepted_one_is_kept() {
+    require_root();
+    let root = temp_root();
+    let up = Upstream::new(root.path(), "typo");
+    let v1 = up.write("app/conf", "1").commit("v1");
+    let port = free_port();
+    let m = Machine::new(root.path(), "");
+    let settings = format!("metrics_address = \"127.0.0.1:{port}\"\n");
+    m.write_config_with(&settings, &service("app", &up.file_url(), &["app"]));
+    let good = fs::read_to_string(&m.config).unwrap();
+    let accepted = plumb::config::accepted_path(&m.config);
+    let socket = m.state.with_extension("sock");
+    let d = m.spawn();
+    wait_until("first deploy", DEADLINE, || {
+        m.rev("app").as_deref() == Some(v1.as_str())
+    });
+    assert_eq!(fs::read_to_string(&accepted).unwrap(), good);
+    assert_eq!(fs::metadata(&accepted).unwrap().mode() & 0o777, 0o640);
+    let reloaded = |ok: u8| format!("plumb_config_last_reload_successful {ok}");
+    assert!(scrape(port).contains(&reloaded(1)));
+
+    fs::write(
+        &m.config,
+        format!("{good}\n[[services]]\nservice = \"b\"\nupstrem = \"x\"\n"),
+    )
+    .unwrap();
+    signal(&d.0, nix::sys::signal::Signal::SIGHUP);
+    wait_until("the refusal in the metrics", DEADLINE, || {
+        scrape(port).contains(&reloaded(0))
+    });
+    let status: serde_json::Value =
+        serde_json::from_str(&curl(&socket, "GET", "/v1/services/app", None)).unwrap();
+    let notes = status["notes"].to_string();
+    assert!(
+        notes.contains("config refused, running on the last accepted one: ")
+            && notes.contains("unknown field `upstrem`"),
+        "{notes}"
+    );
+    assert_eq!(status["state"], "OK");
+    assert_eq!(
+        fs::read_to_string(&accepted).unwrap(),
+        good,
+        "the accepted copy stays"
+    );
+    // Still serving and deploying on the running config.
+    let v2 = up.write("app/conf", "2").commit("v2");
+    wait_until("v2 deployed on the running config", DEADLINE, || {
+        m.rev("app").as_deref() == Some(v2.as_str())
+    });
+
+    fs::write(&m.config, &good).unwrap();
+    signal(&d.0, nix::sys::signal::Signal::SIGHUP);
+    wait_until("the config accepted again", DEADLINE, || {
+        scrape(port).contains(&reloaded(1))
+    });
+    let status = curl(&socket, "GET", "/v1/services/app", None);
+    assert!(!status.contains("config refused"), "{status}");
+}

@@ -443,7 +443,10 @@ fn binary_writes_nothing_and_exits_0_for_an_invalid_config() {
         scratch.config.display()
     );
     assert!(stderr.starts_with(&place), "{stderr}");
-    assert!(stderr.ends_with("; no plumb units generated\n"), "{stderr}");
+    assert!(
+        stderr.ends_with("; no plumb units generated (no accepted config to fall back on)\n"),
+        "{stderr}"
+    );
     assert_eq!(scratch.kmsg(), format!("<3>{stderr}"));
     assert!(scratch.written().is_empty());
 
@@ -459,6 +462,66 @@ fn binary_writes_nothing_and_exits_0_for_an_invalid_config() {
         "{stderr}"
     );
     assert!(scratch.written().is_empty());
+}
+
+/// A typo in the config does not take plumb's units away: the last config the daemon accepted
+/// stands in, and `plumb.service`'s description carries the refusal.
+#[test]
+fn binary_generates_from_the_last_accepted_config_when_the_config_is_refused() {
+    let scratch = Scratch::new(Some(CONFIG));
+    scratch.generate();
+    let good = scratch.written();
+    assert!(!good.is_empty());
+    let accepted = plumb::config::accepted_path(&scratch.config);
+    fs::write(&accepted, CONFIG).unwrap();
+    fs::write(
+        &scratch.config,
+        format!("{CONFIG}\n[[services]]\nservice = \"typo\"\nupstrem = \"u\"\n"),
+    )
+    .unwrap();
+    fs::remove_dir_all(&scratch.out).unwrap();
+    fs::create_dir(&scratch.out).unwrap();
+
+    let out = scratch.generate();
+    assert!(out.status.success(), "{out:?}");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("upstrem"), "{stderr}");
+    assert!(
+        stderr.ends_with(&format!(
+            "; generating from the last accepted config, {}\n",
+            accepted.display()
+        )),
+        "{stderr}"
+    );
+    assert_eq!(scratch.kmsg(), format!("<3>{stderr}"));
+    let mut written = scratch.written();
+    let refused = written
+        .iter()
+        .position(|o| o.path() == Path::new("plumb.service.d/40-plumb-config-refused.conf"))
+        .map(|i| written.remove(i))
+        .expect("the refusal's drop-in");
+    let Output::File { content, .. } = refused else {
+        panic!("a file: {refused:?}")
+    };
+    assert!(
+        content.contains("Description=plumb: CONFIG REFUSED, running on the last accepted one: ")
+            && content.contains("upstrem"),
+        "{content}"
+    );
+    // The same units as the accepted config gives, but for where the config's path is named.
+    let accepted_s = accepted.display().to_string();
+    let config_s = scratch.config.display().to_string();
+    let renamed: Vec<Output> = written
+        .into_iter()
+        .map(|o| match o {
+            Output::File { path, content } => Output::File {
+                path,
+                content: content.replace(&accepted_s, &config_s),
+            },
+            link => link,
+        })
+        .collect();
+    assert_eq!(renamed, good);
 }
 
 #[test]

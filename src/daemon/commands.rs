@@ -234,7 +234,7 @@ impl Daemon {
                     ro: d.ro,
                 })
                 .collect(),
-            notes: notes(c, s),
+            notes: notes(c, s, self.config_error.as_deref()),
             last_apply: apply::read_applied(&self.layout, name).map(|o| ApplyStatus {
                 revision: o.revision.to_string(),
                 ok: o.ok,
@@ -262,14 +262,18 @@ impl Daemon {
     }
 }
 
-/// What an operator should know beside a service's state: its upstream failing, what noop mode
-/// holds back.
-fn notes(c: &config::Service, s: &service::Service) -> Vec<String> {
-    let mut notes: Vec<String> = s
-        .unreachable()
-        .iter()
-        .map(|e| format!("upstream unreachable, serving the last fetched revision: {e}"))
+/// What an operator should know beside a service's state: the config file refused, its upstream
+/// failing, what noop mode holds back.
+fn notes(c: &config::Service, s: &service::Service, config_error: Option<&str>) -> Vec<String> {
+    let mut notes: Vec<String> = config_error
+        .map(|e| format!("config refused, running on the last accepted one: {e}"))
+        .into_iter()
         .collect();
+    notes.extend(
+        s.unreachable()
+            .iter()
+            .map(|e| format!("upstream unreachable, serving the last fetched revision: {e}")),
+    );
     if s.noop() {
         notes.push(match s.would() {
             None => "noop: nothing to deploy".to_owned(),

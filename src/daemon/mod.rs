@@ -104,13 +104,15 @@ pub async fn run(
 ) -> Result<Summary, DaemonError> {
     let config = load_config(&opts)?;
     let mut d = Daemon::new(opts, config)?;
+    d.config_text = persist::keep_accepted(&d.opts.config);
     let (tx, mut rx) = mpsc::channel::<Done>(64);
+    let (systemd_reloaded, mut systemd_reloads) = mpsc::channel::<()>(1);
     if d.opts.apply {
         d.connect_systemd(&tx).await;
         if let Some(systemd) = d.systemd.clone()
             && !d.opts.once
         {
-            tokio::spawn(arm_path_units(systemd, shutdown.clone()));
+            tokio::spawn(arm_path_units(systemd, systemd_reloaded, shutdown.clone()));
         }
     }
     // A config checked out from git but not yet installed (a crash in between) is installed now.
@@ -156,6 +158,15 @@ pub async fn run(
                 notify.send("RELOADING=1");
                 d.reload();
                 notify.send("READY=1");
+            }
+            // An operator's daemon-reload after editing the config: the generator has run on the
+            // new file, so the daemon follows it too (or says why it cannot).
+            Some(()) = systemd_reloads.recv(), if !stopping => {
+                if d.config_changed() {
+                    notify.send("RELOADING=1");
+                    d.reload();
+                    notify.send("READY=1");
+                }
             }
             Some(request) = commands.recv(), if !stopping => d.command(request, &tx),
             _ = watchdog.tick() => notify.send("WATCHDOG=1"),
@@ -227,6 +238,11 @@ struct Daemon {
     /// finished: an apply started after a config change waits for the generator to have run.
     reloads_asked: u64,
     reloads_done: Arc<tokio::sync::watch::Sender<u64>>,
+    /// The config file's text as last read, accepted or not: a daemon-reload re-reads the config
+    /// only when it changed since.
+    config_text: Option<String>,
+    /// Why the config file last read was refused; the daemon runs on the last accepted one.
+    config_error: Option<String>,
 }
 
 /// Reads the config (none yet is an empty one in bootstrap mode).
@@ -258,10 +274,14 @@ fn select(
 
 /// Keeps every `plumb-apply@<service>.path` unit the generator made armed: now, and after every
 /// daemon-reload (the daemon's own after a config change or a bootstrap, an operator's after
-/// editing the config, the package's). systemd pulls them in at boot only, through
+/// editing the config, the package's), and tells the actor (`reloaded`) of each daemon-reload. systemd pulls them in at boot only, through
 /// `multi-user.target`; a path unit generated later would stay inactive until the next boot, and
 /// with it the apply that runs while the daemon is down. Runs until `shutdown`.
-async fn arm_path_units(systemd: Arc<Systemd>, shutdown: CancellationToken) {
+async fn arm_path_units(
+    systemd: Arc<Systemd>,
+    reloaded: mpsc::Sender<()>,
+    shutdown: CancellationToken,
+) {
     use futures_util::StreamExt;
     let reloads = match systemd.reloads().await {
         Ok(r) => Some(r),
@@ -294,7 +314,11 @@ async fn arm_path_units(systemd: Arc<Systemd>, shutdown: CancellationToken) {
         tokio::select! {
             () = shutdown.cancelled() => return,
             next = reloads.next() => match next {
-                Some(()) => arm().await,
+                Some(()) => {
+                    arm().await;
+                    // The actor re-reads the config if it changed (at most one waiting).
+                    let _ = reloaded.try_send(());
+                }
                 None => return,
             },
         }
@@ -330,6 +354,8 @@ impl Daemon {
             upstreams: BTreeMap::new(),
             reloads_asked: 0,
             reloads_done: Arc::new(tokio::sync::watch::channel(0).0),
+            config_text: None,
+            config_error: None,
         };
         d.adopt(selected);
         Ok(d)
@@ -431,22 +457,40 @@ impl Daemon {
         }
     }
 
+    /// Whether the config file's text differs from the one last read.
+    fn config_changed(&self) -> bool {
+        std::fs::read_to_string(&self.opts.config).ok() != self.config_text
+    }
+
+    /// The config file was refused: the daemon keeps running on the last accepted one, and says
+    /// so in the journal, in every service's notes and in `plumb_config_last_reload_successful`.
+    fn refuse_config(&mut self, why: String) {
+        error!(
+            "config refused, keeping the running one (the generator keeps the last accepted one, {}): {why}",
+            config::accepted_path(&self.opts.config).display()
+        );
+        if let Some(m) = &self.opts.metrics {
+            m.config_accepted(false);
+        }
+        self.config_error = Some(why);
+    }
+
     fn reload(&mut self) {
         info!(config = %self.opts.config.display(), "re-reading the configuration");
+        self.config_text = std::fs::read_to_string(&self.opts.config).ok();
         let config = match load_config(&self.opts) {
             Ok(c) => c,
-            Err(e) => {
-                error!("keeping the running configuration: {e}");
-                return;
-            }
+            Err(e) => return self.refuse_config(e.to_string()),
         };
         let selected = match select(&self.opts, &config, &self.layout) {
             Ok(s) => s,
-            Err(e) => {
-                error!("keeping the running configuration: {e}");
-                return;
-            }
+            Err(e) => return self.refuse_config(e.to_string()),
         };
+        self.config_error = None;
+        if let Some(m) = &self.opts.metrics {
+            m.config_accepted(true);
+        }
+        persist::keep_accepted(&self.opts.config);
         if self.opts.state_dir.is_none()
             && config.settings.state_dir != self.config.settings.state_dir
         {

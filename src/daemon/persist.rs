@@ -1,7 +1,9 @@
 //! The services' state files: read at start (a missing or unreadable one is a fresh service),
 //! written whenever the state machine says something worth keeping changed.
 
-use tracing::error;
+use std::path::Path;
+
+use tracing::{error, info};
 
 use crate::layout::{self, Layout};
 use crate::service;
@@ -34,4 +36,28 @@ pub(super) fn persist(layout: &Layout, name: &str, state: &service::Service) -> 
         error!(service = %name, "cannot save state to {}: {e}", path.display());
     }
     write.is_ok()
+}
+
+/// Keeps the config at `path` as the last accepted one ([`crate::config::accepted_path`]) when it
+/// parses as it is on disk now (it may have changed since it was loaded), and returns its text.
+/// Written only when it differs from the copy there, mode 0640 (a config may hold secrets).
+pub(super) fn keep_accepted(path: &Path) -> Option<String> {
+    let text = std::fs::read_to_string(path).ok()?;
+    crate::config::Config::parse(path, &text).ok()?;
+    let accepted = crate::config::accepted_path(path);
+    if std::fs::read_to_string(&accepted).is_ok_and(|kept| kept == text) {
+        return Some(text);
+    }
+    let write = layout::write_atomic(&accepted, text.as_bytes()).and_then(|()| {
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(&accepted, std::fs::Permissions::from_mode(0o640))
+    });
+    match write {
+        Ok(()) => info!(kept = %accepted.display(), "the config is the last accepted one"),
+        Err(e) => error!(
+            "cannot keep the accepted config at {}: {e}",
+            accepted.display()
+        ),
+    }
+    Some(text)
 }

@@ -794,3 +794,26 @@ fn a_typo_in_the_config_keeps_the_units_and_says_so() {
             .contains("config refused")
     });
 }
+
+/// A fresh machine with only a bootstrap repository: plumb starts once `/etc/default/plumb` is
+/// written, takes its config from git, and ends with the service deployed and its path unit armed.
+#[test]
+fn a_bootstrap_from_git_ends_with_armed_path_units() {
+    require_root();
+    let root = temp_root();
+    let gitd = GitDaemon::start(root.path());
+    let up = Upstream::new(root.path(), "ops");
+    let config = greeter_config("plumb-boot", &gitd.url(&up));
+    up.write("plumb/plumb.toml", &config)
+        .write("greeter/files/hello", "v1\n");
+    let v1 = up.commit("v1");
+    let c = greeter_machine("plumb-boot", None);
+    c.install_deb();
+    let default = root.path().join("default");
+    fs::write(&default, format!("PLUMB_BOOTSTRAP={}\n", gitd.url(&up))).unwrap();
+    c.install(&default, "/etc/default/plumb", 0o644);
+    wait_greeter_deployed(&c, &v1, "v1");
+    wait_or_show(&c, "plumb-apply@greeter.path to be armed", || {
+        c.try_sh("systemctl is-active plumb-apply@greeter.path").1 == "active"
+    });
+}

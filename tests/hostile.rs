@@ -14,7 +14,7 @@ use std::io::Write;
 use std::net::TcpListener;
 use std::os::unix::fs::{MetadataExt, PermissionsExt};
 use std::path::{Path, PathBuf};
-use std::process::Stdio;
+use std::process::{Command, Stdio};
 use std::time::Instant;
 
 use plumb::git::{GitError, Limits, Oid, Store, Transport, under_links};
@@ -950,4 +950,61 @@ fn a_broken_file_upstream_sets_its_store_aside_once() {
         fetch().expect_err("broken again");
     }
     assert_eq!(set_aside(), 2);
+}
+
+/// The service's user owns the checkout and may swap a directory of it for a symlink to any
+/// directory while plumb gives the tree to them: whatever the timing, nothing outside the tree
+/// changes owner (the walk goes by directory descriptor, never by path).
+#[test]
+fn chown_survives_a_user_swapping_directories_for_symlinks() {
+    require_root();
+    let root = temp_root();
+    let nobody = Owner::lookup("nobody").unwrap();
+    let tree = root.path().join("tree");
+    let outside = root.path().join("outside");
+    fs::create_dir_all(outside.join("sub")).unwrap();
+    fs::write(outside.join("precious"), "root's\n").unwrap();
+    fs::write(outside.join("sub/precious"), "root's\n").unwrap();
+    for i in 0..20 {
+        fs::create_dir_all(tree.join(format!("d/{i}"))).unwrap();
+        fs::write(tree.join(format!("d/{i}/f")), "x\n").unwrap();
+    }
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let swapper = {
+        let (tree, outside, stop) = (tree.clone(), outside.clone(), stop.clone());
+        std::thread::spawn(move || {
+            let (d, real) = (tree.join("d"), tree.join("d.real"));
+            let mut swaps = 0u64;
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                // d -> a symlink to outside, then back to the real directory.
+                // Each state held a moment, so a walk by path meets both often.
+                let hold = std::time::Duration::from_micros(fastrand::u64(0..300));
+                if fs::rename(&d, &real).is_ok() {
+                    let _ = std::os::unix::fs::symlink(&outside, &d);
+                    std::thread::sleep(hold);
+                    let _ = fs::remove_file(&d);
+                    let _ = fs::rename(&real, &d);
+                    swaps += 1;
+                }
+                std::thread::sleep(hold);
+            }
+            swaps
+        })
+    };
+    for _ in 0..1000 {
+        // Each run either completes or fails on a directory that vanished mid-walk; both are fine,
+        // what matters is what it changed.
+        let _ = chown_tree(&tree, &nobody);
+        // Give the tree back to root, so the next run has work to do.
+        let _ = Command::new("chown")
+            .args(["-hR", "0:0"])
+            .arg(&tree)
+            .status();
+    }
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let swaps = swapper.join().unwrap();
+    assert!(swaps > 100, "only {swaps} swaps happened");
+    for (path, owner) in owners(&outside) {
+        assert_eq!(owner, (0, 0), "{path:?} outside the tree changed owner");
+    }
 }

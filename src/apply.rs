@@ -364,7 +364,16 @@ impl Run<'_> {
             true => self.stale_units().await,
             false => None,
         };
-        if let Some(why) = &stale {
+        let why = match &stale {
+            Some(why) => Some(why.clone()),
+            None if *units_loaded != Some(revision)
+                && self.unit_files_changed(*units_loaded, revision).await =>
+            {
+                Some("unit files changed".to_owned())
+            }
+            None => None,
+        };
+        if let Some(why) = why {
             let since = SystemTime::now();
             self.systemd.daemon_reload().await.map_err(|e| Failure {
                 unit: self.unit.clone(),
@@ -372,20 +381,8 @@ impl Run<'_> {
                 since,
             })?;
             notes.push(format!("daemon-reload ({why})"));
-            *units_loaded = Some(revision);
         }
-        if *units_loaded != Some(revision) {
-            if self.unit_files_changed(*units_loaded, revision).await {
-                let since = SystemTime::now();
-                self.systemd.daemon_reload().await.map_err(|e| Failure {
-                    unit: self.unit.clone(),
-                    message: e.to_string(),
-                    since,
-                })?;
-                notes.push("daemon-reload (unit files changed)".into());
-            }
-            *units_loaded = Some(revision);
-        }
+        *units_loaded = Some(revision);
         let done = self.act(stale.is_some()).await?;
         match &self.svc.health {
             Some(health) => Ok(format!("{done}; {}", self.health(health).await?)),

@@ -1633,23 +1633,22 @@ fn noop_judges_and_reports_what_it_would_deploy_and_touches_nothing_until_turned
     m.write_config_with(&metrics, &config(true));
     signal(&d.0, nix::sys::signal::Signal::SIGHUP);
     let v3 = up.write("app/conf", "3").commit("v3");
+    // The fetch counts the change (metrics), then the preview judges it (notes): both in turn.
     wait_until(
-        "noop and one change waiting in the metrics",
+        "noop and one change waiting in the metrics and the notes",
         DEADLINE,
         || {
             let text = scrape(port);
             text.contains("plumb_service_noop{service=\"app\"} 1")
                 && text.contains("plumb_service_behind_commits{service=\"app\"} 1")
+                && status()["notes"].as_array().is_some_and(|n| {
+                    n.iter().any(|n| {
+                        n.as_str().is_some_and(|n| {
+                            n.starts_with(&format!("noop: would deploy {}", &v3[..12]))
+                        })
+                    })
+                })
         },
-    );
-    assert!(
-        status()["notes"]
-            .as_array()
-            .is_some_and(|n| n.iter().any(|n| n
-                .as_str()
-                .is_some_and(|n| n.starts_with(&format!("noop: would deploy {}", &v3[..12]))))),
-        "{}",
-        status()
     );
     let rollback = Command::new("curl")
         .args(["-s", "--unix-socket"])

@@ -110,14 +110,25 @@ impl Bootstrap {
 /// Reads the config at `path`; in bootstrap mode (`bootstrapping`) a config not installed yet is an
 /// empty one, which the bootstrap repository's first revision replaces.
 pub fn load_config(path: &Path, bootstrapping: bool) -> Result<Config, ConfigError> {
-    match Config::load(path) {
-        Err(ConfigError::Read { source, .. })
-            if bootstrapping && source.kind() == std::io::ErrorKind::NotFound =>
-        {
+    read_config(path, bootstrapping).map(|(config, _)| config)
+}
+
+/// [`load_config`], with the file's text as it was read and validated (`None` for a bootstrap
+/// config not installed yet), for a caller that keeps exactly what it accepted.
+pub fn read_config(
+    path: &Path,
+    bootstrapping: bool,
+) -> Result<(Config, Option<String>), ConfigError> {
+    match std::fs::read_to_string(path) {
+        Ok(text) => Config::parse(path, &text).map(|c| (c, Some(text))),
+        Err(source) if bootstrapping && source.kind() == std::io::ErrorKind::NotFound => {
             tracing::info!(config = %path.display(), "no config yet: taking it from the bootstrap repository");
-            Config::parse(path, "")
+            Config::parse(path, "").map(|c| (c, None))
         }
-        other => other,
+        Err(source) => Err(ConfigError::Read {
+            path: path.to_owned(),
+            source,
+        }),
     }
 }
 

@@ -102,9 +102,12 @@ pub async fn run(
     mut commands: mpsc::Receiver<Request>,
     shutdown: CancellationToken,
 ) -> Result<Summary, DaemonError> {
-    let config = load_config(&opts)?;
+    let (config, text) = read_config(&opts)?;
     let mut d = Daemon::new(opts, config)?;
-    d.config_text = persist::keep_accepted(&d.opts.config);
+    if let Some(text) = &text {
+        persist::keep_accepted(&d.opts.config, text);
+    }
+    d.config_text = text;
     let (tx, mut rx) = mpsc::channel::<Done>(64);
     let (systemd_reloaded, mut systemd_reloads) = mpsc::channel::<()>(1);
     if d.opts.apply {
@@ -245,9 +248,9 @@ struct Daemon {
     config_error: Option<String>,
 }
 
-/// Reads the config (none yet is an empty one in bootstrap mode).
-fn load_config(opts: &Options) -> Result<Config, ConfigError> {
-    bootstrap::load_config(&opts.config, opts.bootstrap.is_some())
+/// Reads the config and its text (none yet is an empty one in bootstrap mode).
+fn read_config(opts: &Options) -> Result<(Config, Option<String>), ConfigError> {
+    bootstrap::read_config(&opts.config, opts.bootstrap.is_some())
 }
 
 /// This machine's services in `config`, and plumb itself in bootstrap mode.
@@ -477,11 +480,14 @@ impl Daemon {
 
     fn reload(&mut self) {
         info!(config = %self.opts.config.display(), "re-reading the configuration");
-        self.config_text = std::fs::read_to_string(&self.opts.config).ok();
-        let config = match load_config(&self.opts) {
-            Ok(c) => c,
-            Err(e) => return self.refuse_config(e.to_string()),
+        let (config, text) = match read_config(&self.opts) {
+            Ok(read) => read,
+            Err(e) => {
+                self.config_text = std::fs::read_to_string(&self.opts.config).ok();
+                return self.refuse_config(e.to_string());
+            }
         };
+        self.config_text = text;
         let selected = match select(&self.opts, &config, &self.layout) {
             Ok(s) => s,
             Err(e) => return self.refuse_config(e.to_string()),
@@ -490,7 +496,9 @@ impl Daemon {
         if let Some(m) = &self.opts.metrics {
             m.config_accepted(true);
         }
-        persist::keep_accepted(&self.opts.config);
+        if let Some(text) = &self.config_text {
+            persist::keep_accepted(&self.opts.config, text);
+        }
         if self.opts.state_dir.is_none()
             && config.settings.state_dir != self.config.settings.state_dir
         {

@@ -38,15 +38,13 @@ pub(super) fn persist(layout: &Layout, name: &str, state: &service::Service) -> 
     write.is_ok()
 }
 
-/// Keeps the config at `path` as the last accepted one ([`crate::config::accepted_path`]) when it
-/// parses as it is on disk now (it may have changed since it was loaded), and returns its text.
-/// Written only when it differs from the copy there, mode 0640 (a config may hold secrets).
-pub(super) fn keep_accepted(path: &Path) -> Option<String> {
-    let text = std::fs::read_to_string(path).ok()?;
-    crate::config::Config::parse(path, &text).ok()?;
+/// Keeps `text`, the config just accepted from `path`, as the last accepted one
+/// ([`crate::config::accepted_path`]): the generator's fallback. Written only when it differs from
+/// the copy there, mode 0640 (a config may hold secrets).
+pub(super) fn keep_accepted(path: &Path, text: &str) {
     let accepted = crate::config::accepted_path(path);
     if std::fs::read_to_string(&accepted).is_ok_and(|kept| kept == text) {
-        return Some(text);
+        return;
     }
     let write = layout::write_atomic(&accepted, text.as_bytes()).and_then(|()| {
         use std::os::unix::fs::PermissionsExt;
@@ -59,5 +57,4 @@ pub(super) fn keep_accepted(path: &Path) -> Option<String> {
             accepted.display()
         ),
     }
-    Some(text)
 }

@@ -360,9 +360,10 @@ impl Run<'_> {
         // boot it read them before plumb's mounts put git's there. Reload it, and restart the
         // unit, which has run (or failed to load) without them. (A revision whose unit files
         // changed gets its daemon-reload below, and the service's own action.)
-        let stale = match *units_loaded == Some(revision) {
-            true => self.stale_units().await,
-            false => None,
+        let stale = if *units_loaded == Some(revision) {
+            self.stale_units().await
+        } else {
+            None
         };
         let why = match &stale {
             Some(why) => Some(why.clone()),
@@ -606,18 +607,12 @@ impl Run<'_> {
         }
     }
 
-    /// Whether the service deploys files where systemd reads units, drop-ins or its own
-    /// configuration ([`SYSTEMD_DIRS`]).
-    fn units_from_git(&self) -> bool {
-        self.svc.units_from_git()
-    }
-
     /// Why systemd's view of the unit is older than the files plumb deployed for it, `None` when
     /// it is current (or the service deploys no unit files). After a boot systemd has loaded the
     /// empty placeholder a file bind mounts over (the unit is masked) or the unit without the
     /// drop-ins a directory bind brings (it needs a daemon-reload).
     async fn stale_units(&self) -> Option<String> {
-        if !self.units_from_git() {
+        if !self.svc.units_from_git() {
             return None;
         }
         match self.systemd.unit_state(&self.unit).await {
@@ -681,7 +676,7 @@ impl Run<'_> {
             Err(e) => return Err(fail(e.to_string())),
         }
         let state = self.settled(unit).await.map_err(|e| fail(e.to_string()))?;
-        if state.need_daemon_reload && self.units_from_git() {
+        if state.need_daemon_reload && self.svc.units_from_git() {
             Err(fail(format!(
                 "{op} {unit}: done, but its files changed again since systemd loaded them"
             )))

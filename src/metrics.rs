@@ -10,8 +10,8 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use prometheus::{
-    Encoder, GaugeVec, HistogramOpts, HistogramVec, IntCounterVec, IntGaugeVec, Opts, Registry,
-    TextEncoder,
+    Encoder, GaugeVec, HistogramOpts, HistogramVec, IntCounterVec, IntGauge, IntGaugeVec, Opts,
+    Registry, TextEncoder,
 };
 use tokio_util::sync::CancellationToken;
 
@@ -33,7 +33,7 @@ pub struct Metrics {
     fetch_duration: HistogramVec,
     webhook_total: IntCounterVec,
     refused_total: IntCounterVec,
-    config_ok: IntGaugeVec,
+    config_ok: IntGauge,
     /// The hash series each service has now, so the old one can be removed.
     hashes: Mutex<HashMap<String, (String, String)>>,
 }
@@ -91,12 +91,15 @@ impl Metrics {
             &["version"],
         );
         build.with_label_values(&[env!("CARGO_PKG_VERSION")]).set(1);
-        let config_ok = gauge(
+        let config_ok = IntGauge::new(
             "plumb_config_last_reload_successful",
             "1 when the config file last read was accepted, 0 while it is refused (the daemon and the generator keep the last accepted one).",
-            &[],
-        );
-        config_ok.with_label_values(&[] as &[&str]).set(1);
+        )
+        .expect("valid metric");
+        registry
+            .register(Box::new(config_ok.clone()))
+            .expect("unique metric");
+        config_ok.set(1);
         Arc::new(Metrics {
             config_ok,
             hash: gauge(
@@ -251,9 +254,7 @@ impl Metrics {
 
     /// Whether the config file last read was accepted.
     pub fn config_accepted(&self, ok: bool) {
-        self.config_ok
-            .with_label_values(&[] as &[&str])
-            .set(i64::from(ok));
+        self.config_ok.set(i64::from(ok));
     }
 
     /// One push webhook's fate.

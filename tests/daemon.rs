@@ -1773,10 +1773,21 @@ fn slow_clients_cannot_starve_the_daemon() {
         &format!("metrics_address = \"127.0.0.1:{port}\"\n"),
         &service("app", &up.file_url(), &["app"]),
     );
-    let _d = m.spawn();
+    let d = m.spawn();
     wait_until("/metrics answers", DEADLINE, || {
         scrape(port).contains("plumb_service_state")
     });
+    // The daemon raised its limit on open files (as far as the hard limit lets it).
+    let limits = fs::read_to_string(format!("/proc/{}/limits", d.0.id())).unwrap();
+    let open_files: Vec<u64> = limits
+        .lines()
+        .find(|l| l.starts_with("Max open files"))
+        .unwrap()
+        .split_whitespace()
+        .filter_map(|w| w.parse().ok())
+        .collect();
+    let (soft, hard) = (open_files[0], open_files[1]);
+    assert_eq!(soft, hard.min(plumb::listener::WANTED_FDS), "{limits}");
 
     let partial = b"GET /metrics HTTP/1.1\r\nHost: plumb\r\nX-Slow: ";
     let mut held_tcp = Vec::new();

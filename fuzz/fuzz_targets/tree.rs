@@ -16,7 +16,13 @@ struct Fixture {
     _dir: tempfile::TempDir,
     store: Store,
     repo: Repository,
+    /// Inputs written into this store so far.
+    used: u32,
 }
+
+/// Inputs per store: every input adds objects, so a long run starts afresh now and then to keep
+/// its memory flat (libFuzzer stops at its RSS limit).
+const INPUTS_PER_STORE: u32 = 5_000;
 
 thread_local! {
     static FIXTURE: RefCell<Option<Fixture>> = const { RefCell::new(None) };
@@ -30,6 +36,7 @@ fn fixture() -> Fixture {
         _dir: dir,
         store,
         repo,
+        used: 0,
     }
 }
 
@@ -59,7 +66,11 @@ fn order(a: &(Vec<u8>, bool), b: &(Vec<u8>, bool)) -> Ordering {
 fuzz_target!(|data: &[u8]| {
     FIXTURE.with(|cell| {
         let mut cell = cell.borrow_mut();
+        if cell.as_ref().is_some_and(|f| f.used >= INPUTS_PER_STORE) {
+            *cell = None;
+        }
         let f = cell.get_or_insert_with(fixture);
+        f.used += 1;
         let Ok(tree) = f.repo.odb().unwrap().write(ObjectType::Tree, data) else {
             return;
         };

@@ -9,7 +9,6 @@
   rustPlatform,
   pkg-config,
   installShellFiles,
-  openssl,
   zlib,
   coreutils,
 }:
@@ -46,14 +45,13 @@ rustPlatform.buildRustPackage {
     "gen-docs"
   ];
 
-  # git2's vendored libgit2 and libssh2 link OpenSSL and zlib, found with pkg-config (the same
-  # packages scripts/install-deps.sh installs on Debian).
+  # git2's vendored libgit2 links zlib, found with pkg-config (the same package
+  # scripts/install-deps.sh installs on Debian). TLS is rustls, compiled in: no OpenSSL.
   nativeBuildInputs = [
     pkg-config
     installShellFiles
   ];
   buildInputs = [
-    openssl
     zlib
   ];
 

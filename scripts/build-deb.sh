@@ -1,7 +1,7 @@
 #!/bin/bash
 # Builds plumb's Debian package with dpkg-deb: the binaries (stripped), the generator, the units,
 # man pages and shell completions (generated from the clap definitions), an example config, the
-# changelog, the copyright, lintian's overrides and the maintainer scripts of packaging/deb/.
+# changelog, the copyright and the maintainer scripts of packaging/deb/.
 # `scripts/lint-deb.sh` runs lintian on it (CI does).
 #
 # usage: scripts/build-deb.sh [--bin-dir DIR] [--docs-dir DIR] [--version V] [--fast] [OUT.deb]
@@ -52,8 +52,8 @@ DOC=$R/usr/share/doc/plumb
 install -d "$R/DEBIAN" "$R/usr/bin" "$R/usr/lib/systemd/system/plumb.service.d" \
   "$R/usr/lib/systemd/system-generators" "$R/usr/share/man/man5" "$R/usr/share/man/man8" \
   "$DOC/examples" "$R/usr/share/bash-completion/completions" \
-  "$R/usr/share/zsh/vendor-completions" "$R/usr/share/fish/vendor_completions.d" \
-  "$R/usr/share/lintian/overrides"
+  "$R/usr/share/zsh/vendor-completions" "$R/usr/share/fish/vendor_completions.d"
+
 # Stripped as dh_strip does (Debian policy 10.1, and lintian's unstripped-binary-or-object): no
 # symbol table left, so a panic's backtrace shows addresses, not function names. Rebuild with
 # symbols (or run the binaries of target/release) to read one.
@@ -78,7 +78,6 @@ install -m 0644 "$DOCS_DIR"/completions/_plumb* "$R/usr/share/zsh/vendor-complet
 install -m 0644 "$DOCS_DIR"/completions/*.fish "$R/usr/share/fish/vendor_completions.d/"
 install -m 0644 packaging/deb/copyright "$DOC/copyright"
 install -m 0644 packaging/deb/plumb.toml.example "$DOC/examples/plumb.toml"
-install -m 0644 packaging/deb/lintian-overrides "$R/usr/share/lintian/overrides/plumb"
 # A native package's changelog is changelog.gz: one entry, this version's, from Cargo.toml.
 {
   echo "plumb ($VERSION) unstable; urgency=medium"
@@ -90,7 +89,8 @@ install -m 0644 packaging/deb/lintian-overrides "$R/usr/share/lintian/overrides/
 } | gzip -9n > "$DOC/changelog.gz"
 install -m 0755 packaging/deb/postinst packaging/deb/prerm packaging/deb/postrm "$R/DEBIAN/"
 
-# Shared libraries as linked (libssl, libcrypto, zlib); Debian 13 renamed libssl3 to libssl3t64.
+# Shared libraries as linked (glibc, libgcc, zlib): TLS is rustls, compiled in, and ssh upstreams
+# use the system's OpenSSH client (Recommends).
 # deb-systemd-helper and deb-systemd-invoke (maintainer scripts) are in init-system-helpers,
 # which is Essential.
 cat > "$R/DEBIAN/control" <<CONTROL
@@ -99,7 +99,7 @@ Version: $VERSION
 Architecture: $ARCH
 Maintainer: $MAINTAINER
 Installed-Size: $(du -sk "$R/usr" | cut -f1)
-Depends: libc6, libgcc-s1, libssl3 | libssl3t64, zlib1g, systemd, passwd
+Depends: libc6, libgcc-s1, zlib1g, systemd, passwd
 Recommends: openssh-client, gpgv
 Section: admin
 Priority: optional

@@ -8,12 +8,13 @@ set -euo pipefail
 
 # One list, one group per line; append new groups here.
 PACKAGES=(
-  # build: git2's vendored libgit2 links against OpenSSL and zlib, found via pkg-config
-  pkg-config libssl-dev zlib1g-dev
+  # build: git2's vendored libgit2 links zlib, found via pkg-config (TLS is rustls: no OpenSSL)
+  pkg-config zlib1g-dev
   # git itself (the tests drive the real client; a newer /usr/local/bin/git wins on PATH if present)
   git
   # integration-test servers on loopback: smart HTTP (lighttpd + git-http-backend) and ssh
-  lighttpd openssh-server openssh-client
+  # (and https, lighttpd's TLS module, with a test CA made by openssl)
+  lighttpd lighttpd-mod-openssl openssl openssh-server openssh-client
   # signed commits: ssh-keygen verifies ssh signatures (openssh-client), gpgv OpenPGP ones; gpg (with its agent) signs in tests
   gpg gpg-agent gpgv
   # test tooling: HTTP probes, process and socket inspection (kill, ps, ss)

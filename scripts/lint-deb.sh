@@ -1,6 +1,6 @@
 #!/bin/bash
-# Runs lintian on plumb's Debian package and fails on any error or warning (CI runs it). Overrides,
-# each with its reason, are in packaging/deb/lintian-overrides.
+# Runs lintian on plumb's Debian package and fails on any error or warning (CI runs it). The
+# package has no overrides.
 #
 # usage: scripts/lint-deb.sh [PKG.deb]
 #   PKG.deb  the package to check; default: one built by scripts/build-deb.sh from binaries already

@@ -223,6 +223,103 @@ pub fn run_blocking(spec: Spec) -> Result<Output, ExecError> {
     }
 }
 
+/// A child this process talks to through pipes while it runs (ssh carrying git's protocol). Its
+/// standard error goes to an unnamed temporary file, read once the child failed, so a chatty
+/// child can never block on a full pipe nobody reads. Dropping it kills and reaps the child.
+#[derive(Debug)]
+pub struct Piped {
+    program: String,
+    child: std::process::Child,
+    /// The child's standard input; `None` once closed.
+    pub stdin: Option<std::process::ChildStdin>,
+    /// The child's standard output.
+    pub stdout: std::process::ChildStdout,
+    stderr: std::fs::File,
+}
+
+impl Piped {
+    /// Starts `spec`'s program with piped standard input and output (`spec.stdin` and
+    /// `spec.timeout` do not apply: the caller bounds each read and write itself).
+    pub fn spawn(spec: &Spec) -> Result<Piped, ExecError> {
+        let spawn_error = |source| ExecError::Spawn {
+            program: spec.program.clone(),
+            source,
+        };
+        let stderr = tempfile::tempfile().map_err(spawn_error)?;
+        let mut command = std::process::Command::new(&spec.program);
+        command
+            .args(&spec.args)
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(stderr.try_clone().map_err(spawn_error)?);
+        for (k, v) in &spec.env {
+            command.env(k, v);
+        }
+        if let Some(dir) = &spec.dir {
+            command.current_dir(dir);
+        }
+        let mut child = command.spawn().map_err(spawn_error)?;
+        let (Some(stdin), Some(stdout)) = (child.stdin.take(), child.stdout.take()) else {
+            unreachable!("both pipes were requested");
+        };
+        Ok(Piped {
+            program: spec.program.clone(),
+            child,
+            stdin: Some(stdin),
+            stdout,
+            stderr,
+        })
+    }
+
+    /// The child's exit, waiting at most `limit` for it; `None` while it still runs.
+    pub fn exit_within(&mut self, limit: Duration) -> Result<Option<Output>, ExecError> {
+        use std::io::{Read, Seek};
+        let started = std::time::Instant::now();
+        let status = loop {
+            match self.child.try_wait() {
+                Ok(Some(status)) => break status,
+                Ok(None) if started.elapsed() < limit => {
+                    std::thread::sleep(Duration::from_millis(5));
+                }
+                Ok(None) => return Ok(None),
+                Err(source) => {
+                    return Err(ExecError::Wait {
+                        program: self.program.clone(),
+                        source,
+                    });
+                }
+            }
+        };
+        let mut stderr = Vec::new();
+        let read = self.stderr.rewind().and_then(|()| {
+            (&self.stderr)
+                .take(MAX_OUTPUT as u64)
+                .read_to_end(&mut stderr)
+        });
+        if let Err(source) = read {
+            return Err(ExecError::Wait {
+                program: self.program.clone(),
+                source,
+            });
+        }
+        Ok(Some(Output {
+            code: status.code(),
+            stdout: String::new(),
+            stderr: String::from_utf8_lossy(&stderr).into_owned(),
+        }))
+    }
+}
+
+impl Drop for Piped {
+    fn drop(&mut self) {
+        self.stdin.take();
+        if let Ok(None) = self.child.try_wait() {
+            let _ = self.child.kill();
+        }
+        let _ = self.child.wait();
+    }
+}
+
 /// `word` as one word for a POSIX shell (`sh -c` commands, ssh's remote command line): unchanged
 /// when it is only safe characters, else in single quotes.
 pub fn shell_quote(word: &str) -> String {
@@ -306,6 +403,32 @@ mod tests {
         .unwrap();
         let pwd = dir.path().canonicalize().unwrap();
         assert_eq!(out.stdout, format!("hello x {}\n", pwd.display()));
+    }
+
+    #[test]
+    fn a_piped_child_talks_and_its_errors_are_kept() {
+        use std::io::{Read, Write};
+        let mut child = Piped::spawn(
+            &Spec::new("sh", Duration::ZERO)
+                .arg("-c")
+                .arg("read line; echo \"got $line\"; echo oops >&2; exit 4"),
+        )
+        .unwrap();
+        child.stdin.as_mut().unwrap().write_all(b"ping\n").unwrap();
+        let mut out = String::new();
+        child.stdout.read_to_string(&mut out).unwrap();
+        assert_eq!(out, "got ping\n");
+        let exit = child.exit_within(Duration::from_secs(30)).unwrap().unwrap();
+        assert_eq!((exit.code, exit.stderr.as_str()), (Some(4), "oops\n"));
+    }
+
+    #[test]
+    fn dropping_a_piped_child_ends_it() {
+        let mut child = Piped::spawn(&Spec::new("sleep", Duration::ZERO).arg("600")).unwrap();
+        assert!(child.exit_within(Duration::ZERO).unwrap().is_none());
+        let pid = child.child.id();
+        drop(child);
+        assert!(!std::path::Path::new(&format!("/proc/{pid}")).exists());
     }
 
     #[tokio::test]

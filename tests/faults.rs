@@ -497,8 +497,8 @@ fn a_hanging_upstream_times_out_keeps_the_last_good_revision_and_recovers() {
         });
     }
 
-    // Every server now accepts connections and never answers. Without socket timeouts a fetch
-    // would wait forever, and its upstream would never be tried again.
+    // Every server now accepts connections and never answers. Without the fetch's deadline a
+    // fetch would wait forever, and its upstream would never be tried again.
     for g in &gates {
         g.hang(true);
     }
@@ -511,8 +511,7 @@ fn a_hanging_upstream_times_out_keeps_the_last_good_revision_and_recovers() {
         let st = wait_for_status(&m, s, "the fetch gave up", HANG_DEADLINE, |st| {
             st.state == "OK" && !st.notes.is_empty()
         });
-        // libgit2's words: "could not read from socket: timed out" (git://, http://), "failed
-        // to start SSH session: Timed out waiting on socket" (libssh2).
+        // "fetch URL: timed out after 3s", whatever the transport.
         let note = &st.notes[0];
         assert!(note.contains(&format!("fetch {url}: ")), "{st:?}");
         assert!(note.to_lowercase().contains("timed out"), "{st:?}");

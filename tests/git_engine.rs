@@ -1833,7 +1833,7 @@ fn cancel_and_timeout_stop_a_fetch() {
     };
     let err = store.fetch(&main_branch(), &hurried).unwrap_err();
     assert!(matches!(err, GitError::TimedOut { .. }), "{err:?}");
-    assert!(err.to_string().contains("gave up after"), "{err}");
+    assert!(err.to_string().contains("timed out after"), "{err}");
     assert!(
         store.resolve("main").is_err(),
         "nothing half-fetched became a branch"

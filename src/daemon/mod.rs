@@ -518,11 +518,6 @@ impl Daemon {
                 "webhook_secret_file",
                 old.webhook_secret_file != new.webhook_secret_file,
             ),
-            // The whole-fetch limit moves now; libgit2's socket timeouts are set once per process.
-            (
-                "fetch_timeout (its socket timeouts)",
-                old.fetch_timeout != new.fetch_timeout,
-            ),
         ];
         let changed: Vec<&str> = at_start
             .iter()

@@ -8,10 +8,11 @@
 //!
 //! Submodules:
 //! - `url`: store names, URL redaction, ssh endpoints;
-//! - `known_hosts`: the ssh host key check (never skipped);
 //! - `store`: opening, creating and healing stores;
-//! - `fetch`: the network side (one connection per fetch, credentials, cancellation);
-//! - `timeouts`: libgit2's socket timeouts (the crate's only `unsafe`);
+//! - `fetch`: one fetch (one connection, only the wanted branches, plumb's own refs);
+//! - `transport`: the bytes' way to the upstream: http(s) on rustls, ssh through OpenSSH,
+//!   git://, each obeying the fetch's deadline and cancellation (and the crate's only `unsafe`,
+//!   registering them with libgit2);
 //! - `history`: `changed_paths` and `last_change`;
 //! - `inspect`: what a revision must not hold before it is checked out (escaping symlinks,
 //!   oversized files);
@@ -30,25 +31,24 @@
 //!   paths of its target; nothing else may write there.
 //!
 //! # Limits (libgit2 through git2 0.21)
-//! - [`Transport::timeout`] and [`Transport::cancel`] are checked whenever libgit2 calls back
-//!   (certificate check, authentication, pack progress, server messages). A connect that hangs,
-//!   or a server that accepts the connection and then sends nothing, is bounded by libgit2's
-//!   socket timeouts instead (`timeouts`: each connect and each read or write, set once per
-//!   process from the first fetch's timeout); cancellation waits for the next callback or for
-//!   that timeout.
+//! - [`Transport::timeout`] is a deadline for the whole fetch, and [`Transport::cancel`] stops
+//!   it: both are checked at every read and write of plumb's transports (at least every half
+//!   second while one waits) and whenever libgit2 reports progress. A `file://` upstream is
+//!   read by libgit2 itself, bounded by the progress callbacks only.
 //! - Stores are never repacked or garbage-collected (libgit2 has no `gc`): each fetch that brings
 //!   something adds one pack.
 //! - libgit2 reads the usual git config files (`/etc/gitconfig`, `~/.gitconfig`), so settings such
-//!   as `url.<base>.insteadOf` or `http.proxy` there apply to fetches.
+//!   as `url.<base>.insteadOf` there apply to fetches; `http.proxy` does not (plumb's http
+//!   transport takes the proxy from `https_proxy`, `http_proxy` and `ALL_PROXY`, and ssh from
+//!   ssh_config's `ProxyJump`).
 
 mod checkout;
 mod fetch;
 mod history;
 mod inspect;
-mod known_hosts;
 mod stage;
 mod store;
-mod timeouts;
+mod transport;
 mod url;
 mod verify;
 
@@ -152,7 +152,7 @@ pub enum GitError {
     #[error("fetch {url}: cancelled")]
     Cancelled { url: String },
     /// The fetch ran longer than [`Transport::timeout`].
-    #[error("fetch {url}: gave up after {}", humantime::format_duration(*.timeout))]
+    #[error("fetch {url}: timed out after {}", humantime::format_duration(*.timeout))]
     TimedOut { url: String, timeout: Duration },
     /// A revision given by a person (rollback) names no commit of the store.
     #[error("{url}: unknown revision {revision:?}: {}", .source.message())]
@@ -238,15 +238,14 @@ impl GitError {
 /// How to reach upstreams: credentials, host keys, limits. Shared by every fetch of a daemon.
 #[derive(Debug, Clone, Default)]
 pub struct Transport {
-    /// Private key for ssh upstreams (no passphrase); `None` means the ssh agent
-    /// (`SSH_AUTH_SOCK`), then `~/.ssh/id_ed25519`, then `~/.ssh/id_rsa`.
+    /// Private key for ssh upstreams (no passphrase), the only one offered; `None` leaves the
+    /// choice to ssh (the agent, ssh_config's `IdentityFile`, `~/.ssh/id_*`).
     pub ssh_key: Option<PathBuf>,
     /// known_hosts files to check ssh host keys against; empty means `~/.ssh/known_hosts` and
     /// `/etc/ssh/ssh_known_hosts`. A host that is not in them is refused.
     pub known_hosts: Vec<PathBuf>,
     /// Give up on a fetch that runs longer than this, so one stuck upstream cannot hold its store
-    /// thread forever (checked whenever libgit2 calls back, and bounding each socket connect,
-    /// read and write; see the module doc).
+    /// thread forever: a deadline for the whole fetch, connect included (see the module doc).
     pub timeout: Option<Duration>,
     /// Set to abort a running fetch (shutdown).
     pub cancel: Arc<AtomicBool>,
@@ -402,7 +401,10 @@ mod tests {
             url: "git://h/x.git".into(),
             timeout: Duration::from_secs(90),
         };
-        assert_eq!(err.to_string(), "fetch git://h/x.git: gave up after 1m 30s");
+        assert_eq!(
+            err.to_string(),
+            "fetch git://h/x.git: timed out after 1m 30s"
+        );
         let err = GitError::Branch {
             url: "git://h/x.git".into(),
             branch: "a..b".into(),

@@ -1908,3 +1908,50 @@ fn a_refused_config_is_visible_and_the_last_accepted_one_is_kept() {
     let status = curl(&socket, "GET", "/v1/services/app", None);
     assert!(!status.contains("config refused"), "{status}");
 }
+
+#[test]
+fn an_https_upstream_is_checked_against_the_system_ca_roots() {
+    require_root();
+    let root = temp_root();
+    let https = HttpServer::start_tls(root.path());
+    let up = Upstream::new(root.path(), "tls");
+    let head = up.write("web/index.html", "over tls").commit("v1");
+    let m = Machine::new(root.path(), &service("web", &https.url(&up), &["web"]));
+
+    // The test CA is no root of the system's: refused, and nothing deployed.
+    let out = m
+        .command()
+        .arg("--once")
+        .env_remove("SSL_CERT_FILE")
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(!out.status.success(), "{stdout}");
+    assert!(
+        stdout.contains(&format!("fetch {}: ", https.url(&up))) && stdout.contains("certificate"),
+        "{stdout}"
+    );
+    assert_eq!(m.rev("web"), None);
+
+    // With the CA among the roots (SSL_CERT_FILE, as OpenSSL-based tools read it): fetched.
+    let out = m
+        .command()
+        .arg("--once")
+        .env("SSL_CERT_FILE", https.ca.as_ref().unwrap())
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(m.rev("web").as_deref(), Some(head.as_str()));
+    let requests = https.requests();
+    assert!(
+        requests.iter().all(|r| r.ends_with(&format!(
+            "\"git/2.0 (plumb {})\"",
+            env!("CARGO_PKG_VERSION")
+        ))),
+        "{requests:#?}"
+    );
+}

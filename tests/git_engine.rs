@@ -1985,3 +1985,82 @@ fn a_clean_drift_check_makes_the_index_newer_than_its_files() {
         vec!["web/a.conf".to_owned()]
     );
 }
+
+/// A proxy on 127.0.0.1 in front of `target` that passes what the client sends at once and what
+/// the server answers a few bytes at a time: each read of the client's comes well within any
+/// per-read timeout, and the whole answer takes minutes.
+fn trickle_proxy(target: u16) -> u16 {
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = listener.local_addr().unwrap().port();
+    std::thread::spawn(move || {
+        for client in listener.incoming() {
+            let Ok(client) = client else { return };
+            let Ok(server) = TcpStream::connect(("127.0.0.1", target)) else {
+                return;
+            };
+            let (mut up_from, mut up_to) =
+                (client.try_clone().unwrap(), server.try_clone().unwrap());
+            std::thread::spawn(move || {
+                let _ = std::io::copy(&mut up_from, &mut up_to);
+            });
+            let (mut down_from, mut down_to) = (server, client);
+            std::thread::spawn(move || {
+                let mut buf = [0u8; 64];
+                loop {
+                    match down_from.read(&mut buf) {
+                        Ok(0) | Err(_) => return,
+                        Ok(n) => {
+                            if down_to.write_all(&buf[..n]).is_err() {
+                                return;
+                            }
+                        }
+                    }
+                    std::thread::sleep(Duration::from_millis(100));
+                }
+            });
+        }
+    });
+    port
+}
+
+#[test]
+fn fetch_timeout_is_a_deadline_for_the_whole_fetch() {
+    require_root();
+    let root = temp_root();
+    let up = Upstream::new(root.path(), "slow");
+    // Random, so it does not compress: at 640 bytes a second its pack would take many minutes.
+    let noise: String = (0..200_000)
+        .map(|_| char::from(b"0123456789abcdef"[fastrand::usize(..16)]))
+        .collect();
+    up.write("svc/blob", &noise).commit("big");
+    let server = HttpServer::start(root.path());
+    let port = trickle_proxy(server.port);
+    let url = server
+        .url(&up)
+        .replace(&server.port.to_string(), &port.to_string());
+    let mut store = Store::open(&root.path().join("stores"), &url).unwrap();
+    let limit = Duration::from_secs(2);
+    let started = Instant::now();
+    let err = store
+        .fetch(
+            &main_branch(),
+            &Transport {
+                timeout: Some(limit),
+                ..Transport::default()
+            },
+        )
+        .unwrap_err();
+    let took = started.elapsed();
+    assert!(matches!(err, GitError::TimedOut { .. }), "{err:?}");
+    assert_eq!(
+        err.to_string(),
+        format!("fetch {url}: timed out after 2s"),
+        "{err}"
+    );
+    // The deadline, plus at most one wait of a transport between two looks at it.
+    assert!(took < limit + Duration::from_secs(2), "took {took:?}");
+    assert!(
+        store.resolve("main").is_err(),
+        "nothing half-fetched became a branch"
+    );
+}

@@ -633,6 +633,8 @@ pub struct HttpServer {
     /// The request log behind [`HttpServer::requests`]: one line per request, written by the CGI
     /// before it answers (lighttpd's own access log buffers lines for up to 4 seconds).
     pub access_log: PathBuf,
+    /// With TLS: the test CA that signed the server's certificate (PEM), for `SSL_CERT_FILE`.
+    pub ca: Option<PathBuf>,
     server: Server,
 }
 
@@ -640,6 +642,16 @@ impl HttpServer {
     /// Writes a lighttpd config under `root/run` and starts `lighttpd -D` on a free port.
     /// Waits until the port accepts connections.
     pub fn start(root: &Path) -> HttpServer {
+        HttpServer::launch(root, false)
+    }
+
+    /// [`HttpServer::start`] serving https, with a certificate for `127.0.0.1` signed by a CA
+    /// made for this server alone ([`HttpServer::ca`]), which no client trusts unless told to.
+    pub fn start_tls(root: &Path) -> HttpServer {
+        HttpServer::launch(root, true)
+    }
+
+    fn launch(root: &Path, tls: bool) -> HttpServer {
         let root = absolute(root);
         open_dir(&root);
         let srv = root.join("srv");
@@ -654,6 +666,7 @@ impl HttpServer {
         );
 
         let mut access_log = PathBuf::new();
+        let certs = tls.then(|| test_certificates(&run));
         let (server, port) = Server::start("lighttpd", &run, |port| {
             let dir = run.join(format!("lighttpd-{port}"));
             open_dir(&dir);
@@ -665,7 +678,17 @@ impl HttpServer {
             fs::write(&cgi, cgi_wrapper(&backend, &access_log)).expect("write CGI wrapper");
             fs::set_permissions(&cgi, fs::Permissions::from_mode(0o755)).expect("chmod CGI");
             let conf = dir.join("lighttpd.conf");
-            fs::write(&conf, lighttpd_conf(port, &srv, &cgi)).expect("write lighttpd.conf");
+            let mut text = lighttpd_conf(port, &srv, &cgi);
+            if let Some((_, pem, key)) = &certs {
+                check_unquoted(pem);
+                check_unquoted(key);
+                text.push_str(&format!(
+                    "server.modules += (\"mod_openssl\")\nssl.engine = \"enable\"\nssl.pemfile = \"{}\"\nssl.privkey = \"{}\"\n",
+                    pem.display(),
+                    key.display()
+                ));
+            }
+            fs::write(&conf, text).expect("write lighttpd.conf");
             let mut cmd = Command::new("lighttpd");
             cmd.arg("-D").arg("-f").arg(&conf);
             cmd
@@ -673,13 +696,15 @@ impl HttpServer {
         HttpServer {
             port,
             access_log,
+            ca: certs.map(|(ca, _, _)| ca),
             server,
         }
     }
 
-    /// `http://127.0.0.1:PORT/git/<name>.git` for `up`.
+    /// `http://127.0.0.1:PORT/git/<name>.git` for `up` (`https://` with TLS).
     pub fn url(&self, up: &Upstream) -> String {
-        format!("http://127.0.0.1:{}/git/{}.git", self.port, up.name)
+        let scheme = if self.ca.is_some() { "https" } else { "http" };
+        format!("{scheme}://127.0.0.1:{}/git/{}.git", self.port, up.name)
     }
 
     /// One line per request that reached git-http-backend, in order, e.g.
@@ -699,6 +724,75 @@ impl HttpServer {
     pub fn log(&self) -> String {
         self.server.log_text()
     }
+}
+
+/// A CA and a server certificate for `127.0.0.1` it signed, made with openssl under `run`:
+/// (CA certificate, server certificate, server key), the key readable by lighttpd after it drops
+/// to www-data.
+fn test_certificates(run: &Path) -> (PathBuf, PathBuf, PathBuf) {
+    let dir = tempfile::Builder::new()
+        .prefix("tls-")
+        .tempdir_in(run)
+        .expect("tls dir")
+        .keep();
+    let openssl = |args: &[&str]| {
+        let out = Command::new("openssl")
+            .args(args)
+            .current_dir(&dir)
+            .output()
+            .expect("run openssl (scripts/install-deps.sh installs it)");
+        assert!(
+            out.status.success(),
+            "openssl {args:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    };
+    let ec = [
+        "-newkey",
+        "ec",
+        "-pkeyopt",
+        "ec_paramgen_curve:P-256",
+        "-nodes",
+    ];
+    let mut ca = vec!["req", "-x509", "-days", "2", "-subj", "/CN=plumb test CA"];
+    ca.extend(ec);
+    ca.extend(["-keyout", "ca.key", "-out", "ca.pem"]);
+    openssl(&ca);
+    let mut csr = vec!["req", "-subj", "/CN=127.0.0.1"];
+    csr.extend(ec);
+    csr.extend(["-keyout", "server.key", "-out", "server.csr"]);
+    openssl(&csr);
+    fs::write(
+        dir.join("server.ext"),
+        "subjectAltName = IP:127.0.0.1\nbasicConstraints = CA:FALSE\nextendedKeyUsage = serverAuth\n",
+    )
+    .expect("write server.ext");
+    openssl(&[
+        "x509",
+        "-req",
+        "-days",
+        "2",
+        "-in",
+        "server.csr",
+        "-CA",
+        "ca.pem",
+        "-CAkey",
+        "ca.key",
+        "-CAcreateserial",
+        "-extfile",
+        "server.ext",
+        "-out",
+        "server.pem",
+    ]);
+    for name in ["server.pem", "server.key"] {
+        chown_www_data(&dir.join(name));
+    }
+    fs::set_permissions(&dir, fs::Permissions::from_mode(0o755)).expect("chmod tls dir");
+    (
+        dir.join("ca.pem"),
+        dir.join("server.pem"),
+        dir.join("server.key"),
+    )
 }
 
 /// Gives `path` to www-data, the user lighttpd drops to; panics if there is no such user.
@@ -1003,6 +1097,7 @@ impl HttpServer {
         HttpServer {
             port,
             access_log: self.access_log,
+            ca: self.ca,
             server: self.server.restart_after(port, down),
         }
     }

@@ -5,7 +5,10 @@
 {
   description = "plumb: GitOps for people who run their own Linux machines";
 
-  inputs.nixpkgs.url = "github:NixOS/nixpkgs/nixos-unstable";
+  # The NixOS release the flake builds and tests with (packages, checks). Its rustc must be at
+  # least Cargo.toml's rust-version, 1.89: 26.05's is. A system importing the module builds plumb
+  # with its own nixpkgs: 25.11 works too, 25.05 (rustc 1.86) does not.
+  inputs.nixpkgs.url = "github:NixOS/nixpkgs/nixos-26.05";
 
   outputs =
     { self, nixpkgs }:
@@ -28,7 +31,13 @@
 
       # Builds plumb with the importing system's nixpkgs unless services.plumb.package says
       # otherwise (for example `plumb.packages.${system}.default`, this flake's nixpkgs).
-      nixosModules.default = ./nixos-module;
+      # An attribute set importing the directory, not the bare path, which older Nix's
+      # `flake check` refuses ("module must be a function or an attribute set"); importing the
+      # path keeps it the module's key, so this and `imports = [ "${plumb}/nixos-module" ]`
+      # together are one module, and NixOS names the file in messages.
+      nixosModules.default = {
+        imports = [ ./nixos-module ];
+      };
 
       checks = forAllSystems (pkgs: {
         package = self.packages.${pkgs.stdenv.hostPlatform.system}.default;

@@ -28,8 +28,10 @@ PACKAGES=(
   systemd systemd-container debootstrap zstd
   # docs tests: the generated man pages are rendered by man and groff and must not warn
   man-db groff-base
-  # the NixOS module and the flake: scripts/check-nix.sh parses every .nix file with nix-instantiate
-  nix-bin
+  # the NixOS module and the flake: scripts/check-nix.sh parses every .nix file with nix-instantiate,
+  # evaluates the module with nixpkgs' lib, and renders its settings to TOML with tomli-w (Debian's
+  # python3, which the package installs into) for `plumb check-config`
+  nix-bin python3-tomli-w
   # the Debian package: scripts/lint-deb.sh checks it with lintian
   lintian
 )

@@ -870,7 +870,13 @@ impl Service {
         self.info = info;
     }
 
+    /// Whether a field kept on disk changed. `synced` moving on its own (the branch moved, the
+    /// service's files did not, so `deployed` stayed) is not worth a write: the checkout holds the
+    /// files of `deployed` either way, and after a restart the first fetch moves `synced` again
+    /// with nothing to check out. So a pull writes the state of the services it changed, not of
+    /// every service on the upstream.
     fn persisted_differs(&self, before: &Service) -> bool {
+        let files_stayed = self.deployed == before.deployed;
         let strip = |s: &Service| Service {
             upstream: None,
             unreachable: None,
@@ -878,6 +884,7 @@ impl Service {
             drift: Vec::new(),
             force: false,
             last_sync: None,
+            synced: if files_stayed { None } else { s.synced },
             ..s.clone()
         };
         strip(self) != strip(before)
@@ -1030,7 +1037,7 @@ mod tests {
     }
 
     #[test]
-    fn a_commit_elsewhere_moves_synced_but_not_deployed() {
+    fn a_commit_elsewhere_moves_synced_but_not_deployed_and_writes_nothing() {
         let mut s = deployed();
         s.handle(fetched(Some(oid(2))), 20);
         let fx = s.handle(
@@ -1040,7 +1047,8 @@ mod tests {
             },
             21,
         );
-        assert_eq!(fx, vec![Effect::Persist]);
+        // Nothing on disk needs to change: the files are those of oid(1) still.
+        assert_eq!(fx, vec![]);
         assert_eq!(
             (s.deployed, s.synced, s.changed_at),
             (Some(oid(1)), Some(oid(2)), Some(10))

@@ -1955,3 +1955,32 @@ fn an_https_upstream_is_checked_against_the_system_ca_roots() {
         "{requests:#?}"
     );
 }
+
+#[test]
+fn a_commit_for_one_service_rewrites_only_that_services_files() {
+    let root = temp_root();
+    let up = Upstream::new(root.path(), "many");
+    up.write("a/conf", "1").write("b/conf", "1").commit("v1");
+    let m = Machine::new(
+        root.path(),
+        &format!(
+            "{}{}",
+            service("a", &up.file_url(), &["a"]),
+            service("b", &up.file_url(), &["b"])
+        ),
+    );
+    m.once(true);
+    let inode = |name: &str| {
+        fs::metadata(m.state.join("state").join(name))
+            .unwrap()
+            .ino()
+    };
+    let before = (inode("a.json"), inode("b.json"), inode("b.rev"));
+
+    let v2 = up.write("a/conf", "2").commit("v2: a only");
+    m.once(true);
+    assert_eq!(m.rev("a").as_deref(), Some(v2.as_str()));
+    // Each write is a rename of a new file: b's files kept their inodes, a's did not.
+    assert_ne!(inode("a.json"), before.0);
+    assert_eq!((inode("b.json"), inode("b.rev")), (before.1, before.2));
+}

@@ -24,6 +24,9 @@ pub(super) struct Check {
     pub(super) deployed: Option<Oid>,
     pub(super) branch: String,
     pub(super) links: Vec<String>,
+    /// The (deployed, head) pair the daemon's count of changes behind is for: not counted again
+    /// while both are the same.
+    pub(super) counted: Option<(Oid, Oid)>,
 }
 
 /// What one fetch job found.
@@ -31,8 +34,9 @@ pub(super) struct Fetched {
     pub(super) result: Result<FetchReport, GitError>,
     /// Local edits per service (checked after a good fetch).
     pub(super) drift: BTreeMap<String, Vec<String>>,
-    /// Changes to each service's files between its deployed revision and the head.
-    pub(super) behind: BTreeMap<String, Option<u64>>,
+    /// Changes to each service's files between its deployed revision and the head, with that
+    /// (deployed, head) pair; only for services where either moved.
+    pub(super) behind: BTreeMap<String, ((Oid, Oid), Option<u64>)>,
     /// Services whose last checkout did not finish (crash, failure): redone, not drift.
     pub(super) interrupted: BTreeSet<String>,
     /// How long the fetch (with its checks) took.
@@ -65,10 +69,12 @@ pub(super) fn run(
                 }
             }
             let head = report.heads.get(&c.branch).copied().flatten();
-            if let (Some(deployed), Some(head)) = (c.deployed, head) {
+            if let (Some(deployed), Some(head)) = (c.deployed, head)
+                && c.counted != Some((deployed, head))
+            {
                 match s.changes_since(deployed, head, &c.links, BEHIND_LIMIT) {
                     Ok(n) => {
-                        behind.insert(c.name, n);
+                        behind.insert(c.name, ((deployed, head), n));
                     }
                     Err(e) => warn!(service = %c.name, "cannot count changes behind: {e}"),
                 }

@@ -186,6 +186,11 @@ struct Entry {
     /// Changes to the service's files on its branch after the deployed revision (derived at each
     /// fetch, so not persisted).
     behind: Option<u64>,
+    /// The (deployed, head) pair `behind` was counted for: while neither moves, a fetch does not
+    /// walk the history again, so an idle tick costs nothing per commit of history.
+    behind_at: Option<(Oid, Oid)>,
+    /// The last write of the state file failed: what is on disk is older than `state`.
+    unsaved: bool,
 }
 
 type Upstream = scheduler::Upstream<Waiter, DeployJob>;
@@ -397,6 +402,9 @@ impl Daemon {
                         config: cfg,
                         state: old.state,
                         behind: old.behind,
+                        // Other links count other changes.
+                        behind_at: old.behind_at.filter(|_| !moved),
+                        unsaved: old.unsaved,
                     }
                 }
                 None => {
@@ -405,6 +413,8 @@ impl Daemon {
                         state: load_state(&self.layout, &cfg.name, now),
                         config: cfg,
                         behind: None,
+                        behind_at: None,
+                        unsaved: false,
                     }
                 }
             };
@@ -638,6 +648,7 @@ impl Daemon {
                     deployed: e.state.deployed(),
                     branch: e.config.branch.clone(),
                     links: e.config.links(),
+                    counted: e.behind_at,
                 })
                 .collect();
             let stores = self.layout.stores();
@@ -669,9 +680,10 @@ impl Daemon {
                 if let Some(m) = &self.opts.metrics {
                     m.fetched(&git::redact_url(&url), result.is_ok(), took);
                 }
-                for (name, n) in behind {
+                for (name, (at, n)) in behind {
                     if let Some(e) = self.services.get_mut(&name) {
                         e.behind = n;
+                        e.behind_at = Some(at);
                     }
                 }
                 match &result {
@@ -791,6 +803,7 @@ impl Daemon {
                         // At the branch head its files are current; after a rollback the next
                         // fetch counts.
                         entry.behind = (Some(*head) == entry.state.upstream()).then_some(0);
+                        entry.behind_at = None;
                     }
                     let rebuilt = self.rebind.remove(&name);
                     match &event {
@@ -807,11 +820,17 @@ impl Daemon {
                     }
                     let deployed = matches!(event, Event::Deployed { .. });
                     self.feed(&name, event, now, tx);
+                    // The state machine asked for a write if the deploy changed what is kept on
+                    // disk; one that failed earlier is tried again. Until it worked, the marker
+                    // stays for the next start.
+                    let layout = &self.layout;
                     let saved = deployed
-                        && self
-                            .services
-                            .get(&name)
-                            .is_some_and(|e| persist(&self.layout, &name, &e.state));
+                        && self.services.get_mut(&name).is_some_and(|e| {
+                            if e.unsaved {
+                                e.unsaved = !persist(layout, &name, &e.state);
+                            }
+                            !e.unsaved
+                        });
                     if saved {
                         // The deploy is on disk: the checkout is no longer half-made.
                         let marker = self.layout.service_deploying(&name);
@@ -867,7 +886,7 @@ impl Daemon {
         for effect in effects {
             match effect {
                 Effect::Persist => {
-                    persist(&self.layout, name, &entry.state);
+                    entry.unsaved = !persist(&self.layout, name, &entry.state);
                 }
                 Effect::Deploy {
                     head,

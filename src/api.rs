@@ -9,14 +9,14 @@
 //! the admin group may do everything, members of the read-only group may read, anyone else gets 403.
 //! Every write, allowed or refused, is appended to the audit log as one JSON line.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 use std::ffi::CString;
 use std::fs::{self, OpenOptions};
 use std::io::{self, Write};
 use std::os::unix::fs::{DirBuilderExt, FileTypeExt, OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use axum::Router;
 use axum::body::Bytes;
@@ -357,9 +357,45 @@ struct App {
     /// The next audit entry id: unix time in nanoseconds at start, then counted up, so ids stay
     /// unique across restarts.
     ids: std::sync::atomic::AtomicU64,
+    /// Callers resolved lately, by (uid, gid): a user's groups are read from the user database
+    /// (dozens of NSS probes) once per [`CALLER_TTL`], not at every request.
+    callers: std::sync::Mutex<HashMap<(u32, Option<u32>), (Instant, Caller)>>,
 }
 
+/// How long a caller's resolved groups are trusted: a user added to or removed from a group is
+/// let in or turned away at most this late.
+const CALLER_TTL: Duration = Duration::from_secs(5);
+
 impl App {
+    /// The caller of a request: root at once, others from the cache or the user database.
+    async fn caller(&self, peer: Peer) -> Caller {
+        match peer.uid {
+            Some(0) => {
+                return Caller {
+                    uid: 0,
+                    user: "root".into(),
+                    role: Role::Admin,
+                };
+            }
+            None => return resolve(peer, &self.access).await,
+            Some(_) => {}
+        }
+        let key = (peer.uid.unwrap_or(u32::MAX), peer.gid);
+        let cached = |callers: &mut HashMap<_, (Instant, Caller)>| {
+            callers.retain(|_, (at, _)| at.elapsed() < CALLER_TTL);
+            callers.get(&key).map(|(_, c)| c.clone())
+        };
+        if let Some(caller) = cached(&mut self.callers.lock().unwrap_or_else(|e| e.into_inner())) {
+            return caller;
+        }
+        let caller = resolve(peer, &self.access).await;
+        self.callers
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert(key, (Instant::now(), caller.clone()));
+        caller
+    }
+
     fn next_id(&self) -> u64 {
         self.ids.fetch_add(1, std::sync::atomic::Ordering::Relaxed)
     }
@@ -383,6 +419,7 @@ fn router(handle: daemon::Handle, access: Access) -> Router {
         handle,
         access,
         audit: tokio::sync::Mutex::new(()),
+        callers: std::sync::Mutex::new(HashMap::new()),
         ids: std::sync::atomic::AtomicU64::new(
             SystemTime::now()
                 .duration_since(UNIX_EPOCH)
@@ -517,7 +554,7 @@ fn refusal(caller: &Caller, access: &Access, write: bool) -> Failure {
 
 /// Resolves the caller of a read and refuses it unless it may read.
 async fn reader(app: &App, peer: Peer) -> Result<Caller, Failure> {
-    let caller = resolve(peer, &app.access).await;
+    let caller = app.caller(peer).await;
     if caller.role >= Role::Read {
         Ok(caller)
     } else {
@@ -972,7 +1009,7 @@ async fn wipe(State(app): Shared, ConnectInfo(peer): Conn, name: Name, bytes: Bo
 /// the daemon is asked, and the outcome follows in a second entry with the same id. A write
 /// refused before that (403, a bad body) has one entry, the refusal.
 async fn write(app: &App, peer: Peer, action: &'static str, name: Name, bytes: Body) -> Response {
-    let caller = resolve(peer, &app.access).await;
+    let caller = app.caller(peer).await;
     let service = name.as_ref().ok().map(|UrlPath(n)| n.clone());
     let (arguments, command) = match bytes {
         Err(e) => (

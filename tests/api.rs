@@ -684,3 +684,31 @@ fn a_write_the_audit_log_cannot_record_is_not_made() {
         "{audit:#?}"
     );
 }
+
+#[test]
+fn a_user_taken_out_of_the_admin_group_is_turned_away_without_a_restart() {
+    require_root();
+    let root = temp_root();
+    let mut accounts = Accounts::new();
+    let admin_group = accounts.group("pla");
+    let ro_group = accounts.group("plr");
+    let admin = accounts.user("pua", &[&admin_group, &ro_group]);
+    let plumb = Plumb::start(root.path(), &admin_group, &ro_group);
+    let a = plumb.curl(Some(&admin), "POST", "/v1/services/web/unfreeze", None);
+    assert_eq!(a.status, 200, "{a:?}");
+
+    {
+        let _turn = ACCOUNTS.lock().unwrap_or_else(|e| e.into_inner());
+        run(Command::new("gpasswd").args(["-d", &admin, &admin_group]));
+    }
+    // Groups are read again at most a few seconds later (README): then the write is refused,
+    // while reading still works.
+    wait_until("the write to be refused", DEADLINE, || {
+        plumb
+            .curl(Some(&admin), "POST", "/v1/services/web/unfreeze", None)
+            .status
+            == 403
+    });
+    let a = plumb.curl(Some(&admin), "GET", "/v1/services/web", None);
+    assert_eq!(a.status, 200, "{a:?}");
+}

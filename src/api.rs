@@ -359,8 +359,11 @@ struct App {
     ids: std::sync::atomic::AtomicU64,
     /// Callers resolved lately, by (uid, gid): a user's groups are read from the user database
     /// (dozens of NSS probes) once per [`CALLER_TTL`], not at every request.
-    callers: std::sync::Mutex<HashMap<(u32, Option<u32>), (Instant, Caller)>>,
+    callers: std::sync::Mutex<Callers>,
 }
+
+/// Resolved callers by (uid, gid), with when each was resolved.
+type Callers = HashMap<(u32, Option<u32>), (Instant, Caller)>;
 
 /// How long a caller's resolved groups are trusted: a user added to or removed from a group is
 /// let in or turned away at most this late.
@@ -381,7 +384,7 @@ impl App {
             Some(_) => {}
         }
         let key = (peer.uid.unwrap_or(u32::MAX), peer.gid);
-        let cached = |callers: &mut HashMap<_, (Instant, Caller)>| {
+        let cached = |callers: &mut Callers| {
             callers.retain(|_, (at, _)| at.elapsed() < CALLER_TTL);
             callers.get(&key).map(|(_, c)| c.clone())
         };

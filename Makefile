@@ -18,9 +18,11 @@ lint:
 	cargo fmt --check
 	cargo clippy --all-targets -- -D warnings
 
-# One machine's costs, push-to-applied latency in a container, a simulated fleet: each appends its table to bench/RESULTS.md.
+# One machine's costs, how they grow with services, push-to-applied latency in a container, a simulated
+# fleet: each appends its table to bench/RESULTS.md.
 bench: deps
 	bash bench/machine.sh
+	bash bench/scale.sh
 	bash bench/push-latency.sh
 	bash bench/fleet.sh
 

@@ -201,10 +201,10 @@ plumb_idle() {
   serve_start "$name"
   write_config "$d/plumb.toml" "$d/state" "$n"
   # First run, under strace (execve only): the deploy and TICKS idle ticks, counting what it spawns.
-  PLUMB_LOG=plumb=debug strace -f --seccomp-bpf -qq -e trace=execve -o "$d/strace.log" \
+  PLUMB_LOG=plumb=debug MALLOC_ARENA_MAX=1 strace -f --seccomp-bpf -qq -e trace=execve -o "$d/strace.log" \
     "$PLUMB" -c "$d/plumb.toml" --hosts bench 2>"$d/traced.log" &
   strace=$!; BG_PIDS+=("$strace")
-  wait_for 60 deployed "$d/state" "$n"
+  wait_for "${DEPLOY_WAIT:-60}" deployed "$d/state" "$n"
   pid=$(pgrep -P "$strace" -x plumb)
   f=$(fetches "$d/traced.log"); wait_for $((ticks * 5 + 30)) fetches_at_least "$d/traced.log" $((f + ticks + 1))
   kill "$pid"; wait "$strace" || true
@@ -212,7 +212,8 @@ plumb_idle() {
   echo "spawned $(($(grep -c 'execve(.*= 0$' "$d/strace.log") - 1))" > "$d/figures"
   # Then untraced on the same state (ptrace would inflate CPU time): TICKS idle ticks measured from
   # the one after the first.
-  PLUMB_LOG=plumb=debug "$PLUMB" -c "$d/plumb.toml" --hosts bench 2>"$d/plumb.log" &
+  # MALLOC_ARENA_MAX=1 as plumb.service sets it.
+  PLUMB_LOG=plumb=debug MALLOC_ARENA_MAX=1 "$PLUMB" -c "$d/plumb.toml" --hosts bench 2>"$d/plumb.log" &
   pid=$!; BG_PIDS+=("$pid")
   wait_for 30 fetches_at_least "$d/plumb.log" 2
   c0=$(fetches "$d/plumb.log"); l0=$(requests); cpu0=$(cpu_ticks "$pid"); srv0=$(server_cpu_ms)

@@ -147,8 +147,10 @@ fn serve(cli: Cli) -> anyhow::Result<ExitCode> {
         Ok(n) => tracing::debug!("open files: up to {n}"),
         Err(e) => tracing::warn!("cannot raise the limit on open files: {e}"),
     }
+    // One worker: the async side only routes (the actor, the listeners, D-Bus); fetches,
+    // checkouts and state writes run on the blocking pool, whose idle threads end after a while.
     let rt = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
+        .worker_threads(1)
         .max_blocking_threads(8)
         .enable_all()
         .build()

@@ -1,0 +1,32 @@
+#!/bin/bash
+# How the daemon's idle cost grows with the number of services: 20, 200 and 1,000 services on one
+# upstream (the fleet fixture of bench/lib.sh, COMMITS commits of history each), smart HTTP, idle
+# ticks every 2 s. Per count: CPU per idle tick, RSS and private memory at idle, threads. Prints the
+# table and appends it to $RESULTS (bench/RESULTS.md). CARGO_TARGET_DIR is honoured; PLUMB=/path
+# measures that binary without building; COUNTS="20 200" measures other counts.
+source "$(dirname "$0")/lib.sh"
+TICKS=${TICKS:-5}
+COMMITS=${COMMITS:-400}
+COUNTS=${COUNTS:-20 200 1000}
+bench_init
+bench_build
+for n in $COUNTS; do
+  rm -rf "$B/srv"
+  make_fleet "$n" "$COMMITS"
+  DEPLOY_WAIT=$((60 + n / 5)) plumb_idle "scale$n" "$n" "$TICKS"
+done
+first=${COUNTS%% *}
+{
+  echo
+  echo "## scale, $(date -u +%F), $(uname -m), $(nproc) cores, $(awk -F': ' '/model name/ {print $2; exit}' /proc/cpuinfo | awk '{print $1, $2}'), plumb $("$PLUMB" --version | awk '{print $2}')"
+  echo
+  echo "| services on one upstream ($COMMITS commits) | CPU per idle tick | vs $first | RSS | private (RssAnon) | threads |"
+  echo "|---|---|---|---|---|---|"
+  for n in $COUNTS; do
+    cpu=$(per "$(fig "scale$n" cpu_ms)" "$(fig "scale$n" ticks)")
+    base=$(per "$(fig "scale$first" cpu_ms)" "$(fig "scale$first" ticks)")
+    echo "| $n | $cpu ms | $(per "$cpu" "$base")x | $(fig "scale$n" VmRSS) KiB | $(fig "scale$n" RssAnon) KiB | $(fig "scale$n" Threads) |"
+  done
+  echo
+  echo "$TICKS idle ticks per count after the first, interval 2s, MALLOC_ARENA_MAX=1 as plumb.service sets it. CPU is the daemon's user + system time over those ticks, in clock ticks of 10 ms: small figures are coarse. Other work on the machine makes CPU figures noisy."
+} | tee -a "$RESULTS"

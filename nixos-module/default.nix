@@ -468,10 +468,12 @@ in
         PLUMB_BOOTSTRAP_DIR = cfg.bootstrap.dir;
         PLUMB_BOOTSTRAP_BRANCH = cfg.bootstrap.branch;
       };
-      # Besides NixOS's default PATH (coreutils, findutils, grep, sed, systemd): ssh-keygen and
-      # gpgv verify signed heads. Checks run /bin/sh, which NixOS has.
+      # Besides NixOS's default PATH (coreutils, findutils, grep, sed, systemd): ssh fetches ssh
+      # upstreams, git-upload-pack file:// ones, ssh-keygen and gpgv verify signed heads. Checks
+      # run /bin/sh, which NixOS has.
       path = [
         pkgs.openssh
+        pkgs.git
         pkgs.gnupg
       ];
       serviceConfig.ExecStart = lib.mkIf (cfg.extraArgs != [ ]) [

@@ -89,8 +89,8 @@ install -m 0644 packaging/deb/plumb.toml.example "$DOC/examples/plumb.toml"
 } | gzip -9n > "$DOC/changelog.gz"
 install -m 0755 packaging/deb/postinst packaging/deb/prerm packaging/deb/postrm "$R/DEBIAN/"
 
-# Shared libraries as linked (glibc, libgcc, zlib): TLS is rustls, compiled in, and ssh upstreams
-# use the system's OpenSSH client (Recommends).
+# Shared libraries as linked (glibc, libgcc, zlib): TLS is rustls, compiled in. ssh upstreams use
+# the system's OpenSSH client and file:// ones git-upload-pack (Recommends).
 # deb-systemd-helper and deb-systemd-invoke (maintainer scripts) are in init-system-helpers,
 # which is Essential.
 cat > "$R/DEBIAN/control" <<CONTROL
@@ -100,7 +100,7 @@ Architecture: $ARCH
 Maintainer: $MAINTAINER
 Installed-Size: $(du -sk "$R/usr" | cut -f1)
 Depends: libc6, libgcc-s1, zlib1g, systemd, passwd
-Recommends: openssh-client, gpgv
+Recommends: openssh-client, git, gpgv
 Section: admin
 Priority: optional
 Description: GitOps for the machines you run yourself

@@ -1845,7 +1845,7 @@ fn cancel_and_timeout_stop_a_fetch() {
 }
 
 #[test]
-fn broken_upstream_costs_at_most_one_copy_set_aside() {
+fn a_broken_upstream_sets_no_store_aside() {
     let root = temp_root();
     let up = Upstream::new(root.path(), "infra");
     up.write("svc/a", "1\n").commit("one");
@@ -1859,20 +1859,18 @@ fn broken_upstream_costs_at_most_one_copy_set_aside() {
     fs::set_permissions(&loose, fs::Permissions::from_mode(0o644)).unwrap();
     fs::write(&loose, b"this is not zlib data").unwrap();
 
-    // The error looks like damage (it cannot tell whose): the store is set aside once...
-    let first = store.fetch(&main_branch(), &transport()).unwrap_err();
-    assert!(first.is_corruption(), "{first:?}");
-    assert!(
-        first
-            .to_string()
-            .starts_with(&format!("fetch {}: ", up.file_url())),
-        "{first}"
-    );
-    assert_eq!(damaged_copies(&stores).len(), 1);
-    // ...and not again while the upstream stays broken.
-    store.fetch(&main_branch(), &transport()).unwrap_err();
-    store.fetch(&main_branch(), &transport()).unwrap_err();
-    assert_eq!(damaged_copies(&stores).len(), 1);
+    // The upstream's own git says the upstream is broken: the store is not damaged and is not
+    // set aside, however often the fetch is tried.
+    for _ in 0..3 {
+        let err = store.fetch(&main_branch(), &transport()).unwrap_err();
+        assert!(!err.is_corruption(), "{err:?}");
+        let text = err.to_string();
+        assert!(
+            text.starts_with(&format!("fetch {}: ", up.file_url())) && text.contains("upload-pack"),
+            "{text}"
+        );
+    }
+    assert_eq!(damaged_copies(&stores).len(), 0);
 
     // Once the upstream is repaired, fetching works again, with full history.
     let c1 = git(&up.bare, &["rev-parse", "main~1"]);

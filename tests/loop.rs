@@ -139,7 +139,10 @@ fn nginx_follows_git_survives_reboots_and_never_stacks_mounts() {
         .write("grafana/dash.json", "{\"v\":2}")
         .commit("grafana only");
     wait_until("plumb to see the grafana commit", DEADLINE, || {
-        state(&c, "nginx")["synced"].as_str() == Some(unrelated.as_str())
+        let (_, text) =
+            c.try_sh("curl -sf --unix-socket /run/plumb/plumb.sock http://plumb/v1/services/nginx");
+        serde_json::from_str::<serde_json::Value>(&text)
+            .is_ok_and(|s| s["upstream_head"].as_str() == Some(unrelated.as_str()))
     });
     assert_eq!(reloads(&c, "nginx.service"), before);
 

@@ -282,7 +282,7 @@ pub(crate) fn http_credentials(url: &str) -> Option<(String, String)> {
 }
 
 /// Decodes `%XX` escapes; malformed escapes are kept literally.
-fn percent_decode(s: &str) -> String {
+pub(crate) fn percent_decode(s: &str) -> String {
     let bytes = s.as_bytes();
     let mut out = Vec::with_capacity(bytes.len());
     let mut i = 0;

@@ -7,9 +7,9 @@
 //!   `TCP_NODELAY` socket, the CA roots read once, the first time an https upstream is fetched;
 //! - `ssh`: `ssh://`, `git+ssh://`, `ssh+git://` and scp-like URLs through the system's OpenSSH
 //!   client, one `ssh` process per fetch, so the user's ssh_config, agent and ProxyJump apply;
-//! - `daemon`: `git://`, a plain TCP stream.
-//!
-//! `file://` stays libgit2's local transport.
+//! - `daemon`: `git://`, a plain TCP stream;
+//! - `file://` through this machine's `git-upload-pack` (in `ssh`), as git does it: libgit2's
+//!   own local transport builds the pack in memory, whole blobs included.
 //!
 //! Every read and write of every transport checks the fetch's [`Context`]: the deadline
 //! (`fetch_timeout` bounds the whole fetch, not each read) and the cancellation flag. libgit2
@@ -192,13 +192,14 @@ static REGISTER: Once = Once::new();
 fn register() {
     REGISTER.call_once(|| {
         type Factory = fn(&git2::Remote<'_>) -> Result<GitTransport, git2::Error>;
-        let schemes: [(&str, Factory); 6] = [
+        let schemes: [(&str, Factory); 7] = [
             ("http", http_transport),
             ("https", http_transport),
             ("ssh", ssh_transport),
             ("ssh+git", ssh_transport),
             ("git+ssh", ssh_transport),
             ("git", daemon_transport),
+            ("file", local_transport),
         ];
         for (scheme, factory) in schemes {
             // SAFETY: git_transport_register edits libgit2's global list of custom transports
@@ -222,6 +223,10 @@ fn http_transport(remote: &git2::Remote<'_>) -> Result<GitTransport, git2::Error
 
 fn ssh_transport(remote: &git2::Remote<'_>) -> Result<GitTransport, git2::Error> {
     GitTransport::smart(remote, false, ssh::Ssh::new(current()))
+}
+
+fn local_transport(remote: &git2::Remote<'_>) -> Result<GitTransport, git2::Error> {
+    GitTransport::smart(remote, false, ssh::Local::new(current()))
 }
 
 fn daemon_transport(remote: &git2::Remote<'_>) -> Result<GitTransport, git2::Error> {

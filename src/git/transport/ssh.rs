@@ -1,6 +1,7 @@
 //! ssh upstreams through the system's OpenSSH client, as git itself reaches them: one `ssh`
 //! process per fetch, running `git-upload-pack` on the server, its standard input and output
-//! carrying git's protocol.
+//! carrying git's protocol. `file://` upstreams the same way without ssh: `git-upload-pack` of
+//! this machine ([`Local`]).
 //!
 //! The user's ssh_config, agent and ProxyJump apply. plumb adds what a daemon needs: never a
 //! prompt (`BatchMode=yes`), never an unknown or changed host key (`StrictHostKeyChecking=yes`,
@@ -26,6 +27,11 @@ use crate::git::url::{SshEndpoint, ssh_endpoint};
 /// The ssh client; `PLUMB_SSH` names another (tests, or a wrapper of the operator's).
 fn ssh_program() -> String {
     std::env::var("PLUMB_SSH").unwrap_or_else(|_| "ssh".to_owned())
+}
+
+/// git's server side for `file://` upstreams, from the git package.
+fn upload_pack_program() -> String {
+    "git-upload-pack".to_owned()
 }
 
 /// An ssh subtransport: one `ssh` process for the advertisement and the pack.
@@ -61,6 +67,54 @@ impl SmartSubtransport for Ssh {
         self.held.close();
         Ok(())
     }
+}
+
+/// A `file://` subtransport: one local `git-upload-pack` for the advertisement and the pack.
+pub(super) struct Local {
+    ctx: Arc<Context>,
+    held: Held<Session>,
+}
+
+impl Local {
+    pub fn new(ctx: Arc<Context>) -> Local {
+        Local {
+            ctx,
+            held: Held::new(),
+        }
+    }
+}
+
+impl SmartSubtransport for Local {
+    fn action(
+        &self,
+        url: &str,
+        action: Service,
+    ) -> Result<Box<dyn SmartSubtransportStream>, git2::Error> {
+        if matches!(action, Service::ReceivePackLs | Service::ReceivePack) {
+            return Err(push_refused());
+        }
+        self.held.stream(|| {
+            let path =
+                local_path(url).ok_or_else(|| git2::Error::from_str("not a file:///path URL"))?;
+            Session::local(&self.ctx, &path).map_err(|e| git2::Error::from_str(&e.to_string()))
+        })
+    }
+
+    fn close(&self) -> Result<(), git2::Error> {
+        self.held.close();
+        Ok(())
+    }
+}
+
+/// The path of a `file:///path` (or `file://localhost/path`) URL, percent escapes decoded.
+fn local_path(url: &str) -> Option<PathBuf> {
+    let rest = url
+        .get(..7)?
+        .eq_ignore_ascii_case("file://")
+        .then(|| &url[7..])?;
+    let path = rest.strip_prefix("localhost").unwrap_or(rest);
+    path.starts_with('/')
+        .then(|| PathBuf::from(crate::git::url::percent_decode(path)))
 }
 
 /// Where an ssh URL points: the endpoint and the repository path on the server.
@@ -136,10 +190,12 @@ fn command(ctx: &Context, remote: &Remote) -> Spec {
     ))
 }
 
-/// A running `ssh` whose every read and write obeys the fetch's context.
+/// A running `ssh` (or, for `file://`, a local `git-upload-pack`) whose every read and write
+/// obeys the fetch's context.
 pub(super) struct Session {
     ctx: Arc<Context>,
-    remote: Remote,
+    /// The ssh upstream, whose failures are put in words; `None` for a local one.
+    remote: Option<Remote>,
     child: Piped,
 }
 
@@ -156,8 +212,23 @@ impl Session {
         {
             return Err(ctx.refuse(format!("ssh key {} does not exist", key.display())));
         }
+        let spec = command(ctx, &remote);
+        Session::spawn(ctx, &spec, Some(remote))
+    }
+
+    /// `git-upload-pack` on a repository of this machine, as git fetches a `file://` URL: the
+    /// pack streams through a pipe into libgit2's indexer, so memory stays bounded whatever the
+    /// blobs' size (libgit2's own local transport builds the pack in memory).
+    pub(super) fn local(ctx: &Arc<Context>, path: &Path) -> io::Result<Session> {
+        let spec = Spec::new(upload_pack_program(), Duration::ZERO)
+            .arg("--strict")
+            .arg(path);
+        Session::spawn(ctx, &spec, None)
+    }
+
+    fn spawn(ctx: &Arc<Context>, spec: &Spec, remote: Option<Remote>) -> io::Result<Session> {
         ctx.check()?;
-        let child = Piped::spawn(&command(ctx, &remote)).map_err(io::Error::other)?;
+        let child = Piped::spawn(spec).map_err(io::Error::other)?;
         for fd in [
             child.stdout.as_fd(),
             child.stdin.as_ref().expect("open").as_fd(),
@@ -201,7 +272,11 @@ impl Session {
     }
 
     fn explain(&self, exit: exec::Output) -> io::Error {
-        match explain(&exit.stderr, &self.remote.endpoint, &self.ctx) {
+        let failure = match &self.remote {
+            Some(remote) => explain(&exit.stderr, &remote.endpoint, &self.ctx),
+            None => Failure::Other(first_line(&exit.stderr).to_owned()),
+        };
+        match failure {
             Failure::Refused(reason) => self.ctx.refuse(reason),
             Failure::Other(line) => io::Error::other(line),
         }
@@ -296,15 +371,20 @@ fn explain(stderr: &str, endpoint: &SshEndpoint, ctx: &Context) -> Failure {
             "ssh authentication as {user} to {name} failed; tried {tried}"
         ));
     }
-    let line = stderr
-        .lines()
-        .map(str::trim)
-        .find(|l| !l.is_empty() && !l.starts_with("Warning: Permanently added"))
-        .unwrap_or("failed and said nothing");
+    let line = first_line(stderr);
     Failure::Other(format!(
         "ssh: {}",
         line.strip_prefix("ssh: ").unwrap_or(line)
     ))
+}
+
+/// The first line of a child's standard error that says something.
+fn first_line(stderr: &str) -> &str {
+    stderr
+        .lines()
+        .map(str::trim)
+        .find(|l| !l.is_empty() && !l.starts_with("Warning: Permanently added"))
+        .unwrap_or("failed and said nothing")
 }
 
 /// "ED25519 SHA256:..." from ssh's changed-key banner, as far as it says.
@@ -353,6 +433,17 @@ mod tests {
     fn remote(url: &str) -> (String, String) {
         let r = parse(url).unwrap();
         (r.endpoint.known_hosts_name(), r.path)
+    }
+
+    #[test]
+    fn local_paths() {
+        assert_eq!(
+            local_path("file:///srv/a%20b.git"),
+            Some("/srv/a b.git".into())
+        );
+        assert_eq!(local_path("file://localhost/srv/a"), Some("/srv/a".into()));
+        assert_eq!(local_path("file://host/srv/a"), None);
+        assert_eq!(local_path("/srv/a"), None);
     }
 
     #[test]

@@ -684,6 +684,7 @@ let
       s.wantedBy == [ "multi-user.target" ]
       && s.path == [
         pkgs.openssh
+        pkgs.git
         pkgs.gnupg
       ]
       && s.reloadTriggers == [ (fileOf defaults) ];

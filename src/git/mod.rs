@@ -42,6 +42,7 @@
 //!   as `url.<base>.insteadOf` or `http.proxy` there apply to fetches.
 
 mod checkout;
+mod confined;
 mod fetch;
 mod history;
 mod inspect;

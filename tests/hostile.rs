@@ -605,8 +605,30 @@ fn checkout_gives_the_files_to_the_service_user() {
         .write("grafana/etc/new/y.yml", "y\n");
     let r2 = up.commit("two");
     fetch_main(&mut store);
-    store
+    // Not in place by libgit2, which writes by path: the user could swap a path under it.
+    let given = snapshot(&target);
+    let err = store
         .checkout_as(
+            &target,
+            &index,
+            Some(oid(&r1)),
+            oid(&r2),
+            &l,
+            Some("nobody"),
+        )
+        .unwrap_err();
+    assert!(matches!(err, GitError::HeldTarget { .. }), "{err}");
+    assert!(
+        err.to_string().ends_with(&format!(
+            "{} belongs to uid {}, who could swap a path libgit2 writes through",
+            target.display(),
+            theirs.0
+        )),
+        "{err}"
+    );
+    assert_eq!(snapshot(&target), given);
+    store
+        .checkout_atomic(
             &target,
             &index,
             Some(oid(&r1)),

@@ -349,3 +349,49 @@ fn remove_at(dir: BorrowedFd<'_>, name: &OsStr) -> io::Result<()> {
     }
     Ok(())
 }
+
+/// The first directory at or below `path` (itself included) that belongs to a user other than
+/// the caller, with that user's id: its owner could rename entries in it and put symlinks in
+/// their place, so nothing may write through a path below it. `None` when there is none, or no
+/// `path`. Walks by descriptor, never through a symlink.
+pub(super) fn held_by_another(path: &Path) -> io::Result<Option<(PathBuf, u32)>> {
+    let me = nix::unistd::geteuid().as_raw();
+    let top = match Dir::open(path, DIR_FLAGS, Mode::empty()) {
+        Ok(dir) => dir,
+        Err(Errno::ENOENT) => return Ok(None),
+        Err(e) => return Err(e.into()),
+    };
+    let uid = nix::sys::stat::fstat(&top)?.st_uid;
+    if uid != me {
+        return Ok(Some((path.to_path_buf(), uid)));
+    }
+    let mut pending = vec![(top, path.to_path_buf())];
+    while let Some((mut dir, at)) = pending.pop() {
+        let names: Vec<CString> = dir
+            .iter()
+            .filter_map(|e| e.ok())
+            .map(|e| e.file_name().to_owned())
+            .filter(|n| n.as_bytes() != b"." && n.as_bytes() != b"..")
+            .collect();
+        for name in names {
+            let st = match fstatat(&dir, name.as_c_str(), AtFlags::AT_SYMLINK_NOFOLLOW) {
+                Ok(st) => st,
+                Err(Errno::ENOENT) => continue,
+                Err(e) => return Err(e.into()),
+            };
+            if kind(&st) != SFlag::S_IFDIR {
+                continue;
+            }
+            let child = at.join(OsStr::from_bytes(name.as_bytes()));
+            if st.st_uid != me {
+                return Ok(Some((child, st.st_uid)));
+            }
+            match Dir::openat(&dir, name.as_c_str(), DIR_FLAGS, Mode::empty()) {
+                Ok(below) => pending.push((below, child)),
+                Err(Errno::ELOOP | Errno::ENOTDIR | Errno::ENOENT) => {}
+                Err(e) => return Err(e.into()),
+            }
+        }
+    }
+    Ok(None)
+}

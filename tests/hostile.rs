@@ -685,13 +685,17 @@ fn chown_never_follows_a_symlink() {
     fs::write(tree.join("d/f"), "mine\n").unwrap();
     std::os::unix::fs::symlink(outside.join("file"), tree.join("to-file")).unwrap();
     std::os::unix::fs::symlink(outside.join("dir"), tree.join("d/to-dir")).unwrap();
+    // Another name of the same file (a user may link their own files, or any where
+    // fs.protected_hardlinks is off): the file is not the tree's to give.
+    fs::hard_link(outside.join("file"), tree.join("d/linked")).unwrap();
     let mode = |p: &Path| fs::symlink_metadata(p).unwrap().permissions().mode();
     let modes = [mode(&tree.join("d/f")), mode(&outside.join("file"))];
     assert_eq!(chown_tree(&tree, &nobody).unwrap(), 5);
     assert_eq!(chown_tree(&tree, &nobody).unwrap(), 0, "already theirs");
     let theirs = (nobody.uid.as_raw(), nobody.gid.as_raw());
     for (path, owner) in owners(&tree) {
-        assert_eq!(owner, theirs, "{path:?}");
+        let expected = if path == "d/linked" { (0, 0) } else { theirs };
+        assert_eq!(owner, expected, "{path:?}");
     }
     for (path, owner) in owners(&outside) {
         assert_eq!(owner, (0, 0), "{path:?} outside stays root's");

@@ -4,7 +4,8 @@
 //!
 //! Symlinks are never followed: a symlink itself is changed, whatever it points at is not, and a
 //! directory reached through a symlink is not entered, even when the user swaps one in while
-//! plumb walks the tree ([`chown_tree`] works by directory descriptor). Entries that already have the
+//! plumb walks the tree ([`chown_tree`] works by directory descriptor); nor is a hard link to a
+//! file kept elsewhere given away. Entries that already have the
 //! right owner are left alone, so a checkout that moved a few files costs a few `chown`s, and the
 //! files' change times (which git's stat cache compares) move only where ownership changed.
 
@@ -80,6 +81,10 @@ impl Owner {
 /// would hand plumb's root to whatever the symlink points at. By descriptor, a swapped-in symlink
 /// is at worst changed itself, and never entered. An entry that changes kind under the walk (a
 /// directory that became a symlink or went away) is skipped.
+///
+/// A file with more than one link keeps its owner: git never makes one, and it may be a file
+/// kept elsewhere that the user linked into the tree (which `fs.protected_hardlinks = 1`, the
+/// default, allows only for files the user owns already, or may read and write).
 pub fn chown_tree(dir: &Path, owner: &Owner) -> Result<u64, OwnerError> {
     use nix::fcntl::{AtFlags, OFlag, openat};
     use nix::sys::stat::{Mode, SFlag, fstatat};
@@ -126,7 +131,10 @@ pub fn chown_tree(dir: &Path, owner: &Owner) -> Result<u64, OwnerError> {
                 Err(nix::Error::ENOENT) => continue,
                 Err(e) => return Err(errno(&child, "lstat")(e)),
             };
-            if st.st_uid != uid || st.st_gid != gid {
+            let is_dir = SFlag::from_bits_truncate(st.st_mode) & SFlag::S_IFMT == SFlag::S_IFDIR;
+            // Another name of a file kept elsewhere: its owner is not the tree's to give.
+            let linked = !is_dir && st.st_nlink > 1;
+            if (st.st_uid != uid || st.st_gid != gid) && !linked {
                 match nix::unistd::fchownat(
                     &parent,
                     name.as_c_str(),
@@ -139,7 +147,7 @@ pub fn chown_tree(dir: &Path, owner: &Owner) -> Result<u64, OwnerError> {
                     Err(e) => return Err(errno(&child, "chown")(e)),
                 }
             }
-            if SFlag::from_bits_truncate(st.st_mode) & SFlag::S_IFMT != SFlag::S_IFDIR {
+            if !is_dir {
                 continue;
             }
             let flags = OFlag::O_RDONLY | OFlag::O_DIRECTORY | OFlag::O_NOFOLLOW | OFlag::O_CLOEXEC;

@@ -8,88 +8,14 @@ use std::fs;
 use std::os::unix::fs::{FileTypeExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::process::Command;
-use std::sync::Mutex;
 use std::time::Duration;
 
 use plumb::{api, config::Config, daemon};
 use serde_json::{Value, json};
-use support::{Upstream, require_root, temp_root, wait_until};
+use support::{Accounts, Upstream, require_root, temp_root, wait_until};
 use tokio_util::sync::CancellationToken;
 
 const DEADLINE: Duration = Duration::from_secs(20);
-
-/// `useradd` and `groupadd` lock `/etc/passwd` and `/etc/group`; tests of this file run in parallel
-/// threads, so they take turns.
-static ACCOUNTS: Mutex<()> = Mutex::new(());
-
-/// Groups and users made for one test, removed when dropped, even when the test fails.
-struct Accounts {
-    groups: Vec<String>,
-    users: Vec<String>,
-}
-
-impl Accounts {
-    fn new() -> Accounts {
-        Accounts {
-            groups: Vec::new(),
-            users: Vec::new(),
-        }
-    }
-
-    /// A unique name: tests of several runs and threads never share an account.
-    fn unique(prefix: &str) -> String {
-        format!(
-            "{prefix}{}x{}",
-            std::process::id(),
-            fastrand::u32(..1_000_000)
-        )
-    }
-
-    fn group(&mut self, prefix: &str) -> String {
-        let name = Accounts::unique(prefix);
-        let _turn = ACCOUNTS.lock().unwrap_or_else(|e| e.into_inner());
-        run(Command::new("groupadd").arg(&name));
-        self.groups.push(name.clone());
-        name
-    }
-
-    /// A user without a home or a login shell, in `groups` besides the default primary group.
-    fn user(&mut self, prefix: &str, groups: &[&str]) -> String {
-        let name = Accounts::unique(prefix);
-        let _turn = ACCOUNTS.lock().unwrap_or_else(|e| e.into_inner());
-        let mut cmd = Command::new("useradd");
-        cmd.args(["-M", "-N", "-s", "/usr/sbin/nologin"]);
-        if !groups.is_empty() {
-            cmd.arg("-G").arg(groups.join(","));
-        }
-        run(cmd.arg(&name));
-        self.users.push(name.clone());
-        name
-    }
-}
-
-impl Drop for Accounts {
-    fn drop(&mut self) {
-        let _turn = ACCOUNTS.lock().unwrap_or_else(|e| e.into_inner());
-        for u in &self.users {
-            let _ = Command::new("userdel").arg(u).status();
-        }
-        for g in &self.groups {
-            let _ = Command::new("groupdel").arg(g).status();
-        }
-    }
-}
-
-fn run(cmd: &mut Command) {
-    let out = cmd
-        .output()
-        .unwrap_or_else(|e| panic!("cannot run {cmd:?}: {e}"));
-    assert!(
-        out.status.success(),
-        "{cmd:?} failed: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-}
 
 /// The daemon and its API, in-process, on a runtime of their own; stopped when dropped.
 struct Plumb {
@@ -697,10 +623,7 @@ fn a_user_taken_out_of_the_admin_group_is_turned_away_without_a_restart() {
     let a = plumb.curl(Some(&admin), "POST", "/v1/services/web/unfreeze", None);
     assert_eq!(a.status, 200, "{a:?}");
 
-    {
-        let _turn = ACCOUNTS.lock().unwrap_or_else(|e| e.into_inner());
-        run(Command::new("gpasswd").args(["-d", &admin, &admin_group]));
-    }
+    accounts.leave(&admin, &admin_group);
     // Groups are read again at most a few seconds later (README): then the write is refused,
     // while reading still works.
     wait_until("the write to be refused", DEADLINE, || {

@@ -1,7 +1,9 @@
 //! A hostile (or careless) repository against the git engine: symlinks out of a service's links,
-//! submodules, oversized files, ownership of deployed files, and a revision of 100,000 files. Real
-//! repositories made by the real git, real checkouts on disk; every test checks what an operator
-//! would see: the files in the checkout, the files outside it, the error message.
+//! submodules, oversized files, ownership of deployed files, and a revision of 100,000 files; and
+//! a hostile service user, who owns its checkout and swaps its directories for symlinks while
+//! plumb works in it. Real repositories made by the real git, real checkouts on disk, a real
+//! unprivileged user; every test checks what an operator would see: the files in the checkout,
+//! the files outside it, the error message.
 //!
 //! Memory figures (a 1 GB file, 100,000 files, through the `plumb` binary) are printed by
 //! `bench/hostile-memory.sh`, not asserted here.
@@ -19,7 +21,7 @@ use std::time::Instant;
 
 use plumb::git::{GitError, Limits, Oid, Store, Transport, under_links};
 use plumb::owner::{Owner, chown_tree};
-use support::{Upstream, git, git_command, require_root, temp_root};
+use support::{Accounts, Upstream, git, git_command, require_root, temp_root};
 
 // ---------------------------------------------------------------------------------------------
 // helpers
@@ -603,8 +605,30 @@ fn checkout_gives_the_files_to_the_service_user() {
         .write("grafana/etc/new/y.yml", "y\n");
     let r2 = up.commit("two");
     fetch_main(&mut store);
-    store
+    // Not in place by libgit2, which writes by path: the user could swap a path under it.
+    let given = snapshot(&target);
+    let err = store
         .checkout_as(
+            &target,
+            &index,
+            Some(oid(&r1)),
+            oid(&r2),
+            &l,
+            Some("nobody"),
+        )
+        .unwrap_err();
+    assert!(matches!(err, GitError::HeldTarget { .. }), "{err}");
+    assert!(
+        err.to_string().ends_with(&format!(
+            "{} belongs to uid {}, who could swap a path libgit2 writes through",
+            target.display(),
+            theirs.0
+        )),
+        "{err}"
+    );
+    assert_eq!(snapshot(&target), given);
+    store
+        .checkout_atomic(
             &target,
             &index,
             Some(oid(&r1)),
@@ -661,13 +685,17 @@ fn chown_never_follows_a_symlink() {
     fs::write(tree.join("d/f"), "mine\n").unwrap();
     std::os::unix::fs::symlink(outside.join("file"), tree.join("to-file")).unwrap();
     std::os::unix::fs::symlink(outside.join("dir"), tree.join("d/to-dir")).unwrap();
+    // Another name of the same file (a user may link their own files, or any where
+    // fs.protected_hardlinks is off): the file is not the tree's to give.
+    fs::hard_link(outside.join("file"), tree.join("d/linked")).unwrap();
     let mode = |p: &Path| fs::symlink_metadata(p).unwrap().permissions().mode();
     let modes = [mode(&tree.join("d/f")), mode(&outside.join("file"))];
     assert_eq!(chown_tree(&tree, &nobody).unwrap(), 5);
     assert_eq!(chown_tree(&tree, &nobody).unwrap(), 0, "already theirs");
     let theirs = (nobody.uid.as_raw(), nobody.gid.as_raw());
     for (path, owner) in owners(&tree) {
-        assert_eq!(owner, theirs, "{path:?}");
+        let expected = if path == "d/linked" { (0, 0) } else { theirs };
+        assert_eq!(owner, expected, "{path:?}");
     }
     for (path, owner) in owners(&outside) {
         assert_eq!(owner, (0, 0), "{path:?} outside stays root's");
@@ -1000,4 +1028,208 @@ fn chown_survives_a_user_swapping_directories_for_symlinks() {
     for (path, owner) in owners(&outside) {
         assert_eq!(owner, (0, 0), "{path:?} outside the tree changed owner");
     }
+}
+
+/// The service's user at work, as a perl script (perl comes with git): swaps the directory
+/// `$ARGV[0]` for a symlink to `$ARGV[1]` and back as fast as it can, holding each state a random
+/// moment, and leaves a stray file and directory in the real one each time (what a deploy removes).
+/// Prints how many swaps it made when terminated.
+const SWAPPER: &str = r#"
+$| = 1;
+my ($dir, $to) = @ARGV;
+my $real = "$dir.real";
+my $swaps = 0;
+$SIG{TERM} = sub { print "$swaps\n"; exit 0 };
+while (1) {
+    if (rename $dir, $real) {
+        if (open(my $f, '>', "$real/stray")) { close $f }
+        mkdir "$real/straydir";
+        if (open(my $f, '>', "$real/straydir/f")) { close $f }
+        symlink $to, $dir;
+        select(undef, undef, undef, rand 0.0003);
+        unlink $dir;
+        rename $real, $dir;
+        $swaps++;
+    }
+    select(undef, undef, undef, rand 0.0003);
+}
+"#;
+
+/// [`SWAPPER`] running as a user; killed when dropped, so a failing test leaves no process behind.
+struct Swapper(Option<std::process::Child>);
+
+impl Swapper {
+    fn start(owner: &Owner, dir: &Path, to: &Path) -> Swapper {
+        use std::os::unix::process::CommandExt;
+        let child = Command::new("perl")
+            .args(["-e", SWAPPER])
+            .arg(dir)
+            .arg(to)
+            .uid(owner.uid.as_raw())
+            .gid(owner.gid.as_raw())
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .spawn()
+            .expect("run perl as the service's user");
+        Swapper(Some(child))
+    }
+
+    /// Stops it; returns how many swaps it made.
+    fn stop(mut self) -> u64 {
+        let child = self.0.take().unwrap();
+        let pid = nix::unistd::Pid::from_raw(child.id() as i32);
+        nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM).unwrap();
+        let out = child.wait_with_output().unwrap();
+        let said = String::from_utf8_lossy(&out.stdout);
+        said.trim()
+            .parse()
+            .unwrap_or_else(|_| panic!("the swapper said {said:?} ({})", out.status))
+    }
+}
+
+impl Drop for Swapper {
+    fn drop(&mut self) {
+        if let Some(mut child) = self.0.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+}
+
+/// Everything under `dir` (itself included, symlinks not followed): what it is, its owner, inode
+/// and change time. Any write, removal, rename or chown there changes it.
+fn stat_tree(dir: &Path) -> BTreeMap<String, (Node, u32, u32, u64, i64, i64)> {
+    let nodes = snapshot(dir);
+    let mut out = BTreeMap::new();
+    for (rel, node) in nodes.into_iter().chain([(String::new(), Node::Dir)]) {
+        let meta = fs::symlink_metadata(dir.join(&rel)).unwrap();
+        let stat = (
+            meta.uid(),
+            meta.gid(),
+            meta.ino(),
+            meta.ctime(),
+            meta.ctime_nsec(),
+        );
+        out.insert(rel, (node, stat.0, stat.1, stat.2, stat.3, stat.4));
+    }
+    out
+}
+
+/// The service's user owns its checkout and swaps a directory of it for a symlink to a
+/// directory only root may change, in a tight loop, while deploys run (items a deploy writes,
+/// replaces, removes and prunes, and strays the user leaves). Whatever the timing, nothing in
+/// that directory is deleted, written or given to the user: plumb works on the checkout by
+/// directory descriptor, never through a path the user can change. A deploy either ends
+/// correctly or fails saying what it was doing; once the user stops, the next one puts the
+/// revision back exactly.
+#[test]
+fn deploys_never_reach_through_a_directory_the_user_swapped_for_a_symlink() {
+    require_root();
+    let root = temp_root();
+    let mut accounts = Accounts::new();
+    let user = accounts.user("plumbsvc", &[]);
+    let owner = Owner::lookup(&user).unwrap();
+    let theirs = (owner.uid.as_raw(), owner.gid.as_raw());
+
+    let up = Upstream::new(root.path(), "infra");
+    let l = links(&["svc"]);
+    up.write("svc/top.conf", "t\n")
+        .write("svc/d/keep.conf", "1\n")
+        .write("svc/d/old.conf", "old\n")
+        .write("svc/d/sub/x", "x\n");
+    let r1 = up.commit("one");
+    up.write("svc/d/keep.conf", "2\n")
+        .remove("svc/d/old.conf")
+        .remove("svc/d/sub")
+        .write("svc/d/new.conf", "new\n")
+        .write("svc/d/sub2/y", "y\n");
+    let r2 = up.commit("two: a file changed, one gone, one new, a directory gone, one new");
+    let mut store = Store::open(&root.path().join("stores"), &up.file_url()).unwrap();
+    fetch_main(&mut store);
+
+    // Root's, with an entry of every name a deploy writes, replaces or removes in `svc/d`.
+    let outside = root.path().join("outside");
+    for name in [
+        "keep.conf",
+        "old.conf",
+        "new.conf",
+        "sub/x",
+        "sub2/y",
+        "stray",
+        "straydir/f",
+    ] {
+        let path = outside.join(name);
+        fs::create_dir_all(path.parent().unwrap()).unwrap();
+        fs::write(&path, "root's\n").unwrap();
+    }
+    let untouched = stat_tree(&outside);
+
+    // The checkout's parent is root's, as plumb's `checkouts/` is.
+    let target = root.path().join("checkouts/svc");
+    let index = root.path().join("idx");
+    let deploy = |previous: &str, rev: &str| {
+        store.checkout_atomic(
+            &target,
+            &index,
+            Some(oid(previous)),
+            oid(rev),
+            &l,
+            Some(&user),
+        )
+    };
+    store
+        .checkout_atomic(&target, &index, None, oid(&r1), &l, Some(&user))
+        .unwrap();
+    assert_eq!(owners(&target)["svc/d"], theirs);
+
+    let swapper = Swapper::start(&owner, &target.join("svc/d"), &outside);
+    let (mut done, mut failed) = (0, BTreeMap::<String, usize>::new());
+    let mut deployed = r1.clone();
+    for i in 0..1000 {
+        let rev = if i % 2 == 0 { &r2 } else { &r1 };
+        match deploy(&deployed, rev) {
+            Ok(()) => {
+                done += 1;
+                deployed = rev.clone();
+            }
+            Err(e) => {
+                assert!(
+                    matches!(
+                        e,
+                        GitError::CheckoutIo { .. }
+                            | GitError::Checkout { .. }
+                            | GitError::Owner { .. }
+                    ),
+                    "{e}"
+                );
+                *failed.entry(e.to_string()).or_default() += 1;
+            }
+        }
+        assert_eq!(
+            stat_tree(&outside),
+            untouched,
+            "deploy {i} ({rev}) reached outside the checkout"
+        );
+    }
+    let swaps = swapper.stop();
+    eprintln!("{swaps} swaps; {done} deploys done; failures: {failed:#?}");
+    assert!(swaps > 300, "only {swaps} swaps happened");
+    assert!(done > 0, "no deploy ended while the user swapped");
+
+    // The user stopped, whatever state it left: the next deploy ends with exactly the revision.
+    deploy(&deployed, &r2).unwrap();
+    assert_eq!(
+        snapshot_links(&target, &l),
+        git_checkout(&up, root.path(), &r2, &l)
+    );
+    for (path, owner) in owners(&target) {
+        assert_eq!(owner, theirs, "{path:?} is the service user's");
+    }
+    assert!(
+        store
+            .drift(&target, &index, oid(&r2), &l)
+            .unwrap()
+            .is_empty()
+    );
+    assert_eq!(stat_tree(&outside), untouched);
 }

@@ -18,6 +18,13 @@
 //! (`crate::owner`, never following a symlink) and refreshes the index's stat data for what it
 //! changed, so that the drift check's stat cache stays valid.
 //!
+//! libgit2 writes, replaces and removes by path, and cannot be confined to directory descriptors.
+//! So a checkout here only ever writes into a tree no other user can change a path of: a target
+//! where a directory belongs to someone else (a checkout already given to its `user`) is refused
+//! ([`GitError::HeldTarget`]). The daemon uses these for new directories only (a wipe's fresh
+//! copy, the `check`'s staged copy); a live checkout is updated by
+//! [`Store::checkout_atomic`](super::Store::checkout_atomic), which works by descriptor.
+//!
 //! Nothing here judges what a revision holds (symlinks out of a link, oversized files): that is
 //! [`Store::inspect`], which the caller runs first.
 //!
@@ -32,6 +39,7 @@ use std::path::{Path, PathBuf};
 use git2::build::CheckoutBuilder;
 use git2::{Commit, ErrorCode, Index, Oid, Repository, Tree};
 
+use super::confined::held_by_another;
 use super::history::validate_links;
 use super::{GitError, Store};
 use crate::owner::{Owner, OwnerError, chown_tree};
@@ -71,7 +79,9 @@ impl Store {
     /// symlinks themselves, `target` included) to that user and its primary group, as gitopper's
     /// `user` does. The service's index is updated with the new owners and change times, so the
     /// next drift check still trusts its stat cache instead of reading every file. An unknown
-    /// user fails before anything is written.
+    /// user fails before anything is written, and so does a `target` in which a directory belongs
+    /// to another user (see the module doc): a checkout given to its user is updated by
+    /// [`Store::checkout_atomic`](super::Store::checkout_atomic) only.
     pub fn checkout_as(
         &self,
         target: &Path,
@@ -123,6 +133,18 @@ impl Store {
             None => None,
         };
 
+        // libgit2 works by path: only in a tree no other user can change a path of.
+        if let Some((dir, uid)) =
+            held_by_another(target).map_err(io_err("examine the target directory".into()))?
+        {
+            return Err(GitError::HeldTarget {
+                url: self.shown.clone(),
+                path: target.to_path_buf(),
+                revision,
+                dir,
+                uid,
+            });
+        }
         fs::create_dir_all(target).map_err(io_err("create the target directory".into()))?;
         scrub_symlinks(&repo, target, baseline_tree.as_ref(), links)
             .map_err(|(path, e)| io_err(format!("remove symlink {}", path.display()))(e))?;

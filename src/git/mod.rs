@@ -17,6 +17,7 @@
 //! - `inspect`: what a revision must not hold before it is checked out (escaping symlinks,
 //!   oversized files);
 //! - `checkout`: per-service checkouts, including the symlink scrub and the owner;
+//! - `confined`: a directory tree worked on only through descriptors of its own directories;
 //! - `stage`: all-or-nothing checkouts ([`Store::checkout_atomic`]): what changed is staged
 //!   beside the checkout, then renamed in;
 //! - `verify`: commit signatures (ssh and OpenPGP), checked with the real tools through `exec`.
@@ -28,7 +29,10 @@
 //!   fetching a store removes stale `*.lock` files left by a crash. Neither is safe with a
 //!   concurrent user of the same store, including a second daemon.
 //! - **Targets are plumb's.** A checkout overwrites, deletes and replaces anything under the link
-//!   paths of its target; nothing else may write there.
+//!   paths of its target; nothing else may write there but the service's `user`, to whom the
+//!   checkout is given. The target's parent directory is root's: the checkout itself is opened
+//!   without following a symlink, and everything below it only by directory descriptor
+//!   (`confined`), so what the user does in it never makes plumb write, remove or chown outside.
 //!
 //! # Limits (libgit2 through git2 0.21)
 //! - [`Transport::timeout`] is a deadline for the whole fetch, and [`Transport::cancel`] stops
@@ -43,6 +47,7 @@
 //!   ssh_config's `ProxyJump`).
 
 mod checkout;
+mod confined;
 mod fetch;
 mod history;
 mod inspect;
@@ -188,6 +193,21 @@ pub enum GitError {
         action: String,
         #[source]
         source: std::io::Error,
+    },
+    /// [`Store::checkout`] or [`Store::checkout_as`] was given a target in which another user
+    /// owns a directory (`dir`, owned by `uid`). libgit2 writes, replaces and removes files there
+    /// by path, and that user could swap a directory on the way for a symlink to anywhere; such a
+    /// checkout is only ever updated by [`Store::checkout_atomic`].
+    #[error(
+        "checkout {revision} of {url} into {}: {} belongs to uid {uid}, who could swap a path libgit2 writes through",
+        .path.display(), .dir.display()
+    )]
+    HeldTarget {
+        url: String,
+        path: PathBuf,
+        revision: String,
+        dir: PathBuf,
+        uid: u32,
     },
     /// A `link` path that would reach outside the checkout or is not a plain relative path.
     #[error("link {link:?}: {reason}")]

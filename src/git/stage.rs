@@ -12,31 +12,37 @@
 //!   checkout: everything under the links.
 //! - **Stage**: libgit2 checks out only those paths of the revision into `<target>.plumb-stage`, a
 //!   sibling on the same file system, with a fresh in-memory index (so no baseline: the store's
-//!   `HEAD` is neither read nor moved), and gives them to the service's user. Only the differences
-//!   take space, not a second copy of the service. A failure removes the staging directory;
-//!   nothing live has been touched yet.
-//! - **Move**: planted symlinks are removed ([`scrub_symlinks`]); each staged file and symlink is
-//!   `rename(2)`d over its live path; what the revision does not have is removed, deepest first,
-//!   with the directories that leaves empty (as git does). Directories are never moved or
-//!   re-created when they exist on both sides, so they keep their inode and a directory bind mount
-//!   of one stays valid; a missing one is created with the staged one's mode and owner. Each
-//!   parent is checked component by component without following symlinks, so nothing is written
-//!   through one. Then the new index, with stat data read back from the live files, is written
-//!   beside the old one and renamed over it.
+//!   `HEAD` is neither read nor moved). The staging directory is root's, mode 0700, in the
+//!   checkout's parent (root's too), so no user can change a path in it while libgit2 writes
+//!   there by path. Only the differences take space, not a second copy of the service. A failure
+//!   removes the staging directory; nothing live has been touched yet.
+//! - **Move**, by directory descriptor only ([`Confined`]): the checkout belongs to the service's
+//!   user, who may swap any of its directories for a symlink while this runs, so no path below
+//!   the checkout's top is used to write, remove or chown. Planted symlinks are removed; each
+//!   staged file and symlink is given to the service's user and `renameat(2)`d over its live
+//!   entry; what the revision does not have is removed, deepest first, with the directories that
+//!   leaves empty (as git does). Directories are never moved or re-created when they exist on both
+//!   sides, so they keep their inode and a directory bind mount of one stays valid; a missing one
+//!   is created with the staged one's mode and the user as owner, and a symlink or file in its
+//!   place is removed, never followed. Then the new index, with stat data read back (through the
+//!   same descriptors) from the files moved in, is written beside the old one and renamed over
+//!   it.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::ffi::OsStr;
 use std::fs;
 use std::io;
 use std::os::unix::ffi::OsStrExt;
-use std::os::unix::fs::{MetadataExt, PermissionsExt};
+use std::os::unix::fs::{DirBuilderExt, MetadataExt};
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant, SystemTime};
 
 use git2::build::CheckoutBuilder;
 use git2::{DiffOptions, Index, IndexEntry, IndexTime, Oid, Repository, Tree};
+use nix::sys::stat::FileStat;
 
-use super::checkout::{GITLINK_MODE, SYMLINK_MODE, planted_symlinks, restat, scrub_symlinks};
+use super::checkout::{GITLINK_MODE, SYMLINK_MODE, planted_symlinks, restat};
+use super::confined::Confined;
 use super::history::validate_links;
 use super::{GitError, Store};
 use crate::owner::{Owner, OwnerError, chown_tree};
@@ -247,7 +253,7 @@ impl Store {
             links,
         )?;
         let stage = beside(target, STAGE_SUFFIX);
-        if let Err(e) = self.stage(&fail, &stage, target, &tree, &changes, owner.as_ref()) {
+        if let Err(e) = self.stage(&fail, &stage, target, &tree, &changes) {
             discard(&stage);
             return Err(e);
         }
@@ -262,13 +268,23 @@ impl Store {
             &changes,
             owner.as_ref(),
         )
-        .and_then(|chowned| write_index(&fail, &live_index, index, target, &changes, chowned));
+        .and_then(|(mut live, chowned)| {
+            write_index(
+                &fail,
+                &live_index,
+                index,
+                target,
+                &mut live,
+                &changes,
+                chowned,
+            )
+        });
         discard(&stage);
         moved
     }
 
-    /// Checks the revision's files and symlinks of `changes` out into a new `stage` directory and
-    /// gives them to `owner`; fails unless every one of them is there afterwards.
+    /// Checks the revision's files and symlinks of `changes` out into a new `stage` directory, as
+    /// root's; fails unless every one of them is there afterwards.
     fn stage(
         &self,
         fail: &Fail<'_>,
@@ -276,7 +292,6 @@ impl Store {
         target: &Path,
         tree: &Tree<'_>,
         changes: &BTreeMap<PathBuf, Want>,
-        owner: Option<&Owner>,
     ) -> Result<(), GitError> {
         if let Some(parent) = stage.parent() {
             fs::create_dir_all(parent)
@@ -288,12 +303,17 @@ impl Store {
                 e,
             )
         })?;
-        fs::create_dir(stage).map_err(|e| {
-            fail.io(
-                format!("create the staging directory {}", stage.display()),
-                e,
-            )
-        })?;
+        // Root's and closed to everyone else until plumb moves its entries out: libgit2 writes
+        // into it by path, and no user may change a path in it meanwhile.
+        fs::DirBuilder::new()
+            .mode(0o700)
+            .create(stage)
+            .map_err(|e| {
+                fail.io(
+                    format!("create the staging directory {}", stage.display()),
+                    e,
+                )
+            })?;
         if let Ok(live) = fs::metadata(target) {
             let staged =
                 fs::metadata(stage).map_err(|e| fail.io("stat the staging directory", e))?;
@@ -345,9 +365,6 @@ impl Store {
                     io::Error::other("libgit2 did not write it as the revision has it"),
                 ));
             }
-        }
-        if let Some(owner) = owner {
-            chown_tree(stage, owner).map_err(|e| fail.owner(e))?;
         }
         Ok(())
     }
@@ -497,7 +514,12 @@ fn everything_under(
 }
 
 /// Moves the staged revision into `target` (see the module doc), then gives `target` to `owner`
-/// as [`Store::checkout_as`] does. Returns whether that changed any owner.
+/// as [`Store::checkout_as`] does. Returns the checkout, open, and whether that changed any
+/// owner.
+///
+/// Every write, removal and change of owner in `target` and `stage` goes through descriptors of
+/// their directories ([`Confined`]), never through a path: the service's user owns `target` and
+/// may swap any of its directories for a symlink meanwhile.
 #[allow(clippy::too_many_arguments)]
 fn move_in(
     fail: &Fail<'_>,
@@ -509,98 +531,76 @@ fn move_in(
     tree: &Tree<'_>,
     changes: &BTreeMap<PathBuf, Want>,
     owner: Option<&Owner>,
-) -> Result<bool, GitError> {
+) -> Result<(Confined, bool), GitError> {
     let at = |what: &str, path: &Path| format!("{what} {}", path.display());
-    if fs::symlink_metadata(target).is_err() {
-        if let Some(parent) = target.parent() {
-            fs::create_dir_all(parent).map_err(|e| fail.io(at("create", parent), e))?;
-        }
-        make_dir(target, stage, owner).map_err(|e| fail.io("create the target directory", e))?;
+    let mut live = open_target(target, owner).map_err(|e| fail.io("open the checkout", e))?;
+    let mut staged = Confined::open(stage).map_err(|e| fail.io("open the staging directory", e))?;
+    let planted = planted_symlinks(repo, target, baseline, links)
+        .map_err(|(path, e)| fail.io(at("look for symlinks at", &path), e))?;
+    for path in planted {
+        let rel = path.strip_prefix(target).unwrap_or(&path);
+        tracing::debug!(path = %path.display(), "removing a symlink the deployed revision does not have");
+        live.remove_symlink(rel)
+            .map_err(|e| fail.io(at("remove symlink", &path), e))?;
     }
-    scrub_symlinks(repo, target, baseline, links)
-        .map_err(|(path, e)| fail.io(at("remove symlink", &path), e))?;
 
-    // What the revision has, parents first.
+    // What the revision has, parents first. A new directory gets the mode libgit2 gave the
+    // staged one.
     for (rel, want) in changes {
         match want {
             Want::Blob { .. } => {
-                ensure_dirs(target, stage, rel.parent(), owner)
+                let parent = rel.parent().unwrap_or(Path::new(""));
+                live.make_dirs(parent, &mut staged, owner)
                     .map_err(|e| fail.io(at("create the directories of", rel), e))?;
-                let live = target.join(rel);
-                if fs::symlink_metadata(&live).is_ok_and(|m| m.is_dir()) {
-                    fs::remove_dir_all(&live).map_err(|e| fail.io(at("remove", rel), e))?;
-                }
-                fs::rename(stage.join(rel), &live).map_err(|e| fail.io(at("move in", rel), e))?;
+                live.move_from(&mut staged, rel, owner)
+                    .map_err(|e| fail.io(at("move in", rel), e))?;
             }
-            Want::Tree | Want::Gitlink(_) => ensure_dirs(target, stage, Some(rel), owner)
-                .map_err(|e| fail.io(at("create the directory", rel), e))?,
+            Want::Tree | Want::Gitlink(_) => {
+                live.make_dirs(rel, &mut staged, owner)
+                    .map_err(|e| fail.io(at("create the directory", rel), e))?;
+            }
             Want::Absent => {}
         }
     }
-    // Then what it does not have, deepest first, and the directories that leaves empty.
+    // Then what it does not have, deepest first, and the directories that leaves empty. Behind a
+    // symlink or a file there is nothing of the checkout to remove.
     let mut wants = Wants::new(repo, tree);
     for (rel, want) in changes.iter().rev() {
-        if *want != Want::Absent
-            || !real_dirs(target, rel.parent()).map_err(|e| fail.io(at("remove", rel), e))?
-        {
-            // Behind a symlink or a file there is nothing of the checkout to remove.
+        if *want != Want::Absent {
             continue;
         }
-        remove_any(&target.join(rel)).map_err(|e| fail.io(at("remove", rel), e))?;
-        prune(target, &mut wants, rel);
+        live.remove(rel)
+            .map_err(|e| fail.io(at("remove", rel), e))?;
+        prune(&mut live, &mut wants, rel);
     }
-    match owner {
-        Some(owner) => Ok(chown_tree(target, owner).map_err(|e| fail.owner(e))? > 0),
-        None => Ok(false),
-    }
+    let chowned = match owner {
+        Some(owner) => chown_tree(target, owner).map_err(|e| fail.owner(e))? > 0,
+        None => false,
+    };
+    Ok((live, chowned))
 }
 
-/// Makes every component of `rel` under `target` a real directory, parents first: a missing one is
-/// created, a file or symlink in the way is removed (never followed). New directories get the mode
-/// and owner of the staged one at the same path, else `owner`.
-fn ensure_dirs(
-    target: &Path,
-    stage: &Path,
-    rel: Option<&Path>,
-    owner: Option<&Owner>,
-) -> io::Result<()> {
-    let Some(rel) = rel else {
-        return Ok(());
-    };
-    let (mut live, mut staged) = (target.to_path_buf(), stage.to_path_buf());
-    for component in rel.components() {
-        live.push(component);
-        staged.push(component);
-        match fs::symlink_metadata(&live) {
-            Ok(meta) if meta.is_dir() => continue,
-            Ok(_) => fs::remove_file(&live)?,
-            Err(e) if e.kind() == io::ErrorKind::NotFound => {}
-            Err(e) => return Err(e),
-        }
-        make_dir(&live, &staged, owner)?;
+/// Opens the checkout `target` by descriptor ([`Confined`]), creating it (with `owner`) when
+/// missing. Its parent is root's (plumb's `checkouts/`, or `mount`), so the path up to it is
+/// trusted; `target` itself is opened without following a symlink.
+fn open_target(target: &Path, owner: Option<&Owner>) -> io::Result<Confined> {
+    match Confined::open(target) {
+        Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+        other => return other,
     }
-    Ok(())
-}
-
-/// Creates the directory `live` with the mode and owner of `staged` (or `owner` when there is no
-/// staged directory).
-fn make_dir(live: &Path, staged: &Path, owner: Option<&Owner>) -> io::Result<()> {
-    fs::create_dir(live)?;
-    let (mode, uid, gid) = match fs::symlink_metadata(staged) {
-        Ok(meta) if meta.is_dir() => (Some(meta.mode() & 0o7777), meta.uid(), meta.gid()),
-        _ => match owner {
-            Some(owner) => (None, owner.uid.as_raw(), owner.gid.as_raw()),
-            None => return Ok(()),
-        },
-    };
-    if let Some(mode) = mode {
-        fs::set_permissions(live, fs::Permissions::from_mode(mode))?;
+    if let Some(parent) = target.parent() {
+        fs::create_dir_all(parent)?;
     }
-    let made = fs::symlink_metadata(live)?;
-    if (made.uid(), made.gid()) != (uid, gid) {
-        std::os::unix::fs::lchown(live, Some(uid), Some(gid))?;
+    fs::create_dir(target)?;
+    let live = Confined::open(target)?;
+    if let Some(owner) = owner {
+        std::os::unix::fs::fchown(
+            live.top(),
+            Some(owner.uid.as_raw()),
+            Some(owner.gid.as_raw()),
+        )?;
     }
-    Ok(())
+    Ok(live)
 }
 
 /// Whether every component of `rel` under `target` is a real directory (not a symlink), so a path
@@ -619,15 +619,15 @@ fn real_dirs(target: &Path, rel: Option<&Path>) -> io::Result<bool> {
     Ok(true)
 }
 
-/// Removes the directories above `rel` that are now empty, up to (not including) `target`, except
-/// a submodule's.
-fn prune(target: &Path, wants: &mut Wants<'_>, rel: &Path) {
+/// Removes the directories above `rel` that are now empty, up to (not including) the checkout's
+/// top, except a submodule's.
+fn prune(live: &mut Confined, wants: &mut Wants<'_>, rel: &Path) {
     for dir in rel.ancestors().skip(1) {
         if dir.as_os_str().is_empty() || matches!(wants.get(dir), Ok(Want::Gitlink(_)) | Err(_)) {
             return;
         }
         // Fails on a directory that is not empty, which ends the walk.
-        if fs::remove_dir(target.join(dir)).is_err() {
+        if !live.remove_empty_dir(dir) {
             return;
         }
     }
@@ -664,13 +664,15 @@ fn beside(path: &Path, suffix: &str) -> PathBuf {
 
 /// Writes the index of the moved checkout beside `index` and renames it over `index`: the entries
 /// of `live` that no change touches, and for each changed file, symlink and submodule an entry
-/// with the stat data of what is now live. Waits (at most [`RACY_WAIT`]) until the file written
+/// with the stat data of what is now live in `checkout` (read through its descriptors, like the
+/// move that put it there). Waits (at most [`RACY_WAIT`]) until the file written
 /// is newer than the files it describes, so the next drift check trusts their stat data.
 fn write_index(
     fail: &Fail<'_>,
     live: &Index,
     index: &Path,
     target: &Path,
+    checkout: &mut Confined,
     changes: &BTreeMap<PathBuf, Want>,
     chowned: bool,
 ) -> Result<(), GitError> {
@@ -708,11 +710,18 @@ fn write_index(
             Want::Gitlink(id) => (id, GITLINK_MODE),
             Want::Absent | Want::Tree => continue,
         };
-        let meta =
-            fs::symlink_metadata(target.join(rel)).map_err(|e| fail.io(at("stat", rel), e))?;
-        if let Ok(modified) = meta.modified() {
-            newest = newest.max(Some(modified));
-        }
+        // What was moved in, where it was moved: through the checkout's descriptors.
+        let meta = checkout
+            .lstat(rel)
+            .and_then(|st| {
+                st.ok_or_else(|| io::Error::new(io::ErrorKind::NotFound, "gone from the checkout"))
+            })
+            .map_err(|e| fail.io(at("stat", rel), e))?;
+        let modified = Duration::new(
+            u64::try_from(meta.st_mtime).unwrap_or(0),
+            u32::try_from(meta.st_mtime_nsec).unwrap_or(0),
+        );
+        newest = newest.max(Some(SystemTime::UNIX_EPOCH + modified));
         let path = rel.as_os_str().as_bytes().to_vec();
         entries.insert(path.clone(), entry(&meta, id, mode, path));
     }
@@ -744,16 +753,16 @@ fn write_index(
 
 /// An index entry for the live file `meta` at `path`, as libgit2 makes one from `stat` (the index
 /// keeps 32 bits of each field, as git does).
-fn entry(meta: &fs::Metadata, id: Oid, mode: u32, path: Vec<u8>) -> IndexEntry {
+fn entry(meta: &FileStat, id: Oid, mode: u32, path: Vec<u8>) -> IndexEntry {
     IndexEntry {
-        ctime: IndexTime::new(meta.ctime() as i32, meta.ctime_nsec() as u32),
-        mtime: IndexTime::new(meta.mtime() as i32, meta.mtime_nsec() as u32),
-        dev: meta.rdev() as u32,
-        ino: meta.ino() as u32,
+        ctime: IndexTime::new(meta.st_ctime as i32, meta.st_ctime_nsec as u32),
+        mtime: IndexTime::new(meta.st_mtime as i32, meta.st_mtime_nsec as u32),
+        dev: meta.st_rdev as u32,
+        ino: meta.st_ino as u32,
         mode,
-        uid: meta.uid(),
-        gid: meta.gid(),
-        file_size: meta.size() as u32,
+        uid: meta.st_uid,
+        gid: meta.st_gid,
+        file_size: meta.st_size as u32,
         id,
         flags: 0,
         flags_extended: 0,

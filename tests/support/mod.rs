@@ -4,6 +4,7 @@
 //! - [`Upstream`]: a bare repository plus a private work clone to write, commit and push history with;
 //! - [`GitDaemon`] (`git://`), [`HttpServer`] (smart HTTP: lighttpd + `git http-backend`) and
 //!   [`SshServer`] (OpenSSH `sshd`, key auth): real servers, each on its own free port of 127.0.0.1;
+//! - [`Accounts`]: real users and groups made for one test (`useradd`), removed afterwards;
 //! - [`git`], [`wait_until`] and [`require_root`], the small helpers every test file repeats otherwise.
 //!
 //! Rules it keeps so that tests can run in parallel threads of one process:
@@ -28,6 +29,7 @@ use std::os::unix::fs::PermissionsExt;
 use std::os::unix::process::CommandExt;
 use std::path::{Component, Path, PathBuf};
 use std::process::{Child, Command, Stdio};
+use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
 /// How long a server gets from spawn to accepting connections before the test fails.
@@ -158,6 +160,73 @@ fn run_tool(program: &str, args: &[&str]) {
             String::from_utf8_lossy(&out.stdout),
             String::from_utf8_lossy(&out.stderr)
         );
+    }
+}
+
+/// `useradd` and `groupadd` lock `/etc/passwd` and `/etc/group`; tests of one file run in parallel
+/// threads, so they take turns.
+static ACCOUNTS: Mutex<()> = Mutex::new(());
+
+/// Groups and users made for one test, removed when dropped, even when the test fails.
+#[derive(Default)]
+pub struct Accounts {
+    groups: Vec<String>,
+    users: Vec<String>,
+}
+
+impl Accounts {
+    pub fn new() -> Accounts {
+        Accounts::default()
+    }
+
+    /// A unique name: tests of several runs and threads never share an account.
+    fn unique(prefix: &str) -> String {
+        format!(
+            "{prefix}{}x{}",
+            std::process::id(),
+            fastrand::u32(..1_000_000)
+        )
+    }
+
+    pub fn group(&mut self, prefix: &str) -> String {
+        let name = Accounts::unique(prefix);
+        let _turn = ACCOUNTS.lock().unwrap_or_else(|e| e.into_inner());
+        run_tool("groupadd", &[&name]);
+        self.groups.push(name.clone());
+        name
+    }
+
+    /// A user without a home or a login shell, in `groups` besides the default primary group.
+    pub fn user(&mut self, prefix: &str, groups: &[&str]) -> String {
+        let name = Accounts::unique(prefix);
+        let _turn = ACCOUNTS.lock().unwrap_or_else(|e| e.into_inner());
+        let joined = groups.join(",");
+        let mut args = vec!["-M", "-N", "-s", "/usr/sbin/nologin"];
+        if !groups.is_empty() {
+            args.extend(["-G", &joined]);
+        }
+        args.push(&name);
+        run_tool("useradd", &args);
+        self.users.push(name.clone());
+        name
+    }
+
+    /// Takes `user` out of `group` (`gpasswd -d`), as an administrator would.
+    pub fn leave(&self, user: &str, group: &str) {
+        let _turn = ACCOUNTS.lock().unwrap_or_else(|e| e.into_inner());
+        run_tool("gpasswd", &["-d", user, group]);
+    }
+}
+
+impl Drop for Accounts {
+    fn drop(&mut self) {
+        let _turn = ACCOUNTS.lock().unwrap_or_else(|e| e.into_inner());
+        for u in &self.users {
+            let _ = Command::new("userdel").arg(u).status();
+        }
+        for g in &self.groups {
+            let _ = Command::new("groupdel").arg(g).status();
+        }
     }
 }
 

@@ -6,6 +6,8 @@
 //! hook within a second of the last one is answered at once and its fetch deferred to the end of
 //! that second (several such hooks share it), so a flood cannot turn into a flood of fetches and a
 //! burst of pushes never loses its last one. Answers at once; the fetch runs in the daemon's loop.
+//! Every request is counted in `plumb_webhook_total` by its [`RESULTS`], a body too large to read
+//! (413) included.
 
 use std::collections::VecDeque;
 use std::sync::{Arc, Mutex};
@@ -13,6 +15,7 @@ use std::time::{Duration, Instant};
 
 use axum::body::Bytes;
 use axum::extract::State;
+use axum::extract::rejection::BytesRejection;
 use axum::http::{HeaderMap, StatusCode};
 use hmac::{Hmac, Mac};
 use sha2::Sha256;
@@ -28,7 +31,21 @@ pub enum HookError {
     BadSignature,
     #[error("delivery {0} was seen before")]
     Replayed(String),
+    /// The body was refused before it was read: larger than the listener takes (413), or cut off.
+    #[error("{0}")]
+    Body(String, StatusCode),
 }
+
+/// Every `result` label of `plumb_webhook_total`, each exported from the start at 0.
+pub const RESULTS: [&str; 7] = [
+    "ok",
+    "deferred",
+    "unsigned",
+    "bad_signature",
+    "replayed",
+    "too_large",
+    "unreadable",
+];
 
 /// What an accepted hook does.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -56,6 +73,7 @@ impl HookError {
         match self {
             HookError::Unsigned | HookError::BadSignature => StatusCode::UNAUTHORIZED,
             HookError::Replayed(_) => StatusCode::CONFLICT,
+            HookError::Body(_, status) => *status,
         }
     }
 
@@ -65,6 +83,8 @@ impl HookError {
             HookError::Unsigned => "unsigned",
             HookError::BadSignature => "bad_signature",
             HookError::Replayed(_) => "replayed",
+            HookError::Body(_, StatusCode::PAYLOAD_TOO_LARGE) => "too_large",
+            HookError::Body(..) => "unreadable",
         }
     }
 }
@@ -145,6 +165,9 @@ impl Hook {
         handle: Handle,
         metrics: Option<Arc<crate::metrics::Metrics>>,
     ) -> Arc<Hook> {
+        if let Some(m) = &metrics {
+            m.hook_results(&RESULTS);
+        }
         Arc::new(Hook {
             secret,
             handle,
@@ -244,13 +267,16 @@ pub fn repositories(body: &[u8]) -> Vec<String> {
     urls
 }
 
-/// `POST /v1/hooks/push`.
+/// `POST /v1/hooks/push`. The body comes as a `Result` so that one refused before it is read (over
+/// axum's default limit of 2 MiB: 413) is counted as every other answer is.
 pub async fn push(
     State(hook): State<Arc<Hook>>,
     headers: HeaderMap,
-    body: Bytes,
+    body: Result<Bytes, BytesRejection>,
 ) -> (StatusCode, String) {
-    let result = hook.admit(&headers, &body, Instant::now());
+    let result = body
+        .map_err(|e| HookError::Body(e.body_text(), e.status()))
+        .and_then(|body| hook.admit(&headers, &body, Instant::now()));
     if let Some(m) = &hook.metrics {
         m.hook(match &result {
             Ok((a, _)) => a.label(),

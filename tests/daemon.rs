@@ -757,6 +757,18 @@ fn metrics_follow_the_deployed_hash_and_show_a_frozen_service_behind() {
         text.contains("plumb_service_state{service=\"app\",state=\"OK\"} 1"),
         "{text}"
     );
+    // The counters have their series before their first event: nothing was refused, and a
+    // dashboard's `increase(plumb_apply_total[...])` has both results to show.
+    for name in ["app", "web", "db"] {
+        for line in [
+            format!("plumb_refused_total{{reason=\"check\",service=\"{name}\"}} 0"),
+            format!("plumb_refused_total{{reason=\"health\",service=\"{name}\"}} 0"),
+            format!("plumb_apply_total{{result=\"ok\",service=\"{name}\"}} "),
+            format!("plumb_apply_total{{result=\"error\",service=\"{name}\"}} "),
+        ] {
+            assert!(text.contains(&line), "{line} in\n{text}");
+        }
+    }
     assert!(
         text.contains("plumb_git_fetch_total{result=\"ok\""),
         "{text}"
@@ -913,8 +925,23 @@ fn a_signed_push_webhook_fetches_now_and_a_bad_one_is_refused_and_counted() {
     });
     let v2 = up.write("app/conf", "2").commit("v2");
     let body = r#"{"ref":"refs/heads/main"}"#;
+    // Before any hook, every result is there at 0.
+    let text = scrape(port);
+    for result in plumb::hook::RESULTS {
+        let line = format!("plumb_webhook_total{{result=\"{result}\"}} 0");
+        assert!(text.contains(&line), "{line} in\n{text}");
+    }
 
     assert_eq!(hook(port, body, &[]), 401, "unsigned");
+    // A body larger than the listener reads is refused unread, and counted.
+    let large = root.path().join("large.json");
+    fs::write(&large, vec![b' '; 3 << 20]).unwrap();
+    let signed_large = github_signature(secret, "");
+    assert_eq!(
+        hook(port, &format!("@{}", large.display()), &[signed_large]),
+        413,
+        "too large"
+    );
     let forged = github_signature("not-the-secret-at-all", body);
     assert_eq!(
         hook(port, body, &[forged]),
@@ -959,7 +986,12 @@ fn a_signed_push_webhook_fetches_now_and_a_bad_one_is_refused_and_counted() {
         let counted = format!("plumb_webhook_total{{result=\"{result}\"}}");
         assert!(text.contains(&counted), "{counted} in\n{text}");
     }
-    for (result, n) in [("unsigned", 1), ("bad_signature", 1), ("replayed", 1)] {
+    for (result, n) in [
+        ("unsigned", 1),
+        ("bad_signature", 1),
+        ("replayed", 1),
+        ("too_large", 1),
+    ] {
         let line = format!("plumb_webhook_total{{result=\"{result}\"}} {n}");
         assert!(text.contains(&line), "{line} in\n{text}");
     }

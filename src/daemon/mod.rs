@@ -432,6 +432,10 @@ impl Daemon {
             }
         }
         self.services = services;
+        // Every service has its series from the start, its counters at 0 before their first event.
+        for name in self.services.keys() {
+            self.observe(name);
+        }
         if self.services.is_empty() {
             warn!(hosts = ?self.config.machine_names(&self.opts.hosts), "no services configured for this machine");
         }

@@ -6,8 +6,9 @@
 //! hook within a second of the last one is answered at once and its fetch deferred to the end of
 //! that second (several such hooks share it), so a flood cannot turn into a flood of fetches and a
 //! burst of pushes never loses its last one. Answers at once; the fetch runs in the daemon's loop.
-//! Every request is counted in `plumb_webhook_total` by its [`RESULTS`], a body too large to read
-//! (413) included.
+//! Signatures are checked with the `hmac` crate (`verify_slice`, constant time) on hex decoded by
+//! the `hex` crate. Every request is counted in `plumb_webhook_total` by its [`RESULTS`], a body
+//! too large to read (413) included.
 
 use std::collections::VecDeque;
 use std::sync::{Arc, Mutex};
@@ -100,37 +101,36 @@ pub fn verify(headers: &HeaderMap, body: &[u8], secret: &str) -> Result<Option<S
     .iter()
     .find_map(|h| header(h))
     .map(str::to_owned);
-    if let Some(token) = header("x-gitlab-token") {
-        return constant_time_eq(token.as_bytes(), secret.as_bytes())
-            .then_some(delivery)
-            .ok_or(HookError::BadSignature);
-    }
-    let hex = match (header("x-hub-signature-256"), header("x-gitea-signature")) {
-        (Some(sig), _) => sig.strip_prefix("sha256=").ok_or(HookError::BadSignature)?,
-        (None, Some(sig)) => sig,
-        (None, None) => return Err(HookError::Unsigned),
+    let (mac, given) = if let Some(token) = header("x-gitlab-token") {
+        // GitLab sends the secret itself. Comparing the HMACs of both under the secret makes the
+        // comparison `verify_slice`'s constant-time one, and hides the secret's length too.
+        (
+            hmac(secret, token.as_bytes()),
+            hmac(secret, secret.as_bytes())
+                .finalize()
+                .into_bytes()
+                .to_vec(),
+        )
+    } else {
+        let hex = match (header("x-hub-signature-256"), header("x-gitea-signature")) {
+            (Some(sig), _) => sig.strip_prefix("sha256=").ok_or(HookError::BadSignature)?,
+            (None, Some(sig)) => sig,
+            (None, None) => return Err(HookError::Unsigned),
+        };
+        let given = hex::decode(hex).map_err(|_| HookError::BadSignature)?;
+        (hmac(secret, body), given)
     };
-    let given = decode_hex(hex).ok_or(HookError::BadSignature)?;
-    let mut mac =
-        Hmac::<Sha256>::new_from_slice(secret.as_bytes()).map_err(|_| HookError::BadSignature)?;
-    mac.update(body);
     mac.verify_slice(&given)
         .map(|()| delivery)
         .map_err(|_| HookError::BadSignature)
 }
 
-fn decode_hex(s: &str) -> Option<Vec<u8>> {
-    if !s.len().is_multiple_of(2) {
-        return None;
-    }
-    (0..s.len())
-        .step_by(2)
-        .map(|i| u8::from_str_radix(s.get(i..i + 2)?, 16).ok())
-        .collect()
-}
-
-fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
-    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+/// HMAC-SHA256 of `data` under `secret`, ready to verify or finalize.
+fn hmac(secret: &str, data: &[u8]) -> Hmac<Sha256> {
+    // HMAC takes a key of any length: `new_from_slice` cannot fail for it.
+    let mut mac = Hmac::<Sha256>::new_from_slice(secret.as_bytes()).expect("HMAC takes any key");
+    mac.update(data);
+    mac
 }
 
 /// The webhook's state: secret, recent deliveries, the rate limit, the way into the daemon.
@@ -332,12 +332,7 @@ mod tests {
         let secret = "0123456789abcdef";
         let mut mac = Hmac::<Sha256>::new_from_slice(secret.as_bytes()).unwrap();
         mac.update(b"{}");
-        let good: String = mac
-            .finalize()
-            .into_bytes()
-            .iter()
-            .map(|b| format!("{b:02x}"))
-            .collect();
+        let good = hex::encode(mac.finalize().into_bytes());
         let mut bad = good.clone().into_bytes();
         bad[0] = if bad[0] == b'0' { b'1' } else { b'0' };
         let bad = String::from_utf8(bad).unwrap();
@@ -364,6 +359,15 @@ mod tests {
         );
         let odd = headers(&[("x-hub-signature-256", "sha256=abc")]);
         assert_eq!(verify(&odd, b"{}", secret), Err(HookError::BadSignature));
+        let not_hex = headers(&[("x-gitea-signature", &good.replace(|_| true, "z"))]);
+        assert_eq!(
+            verify(&not_hex, b"{}", secret),
+            Err(HookError::BadSignature)
+        );
+        let short = headers(&[("x-gitea-signature", &good[..62])]);
+        assert_eq!(verify(&short, b"{}", secret), Err(HookError::BadSignature));
+        let prefix = headers(&[("x-gitlab-token", &secret[..15])]);
+        assert_eq!(verify(&prefix, b"{}", secret), Err(HookError::BadSignature));
     }
 
     #[test]

@@ -128,7 +128,7 @@ impl Metrics {
                 &["service", "state"],
             ),
             change_time: float(
-                "plumb_service_change_time_seconds",
+                "plumb_service_change_timestamp_seconds",
                 "When the deployed revision last changed (unix time).",
                 &["service"],
             ),
@@ -402,6 +402,17 @@ mod tests {
             "{text}"
         );
         assert!(text.contains("plumb_build_info{version="), "{text}");
+        // Times of day follow Prometheus' naming, `*_timestamp_seconds`, every one of them.
+        let times: Vec<&str> = text
+            .lines()
+            .filter_map(|l| l.strip_prefix("# HELP "))
+            .filter(|l| l.contains("(unix time)"))
+            .map(|l| l.split(' ').next().unwrap_or(l))
+            .collect();
+        assert_eq!(times.len(), 2, "{text}");
+        for name in times {
+            assert!(name.ends_with("_timestamp_seconds"), "{name}");
+        }
         m.forget("nginx");
         assert!(!m.render().contains("service=\"nginx\""));
     }

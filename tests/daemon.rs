@@ -816,12 +816,15 @@ fn metrics_follow_the_deployed_hash_and_show_a_frozen_service_behind() {
         assert!(text.contains(&line), "{line}\n{text}");
     }
     let change_time = |text: &str| -> f64 {
-        series(text, "plumb_service_change_time_seconds{service=\"app\"}")[0]
-            .rsplit(' ')
-            .next()
-            .unwrap()
-            .parse()
-            .unwrap()
+        series(
+            text,
+            "plumb_service_change_timestamp_seconds{service=\"app\"}",
+        )[0]
+        .rsplit(' ')
+        .next()
+        .unwrap()
+        .parse()
+        .unwrap()
     };
     let before = change_time(&text);
     // Change times are whole seconds: let one pass so the next change must show a later one.

@@ -62,7 +62,7 @@ pub const AUDIT_STARTED: &str = "started";
 /// Why the API could not start or stopped. Requests never end the API: their errors are answers.
 #[derive(Debug, thiserror::Error)]
 pub enum ApiError {
-    #[error("cannot create the socket's directory {path}: {source}")]
+    #[error("cannot create the socket's directory {path}")]
     Directory {
         path: PathBuf,
         #[source]
@@ -72,19 +72,19 @@ pub enum ApiError {
     NotASocket { path: PathBuf },
     #[error("{path}: another process is listening on this socket (is plumb already running?)")]
     InUse { path: PathBuf },
-    #[error("cannot remove the stale socket {path}: {source}")]
+    #[error("cannot remove the stale socket {path}")]
     Stale {
         path: PathBuf,
         #[source]
         source: io::Error,
     },
-    #[error("cannot listen on {path}: {source}")]
+    #[error("cannot listen on {path}")]
     Bind {
         path: PathBuf,
         #[source]
         source: io::Error,
     },
-    #[error("cannot set owner and mode of {path}: {source}")]
+    #[error("cannot set owner and mode of {path}")]
     Permissions {
         path: PathBuf,
         #[source]

@@ -175,21 +175,21 @@ impl Job {
 /// defaults; this leaves room for both.
 pub const DEFAULT_JOB_TIMEOUT: Duration = Duration::from_secs(200);
 
-/// What went wrong talking to systemd. Each names the operation and, when there is one, the unit,
-/// so its `Display` alone tells an operator what failed, e.g.
+/// What went wrong talking to systemd. Each names the operation and, when there is one, the unit;
+/// the cause is its `source`, so [`crate::error::Chain`] tells an operator what failed, e.g.
 /// `reload nginx.service: org.freedesktop.systemd1.JobTypeNotApplicable: Job type reload is not
 /// applicable for unit nginx.service.`
 #[derive(Debug, thiserror::Error)]
 pub enum SystemdError {
     /// The bus could not be reached, or systemd refused the subscription to its signals.
-    #[error("cannot connect to systemd on {address}: {source}")]
+    #[error("cannot connect to systemd on {address}")]
     Connect {
         address: String,
         #[source]
         source: zbus::Error,
     },
     /// A call was refused or failed on the wire.
-    #[error("{op}{}: {source}", unit_suffix(unit))]
+    #[error("{op}{}", unit_suffix(unit))]
     Call {
         op: &'static str,
         unit: Option<String>,
@@ -635,9 +635,10 @@ mod tests {
             Some("nginx.service"),
             zbus::Error::Failure("boom".into()),
         );
-        assert_eq!(e.to_string(), "reload nginx.service: boom");
+        assert_eq!(e.to_string(), "reload nginx.service");
+        assert_eq!(crate::error::chain(&e), "reload nginx.service: boom");
         let e = call_error("daemon-reload", None, zbus::Error::Failure("boom".into()));
-        assert_eq!(e.to_string(), "daemon-reload: boom");
+        assert_eq!(crate::error::chain(&e), "daemon-reload: boom");
         let e = SystemdError::JobTimeout {
             op: "restart",
             unit: "x.mount".into(),

@@ -1778,6 +1778,38 @@ fn a_zero_interval_on_the_command_line_is_refused() {
     );
 }
 
+/// A config that cannot be read: every command says what it was doing and why, each once.
+#[test]
+fn an_unreadable_config_is_reported_with_its_cause_once() {
+    let root = temp_root();
+    // A directory where the file should be: reading it fails with EISDIR, as root too.
+    let config = root.path().join("plumb.toml");
+    fs::create_dir(&config).unwrap();
+    let state = root.path().join("state");
+    let runs: [&[&str]; 2] = [&["--once"], &["apply", "web"]];
+    for args in runs {
+        let out = Command::new(env!("CARGO_BIN_EXE_plumb"))
+            .arg("-c")
+            .arg(&config)
+            .arg("--state-dir")
+            .arg(&state)
+            .args(args)
+            .output()
+            .unwrap();
+        assert!(!out.status.success(), "{args:?}");
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        let line = stderr.lines().last().unwrap_or_default();
+        assert!(
+            line.ends_with(&format!(
+                "{}: cannot read: Is a directory (os error 21)",
+                config.display()
+            )),
+            "{args:?}: {stderr}"
+        );
+        assert_eq!(line.matches("Is a directory").count(), 1, "{line}");
+    }
+}
+
 /// Raises this process's soft limit on open files to what a flood of `n` connections needs.
 fn allow_open_files(n: u64) {
     use nix::sys::resource::{Resource, getrlimit, setrlimit};

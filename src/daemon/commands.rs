@@ -152,7 +152,7 @@ impl Daemon {
                         None => Ok(Vec::new()),
                         Some(to) => Store::open_readonly(&stores, &url)
                             .and_then(|s| s.file_changes(from, to, &links))
-                            .map_err(|e| CommandError::Invalid(e.to_string())),
+                            .map_err(|e| CommandError::Invalid(crate::error::chain(&e))),
                     };
                     let hex = |o: Option<Oid>| o.map(|o| o.to_string());
                     let _ = reply.send(files.map(|files| {

@@ -8,6 +8,7 @@ use std::path::PathBuf;
 use tracing::{debug, info, info_span, warn};
 
 use crate::config;
+use crate::error;
 use crate::exec;
 use crate::git::{self, GitError, Oid, Store};
 use crate::layout::{self, Layout};
@@ -24,9 +25,10 @@ pub enum DeployError {
     },
     #[error(transparent)]
     Git(#[from] GitError),
-    #[error("{0}")]
-    Store(String),
-    #[error("{path}: {source}")]
+    /// The upstream's store could not be opened: the one error of every job of the upstream.
+    #[error(transparent)]
+    Store(std::sync::Arc<GitError>),
+    #[error("{path}")]
     Io {
         path: PathBuf,
         #[source]
@@ -72,7 +74,7 @@ pub(super) enum Deployed {
 
 /// Runs the checkouts of one upstream's services, one after the other, on one store.
 pub(super) fn deploy_all(layout: &Layout, url: &str, jobs: Vec<DeployJob>) -> Vec<(String, Event)> {
-    let store = Store::open(&layout.stores(), url);
+    let store = Store::open(&layout.stores(), url).map_err(std::sync::Arc::new);
     jobs.into_iter()
         .map(|job| {
             let span = info_span!("service", name = %job.service.name);
@@ -80,7 +82,7 @@ pub(super) fn deploy_all(layout: &Layout, url: &str, jobs: Vec<DeployJob>) -> Ve
             let head = job.head;
             let result = match &store {
                 Ok(store) => deploy(store, layout, &job),
-                Err(e) => Err(DeployError::Store(e.to_string())),
+                Err(e) => Err(DeployError::Store(e.clone())),
             };
             let event = match result {
                 Ok(Deployed::Done { revision }) => Event::Deployed { head, revision },
@@ -99,7 +101,7 @@ pub(super) fn deploy_all(layout: &Layout, url: &str, jobs: Vec<DeployJob>) -> Ve
                 }
                 Err(e) => Event::DeployFailed {
                     head,
-                    error: e.to_string(),
+                    error: error::chain(&e),
                 },
             };
             (job.service.name, event)
@@ -122,7 +124,7 @@ fn deploy(store: &Store, layout: &Layout, job: &DeployJob) -> Result<Deployed, D
     if job.upstream.verifies() {
         match store.verify_commit(job.head, &job.upstream.trust()) {
             Ok(signer) => debug!(head = %job.head, "signed by {signer}"),
-            Err(e) => return Err(refuse(None, Refusal::Unverified(e.to_string()))),
+            Err(e) => return Err(refuse(None, Refusal::Unverified(error::chain(&e)))),
         }
     }
     if job.gate.follow
@@ -255,7 +257,7 @@ fn run_check(
         let why = match exec::run_blocking(spec) {
             Ok(out) if out.success() => return Ok(()),
             Ok(out) => out.failure(10),
-            Err(e) => e.to_string(),
+            Err(e) => error::chain(&e),
         };
         Err(DeployError::Refused {
             revision: Some(revision),
@@ -275,7 +277,7 @@ pub(super) fn resolve_in_history(
     head: Option<Oid>,
     upstream: &config::UpstreamSettings,
 ) -> Result<Oid, String> {
-    let store = Store::open_readonly(stores, url).map_err(|e| e.to_string())?;
+    let store = Store::open_readonly(stores, url).map_err(|e| error::chain(&e))?;
     let target = store
         .resolve(revision)
         .map_err(|_| format!("unknown revision {revision:?} in {}", git::redact_url(url)))?;
@@ -287,14 +289,14 @@ pub(super) fn resolve_in_history(
             store
                 .verify_commit(target, &upstream.trust())
                 .map(|_| target)
-                .map_err(|e| format!("refusing to roll back: {e}"))
+                .map_err(|e| format!("refusing to roll back: {}", error::Chain(&e)))
         }
         Ok(true) => Ok(target),
         Ok(false) => Err(format!(
             "{revision:?} ({}) is not in the history of the service's branch",
             service::short(Some(target))
         )),
-        Err(e) => Err(e.to_string()),
+        Err(e) => Err(error::chain(&e)),
     }
 }
 

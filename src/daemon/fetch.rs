@@ -8,6 +8,7 @@ use std::time::Duration;
 
 use tracing::warn;
 
+use crate::error::Chain;
 use crate::git::{FetchReport, GitError, Oid, Store, Transport};
 
 /// The first-parent commits `behind` walks at most per service and fetch.
@@ -61,7 +62,9 @@ pub(super) fn run(
                     Ok(files) => {
                         drift.insert(c.name.clone(), files);
                     }
-                    Err(e) => warn!(service = %c.name, "cannot check for local edits: {e}"),
+                    Err(e) => {
+                        warn!(service = %c.name, "cannot check for local edits: {}", Chain(&e))
+                    }
                 }
             }
             let head = report.heads.get(&c.branch).copied().flatten();
@@ -70,7 +73,9 @@ pub(super) fn run(
                     Ok(n) => {
                         behind.insert(c.name, n);
                     }
-                    Err(e) => warn!(service = %c.name, "cannot count changes behind: {e}"),
+                    Err(e) => {
+                        warn!(service = %c.name, "cannot count changes behind: {}", Chain(&e))
+                    }
                 }
             }
         }

@@ -33,7 +33,7 @@ use tokio_util::sync::CancellationToken;
 use tracing::{error, info, warn};
 
 use crate::config::Config;
-use crate::daemon::{self, Command, CommandError, Reply};
+use crate::daemon::{self, Command, CommandError, Reply, RollbackError};
 use crate::listener;
 use crate::proto;
 
@@ -452,7 +452,7 @@ impl IntoResponse for Failure {
 
 impl From<CommandError> for Failure {
     fn from(e: CommandError) -> Failure {
-        Failure::new(command_status(&e), e.to_string())
+        Failure::new(command_status(&e), crate::error::chain(&e))
     }
 }
 
@@ -460,7 +460,13 @@ impl From<CommandError> for Failure {
 fn command_status(e: &CommandError) -> StatusCode {
     match e {
         CommandError::UnknownService(_) => StatusCode::NOT_FOUND,
-        CommandError::Invalid(_) => StatusCode::UNPROCESSABLE_ENTITY,
+        CommandError::Rollback(e) if matches!(**e, RollbackError::Store(_)) => {
+            StatusCode::INTERNAL_SERVER_ERROR
+        }
+        CommandError::Noop { .. }
+        | CommandError::NothingCheckedOut(_)
+        | CommandError::Rollback(_) => StatusCode::UNPROCESSABLE_ENTITY,
+        CommandError::Store(_) => StatusCode::INTERNAL_SERVER_ERROR,
         CommandError::Unavailable => StatusCode::SERVICE_UNAVAILABLE,
     }
 }
@@ -1064,12 +1070,22 @@ mod tests {
     fn command_errors_map_to_statuses() {
         for (e, status) in [
             (CommandError::UnknownService("x".into()), 404),
-            (CommandError::Invalid("no such revision".into()), 422),
+            (CommandError::NothingCheckedOut("x".into()), 422),
+            (
+                CommandError::Rollback(std::sync::Arc::new(RollbackError::NoHead)),
+                422,
+            ),
+            (
+                CommandError::Rollback(std::sync::Arc::new(RollbackError::Store(
+                    crate::git::GitError::Cancelled { url: "u".into() },
+                ))),
+                500,
+            ),
             (CommandError::Unavailable, 503),
         ] {
             let f = Failure::from(e.clone());
             assert_eq!(f.status.as_u16(), status, "{e:?}");
-            assert_eq!(f.message, e.to_string());
+            assert_eq!(f.message, crate::error::chain(&e));
         }
     }
 

@@ -269,6 +269,26 @@ fn run_check(
     result
 }
 
+/// Why a rollback target cannot be used.
+#[derive(Debug, thiserror::Error)]
+pub enum RollbackError {
+    /// The store could not be opened or its history walked.
+    #[error(transparent)]
+    Store(GitError),
+    /// What the operator typed names no commit.
+    #[error("unknown revision {revision:?} in {url}")]
+    Unknown { revision: String, url: String },
+    /// Nothing was fetched yet.
+    #[error("the service has no branch head yet to roll back on")]
+    NoHead,
+    /// The upstream requires signatures and the target's does not hold.
+    #[error("refusing to roll back")]
+    Unverified(#[source] GitError),
+    /// The commit is not on the service's branch.
+    #[error("{revision:?} ({}) is not in the history of the service's branch", service::short(Some(*.target)))]
+    NotInHistory { revision: String, target: Oid },
+}
+
 /// Turns what an operator typed into a commit of the service's branch history.
 pub(super) fn resolve_in_history(
     stores: &std::path::Path,
@@ -276,27 +296,29 @@ pub(super) fn resolve_in_history(
     revision: &str,
     head: Option<Oid>,
     upstream: &config::UpstreamSettings,
-) -> Result<Oid, String> {
-    let store = Store::open_readonly(stores, url).map_err(|e| error::chain(&e))?;
+) -> Result<Oid, RollbackError> {
+    let store = Store::open_readonly(stores, url).map_err(RollbackError::Store)?;
     let target = store
         .resolve(revision)
-        .map_err(|_| format!("unknown revision {revision:?} in {}", git::redact_url(url)))?;
-    let head =
-        head.ok_or_else(|| "the service has no branch head yet to roll back on".to_owned())?;
+        .map_err(|_| RollbackError::Unknown {
+            revision: revision.to_owned(),
+            url: git::redact_url(url),
+        })?;
+    let head = head.ok_or(RollbackError::NoHead)?;
     match store.in_history(target, head) {
         Ok(true) if upstream.verifies() => {
             // A rollback target must be signed like any head: it is deployed as one.
             store
                 .verify_commit(target, &upstream.trust())
                 .map(|_| target)
-                .map_err(|e| format!("refusing to roll back: {}", error::Chain(&e)))
+                .map_err(RollbackError::Unverified)
         }
         Ok(true) => Ok(target),
-        Ok(false) => Err(format!(
-            "{revision:?} ({}) is not in the history of the service's branch",
-            service::short(Some(target))
-        )),
-        Err(e) => Err(error::chain(&e)),
+        Ok(false) => Err(RollbackError::NotInHistory {
+            revision: revision.to_owned(),
+            target,
+        }),
+        Err(e) => Err(RollbackError::Store(e)),
     }
 }
 

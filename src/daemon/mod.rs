@@ -36,6 +36,7 @@ mod scheduler;
 
 pub use commands::{Command, CommandError, Handle, Reply, Request, channel};
 pub use deploy::DeployError;
+pub use deploy::RollbackError;
 use deploy::{DeployJob, Kind, deploy_all};
 use fetch::Check;
 use persist::{load_state, persist};
@@ -216,7 +217,7 @@ enum Done {
     /// A rollback's revision, resolved in the store (or why not).
     Resolved {
         service: String,
-        result: Result<Oid, String>,
+        result: Result<Oid, deploy::RollbackError>,
         reply: oneshot::Sender<Result<Reply, CommandError>>,
     },
 }
@@ -764,7 +765,7 @@ impl Daemon {
                 reply,
             } => match result {
                 Err(e) => {
-                    let _ = reply.send(Err(CommandError::Invalid(e)));
+                    let _ = reply.send(Err(CommandError::Rollback(Arc::new(e))));
                 }
                 Ok(target) => {
                     let Some(url) = self

@@ -52,6 +52,7 @@ fn main() -> ExitCode {
         Ok(Some(outputs)) => outputs,
         Ok(None) => return ExitCode::SUCCESS,
         Err(e) => {
+            let e = plumb::error::chain(&e);
             // A typo must not take the running services' mounts and units away: the last config
             // plumb accepted stands in, and plumb.service's description says so.
             let accepted = config::accepted_path(&config_path);
@@ -61,7 +62,7 @@ fn main() -> ExitCode {
                         "{e}; generating from the last accepted config, {}",
                         accepted.display()
                     ));
-                    outputs.push(generator::refused(&e.to_string()));
+                    outputs.push(generator::refused(&e));
                     outputs
                 }
                 Ok(None) => {
@@ -71,6 +72,7 @@ fn main() -> ExitCode {
                     return ExitCode::SUCCESS;
                 }
                 Err(fallback) => {
+                    let fallback = plumb::error::chain(&fallback);
                     report(&format!(
                         "{e}; no plumb units generated (the last accepted config fails too: {fallback})"
                     ));

@@ -33,7 +33,7 @@ use tokio_util::sync::CancellationToken;
 use tracing::{error, info, warn};
 
 use crate::config::Config;
-use crate::daemon::{self, Command, CommandError, Reply};
+use crate::daemon::{self, Command, CommandError, Reply, RollbackError};
 use crate::listener;
 use crate::proto;
 
@@ -62,7 +62,7 @@ pub const AUDIT_STARTED: &str = "started";
 /// Why the API could not start or stopped. Requests never end the API: their errors are answers.
 #[derive(Debug, thiserror::Error)]
 pub enum ApiError {
-    #[error("cannot create the socket's directory {path}: {source}")]
+    #[error("cannot create the socket's directory {path}")]
     Directory {
         path: PathBuf,
         #[source]
@@ -72,19 +72,19 @@ pub enum ApiError {
     NotASocket { path: PathBuf },
     #[error("{path}: another process is listening on this socket (is plumb already running?)")]
     InUse { path: PathBuf },
-    #[error("cannot remove the stale socket {path}: {source}")]
+    #[error("cannot remove the stale socket {path}")]
     Stale {
         path: PathBuf,
         #[source]
         source: io::Error,
     },
-    #[error("cannot listen on {path}: {source}")]
+    #[error("cannot listen on {path}")]
     Bind {
         path: PathBuf,
         #[source]
         source: io::Error,
     },
-    #[error("cannot set owner and mode of {path}: {source}")]
+    #[error("cannot set owner and mode of {path}")]
     Permissions {
         path: PathBuf,
         #[source]
@@ -492,7 +492,7 @@ impl IntoResponse for Failure {
 
 impl From<CommandError> for Failure {
     fn from(e: CommandError) -> Failure {
-        Failure::new(command_status(&e), e.to_string())
+        Failure::new(command_status(&e), crate::error::chain(&e))
     }
 }
 
@@ -500,7 +500,13 @@ impl From<CommandError> for Failure {
 fn command_status(e: &CommandError) -> StatusCode {
     match e {
         CommandError::UnknownService(_) => StatusCode::NOT_FOUND,
-        CommandError::Invalid(_) => StatusCode::UNPROCESSABLE_ENTITY,
+        CommandError::Rollback(e) if matches!(**e, RollbackError::Store(_)) => {
+            StatusCode::INTERNAL_SERVER_ERROR
+        }
+        CommandError::Noop { .. }
+        | CommandError::NothingCheckedOut(_)
+        | CommandError::Rollback(_) => StatusCode::UNPROCESSABLE_ENTITY,
+        CommandError::Store(_) => StatusCode::INTERNAL_SERVER_ERROR,
         CommandError::Unavailable => StatusCode::SERVICE_UNAVAILABLE,
     }
 }
@@ -1104,12 +1110,22 @@ mod tests {
     fn command_errors_map_to_statuses() {
         for (e, status) in [
             (CommandError::UnknownService("x".into()), 404),
-            (CommandError::Invalid("no such revision".into()), 422),
+            (CommandError::NothingCheckedOut("x".into()), 422),
+            (
+                CommandError::Rollback(std::sync::Arc::new(RollbackError::NoHead)),
+                422,
+            ),
+            (
+                CommandError::Rollback(std::sync::Arc::new(RollbackError::Store(
+                    crate::git::GitError::Cancelled { url: "u".into() },
+                ))),
+                500,
+            ),
             (CommandError::Unavailable, 503),
         ] {
             let f = Failure::from(e.clone());
             assert_eq!(f.status.as_u16(), status, "{e:?}");
-            assert_eq!(f.message, e.to_string());
+            assert_eq!(f.message, crate::error::chain(&e));
         }
     }
 

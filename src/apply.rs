@@ -37,6 +37,7 @@ use serde::{Deserialize, Serialize};
 use tracing::{error, info, warn};
 
 use crate::config::{self, Action, Config, ConfigError};
+use crate::error::{self, Chain};
 use crate::exec;
 use crate::generator;
 use crate::git::{self, GitError, Oid, Store};
@@ -76,7 +77,7 @@ pub enum ApplyError {
     NotDeployed { service: String, path: PathBuf },
     #[error("{}: {text:?} is not a revision", path.display())]
     BadRevision { path: PathBuf, text: String },
-    #[error("{}: {action}: {source}", path.display())]
+    #[error("{}: {action}", path.display())]
     Io {
         path: PathBuf,
         action: &'static str,
@@ -86,7 +87,7 @@ pub enum ApplyError {
     /// systemd could not be reached at all.
     #[error(transparent)]
     Systemd(#[from] SystemdError),
-    #[error("cannot start the async runtime: {0}")]
+    #[error("cannot start the async runtime")]
     Runtime(#[source] io::Error),
 }
 
@@ -276,7 +277,7 @@ pub fn command(config_path: &Path, aliases: &[String], service: &str) -> ExitCod
             }
         }
         Err(e) => {
-            eprintln!("plumb apply {service}: {e}");
+            eprintln!("plumb apply {service}: {}", Chain(&e));
             ExitCode::FAILURE
         }
     }
@@ -378,7 +379,7 @@ impl Run<'_> {
             let since = SystemTime::now();
             self.systemd.daemon_reload().await.map_err(|e| Failure {
                 unit: self.unit.clone(),
-                message: e.to_string(),
+                message: error::chain(&e),
                 since,
             })?;
             notes.push(format!("daemon-reload ({why})"));
@@ -402,7 +403,7 @@ impl Run<'_> {
             message: format!("health: {message}"),
             since,
         };
-        let state = |s: Result<UnitState, SystemdError>| s.map_err(|e| fail(e.to_string()));
+        let state = |s: Result<UnitState, SystemdError>| s.map_err(|e| fail(error::chain(&e)));
         let before = state(self.systemd.unit_state(unit).await)?;
         tokio::time::sleep(health.settle).await;
         let after = state(self.systemd.unit_state(unit).await)?;
@@ -427,7 +428,7 @@ impl Run<'_> {
                 match exec::run_with(spec).await {
                     Ok(out) if out.success() => {}
                     Ok(out) => errors.push(format!("{command}: {}", out.failure(1))),
-                    Err(e) => errors.push(e.to_string()),
+                    Err(e) => errors.push(error::chain(&e)),
                 }
             }
             if let Some(url) = &health.url {
@@ -457,7 +458,7 @@ impl Run<'_> {
         let _lock = package_lock(self.layout).await.map_err(|e| {
             let failure = Failure {
                 unit: self.unit.clone(),
-                message: e.to_string(),
+                message: error::chain(&e),
                 since,
             };
             (failure, true)
@@ -470,7 +471,10 @@ impl Run<'_> {
                 self.systemd.daemon_reload().await.map_err(|e| {
                     let failure = Failure {
                         unit: self.unit.clone(),
-                        message: format!("installed package {package}, then daemon-reload: {e}"),
+                        message: format!(
+                            "installed package {package}, then daemon-reload: {}",
+                            Chain(&e)
+                        ),
                         since,
                     };
                     (failure, true)
@@ -481,7 +485,7 @@ impl Run<'_> {
                 let again = !matches!(e, pkg::PkgError::Unsupported { .. });
                 let failure = Failure {
                     unit: self.unit.clone(),
-                    message: e.to_string(),
+                    message: error::chain(&e),
                     since,
                 };
                 Err((failure, again))
@@ -528,7 +532,7 @@ impl Run<'_> {
             // Every deploy that replaces a bound file re-binds it: a mount unit's start limit
             // protects nothing here, and hitting it would fail the apply.
             if let Err(e) = self.systemd.reset_failed(&unit).await {
-                warn!(service = %self.svc.name, %unit, "reset-failed: {e}");
+                warn!(service = %self.svc.name, %unit, "reset-failed: {}", Chain(&e));
             }
             let mut restarted = self.systemd.restart(&unit).await;
             if !generated && restarted.as_ref().is_err_and(SystemdError::is_no_such_unit) {
@@ -538,13 +542,13 @@ impl Run<'_> {
                 self.systemd
                     .daemon_reload()
                     .await
-                    .map_err(|e| fail(e.to_string()))?;
+                    .map_err(|e| fail(error::chain(&e)))?;
                 restarted = self.systemd.restart(&unit).await;
             }
             match restarted {
                 Ok(JobResult::Done) => {}
                 Ok(result) => return Err(fail(format!("restart {unit}: job {result}"))),
-                Err(e) => return Err(fail(e.to_string())),
+                Err(e) => return Err(fail(error::chain(&e))),
             }
             match bound(&what, &dir.local) {
                 Ok(Bind::Bound) if generated => {
@@ -597,7 +601,7 @@ impl Run<'_> {
                 !units.is_empty()
             }
             Ok(Err(e)) => {
-                warn!(service = %self.svc.name, upstream = %git::redact_url(&self.svc.upstream), "cannot tell which files changed ({e}); reloading systemd to be safe");
+                warn!(service = %self.svc.name, upstream = %git::redact_url(&self.svc.upstream), "cannot tell which files changed ({}); reloading systemd to be safe", Chain(&e));
                 true
             }
             Err(e) => {
@@ -626,7 +630,7 @@ impl Run<'_> {
             )),
             Ok(_) => None,
             Err(e) => {
-                warn!(service = %self.svc.name, "cannot read the state of {}: {e}", self.unit);
+                warn!(service = %self.svc.name, "cannot read the state of {}: {}", self.unit, Chain(&e));
                 None
             }
         }
@@ -647,7 +651,7 @@ impl Run<'_> {
             .systemd
             .unit_state(unit)
             .await
-            .map_err(|e| fail(e.to_string()))?;
+            .map_err(|e| fail(error::chain(&e)))?;
         if state.load != "loaded" {
             return Err(fail(format!("{unit} cannot be used: it is {}", state.load)));
         }
@@ -673,9 +677,12 @@ impl Run<'_> {
         match job {
             Ok(JobResult::Done) => {}
             Ok(result) => return Err(fail(format!("{op} {unit}: job {result}"))),
-            Err(e) => return Err(fail(e.to_string())),
+            Err(e) => return Err(fail(error::chain(&e))),
         }
-        let state = self.settled(unit).await.map_err(|e| fail(e.to_string()))?;
+        let state = self
+            .settled(unit)
+            .await
+            .map_err(|e| fail(error::chain(&e)))?;
         if state.need_daemon_reload && self.svc.units_from_git() {
             Err(fail(format!(
                 "{op} {unit}: done, but its files changed again since systemd loaded them"
@@ -867,7 +874,7 @@ async fn journal(unit: &str, since: SystemTime) -> Vec<String> {
     match exec::run("journalctl", &["--sync"], JOURNALCTL_TIMEOUT).await {
         Ok(out) if out.success() => {}
         Ok(out) => warn!(unit, "journalctl --sync failed: {}", out.stderr.trim()),
-        Err(e) => warn!(unit, "cannot sync the journal: {e}"),
+        Err(e) => warn!(unit, "cannot sync the journal: {}", Chain(&e)),
     }
     let lines = JOURNAL_LINES.to_string();
     let base = ["-u", unit, "-n", lines.as_str(), "--no-pager", "-o", "cat"];
@@ -888,7 +895,7 @@ async fn journal(unit: &str, since: SystemTime) -> Vec<String> {
                 return Vec::new();
             }
             Err(e) => {
-                warn!(unit, "cannot read the journal: {e}");
+                warn!(unit, "cannot read the journal: {}", Chain(&e));
                 return Vec::new();
             }
         }

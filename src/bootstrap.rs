@@ -49,7 +49,7 @@ pub enum BootstrapError {
         "{path}: the service name {SELF:?} is plumb itself in bootstrap mode; rename the service"
     )]
     Reserved { path: PathBuf },
-    #[error("installing {path}: {source}")]
+    #[error("installing {path}")]
     Install {
         path: PathBuf,
         #[source]

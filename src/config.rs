@@ -52,7 +52,7 @@ pub const DEFAULT_READONLY_GROUP: &str = "plumb-ro";
 /// place in the text, its line and column.
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
-    #[error("{path}: cannot read: {source}")]
+    #[error("{path}: cannot read")]
     Read {
         path: PathBuf,
         #[source]

@@ -145,8 +145,8 @@ pub enum ListWhat {
 /// Why a machine gave no answer, or refused.
 #[derive(Debug, thiserror::Error)]
 pub enum CtlError {
-    /// The local socket could not be connected to.
-    #[error("cannot reach plumb at {}: {source}{hint}", socket.display())]
+    /// The local socket could not be connected to; `hint` says what to check, before the cause.
+    #[error("cannot reach plumb at {}{hint}", socket.display())]
     Connect {
         socket: PathBuf,
         hint: &'static str,
@@ -154,7 +154,7 @@ pub enum CtlError {
         source: std::io::Error,
     },
     /// The connection broke or timed out during the exchange.
-    #[error("talking to plumb at {}: {source}", socket.display())]
+    #[error("talking to plumb at {}", socket.display())]
     Io {
         socket: PathBuf,
         #[source]
@@ -170,7 +170,7 @@ pub enum CtlError {
     #[error("{0}")]
     Remote(String),
     /// No async runtime for the ssh children.
-    #[error("cannot start the runtime for ssh: {0}")]
+    #[error("cannot start the runtime for ssh")]
     Runtime(#[source] std::io::Error),
 }
 
@@ -663,7 +663,7 @@ async fn call_remote(settings: &Settings, host: &str, action: &Action) -> Result
     let (program, args) = ssh_command(settings, host, action);
     let output = exec::run(&program, &args, action.timeout() + SSH_GRACE)
         .await
-        .map_err(|e| CtlError::Remote(e.to_string()))?;
+        .map_err(|e| CtlError::Remote(crate::error::chain(&e)))?;
     parse_remote(action, &output)
 }
 
@@ -716,7 +716,7 @@ pub fn render_json(reports: &[Report]) -> String {
                 machine: r.machine.clone(),
                 ok: false,
                 result: None,
-                error: Some(e.to_string()),
+                error: Some(crate::error::chain(e)),
             },
         })
         .collect();
@@ -750,7 +750,9 @@ pub fn render_text(action: &Action, reports: &[Report], with_machine: bool, now:
     let mut shown: Vec<&Report> = Vec::new();
     for r in reports {
         match &r.outcome {
-            Err(e) if !with_machine => text.stderr.push_str(&format!("plumbctl: {e}\n")),
+            Err(e) if !with_machine => text
+                .stderr
+                .push_str(&format!("plumbctl: {}\n", crate::error::Chain(e))),
             _ => shown.push(r),
         }
     }
@@ -851,7 +853,7 @@ fn table_for(action: &Action, reports: &[&Report], now: u64) -> Table {
         match &r.outcome {
             Err(e) => rows.push((
                 machine,
-                error_row(header.len(), state_column, &e.to_string()),
+                error_row(header.len(), state_column, &crate::error::chain(e)),
             )),
             Ok(Body::Machines(m)) => {
                 for entry in &m.machines {
@@ -969,7 +971,7 @@ fn status_blocks(reports: &[&Report], with_machine: bool, now: u64) -> String {
             kv.push(("host", r.machine.clone()));
         }
         match &r.outcome {
-            Err(e) => kv.push(("error", e.to_string())),
+            Err(e) => kv.push(("error", crate::error::chain(e))),
             Ok(Body::Status(s)) => status_lines(s, now, &mut kv),
             Ok(_) => kv.push(("error", "unexpected answer".to_owned())),
         }

@@ -14,14 +14,14 @@ use std::time::Duration;
 #[derive(Debug, thiserror::Error)]
 pub enum ExecError {
     /// The program could not be started (missing, not executable, ...).
-    #[error("cannot run {program}: {source}")]
+    #[error("cannot run {program}")]
     Spawn {
         program: String,
         #[source]
         source: std::io::Error,
     },
     /// Reading the child's output or waiting for it failed.
-    #[error("{program}: {source}")]
+    #[error("{program}")]
     Wait {
         program: String,
         #[source]
@@ -441,8 +441,8 @@ mod tests {
         .await
         .unwrap_err();
         assert!(
-            err.to_string()
-                .starts_with("cannot run /nonexistent/plumb-helper:"),
+            crate::error::chain(&err)
+                .starts_with("cannot run /nonexistent/plumb-helper: No such file"),
             "{err}"
         );
     }

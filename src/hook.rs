@@ -6,6 +6,9 @@
 //! hook within a second of the last one is answered at once and its fetch deferred to the end of
 //! that second (several such hooks share it), so a flood cannot turn into a flood of fetches and a
 //! burst of pushes never loses its last one. Answers at once; the fetch runs in the daemon's loop.
+//! Signatures are checked with the `hmac` crate (`verify_slice`, constant time) on hex decoded by
+//! the `hex` crate. Every request is counted in `plumb_webhook_total` by its [`RESULTS`], a body
+//! too large to read (413) included.
 
 use std::collections::VecDeque;
 use std::sync::{Arc, Mutex};
@@ -13,6 +16,7 @@ use std::time::{Duration, Instant};
 
 use axum::body::Bytes;
 use axum::extract::State;
+use axum::extract::rejection::BytesRejection;
 use axum::http::{HeaderMap, StatusCode};
 use hmac::{Hmac, Mac};
 use sha2::Sha256;
@@ -28,7 +32,21 @@ pub enum HookError {
     BadSignature,
     #[error("delivery {0} was seen before")]
     Replayed(String),
+    /// The body was refused before it was read: larger than the listener takes (413), or cut off.
+    #[error("{0}")]
+    Body(String, StatusCode),
 }
+
+/// Every `result` label of `plumb_webhook_total`, each exported from the start at 0.
+pub const RESULTS: [&str; 7] = [
+    "ok",
+    "deferred",
+    "unsigned",
+    "bad_signature",
+    "replayed",
+    "too_large",
+    "unreadable",
+];
 
 /// What an accepted hook does.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -56,6 +74,7 @@ impl HookError {
         match self {
             HookError::Unsigned | HookError::BadSignature => StatusCode::UNAUTHORIZED,
             HookError::Replayed(_) => StatusCode::CONFLICT,
+            HookError::Body(_, status) => *status,
         }
     }
 
@@ -65,6 +84,8 @@ impl HookError {
             HookError::Unsigned => "unsigned",
             HookError::BadSignature => "bad_signature",
             HookError::Replayed(_) => "replayed",
+            HookError::Body(_, StatusCode::PAYLOAD_TOO_LARGE) => "too_large",
+            HookError::Body(..) => "unreadable",
         }
     }
 }
@@ -80,37 +101,36 @@ pub fn verify(headers: &HeaderMap, body: &[u8], secret: &str) -> Result<Option<S
     .iter()
     .find_map(|h| header(h))
     .map(str::to_owned);
-    if let Some(token) = header("x-gitlab-token") {
-        return constant_time_eq(token.as_bytes(), secret.as_bytes())
-            .then_some(delivery)
-            .ok_or(HookError::BadSignature);
-    }
-    let hex = match (header("x-hub-signature-256"), header("x-gitea-signature")) {
-        (Some(sig), _) => sig.strip_prefix("sha256=").ok_or(HookError::BadSignature)?,
-        (None, Some(sig)) => sig,
-        (None, None) => return Err(HookError::Unsigned),
+    let (mac, given) = if let Some(token) = header("x-gitlab-token") {
+        // GitLab sends the secret itself. Comparing the HMACs of both under the secret makes the
+        // comparison `verify_slice`'s constant-time one, and hides the secret's length too.
+        (
+            hmac(secret, token.as_bytes()),
+            hmac(secret, secret.as_bytes())
+                .finalize()
+                .into_bytes()
+                .to_vec(),
+        )
+    } else {
+        let hex = match (header("x-hub-signature-256"), header("x-gitea-signature")) {
+            (Some(sig), _) => sig.strip_prefix("sha256=").ok_or(HookError::BadSignature)?,
+            (None, Some(sig)) => sig,
+            (None, None) => return Err(HookError::Unsigned),
+        };
+        let given = hex::decode(hex).map_err(|_| HookError::BadSignature)?;
+        (hmac(secret, body), given)
     };
-    let given = decode_hex(hex).ok_or(HookError::BadSignature)?;
-    let mut mac =
-        Hmac::<Sha256>::new_from_slice(secret.as_bytes()).map_err(|_| HookError::BadSignature)?;
-    mac.update(body);
     mac.verify_slice(&given)
         .map(|()| delivery)
         .map_err(|_| HookError::BadSignature)
 }
 
-fn decode_hex(s: &str) -> Option<Vec<u8>> {
-    if !s.len().is_multiple_of(2) {
-        return None;
-    }
-    (0..s.len())
-        .step_by(2)
-        .map(|i| u8::from_str_radix(s.get(i..i + 2)?, 16).ok())
-        .collect()
-}
-
-fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
-    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+/// HMAC-SHA256 of `data` under `secret`, ready to verify or finalize.
+fn hmac(secret: &str, data: &[u8]) -> Hmac<Sha256> {
+    // HMAC takes a key of any length: `new_from_slice` cannot fail for it.
+    let mut mac = Hmac::<Sha256>::new_from_slice(secret.as_bytes()).expect("HMAC takes any key");
+    mac.update(data);
+    mac
 }
 
 /// The webhook's state: secret, recent deliveries, the rate limit, the way into the daemon.
@@ -145,6 +165,9 @@ impl Hook {
         handle: Handle,
         metrics: Option<Arc<crate::metrics::Metrics>>,
     ) -> Arc<Hook> {
+        if let Some(m) = &metrics {
+            m.hook_results(&RESULTS);
+        }
         Arc::new(Hook {
             secret,
             handle,
@@ -244,13 +267,16 @@ pub fn repositories(body: &[u8]) -> Vec<String> {
     urls
 }
 
-/// `POST /v1/hooks/push`.
+/// `POST /v1/hooks/push`. The body comes as a `Result` so that one refused before it is read (over
+/// axum's default limit of 2 MiB: 413) is counted as every other answer is.
 pub async fn push(
     State(hook): State<Arc<Hook>>,
     headers: HeaderMap,
-    body: Bytes,
+    body: Result<Bytes, BytesRejection>,
 ) -> (StatusCode, String) {
-    let result = hook.admit(&headers, &body, Instant::now());
+    let result = body
+        .map_err(|e| HookError::Body(e.body_text(), e.status()))
+        .and_then(|body| hook.admit(&headers, &body, Instant::now()));
     if let Some(m) = &hook.metrics {
         m.hook(match &result {
             Ok((a, _)) => a.label(),
@@ -306,12 +332,7 @@ mod tests {
         let secret = "0123456789abcdef";
         let mut mac = Hmac::<Sha256>::new_from_slice(secret.as_bytes()).unwrap();
         mac.update(b"{}");
-        let good: String = mac
-            .finalize()
-            .into_bytes()
-            .iter()
-            .map(|b| format!("{b:02x}"))
-            .collect();
+        let good = hex::encode(mac.finalize().into_bytes());
         let mut bad = good.clone().into_bytes();
         bad[0] = if bad[0] == b'0' { b'1' } else { b'0' };
         let bad = String::from_utf8(bad).unwrap();
@@ -338,6 +359,15 @@ mod tests {
         );
         let odd = headers(&[("x-hub-signature-256", "sha256=abc")]);
         assert_eq!(verify(&odd, b"{}", secret), Err(HookError::BadSignature));
+        let not_hex = headers(&[("x-gitea-signature", &good.replace(|_| true, "z"))]);
+        assert_eq!(
+            verify(&not_hex, b"{}", secret),
+            Err(HookError::BadSignature)
+        );
+        let short = headers(&[("x-gitea-signature", &good[..62])]);
+        assert_eq!(verify(&short, b"{}", secret), Err(HookError::BadSignature));
+        let prefix = headers(&[("x-gitlab-token", &secret[..15])]);
+        assert_eq!(verify(&prefix, b"{}", secret), Err(HookError::BadSignature));
     }
 
     #[test]

@@ -12,6 +12,7 @@ pub mod config;
 pub mod ctl;
 pub mod daemon;
 pub mod docs;
+pub mod error;
 pub mod exec;
 pub mod generator;
 pub mod git;

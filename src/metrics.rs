@@ -34,9 +34,24 @@ pub struct Metrics {
     webhook_total: IntCounterVec,
     refused_total: IntCounterVec,
     config_ok: IntGauge,
-    /// The hash series each service has now, so the old one can be removed.
-    hashes: Mutex<HashMap<String, (String, String)>>,
+    /// The services seen, each with the hash series it has now (machine, hash), so the old one
+    /// can be removed.
+    services: Mutex<HashMap<String, Option<(String, String)>>>,
 }
+
+/// The `result`s of `plumb_apply_total`.
+const APPLY_RESULTS: [&str; 2] = ["ok", "error"];
+
+/// The `reason`s of `plumb_refused_total`: every [`service::Refusal::reason`], and `health` for
+/// an automatic rollback.
+pub const REFUSAL_REASONS: [&str; 6] = [
+    "check",
+    "hostile",
+    "signature",
+    "history",
+    "known",
+    "health",
+];
 
 impl std::fmt::Debug for Metrics {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -113,7 +128,7 @@ impl Metrics {
                 &["service", "state"],
             ),
             change_time: float(
-                "plumb_service_change_time_seconds",
+                "plumb_service_change_timestamp_seconds",
                 "When the deployed revision last changed (unix time).",
                 &["service"],
             ),
@@ -154,7 +169,7 @@ impl Metrics {
             ),
             webhook_total: counter(
                 "plumb_webhook_total",
-                "Push webhooks received, by result (ok, deferred, unsigned, bad_signature, replayed).",
+                "Push webhooks received, by result (ok, deferred, unsigned, bad_signature, replayed, too_large, unreadable).",
                 &["result"],
             ),
             refused_total: counter(
@@ -163,29 +178,37 @@ impl Metrics {
                 &["service", "reason"],
             ),
             fetch_duration,
-            hashes: Mutex::new(HashMap::new()),
+            services: Mutex::new(HashMap::new()),
             registry,
         })
     }
 
-    /// Brings one service's series in line with its state.
+    /// Brings one service's series in line with its state. A service seen for the first time
+    /// gets its counters at 0, so a query over them has a series before the first apply or
+    /// refusal (`increase` needs one).
     pub fn service(&self, name: &str, machine: &str, s: &service::Service, behind: Option<u64>) {
-        let mut hashes = self.hashes.lock().unwrap_or_else(|e| e.into_inner());
+        let mut services = self.services.lock().unwrap_or_else(|e| e.into_inner());
         let now = s.deployed().map(|d| (machine.to_owned(), d.to_string()));
-        let before = hashes.get(name).cloned();
-        if before != now {
-            if let Some((m, h)) = before {
+        let before = match services.get_mut(name) {
+            Some(hash) => hash,
+            None => {
+                for result in APPLY_RESULTS {
+                    self.apply_total.with_label_values(&[name, result]);
+                }
+                for reason in REFUSAL_REASONS {
+                    self.refused_total.with_label_values(&[name, reason]);
+                }
+                services.entry(name.to_owned()).or_default()
+            }
+        };
+        if *before != now {
+            if let Some((m, h)) = before.take() {
                 let _ = self.hash.remove_label_values(&[name, &m, &h]);
             }
-            match &now {
-                Some((m, h)) => {
-                    self.hash.with_label_values(&[name, m, h]).set(1);
-                    hashes.insert(name.to_owned(), (m.clone(), h.clone()));
-                }
-                None => {
-                    hashes.remove(name);
-                }
+            if let Some((m, h)) = &now {
+                self.hash.with_label_values(&[name, m, h]).set(1);
             }
+            *before = now;
         }
         for state in State::ALL {
             self.state
@@ -217,9 +240,15 @@ impl Metrics {
 
     /// Forgets a service that is no longer configured here.
     pub fn forget(&self, name: &str) {
-        let mut hashes = self.hashes.lock().unwrap_or_else(|e| e.into_inner());
-        if let Some((m, h)) = hashes.remove(name) {
+        let mut services = self.services.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(Some((m, h))) = services.remove(name) {
             let _ = self.hash.remove_label_values(&[name, &m, &h]);
+        }
+        for result in APPLY_RESULTS {
+            let _ = self.apply_total.remove_label_values(&[name, result]);
+        }
+        for reason in REFUSAL_REASONS {
+            let _ = self.refused_total.remove_label_values(&[name, reason]);
         }
         for state in State::ALL {
             let _ = self.state.remove_label_values(&[name, state.as_str()]);
@@ -257,6 +286,13 @@ impl Metrics {
         self.config_ok.set(i64::from(ok));
     }
 
+    /// Gives `plumb_webhook_total` its `results` at 0: the webhook is on.
+    pub fn hook_results(&self, results: &[&str]) {
+        for result in results {
+            self.webhook_total.with_label_values(&[result]);
+        }
+    }
+
     /// One push webhook's fate.
     pub fn hook(&self, result: &str) {
         self.webhook_total.with_label_values(&[result]).inc();
@@ -268,8 +304,7 @@ impl Metrics {
         self.apply_total.with_label_values(&[service, result]).inc();
     }
 
-    /// A head or revision the service did not keep; `reason` is [`service::Refusal::reason`] or
-    /// `health` for an automatic rollback.
+    /// A head or revision the service did not keep; `reason` is one of [`REFUSAL_REASONS`].
     pub fn refused(&self, service: &str, reason: &str) {
         self.refused_total
             .with_label_values(&[service, reason])
@@ -367,7 +402,59 @@ mod tests {
             "{text}"
         );
         assert!(text.contains("plumb_build_info{version="), "{text}");
+        // Times of day follow Prometheus' naming, `*_timestamp_seconds`, every one of them.
+        let times: Vec<&str> = text
+            .lines()
+            .filter_map(|l| l.strip_prefix("# HELP "))
+            .filter(|l| l.contains("(unix time)"))
+            .map(|l| l.split(' ').next().unwrap_or(l))
+            .collect();
+        assert_eq!(times.len(), 2, "{text}");
+        for name in times {
+            assert!(name.ends_with("_timestamp_seconds"), "{name}");
+        }
         m.forget("nginx");
         assert!(!m.render().contains("service=\"nginx\""));
+    }
+
+    #[test]
+    fn counters_are_at_zero_before_their_first_event() {
+        let m = Metrics::new();
+        m.service("nginx", "web1", &deployed(1), None);
+        let text = m.render();
+        for line in [
+            "plumb_apply_total{result=\"ok\",service=\"nginx\"} 0",
+            "plumb_apply_total{result=\"error\",service=\"nginx\"} 0",
+            "plumb_refused_total{reason=\"check\",service=\"nginx\"} 0",
+            "plumb_refused_total{reason=\"health\",service=\"nginx\"} 0",
+        ] {
+            assert!(text.contains(line), "{line} in\n{text}");
+        }
+        m.applied("nginx", false);
+        m.service("nginx", "web1", &deployed(1), None);
+        assert!(
+            m.render()
+                .contains("plumb_apply_total{result=\"error\",service=\"nginx\"} 1"),
+            "seeing the service again leaves its counters alone"
+        );
+        // Every reason a refusal is counted under is one exported at 0.
+        for why in [
+            service::Refusal::Check(String::new()),
+            service::Refusal::Hostile(String::new()),
+            service::Refusal::Unverified(String::new()),
+            service::Refusal::Rewritten(String::new()),
+            service::Refusal::Known,
+        ] {
+            assert!(REFUSAL_REASONS.contains(&why.reason()), "{why:?}");
+        }
+        assert!(
+            !text.contains("plumb_webhook_total{"),
+            "no webhook, no series"
+        );
+        m.hook_results(&["ok", "too_large"]);
+        assert!(
+            m.render()
+                .contains("plumb_webhook_total{result=\"too_large\"} 0")
+        );
     }
 }

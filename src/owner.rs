@@ -24,14 +24,14 @@ pub enum OwnerError {
     #[error("user {user:?}: no such user")]
     UnknownUser { user: String },
     /// The user database could not be read.
-    #[error("user {user:?}: looking it up: {source}")]
+    #[error("user {user:?}: looking it up")]
     Lookup {
         user: String,
         #[source]
         source: nix::Error,
     },
     /// A file of the tree could not be read or given to the user.
-    #[error("giving {} to user {user:?}: {action}: {source}", .path.display())]
+    #[error("giving {} to user {user:?}: {action}", .path.display())]
     Chown {
         user: String,
         path: PathBuf,

@@ -37,7 +37,7 @@ pub enum PkgError {
         manager: &'static str,
         detail: String,
     },
-    #[error("package {package}: {source}")]
+    #[error("package {package}")]
     Exec {
         package: String,
         #[source]

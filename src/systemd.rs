@@ -1,13 +1,14 @@
 //! A small typed client for systemd's manager over D-Bus (`org.freedesktop.systemd1`).
 //!
-//! plumb never runs `systemctl`: it asks the manager directly, so every answer is structured and
-//! no process is spawned per reload. What this client adds over raw D-Bus calls is waiting for
-//! jobs correctly: `StartUnit`, `ReloadUnit` and friends only *queue* a job and return its object
-//! path; the outcome comes later, in a `JobRemoved(id, job, unit, result)` signal. That signal can
-//! reach the client before the method's reply (the job may finish first), so every job operation
+//! plumb never runs `systemctl`: it asks the manager directly, through `#[zbus::proxy]` traits for
+//! the manager, units and services, so every call and answer is typed and no process is spawned
+//! per reload. What this client adds over the calls is waiting for jobs correctly: `StartUnit`,
+//! `ReloadUnit` and friends only *queue* a job and return its object path; the outcome comes
+//! later, in a `JobRemoved(id, job, unit, result)` signal. That signal can reach the client before
+//! the method's reply (the job may finish first), so every job operation
 //!
 //! 1. has the bus deliver `JobRemoved` to this connection (`Subscribe` once per connection, plus a
-//!    match rule per operation), *before* the method is called;
+//!    signal stream per operation), *before* the method is called;
 //! 2. keeps every `JobRemoved` seen while the call is in flight (the stream is read concurrently
 //!    with the call, so a burst of other jobs' signals can neither be lost nor stall the reply);
 //! 3. once the reply names the job, takes its result from what was kept, or waits for it with a
@@ -17,42 +18,178 @@
 //! `invalid`, a failed `ExecReload=` with `failed`. Those come back as [`JobResult`]; errors are
 //! for calls systemd refused (no such unit, job type not applicable) and for a lost connection.
 
-use std::collections::HashMap;
 use std::fmt;
-use std::num::NonZeroUsize;
 use std::time::Duration;
 
 use futures_util::StreamExt;
-use zbus::message::Type as MessageType;
-use zbus::{Connection, MatchRule, MessageStream, OwnedObjectPath, OwnedVariant};
+use zbus::proxy::CacheProperties;
+use zbus::{Connection, OwnedObjectPath};
 
-const DESTINATION: &str = "org.freedesktop.systemd1";
-const MANAGER_PATH: &str = "/org/freedesktop/systemd1";
-const MANAGER: &str = "org.freedesktop.systemd1.Manager";
-const UNIT: &str = "org.freedesktop.systemd1.Unit";
-const SERVICE: &str = "org.freedesktop.systemd1.Service";
-const PROPERTIES: &str = "org.freedesktop.DBus.Properties";
+/// The manager's interface (`org.freedesktop.systemd1.Manager`), as much of it as plumb uses.
+#[zbus::proxy(
+    interface = "org.freedesktop.systemd1.Manager",
+    default_service = "org.freedesktop.systemd1",
+    default_path = "/org/freedesktop/systemd1"
+)]
+trait Manager {
+    /// Makes systemd emit its signals to this connection until it closes.
+    fn subscribe(&self) -> zbus::Result<()>;
+
+    /// `systemctl daemon-reload`; the reply comes once the reload is done.
+    fn reload(&self) -> zbus::Result<()>;
+
+    /// `systemctl reset-failed UNIT`.
+    fn reset_failed_unit(&self, name: &str) -> zbus::Result<()>;
+
+    /// The loaded units matching `patterns` (and `states`, when not empty): name, description,
+    /// load state, active state, sub state, followed unit, object path, job id, job type, job path.
+    #[allow(clippy::type_complexity)]
+    fn list_units_by_patterns(
+        &self,
+        states: &[&str],
+        patterns: &[&str],
+    ) -> zbus::Result<
+        Vec<(
+            String,
+            String,
+            String,
+            String,
+            String,
+            String,
+            OwnedObjectPath,
+            u32,
+            String,
+            OwnedObjectPath,
+        )>,
+    >;
+
+    /// The unit's object path, loading it first if needed.
+    fn load_unit(&self, name: &str) -> zbus::Result<OwnedObjectPath>;
+
+    /// Queues a start job; returns the job's path.
+    fn start_unit(&self, name: &str, mode: &str) -> zbus::Result<OwnedObjectPath>;
+
+    /// Queues a restart job; returns the job's path.
+    fn restart_unit(&self, name: &str, mode: &str) -> zbus::Result<OwnedObjectPath>;
+
+    /// Queues a reload job; returns the job's path.
+    fn reload_unit(&self, name: &str, mode: &str) -> zbus::Result<OwnedObjectPath>;
+
+    /// Queues a reload, or a restart for a unit that cannot reload; returns the job's path.
+    fn reload_or_restart_unit(&self, name: &str, mode: &str) -> zbus::Result<OwnedObjectPath>;
+
+    /// Queues a stop job; returns the job's path.
+    fn stop_unit(&self, name: &str, mode: &str) -> zbus::Result<OwnedObjectPath>;
+
+    /// A job ended: its id, path, unit and result (`done`, `failed`, ...).
+    #[zbus(signal)]
+    fn job_removed(
+        &self,
+        id: u32,
+        job: OwnedObjectPath,
+        unit: String,
+        result: String,
+    ) -> zbus::Result<()>;
+
+    /// A daemon-reload began (`true`) or ended (`false`).
+    #[zbus(signal)]
+    fn reloading(&self, active: bool) -> zbus::Result<()>;
+}
+
+/// A unit's interface (`org.freedesktop.systemd1.Unit`) at the path [`ManagerProxy::load_unit`]
+/// gives: the states `systemctl status` shows.
+#[zbus::proxy(
+    interface = "org.freedesktop.systemd1.Unit",
+    default_service = "org.freedesktop.systemd1"
+)]
+trait Unit {
+    /// `loaded`, `not-found`, `masked`, ...
+    #[zbus(property)]
+    fn load_state(&self) -> zbus::Result<String>;
+
+    /// `active`, `inactive`, `failed`, ...
+    #[zbus(property)]
+    fn active_state(&self) -> zbus::Result<String>;
+
+    /// The unit type's own state: `running`, `dead`, `mounted`, ...
+    #[zbus(property)]
+    fn sub_state(&self) -> zbus::Result<String>;
+
+    /// When the unit last entered `active`, in microseconds of `CLOCK_MONOTONIC`.
+    #[zbus(property)]
+    fn active_enter_timestamp_monotonic(&self) -> zbus::Result<u64>;
+
+    /// The unit's files changed since systemd loaded them.
+    #[zbus(property)]
+    fn need_daemon_reload(&self) -> zbus::Result<bool>;
+}
+
+/// A service unit's own interface (`org.freedesktop.systemd1.Service`).
+#[zbus::proxy(
+    interface = "org.freedesktop.systemd1.Service",
+    default_service = "org.freedesktop.systemd1"
+)]
+trait Service {
+    /// The main process, 0 when there is none.
+    #[zbus(property(emits_changed_signal = "false"), name = "MainPID")]
+    fn main_pid(&self) -> zbus::Result<u32>;
+}
+
+/// The jobs plumb queues, each one method of the manager.
+#[derive(Debug, Clone, Copy)]
+enum Job {
+    Start,
+    Restart,
+    Reload,
+    ReloadOrRestart,
+    Stop,
+}
+
+impl Job {
+    /// The operation as errors name it (`systemctl`'s verb).
+    fn op(self) -> &'static str {
+        match self {
+            Job::Start => "start",
+            Job::Restart => "restart",
+            Job::Reload => "reload",
+            Job::ReloadOrRestart => "reload-or-restart",
+            Job::Stop => "stop",
+        }
+    }
+
+    /// Queues the job for `unit`, replacing a conflicting one; returns the job's path.
+    async fn queue(self, manager: &ManagerProxy<'_>, unit: &str) -> zbus::Result<OwnedObjectPath> {
+        const MODE: &str = "replace";
+        match self {
+            Job::Start => manager.start_unit(unit, MODE).await,
+            Job::Restart => manager.restart_unit(unit, MODE).await,
+            Job::Reload => manager.reload_unit(unit, MODE).await,
+            Job::ReloadOrRestart => manager.reload_or_restart_unit(unit, MODE).await,
+            Job::Stop => manager.stop_unit(unit, MODE).await,
+        }
+    }
+}
 
 /// How long a job may take before [`Systemd`] stops waiting for it, unless set otherwise with
 /// [`Systemd::with_job_timeout`]. A restart is a stop plus a start, each allowed 90 s by systemd's
 /// defaults; this leaves room for both.
 pub const DEFAULT_JOB_TIMEOUT: Duration = Duration::from_secs(200);
 
-/// What went wrong talking to systemd. Each names the operation and, when there is one, the unit,
-/// so its `Display` alone tells an operator what failed, e.g.
+/// What went wrong talking to systemd. Each names the operation and, when there is one, the unit;
+/// the cause is its `source`, so [`crate::error::Chain`] tells an operator what failed, e.g.
 /// `reload nginx.service: org.freedesktop.systemd1.JobTypeNotApplicable: Job type reload is not
 /// applicable for unit nginx.service.`
 #[derive(Debug, thiserror::Error)]
 pub enum SystemdError {
     /// The bus could not be reached, or systemd refused the subscription to its signals.
-    #[error("cannot connect to systemd on {address}: {source}")]
+    #[error("cannot connect to systemd on {address}")]
     Connect {
         address: String,
         #[source]
         source: zbus::Error,
     },
     /// A call was refused or failed on the wire.
-    #[error("{op}{}: {source}", unit_suffix(unit))]
+    #[error("{op}{}", unit_suffix(unit))]
     Call {
         op: &'static str,
         unit: Option<String>,
@@ -206,28 +343,22 @@ impl fmt::Display for UnitState {
 /// operation may run concurrently with others on the same client.
 #[derive(Debug, Clone)]
 pub struct Systemd {
-    conn: Connection,
+    manager: ManagerProxy<'static>,
     job_timeout: Duration,
-}
-
-/// A `JobRemoved` signal's arguments.
-#[derive(Debug, Clone)]
-struct JobRemoved {
-    job: OwnedObjectPath,
-    result: String,
 }
 
 impl Systemd {
     /// Connects to systemd on the system bus (where `systemctl` finds it too).
     pub async fn system() -> Result<Systemd, SystemdError> {
+        let connect = |source| SystemdError::Connect {
+            address: "the system bus".into(),
+            source,
+        };
         let conn = zbus::connection::Builder::system()
             .method_timeout(DEFAULT_JOB_TIMEOUT)
             .build()
             .await
-            .map_err(|source| SystemdError::Connect {
-                address: "the system bus".into(),
-                source,
-            })?;
+            .map_err(connect)?;
         Systemd::subscribe(conn, "the system bus").await
     }
 
@@ -249,20 +380,19 @@ impl Systemd {
     /// Asks systemd to send its signals (it only emits `JobRemoved` once a client subscribed;
     /// the subscription ends when this connection does).
     async fn subscribe(conn: Connection, address: &str) -> Result<Systemd, SystemdError> {
-        conn.call_method(
-            Some(DESTINATION),
-            MANAGER_PATH,
-            Some(MANAGER),
-            "Subscribe",
-            &(),
-        )
-        .await
-        .map_err(|source| SystemdError::Connect {
+        let connect = |source| SystemdError::Connect {
             address: address.to_owned(),
             source,
-        })?;
+        };
+        // The manager's properties are never read: no cache, so no PropertiesChanged to follow.
+        let manager = ManagerProxy::builder(&conn)
+            .cache_properties(CacheProperties::No)
+            .build()
+            .await
+            .map_err(connect)?;
+        manager.subscribe().await.map_err(connect)?;
         Ok(Systemd {
-            conn,
+            manager,
             job_timeout: DEFAULT_JOB_TIMEOUT,
         })
     }
@@ -277,8 +407,10 @@ impl Systemd {
     /// Re-reads every unit file and re-runs the generators (`systemctl daemon-reload`). Returns
     /// when systemd has finished: the reply to `Reload` comes after the reload.
     pub async fn daemon_reload(&self) -> Result<(), SystemdError> {
-        self.manager("daemon-reload", None, "Reload", &()).await?;
-        Ok(())
+        self.manager
+            .reload()
+            .await
+            .map_err(|source| call_error("daemon-reload", None, source))
     }
 
     /// Clears `unit`'s failed state and its start rate counter (`systemctl reset-failed`), so a
@@ -286,11 +418,13 @@ impl Systemd {
     /// is not loaded has nothing to clear, which is not an error.
     pub async fn reset_failed(&self, unit: &str) -> Result<(), SystemdError> {
         match self
-            .manager("reset-failed", Some(unit), "ResetFailedUnit", &(unit,))
+            .manager
+            .reset_failed_unit(unit)
             .await
+            .map_err(|source| call_error("reset-failed", Some(unit), source))
         {
             Err(e) if e.is_no_such_unit() => Ok(()),
-            other => other.map(|_| ()),
+            other => other,
         }
     }
 
@@ -300,27 +434,11 @@ impl Systemd {
         &self,
         pattern: &str,
     ) -> Result<Vec<(String, String)>, SystemdError> {
-        let op = "list units";
-        let states: &[&str] = &[];
-        let reply = self
-            .manager(op, None, "ListUnitsByPatterns", &(states, &[pattern][..]))
-            .await?;
-        type Listed = (
-            String,
-            String,
-            String,
-            String,
-            String,
-            String,
-            OwnedObjectPath,
-            u32,
-            String,
-            OwnedObjectPath,
-        );
-        let units: Vec<Listed> = reply
-            .body()
-            .deserialize()
-            .map_err(|source| call_error(op, None, source))?;
+        let units = self
+            .manager
+            .list_units_by_patterns(&[], &[pattern])
+            .await
+            .map_err(|source| call_error("list units", None, source))?;
         Ok(units
             .into_iter()
             .map(|(name, _, _, active, ..)| (name, active))
@@ -332,194 +450,100 @@ impl Systemd {
     pub async fn reloads(
         &self,
     ) -> Result<impl futures_util::Stream<Item = ()> + use<>, SystemdError> {
-        let err = |source| call_error("watch daemon-reloads", None, source);
-        let rule = MatchRule::builder()
-            .msg_type(MessageType::Signal)
-            .sender(DESTINATION)
-            .path(MANAGER_PATH)
-            .interface(MANAGER)
-            .member("Reloading")
-            .build()
-            .map_err(err)?;
-        let signals = MessageStream::for_match_rule(rule, &self.conn, NonZeroUsize::new(16))
+        let signals = self
+            .manager
+            .receive_reloading()
             .await
-            .map_err(err)?;
-        Ok(signals.filter_map(|msg| async move {
-            let active: bool = msg.ok()?.body().deserialize().ok()?;
+            .map_err(|source| call_error("watch daemon-reloads", None, source))?;
+        Ok(signals.filter_map(|signal| async move {
+            let active = signal.args().ok()?.active;
             (!active).then_some(())
         }))
     }
 
     /// Starts `unit` and waits for the job's result (`done` when it was already running).
     pub async fn start(&self, unit: &str) -> Result<JobResult, SystemdError> {
-        self.job("start", "StartUnit", unit).await
+        self.job(Job::Start, unit).await
     }
 
     /// Stops `unit` if it runs, and starts it, waiting for the job's result.
     pub async fn restart(&self, unit: &str) -> Result<JobResult, SystemdError> {
-        self.job("restart", "RestartUnit", unit).await
+        self.job(Job::Restart, unit).await
     }
 
     /// Reloads `unit` (its `ExecReload=`), waiting for the job's result: `invalid` when the unit is
     /// not running; an error when it has no way to reload.
     pub async fn reload(&self, unit: &str) -> Result<JobResult, SystemdError> {
-        self.job("reload", "ReloadUnit", unit).await
+        self.job(Job::Reload, unit).await
     }
 
     /// Reloads `unit` when it can, restarts it otherwise (starting it when stopped), waiting for
     /// the job's result.
     pub async fn reload_or_restart(&self, unit: &str) -> Result<JobResult, SystemdError> {
-        self.job("reload-or-restart", "ReloadOrRestartUnit", unit)
-            .await
+        self.job(Job::ReloadOrRestart, unit).await
     }
 
     /// Stops `unit`, waiting for the job's result.
     pub async fn stop(&self, unit: &str) -> Result<JobResult, SystemdError> {
-        self.job("stop", "StopUnit", unit).await
+        self.job(Job::Stop, unit).await
     }
 
     /// The unit's load, active and sub state. Loads the unit if systemd has not yet (a name no
     /// file defines comes back as `not-found`, not as an error).
     pub async fn unit_state(&self, unit: &str) -> Result<UnitState, SystemdError> {
-        let op = "read the state of";
-        let path = self.load_unit(op, unit).await?;
-        let reply = self
-            .call(op, Some(unit), &path, PROPERTIES, "GetAll", &(UNIT,))
-            .await?;
-        let props: HashMap<String, OwnedVariant> = reply
-            .body()
-            .deserialize()
-            .map_err(|source| call_error(op, Some(unit), source))?;
-        let text = |name: &str| -> Result<String, SystemdError> {
-            let value = props.get(name).ok_or_else(|| {
-                call_error(
-                    op,
-                    Some(unit),
-                    zbus::Error::Failure(format!("no property {name}")),
-                )
-            })?;
-            String::try_from(
-                value
-                    .try_clone()
-                    .map_err(|e| call_error(op, Some(unit), e))?,
-            )
-            .map_err(|e| call_error(op, Some(unit), e))
-        };
-        let active_enter_monotonic_usec = props
-            .get("ActiveEnterTimestampMonotonic")
-            .and_then(|v| u64::try_from(v).ok())
-            .unwrap_or(0);
+        let err = |source| call_error("read the state of", Some(unit), source);
+        let path = self.load_unit(unit).await.map_err(err)?;
+        // Cached lazily: the first property read fetches all of them in one `GetAll`, so the
+        // states read together are one moment's.
+        let props = UnitProxy::builder(self.manager.inner().connection())
+            .path(path)
+            .build()
+            .await
+            .map_err(err)?;
         Ok(UnitState {
-            load: text("LoadState")?,
-            active: text("ActiveState")?,
-            sub: text("SubState")?,
-            active_enter_monotonic_usec,
-            need_daemon_reload: props
-                .get("NeedDaemonReload")
-                .and_then(|v| bool::try_from(v).ok())
-                .unwrap_or(false),
+            load: props.load_state().await.map_err(err)?,
+            active: props.active_state().await.map_err(err)?,
+            sub: props.sub_state().await.map_err(err)?,
+            active_enter_monotonic_usec: props
+                .active_enter_timestamp_monotonic()
+                .await
+                .unwrap_or(0),
+            need_daemon_reload: props.need_daemon_reload().await.unwrap_or(false),
         })
     }
 
     /// The main process of a service unit; `None` when it has none (stopped). An error for a unit
     /// that is not a service (no `MainPID` to read).
     pub async fn main_pid(&self, unit: &str) -> Result<Option<u32>, SystemdError> {
-        let op = "read the main PID of";
-        let path = self.load_unit(op, unit).await?;
-        let reply = self
-            .call(
-                op,
-                Some(unit),
-                &path,
-                PROPERTIES,
-                "Get",
-                &(SERVICE, "MainPID"),
-            )
-            .await?;
-        let value: OwnedVariant = reply
-            .body()
-            .deserialize()
-            .map_err(|source| call_error(op, Some(unit), source))?;
-        let pid = u32::try_from(value).map_err(|e| call_error(op, Some(unit), e))?;
+        let err = |source| call_error("read the main PID of", Some(unit), source);
+        let path = self.load_unit(unit).await.map_err(err)?;
+        let service = ServiceProxy::builder(self.manager.inner().connection())
+            .path(path)
+            .cache_properties(CacheProperties::No)
+            .build()
+            .await
+            .map_err(err)?;
+        let pid = service.main_pid().await.map_err(err)?;
         Ok((pid != 0).then_some(pid))
     }
 
     /// The unit's object path (`LoadUnit`).
-    async fn load_unit(
-        &self,
-        op: &'static str,
-        unit: &str,
-    ) -> Result<OwnedObjectPath, SystemdError> {
-        let reply = self.manager(op, Some(unit), "LoadUnit", &(unit,)).await?;
-        reply
-            .body()
-            .deserialize()
-            .map_err(|source| call_error(op, Some(unit), source))
+    async fn load_unit(&self, unit: &str) -> zbus::Result<OwnedObjectPath> {
+        self.manager.load_unit(unit).await
     }
 
-    async fn manager<B>(
-        &self,
-        op: &'static str,
-        unit: Option<&str>,
-        method: &'static str,
-        body: &B,
-    ) -> Result<zbus::Message, SystemdError>
-    where
-        B: serde::Serialize + zbus::DynamicType,
-    {
-        self.call(op, unit, MANAGER_PATH, MANAGER, method, body)
-            .await
-    }
-
-    async fn call<B>(
-        &self,
-        op: &'static str,
-        unit: Option<&str>,
-        path: &str,
-        interface: &'static str,
-        method: &'static str,
-        body: &B,
-    ) -> Result<zbus::Message, SystemdError>
-    where
-        B: serde::Serialize + zbus::DynamicType,
-    {
-        self.conn
-            .call_method(Some(DESTINATION), path, Some(interface), method, body)
-            .await
-            .map_err(|source| call_error(op, unit, source))
-    }
-
-    /// Queues a job with `method(unit, "replace")` and waits for its `JobRemoved`; see the module
-    /// doc for why the signal stream is set up first and read during the call.
-    async fn job(
-        &self,
-        op: &'static str,
-        method: &'static str,
-        unit: &str,
-    ) -> Result<JobResult, SystemdError> {
+    /// Queues `job` for `unit` and waits for its `JobRemoved`; see the module doc for why the
+    /// signal stream is set up first and read during the call.
+    async fn job(&self, job: Job, unit: &str) -> Result<JobResult, SystemdError> {
+        let op = job.op();
         let err = |source| call_error(op, Some(unit), source);
-        let rule = MatchRule::builder()
-            .msg_type(MessageType::Signal)
-            .sender(DESTINATION)
-            .path(MANAGER_PATH)
-            .interface(MANAGER)
-            .member("JobRemoved")
-            .build()
-            .map_err(err)?;
-        let mut signals = MessageStream::for_match_rule(rule, &self.conn, NonZeroUsize::new(256))
-            .await
-            .map_err(err)?;
+        // Every unit's: the signal names the unit by its id, which an alias or a name without
+        // its type suffix is not, so only the job's path identifies it.
+        let mut signals = self.manager.receive_job_removed().await.map_err(err)?;
         let deadline = tokio::time::Instant::now() + self.job_timeout;
         let mut seen = Vec::new();
-        let args = (unit, "replace");
-        let reply = {
-            let call = self.conn.call_method(
-                Some(DESTINATION),
-                MANAGER_PATH,
-                Some(MANAGER),
-                method,
-                &args,
-            );
+        let job_path = {
+            let call = job.queue(&self.manager, unit);
             tokio::pin!(call);
             loop {
                 tokio::select! {
@@ -531,17 +555,16 @@ impl Systemd {
                             timeout: self.job_timeout,
                         });
                     }
-                    Some(msg) = signals.next() => {
-                        if let Some(removed) = msg.ok().and_then(|m| job_removed(&m)) {
-                            seen.push(removed);
+                    Some(signal) = signals.next() => {
+                        if let Ok(removed) = signal.args() {
+                            seen.push((removed.job, removed.result));
                         }
                     }
                 }
             }
         };
-        let job: OwnedObjectPath = reply.body().deserialize().map_err(err)?;
-        if let Some(done) = seen.into_iter().find(|r| r.job == job) {
-            return Ok(JobResult::parse(&done.result));
+        if let Some((_, result)) = seen.into_iter().find(|(path, _)| *path == job_path) {
+            return Ok(JobResult::parse(&result));
         }
         loop {
             let next = tokio::time::timeout_at(deadline, signals.next()).await;
@@ -550,7 +573,7 @@ impl Systemd {
                     return Err(SystemdError::JobTimeout {
                         op,
                         unit: unit.to_owned(),
-                        job: job.to_string(),
+                        job: job_path.to_string(),
                         timeout: self.job_timeout,
                     });
                 }
@@ -558,12 +581,12 @@ impl Systemd {
                     return Err(SystemdError::Disconnected {
                         op,
                         unit: unit.to_owned(),
-                        job: job.to_string(),
+                        job: job_path.to_string(),
                     });
                 }
-                Ok(Some(msg)) => {
-                    if let Some(removed) = msg.ok().and_then(|m| job_removed(&m))
-                        && removed.job == job
+                Ok(Some(signal)) => {
+                    if let Ok(removed) = signal.args()
+                        && removed.job == job_path
                     {
                         return Ok(JobResult::parse(&removed.result));
                     }
@@ -579,17 +602,6 @@ fn call_error(op: &'static str, unit: Option<&str>, source: zbus::Error) -> Syst
         unit: unit.map(str::to_owned),
         source,
     }
-}
-
-/// The arguments of a `JobRemoved(u id, o job, s unit, s result)` signal; `None` for anything else.
-fn job_removed(msg: &zbus::Message) -> Option<JobRemoved> {
-    let header = msg.header();
-    if header.member().map(|m| m.as_str()) != Some("JobRemoved") {
-        return None;
-    }
-    let (_id, job, _unit, result): (u32, OwnedObjectPath, String, String) =
-        msg.body().deserialize().ok()?;
-    Some(JobRemoved { job, result })
 }
 
 #[cfg(test)]
@@ -623,9 +635,10 @@ mod tests {
             Some("nginx.service"),
             zbus::Error::Failure("boom".into()),
         );
-        assert_eq!(e.to_string(), "reload nginx.service: boom");
+        assert_eq!(e.to_string(), "reload nginx.service");
+        assert_eq!(crate::error::chain(&e), "reload nginx.service: boom");
         let e = call_error("daemon-reload", None, zbus::Error::Failure("boom".into()));
-        assert_eq!(e.to_string(), "daemon-reload: boom");
+        assert_eq!(crate::error::chain(&e), "daemon-reload: boom");
         let e = SystemdError::JobTimeout {
             op: "restart",
             unit: "x.mount".into(),

@@ -757,6 +757,18 @@ fn metrics_follow_the_deployed_hash_and_show_a_frozen_service_behind() {
         text.contains("plumb_service_state{service=\"app\",state=\"OK\"} 1"),
         "{text}"
     );
+    // The counters have their series before their first event: nothing was refused, and a
+    // dashboard's `increase(plumb_apply_total[...])` has both results to show.
+    for name in ["app", "web", "db"] {
+        for line in [
+            format!("plumb_refused_total{{reason=\"check\",service=\"{name}\"}} 0"),
+            format!("plumb_refused_total{{reason=\"health\",service=\"{name}\"}} 0"),
+            format!("plumb_apply_total{{result=\"ok\",service=\"{name}\"}} "),
+            format!("plumb_apply_total{{result=\"error\",service=\"{name}\"}} "),
+        ] {
+            assert!(text.contains(&line), "{line} in\n{text}");
+        }
+    }
     assert!(
         text.contains("plumb_git_fetch_total{result=\"ok\""),
         "{text}"
@@ -804,12 +816,15 @@ fn metrics_follow_the_deployed_hash_and_show_a_frozen_service_behind() {
         assert!(text.contains(&line), "{line}\n{text}");
     }
     let change_time = |text: &str| -> f64 {
-        series(text, "plumb_service_change_time_seconds{service=\"app\"}")[0]
-            .rsplit(' ')
-            .next()
-            .unwrap()
-            .parse()
-            .unwrap()
+        series(
+            text,
+            "plumb_service_change_timestamp_seconds{service=\"app\"}",
+        )[0]
+        .rsplit(' ')
+        .next()
+        .unwrap()
+        .parse()
+        .unwrap()
     };
     let before = change_time(&text);
     // Change times are whole seconds: let one pass so the next change must show a later one.
@@ -913,8 +928,23 @@ fn a_signed_push_webhook_fetches_now_and_a_bad_one_is_refused_and_counted() {
     });
     let v2 = up.write("app/conf", "2").commit("v2");
     let body = r#"{"ref":"refs/heads/main"}"#;
+    // Before any hook, every result is there at 0.
+    let text = scrape(port);
+    for result in plumb::hook::RESULTS {
+        let line = format!("plumb_webhook_total{{result=\"{result}\"}} 0");
+        assert!(text.contains(&line), "{line} in\n{text}");
+    }
 
     assert_eq!(hook(port, body, &[]), 401, "unsigned");
+    // A body larger than the listener reads is refused unread, and counted.
+    let large = root.path().join("large.json");
+    fs::write(&large, vec![b' '; 3 << 20]).unwrap();
+    let signed_large = github_signature(secret, "");
+    assert_eq!(
+        hook(port, &format!("@{}", large.display()), &[signed_large]),
+        413,
+        "too large"
+    );
     let forged = github_signature("not-the-secret-at-all", body);
     assert_eq!(
         hook(port, body, &[forged]),
@@ -959,7 +989,12 @@ fn a_signed_push_webhook_fetches_now_and_a_bad_one_is_refused_and_counted() {
         let counted = format!("plumb_webhook_total{{result=\"{result}\"}}");
         assert!(text.contains(&counted), "{counted} in\n{text}");
     }
-    for (result, n) in [("unsigned", 1), ("bad_signature", 1), ("replayed", 1)] {
+    for (result, n) in [
+        ("unsigned", 1),
+        ("bad_signature", 1),
+        ("replayed", 1),
+        ("too_large", 1),
+    ] {
         let line = format!("plumb_webhook_total{{result=\"{result}\"}} {n}");
         assert!(text.contains(&line), "{line} in\n{text}");
     }
@@ -1741,6 +1776,38 @@ fn a_zero_interval_on_the_command_line_is_refused() {
         stderr.contains("plumb.interval: must be more than 0s"),
         "{stderr}"
     );
+}
+
+/// A config that cannot be read: every command says what it was doing and why, each once.
+#[test]
+fn an_unreadable_config_is_reported_with_its_cause_once() {
+    let root = temp_root();
+    // A directory where the file should be: reading it fails with EISDIR, as root too.
+    let config = root.path().join("plumb.toml");
+    fs::create_dir(&config).unwrap();
+    let state = root.path().join("state");
+    let runs: [&[&str]; 2] = [&["--once"], &["apply", "web"]];
+    for args in runs {
+        let out = Command::new(env!("CARGO_BIN_EXE_plumb"))
+            .arg("-c")
+            .arg(&config)
+            .arg("--state-dir")
+            .arg(&state)
+            .args(args)
+            .output()
+            .unwrap();
+        assert!(!out.status.success(), "{args:?}");
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        let line = stderr.lines().last().unwrap_or_default();
+        assert!(
+            line.ends_with(&format!(
+                "{}: cannot read: Is a directory (os error 21)",
+                config.display()
+            )),
+            "{args:?}: {stderr}"
+        );
+        assert_eq!(line.matches("Is a directory").count(), 1, "{line}");
+    }
 }
 
 /// Raises this process's soft limit on open files to what a flood of `n` connections needs.

@@ -323,7 +323,7 @@ fn credentials_in_an_http_url_never_show() {
     let missing = missing.replace("http://", "http://deploy:s3cret@");
     let mut store = Store::open(&root.path().join("stores"), &missing).unwrap();
     let err = store.fetch(&main_branch(), &transport()).unwrap_err();
-    let text = err.to_string();
+    let text = plumb::error::chain(&err);
     assert!(
         text.starts_with(&format!(
             "fetch http://127.0.0.1:{}/git/nope.git: ",
@@ -408,7 +408,7 @@ fn ssh_unknown_or_changed_host_key_is_refused() {
     let err = store
         .fetch(&main_branch(), &ssh_transport(&server, &known))
         .unwrap_err();
-    let text = err.to_string();
+    let text = plumb::error::chain(&err);
     assert!(matches!(err, GitError::Refused { .. }), "{err:?}");
     let expected = format!(
         "host key for [127.0.0.1]:{port} not found in {k}; add it with ssh-keyscan -p {port} 127.0.0.1 >> {k}",
@@ -441,7 +441,7 @@ fn ssh_unknown_or_changed_host_key_is_refused() {
     let err = store
         .fetch(&main_branch(), &ssh_transport(&server, &known))
         .unwrap_err();
-    let text = err.to_string();
+    let text = plumb::error::chain(&err);
     assert!(
         text.contains(&format!(
             "host key for [127.0.0.1]:{port} does not match {}",
@@ -461,7 +461,7 @@ fn ssh_unknown_or_changed_host_key_is_refused() {
     let err = store
         .fetch(&main_branch(), &ssh_transport(&server, &known))
         .unwrap_err();
-    assert!(err.to_string().contains("@revoked"), "{err}");
+    assert!(plumb::error::chain(&err).contains("@revoked"), "{err}");
 
     // A missing known_hosts file refuses too, naming the file.
     let absent = root.path().join("absent_known_hosts");
@@ -469,7 +469,7 @@ fn ssh_unknown_or_changed_host_key_is_refused() {
         .fetch(&main_branch(), &ssh_transport(&server, &absent))
         .unwrap_err();
     assert!(
-        err.to_string().contains(&absent.display().to_string()),
+        plumb::error::chain(&err).contains(&absent.display().to_string()),
         "{err}"
     );
 
@@ -495,7 +495,7 @@ fn ssh_missing_or_rejected_key_fails_without_looping() {
     let started = Instant::now();
     let err = store.fetch(&main_branch(), &transport).unwrap_err();
     assert!(
-        err.to_string()
+        plumb::error::chain(&err)
             .contains(&format!("ssh key {} does not exist", missing.display())),
         "{err}"
     );
@@ -526,7 +526,7 @@ fn ssh_missing_or_rejected_key_fails_without_looping() {
     };
     let started = Instant::now();
     let err = store.fetch(&main_branch(), &transport).unwrap_err();
-    let text = err.to_string();
+    let text = plumb::error::chain(&err);
     assert!(
         text.contains(&format!(
             "ssh authentication as root to [127.0.0.1]:{} failed; tried key {}",
@@ -574,7 +574,7 @@ fn unreachable_upstream_error_names_the_url() {
     let err = store.fetch(&main_branch(), &transport()).unwrap_err();
     assert!(!err.is_corruption());
     assert!(
-        err.to_string().starts_with(&format!("fetch {url}: ")),
+        plumb::error::chain(&err).starts_with(&format!("fetch {url}: ")),
         "{err}"
     );
 }
@@ -635,7 +635,7 @@ fn branch_created_later_and_deleted_upstream() {
         .unwrap_err();
     assert!(matches!(err, GitError::Branch { .. }), "{err:?}");
     assert_eq!(
-        err.to_string(),
+        plumb::error::chain(&err),
         format!(
             "fetch {}: branch \"bad..name\": not a valid branch name",
             up.file_url()
@@ -666,7 +666,7 @@ fn force_push_is_followed_and_history_is_full() {
     // the old head is still in the store for rollback
     assert_eq!(store.resolve(&h.to_string()).unwrap(), h);
     let err = store.resolve("no-such-rev").unwrap_err();
-    assert!(err.to_string().contains("no-such-rev"), "{err}");
+    assert!(plumb::error::chain(&err).contains("no-such-rev"), "{err}");
 }
 
 #[test]
@@ -1523,8 +1523,7 @@ fn atomic_checkout_gives_the_files_to_the_service_user() {
         )
         .unwrap_err();
     assert!(
-        err.to_string()
-            .contains("user \"plumb-nobody\": no such user"),
+        plumb::error::chain(&err).contains("user \"plumb-nobody\": no such user"),
         "{err}"
     );
     assert_eq!(snapshot(&target), before);
@@ -1567,8 +1566,8 @@ fn atomic_checkout_on_a_full_file_system_changes_nothing() {
         .checkout_atomic(&target, &index, Some(oid(&v1)), oid(&v2), &l, None)
         .unwrap_err();
     assert!(
-        err.to_string().contains("No space left on device")
-            || err.to_string().contains("no space left"),
+        plumb::error::chain(&err).contains("No space left on device")
+            || plumb::error::chain(&err).contains("no space left"),
         "{err}"
     );
     assert_eq!(fs::read_to_string(target.join("svc/a")).unwrap(), "a v1\n");
@@ -1634,7 +1633,7 @@ fn atomic_checkout_refused_by_libgit2_changes_nothing() {
     let err = store
         .checkout_atomic(&target, &index, Some(oid(&r1)), oid(&r2), &l, None)
         .unwrap_err();
-    assert!(err.to_string().contains(".git"), "{err}");
+    assert!(plumb::error::chain(&err).contains(".git"), "{err}");
     assert_eq!(snapshot(&target), deployed, "nothing live changed");
     assert_eq!(
         fs::read(&index).unwrap(),
@@ -1649,7 +1648,7 @@ fn atomic_checkout_refused_by_libgit2_changes_nothing() {
     let err = store
         .checkout_atomic(&blocked.join("deploy"), &index, None, oid(&r1), &l, None)
         .unwrap_err();
-    assert!(err.to_string().contains("blocked"), "{err}");
+    assert!(plumb::error::chain(&err).contains("blocked"), "{err}");
     assert_eq!(
         fs::read(&index).unwrap(),
         index_bytes,
@@ -1790,7 +1789,7 @@ fn damaged_store_is_set_aside_and_fetched_again() {
     let err = store.last_change(oid(&c2), &file_link).unwrap_err();
     assert!(err.is_corruption(), "{err:?}");
     assert!(
-        err.to_string().contains(&subtree),
+        plumb::error::chain(&err).contains(&subtree),
         "the message names the missing object: {err}"
     );
     assert_eq!(fetch_main(&mut store, &transport()), oid(&c2));
@@ -1823,7 +1822,7 @@ fn cancel_and_timeout_stop_a_fetch() {
     let err = store.fetch(&main_branch(), &cancelled).unwrap_err();
     assert!(matches!(err, GitError::Cancelled { .. }), "{err:?}");
     assert_eq!(
-        err.to_string(),
+        plumb::error::chain(&err),
         format!("fetch {}: cancelled", daemon.url(&up))
     );
 
@@ -1833,7 +1832,10 @@ fn cancel_and_timeout_stop_a_fetch() {
     };
     let err = store.fetch(&main_branch(), &hurried).unwrap_err();
     assert!(matches!(err, GitError::TimedOut { .. }), "{err:?}");
-    assert!(err.to_string().contains("timed out after"), "{err}");
+    assert!(
+        plumb::error::chain(&err).contains("timed out after"),
+        "{err}"
+    );
     assert!(
         store.resolve("main").is_err(),
         "nothing half-fetched became a branch"
@@ -1864,7 +1866,7 @@ fn a_broken_upstream_sets_no_store_aside() {
     for _ in 0..3 {
         let err = store.fetch(&main_branch(), &transport()).unwrap_err();
         assert!(!err.is_corruption(), "{err:?}");
-        let text = err.to_string();
+        let text = plumb::error::chain(&err);
         assert!(
             text.starts_with(&format!("fetch {}: ", up.file_url())) && text.contains("upload-pack"),
             "{text}"
@@ -2051,7 +2053,7 @@ fn fetch_timeout_is_a_deadline_for_the_whole_fetch() {
     let took = started.elapsed();
     assert!(matches!(err, GitError::TimedOut { .. }), "{err:?}");
     assert_eq!(
-        err.to_string(),
+        plumb::error::chain(&err),
         format!("fetch {url}: timed out after 2s"),
         "{err}"
     );

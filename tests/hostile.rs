@@ -284,7 +284,7 @@ fn escaping_symlinks_are_refused_and_the_checkout_stays() {
         let bad = up.commit("hostile");
         assert_eq!(fetch_main(&mut store), oid(&bad));
         let err = deploy(&store, &target, &index, Some(oid(&r1)), oid(&bad), &l).unwrap_err();
-        let msg = err.to_string();
+        let msg = plumb::error::chain(&err);
         assert!(matches!(err, GitError::Hostile { .. }), "{msg}");
         assert!(
             msg.contains(&format!("refusing {bad}: {}", case.path)),
@@ -308,7 +308,7 @@ fn escaping_symlinks_are_refused_and_the_checkout_stays() {
     fetch_main(&mut store);
     let err = deploy(&store, &target, &index, Some(oid(&r1)), oid(&bad), &l).unwrap_err();
     assert!(
-        err.to_string()
+        plumb::error::chain(&err)
             .contains("nginx/etc/\u{fffd}/sneak: symlink to \"up/../../shadow\" leaves nginx/etc"),
         "{err}"
     );
@@ -323,7 +323,7 @@ fn escaping_symlinks_are_refused_and_the_checkout_stays() {
         .inspect(oid(&bad), &l, &Limits::default())
         .unwrap_err();
     assert_eq!(
-        err.to_string(),
+        plumb::error::chain(&err),
         format!(
             "{}: refusing {bad}: nginx/etc/x: symlink to \"../../../etc/shadow\" leaves nginx/etc",
             up.file_url()
@@ -378,7 +378,7 @@ fn symlinks_staying_inside_are_deployed() {
     fetch_main(&mut store);
     let err = deploy(&store, &target, &index, Some(oid(&r1)), oid(&r2), &l).unwrap_err();
     assert!(
-        err.to_string().contains(
+        plumb::error::chain(&err).contains(
             "nginx/etc/conf.d/main: symlink to \"../nginx.conf\" leaves nginx/etc/conf.d"
         ),
         "{err}"
@@ -430,14 +430,14 @@ fn oversized_files_are_refused_from_their_size_alone() {
     store.inspect(oid(&r1), &l, &limits).unwrap();
     let err = store.inspect(oid(&r2), &l, &limits).unwrap_err();
     assert!(
-        err.to_string().ends_with(
+        plumb::error::chain(&err).ends_with(
             "svc/big: file of 1025 bytes (1.0 KiB) is larger than max_file_size (1 KiB)"
         ),
         "{err}"
     );
     let err = store.inspect(oid(&r3), &l, &limits).unwrap_err();
     assert!(
-        err.to_string().ends_with(
+        plumb::error::chain(&err).ends_with(
             "svc/long: symlink target of 5000 bytes (4.9 KiB) is longer than a path can be"
         ),
         "{err}"
@@ -665,8 +665,7 @@ fn checkout_gives_the_files_to_the_service_user() {
         )
         .unwrap_err();
     assert!(
-        err.to_string()
-            .contains("user \"plumb-nobody\": no such user"),
+        plumb::error::chain(&err).contains("user \"plumb-nobody\": no such user"),
         "{err}"
     );
     assert!(!other.exists());
@@ -961,7 +960,7 @@ fn a_broken_file_upstream_sets_no_store_aside() {
     for poll in 0..5 {
         let err = fetch().expect_err("a tree with an empty name cannot be fetched");
         assert!(
-            err.to_string().contains("upload-pack"),
+            plumb::error::chain(&err).contains("upload-pack"),
             "poll {poll}: {err}"
         );
         assert!(!err.is_corruption(), "poll {poll}: {err:?}");

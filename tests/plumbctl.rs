@@ -252,9 +252,11 @@ fn refusals_are_exit_1_and_usage_errors_exit_2() {
     let err = text(&out.stderr);
     assert!(
         err.starts_with(&format!(
-            "plumbctl: cannot reach plumb at {}: ",
+            "plumbctl: cannot reach plumb at {} (is plumb running?",
             root.path().join("absent.sock").display()
-        )) && err.contains("is plumb running?"),
+        )) && err
+            .trim_end()
+            .ends_with("No such file or directory (os error 2)"),
         "{err}"
     );
 }

@@ -60,6 +60,11 @@ fn client_waits_for_jobs_and_reports_their_results() {
             "/etc/systemd/system/t-noreload.service",
             unit("ExecStart=/bin/sleep infinity\n"),
             0o644,
+        )
+        .file(
+            "/etc/systemd/system/t-fail.service",
+            unit("Type=oneshot\nExecStart=/bin/false\n"),
+            0o644,
         );
     for i in 0..8 {
         boot = boot.file(
@@ -179,14 +184,53 @@ fn client_waits_for_jobs_and_reports_their_results() {
         for n in &names {
             assert!(sd.unit_state(n).await.unwrap().is_active(), "{n}");
         }
+        let mut listed = sd.units_matching("t-many*.service").await.unwrap();
+        listed.sort();
+        let active: Vec<(String, String)> = names
+            .iter()
+            .map(|n| (n.clone(), "active".to_owned()))
+            .collect();
+        assert_eq!(listed, active);
+
+        // An alias's job is found by its path, though the signal names the unit by its id.
+        c.sh("ln -s t-reload.service /etc/systemd/system/t-alias.service");
+        sd.daemon_reload().await.unwrap();
+        assert_eq!(
+            sd.restart("t-alias.service").await.unwrap(),
+            JobResult::Done
+        );
+        assert!(sd.unit_state("t-reload.service").await.unwrap().is_active());
+
+        // A failed unit is cleared by reset-failed; a unit that does not exist has nothing to clear.
+        assert_eq!(sd.start("t-fail.service").await.unwrap(), JobResult::Failed);
+        assert_eq!(
+            sd.unit_state("t-fail.service").await.unwrap().active,
+            "failed"
+        );
+        sd.reset_failed("t-fail.service").await.unwrap();
+        assert_eq!(
+            sd.unit_state("t-fail.service").await.unwrap().active,
+            "inactive"
+        );
+        sd.reset_failed("t-missing.service").await.unwrap();
 
         // daemon-reload returns once systemd has re-read the unit files (of a running unit: a
         // stopped one is unloaded and read afresh on its next use anyway).
+        // The unit knows its file changed until then, and the end of the reload is signalled.
+        let mut reloads = std::pin::pin!(sd.reloads().await.unwrap());
         c.sh("echo 'Environment=PLUMB_TEST=reloaded' >> /etc/systemd/system/t-badreload.service");
         let env = || c.sh("systemctl show -P Environment t-badreload.service");
         assert_eq!(env(), "");
+        let stale = sd.unit_state("t-badreload.service").await.unwrap();
+        assert!(stale.need_daemon_reload, "{stale:?}");
         sd.daemon_reload().await.unwrap();
         assert_eq!(env(), "PLUMB_TEST=reloaded");
+        let fresh = sd.unit_state("t-badreload.service").await.unwrap();
+        assert!(!fresh.need_daemon_reload, "{fresh:?}");
+        tokio::time::timeout(DEADLINE, futures_util::StreamExt::next(&mut reloads))
+            .await
+            .expect("the end of the daemon-reload signalled")
+            .expect("the stream goes on");
     });
     eprintln!("client test took {:?}", started.elapsed());
 }

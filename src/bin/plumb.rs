@@ -11,6 +11,7 @@ use plumb::bootstrap;
 use plumb::cli::{Cli, Command};
 use plumb::config::Config;
 use plumb::daemon;
+use plumb::error::Chain;
 use tokio_util::sync::CancellationToken;
 
 fn main() -> ExitCode {
@@ -41,7 +42,7 @@ fn main() -> ExitCode {
     match result {
         Ok(code) => code,
         Err(e) => {
-            eprintln!("plumb: {e:#}");
+            eprintln!("plumb: {}", Chain(e.as_ref()));
             ExitCode::FAILURE
         }
     }
@@ -62,7 +63,7 @@ fn check_config(file: &Path, aliases: &[String]) -> anyhow::Result<ExitCode> {
     let config = match loaded {
         Ok(c) => c,
         Err(e) => {
-            eprintln!("{e}");
+            eprintln!("{}", Chain(&e));
             return Ok(ExitCode::FAILURE);
         }
     };
@@ -76,7 +77,7 @@ fn check_config(file: &Path, aliases: &[String]) -> anyhow::Result<ExitCode> {
     let services = match config.select(&hosts) {
         Ok(s) => s,
         Err(e) => {
-            eprintln!("{e}");
+            eprintln!("{}", Chain(&e));
             return Ok(ExitCode::FAILURE);
         }
     };

@@ -8,12 +8,13 @@ use std::time::{SystemTime, UNIX_EPOCH};
 use anyhow::Context;
 use clap::Parser;
 use plumb::ctl;
+use plumb::error::Chain;
 
 fn main() -> ExitCode {
     match run() {
         Ok(code) => code,
         Err(e) => {
-            eprintln!("plumbctl: {e:#}");
+            eprintln!("plumbctl: {}", Chain(e.as_ref()));
             ExitCode::from(1)
         }
     }

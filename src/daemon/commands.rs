@@ -2,6 +2,7 @@
 //! through a [`Handle`]), and how the actor carries each out.
 
 use std::collections::BTreeSet;
+use std::sync::Arc;
 
 use tokio::sync::mpsc;
 use tokio::time::Instant;
@@ -93,9 +94,7 @@ impl Daemon {
                     return;
                 }
                 let Some(head) = e.state.synced() else {
-                    let _ = reply.send(Err(CommandError::Invalid(format!(
-                        "{service} has nothing checked out yet"
-                    ))));
+                    let _ = reply.send(Err(CommandError::NothingCheckedOut(service)));
                     return;
                 };
                 warn!(service = %service, "wipe: rebuilding the checkout");
@@ -152,7 +151,7 @@ impl Daemon {
                         None => Ok(Vec::new()),
                         Some(to) => Store::open_readonly(&stores, &url)
                             .and_then(|s| s.file_changes(from, to, &links))
-                            .map_err(|e| CommandError::Invalid(e.to_string())),
+                            .map_err(|e| CommandError::Store(Arc::new(e))),
                     };
                     let hex = |o: Option<Oid>| o.map(|o| o.to_string());
                     let _ = reply.send(files.map(|files| {
@@ -298,10 +297,11 @@ fn notes(c: &config::Service, s: &service::Service, config_error: Option<&str>) 
 }
 
 /// Why a write that would touch a noop service's files is not carried out.
-fn noop_refusal(service: &str, action: &str) -> CommandError {
-    CommandError::Invalid(format!(
-        "{service} is in noop mode: a {action} would change its files; turn noop off first"
-    ))
+fn noop_refusal(service: &str, action: &'static str) -> CommandError {
+    CommandError::Noop {
+        service: service.to_owned(),
+        action,
+    }
 }
 
 /// What the control API asks of the daemon. Answered through [`Handle::call`].
@@ -338,15 +338,28 @@ pub enum Reply {
     Diff(crate::proto::DiffResult),
 }
 
-/// Why a command was refused; the API maps each to an HTTP status.
-#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+/// Why a command was refused; the API maps each to an HTTP status. Causes are `source`s: shown
+/// with [`crate::error::Chain`].
+#[derive(Debug, Clone, thiserror::Error)]
 pub enum CommandError {
     /// 404.
     #[error("no service {0:?} on this machine")]
     UnknownService(String),
-    /// 400 / 422: the request cannot be carried out as asked (unknown revision, ...).
-    #[error("{0}")]
-    Invalid(String),
+    /// 422: the command would change the files of a service in noop mode.
+    #[error("{service} is in noop mode: a {action} would change its files; turn noop off first")]
+    Noop {
+        service: String,
+        action: &'static str,
+    },
+    /// 422: a wipe of a service that has no checkout yet.
+    #[error("{0} has nothing checked out yet")]
+    NothingCheckedOut(String),
+    /// 422 (500 when the store could not be read): a rollback target that cannot be used.
+    #[error(transparent)]
+    Rollback(Arc<deploy::RollbackError>),
+    /// 500: the upstream's store could not be read.
+    #[error(transparent)]
+    Store(Arc<git::GitError>),
     /// 503: the daemon is stopping.
     #[error("plumb is shutting down")]
     Unavailable,

@@ -8,6 +8,7 @@ use std::path::PathBuf;
 use tracing::{debug, info, info_span, warn};
 
 use crate::config;
+use crate::error;
 use crate::exec;
 use crate::git::{self, GitError, Oid, Store};
 use crate::layout::{self, Layout};
@@ -24,9 +25,10 @@ pub enum DeployError {
     },
     #[error(transparent)]
     Git(#[from] GitError),
-    #[error("{0}")]
-    Store(String),
-    #[error("{path}: {source}")]
+    /// The upstream's store could not be opened: the one error of every job of the upstream.
+    #[error(transparent)]
+    Store(std::sync::Arc<GitError>),
+    #[error("{path}")]
     Io {
         path: PathBuf,
         #[source]
@@ -72,7 +74,7 @@ pub(super) enum Deployed {
 
 /// Runs the checkouts of one upstream's services, one after the other, on one store.
 pub(super) fn deploy_all(layout: &Layout, url: &str, jobs: Vec<DeployJob>) -> Vec<(String, Event)> {
-    let store = Store::open(&layout.stores(), url);
+    let store = Store::open(&layout.stores(), url).map_err(std::sync::Arc::new);
     jobs.into_iter()
         .map(|job| {
             let span = info_span!("service", name = %job.service.name);
@@ -80,7 +82,7 @@ pub(super) fn deploy_all(layout: &Layout, url: &str, jobs: Vec<DeployJob>) -> Ve
             let head = job.head;
             let result = match &store {
                 Ok(store) => deploy(store, layout, &job),
-                Err(e) => Err(DeployError::Store(e.to_string())),
+                Err(e) => Err(DeployError::Store(e.clone())),
             };
             let event = match result {
                 Ok(Deployed::Done { revision }) => Event::Deployed { head, revision },
@@ -99,7 +101,7 @@ pub(super) fn deploy_all(layout: &Layout, url: &str, jobs: Vec<DeployJob>) -> Ve
                 }
                 Err(e) => Event::DeployFailed {
                     head,
-                    error: e.to_string(),
+                    error: error::chain(&e),
                 },
             };
             (job.service.name, event)
@@ -122,7 +124,7 @@ fn deploy(store: &Store, layout: &Layout, job: &DeployJob) -> Result<Deployed, D
     if job.upstream.verifies() {
         match store.verify_commit(job.head, &job.upstream.trust()) {
             Ok(signer) => debug!(head = %job.head, "signed by {signer}"),
-            Err(e) => return Err(refuse(None, Refusal::Unverified(e.to_string()))),
+            Err(e) => return Err(refuse(None, Refusal::Unverified(error::chain(&e)))),
         }
     }
     if job.gate.follow
@@ -255,7 +257,7 @@ fn run_check(
         let why = match exec::run_blocking(spec) {
             Ok(out) if out.success() => return Ok(()),
             Ok(out) => out.failure(10),
-            Err(e) => e.to_string(),
+            Err(e) => error::chain(&e),
         };
         Err(DeployError::Refused {
             revision: Some(revision),
@@ -267,6 +269,26 @@ fn run_check(
     result
 }
 
+/// Why a rollback target cannot be used.
+#[derive(Debug, thiserror::Error)]
+pub enum RollbackError {
+    /// The store could not be opened or its history walked.
+    #[error(transparent)]
+    Store(GitError),
+    /// What the operator typed names no commit.
+    #[error("unknown revision {revision:?} in {url}")]
+    Unknown { revision: String, url: String },
+    /// Nothing was fetched yet.
+    #[error("the service has no branch head yet to roll back on")]
+    NoHead,
+    /// The upstream requires signatures and the target's does not hold.
+    #[error("refusing to roll back")]
+    Unverified(#[source] GitError),
+    /// The commit is not on the service's branch.
+    #[error("{revision:?} ({}) is not in the history of the service's branch", service::short(Some(*.target)))]
+    NotInHistory { revision: String, target: Oid },
+}
+
 /// Turns what an operator typed into a commit of the service's branch history.
 pub(super) fn resolve_in_history(
     stores: &std::path::Path,
@@ -274,27 +296,29 @@ pub(super) fn resolve_in_history(
     revision: &str,
     head: Option<Oid>,
     upstream: &config::UpstreamSettings,
-) -> Result<Oid, String> {
-    let store = Store::open_readonly(stores, url).map_err(|e| e.to_string())?;
+) -> Result<Oid, RollbackError> {
+    let store = Store::open_readonly(stores, url).map_err(RollbackError::Store)?;
     let target = store
         .resolve(revision)
-        .map_err(|_| format!("unknown revision {revision:?} in {}", git::redact_url(url)))?;
-    let head =
-        head.ok_or_else(|| "the service has no branch head yet to roll back on".to_owned())?;
+        .map_err(|_| RollbackError::Unknown {
+            revision: revision.to_owned(),
+            url: git::redact_url(url),
+        })?;
+    let head = head.ok_or(RollbackError::NoHead)?;
     match store.in_history(target, head) {
         Ok(true) if upstream.verifies() => {
             // A rollback target must be signed like any head: it is deployed as one.
             store
                 .verify_commit(target, &upstream.trust())
                 .map(|_| target)
-                .map_err(|e| format!("refusing to roll back: {e}"))
+                .map_err(RollbackError::Unverified)
         }
         Ok(true) => Ok(target),
-        Ok(false) => Err(format!(
-            "{revision:?} ({}) is not in the history of the service's branch",
-            service::short(Some(target))
-        )),
-        Err(e) => Err(e.to_string()),
+        Ok(false) => Err(RollbackError::NotInHistory {
+            revision: revision.to_owned(),
+            target,
+        }),
+        Err(e) => Err(RollbackError::Store(e)),
     }
 }
 

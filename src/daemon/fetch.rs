@@ -8,6 +8,7 @@ use std::time::Duration;
 
 use tracing::warn;
 
+use crate::error::Chain;
 use crate::git::{FetchReport, GitError, Oid, Store, Transport};
 
 /// The first-parent commits `behind` walks at most per service and fetch.
@@ -65,7 +66,9 @@ pub(super) fn run(
                     Ok(files) => {
                         drift.insert(c.name.clone(), files);
                     }
-                    Err(e) => warn!(service = %c.name, "cannot check for local edits: {e}"),
+                    Err(e) => {
+                        warn!(service = %c.name, "cannot check for local edits: {}", Chain(&e))
+                    }
                 }
             }
             let head = report.heads.get(&c.branch).copied().flatten();
@@ -76,7 +79,9 @@ pub(super) fn run(
                     Ok(n) => {
                         behind.insert(c.name, ((deployed, head), n));
                     }
-                    Err(e) => warn!(service = %c.name, "cannot count changes behind: {e}"),
+                    Err(e) => {
+                        warn!(service = %c.name, "cannot count changes behind: {}", Chain(&e))
+                    }
                 }
             }
         }

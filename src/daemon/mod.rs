@@ -20,6 +20,7 @@ use tracing::{debug, error, info, info_span, warn};
 use crate::apply;
 use crate::bootstrap::{self, Bootstrap, BootstrapError};
 use crate::config::{self, Config, ConfigError};
+use crate::error::{self, Chain};
 use crate::git::{self, Oid};
 use crate::layout::Layout;
 use crate::metrics::Metrics;
@@ -35,6 +36,7 @@ mod scheduler;
 
 pub use commands::{Command, CommandError, Handle, Reply, Request, channel};
 pub use deploy::DeployError;
+pub use deploy::RollbackError;
 use deploy::{DeployJob, Kind, deploy_all};
 use fetch::Check;
 use persist::{load_state, persist};
@@ -70,7 +72,7 @@ pub enum DaemonError {
     Config(#[from] ConfigError),
     #[error(transparent)]
     Bootstrap(#[from] BootstrapError),
-    #[error("cannot create state directory {path}: {source}")]
+    #[error("cannot create state directory {path}")]
     StateDir {
         path: PathBuf,
         #[source]
@@ -220,7 +222,7 @@ enum Done {
     /// A rollback's revision, resolved in the store (or why not).
     Resolved {
         service: String,
-        result: Result<Oid, String>,
+        result: Result<Oid, deploy::RollbackError>,
         reply: oneshot::Sender<Result<Reply, CommandError>>,
     },
 }
@@ -294,7 +296,7 @@ async fn arm_path_units(
     let reloads = match systemd.reloads().await {
         Ok(r) => Some(r),
         Err(e) => {
-            warn!("path units are armed at start only: {e}");
+            warn!("path units are armed at start only: {}", Chain(&e));
             None
         }
     };
@@ -302,7 +304,7 @@ async fn arm_path_units(
     let arm = || async {
         let units = match systemd.units_matching(&pattern).await {
             Ok(u) => u,
-            Err(e) => return warn!("cannot list the path units: {e}"),
+            Err(e) => return warn!("cannot list the path units: {}", Chain(&e)),
         };
         for (unit, active) in units {
             if active == "active" {
@@ -311,7 +313,7 @@ async fn arm_path_units(
             match systemd.start(&unit).await {
                 Ok(r) if r.is_done() => info!(unit, "armed"),
                 Ok(r) => warn!(unit, "arming it: job {r}"),
-                Err(e) => warn!("arming {unit}: {e}"),
+                Err(e) => warn!("arming {unit}: {}", Chain(&e)),
             }
         }
     };
@@ -442,6 +444,10 @@ impl Daemon {
             }
         }
         self.services = services;
+        // Every service has its series from the start, its counters at 0 before their first event.
+        for name in self.services.keys() {
+            self.observe(name);
+        }
         if self.services.is_empty() {
             warn!(hosts = ?self.config.machine_names(&self.opts.hosts), "no services configured for this machine");
         }
@@ -494,13 +500,13 @@ impl Daemon {
             Ok(read) => read,
             Err(e) => {
                 self.config_text = std::fs::read_to_string(&self.opts.config).ok();
-                return self.refuse_config(e.to_string());
+                return self.refuse_config(error::chain(&e));
             }
         };
         self.config_text = text;
         let selected = match select(&self.opts, &config, &self.layout) {
             Ok(s) => s,
-            Err(e) => return self.refuse_config(e.to_string()),
+            Err(e) => return self.refuse_config(error::chain(&e)),
         };
         self.config_error = None;
         if let Some(m) = &self.opts.metrics {
@@ -550,7 +556,7 @@ impl Daemon {
             let done = self.reloads_done.clone();
             tokio::spawn(async move {
                 if let Err(e) = systemd.daemon_reload().await {
-                    warn!("daemon-reload after the config changed: {e}");
+                    warn!("daemon-reload after the config changed: {}", Chain(&e));
                 }
                 done.send_modify(|n| *n = (*n).max(asked));
             });
@@ -690,7 +696,9 @@ impl Daemon {
                     Ok(report) => {
                         debug!(upstream = %git::redact_url(&url), heads = ?report.heads, "fetch done")
                     }
-                    Err(e) => warn!(upstream = %git::redact_url(&url), "fetch failed: {e}"),
+                    Err(e) => {
+                        warn!(upstream = %git::redact_url(&url), "fetch failed: {}", Chain(e))
+                    }
                 }
                 let mut jobs = Vec::new();
                 let names: Vec<(String, String)> = self
@@ -716,7 +724,7 @@ impl Daemon {
                             branch,
                         },
                         Err(e) => Event::FetchFailed {
-                            error: e.to_string(),
+                            error: error::chain(e),
                         },
                     };
                     jobs.extend(self.feed(&name, event, now, tx));
@@ -769,7 +777,7 @@ impl Daemon {
                 reply,
             } => match result {
                 Err(e) => {
-                    let _ = reply.send(Err(CommandError::Invalid(e)));
+                    let _ = reply.send(Err(CommandError::Rollback(Arc::new(e))));
                 }
                 Ok(target) => {
                     let Some(url) = self
@@ -938,7 +946,8 @@ impl Daemon {
             Ok(sd) => self.systemd = Some(Arc::new(sd)),
             Err(e) => {
                 info!(
-                    "not applying through systemd ({e}); plumb-apply@.path units apply where installed"
+                    "not applying through systemd ({}); plumb-apply@.path units apply where installed",
+                    Chain(&e)
                 );
                 return;
             }
@@ -1028,7 +1037,7 @@ impl Daemon {
             // older (the apply failed before writing one: a bad config, a crash) or newer (a
             // deploy overtook this one, and the state machine drops this report as stale).
             let error = match started {
-                Err(e) => Some(format!("starting {unit}: {e}")),
+                Err(e) => Some(format!("starting {unit}: {}", Chain(&e))),
                 Ok(job) => match apply::read_applied(&layout, &service) {
                     Some(o) if o.revision == revision => o.error(),
                     _ => Some(format!(
@@ -1065,7 +1074,7 @@ impl Daemon {
                 }
                 None
             }
-            Err(e) => Some(e.to_string()),
+            Err(e) => Some(error::chain(&e)),
         };
         *self.applying.entry(bootstrap::SELF.to_owned()).or_default() += 1;
         let tx = tx.clone();

@@ -60,7 +60,7 @@ impl Store {
         self.refresh()?;
         let report = match self.fetch_once(branches, transport) {
             Err(e) if e.is_corruption() && self.heal_on_fetch_error => {
-                self.heal(&e.to_string())?;
+                self.heal(&crate::error::chain(&e))?;
                 self.mark_healed_after_fetch();
                 self.fetch_once(branches, transport)
             }

@@ -109,12 +109,13 @@ pub use url::{redact_url, repository_key, store_id};
 pub use verify::Trust;
 
 /// Errors of the git engine. Each names what it was working on (URL — always redacted —, path,
-/// revision, branch) so that its `Display` alone tells an operator what failed, e.g.
+/// revision, branch); the cause (libgit2's, the file system's) is its `source`, so
+/// [`crate::error::Chain`] tells an operator what failed, e.g.
 /// `fetch git://127.0.0.1:9418/x.git: failed to connect to 127.0.0.1: Connection refused`.
 #[derive(Debug, thiserror::Error)]
 pub enum GitError {
     /// A file-system operation on a store failed (create, set aside, clean up).
-    #[error("store {} for {url}: {action}: {source}", .path.display())]
+    #[error("store {} for {url}: {action}", .path.display())]
     StoreIo {
         url: String,
         path: PathBuf,
@@ -123,7 +124,7 @@ pub enum GitError {
         source: std::io::Error,
     },
     /// libgit2 could not open, create or update a store.
-    #[error("store {} for {url}: {}", .path.display(), .source.message())]
+    #[error("store {} for {url}", .path.display())]
     Store {
         url: String,
         path: PathBuf,
@@ -131,7 +132,7 @@ pub enum GitError {
         source: git2::Error,
     },
     /// The fetch failed in libgit2 (network, protocol, server, or a damaged store).
-    #[error("fetch {url}: {}", .source.message())]
+    #[error("fetch {url}")]
     Fetch {
         url: String,
         #[source]
@@ -160,7 +161,7 @@ pub enum GitError {
     #[error("fetch {url}: timed out after {}", humantime::format_duration(*.timeout))]
     TimedOut { url: String, timeout: Duration },
     /// A revision given by a person (rollback) names no commit of the store.
-    #[error("{url}: unknown revision {revision:?}: {}", .source.message())]
+    #[error("{url}: unknown revision {revision:?}")]
     Resolve {
         url: String,
         revision: String,
@@ -168,7 +169,7 @@ pub enum GitError {
         source: git2::Error,
     },
     /// Reading a commit, tree or history that the store should have failed.
-    #[error("{url}: reading {revision}: {}", .source.message())]
+    #[error("{url}: reading {revision}")]
     Object {
         url: String,
         revision: String,
@@ -176,7 +177,7 @@ pub enum GitError {
         source: git2::Error,
     },
     /// libgit2's checkout (or the per-service index) failed.
-    #[error("checkout {revision} of {url} into {}: {}", .path.display(), .source.message())]
+    #[error("checkout {revision} of {url} into {}", .path.display())]
     Checkout {
         url: String,
         path: PathBuf,
@@ -185,7 +186,7 @@ pub enum GitError {
         source: git2::Error,
     },
     /// A file-system operation of a checkout failed (creating the target, removing a symlink).
-    #[error("checkout {revision} of {url} into {}: {action}: {source}", .path.display())]
+    #[error("checkout {revision} of {url} into {}: {action}", .path.display())]
     CheckoutIo {
         url: String,
         path: PathBuf,
@@ -223,7 +224,7 @@ pub enum GitError {
         reason: String,
     },
     /// Giving a checkout's files to the service's `user` failed (unknown user, chown refused).
-    #[error("checkout {revision} of {url} into {}: {source}", .path.display())]
+    #[error("checkout {revision} of {url} into {}", .path.display())]
     Owner {
         url: String,
         path: PathBuf,

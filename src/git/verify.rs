@@ -214,7 +214,7 @@ fn verify_openpgp(keyring: &Path, signature: &[u8], data: &[u8]) -> Result<Strin
 /// Runs a verification tool; a tool that cannot run (missing, hung) refuses the commit, naming
 /// the program.
 fn run(spec: Spec) -> Result<Output, String> {
-    exec::run_blocking(spec).map_err(|e| e.to_string())
+    exec::run_blocking(spec).map_err(|e| crate::error::chain(&e))
 }
 
 /// The signature written to a new temporary directory (the tools read it from a file); the

@@ -41,7 +41,19 @@ impl Daemon {
                 }
                 info!(service = %service, until, "frozen by an operator");
                 self.feed(&service, Event::Freeze { until }, now, tx);
-                let _ = reply.send(Ok(self.action(&service, "freeze")));
+                let mut answer = self.action(&service, "freeze");
+                let pinned = self.services.get(&service).and_then(|e| e.state.pinned());
+                if let (Some(_), Some(pinned), Reply::Action(result)) = (until, pinned, &mut answer)
+                {
+                    // The state machine keeps a pin until an unfreeze: say so, since the caller
+                    // asked for an end.
+                    result.message = format!(
+                        "freeze: {service} stays pinned to {} by its rollback until unfrozen; \
+                         a pin has no end time, so the duration does not apply",
+                        service::short(Some(pinned))
+                    );
+                }
+                let _ = reply.send(Ok(answer));
             }
             Command::Unfreeze(service) => {
                 if let Err(e) = known(self, &service) {

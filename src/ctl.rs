@@ -1294,6 +1294,7 @@ mod tests {
             deployed: Some("0123456789abcdef0123456789abcdef01234567".into()),
             upstream_head: Some("fedcba9876543210fedcba9876543210fedcba98".into()),
             behind: Some(0),
+            frozen: false,
             frozen_until: None,
             pinned: None,
             notes: Vec::new(),

@@ -7,7 +7,7 @@ use tokio::sync::mpsc;
 use tokio::time::Instant;
 use tracing::{debug, info, warn};
 
-use super::{Daemon, Done, Waiter, deploy, unix_now};
+use super::{Daemon, Done, Waiter, deploy, fetch, unix_now};
 use crate::apply;
 use crate::config;
 use crate::git::{self, Oid, Store};
@@ -82,12 +82,26 @@ impl Daemon {
                     return;
                 }
                 let head = entry.state.upstream().or(entry.state.synced());
+                let links = entry.config.links();
                 let stores = self.layout.stores();
                 let tx = tx.clone();
                 let trust = self.config.settings.upstream(&url);
                 // Read-only: safe beside a fetch running on the same store.
                 tokio::task::spawn_blocking(move || {
-                    let result = deploy::resolve_in_history(&stores, &url, &revision, head, &trust);
+                    let result = deploy::resolve_in_history(&stores, &url, &revision, head, &trust)
+                        .map(|target| {
+                            // How far the pin trails the head, counted now: the answer and every
+                            // view show it at once, not from the next fetch on.
+                            let behind = head.and_then(|head| {
+                                Store::open_readonly(&stores, &url)
+                                    .and_then(|s| {
+                                        s.changes_since(target, head, &links, fetch::BEHIND_LIMIT)
+                                    })
+                                    .ok()
+                                    .flatten()
+                            });
+                            (target, behind)
+                        });
                     let _ = tx.blocking_send(Done::Resolved {
                         service,
                         result,
@@ -234,6 +248,7 @@ impl Daemon {
             deployed: hex(s.deployed()),
             upstream_head: hex(s.upstream()),
             behind: e.behind,
+            frozen: s.frozen(),
             frozen_until: s.frozen_until(),
             pinned: hex(s.pinned()),
             dirs: c

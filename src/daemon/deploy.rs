@@ -278,7 +278,7 @@ pub(super) fn resolve_in_history(
     let store = Store::open_readonly(stores, url).map_err(|e| e.to_string())?;
     let target = store
         .resolve(revision)
-        .map_err(|_| format!("unknown revision {revision:?} in {}", git::redact_url(url)))?;
+        .map_err(|e| unknown_revision(revision, url, &e))?;
     let head =
         head.ok_or_else(|| "the service has no branch head yet to roll back on".to_owned())?;
     match store.in_history(target, head) {
@@ -296,6 +296,28 @@ pub(super) fn resolve_in_history(
         )),
         Err(e) => Err(e.to_string()),
     }
+}
+
+/// Why `revision` names no commit, with what to try: an abbreviated hash too short to be one, or
+/// one that more than one object starts with, asks for more of the hash.
+fn unknown_revision(revision: &str, url: &str, e: &GitError) -> String {
+    let hex = !revision.is_empty() && revision.bytes().all(|b| b.is_ascii_hexdigit());
+    let ambiguous = matches!(e, GitError::Resolve { source, .. } if source.code() == git2::ErrorCode::Ambiguous);
+    let hint = if hex && revision.len() < 4 {
+        "; an abbreviated hash needs at least 4 characters (7 or more are rarely ambiguous)"
+    } else if ambiguous {
+        "; more than one object's hash starts with it: give more characters \
+         (plumbctl status shows whole hashes)"
+    } else if hex {
+        "; no commit fetched starts with it: is it on the branch upstream? \
+         (plumbctl pull fetches)"
+    } else {
+        ""
+    };
+    format!(
+        "unknown revision {revision:?} in {}{hint}",
+        git::redact_url(url)
+    )
 }
 
 /// Wipe: checks the service out afresh beside its checkout, then swaps the two. The old one is

@@ -212,10 +212,11 @@ enum Done {
         revision: Oid,
         error: Option<String>,
     },
-    /// A rollback's revision, resolved in the store (or why not).
+    /// A rollback's revision, resolved in the store, with the changes of the service's files
+    /// after it (or why not).
     Resolved {
         service: String,
-        result: Result<Oid, String>,
+        result: Result<(Oid, Option<u64>), String>,
         reply: oneshot::Sender<Result<Reply, CommandError>>,
     },
 }
@@ -759,12 +760,11 @@ impl Daemon {
                 Err(e) => {
                     let _ = reply.send(Err(CommandError::Invalid(e)));
                 }
-                Ok(target) => {
-                    let Some(url) = self
-                        .services
-                        .get(&service)
-                        .map(|e| e.config.upstream.clone())
-                    else {
+                Ok((target, behind)) => {
+                    let Some(url) = self.services.get_mut(&service).map(|e| {
+                        e.behind = behind;
+                        e.config.upstream.clone()
+                    }) else {
                         let _ = reply.send(Err(CommandError::UnknownService(service)));
                         return;
                     };
@@ -788,9 +788,13 @@ impl Daemon {
                         continue; // removed by a reload meanwhile
                     };
                     if let Event::Deployed { head, .. } = &event {
-                        // At the branch head its files are current; after a rollback the next
-                        // fetch counts.
-                        entry.behind = (Some(*head) == entry.state.upstream()).then_some(0);
+                        // At the branch head its files are current; at a rollback's pin the
+                        // count was made when it was resolved; elsewhere the next fetch counts.
+                        if Some(*head) == entry.state.upstream() {
+                            entry.behind = Some(0);
+                        } else if Some(*head) != entry.state.pinned() {
+                            entry.behind = None;
+                        }
                     }
                     let rebuilt = self.rebind.remove(&name);
                     match &event {

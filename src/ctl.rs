@@ -51,6 +51,8 @@ use serde_json::Value;
 use crate::exec;
 use crate::proto;
 
+pub mod complete;
+
 /// Where the daemon listens unless `--socket` or `PLUMB_SOCKET` say otherwise.
 pub const DEFAULT_SOCKET: &str = "/run/plumb/plumb.sock";
 
@@ -68,7 +70,7 @@ const SSH_GRACE: Duration = Duration::from_secs(60);
 const MAX_RESPONSE: u64 = 64 << 20;
 
 /// Freeze, unfreeze, roll back, pull and inspect the services plumb manages, here or on other
-/// machines (`@host`, through ssh).
+/// machines through ssh (@host).
 #[derive(Debug, Parser)]
 #[command(
     name = "plumbctl",

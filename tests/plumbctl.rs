@@ -348,6 +348,84 @@ fn json_is_one_array_with_the_proto_bodies() {
     assert_eq!(text(&out.stderr), "");
 }
 
+/// What bash's completion of plumbctl (the generated script, asking the built plumbctl) offers
+/// for the last of `words`, with `env` added.
+fn bash_complete(words: &[&str], env: &[(&str, &std::ffi::OsStr)]) -> Vec<String> {
+    let docs = tempfile::tempdir().unwrap();
+    plumb::docs::write_docs(docs.path()).unwrap();
+    let script = docs.path().join("completions/plumbctl.bash");
+    let quoted: Vec<String> = words.iter().map(|w| format!("'{w}'")).collect();
+    let program = format!(
+        "source '{}'; COMP_WORDS=({}); COMP_CWORD={}; _plumbctl; printf '%s\\n' \"${{COMPREPLY[@]}}\"",
+        script.display(),
+        quoted.join(" "),
+        words.len() - 1
+    );
+    let bin = Path::new(env!("CARGO_BIN_EXE_plumbctl")).parent().unwrap();
+    let path = format!("{}:{}", bin.display(), std::env::var("PATH").unwrap());
+    let out = Command::new("bash")
+        .args(["-c", &program])
+        .env("PATH", path)
+        .env_remove("PLUMB_SOCKET")
+        .envs(env.iter().copied())
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", show(&out));
+    text(&out.stdout)
+        .lines()
+        .filter(|l| !l.is_empty())
+        .map(str::to_owned)
+        .collect()
+}
+
+/// Completion offers the services of the local daemon and the hosts of the user's ssh files.
+#[test]
+fn completion_offers_the_daemons_services_and_ssh_hosts() {
+    require_root();
+    let root = temp_root();
+    let (_up, config, v1) = setup(root.path());
+    let d = Plumb::start(root.path(), &config);
+    wait_until("first deploy", DEADLINE, || {
+        d.deployed("app").as_deref() == Some(v1.as_str())
+    });
+    let home = root.path().join("home");
+    std::fs::create_dir_all(home.join(".ssh")).unwrap();
+    std::fs::write(
+        home.join(".ssh/config"),
+        "Host web1 web2\n  HostName 192.0.2.1\nHost *.internal\n",
+    )
+    .unwrap();
+    std::fs::write(
+        home.join(".ssh/known_hosts"),
+        "[webgit.example.org]:2222 ssh-ed25519 AAAA\n|1|x=|y= ssh-ed25519 AAAA\n",
+    )
+    .unwrap();
+    let socket = d.socket.clone();
+    let env = [
+        ("PLUMB_SOCKET", socket.as_os_str()),
+        ("HOME", home.as_os_str()),
+    ];
+    assert_eq!(bash_complete(&["plumbctl", "freeze", ""], &env), ["app"]);
+    assert_eq!(
+        bash_complete(&["plumbctl", "@web1", "status", "a"], &env),
+        ["app"]
+    );
+    assert_eq!(
+        bash_complete(
+            &["plumbctl", "--socket", socket.to_str().unwrap(), "wipe", ""],
+            &[("HOME", home.as_os_str())]
+        ),
+        ["app"]
+    );
+    assert_eq!(
+        bash_complete(&["plumbctl", "status", "app", "@web"], &env),
+        ["@web1", "@web2", "@webgit.example.org"]
+    );
+    // The daemon gone: no services, and no error on the terminal.
+    drop(d);
+    assert!(bash_complete(&["plumbctl", "freeze", ""], &env).is_empty());
+}
+
 /// A port on 127.0.0.1 that nothing listens on.
 fn closed_port() -> u16 {
     TcpListener::bind("127.0.0.1:0")

@@ -26,6 +26,16 @@ fn run() -> anyhow::Result<ExitCode> {
             return Ok(ExitCode::from(2));
         }
     };
+    // The shells' completion scripts ask this hidden command for the candidates of a word.
+    if args.first().map(String::as_str) == Some(ctl::complete::COMMAND) {
+        let mut out = std::io::stdout().lock();
+        for candidate in ctl::complete::candidates(&args[1..]) {
+            if writeln!(out, "{candidate}").is_err() {
+                break;
+            }
+        }
+        return Ok(ExitCode::SUCCESS);
+    }
     let split = match ctl::split_hosts(&args) {
         Ok(split) => split,
         Err(e) => {

@@ -384,6 +384,36 @@ struct RawFile {
     services: Vec<Spanned<RawService>>,
     #[serde(default)]
     plumb: RawPlumb,
+    /// gitopper's early releases had `keys` at the top level: read and ignored as `[global] keys`.
+    keys: Option<RawTopKeys>,
+}
+
+/// Top-level `keys`, as gitopper's early releases wrote them.
+#[derive(Debug, Deserialize)]
+#[serde(
+    untagged,
+    expecting = "keys: expected gitopper's [[keys]] tables with a path, or a [keys] table with a list of paths"
+)]
+enum RawTopKeys {
+    /// `[[keys]]` with `path = "..."` (and `ro`), one table per key.
+    List(Vec<RawKey>),
+    /// `[keys]` with `path = ["...", ...]` (or one path).
+    Table(RawKeyTable),
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawKeyTable {
+    path: RawPaths,
+    #[serde(default)]
+    ro: bool,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(untagged)]
+enum RawPaths {
+    One(String),
+    Many(Vec<String>),
 }
 
 /// `[global]`: gitopper's embedded service fields plus `keys`. `service` is not accepted here: a
@@ -699,15 +729,37 @@ impl Cx<'_> {
             path: self.path.to_owned(),
             settings,
             services: services.into_iter().map(|(_, s)| s).collect(),
-            keys: raw
-                .global
-                .keys
-                .into_iter()
-                .map(|k| Key {
-                    path: k.path,
-                    ro: k.ro,
-                })
-                .collect(),
+            keys: {
+                let top: Vec<Key> = match raw.keys {
+                    None => Vec::new(),
+                    Some(RawTopKeys::List(keys)) => keys
+                        .into_iter()
+                        .map(|k| Key {
+                            path: k.path,
+                            ro: k.ro,
+                        })
+                        .collect(),
+                    Some(RawTopKeys::Table(t)) => {
+                        let paths = match t.path {
+                            RawPaths::One(p) => vec![p],
+                            RawPaths::Many(p) => p,
+                        };
+                        paths
+                            .into_iter()
+                            .map(|path| Key { path, ro: t.ro })
+                            .collect()
+                    }
+                };
+                raw.global
+                    .keys
+                    .into_iter()
+                    .map(|k| Key {
+                        path: k.path,
+                        ro: k.ro,
+                    })
+                    .chain(top)
+                    .collect()
+            },
         })
     }
 
@@ -1275,6 +1327,44 @@ dirs = [
         assert_eq!(c.keys.len(), 2);
         assert!(c.keys[0].ro);
         assert_eq!(c.settings, Settings::default());
+    }
+
+    #[test]
+    fn gitoppers_early_top_level_keys_are_accepted_and_ignored() {
+        let services =
+            "[global]\nupstream = \"u\"\n[[services]]\nmachine = \"m\"\nservice = \"a\"\n";
+        let tables = parse(&format!(
+            "{services}\n[[keys]]\npath = \"keys/a.pub\"\nro = true\n\n[[keys]]\npath = \"keys/b.pub\"\n"
+        ))
+        .unwrap();
+        assert_eq!(
+            tables.keys,
+            [
+                Key {
+                    path: "keys/a.pub".into(),
+                    ro: true
+                },
+                Key {
+                    path: "keys/b.pub".into(),
+                    ro: false
+                }
+            ]
+        );
+        assert_eq!(tables.services.len(), 1);
+        let list = parse(&format!(
+            "{services}\n[keys]\npath = [\"keys/a.pub\", \"keys/b.pub\"]\n"
+        ))
+        .unwrap();
+        assert_eq!(list.keys.len(), 2);
+        assert_eq!(list.keys[1].path, "keys/b.pub");
+        let one = parse(&format!("{services}\n[keys]\npath = \"keys/a.pub\"\n")).unwrap();
+        assert_eq!(one.keys.len(), 1);
+        // Anything else under keys is still refused, with where and what.
+        let e = err(&format!("{services}\n[keys]\npaths = [\"x\"]\n"));
+        assert!(
+            e.contains("keys: expected gitopper's [[keys]] tables"),
+            "{e}"
+        );
     }
 
     #[test]

@@ -251,7 +251,12 @@ struct Daemon {
 
 /// Reads the config and its text (none yet is an empty one in bootstrap mode).
 fn read_config(opts: &Options) -> Result<(Config, Option<String>), ConfigError> {
-    bootstrap::read_config(&opts.config, opts.bootstrap.is_some())
+    let (mut config, text) = bootstrap::read_config(&opts.config, opts.bootstrap.is_some())?;
+    if let Some(dir) = &opts.state_dir {
+        // The default checkouts move with --state-dir, as the stores and the state do.
+        config.use_state_dir(dir);
+    }
+    Ok((config, text))
 }
 
 /// This machine's services in `config`, and plumb itself in bootstrap mode.
@@ -370,7 +375,7 @@ impl Daemon {
     fn adopt(&mut self, selected: Vec<config::Service>) {
         let s = &self.config.settings;
         self.interval = self.opts.interval.unwrap_or(s.interval);
-        self.jitter = s.jitter.min(self.interval / 2);
+        self.jitter = s.jitter_for(self.interval);
         self.transport = git::Transport {
             ssh_key: s.ssh_key.clone(),
             known_hosts: s.known_hosts.clone(),
@@ -481,7 +486,7 @@ impl Daemon {
 
     fn reload(&mut self) {
         info!(config = %self.opts.config.display(), "re-reading the configuration");
-        let (config, text) = match read_config(&self.opts) {
+        let (mut config, text) = match read_config(&self.opts) {
             Ok(read) => read,
             Err(e) => {
                 self.config_text = std::fs::read_to_string(&self.opts.config).ok();
@@ -489,6 +494,10 @@ impl Daemon {
             }
         };
         self.config_text = text;
+        // state_dir takes effect at a restart: until then the default checkouts stay in the one
+        // in use, with the stores and state.
+        let moved_state_dir = config.settings.state_dir != self.layout.root();
+        config.use_state_dir(self.layout.root());
         let selected = match select(&self.opts, &config, &self.layout) {
             Ok(s) => s,
             Err(e) => return self.refuse_config(e.to_string()),
@@ -500,9 +509,7 @@ impl Daemon {
         if let Some(text) = &self.config_text {
             persist::keep_accepted(&self.opts.config, text);
         }
-        if self.opts.state_dir.is_none()
-            && config.settings.state_dir != self.config.settings.state_dir
-        {
+        if self.opts.state_dir.is_none() && moved_state_dir {
             warn!("state_dir changed; it takes effect at the next restart");
         }
         let (old, new) = (&self.config.settings, &config.settings);
@@ -529,9 +536,7 @@ impl Daemon {
             // The listeners are bound at start; their settings are not re-read.
             warn!(settings = ?changed, "changed; they take effect at the next restart (systemctl restart plumb)");
         }
-        let state_dir = self.config.settings.state_dir.clone();
         self.config = config;
-        self.config.settings.state_dir = state_dir;
         self.adopt(selected);
         if let Some(systemd) = self.systemd.clone() {
             // The generator reads the config: let systemd run it again for new mounts and units.

@@ -704,6 +704,11 @@ fn a_write_the_audit_log_cannot_record_is_not_made() {
         "plumb-test-no-such-admin",
         "plumb-test-no-such-ro",
     );
+    // The first fetch done before the disk fills: one failing on the full disk would clean up
+    // after itself and free the room the audit line needs.
+    wait_until("the first deploy", DEADLINE, || {
+        plumb.curl(None, "GET", "/v1/services/web", None).body["deployed"].is_string()
+    });
     let filler = plumb.state.join("filler");
     let mut file = fs::File::create(&filler).unwrap();
     let chunk = vec![0u8; 64 << 10];

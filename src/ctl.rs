@@ -190,7 +190,9 @@ pub enum CtlError {
     /// what went wrong, and all that ssh said when it said more (a host key banner).
     #[error("{message}")]
     Remote {
+        /// One line: the remote plumbctl's error, or the first meaningful line ssh said.
         message: String,
+        /// All that ssh said, when it said more than `message`.
         detail: Option<String>,
     },
     /// No async runtime for the ssh children.

@@ -128,6 +128,11 @@ fn walk<'a>(root: &'a clap::Command, before: &[String]) -> Line<'a> {
         .filter(|w| !w.starts_with('@') || w.len() == 1)
     {
         if let Some(arg) = line.value_of.take() {
+            if word == "=" {
+                // bash splits `--socket=PATH` at the `=` (COMP_WORDBREAKS): the value follows.
+                line.value_of = Some(arg);
+                continue;
+            }
             if arg.get_id() == "socket" {
                 line.socket = Some(PathBuf::from(word));
             }
@@ -297,6 +302,7 @@ mod tests {
         assert_eq!(complete_line("--socket "), Vec::<String>::new());
         assert_eq!(complete_line("--socket /elsewhere.sock wipe "), ["other"]);
         assert_eq!(complete_line("--socket=/elsewhere.sock wipe "), ["other"]);
+        assert_eq!(complete_line("--socket = /elsewhere.sock wipe "), ["other"]);
         assert_eq!(complete_line("--json --verbose diff n"), ["nginx"]);
     }
 

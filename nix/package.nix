@@ -82,7 +82,7 @@ rustPlatform.buildRustPackage {
     rm $out/bin/plumb-generator
   ''
   + lib.optionalString (stdenv.buildPlatform.canExecute stdenv.hostPlatform) ''
-    installManPage target/plumb-docs/man/*.8 target/plumb-docs/man/*.5
+    installManPage target/plumb-docs/man/*.1 target/plumb-docs/man/*.5 target/plumb-docs/man/*.8
     installShellCompletion --bash target/plumb-docs/completions/{plumb,plumbctl}.bash
     installShellCompletion --fish target/plumb-docs/completions/{plumb,plumbctl}.fish
     installShellCompletion --zsh target/plumb-docs/completions/_{plumb,plumbctl}

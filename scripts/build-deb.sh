@@ -50,7 +50,8 @@ fi
 R=$STAGE/root
 DOC=$R/usr/share/doc/plumb
 install -d "$R/DEBIAN" "$R/usr/bin" "$R/usr/lib/systemd/system/plumb.service.d" \
-  "$R/usr/lib/systemd/system-generators" "$R/usr/share/man/man5" "$R/usr/share/man/man8" \
+  "$R/usr/lib/systemd/system-generators" "$R/usr/share/man/man1" "$R/usr/share/man/man5" \
+  "$R/usr/share/man/man8" \
   "$DOC/examples" "$R/usr/share/bash-completion/completions" \
   "$R/usr/share/zsh/vendor-completions" "$R/usr/share/fish/vendor_completions.d"
 

@@ -26,8 +26,9 @@ PACKAGES=(
   # systemd tests: systemd-analyze verify and systemd-escape (generator), and a real systemd booted
   # with systemd-nspawn from a debootstrapped rootfs cached as a zstd tarball
   systemd systemd-container debootstrap zstd
-  # docs tests: the generated man pages are rendered by man and groff and must not warn
-  man-db groff-base
+  # docs tests: the generated man pages are rendered by man and groff and must not warn; the
+  # completion scripts are loaded by the shells they are for and complete in bash and fish
+  man-db groff-base zsh fish
   # the NixOS module and the flake: scripts/check-nix.sh parses every .nix file with nix-instantiate,
   # evaluates the module with nixpkgs' lib, and renders its settings to TOML with tomli-w (Debian's
   # python3, which the package installs into) for `plumb check-config`

@@ -1034,7 +1034,7 @@ async fn write(app: &App, peer: Peer, action: &'static str, name: Name, bytes: B
         ),
     };
     let id = app.next_id();
-    let entry = |result: String| proto::AuditEntry {
+    let entry = |result: String, arguments: &serde_json::Value| proto::AuditEntry {
         id,
         time: unix_now(),
         uid: caller.uid,
@@ -1046,7 +1046,7 @@ async fn write(app: &App, peer: Peer, action: &'static str, name: Name, bytes: B
     };
     let outcome = match command {
         Err(f) => Err(f),
-        Ok(command) => match app.audit(entry(AUDIT_STARTED.to_owned())).await {
+        Ok(command) => match app.audit(entry(AUDIT_STARTED.to_owned(), &arguments)).await {
             Err(e) => Err(Failure::new(
                 StatusCode::SERVICE_UNAVAILABLE,
                 format!(
@@ -1074,7 +1074,16 @@ async fn write(app: &App, peer: Peer, action: &'static str, name: Name, bytes: B
         service = ?service,
         "{action}: {result}"
     );
-    if let Err(e) = app.audit(entry(result)).await {
+    // A rollback's revision as typed ("HEAD~1", an abbreviated hash) names different commits as
+    // the branch moves: the outcome records the commit it was resolved to beside it.
+    let mut arguments = arguments;
+    if let (Ok(r), Some(fields)) = (&outcome, arguments.as_object_mut())
+        && action == "rollback"
+        && let Some(pinned) = &r.status.pinned
+    {
+        fields.insert("resolved".to_owned(), serde_json::json!(pinned));
+    }
+    if let Err(e) = app.audit(entry(result, &arguments)).await {
         error!(
             "cannot append to the audit log {}: {e}",
             app.access.audit_log.display()

@@ -80,6 +80,7 @@ impl Bootstrap {
             upstream: self.url.clone(),
             branch: self.branch.clone(),
             mount: checkouts.to_owned(),
+            default_mount: true,
             action: Action::None,
             package: None,
             user: None,

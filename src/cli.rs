@@ -22,10 +22,11 @@ pub struct Cli {
     /// Other names this machine answers to in the config's `machine` fields (the hostname always counts).
     #[arg(long = "hosts", value_delimiter = ',', global = true)]
     pub hosts: Vec<String>,
-    /// Poll interval, overriding the config (e.g. "30s", "5m").
+    /// Poll interval, overriding the config (e.g. "30s", "5m"); the default jitter is a tenth of it.
     #[arg(long, value_parser = interval)]
     pub interval: Option<Duration>,
-    /// State directory, overriding the config.
+    /// State directory, overriding the config: stores, state files, and the checkouts of
+    /// services that set no mount.
     #[arg(long)]
     pub state_dir: Option<PathBuf>,
     /// Run one cycle over every upstream and exit: 0 when every service is OK, 1 otherwise.

@@ -129,6 +129,9 @@ pub struct Service {
     pub branch: String,
     /// Directory under which the service's checkout lives, as `<mount>/<name>`.
     pub mount: PathBuf,
+    /// The config sets no `mount`: it is the state directory's `checkouts`, and moves with it
+    /// ([`Config::use_state_dir`]).
+    pub default_mount: bool,
     pub action: Action,
     pub package: Option<String>,
     pub user: Option<String>,
@@ -280,8 +283,9 @@ pub struct Settings {
     pub state_dir: PathBuf,
     pub interval: Duration,
     /// Each wait between polls of an upstream is shortened by a random amount up to this, so a
-    /// fleet started together does not hit the git server in step.
-    pub jitter: Duration,
+    /// fleet started together does not hit the git server in step. `None`: a tenth of the
+    /// interval in use, the config's or `--interval`'s ([`Settings::jitter_for`]).
+    pub jitter: Option<Duration>,
     pub fetch_timeout: Duration,
     pub ssh_key: Option<PathBuf>,
     pub known_hosts: Vec<PathBuf>,
@@ -310,6 +314,12 @@ pub struct Settings {
 }
 
 impl Settings {
+    /// The jitter of polls every `interval` (the config's, or `--interval`'s): the config's
+    /// `jitter`, at most half the interval, or without one a tenth of it.
+    pub fn jitter_for(&self, interval: Duration) -> Duration {
+        self.jitter.map_or(interval / 10, |j| j.min(interval / 2))
+    }
+
     /// What a revision may hold to be checked out.
     pub fn limits(&self) -> crate::git::Limits {
         crate::git::Limits {
@@ -346,7 +356,7 @@ impl Default for Settings {
         Settings {
             state_dir: PathBuf::from(DEFAULT_STATE_DIR),
             interval: DEFAULT_INTERVAL,
-            jitter: DEFAULT_INTERVAL / 10,
+            jitter: None,
             fetch_timeout: DEFAULT_FETCH_TIMEOUT,
             ssh_key: None,
             known_hosts: Vec::new(),
@@ -384,6 +394,36 @@ struct RawFile {
     services: Vec<Spanned<RawService>>,
     #[serde(default)]
     plumb: RawPlumb,
+    /// gitopper's early releases had `keys` at the top level: read and ignored as `[global] keys`.
+    keys: Option<RawTopKeys>,
+}
+
+/// Top-level `keys`, as gitopper's early releases wrote them.
+#[derive(Debug, Deserialize)]
+#[serde(
+    untagged,
+    expecting = "keys: expected gitopper's [[keys]] tables with a path, or a [keys] table with a list of paths"
+)]
+enum RawTopKeys {
+    /// `[[keys]]` with `path = "..."` (and `ro`), one table per key.
+    List(Vec<RawKey>),
+    /// `[keys]` with `path = ["...", ...]` (or one path).
+    Table(RawKeyTable),
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawKeyTable {
+    path: RawPaths,
+    #[serde(default)]
+    ro: bool,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(untagged)]
+enum RawPaths {
+    One(String),
+    Many(Vec<String>),
 }
 
 /// `[global]`: gitopper's embedded service fields plus `keys`. `service` is not accepted here: a
@@ -536,6 +576,16 @@ impl Config {
         Ok(mine)
     }
 
+    /// Uses `dir` as the state directory (`plumb --state-dir`): the stores and state go there, and
+    /// so do the checkouts of services that set no `mount`, so that two daemons with their own
+    /// state directories never share a checkout.
+    pub fn use_state_dir(&mut self, dir: &Path) {
+        self.settings.state_dir = dir.to_owned();
+        for s in self.services.iter_mut().filter(|s| s.default_mount) {
+            s.mount = dir.join("checkouts");
+        }
+    }
+
     /// This machine's names: the hostname, then `[plumb] hosts`, then `cli_aliases` (`--hosts`), each
     /// once. The daemon and the generator both select services with it, so they agree.
     pub fn machine_names(&self, cli_aliases: &[String]) -> Vec<String> {
@@ -655,12 +705,12 @@ impl Cx<'_> {
                 .map(|b| b.into_inner())
                 .filter(|b| !b.is_empty())
                 .unwrap_or_else(|| DEFAULT_BRANCH.to_owned());
-            let mount = match pick(&s.mount, &g.mount) {
+            let (mount, default_mount) = match pick(&s.mount, &g.mount) {
                 Some(m) if !m.get_ref().is_empty() => {
                     self.absolute(&m, key("mount"))?;
-                    PathBuf::from(m.into_inner())
+                    (PathBuf::from(m.into_inner()), false)
                 }
-                _ => settings.state_dir.join("checkouts"),
+                _ => (settings.state_dir.join("checkouts"), true),
             };
             let action = match pick(&s.action, &g.action) {
                 None => Action::None,
@@ -680,6 +730,7 @@ impl Cx<'_> {
                     upstream: upstream.into_inner(),
                     branch,
                     mount,
+                    default_mount,
                     action,
                     package: nonempty(pick(&s.package, &g.package)),
                     user: nonempty(pick(&s.user, &g.user)),
@@ -699,15 +750,37 @@ impl Cx<'_> {
             path: self.path.to_owned(),
             settings,
             services: services.into_iter().map(|(_, s)| s).collect(),
-            keys: raw
-                .global
-                .keys
-                .into_iter()
-                .map(|k| Key {
-                    path: k.path,
-                    ro: k.ro,
-                })
-                .collect(),
+            keys: {
+                let top: Vec<Key> = match raw.keys {
+                    None => Vec::new(),
+                    Some(RawTopKeys::List(keys)) => keys
+                        .into_iter()
+                        .map(|k| Key {
+                            path: k.path,
+                            ro: k.ro,
+                        })
+                        .collect(),
+                    Some(RawTopKeys::Table(t)) => {
+                        let paths = match t.path {
+                            RawPaths::One(p) => vec![p],
+                            RawPaths::Many(p) => p,
+                        };
+                        paths
+                            .into_iter()
+                            .map(|path| Key { path, ro: t.ro })
+                            .collect()
+                    }
+                };
+                raw.global
+                    .keys
+                    .into_iter()
+                    .map(|k| Key {
+                        path: k.path,
+                        ro: k.ro,
+                    })
+                    .chain(top)
+                    .collect()
+            },
         })
     }
 
@@ -926,11 +999,11 @@ impl Cx<'_> {
             if let Some(problem) = interval_problem(s.interval) {
                 return Err(self.at(i.span().start, "plumb.interval".to_owned(), problem));
             }
-            s.jitter = s.interval / 10;
         }
         if let Some(j) = p.jitter {
-            s.jitter = self.duration(&j, "plumb.jitter")?;
-            if s.jitter > s.interval / 2 {
+            let jitter = self.duration(&j, "plumb.jitter")?;
+            s.jitter = Some(jitter);
+            if jitter > s.interval / 2 {
                 return Err(self.at(
                     j.span().start,
                     "plumb.jitter".to_owned(),
@@ -1278,6 +1351,44 @@ dirs = [
     }
 
     #[test]
+    fn gitoppers_early_top_level_keys_are_accepted_and_ignored() {
+        let services =
+            "[global]\nupstream = \"u\"\n[[services]]\nmachine = \"m\"\nservice = \"a\"\n";
+        let tables = parse(&format!(
+            "{services}\n[[keys]]\npath = \"keys/a.pub\"\nro = true\n\n[[keys]]\npath = \"keys/b.pub\"\n"
+        ))
+        .unwrap();
+        assert_eq!(
+            tables.keys,
+            [
+                Key {
+                    path: "keys/a.pub".into(),
+                    ro: true
+                },
+                Key {
+                    path: "keys/b.pub".into(),
+                    ro: false
+                }
+            ]
+        );
+        assert_eq!(tables.services.len(), 1);
+        let list = parse(&format!(
+            "{services}\n[keys]\npath = [\"keys/a.pub\", \"keys/b.pub\"]\n"
+        ))
+        .unwrap();
+        assert_eq!(list.keys.len(), 2);
+        assert_eq!(list.keys[1].path, "keys/b.pub");
+        let one = parse(&format!("{services}\n[keys]\npath = \"keys/a.pub\"\n")).unwrap();
+        assert_eq!(one.keys.len(), 1);
+        // Anything else under keys is still refused, with where and what.
+        let e = err(&format!("{services}\n[keys]\npaths = [\"x\"]\n"));
+        assert!(
+            e.contains("keys: expected gitopper's [[keys]] tables"),
+            "{e}"
+        );
+    }
+
+    #[test]
     fn global_values_are_inherited_including_the_ones_gitopper_drops() {
         let c = parse(
             r#"
@@ -1337,9 +1448,67 @@ upstream = "file:///r"
         )
         .unwrap();
         assert_eq!(c.settings.interval, Duration::from_secs(30));
-        assert_eq!(c.settings.jitter, Duration::from_secs(3));
+        assert_eq!(
+            c.settings.jitter_for(c.settings.interval),
+            Duration::from_secs(3)
+        );
         assert_eq!(c.settings.fetch_timeout, Duration::from_secs(10));
         assert_eq!(c.services[0].mount, PathBuf::from("/srv/plumb/checkouts"));
+    }
+
+    #[test]
+    fn the_default_jitter_follows_the_interval_in_use() {
+        let default = parse("").unwrap().settings;
+        // `--interval 2s` over the default 5m: a tenth of 2s, not half of it.
+        assert_eq!(
+            default.jitter_for(Duration::from_secs(2)),
+            Duration::from_millis(200)
+        );
+        assert_eq!(
+            default.jitter_for(default.interval),
+            Duration::from_secs(30)
+        );
+        // A jitter the config sets stays, but never more than half the interval in use.
+        let set = parse("[plumb]\ninterval = \"1m\"\njitter = \"20s\"\n")
+            .unwrap()
+            .settings;
+        assert_eq!(set.jitter_for(set.interval), Duration::from_secs(20));
+        assert_eq!(
+            set.jitter_for(Duration::from_secs(10)),
+            Duration::from_secs(5)
+        );
+    }
+
+    #[test]
+    fn a_state_dir_given_later_moves_the_default_checkouts_only() {
+        let mut c = parse(
+            r#"
+[[services]]
+machine = "m"
+service = "a"
+upstream = "file:///r"
+[[services]]
+machine = "m"
+service = "b"
+upstream = "file:///r"
+mount = "/srv/checkouts"
+"#,
+        )
+        .unwrap();
+        assert_eq!(
+            c.services[0].checkout_dir(),
+            PathBuf::from("/var/lib/plumb/checkouts/a")
+        );
+        c.use_state_dir(Path::new("/tmp/plumb-test"));
+        assert_eq!(c.settings.state_dir, PathBuf::from("/tmp/plumb-test"));
+        assert_eq!(
+            c.services[0].checkout_dir(),
+            PathBuf::from("/tmp/plumb-test/checkouts/a")
+        );
+        assert_eq!(
+            c.services[1].checkout_dir(),
+            PathBuf::from("/srv/checkouts/b")
+        );
     }
 
     #[test]

@@ -5,16 +5,22 @@
 //! `ssh <host> plumbctl --json <the same words>` for each host at once and merges the answers, so
 //! reaching another machine is the user's own OpenSSH (config, agent, known_hosts, ProxyJump) and
 //! authorisation is the remote account's unix groups on the remote socket: plumb holds no keys.
+//! Without a terminal on standard input ssh runs with `BatchMode=yes`: nobody could answer a prompt.
 //!
-//! The HTTP client is hand-written on purpose: one request per connection, `Connection: close`, a
-//! `Content-Length` body out and a `Content-Length` or chunked body back. That is all the API needs,
-//! it is blocking (a CLI does one thing at a time), and it keeps hyper and its runtime out of the
-//! client binary.
+//! The HTTP client is small on purpose: one blocking request per connection, `Connection: close`,
+//! a `Content-Length` body out, and the answer read whole and framed by `httparse` (status,
+//! headers, `Content-Length` or chunked body). That is all the API needs, and it keeps hyper's
+//! client and a runtime out of the binary.
+//!
+//! Times are shown in the local time zone as RFC 3339 with their offset, with how far they are
+//! from now ("2026-12-01T14:03:00+01:00 (in 1h29m)"); the daemon writes UTC ones into its
+//! messages, which [`Clock::localize`] shows so.
 //!
 //! # `--json` schema
 //!
-//! One JSON document: an array with one object per machine asked, in the order given (one object,
-//! for this machine, without `@host`):
+//! One JSON document: always an array with one object per machine asked, in the order given, also
+//! for this machine alone (without `@host`), so a script reads every answer the same way
+//! (`.[0].result`, or `.[] | select(.ok)`):
 //!
 //! ```json
 //! [
@@ -27,21 +33,26 @@
 //! machine answered the request; `result` is then the API's body unchanged (`proto::Machines`,
 //! `proto::Services`, `proto::ServiceStatus`, `proto::ActionResult` or a list of
 //! `proto::AuditEntry`), and a write the daemon could not carry out has `ok: true` with
-//! `result.ok: false`. `error` is a message for people. The exit code is 0 when every machine
-//! answered and every write succeeded, 1 otherwise, 2 for a usage error.
+//! `result.ok: false`. `error` is a message for people, one line; when ssh said more (a host key
+//! banner), all of it is in `detail`. The exit code is 0 when every machine answered and every
+//! write succeeded, 1 otherwise, 2 for a usage error.
 
 use std::ffi::OsString;
-use std::io::{Read, Write};
+use std::io::{IsTerminal, Read, Write};
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use clap::{Parser, Subcommand};
+use jiff::tz::TimeZone;
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
+use crate::error::chain;
 use crate::exec;
 use crate::proto;
+
+pub mod complete;
 
 /// Where the daemon listens unless `--socket` or `PLUMB_SOCKET` say otherwise.
 pub const DEFAULT_SOCKET: &str = "/run/plumb/plumb.sock";
@@ -60,7 +71,7 @@ const SSH_GRACE: Duration = Duration::from_secs(60);
 const MAX_RESPONSE: u64 = 64 << 20;
 
 /// Freeze, unfreeze, roll back, pull and inspect the services plumb manages, here or on other
-/// machines (`@host`, through ssh).
+/// machines through ssh (@host).
 #[derive(Debug, Parser)]
 #[command(
     name = "plumbctl",
@@ -71,9 +82,13 @@ const MAX_RESPONSE: u64 = 64 << 20;
                   \"ssh\"), PLUMBCTL_REMOTE (plumbctl on the remote machines, default \"plumbctl\")."
 )]
 pub struct Cli {
-    /// Print one JSON document: an array of {"machine", "ok", "result" | "error"}.
+    /// Print one JSON document: an array of {"machine", "ok", "result" | "error"}, one element
+    /// per machine asked, also for this machine alone.
     #[arg(long, global = true)]
     pub json: bool,
+    /// After a failure to reach a host, show all that ssh said, not only its first line.
+    #[arg(short, long, global = true)]
+    pub verbose: bool,
     /// The local daemon's API socket [env: PLUMB_SOCKET] [default: /run/plumb/plumb.sock].
     #[arg(long, global = true, value_name = "PATH")]
     pub socket: Option<PathBuf>,
@@ -129,8 +144,12 @@ pub enum Action {
         /// The service: its unit name as in the config ("nginx", "docker-compose@caddy").
         service: String,
     },
-    /// Show the audit log: every write, allowed or refused.
-    Log,
+    /// Show the audit log: every write, allowed or refused, oldest first.
+    Log {
+        /// Only the last N entries (the daemon's default: 1000).
+        #[arg(long, value_name = "N")]
+        limit: Option<usize>,
+    },
 }
 
 /// The two things `list` lists.
@@ -145,11 +164,13 @@ pub enum ListWhat {
 /// Why a machine gave no answer, or refused.
 #[derive(Debug, thiserror::Error)]
 pub enum CtlError {
-    /// The local socket could not be connected to; `hint` says what to check, before the cause.
-    #[error("cannot reach plumb at {}{hint}", socket.display())]
+    /// The local socket could not be connected to.
+    #[error("cannot reach plumb at {}", socket.display())]
     Connect {
         socket: PathBuf,
-        hint: &'static str,
+        /// What to do about it, when plumbctl can tell: `" (...)"` or empty; shown after the
+        /// cause ([`CtlError::message`]).
+        hint: String,
         #[source]
         source: std::io::Error,
     },
@@ -166,12 +187,46 @@ pub enum CtlError {
     /// The daemon refused the request (403, 404, 422, 503, ...).
     #[error("{message}")]
     Refused { status: u16, message: String },
-    /// A remote machine could not be asked, or answered with an error.
-    #[error("{0}")]
-    Remote(String),
+    /// A remote machine could not be asked, or answered with an error: the one line that says
+    /// what went wrong, and all that ssh said when it said more (a host key banner).
+    #[error("{message}")]
+    Remote {
+        /// One line: the remote plumbctl's error, or the first meaningful line ssh said.
+        message: String,
+        /// All that ssh said, when it said more than `message`.
+        detail: Option<String>,
+    },
     /// No async runtime for the ssh children.
     #[error("cannot start the runtime for ssh")]
     Runtime(#[source] std::io::Error),
+}
+
+impl CtlError {
+    /// A remote failure with nothing more to say than `message`.
+    pub fn remote(message: impl Into<String>) -> CtlError {
+        CtlError::Remote {
+            message: message.into(),
+            detail: None,
+        }
+    }
+
+    /// The error for people: what failed, its causes, and what to do about it when plumbctl can
+    /// tell.
+    pub fn message(&self) -> String {
+        let mut text = chain(self);
+        if let CtlError::Connect { hint, .. } = self {
+            text.push_str(hint);
+        }
+        text
+    }
+
+    /// The whole of what ssh said, when the message is only its first meaningful line.
+    pub fn detail(&self) -> Option<&str> {
+        match self {
+            CtlError::Remote { detail, .. } => detail.as_deref(),
+            _ => None,
+        }
+    }
 }
 
 /// A successful answer: the API's body for the action asked.
@@ -204,6 +259,9 @@ pub struct Envelope {
     pub result: Option<Value>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub error: Option<String>,
+    /// Everything ssh said, when `error` is only its first meaningful line.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub detail: Option<String>,
 }
 
 /// The command line split into what clap parses and the machines to ask.
@@ -259,11 +317,14 @@ pub struct Settings {
     /// plumbctl on the remote machines (`PLUMBCTL_REMOTE`, split on whitespace, so it may be
     /// `env PLUMB_SOCKET=/x/plumb.sock /opt/bin/plumbctl`; default `plumbctl`).
     pub remote: Vec<String>,
+    /// ssh may not ask anything (`BatchMode=yes`): standard input is not a terminal, so no one
+    /// could answer, and the prompts of several hosts asked at once would collide.
+    pub batch: bool,
 }
 
 impl Settings {
     /// `--socket`, else `PLUMB_SOCKET`, else [`DEFAULT_SOCKET`]; `PLUMBCTL_SSH` and
-    /// `PLUMBCTL_REMOTE`.
+    /// `PLUMBCTL_REMOTE`; batch mode when standard input is not a terminal.
     pub fn from_env(socket: Option<&Path>) -> Settings {
         let words = |name: &str, default: &str| -> Vec<String> {
             let value = std::env::var(name).unwrap_or_default();
@@ -285,6 +346,7 @@ impl Settings {
                 .unwrap_or_else(|| PathBuf::from(DEFAULT_SOCKET)),
             ssh: words("PLUMBCTL_SSH", "ssh"),
             remote: words("PLUMBCTL_REMOTE", "plumbctl"),
+            batch: !std::io::stdin().is_terminal(),
         }
     }
 }
@@ -320,7 +382,13 @@ impl Action {
             }
             Action::Diff { service } => vec!["diff", service],
             Action::Wipe { service } => vec!["wipe", service],
-            Action::Log => vec!["log"],
+            Action::Log { limit } => {
+                let mut w = vec!["log".to_owned()];
+                if let Some(n) = limit {
+                    w.extend(["--limit".to_owned(), n.to_string()]);
+                }
+                return w;
+            }
         };
         words.into_iter().map(str::to_owned).collect()
     }
@@ -355,11 +423,15 @@ impl Action {
                 service.as_str(),
                 Some(to_value(&proto::PullRequest { force: *force })),
             ),
-            Action::Log => (Route::Audit, "", None),
+            Action::Log { .. } => (Route::Audit, "", None),
         };
+        let mut path = route.path(&encode_segment(service));
+        if let Action::Log { limit: Some(n) } = self {
+            path.push_str(&format!("?limit={n}"));
+        }
         ApiRequest {
             method: route.method(),
-            path: route.path(&encode_segment(service)),
+            path,
             body,
         }
     }
@@ -376,13 +448,13 @@ impl Action {
             | Action::Pull { .. }
             | Action::Wipe { .. } => Body::Action(serde_json::from_value(value)?),
             Action::Diff { .. } => Body::Diff(serde_json::from_value(value)?),
-            Action::Log => Body::Audit(serde_json::from_value(value)?),
+            Action::Log { .. } => Body::Audit(serde_json::from_value(value)?),
         })
     }
 
     fn timeout(&self) -> Duration {
         match self {
-            Action::List(_) | Action::Status { .. } | Action::Diff { .. } | Action::Log => {
+            Action::List(_) | Action::Status { .. } | Action::Diff { .. } | Action::Log { .. } => {
                 READ_TIMEOUT
             }
             _ => WRITE_TIMEOUT,
@@ -444,7 +516,7 @@ pub fn run(
         for (host, task) in hosts.iter().zip(tasks) {
             reports.push(task.await.unwrap_or_else(|e| Report {
                 machine: host.clone(),
-                outcome: Err(CtlError::Remote(format!("internal error: {e}"))),
+                outcome: Err(CtlError::remote(format!("internal error: {e}"))),
             }));
         }
         reports
@@ -511,12 +583,10 @@ fn http(socket: &Path, req: &ApiRequest, timeout: Duration) -> Result<HttpRespon
         socket: socket.to_owned(),
         hint: match source.kind() {
             std::io::ErrorKind::NotFound | std::io::ErrorKind::ConnectionRefused => {
-                " (is plumb running? --socket or PLUMB_SOCKET name another socket)"
+                " (is plumb running? --socket or PLUMB_SOCKET name another socket)".to_owned()
             }
-            std::io::ErrorKind::PermissionDenied => {
-                " (this account is not in a group allowed to use the socket)"
-            }
-            _ => "",
+            std::io::ErrorKind::PermissionDenied => access_hint(socket),
+            _ => String::new(),
         },
         source,
     })?;
@@ -544,6 +614,44 @@ fn http(socket: &Path, req: &ApiRequest, timeout: Duration) -> Result<HttpRespon
     })
 }
 
+/// Why this account may not use `socket`, naming the group it needs: the socket's own group
+/// (the API's read-only group, of which admins are members too). A user already in it whose
+/// session started before is told to log in again.
+fn access_hint(socket: &Path) -> String {
+    use nix::unistd::{Gid, Group, User, getgroups, getuid};
+    use std::os::unix::fs::MetadataExt;
+    let Ok(meta) = std::fs::metadata(socket) else {
+        return String::new();
+    };
+    let gid = Gid::from_raw(meta.gid());
+    let group = match Group::from_gid(gid) {
+        Ok(Some(g)) => g.name,
+        _ => gid.to_string(),
+    };
+    let user = User::from_uid(getuid()).ok().flatten();
+    let name = user
+        .as_ref()
+        .map_or_else(|| getuid().to_string(), |u| u.name.clone());
+    let in_database = user.as_ref().is_some_and(|u| {
+        std::ffi::CString::new(u.name.clone())
+            .ok()
+            .and_then(|c| nix::unistd::getgrouplist(&c, u.gid).ok())
+            .is_some_and(|groups| groups.contains(&gid))
+    });
+    let in_session = getgroups().is_ok_and(|groups| groups.contains(&gid));
+    if in_database && !in_session {
+        format!(
+            " ({name} is in group {group}, which the socket is for, but this session started \
+             before that: log in again, or run `newgrp {group}`)"
+        )
+    } else {
+        format!(
+            " ({name} is not in group {group}, which the socket is for: an administrator adds \
+             it with `usermod -aG {group} {name}`, admins too; then log in again)"
+        )
+    }
+}
+
 /// The bytes of `req` as HTTP/1.1, one request per connection.
 pub fn format_request(req: &ApiRequest) -> Vec<u8> {
     let body = req
@@ -566,40 +674,33 @@ pub fn format_request(req: &ApiRequest) -> Vec<u8> {
     bytes
 }
 
-/// Reads a whole HTTP/1.1 answer (the server closed the connection after it): the status, and the
-/// body by `Content-Length`, chunked encoding, or up to the end.
+/// Reads a whole HTTP/1.1 answer (the server closed the connection after it) with `httparse`:
+/// the status, and the body by `Content-Length`, chunked encoding, or up to the end.
 pub fn parse_response(raw: &[u8]) -> Result<HttpResponse, String> {
-    let end = find(raw, b"\r\n\r\n").ok_or("no end of headers")?;
-    let head = std::str::from_utf8(&raw[..end]).map_err(|_| "headers are not UTF-8")?;
-    let rest = &raw[end + 4..];
-    let mut lines = head.split("\r\n");
-    let status_line = lines.next().unwrap_or_default();
-    let mut parts = status_line.splitn(3, ' ');
-    let version = parts.next().unwrap_or_default();
-    if !version.starts_with("HTTP/1.") {
-        return Err(format!("not an HTTP/1 status line: {status_line:?}"));
-    }
-    let status: u16 = parts
-        .next()
-        .and_then(|s| s.parse().ok())
-        .ok_or_else(|| format!("bad status line: {status_line:?}"))?;
+    let mut headers = [httparse::EMPTY_HEADER; 32];
+    let mut response = httparse::Response::new(&mut headers);
+    let head_len = match response.parse(raw) {
+        Ok(httparse::Status::Complete(n)) => n,
+        Ok(httparse::Status::Partial) => return Err("the answer ends inside its headers".into()),
+        Err(e) => return Err(format!("not an HTTP/1 answer: {e}")),
+    };
+    let status = response.code.ok_or("no status code")?;
     let mut length = None;
     let mut chunked = false;
-    for line in lines {
-        let Some((name, value)) = line.split_once(':') else {
-            return Err(format!("bad header line: {line:?}"));
-        };
+    for header in response.headers.iter() {
+        let value = String::from_utf8_lossy(header.value);
         let value = value.trim();
-        if name.eq_ignore_ascii_case("content-length") {
+        if header.name.eq_ignore_ascii_case("content-length") {
             length = Some(
                 value
                     .parse::<usize>()
                     .map_err(|_| format!("bad Content-Length: {value:?}"))?,
             );
-        } else if name.eq_ignore_ascii_case("transfer-encoding") {
+        } else if header.name.eq_ignore_ascii_case("transfer-encoding") {
             chunked = value.to_ascii_lowercase().contains("chunked");
         }
     }
+    let rest = &raw[head_len..];
     let body = if chunked {
         decode_chunked(rest)?
     } else if let Some(n) = length {
@@ -612,26 +713,26 @@ pub fn parse_response(raw: &[u8]) -> Result<HttpResponse, String> {
     Ok(HttpResponse { status, body })
 }
 
+/// A chunked body: each chunk's size line read by `httparse`, up to the last (empty) chunk.
 fn decode_chunked(mut raw: &[u8]) -> Result<Vec<u8>, String> {
     let mut body = Vec::new();
     loop {
-        let line_end = find(raw, b"\r\n").ok_or("chunk size line cut short")?;
-        let line = std::str::from_utf8(&raw[..line_end]).map_err(|_| "bad chunk size line")?;
-        let size_text = line.split(';').next().unwrap_or_default().trim();
-        let size = usize::from_str_radix(size_text, 16)
-            .map_err(|_| format!("bad chunk size {size_text:?}"))?;
-        raw = &raw[line_end + 2..];
+        let (consumed, size) = match httparse::parse_chunk_size(raw) {
+            Ok(httparse::Status::Complete(found)) => found,
+            Ok(httparse::Status::Partial) => return Err("chunk size line cut short".into()),
+            Err(_) => return Err("bad chunk size line".into()),
+        };
+        raw = &raw[consumed..];
         if size == 0 {
             return Ok(body);
         }
-        let chunk = raw.get(..size).ok_or("chunk cut short")?;
-        body.extend_from_slice(chunk);
-        raw = raw.get(size + 2..).ok_or("chunk cut short")?;
+        let size = usize::try_from(size).map_err(|_| "chunk too large")?;
+        body.extend_from_slice(raw.get(..size).ok_or("chunk cut short")?);
+        raw = raw
+            .get(size..)
+            .and_then(|r| r.strip_prefix(b"\r\n"))
+            .ok_or("chunk cut short")?;
     }
-}
-
-fn find(haystack: &[u8], needle: &[u8]) -> Option<usize> {
-    haystack.windows(needle.len()).position(|w| w == needle)
 }
 
 /// The ssh command line for asking `host`: program and arguments. The remote command is quoted for
@@ -640,6 +741,10 @@ pub fn ssh_command(settings: &Settings, host: &str, action: &Action) -> (String,
     let mut words = settings.ssh.iter();
     let program = words.next().cloned().unwrap_or_else(|| "ssh".to_owned());
     let mut args: Vec<String> = words.cloned().collect();
+    if settings.batch {
+        // After PLUMBCTL_SSH's words: ssh takes the first value of an option, so theirs wins.
+        args.extend(["-o".to_owned(), "BatchMode=yes".to_owned()]);
+    }
     args.push("--".to_owned());
     args.push(host.to_owned());
     let remote: Vec<String> = settings
@@ -663,13 +768,13 @@ async fn call_remote(settings: &Settings, host: &str, action: &Action) -> Result
     let (program, args) = ssh_command(settings, host, action);
     let output = exec::run(&program, &args, action.timeout() + SSH_GRACE)
         .await
-        .map_err(|e| CtlError::Remote(crate::error::chain(&e)))?;
+        .map_err(|e| CtlError::remote(chain(&e)))?;
     parse_remote(action, &output)
 }
 
 /// Reads what a remote `plumbctl --json` printed. Its JSON is believed whatever the exit code (1
 /// means refused, and the reason is in the JSON); without JSON, ssh or the remote shell failed and
-/// the error is what they said on stderr.
+/// the error is the first meaningful line of what they said on stderr ([`ssh_said`]).
 pub fn parse_remote(action: &Action, output: &exec::Output) -> Result<Body, CtlError> {
     if let Ok(envelopes) = serde_json::from_str::<Vec<Envelope>>(&output.stdout)
         && let Some(envelope) = envelopes.into_iter().next()
@@ -677,28 +782,48 @@ pub fn parse_remote(action: &Action, output: &exec::Output) -> Result<Body, CtlE
         return match (envelope.ok, envelope.result) {
             (true, Some(result)) => action
                 .decode(result)
-                .map_err(|e| CtlError::Remote(format!("unexpected answer: {e}"))),
-            _ => Err(CtlError::Remote(
-                envelope
+                .map_err(|e| CtlError::remote(format!("unexpected answer: {e}"))),
+            _ => Err(CtlError::Remote {
+                message: envelope
                     .error
                     .unwrap_or_else(|| "failed without a message".to_owned()),
-            )),
+                detail: envelope.detail,
+            }),
         };
     }
-    let said: Vec<&str> = output
-        .stderr
-        .lines()
-        .map(str::trim)
-        .filter(|l| !l.is_empty())
-        .collect();
-    Err(CtlError::Remote(if said.is_empty() {
-        match output.code {
+    Err(match ssh_said(&output.stderr) {
+        Some((message, detail)) => CtlError::Remote { message, detail },
+        None => CtlError::remote(match output.code {
             Some(code) => format!("ssh exited with status {code} and no answer"),
             None => "ssh was killed by a signal".to_owned(),
-        }
-    } else {
-        said.join("; ")
-    }))
+        }),
+    })
+}
+
+/// What ssh said on stderr, as one line for a table cell and, when it said more, all of it.
+/// The line is the first that is neither decoration (a banner's `@@@@` rows) nor a routine
+/// notice (`Warning: Permanently added ...`, OpenSSH's `** WARNING: ...` about key exchange),
+/// with a banner's `@` frame taken off: a changed host key gives "WARNING: REMOTE HOST
+/// IDENTIFICATION HAS CHANGED!" and the 17 lines behind it.
+pub fn ssh_said(stderr: &str) -> Option<(String, Option<String>)> {
+    let lines: Vec<&str> = stderr
+        .lines()
+        .map(str::trim_end)
+        .filter(|l| !l.trim().is_empty())
+        .collect();
+    let unframed = |l: &str| l.trim().trim_matches('@').trim().to_owned();
+    let decoration = |l: &str| l.chars().all(|c| "@*=-#~ \t".contains(c));
+    let routine = |l: &str| {
+        let l = l.trim_start();
+        l.starts_with("Warning: Permanently added") || l.starts_with("** ")
+    };
+    let message = lines
+        .iter()
+        .find(|l| !decoration(l) && !routine(l))
+        .or_else(|| lines.iter().find(|l| !decoration(l)))
+        .map(|l| unframed(l))?;
+    let detail = (lines.len() > 1).then(|| lines.join("\n"));
+    Some((message, detail))
 }
 
 /// The `--json` document for `reports` (see the module documentation).
@@ -711,12 +836,14 @@ pub fn render_json(reports: &[Report]) -> String {
                 ok: true,
                 result: Some(to_value(body)),
                 error: None,
+                detail: None,
             },
             Err(e) => Envelope {
                 machine: r.machine.clone(),
                 ok: false,
                 result: None,
-                error: Some(crate::error::chain(e)),
+                error: Some(e.message()),
+                detail: e.detail().map(str::to_owned),
             },
         })
         .collect();
@@ -742,17 +869,30 @@ pub struct Text {
     pub stderr: String,
 }
 
-/// Renders `reports` for people at time `now` (unix seconds). `with_machine` (set when hosts were
-/// given) adds a MACHINE column and shows a failed machine as a row; without it, a failure goes to
-/// stderr.
-pub fn render_text(action: &Action, reports: &[Report], with_machine: bool, now: u64) -> Text {
+/// How text is rendered.
+#[derive(Debug, Clone)]
+pub struct View {
+    /// Hosts were given: a MACHINE column, and a failed machine is a row; without it, a failure
+    /// goes to stderr.
+    pub with_machine: bool,
+    /// `--verbose`: all of what ssh said after a failure, not only its first line.
+    pub verbose: bool,
+    pub clock: Clock,
+}
+
+/// Renders `reports` for people as `view` says.
+pub fn render_text(action: &Action, reports: &[Report], view: &View) -> Text {
     let mut text = Text::default();
     let mut shown: Vec<&Report> = Vec::new();
     for r in reports {
         match &r.outcome {
-            Err(e) if !with_machine => text
-                .stderr
-                .push_str(&format!("plumbctl: {}\n", crate::error::Chain(e))),
+            Err(e) if !view.with_machine => {
+                text.stderr
+                    .push_str(&format!("plumbctl: {}\n", e.message()));
+                if let Some(detail) = e.detail().filter(|_| view.verbose) {
+                    text.stderr.push_str(&indent(detail));
+                }
+            }
             _ => shown.push(r),
         }
     }
@@ -760,10 +900,33 @@ pub fn render_text(action: &Action, reports: &[Report], with_machine: bool, now:
         return text;
     }
     text.stdout = match action {
-        Action::Status { .. } => status_blocks(&shown, with_machine, now),
-        _ => table_for(action, &shown, now).render(with_machine),
+        Action::Status { .. } => status_blocks(&shown, view),
+        _ => {
+            let mut out = table_for(action, &shown, view).render(view.with_machine);
+            if view.verbose {
+                for r in &shown {
+                    if let Some(detail) = r.outcome.as_ref().err().and_then(CtlError::detail) {
+                        out.push_str(&format!("\n{}:\n{}", r.machine, indent(detail)));
+                    }
+                }
+            }
+            out
+        }
     };
     text
+}
+
+/// Each line of `text` indented by two spaces.
+fn indent(text: &str) -> String {
+    text.lines().map(|l| format!("  {l}\n")).collect()
+}
+
+/// A failure as one line: its message, and where `--verbose` shows more.
+fn one_line(e: &CtlError, view: &View) -> String {
+    match e.detail() {
+        Some(_) if !view.verbose => format!("{} (more with --verbose)", e.message()),
+        _ => e.message(),
+    }
 }
 
 /// A table whose rows each belong to a machine; the MACHINE column is added on demand.
@@ -833,14 +996,14 @@ fn error_row(columns: usize, state_column: Option<usize>, message: &str) -> Vec<
     cells
 }
 
-fn table_for(action: &Action, reports: &[&Report], now: u64) -> Table {
+fn table_for(action: &Action, reports: &[&Report], view: &View) -> Table {
     let (header, state_column): (Vec<&'static str>, Option<usize>) = match action {
         Action::List(ListWhat::Machines) => (vec!["NAME", "THIS", "SERVICES"], None),
         Action::List(ListWhat::Services) | Action::Status { .. } => (
             vec!["SERVICE", "STATE", "DEPLOYED", "BEHIND", "SINCE", "INFO"],
             Some(1),
         ),
-        Action::Log => (
+        Action::Log { .. } => (
             vec!["TIME", "USER", "ACTION", "SERVICE", "RESULT", "ARGUMENTS"],
             None,
         ),
@@ -853,7 +1016,7 @@ fn table_for(action: &Action, reports: &[&Report], now: u64) -> Table {
         match &r.outcome {
             Err(e) => rows.push((
                 machine,
-                error_row(header.len(), state_column, &crate::error::chain(e)),
+                error_row(header.len(), state_column, &one_line(e, view)),
             )),
             Ok(Body::Machines(m)) => {
                 for entry in &m.machines {
@@ -875,17 +1038,17 @@ fn table_for(action: &Action, reports: &[&Report], now: u64) -> Table {
             }
             Ok(Body::Services(s)) => {
                 for status in &s.services {
-                    rows.push((machine.clone(), service_row(status, now)));
+                    rows.push((machine.clone(), service_row(status, &view.clock)));
                 }
             }
-            Ok(Body::Status(status)) => rows.push((machine, service_row(status, now))),
+            Ok(Body::Status(status)) => rows.push((machine, service_row(status, &view.clock))),
             Ok(Body::Action(result)) => rows.push((
                 machine,
                 vec![
                     result.status.service.clone(),
                     if result.ok { "ok" } else { "FAILED" }.to_owned(),
                     result.status.state.clone(),
-                    result.message.clone(),
+                    view.clock.localize(&result.message),
                 ],
             )),
             Ok(Body::Diff(d)) => {
@@ -921,7 +1084,7 @@ fn table_for(action: &Action, reports: &[&Report], now: u64) -> Table {
                     rows.push((
                         machine.clone(),
                         vec![
-                            rfc3339(entry.time),
+                            view.clock.local(entry.time),
                             user,
                             entry.action.clone(),
                             entry.service.clone().unwrap_or_else(|| "-".to_owned()),
@@ -936,13 +1099,13 @@ fn table_for(action: &Action, reports: &[&Report], now: u64) -> Table {
     Table { header, rows }
 }
 
-fn service_row(s: &proto::ServiceStatus, now: u64) -> Vec<String> {
+fn service_row(s: &proto::ServiceStatus, clock: &Clock) -> Vec<String> {
     vec![
         s.service.clone(),
         s.state.clone(),
         s.deployed.as_deref().map(short).unwrap_or("-").to_owned(),
         s.behind.map_or_else(|| "-".to_owned(), |b| b.to_string()),
-        ago(now, s.since),
+        relative(clock.now, s.since),
         {
             let said: Vec<&str> = std::iter::once(s.info.as_str())
                 .chain(s.notes.iter().map(String::as_str))
@@ -951,7 +1114,7 @@ fn service_row(s: &proto::ServiceStatus, now: u64) -> Vec<String> {
             if said.is_empty() {
                 "-".to_owned()
             } else {
-                said.join("; ")
+                clock.localize(&said.join("; "))
             }
         },
     ]
@@ -963,16 +1126,21 @@ pub fn short(hash: &str) -> &str {
 }
 
 /// `status`: one block of aligned `key: value` lines per machine, blank lines between them.
-fn status_blocks(reports: &[&Report], with_machine: bool, now: u64) -> String {
+fn status_blocks(reports: &[&Report], view: &View) -> String {
     let mut blocks = Vec::new();
     for r in reports {
         let mut kv: Vec<(&str, String)> = Vec::new();
-        if with_machine {
+        if view.with_machine {
             kv.push(("host", r.machine.clone()));
         }
         match &r.outcome {
-            Err(e) => kv.push(("error", crate::error::chain(e))),
-            Ok(Body::Status(s)) => status_lines(s, now, &mut kv),
+            Err(e) => {
+                kv.push(("error", one_line(e, view)));
+                if let Some(detail) = e.detail().filter(|_| view.verbose) {
+                    kv.extend(detail.lines().map(|l| ("ssh", l.to_owned())));
+                }
+            }
+            Ok(Body::Status(s)) => status_lines(s, &view.clock, &mut kv),
             Ok(_) => kv.push(("error", "unexpected answer".to_owned())),
         }
         let width = kv.iter().map(|(k, _)| k.len() + 1).max().unwrap_or(0);
@@ -987,19 +1155,19 @@ fn status_blocks(reports: &[&Report], with_machine: bool, now: u64) -> String {
     blocks.join("\n")
 }
 
-fn status_lines(s: &proto::ServiceStatus, now: u64, kv: &mut Vec<(&'static str, String)>) {
+fn status_lines(s: &proto::ServiceStatus, clock: &Clock, kv: &mut Vec<(&'static str, String)>) {
     let dash = |v: Option<&String>| v.cloned().unwrap_or_else(|| "-".to_owned());
-    let when = |t: u64| format!("{} ({})", rfc3339(t), ago(now, t));
+    let since = |t: u64| format!("{} ({})", clock.local(t), relative(clock.now, t));
     kv.push(("service", s.service.clone()));
     kv.push(("machine", s.machine.clone()));
     kv.push(("state", s.state.clone()));
     if !s.info.is_empty() {
-        kv.push(("info", s.info.clone()));
+        kv.push(("info", clock.localize(&s.info)));
     }
     for note in &s.notes {
-        kv.push(("note", note.clone()));
+        kv.push(("note", clock.localize(note)));
     }
-    kv.push(("since", when(s.since)));
+    kv.push(("since", since(s.since)));
     kv.push(("upstream", s.upstream.clone()));
     kv.push(("branch", s.branch.clone()));
     kv.push(("deployed", dash(s.deployed.as_ref())));
@@ -1008,11 +1176,15 @@ fn status_lines(s: &proto::ServiceStatus, now: u64, kv: &mut Vec<(&'static str, 
         "behind",
         s.behind.map_or_else(|| "-".to_owned(), |b| b.to_string()),
     ));
-    match s.frozen_until {
-        Some(t) => kv.push(("frozen until", when(t))),
-        None if s.state == "FREEZE" => kv.push(("frozen until", "unfrozen".to_owned())),
-        None => {}
-    }
+    kv.push((
+        "frozen",
+        // A daemon older than the `frozen` field says so by the state alone.
+        match (s.frozen || s.state == "FREEZE", s.frozen_until) {
+            (false, _) => "no".to_owned(),
+            (true, Some(t)) => format!("until {}", clock.when(t)),
+            (true, None) => "until unfrozen".to_owned(),
+        },
+    ));
     if let Some(pinned) = &s.pinned {
         kv.push(("pinned", pinned.clone()));
     }
@@ -1036,71 +1208,122 @@ fn status_lines(s: &proto::ServiceStatus, now: u64, kv: &mut Vec<(&'static str, 
         let message = if a.message.is_empty() {
             String::new()
         } else {
-            format!(": {}", a.message)
+            format!(": {}", clock.localize(&a.message))
         };
         kv.push((
             "last apply",
-            format!("{outcome} {} {}{message}", short(&a.revision), when(a.time)),
+            format!(
+                "{outcome} {} {}{message}",
+                short(&a.revision),
+                since(a.time)
+            ),
         ));
     }
 }
 
-/// `t` relative to `now`: "12s ago", "3m ago", "5h ago", "2d ago", or "in 3m" for a future time.
-pub fn ago(now: u64, t: u64) -> String {
+/// When plumbctl renders: the time now and the time zone times are shown in.
+#[derive(Debug, Clone)]
+pub struct Clock {
+    /// Unix seconds.
+    pub now: u64,
+    /// The zone of the times shown: the system's (`TZ`, `/etc/localtime`) in the binary.
+    pub zone: TimeZone,
+}
+
+impl Clock {
+    /// Now, in the system's time zone (UTC when it cannot be read).
+    pub fn system() -> Clock {
+        Clock {
+            now: jiff::Timestamp::now().as_second().try_into().unwrap_or(0),
+            zone: TimeZone::try_system().unwrap_or(TimeZone::UTC),
+        }
+    }
+
+    /// `t` (unix seconds) as RFC 3339 in the clock's zone, with its offset:
+    /// "2026-12-01T14:03:00+01:00". A time no calendar holds is shown as its number.
+    pub fn local(&self, t: u64) -> String {
+        i64::try_from(t)
+            .ok()
+            .and_then(|t| jiff::Timestamp::from_second(t).ok())
+            .map(|ts| {
+                ts.to_zoned_datetime(self.zone.clone())
+                    .strftime("%Y-%m-%dT%H:%M:%S%:z")
+                    .to_string()
+            })
+            .unwrap_or_else(|| format!("{t} (unix time)"))
+    }
+
+    /// `t` as [`Clock::local`] and relative to now: "2026-12-01T14:03:00+01:00 (in 1h29m)".
+    pub fn when(&self, t: u64) -> String {
+        format!("{} ({})", self.local(t), relative(self.now, t))
+    }
+
+    /// `text` with every UTC RFC 3339 time in it ("2026-12-01T13:03:00Z", as the daemon writes
+    /// times into its messages, unambiguous for every reader of the API) shown as [`Clock::when`].
+    pub fn localize(&self, text: &str) -> String {
+        const LEN: usize = "2026-12-01T13:03:00Z".len();
+        let shape = |b: &[u8]| {
+            b.len() == LEN
+                && b.iter().enumerate().all(|(i, c)| match i {
+                    4 | 7 => *c == b'-',
+                    10 => *c == b'T',
+                    13 | 16 => *c == b':',
+                    19 => *c == b'Z',
+                    _ => c.is_ascii_digit(),
+                })
+        };
+        let bytes = text.as_bytes();
+        let mut out = String::with_capacity(text.len());
+        let mut i = 0;
+        while i < bytes.len() {
+            let candidate = bytes.get(i..i + LEN).filter(|b| shape(b));
+            let time = candidate
+                .and_then(|b| std::str::from_utf8(b).ok())
+                .and_then(|s| s.parse::<jiff::Timestamp>().ok())
+                .and_then(|ts| u64::try_from(ts.as_second()).ok());
+            match time {
+                Some(t) => {
+                    out.push_str(&self.when(t));
+                    i += LEN;
+                }
+                None => {
+                    // Times are ASCII: a character that starts none is copied whole.
+                    let c = text[i..].chars().next().unwrap_or_default();
+                    out.push(c);
+                    i += c.len_utf8().max(1);
+                }
+            }
+        }
+        out
+    }
+}
+
+/// `t` relative to `now`, to the two largest units: "12s ago", "3m ago", "1h29m ago", "2d5h ago",
+/// or "in 1h29m" for a future time.
+pub fn relative(now: u64, t: u64) -> String {
     let (delta, future) = if t > now {
         (t - now, true)
     } else {
         (now - t, false)
     };
+    let two = |big: u64, big_unit: &str, small: u64, small_unit: &str| {
+        if small == 0 {
+            format!("{big}{big_unit}")
+        } else {
+            format!("{big}{big_unit}{small}{small_unit}")
+        }
+    };
     let amount = match delta {
         d if d < 60 => format!("{d}s"),
         d if d < 3600 => format!("{}m", d / 60),
-        d if d < 86_400 => format!("{}h", d / 3600),
-        d => format!("{}d", d / 86_400),
+        d if d < 86_400 => two(d / 3600, "h", d % 3600 / 60, "m"),
+        d => two(d / 86_400, "d", d % 86_400 / 3600, "h"),
     };
     if future {
         format!("in {amount}")
     } else {
         format!("{amount} ago")
     }
-}
-
-/// Unix seconds as UTC RFC 3339 ("2024-02-29T13:05:09Z"), without a date crate.
-pub fn rfc3339(secs: u64) -> String {
-    let days = (secs / 86_400) as i64;
-    let rem = secs % 86_400;
-    let (year, month, day) = civil_from_days(days);
-    format!(
-        "{year:04}-{month:02}-{day:02}T{:02}:{:02}:{:02}Z",
-        rem / 3600,
-        rem % 3600 / 60,
-        rem % 60
-    )
-}
-
-/// The proleptic Gregorian date `days` after 1970-01-01. Works in 400-year eras (146 097 days each,
-/// the calendar's full cycle) counted from 0000-03-01, so that the leap day falls at the end of
-/// each shifted year; months are counted from March for the same reason.
-fn civil_from_days(days: i64) -> (i64, u32, u32) {
-    // 719 468 days from 0000-03-01 to 1970-01-01.
-    let z = days + 719_468;
-    let era = z.div_euclid(146_097);
-    let day_of_era = z.rem_euclid(146_097); // [0, 146096]
-    // Years of the era: a leap day every 4 years (1460 days), none every 100 (36524), one every
-    // 400 (the era's last day, 146096).
-    let year_of_era =
-        (day_of_era - day_of_era / 1460 + day_of_era / 36_524 - day_of_era / 146_096) / 365;
-    let day_of_year = day_of_era - (365 * year_of_era + year_of_era / 4 - year_of_era / 100);
-    // Months from March: 153 days per 5 months (31+30+31+30+31).
-    let month_index = (5 * day_of_year + 2) / 153; // [0, 11]
-    let day = (day_of_year - (153 * month_index + 2) / 5 + 1) as u32;
-    let month = if month_index < 10 {
-        month_index + 3
-    } else {
-        month_index - 9
-    } as u32;
-    let year = year_of_era + era * 400 + i64::from(month <= 2);
-    (year, month, day)
 }
 
 /// The arguments after the program name as UTF-8, or the first that is not.
@@ -1187,6 +1410,7 @@ mod tests {
             "pull nginx",
             "pull nginx --force",
             "log",
+            "log --limit 20",
         ] {
             let action = parse(line).action;
             assert_eq!(action.to_args(), words(line));
@@ -1208,6 +1432,10 @@ mod tests {
             ("GET", "/v1/services/a%2Fb%25c")
         );
         assert_eq!(parse("log").action.request().path, "/v1/audit");
+        assert_eq!(
+            parse("log --limit 5").action.request().path,
+            "/v1/audit?limit=5"
+        );
         assert_eq!(
             parse("pull x --force").action.request().body,
             Some(serde_json::json!({"force": true}))
@@ -1263,6 +1491,7 @@ mod tests {
             socket: PathBuf::from(DEFAULT_SOCKET),
             ssh: words("ssh -F /tmp/cfg -o BatchMode=yes"),
             remote: words("env PLUMB_SOCKET=/x/p.sock /opt/plumbctl"),
+            batch: false,
         };
         let action = Action::Freeze {
             service: "nginx".into(),
@@ -1282,6 +1511,25 @@ mod tests {
                 r"env PLUMB_SOCKET=/x/p.sock /opt/plumbctl --json freeze nginx 'it'\''s 1h'"
             ]
         );
+        // Without a terminal no one can answer ssh: it may not ask (the user's options first,
+        // since ssh keeps the first value it is given).
+        let batch = Settings {
+            batch: true,
+            ..settings
+        };
+        let (_, args) = ssh_command(&batch, "web1", &action);
+        assert_eq!(
+            args[..7],
+            [
+                "-F",
+                "/tmp/cfg",
+                "-o",
+                "BatchMode=yes",
+                "-o",
+                "BatchMode=yes",
+                "--"
+            ]
+        );
     }
 
     fn status(service: &str, state: &str) -> proto::ServiceStatus {
@@ -1296,6 +1544,7 @@ mod tests {
             deployed: Some("0123456789abcdef0123456789abcdef01234567".into()),
             upstream_head: Some("fedcba9876543210fedcba9876543210fedcba98".into()),
             behind: Some(0),
+            frozen: false,
             frozen_until: None,
             pinned: None,
             notes: Vec::new(),
@@ -1316,6 +1565,18 @@ mod tests {
 
     const NOW: u64 = 1_700_000_180;
 
+    /// Rendering at [`NOW`] in a zone one hour east of UTC, as a user in Berlin sees it in winter.
+    fn view(with_machine: bool) -> View {
+        View {
+            with_machine,
+            verbose: false,
+            clock: Clock {
+                now: NOW,
+                zone: TimeZone::fixed(jiff::tz::offset(1)),
+            },
+        }
+    }
+
     fn services_report(machine: &str) -> Report {
         let mut grafana = status("grafana-server", "FREEZE");
         grafana.info = "frozen for 2h by alice".into();
@@ -1335,8 +1596,7 @@ mod tests {
         let text = render_text(
             &Action::List(ListWhat::Services),
             &[services_report("web1")],
-            false,
-            NOW,
+            &view(false),
         );
         assert_eq!(
             text.stdout,
@@ -1355,12 +1615,12 @@ grafana-server  FREEZE  -             -       2h ago  frozen for 2h by alice
             services_report("web1.example.org"),
             Report {
                 machine: "web2".into(),
-                outcome: Err(CtlError::Remote(
-                    "ssh: connect to host web2 port 22: Connection refused".into(),
+                outcome: Err(CtlError::remote(
+                    "ssh: connect to host web2 port 22: Connection refused",
                 )),
             },
         ];
-        let text = render_text(&Action::List(ListWhat::Services), &reports, true, NOW);
+        let text = render_text(&Action::List(ListWhat::Services), &reports, &view(true));
         assert_eq!(
             text.stdout,
             "\
@@ -1382,7 +1642,7 @@ web2              -               ERROR   -             -       -       ssh: con
                 message: "no service \"x\" on this machine".into(),
             }),
         }];
-        let text = render_text(&parse("status x").action, &reports, false, NOW);
+        let text = render_text(&parse("status x").action, &reports, &view(false));
         assert_eq!(text.stdout, "");
         assert_eq!(text.stderr, "plumbctl: no service \"x\" on this machine\n");
         assert_eq!(exit_code(&reports), 1);
@@ -1392,12 +1652,13 @@ web2              -               ERROR   -             -       -       ssh: con
     fn status_lines_are_aligned() {
         let mut s = status("nginx", "FREEZE");
         s.info = "frozen by alice".into();
+        s.frozen = true;
         s.frozen_until = Some(NOW + 3600);
         let reports = [Report {
             machine: "web1".into(),
             outcome: Ok(Body::Status(s)),
         }];
-        let text = render_text(&parse("status nginx").action, &reports, false, NOW);
+        let text = render_text(&parse("status nginx").action, &reports, &view(false));
         assert_eq!(
             text.stdout,
             "\
@@ -1405,15 +1666,15 @@ service:       nginx
 machine:       web1
 state:         FREEZE
 info:          frozen by alice
-since:         2023-11-14T22:13:20Z (3m ago)
+since:         2023-11-14T23:13:20+01:00 (3m ago)
 upstream:      https://git.example.org/ops.git
 branch:        main
 deployed:      0123456789abcdef0123456789abcdef01234567
 upstream head: fedcba9876543210fedcba9876543210fedcba98
 behind:        0
-frozen until:  2023-11-14T23:16:20Z (in 1h)
+frozen:        until 2023-11-15T00:16:20+01:00 (in 1h)
 dir:           /etc/nginx <- nginx/etc (ro)
-last apply:    ok 0123456789ab 2023-11-14T22:13:50Z (2m ago): reloaded
+last apply:    ok 0123456789ab 2023-11-14T23:13:50+01:00 (2m ago): reloaded
 "
         );
     }
@@ -1433,10 +1694,10 @@ last apply:    ok 0123456789ab 2023-11-14T22:13:50Z (2m ago): reloaded
             },
             Report {
                 machine: "web2".into(),
-                outcome: Err(CtlError::Remote("Connection refused".into())),
+                outcome: Err(CtlError::remote("Connection refused")),
             },
         ];
-        let text = render_text(&parse("status nginx").action, &reports, true, NOW);
+        let text = render_text(&parse("status nginx").action, &reports, &view(true));
         assert_eq!(
             text.stdout,
             "\
@@ -1444,12 +1705,13 @@ host:          web1
 service:       nginx
 machine:       web1
 state:         OK
-since:         2023-11-14T22:13:20Z (3m ago)
+since:         2023-11-14T23:13:20+01:00 (3m ago)
 upstream:      https://git.example.org/ops.git
 branch:        main
 deployed:      -
 upstream head: -
 behind:        -
+frozen:        no
 
 host:  web2
 error: Connection refused
@@ -1481,18 +1743,18 @@ error: Connection refused
         ];
         let action = parse("freeze nginx 1h").action;
         assert_eq!(
-            render_text(&action, &reports[..1], false, NOW).stdout,
+            render_text(&action, &reports[..1], &view(false)).stdout,
             "\
 SERVICE  RESULT  STATE   MESSAGE
-nginx    ok      FREEZE  frozen until 2023-11-14T23:16:20Z
+nginx    ok      FREEZE  frozen until 2023-11-15T00:16:20+01:00 (in 1h)
 "
         );
         assert_eq!(exit_code(&reports[..1]), 0);
         assert_eq!(
-            render_text(&action, &reports, true, NOW).stdout,
+            render_text(&action, &reports, &view(true)).stdout,
             "\
 MACHINE  SERVICE  RESULT  STATE   MESSAGE
-web1     nginx    ok      FREEZE  frozen until 2023-11-14T23:16:20Z
+web1     nginx    ok      FREEZE  frozen until 2023-11-15T00:16:20+01:00 (in 1h)
 web22    nginx    FAILED  FREEZE  already frozen
 "
         );
@@ -1518,7 +1780,7 @@ web22    nginx    FAILED  FREEZE  already frozen
             })),
         }];
         assert_eq!(
-            render_text(&parse("list machines").action, &reports, false, NOW).stdout,
+            render_text(&parse("list machines").action, &reports, &view(false)).stdout,
             "\
 NAME  THIS  SERVICES
 db1   -     postgresql
@@ -1553,16 +1815,16 @@ web1  yes   nginx, grafana-server
             },
             Report {
                 machine: "db1".into(),
-                outcome: Err(CtlError::Remote("Permission denied (publickey).".into())),
+                outcome: Err(CtlError::remote("Permission denied (publickey).")),
             },
         ];
         assert_eq!(
-            render_text(&Action::Log, &reports, true, NOW).stdout,
+            render_text(&Action::Log { limit: None }, &reports, &view(true)).stdout,
             "\
-MACHINE  TIME                  USER   ACTION  SERVICE  RESULT                       ARGUMENTS
-web1     2023-11-14T22:16:20Z  alice  freeze  nginx    ok                           {\"duration\":\"1h\"}
-web1     2023-11-14T22:16:25Z  1001   pull    -        refused: not in group plumb  -
-db1      -                     -      -       -        -                            error: Permission denied (publickey).
+MACHINE  TIME                       USER   ACTION  SERVICE  RESULT                       ARGUMENTS
+web1     2023-11-14T23:16:20+01:00  alice  freeze  nginx    ok                           {\"duration\":\"1h\"}
+web1     2023-11-14T23:16:25+01:00  1001   pull    -        refused: not in group plumb  -
+db1      -                          -      -       -        -                            error: Permission denied (publickey).
 "
         );
     }
@@ -1573,7 +1835,7 @@ db1      -                     -      -       -        -                        
             services_report("web1"),
             Report {
                 machine: "web2".into(),
-                outcome: Err(CtlError::Remote("unreachable".into())),
+                outcome: Err(CtlError::remote("unreachable")),
             },
         ];
         let doc: Vec<Envelope> = serde_json::from_str(&render_json(&reports)).unwrap();
@@ -1588,7 +1850,8 @@ db1      -                     -      -       -        -                        
                 machine: "web2".into(),
                 ok: false,
                 result: None,
-                error: Some("unreachable".into())
+                error: Some("unreachable".into()),
+                detail: None,
             }
         );
         let raw: Value = serde_json::from_str(&render_json(&reports[1..])).unwrap();
@@ -1643,50 +1906,130 @@ db1      -                     -      -       -        -                        
 
     #[test]
     fn relative_times() {
-        assert_eq!(ago(100, 100), "0s ago");
-        assert_eq!(ago(100, 41), "59s ago");
-        assert_eq!(ago(1000, 820), "3m ago");
-        assert_eq!(ago(10_000, 10_000 - 3599), "59m ago");
-        assert_eq!(ago(100_000, 100_000 - 7200), "2h ago");
-        assert_eq!(ago(1_000_000, 1_000_000 - 3 * 86_400 - 5), "3d ago");
-        assert_eq!(ago(100, 280), "in 3m");
+        assert_eq!(relative(100, 100), "0s ago");
+        assert_eq!(relative(100, 41), "59s ago");
+        assert_eq!(relative(1000, 820), "3m ago");
+        assert_eq!(relative(10_000, 10_000 - 3599), "59m ago");
+        assert_eq!(relative(100_000, 100_000 - 7200), "2h ago");
+        assert_eq!(relative(100_000, 100_000 + 5340), "in 1h29m");
+        assert_eq!(relative(1_000_000, 1_000_000 - 3 * 86_400 - 5), "3d ago");
+        assert_eq!(
+            relative(1_000_000, 1_000_000 + 2 * 86_400 + 5 * 3600),
+            "in 2d5h"
+        );
+        assert_eq!(relative(100, 280), "in 3m");
     }
 
     #[test]
-    fn rfc3339_dates() {
-        assert_eq!(rfc3339(0), "1970-01-01T00:00:00Z");
-        assert_eq!(rfc3339(86_399), "1970-01-01T23:59:59Z");
-        assert_eq!(rfc3339(951_782_400), "2000-02-29T00:00:00Z"); // a 400-year leap day
-        assert_eq!(rfc3339(951_868_800), "2000-03-01T00:00:00Z");
-        assert_eq!(rfc3339(1_709_211_909), "2024-02-29T13:05:09Z");
-        assert_eq!(rfc3339(1_735_689_599), "2024-12-31T23:59:59Z");
-        assert_eq!(rfc3339(4_107_542_400), "2100-03-01T00:00:00Z"); // 2100 has no Feb 29
-        assert_eq!(rfc3339(4_107_456_000), "2100-02-28T00:00:00Z");
+    fn times_are_local_rfc3339_with_their_offset() {
+        let clock = view(false).clock;
+        assert_eq!(clock.local(NOW), "2023-11-14T23:16:20+01:00");
+        assert_eq!(
+            clock.when(NOW + 5340),
+            "2023-11-15T00:45:20+01:00 (in 1h29m)"
+        );
+        let utc = Clock {
+            now: 0,
+            zone: TimeZone::UTC,
+        };
+        assert_eq!(utc.local(951_782_400), "2000-02-29T00:00:00+00:00");
+        // No calendar holds it: the number, never a panic.
+        assert_eq!(utc.local(u64::MAX), "18446744073709551615 (unix time)");
     }
 
     #[test]
-    fn civil_dates_agree_with_counting_days() {
-        // Walks day by day from 1970 to 2400 with a plain calendar and compares every date.
-        let (mut y, mut m, mut d) = (1970i64, 1u32, 1u32);
-        for days in 0..(430 * 366) {
-            assert_eq!(civil_from_days(days), (y, m, d), "day {days}");
-            let leap = (y % 4 == 0 && y % 100 != 0) || y % 400 == 0;
-            let month_len = match m {
-                2 if leap => 29,
-                2 => 28,
-                4 | 6 | 9 | 11 => 30,
-                _ => 31,
-            };
-            d += 1;
-            if d > month_len {
-                d = 1;
-                m += 1;
-                if m > 12 {
-                    m = 1;
-                    y += 1;
-                }
-            }
+    fn the_daemons_utc_times_are_shown_local_and_relative() {
+        let clock = view(false).clock;
+        assert_eq!(
+            clock.localize("frozen until 2023-11-15T00:46:20Z; unfreeze to follow upstream"),
+            "frozen until 2023-11-15T01:46:20+01:00 (in 2h30m); unfreeze to follow upstream"
+        );
+        for unchanged in [
+            "",
+            "no times here",
+            "2023-11-15T00:46:20 has no zone",
+            "9999-99-99T99:99:99Z is no time",
+            "ünïcode 2023-11-15",
+        ] {
+            assert_eq!(clock.localize(unchanged), unchanged);
         }
-        assert_eq!(civil_from_days(-1), (1969, 12, 31));
+    }
+
+    #[test]
+    fn ssh_banners_become_one_line_and_a_detail() {
+        let banner = "\
+@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@
+@    WARNING: REMOTE HOST IDENTIFICATION HAS CHANGED!     @
+@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@
+IT IS POSSIBLE THAT SOMEONE IS DOING SOMETHING NASTY!
+Someone could be eavesdropping on you right now (man-in-the-middle attack)!
+Host key verification failed.\r
+";
+        let (line, detail) = ssh_said(banner).unwrap();
+        assert_eq!(line, "WARNING: REMOTE HOST IDENTIFICATION HAS CHANGED!");
+        let detail = detail.unwrap();
+        assert!(detail.starts_with("@@@@"), "{detail}");
+        assert!(
+            detail.ends_with("Host key verification failed."),
+            "{detail}"
+        );
+        let routine = "** WARNING: connection is not using a post-quantum key exchange algorithm.\n\
+                       Warning: Permanently added 'web1' (ED25519) to the list of known hosts.\n\
+                       Permission denied (publickey).\n";
+        assert_eq!(
+            ssh_said(routine).unwrap().0,
+            "Permission denied (publickey)."
+        );
+        assert_eq!(
+            ssh_said("ssh: connect to host h port 22: Connection refused\r\n").unwrap(),
+            (
+                "ssh: connect to host h port 22: Connection refused".to_owned(),
+                None
+            )
+        );
+        assert_eq!(ssh_said(" \n\n"), None);
+
+        // One line in the table, all of it with --verbose, and in the JSON's detail.
+        let output = exec::Output {
+            code: Some(255),
+            stdout: String::new(),
+            stderr: banner.to_owned(),
+        };
+        let action = parse("list services").action;
+        let reports = [Report {
+            machine: "web2".into(),
+            outcome: parse_remote(&action, &output).map(|_| unreachable!()),
+        }];
+        let table = render_text(&action, &reports, &view(true)).stdout;
+        assert_eq!(
+            table.lines().nth(1).unwrap(),
+            "web2     -        ERROR  -         -       -      \
+             WARNING: REMOTE HOST IDENTIFICATION HAS CHANGED! (more with --verbose)"
+        );
+        assert_eq!(table.lines().count(), 2, "{table}");
+        let verbose = View {
+            verbose: true,
+            ..view(true)
+        };
+        let table = render_text(&action, &reports, &verbose).stdout;
+        assert!(
+            table.contains("\nweb2:\n  @@@@")
+                && table.contains("\n  Host key verification failed.\n"),
+            "{table}"
+        );
+        let doc: Vec<Envelope> = serde_json::from_str(&render_json(&reports)).unwrap();
+        assert_eq!(
+            doc[0].error.as_deref(),
+            Some("WARNING: REMOTE HOST IDENTIFICATION HAS CHANGED!")
+        );
+        assert_eq!(doc[0].detail.as_deref(), Some(detail.as_str()));
+        // A remote plumbctl's detail comes through another hop unchanged.
+        let hop = exec::Output {
+            code: Some(1),
+            stdout: render_json(&reports),
+            stderr: String::new(),
+        };
+        let again = parse_remote(&action, &hop).unwrap_err();
+        assert_eq!(again.detail(), Some(detail.as_str()));
     }
 }

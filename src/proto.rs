@@ -91,7 +91,13 @@ pub struct ServiceStatus {
     pub upstream_head: Option<String>,
     /// Commits on the branch after `deployed` that change the service's files (0 when current).
     pub behind: Option<u64>,
-    /// Unix seconds when a freeze ends by itself; `None` with state FREEZE means until unfrozen.
+    /// Not following upstream (a freeze or a rollback's pin), whatever the state shows: a frozen
+    /// service that fails is BROKEN or DIFF and still frozen. Absent from daemons older than the
+    /// field.
+    #[serde(default)]
+    pub frozen: bool,
+    /// Unix seconds when a freeze ends by itself; always present, `null` when not frozen or frozen
+    /// until unfrozen (and always for a pinned service: a pin ends only by an unfreeze).
     pub frozen_until: Option<u64>,
     /// The revision a rollback pinned the service to.
     pub pinned: Option<String>,

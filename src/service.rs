@@ -601,7 +601,9 @@ impl Service {
             }
             Event::Freeze { until } => {
                 self.frozen = true;
-                self.frozen_until = until;
+                // A rollback's pin ends only by an unfreeze: a freeze with a duration on a pinned
+                // service must not end the pin when its time is up.
+                self.frozen_until = until.filter(|_| self.pinned.is_none());
                 if !matches!(self.state, State::Broken | State::Diff) {
                     let info = self.resting_info();
                     self.set(State::Freeze, info, now);
@@ -638,7 +640,15 @@ impl Service {
             Event::Force | Event::Interrupted => self.force = true,
             Event::Tick => {
                 if self.frozen && self.frozen_until.is_some_and(|t| t <= now) {
-                    effects.extend(self.unfreeze(now, false));
+                    if self.pinned.is_some() {
+                        // A pin from a state file of an older plumb, which timed it: it stays.
+                        self.frozen_until = None;
+                        if self.state == State::Freeze {
+                            self.info = self.resting_info();
+                        }
+                    } else {
+                        effects.extend(self.unfreeze(now, false));
+                    }
                 }
             }
             Event::Rollback { target } => {
@@ -838,11 +848,19 @@ impl Service {
             return String::new();
         }
         match (self.pinned, self.frozen_until) {
+            // The service's files at the pinned commit are those of the last commit before it
+            // that changed them: that is the revision deployed, and what an operator sees.
+            (Some(p), _) if self.deployed.is_some_and(|d| d != p) => format!(
+                "rolled back to {}: the service's files there are those of {}; pinned there \
+                 until unfrozen",
+                short(Some(p)),
+                short(self.deployed)
+            ),
             (Some(p), _) => format!(
-                "rolled back to {}; unfreeze to follow upstream",
+                "rolled back to {}; pinned there until unfrozen",
                 short(Some(p))
             ),
-            (None, Some(t)) => format!("frozen until {t} (unix time)"),
+            (None, Some(t)) => format!("frozen until {}", rfc3339(t)),
             (None, None) => "frozen until unfrozen".into(),
         }
     }
@@ -888,6 +906,17 @@ impl Service {
             ..s.clone()
         };
         strip(self) != strip(before)
+    }
+}
+
+/// Unix seconds as UTC RFC 3339 ("2026-12-01T13:03:00Z"), as times appear in messages: readable
+/// in the API and the journal whatever the reader's zone (plumbctl shows them in its own).
+pub fn rfc3339(secs: u64) -> String {
+    let at = std::time::UNIX_EPOCH.checked_add(std::time::Duration::from_secs(secs));
+    match at {
+        // humantime formats years up to 9999; a freeze is at most a hundred years.
+        Some(at) if secs < 253_402_300_800 => humantime::format_rfc3339_seconds(at).to_string(),
+        _ => format!("{secs} (unix time)"),
     }
 }
 
@@ -1345,7 +1374,7 @@ mod tests {
     fn a_freeze_with_a_duration_ends_by_itself() {
         let mut s = deployed();
         s.handle(Event::Freeze { until: Some(100) }, 20);
-        assert!(s.info.contains("100"), "{}", s.info);
+        assert_eq!(s.info, "frozen until 1970-01-01T00:01:40Z");
         assert_eq!(s.handle(Event::Tick, 99), vec![]);
         assert!(s.frozen);
         let fx = s.handle(Event::Tick, 100);
@@ -1403,6 +1432,83 @@ mod tests {
             matches!(fx[0], Effect::Deploy { head, from, .. } if head == oid(4) && from == Some(oid(1)))
         );
         assert_eq!((s.pinned, s.frozen, s.state), (None, false, State::Ok));
+    }
+
+    #[test]
+    fn a_pin_outlives_a_freeze_with_a_duration() {
+        let mut s = deployed();
+        s.handle(fetched(Some(oid(3))), 20);
+        s.handle(
+            Event::Deployed {
+                head: oid(3),
+                revision: Some(oid(3)),
+            },
+            21,
+        );
+        s.handle(Event::Rollback { target: oid(1) }, 30);
+        s.handle(
+            Event::Deployed {
+                head: oid(1),
+                revision: Some(oid(1)),
+            },
+            31,
+        );
+        // The freeze keeps the service where the rollback put it, and its time does not apply.
+        let fx = s.handle(Event::Freeze { until: Some(100) }, 40);
+        assert_eq!(fx, vec![]);
+        assert_eq!(
+            (s.state, s.pinned, s.frozen, s.frozen_until),
+            (State::Freeze, Some(oid(1)), true, None)
+        );
+        assert_eq!(s.handle(Event::Tick, 1000), vec![]);
+        assert_eq!(s.handle(fetched(Some(oid(3))), 1001), vec![]);
+        assert_eq!((s.pinned, s.frozen), (Some(oid(1)), true));
+        assert_eq!(
+            s.info,
+            "rolled back to 010101010101; pinned there until unfrozen"
+        );
+        // A state file of an older plumb may hold a timed pin: the time ends, the pin stays.
+        s.frozen_until = Some(1500);
+        assert_eq!(s.handle(Event::Tick, 1500), vec![Effect::Persist]);
+        assert_eq!(
+            (s.pinned, s.frozen, s.frozen_until, s.state),
+            (Some(oid(1)), true, None, State::Freeze)
+        );
+        // Only an unfreeze ends it.
+        let fx = s.handle(Event::Unfreeze, 1600);
+        assert!(matches!(fx[0], Effect::Deploy { head, .. } if head == oid(3)));
+        assert_eq!((s.pinned, s.frozen), (None, false));
+    }
+
+    #[test]
+    fn a_rollback_to_a_commit_elsewhere_names_the_revision_of_the_services_files() {
+        let mut s = deployed();
+        s.handle(fetched(Some(oid(3))), 20);
+        s.handle(
+            Event::Deployed {
+                head: oid(3),
+                revision: Some(oid(3)),
+            },
+            21,
+        );
+        // Commit 2 changed other services' files only: this one's there are revision 1's.
+        s.handle(Event::Rollback { target: oid(2) }, 30);
+        s.handle(
+            Event::Deployed {
+                head: oid(2),
+                revision: Some(oid(1)),
+            },
+            31,
+        );
+        assert_eq!(
+            (s.state, s.pinned, s.deployed),
+            (State::Freeze, Some(oid(2)), Some(oid(1)))
+        );
+        assert_eq!(
+            s.info,
+            "rolled back to 020202020202: the service's files there are those of 010101010101; \
+             pinned there until unfrozen"
+        );
     }
 
     #[test]

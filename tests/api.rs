@@ -388,6 +388,62 @@ fn groups_decide_who_may_read_and_write_and_every_write_is_audited() {
 }
 
 /// Bad requests get JSON errors with the right status, and are audited like any write.
+/// plumbctl, run as a user the socket keeps out, names the group to join: an admin who is not in
+/// the read-only group (which owns the socket) is told to join it, and a user who was added to it
+/// after the session started is told to log in again.
+#[test]
+fn plumbctl_names_the_group_a_refused_user_needs() {
+    require_root();
+    let root = temp_root();
+    let mut accounts = Accounts::new();
+    let admin_group = accounts.group("pla");
+    let ro_group = accounts.group("plr");
+    let admin_only = accounts.user("pua", &[&admin_group]);
+    let reader = accounts.user("pur", &[&ro_group]);
+    let plumb = Plumb::start(root.path(), &admin_group, &ro_group);
+    let plumbctl = |user: &str, groups: &str| {
+        let out = Command::new("setpriv")
+            .args([
+                &format!("--reuid={user}"),
+                &format!("--regid={}", primary_gid(user)),
+                groups,
+                env!("CARGO_BIN_EXE_plumbctl"),
+                "--socket",
+            ])
+            .arg(&plumb.socket)
+            .args(["list", "services"])
+            .env_remove("PLUMB_SOCKET")
+            .output()
+            .unwrap();
+        assert_eq!(out.status.code(), Some(1), "{out:?}");
+        String::from_utf8_lossy(&out.stderr).into_owned()
+    };
+    let said = plumbctl(&admin_only, "--init-groups");
+    assert!(
+        said.starts_with(&format!(
+            "plumbctl: cannot reach plumb at {}: Permission denied",
+            plumb.socket.display()
+        )),
+        "{said}"
+    );
+    assert!(
+        said.ends_with(&format!(
+            " ({admin_only} is not in group {ro_group}, which the socket is for: an administrator \
+             adds it with `usermod -aG {ro_group} {admin_only}`, admins too; then log in again)\n"
+        )),
+        "{said}"
+    );
+    // In the group in /etc/group, but not in this session's groups.
+    let said = plumbctl(&reader, "--clear-groups");
+    assert!(
+        said.ends_with(&format!(
+            " ({reader} is in group {ro_group}, which the socket is for, but this session \
+             started before that: log in again, or run `newgrp {ro_group}`)\n"
+        )),
+        "{said}"
+    );
+}
+
 #[test]
 fn bad_requests_are_json_errors() {
     require_root();
@@ -574,6 +630,11 @@ fn a_write_the_audit_log_cannot_record_is_not_made() {
         "plumb-test-no-such-admin",
         "plumb-test-no-such-ro",
     );
+    // The first fetch done before the disk fills: one failing on the full disk would clean up
+    // after itself and free the room the audit line needs.
+    wait_until("the first deploy", DEADLINE, || {
+        plumb.curl(None, "GET", "/v1/services/web", None).body["deployed"].is_string()
+    });
     let filler = plumb.state.join("filler");
     let mut file = fs::File::create(&filler).unwrap();
     let chunk = vec![0u8; 64 << 10];

@@ -145,6 +145,7 @@ fn boots_serves_reboots_and_leaves_nothing_behind() {
     for (page, says) in [
         ("plumb", "plumb apply"),
         ("plumbctl", "rollback"),
+        ("8 plumb-generator", "PLUMB_KMSG"),
         ("5 plumb.toml", "allowed_signers"),
     ] {
         let text = c.sh(&format!("MANWIDTH=100 man -P cat {page} 2>/dev/null"));

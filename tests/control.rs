@@ -203,6 +203,130 @@ fn rollback_pins_an_old_revision_until_unfrozen() {
     assert_eq!(d.status("app").pinned, None);
 }
 
+/// `rollback` to a commit that changed other services' files only: the service's files there are
+/// an older revision's, and the answer names both; how far the pin trails the head is known at
+/// once; a timed freeze does not end the pin.
+#[test]
+fn a_rollback_names_the_revision_of_the_services_files_and_outlives_a_timed_freeze() {
+    let root = temp_root();
+    let (up, config, state, v1) = setup(root.path());
+    let elsewhere = up.write("elsewhere/x", "1").commit("elsewhere");
+    let v3 = up.write("app/conf", "3").commit("v3");
+    let d = Running::start(&config);
+    wait_until("first deploy", DEADLINE, || {
+        d.status("app").deployed.as_deref() == Some(v3.as_str())
+    });
+
+    let a = d.act(Command::Rollback {
+        service: "app".into(),
+        revision: elsewhere[..10].to_owned(),
+    });
+    assert!(a.ok, "{a:?}");
+    assert_eq!(conf(&state), "1");
+    assert_eq!(a.status.pinned.as_deref(), Some(elsewhere.as_str()));
+    assert_eq!(a.status.deployed.as_deref(), Some(v1.as_str()));
+    assert_eq!(
+        a.status.info,
+        format!(
+            "rolled back to {}: the service's files there are those of {}; pinned there until \
+             unfrozen",
+            &elsewhere[..12],
+            &v1[..12]
+        )
+    );
+    assert!(a.message.contains(&a.status.info), "{}", a.message);
+    // v3 changed the service's files after the pin: one change behind, in the answer already.
+    assert_eq!(a.status.behind, Some(1));
+    assert_eq!(d.status("app").behind, Some(1));
+    assert!(a.status.frozen && a.status.frozen_until.is_none(), "{a:?}");
+
+    // A freeze for a second on the pinned service: it says the pin stays, and it does.
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs();
+    let a = d.freeze(Some(now + 1));
+    assert!(a.ok);
+    assert_eq!(
+        a.message,
+        format!(
+            "freeze: app stays pinned to {} by its rollback until unfrozen; a pin has no end \
+             time, so the duration does not apply",
+            &elsewhere[..12]
+        )
+    );
+    assert_eq!(a.status.frozen_until, None);
+    // Past the second asked for, a fetch (a pull) still leaves it pinned on the old files.
+    wait_until("the second to pass", DEADLINE, || {
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .as_secs()
+            > now + 1
+    });
+    let a = d.pull(false);
+    assert_eq!(
+        (a.status.state.as_str(), a.status.pinned.as_deref()),
+        ("FREEZE", Some(elsewhere.as_str()))
+    );
+    assert_eq!(conf(&state), "1");
+    assert_eq!(a.status.behind, Some(1));
+}
+
+/// A hash too short or shared by several objects is refused with what to type instead.
+#[test]
+fn a_short_or_ambiguous_hash_gets_a_hint() {
+    let root = temp_root();
+    let (up, config, _state, v1) = setup(root.path());
+    // Enough objects that two of their hashes share their first four characters.
+    for i in 0..1500 {
+        up.write(&format!("bulk/{i}"), &format!("{i}\n"));
+    }
+    up.commit("bulk");
+    let d = Running::start(&config);
+    wait_until("first deploy", DEADLINE, || {
+        d.status("app").deployed.is_some()
+    });
+    let objects = support::git(
+        &up.bare,
+        &[
+            "cat-file",
+            "--batch-all-objects",
+            "--batch-check=%(objectname)",
+        ],
+    );
+    let mut prefixes: Vec<&str> = objects.lines().map(|o| &o[..4]).collect();
+    prefixes.sort();
+    let shared = prefixes
+        .windows(2)
+        .find(|w| w[0] == w[1])
+        .map(|w| w[0])
+        .expect("two objects sharing four characters among 1500");
+    let refusal = |revision: &str| match d.call(Command::Rollback {
+        service: "app".into(),
+        revision: revision.into(),
+    }) {
+        Err(e @ CommandError::Rollback(_)) => e.to_string(),
+        other => panic!("{revision}: {other:?}"),
+    };
+    let m = refusal(shared);
+    assert!(
+        m.starts_with(&format!("unknown revision {shared:?} in "))
+            && m.ends_with(
+                "; more than one object's hash starts with it: give more characters \
+                 (plumbctl status shows whole hashes)"
+            ),
+        "{m}"
+    );
+    let m = refusal(&v1[..3]);
+    assert!(
+        m.ends_with(
+            "; an abbreviated hash needs at least 4 characters (7 or more are rarely ambiguous)"
+        ),
+        "{m}"
+    );
+}
+
 #[test]
 fn a_freeze_survives_a_restart_and_a_timed_one_ends_by_itself() {
     let root = temp_root();

@@ -1,9 +1,10 @@
 //! The generated man pages and completions work with the real tools: `man` renders every page
-//! without a warning and shows every subcommand, bash completes from the script, and the
-//! hand-written plumb.toml(5) names every key of the README's configuration reference.
+//! without a warning and shows every subcommand, its FILES, ENVIRONMENT and EXAMPLES; bash and fish
+//! complete with the scripts (plumbctl's asking the built plumbctl); and the hand-written
+//! plumb.toml(5) names every key of the README's configuration reference.
 //!
-//! Needs `man` and `groff` (`scripts/install-deps.sh` installs them); zsh and fish are checked when
-//! they are installed, and their scripts' content always.
+//! Needs `man` and `groff` (`scripts/install-deps.sh` installs them, and zsh and fish); zsh and fish
+//! are checked when they are installed, and their scripts' content always.
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -59,6 +60,11 @@ fn render(page: &Path) -> String {
     text.replace(['\u{2010}', '\u{2212}'], "-")
 }
 
+/// `text` with its words one space apart, as man justifies lines by widening the spaces.
+fn words(text: &str) -> String {
+    text.split_whitespace().collect::<Vec<_>>().join(" ")
+}
+
 /// Every runnable subcommand as typed (`plumbctl list machines`), from the clap definitions.
 fn subcommand_paths(cmd: &clap::Command, path: &str, out: &mut Vec<String>) {
     for sub in cmd.get_subcommands().filter(|s| !s.is_hide_set()) {
@@ -76,7 +82,8 @@ fn writes_every_file() {
     let (_guard, out) = generate();
     for file in [
         "man/plumb.8",
-        "man/plumbctl.8",
+        "man/plumbctl.1",
+        "man/plumb-generator.8",
         "man/plumb.toml.5",
         "completions/plumb.bash",
         "completions/_plumb",
@@ -97,9 +104,10 @@ fn man_pages_render_cleanly_and_show_every_command_and_option() {
     let (_guard, out) = generate();
     for cmd in docs::commands() {
         let name = cmd.get_name().to_owned();
-        let text = render(&out.join(format!("man/{name}.8")));
+        let section = docs::section(&name);
+        let text = render(&out.join(format!("man/{name}.{section}")));
         assert!(
-            text.contains(&format!("{}(8)", name.to_uppercase())),
+            text.contains(&format!("{}({section})", name.to_uppercase())),
             "{text}"
         );
         let mut paths = Vec::new();
@@ -116,12 +124,94 @@ fn man_pages_render_cleanly_and_show_every_command_and_option() {
                 );
             }
         }
-        for other in ["plumb(8)", "plumbctl(8)", "plumb.toml(5)"] {
-            if other != format!("{name}(8)") {
-                assert!(text.contains(other), "man {name}: SEE ALSO lacks {other}");
-            }
+        page_has_its_sections(&name, &text);
+    }
+}
+
+/// What every page of the set has: a NAME line as whatis(1) shows it, without markup; FILES,
+/// ENVIRONMENT and EXAMPLES (a config file's page has no environment); the other pages in SEE ALSO.
+fn page_has_its_sections(name: &str, text: &str) {
+    let name_line = text
+        .lines()
+        .skip_while(|l| l.trim() != "NAME")
+        .nth(1)
+        .unwrap_or_default();
+    let name_line = words(name_line);
+    assert!(
+        name_line.starts_with(&format!("{name} - ")),
+        "{name}: NAME is {name_line:?}"
+    );
+    assert!(
+        !name_line.contains('`'),
+        "{name}: NAME has markup: {name_line:?}"
+    );
+    let sections: &[&str] = if name == "plumb.toml" {
+        &["FILES", "EXAMPLES", "SEE ALSO"]
+    } else {
+        &["FILES", "ENVIRONMENT", "EXAMPLES", "SEE ALSO"]
+    };
+    for heading in sections {
+        assert!(
+            text.lines().any(|l| l == *heading),
+            "man {name} has no {heading} section:\n{text}"
+        );
+    }
+    for (other, section) in docs::PAGES {
+        if *other != name {
+            let reference = format!("{other}({section})");
+            assert!(
+                text.contains(&reference),
+                "man {name}: SEE ALSO lacks {reference}"
+            );
         }
     }
+}
+
+/// plumbctl is for every member of the read-only group: section 1, a synopsis with its hosts.
+#[test]
+fn plumbctl_is_a_user_command_whose_synopsis_has_hosts() {
+    let (_guard, out) = generate();
+    assert!(!out.join("man/plumbctl.8").exists());
+    let text = render(&out.join("man/plumbctl.1"));
+    assert!(text.starts_with("PLUMBCTL(1)"), "{text}");
+    assert!(text.contains("User Commands"), "{text}");
+    let synopsis: String = text
+        .lines()
+        .skip_while(|l| l.trim() != "SYNOPSIS")
+        .skip(1)
+        .take_while(|l| !l.trim().is_empty())
+        .collect::<Vec<_>>()
+        .join(" ");
+    let synopsis = words(&synopsis);
+    assert_eq!(
+        synopsis,
+        "plumbctl [--json] [-v|--verbose] [--socket PATH] command [argument...] [@host...]"
+    );
+}
+
+/// plumb.service points at plumb-generator(8): the page is shipped and renders.
+#[test]
+fn the_generator_has_its_page() {
+    let (_guard, out) = generate();
+    let text = render(&out.join("man/plumb-generator.8"));
+    assert!(text.starts_with("PLUMB-GENERATOR(8)"), "{text}");
+    let flowing = words(&text);
+    for needle in [
+        "/usr/lib/systemd/system-generators/plumb-generator normal-dir [early-dir late-dir]",
+        "/etc/plumb/plumb.toml.accepted",
+        "PLUMB_CONFIG",
+        "systemd.generator(7)",
+    ] {
+        assert!(
+            flowing.contains(needle),
+            "plumb-generator(8) lacks {needle:?}:\n{text}"
+        );
+    }
+    page_has_its_sections("plumb-generator", &text);
+    let unit =
+        std::fs::read_to_string(Path::new(env!("CARGO_MANIFEST_DIR")).join("units/plumb.service"))
+            .expect("plumb.service");
+    assert!(unit.contains("man:plumb-generator(8)"), "{unit}");
 }
 
 /// plumb.toml(5) is written by hand: it must at least name every key the README's reference
@@ -149,19 +239,28 @@ fn config_page_renders_cleanly_and_names_every_key() {
             "plumb.toml.5 has no entry for {key}"
         );
     }
-    for table in [
-        "[GLOBAL] AND [[SERVICES]]",
-        "[PLUMB]",
-        "EXAMPLE",
-        "SEE ALSO",
-    ] {
+    for table in ["[GLOBAL] AND [[SERVICES]]", "[PLUMB]"] {
         assert!(text.contains(table), "plumb.toml(5) lacks {table}");
     }
+    page_has_its_sections("plumb.toml", &text);
+}
+
+/// The directory of the built plumbctl first on PATH, so the completion scripts ask this build.
+fn path_with_plumbctl() -> String {
+    let bin = Path::new(env!("CARGO_BIN_EXE_plumbctl"))
+        .parent()
+        .expect("plumbctl's directory");
+    format!(
+        "{}:{}",
+        bin.display(),
+        std::env::var("PATH").unwrap_or_default()
+    )
 }
 
 /// Completes `words` (the last one being completed) with the bash script, as bash calls it:
-/// the function gets the command, the current word and the previous word.
-fn bash_complete(script: &Path, words: &[&str]) -> Vec<String> {
+/// the function gets the command, the current word and the previous word. `env` adds to
+/// plumbctl's environment (its socket, HOME).
+fn bash_complete(script: &Path, words: &[&str], env: &[(&str, &str)]) -> Vec<String> {
     let function = format!("_{}", words[0]);
     let quoted: Vec<String> = words.iter().map(|w| format!("'{w}'")).collect();
     let cword = words.len() - 1;
@@ -174,8 +273,28 @@ fn bash_complete(script: &Path, words: &[&str]) -> Vec<String> {
         words[cword],
         words[cword - 1],
     );
-    let (stdout, _) = run("bash", &["-c", &program], &[]);
-    stdout.lines().map(str::to_owned).collect()
+    let path = path_with_plumbctl();
+    let mut env: Vec<(&str, &str)> = env.to_vec();
+    env.push(("PATH", &path));
+    let (stdout, _) = run("bash", &["-c", &program], &env);
+    stdout
+        .lines()
+        .filter(|l| !l.is_empty())
+        .map(str::to_owned)
+        .collect()
+}
+
+/// What fish offers for `line` (`complete -C`) with plumbctl's script loaded.
+fn fish_complete(script: &Path, line: &str, env: &[(&str, &str)]) -> Vec<String> {
+    let path = path_with_plumbctl();
+    let mut env: Vec<(&str, &str)> = env.to_vec();
+    env.push(("PATH", &path));
+    let program = format!("source '{}'; complete -C '{line}'", script.display());
+    let (stdout, _) = run("fish", &["--no-config", "-c", &program], &env);
+    stdout
+        .lines()
+        .map(|l| l.split('\t').next().unwrap_or_default().to_owned())
+        .collect()
 }
 
 #[test]
@@ -187,13 +306,19 @@ fn bash_completion_parses_and_completes() {
         run("bash", &["-n", path.to_str().expect("UTF-8")], &[]);
     }
     let ctl = dir.join("plumbctl.bash");
-    assert_eq!(bash_complete(&ctl, &["plumbctl", "fr"]), ["freeze"]);
+    // No daemon here: subcommands and options still complete.
+    let none = [("PLUMB_SOCKET", "/nonexistent/plumb.sock")];
+    assert_eq!(bash_complete(&ctl, &["plumbctl", "fr"], &none), ["freeze"]);
     assert_eq!(
-        bash_complete(&ctl, &["plumbctl", "pull", "--f"]),
+        bash_complete(&ctl, &["plumbctl", "pull", "--f"], &none),
         ["--force"]
     );
     assert_eq!(
-        bash_complete(&dir.join("plumb.bash"), &["plumb", "check"]),
+        bash_complete(&ctl, &["plumbctl", "@web1", "list", ""], &none),
+        ["machines", "services"]
+    );
+    assert_eq!(
+        bash_complete(&dir.join("plumb.bash"), &["plumb", "check"], &[]),
         ["check-config"]
     );
 }
@@ -221,7 +346,19 @@ fn zsh_and_fish_completions() {
         }
     }
     let ctl = std::fs::read_to_string(dir.join("_plumbctl")).expect("zsh script");
-    assert!(ctl.contains("'freeze:"), "zsh lacks freeze:\n{ctl}");
-    let ctl = std::fs::read_to_string(dir.join("plumbctl.fish")).expect("fish script");
-    assert!(ctl.contains("-a \"freeze\""), "fish lacks freeze:\n{ctl}");
+    assert!(
+        ctl.contains("plumbctl __complete"),
+        "zsh does not ask plumbctl:\n{ctl}"
+    );
+    let plumb = std::fs::read_to_string(dir.join("plumb.fish")).expect("fish script");
+    assert!(
+        plumb.contains("-a \"check-config\""),
+        "fish lacks check-config:\n{plumb}"
+    );
+    if installed("fish") {
+        let none = [("PLUMB_SOCKET", "/nonexistent/plumb.sock")];
+        let fish = dir.join("plumbctl.fish");
+        assert_eq!(fish_complete(&fish, "plumbctl fr", &none), ["freeze"]);
+        assert_eq!(fish_complete(&fish, "plumbctl log --l", &none), ["--limit"]);
+    }
 }

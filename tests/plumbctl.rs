@@ -86,8 +86,16 @@ impl Plumb {
 
     /// `plumbctl --socket <this daemon's socket> <args>`.
     fn ctl(&self, args: &[&str]) -> Output {
+        self.ctl_tz(args, "UTC")
+    }
+
+    /// [`Plumb::ctl`] in the time zone `tz` (a `TZ` value).
+    fn ctl_tz(&self, args: &[&str], tz: &str) -> Output {
         let mut cmd = plumbctl();
-        cmd.arg("--socket").arg(&self.socket).args(args);
+        cmd.arg("--socket")
+            .arg(&self.socket)
+            .args(args)
+            .env("TZ", tz);
         cmd.output().unwrap()
     }
 }
@@ -165,14 +173,28 @@ fn list_freeze_status_pull_rollback_unfreeze_and_log_locally() {
     let machines = expect(&d.ctl(&["list", "machines"]), 0);
     assert_eq!(machines, "NAME     THIS  SERVICES\ntestbox  yes   app\n");
 
-    let out = expect(&d.ctl(&["freeze", "app", "1h"]), 0);
+    // Times in the local zone (here two hours east of UTC), with how far off they are.
+    let out = expect(&d.ctl_tz(&["freeze", "app", "1h"], "<+02>-2"), 0);
     assert!(
-        out.starts_with("SERVICE  RESULT  STATE   MESSAGE\napp      ok      FREEZE  "),
+        out.starts_with("SERVICE  RESULT  STATE   MESSAGE\napp      ok      FREEZE  freeze: FREEZE: frozen until 20"),
         "{out}"
     );
-    let status = expect(&d.ctl(&["status", "app"]), 0);
+    assert!(
+        out.trim_end().ends_with("+02:00 (in 59m)") || out.trim_end().ends_with("+02:00 (in 1h)"),
+        "{out}"
+    );
+    let status = expect(&d.ctl_tz(&["status", "app"], "<+02>-2"), 0);
     assert!(status.contains("\nstate:         FREEZE\n"), "{status}");
-    assert!(status.contains("\nfrozen until:  "), "{status}");
+    let frozen = status
+        .lines()
+        .find(|l| l.starts_with("frozen:        until 20"))
+        .unwrap_or_else(|| panic!("{status}"));
+    assert!(frozen.contains("+02:00 (in "), "{status}");
+    let list = expect(&d.ctl_tz(&["list", "services"], "<+02>-2"), 0);
+    assert!(
+        list.contains("frozen until 20") && list.contains("+02:00 (in "),
+        "{list}"
+    );
     assert!(
         status.contains(&format!("\ndeployed:      {v1}\n")),
         "{status}"
@@ -189,6 +211,19 @@ fn list_freeze_status_pull_rollback_unfreeze_and_log_locally() {
     let out = expect(&d.ctl(&["rollback", "app", &v1[..10]]), 0);
     assert!(out.contains("app      ok      FREEZE"), "{out}");
     assert_eq!(d.deployed("app").as_deref(), Some(v1.as_str()));
+
+    // The audit log keeps the revision as typed and the commit it was resolved to.
+    let doc: Vec<Envelope> =
+        serde_json::from_str(&expect(&d.ctl(&["log", "--json", "--limit", "1"]), 0)).unwrap();
+    let entries: Vec<proto::AuditEntry> =
+        serde_json::from_value(doc[0].result.clone().unwrap()).unwrap();
+    assert_eq!(entries.len(), 1);
+    assert_eq!(
+        entries[0].arguments,
+        serde_json::json!({"revision": &v1[..10], "resolved": v1})
+    );
+    let last_two = expect(&d.ctl(&["log", "--limit", "2"]), 0);
+    assert_eq!(last_two.lines().count(), 3, "{last_two}");
 
     let log = expect(&d.ctl(&["log"]), 0);
     let actions: Vec<&str> = log
@@ -252,11 +287,9 @@ fn refusals_are_exit_1_and_usage_errors_exit_2() {
     let err = text(&out.stderr);
     assert!(
         err.starts_with(&format!(
-            "plumbctl: cannot reach plumb at {} (is plumb running?",
+            "plumbctl: cannot reach plumb at {}: No such file or directory (os error 2) (is plumb running?",
             root.path().join("absent.sock").display()
-        )) && err
-            .trim_end()
-            .ends_with("No such file or directory (os error 2)"),
+        )),
         "{err}"
     );
 }
@@ -285,6 +318,25 @@ fn json_is_one_array_with_the_proto_bodies() {
     assert!(result.ok);
     assert_eq!(result.status.state, "FREEZE");
     assert_eq!(result.status.frozen_until, None);
+    assert!(result.status.frozen);
+
+    // `frozen` and `frozen_until` are there whatever the state; without @host the document is
+    // still an array, of one.
+    let raw: serde_json::Value =
+        serde_json::from_str(&expect(&d.ctl(&["--json", "status", "app"]), 0)).unwrap();
+    assert_eq!(raw[0]["result"]["frozen"], serde_json::json!(true));
+    assert_eq!(raw[0]["result"]["frozen_until"], serde_json::Value::Null);
+    expect(&d.ctl(&["unfreeze", "app"]), 0);
+    let raw: serde_json::Value =
+        serde_json::from_str(&expect(&d.ctl(&["--json", "list", "services"]), 0)).unwrap();
+    assert_eq!(raw.as_array().map(Vec::len), Some(1), "{raw}");
+    let app = &raw[0]["result"]["services"][0];
+    assert_eq!(app["frozen"], serde_json::json!(false), "{app}");
+    assert!(
+        app.get("frozen_until")
+            .is_some_and(serde_json::Value::is_null),
+        "{app}"
+    );
 
     let out = d.ctl(&["--json", "status", "nope"]);
     let doc: serde_json::Value = serde_json::from_str(&expect(&out, 1)).unwrap();
@@ -294,6 +346,84 @@ fn json_is_one_array_with_the_proto_bodies() {
         serde_json::json!([{"machine": machine, "ok": false, "error": "no service \"nope\" on this machine"}])
     );
     assert_eq!(text(&out.stderr), "");
+}
+
+/// What bash's completion of plumbctl (the generated script, asking the built plumbctl) offers
+/// for the last of `words`, with `env` added.
+fn bash_complete(words: &[&str], env: &[(&str, &std::ffi::OsStr)]) -> Vec<String> {
+    let docs = tempfile::tempdir().unwrap();
+    plumb::docs::write_docs(docs.path()).unwrap();
+    let script = docs.path().join("completions/plumbctl.bash");
+    let quoted: Vec<String> = words.iter().map(|w| format!("'{w}'")).collect();
+    let program = format!(
+        "source '{}'; COMP_WORDS=({}); COMP_CWORD={}; _plumbctl; printf '%s\\n' \"${{COMPREPLY[@]}}\"",
+        script.display(),
+        quoted.join(" "),
+        words.len() - 1
+    );
+    let bin = Path::new(env!("CARGO_BIN_EXE_plumbctl")).parent().unwrap();
+    let path = format!("{}:{}", bin.display(), std::env::var("PATH").unwrap());
+    let out = Command::new("bash")
+        .args(["-c", &program])
+        .env("PATH", path)
+        .env_remove("PLUMB_SOCKET")
+        .envs(env.iter().copied())
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", show(&out));
+    text(&out.stdout)
+        .lines()
+        .filter(|l| !l.is_empty())
+        .map(str::to_owned)
+        .collect()
+}
+
+/// Completion offers the services of the local daemon and the hosts of the user's ssh files.
+#[test]
+fn completion_offers_the_daemons_services_and_ssh_hosts() {
+    require_root();
+    let root = temp_root();
+    let (_up, config, v1) = setup(root.path());
+    let d = Plumb::start(root.path(), &config);
+    wait_until("first deploy", DEADLINE, || {
+        d.deployed("app").as_deref() == Some(v1.as_str())
+    });
+    let home = root.path().join("home");
+    std::fs::create_dir_all(home.join(".ssh")).unwrap();
+    std::fs::write(
+        home.join(".ssh/config"),
+        "Host web1 web2\n  HostName 192.0.2.1\nHost *.internal\n",
+    )
+    .unwrap();
+    std::fs::write(
+        home.join(".ssh/known_hosts"),
+        "[webgit.example.org]:2222 ssh-ed25519 AAAA\n|1|x=|y= ssh-ed25519 AAAA\n",
+    )
+    .unwrap();
+    let socket = d.socket.clone();
+    let env = [
+        ("PLUMB_SOCKET", socket.as_os_str()),
+        ("HOME", home.as_os_str()),
+    ];
+    assert_eq!(bash_complete(&["plumbctl", "freeze", ""], &env), ["app"]);
+    assert_eq!(
+        bash_complete(&["plumbctl", "@web1", "status", "a"], &env),
+        ["app"]
+    );
+    assert_eq!(
+        bash_complete(
+            &["plumbctl", "--socket", socket.to_str().unwrap(), "wipe", ""],
+            &[("HOME", home.as_os_str())]
+        ),
+        ["app"]
+    );
+    assert_eq!(
+        bash_complete(&["plumbctl", "status", "app", "@web"], &env),
+        ["@web1", "@web2", "@webgit.example.org"]
+    );
+    // The daemon gone: no services, and no error on the terminal.
+    drop(d);
+    assert!(bash_complete(&["plumbctl", "freeze", ""], &env).is_empty());
 }
 
 /// A port on 127.0.0.1 that nothing listens on.
@@ -404,4 +534,51 @@ fn hosts_are_asked_through_ssh_and_an_unreachable_one_is_a_row() {
         blocks,
         "host:  good\nerror: no service \"nope\" on this machine\n"
     );
+
+    // The host's key changed (known_hosts holds another): ssh's banner is one line in the table,
+    // all of it with --verbose and in the JSON's detail.
+    let wrong_key = std::fs::read_to_string(sshd.client_key.with_extension("pub")).unwrap();
+    let wrong_key: Vec<&str> = wrong_key.split_whitespace().take(2).collect();
+    let changed_hosts = root.path().join("known_hosts.changed");
+    std::fs::write(
+        &changed_hosts,
+        format!("[127.0.0.1]:{} {}\n", sshd.port, wrong_key.join(" ")),
+    )
+    .unwrap();
+    let mismatch = ssh.replace(
+        &sshd.known_hosts.display().to_string(),
+        &changed_hosts.display().to_string(),
+    );
+    let ctl = |args: &[&str]| {
+        plumbctl()
+            .args(args)
+            .env("PLUMBCTL_SSH", &mismatch)
+            .env("PLUMBCTL_REMOTE", &remote)
+            .output()
+            .unwrap()
+    };
+    let table = expect(&ctl(&["list", "services", "@good"]), 1);
+    let lines: Vec<&str> = table.lines().collect();
+    assert_eq!(lines.len(), 2, "{table}");
+    assert!(
+        lines[1].ends_with(
+            "ERROR  -         -       -      WARNING: REMOTE HOST IDENTIFICATION HAS CHANGED! \
+             (more with --verbose)"
+        ),
+        "{table}"
+    );
+    let verbose = expect(&ctl(&["list", "services", "@good", "--verbose"]), 1);
+    assert!(
+        verbose.contains("\ngood:\n  @@@")
+            && verbose.contains("\n  Host key verification failed.\n"),
+        "{verbose}"
+    );
+    let doc: Vec<Envelope> =
+        serde_json::from_str(&expect(&ctl(&["--json", "list", "services", "@good"]), 1)).unwrap();
+    assert_eq!(
+        doc[0].error.as_deref(),
+        Some("WARNING: REMOTE HOST IDENTIFICATION HAS CHANGED!")
+    );
+    let detail = doc[0].detail.as_deref().unwrap_or_default();
+    assert!(detail.contains("Host key verification failed."), "{detail}");
 }

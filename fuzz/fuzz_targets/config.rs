@@ -40,7 +40,7 @@ fuzz_target!(|data: &[u8]| {
     // The daemon and apply schedule with `Instant::now() + duration`: every duration must fit.
     let fits = |d: Duration| Instant::now().checked_add(d.saturating_mul(2)).is_some();
     let st = &config.settings;
-    for d in [st.interval, st.jitter, st.fetch_timeout] {
+    for d in [st.interval, st.jitter_for(st.interval), st.fetch_timeout] {
         assert!(fits(d), "duration {d:?} in [plumb] overflows an Instant");
     }
     for s in &config.services {

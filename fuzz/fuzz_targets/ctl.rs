@@ -34,7 +34,7 @@ fn actions() -> Vec<Action> {
         },
         Action::Wipe { service: service() },
         Action::Diff { service: service() },
-        Action::Log,
+        Action::Log { limit: Some(5) },
     ]
 }
 
@@ -65,7 +65,17 @@ fuzz_target!(|data: &[u8]| {
         let _ = ctl::exit_code(&reports);
         for now in NOWS {
             for with_machine in [false, true] {
-                let _ = ctl::render_text(&action, &reports, with_machine, now);
+                for verbose in [false, true] {
+                    let view = ctl::View {
+                        with_machine,
+                        verbose,
+                        clock: ctl::Clock {
+                            now,
+                            zone: jiff::tz::TimeZone::fixed(jiff::tz::offset(-5)),
+                        },
+                    };
+                    let _ = ctl::render_text(&action, &reports, &view);
+                }
             }
         }
     }

@@ -1,7 +1,7 @@
 //! `plumb`: the daemon, and `plumb check-config` for deploy pipelines. Parses arguments and calls into
 //! the library.
 
-use std::io::IsTerminal;
+use std::io::{IsTerminal, Write};
 use std::path::Path;
 use std::process::ExitCode;
 
@@ -31,9 +31,11 @@ fn main() -> ExitCode {
         logs.init();
     }
     let result = match &cli.command {
-        Some(Command::CheckConfig { file }) => {
-            check_config(file.as_ref().unwrap_or(&cli.config), &cli.hosts)
-        }
+        Some(Command::CheckConfig { file }) => check_config(
+            file.as_ref().unwrap_or(&cli.config),
+            &cli.hosts,
+            cli.state_dir.as_deref(),
+        ),
         Some(Command::Apply { service }) => {
             Ok(plumb::apply::command(&cli.config, &cli.hosts, service))
         }
@@ -48,7 +50,11 @@ fn main() -> ExitCode {
     }
 }
 
-fn check_config(file: &Path, aliases: &[String]) -> anyhow::Result<ExitCode> {
+fn check_config(
+    file: &Path,
+    aliases: &[String],
+    state_dir: Option<&Path>,
+) -> anyhow::Result<ExitCode> {
     // A directory is a bootstrap directory: its config must also leave plumb's own name free.
     let bootstrap = file.is_dir();
     let loaded = if bootstrap {
@@ -60,20 +66,18 @@ fn check_config(file: &Path, aliases: &[String]) -> anyhow::Result<ExitCode> {
     } else {
         Config::load(file).map_err(Into::into)
     };
-    let config = match loaded {
+    let mut config = match loaded {
         Ok(c) => c,
         Err(e) => {
             eprintln!("{}", Chain(&e));
             return Ok(ExitCode::FAILURE);
         }
     };
+    if let Some(dir) = state_dir {
+        config.use_state_dir(dir);
+    }
     let file = config.path.clone();
     let hosts = config.machine_names(aliases);
-    if !config.keys.is_empty() {
-        println!(
-            "note: [global] keys is accepted and ignored: plumb's API is reached through sshd and unix groups"
-        );
-    }
     let services = match config.select(&hosts) {
         Ok(s) => s,
         Err(e) => {
@@ -81,52 +85,108 @@ fn check_config(file: &Path, aliases: &[String]) -> anyhow::Result<ExitCode> {
             return Ok(ExitCode::FAILURE);
         }
     };
-    println!(
-        "{}: valid; {} service(s) in all, {} for this machine ({})",
+    let mut out = String::new();
+    if !config.keys.is_empty() {
+        out.push_str(
+            "note: gitopper's keys are accepted and ignored: plumb's API is reached through sshd \
+             and unix groups\n",
+        );
+    }
+    out.push_str(&format!(
+        "{}: valid; {} service(s) in all, {} for this machine ({})\n",
         file.display(),
         config.services.len(),
         services.len(),
         hosts.join(", ")
-    );
+    ));
     for s in services {
-        println!("\n[{}] machine {}", s.name, s.machine);
-        println!("  upstream  {}", plumb::git::redact_url(&s.upstream));
-        println!("  branch    {}", s.branch);
-        println!("  checkout  {}", s.checkout_dir().display());
-        println!("  action    {}", s.action);
+        out.push_str(&format!("\n[{}] machine {}\n", s.name, s.machine));
+        let mut line = |key: &str, value: String| out.push_str(&format!("  {key:<9} {value}\n"));
+        line("upstream", plumb::git::redact_url(&s.upstream));
+        line("branch", s.branch.clone());
+        line("checkout", s.checkout_dir().display().to_string());
+        line("action", s.action.to_string());
         if let Some(p) = &s.package {
-            println!("  package   {p}");
+            line("package", p.clone());
         }
         if let Some(u) = &s.user {
-            println!("  user      {u}");
+            line("user", u.clone());
+        }
+        if let Some(c) = &s.check {
+            let timeout = humantime::format_duration(c.timeout);
+            line("check", format!("{} (within {timeout})", c.command));
+        }
+        if let Some(h) = &s.health {
+            let mut what = Vec::new();
+            if let Some(command) = &h.command {
+                what.push(command.clone());
+            }
+            if let Some(url) = &h.url {
+                what.push(format!("GET {}", plumb::git::redact_url(url)));
+            }
+            line(
+                "health",
+                format!(
+                    "{} (after {} up, within {})",
+                    what.join(" and "),
+                    humantime::format_duration(h.settle),
+                    humantime::format_duration(h.timeout)
+                ),
+            );
+        }
+        if s.noop {
+            line(
+                "noop",
+                "yes: reports what it would deploy, deploys nothing".into(),
+            );
         }
         for d in &s.dirs {
-            let kind = if d.file { "file" } else { "dir " };
-            println!("  {kind}      {} -> {}", d.link, d.local.display());
+            let kind = if d.file { "file" } else { "dir" };
+            let ro = if d.ro { " (read-only)" } else { "" };
+            line(kind, format!("{} -> {}{ro}", d.link, d.local.display()));
         }
     }
+    print(&out)?;
     Ok(ExitCode::SUCCESS)
+}
+
+/// Writes `text` to standard output. A reader that went away (`plumb check-config | head`) is
+/// not an error worth a message: the rest is not wanted.
+fn print(text: &str) -> anyhow::Result<()> {
+    let mut stdout = std::io::stdout().lock();
+    match stdout
+        .write_all(text.as_bytes())
+        .and_then(|()| stdout.flush())
+    {
+        Err(e) if e.kind() != std::io::ErrorKind::BrokenPipe => {
+            Err(e).context("writing to standard output")
+        }
+        _ => Ok(()),
+    }
 }
 
 fn serve(cli: Cli) -> anyhow::Result<ExitCode> {
     // Read here too for the API's socket and groups; the daemon validates and reports it the same
     // way. In bootstrap mode there may be none yet: then the defaults hold until a restart.
     let bootstrap = cli.bootstrap();
-    let config = bootstrap::load_config(&cli.config, bootstrap.is_some())?;
+    let mut config = bootstrap::load_config(&cli.config, bootstrap.is_some())?;
+    if let Some(dir) = &cli.state_dir {
+        config.use_state_dir(dir);
+    }
     if !config.keys.is_empty() {
         tracing::warn!(
-            "[global] keys is ignored: plumb's API is the local socket {} for the unix groups {:?} \
+            "gitopper's keys are ignored: plumb's API is the local socket {} for the unix groups {:?} \
              (read and write) and {:?} (read); other machines are reached through sshd (plumbctl @host)",
             config.settings.socket.display(),
             config.settings.admin_group,
             config.settings.readonly_group
         );
     }
-    let state_dir = cli
-        .state_dir
-        .clone()
-        .unwrap_or_else(|| config.settings.state_dir.clone());
-    let access = plumb::api::Access::new(&config, config.machine_names(&cli.hosts), &state_dir);
+    let access = plumb::api::Access::new(
+        &config,
+        config.machine_names(&cli.hosts),
+        &config.settings.state_dir,
+    );
     let metrics_address = match &cli.metrics_address {
         Some(a) => plumb::config::parse_metrics_address(a)
             .map_err(|e| anyhow::anyhow!("--metrics-address: {e}"))?,
@@ -224,6 +284,7 @@ fn serve(cli: Cli) -> anyhow::Result<ExitCode> {
         anyhow::Ok(summary?)
     })?;
     if cli.once {
+        let mut out = String::new();
         for (name, s) in &summary.services {
             let deployed = plumb::service::short(s.deployed());
             let mut notes = s
@@ -238,12 +299,13 @@ fn serve(cli: Cli) -> anyhow::Result<ExitCode> {
                     w.files
                 ));
             }
-            println!(
-                "{name:<24} {:<8} {deployed}  {}{notes}",
+            out.push_str(&format!(
+                "{name:<24} {:<8} {deployed}  {}{notes}\n",
                 s.state().as_str(),
                 s.info()
-            );
+            ));
         }
+        print(&out)?;
         if !summary.healthy() {
             return Ok(ExitCode::FAILURE);
         }

@@ -3,7 +3,6 @@
 
 use std::io::Write;
 use std::process::ExitCode;
-use std::time::{SystemTime, UNIX_EPOCH};
 
 use anyhow::Context;
 use clap::Parser;
@@ -28,6 +27,16 @@ fn run() -> anyhow::Result<ExitCode> {
             return Ok(ExitCode::from(2));
         }
     };
+    // The shells' completion scripts ask this hidden command for the candidates of a word.
+    if args.first().map(String::as_str) == Some(ctl::complete::COMMAND) {
+        let mut out = std::io::stdout().lock();
+        for candidate in ctl::complete::candidates(&args[1..]) {
+            if writeln!(out, "{candidate}").is_err() {
+                break;
+            }
+        }
+        return Ok(ExitCode::SUCCESS);
+    }
     let split = match ctl::split_hosts(&args) {
         Ok(split) => split,
         Err(e) => {
@@ -42,11 +51,12 @@ fn run() -> anyhow::Result<ExitCode> {
     let (stdout, stderr) = if cli.json {
         (ctl::render_json(&reports), String::new())
     } else {
-        let now = SystemTime::now()
-            .duration_since(UNIX_EPOCH)
-            .map(|d| d.as_secs())
-            .unwrap_or(0);
-        let text = ctl::render_text(&cli.action, &reports, !split.hosts.is_empty(), now);
+        let view = ctl::View {
+            with_machine: !split.hosts.is_empty(),
+            verbose: cli.verbose,
+            clock: ctl::Clock::system(),
+        };
+        let text = ctl::render_text(&cli.action, &reports, &view);
         (text.stdout, text.stderr)
     };
     // A closed pipe (`plumbctl ... | head`) is not worth a panic.

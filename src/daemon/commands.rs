@@ -8,7 +8,7 @@ use tokio::sync::mpsc;
 use tokio::time::Instant;
 use tracing::{debug, info, warn};
 
-use super::{Daemon, Done, Waiter, deploy, unix_now};
+use super::{Daemon, Done, Waiter, deploy, fetch, unix_now};
 use crate::apply;
 use crate::config;
 use crate::git::{self, Oid, Store};
@@ -42,7 +42,19 @@ impl Daemon {
                 }
                 info!(service = %service, until, "frozen by an operator");
                 self.feed(&service, Event::Freeze { until }, now, tx);
-                let _ = reply.send(Ok(self.action(&service, "freeze")));
+                let mut answer = self.action(&service, "freeze");
+                let pinned = self.services.get(&service).and_then(|e| e.state.pinned());
+                if let (Some(_), Some(pinned), Reply::Action(result)) = (until, pinned, &mut answer)
+                {
+                    // The state machine keeps a pin until an unfreeze: say so, since the caller
+                    // asked for an end.
+                    result.message = format!(
+                        "freeze: {service} stays pinned to {} by its rollback until unfrozen; \
+                         a pin has no end time, so the duration does not apply",
+                        service::short(Some(pinned))
+                    );
+                }
+                let _ = reply.send(Ok(answer));
             }
             Command::Unfreeze(service) => {
                 if let Err(e) = known(self, &service) {
@@ -71,12 +83,26 @@ impl Daemon {
                     return;
                 }
                 let head = entry.state.upstream().or(entry.state.synced());
+                let links = entry.config.links();
                 let stores = self.layout.stores();
                 let tx = tx.clone();
                 let trust = self.config.settings.upstream(&url);
                 // Read-only: safe beside a fetch running on the same store.
                 tokio::task::spawn_blocking(move || {
-                    let result = deploy::resolve_in_history(&stores, &url, &revision, head, &trust);
+                    let result = deploy::resolve_in_history(&stores, &url, &revision, head, &trust)
+                        .map(|target| {
+                            // How far the pin trails the head, counted now: the answer and every
+                            // view show it at once, not from the next fetch on.
+                            let behind = head.and_then(|head| {
+                                Store::open_readonly(&stores, &url)
+                                    .and_then(|s| {
+                                        s.changes_since(target, head, &links, fetch::BEHIND_LIMIT)
+                                    })
+                                    .ok()
+                                    .flatten()
+                            });
+                            (target, behind)
+                        });
                     let _ = tx.blocking_send(Done::Resolved {
                         service,
                         result,
@@ -221,6 +247,7 @@ impl Daemon {
             deployed: hex(s.deployed()),
             upstream_head: hex(s.upstream()),
             behind: e.behind,
+            frozen: s.frozen(),
             frozen_until: s.frozen_until(),
             pinned: hex(s.pinned()),
             dirs: c

@@ -275,9 +275,13 @@ pub enum RollbackError {
     /// The store could not be opened or its history walked.
     #[error(transparent)]
     Store(GitError),
-    /// What the operator typed names no commit.
-    #[error("unknown revision {revision:?} in {url}")]
-    Unknown { revision: String, url: String },
+    /// What the operator typed names no commit; `hint` says what to try (or is empty).
+    #[error("unknown revision {revision:?} in {url}{hint}")]
+    Unknown {
+        revision: String,
+        url: String,
+        hint: &'static str,
+    },
     /// Nothing was fetched yet.
     #[error("the service has no branch head yet to roll back on")]
     NoHead,
@@ -300,10 +304,7 @@ pub(super) fn resolve_in_history(
     let store = Store::open_readonly(stores, url).map_err(RollbackError::Store)?;
     let target = store
         .resolve(revision)
-        .map_err(|_| RollbackError::Unknown {
-            revision: revision.to_owned(),
-            url: git::redact_url(url),
-        })?;
+        .map_err(|e| unknown_revision(revision, url, &e))?;
     let head = head.ok_or(RollbackError::NoHead)?;
     match store.in_history(target, head) {
         Ok(true) if upstream.verifies() => {
@@ -319,6 +320,29 @@ pub(super) fn resolve_in_history(
             target,
         }),
         Err(e) => Err(RollbackError::Store(e)),
+    }
+}
+
+/// Why `revision` names no commit, with what to try: an abbreviated hash too short to be one, or
+/// one that more than one object starts with, asks for more of the hash.
+fn unknown_revision(revision: &str, url: &str, e: &GitError) -> RollbackError {
+    let hex = !revision.is_empty() && revision.bytes().all(|b| b.is_ascii_hexdigit());
+    let ambiguous = matches!(e, GitError::Resolve { source, .. } if source.code() == git2::ErrorCode::Ambiguous);
+    let hint = if hex && revision.len() < 4 {
+        "; an abbreviated hash needs at least 4 characters (7 or more are rarely ambiguous)"
+    } else if ambiguous {
+        "; more than one object's hash starts with it: give more characters \
+         (plumbctl status shows whole hashes)"
+    } else if hex {
+        "; no commit fetched starts with it: is it on the branch upstream? \
+         (plumbctl pull fetches)"
+    } else {
+        ""
+    };
+    RollbackError::Unknown {
+        revision: revision.to_owned(),
+        url: git::redact_url(url),
+        hint,
     }
 }
 

@@ -219,10 +219,11 @@ enum Done {
         revision: Oid,
         error: Option<String>,
     },
-    /// A rollback's revision, resolved in the store (or why not).
+    /// A rollback's revision, resolved in the store, with the changes of the service's files
+    /// after it (or why not).
     Resolved {
         service: String,
-        result: Result<Oid, deploy::RollbackError>,
+        result: Result<(Oid, Option<u64>), deploy::RollbackError>,
         reply: oneshot::Sender<Result<Reply, CommandError>>,
     },
 }
@@ -257,7 +258,12 @@ struct Daemon {
 
 /// Reads the config and its text (none yet is an empty one in bootstrap mode).
 fn read_config(opts: &Options) -> Result<(Config, Option<String>), ConfigError> {
-    bootstrap::read_config(&opts.config, opts.bootstrap.is_some())
+    let (mut config, text) = bootstrap::read_config(&opts.config, opts.bootstrap.is_some())?;
+    if let Some(dir) = &opts.state_dir {
+        // The default checkouts move with --state-dir, as the stores and the state do.
+        config.use_state_dir(dir);
+    }
+    Ok((config, text))
 }
 
 /// This machine's services in `config`, and plumb itself in bootstrap mode.
@@ -376,7 +382,7 @@ impl Daemon {
     fn adopt(&mut self, selected: Vec<config::Service>) {
         let s = &self.config.settings;
         self.interval = self.opts.interval.unwrap_or(s.interval);
-        self.jitter = s.jitter.min(self.interval / 2);
+        self.jitter = s.jitter_for(self.interval);
         self.transport = git::Transport {
             ssh_key: s.ssh_key.clone(),
             known_hosts: s.known_hosts.clone(),
@@ -496,7 +502,7 @@ impl Daemon {
 
     fn reload(&mut self) {
         info!(config = %self.opts.config.display(), "re-reading the configuration");
-        let (config, text) = match read_config(&self.opts) {
+        let (mut config, text) = match read_config(&self.opts) {
             Ok(read) => read,
             Err(e) => {
                 self.config_text = std::fs::read_to_string(&self.opts.config).ok();
@@ -504,6 +510,10 @@ impl Daemon {
             }
         };
         self.config_text = text;
+        // state_dir takes effect at a restart: until then the default checkouts stay in the one
+        // in use, with the stores and state.
+        let moved_state_dir = config.settings.state_dir != self.layout.root();
+        config.use_state_dir(self.layout.root());
         let selected = match select(&self.opts, &config, &self.layout) {
             Ok(s) => s,
             Err(e) => return self.refuse_config(error::chain(&e)),
@@ -515,9 +525,7 @@ impl Daemon {
         if let Some(text) = &self.config_text {
             persist::keep_accepted(&self.opts.config, text);
         }
-        if self.opts.state_dir.is_none()
-            && config.settings.state_dir != self.config.settings.state_dir
-        {
+        if self.opts.state_dir.is_none() && moved_state_dir {
             warn!("state_dir changed; it takes effect at the next restart");
         }
         let (old, new) = (&self.config.settings, &config.settings);
@@ -544,9 +552,7 @@ impl Daemon {
             // The listeners are bound at start; their settings are not re-read.
             warn!(settings = ?changed, "changed; they take effect at the next restart (systemctl restart plumb)");
         }
-        let state_dir = self.config.settings.state_dir.clone();
         self.config = config;
-        self.config.settings.state_dir = state_dir;
         self.adopt(selected);
         if let Some(systemd) = self.systemd.clone() {
             // The generator reads the config: let systemd run it again for new mounts and units.
@@ -779,12 +785,11 @@ impl Daemon {
                 Err(e) => {
                     let _ = reply.send(Err(CommandError::Rollback(Arc::new(e))));
                 }
-                Ok(target) => {
-                    let Some(url) = self
-                        .services
-                        .get(&service)
-                        .map(|e| e.config.upstream.clone())
-                    else {
+                Ok((target, behind)) => {
+                    let Some(url) = self.services.get_mut(&service).map(|e| {
+                        e.behind = behind;
+                        e.config.upstream.clone()
+                    }) else {
                         let _ = reply.send(Err(CommandError::UnknownService(service)));
                         return;
                     };
@@ -808,9 +813,13 @@ impl Daemon {
                         continue; // removed by a reload meanwhile
                     };
                     if let Event::Deployed { head, .. } = &event {
-                        // At the branch head its files are current; after a rollback the next
-                        // fetch counts.
-                        entry.behind = (Some(*head) == entry.state.upstream()).then_some(0);
+                        // At the branch head its files are current; at a rollback's pin the
+                        // count was made when it was resolved; elsewhere the next fetch counts.
+                        if Some(*head) == entry.state.upstream() {
+                            entry.behind = Some(0);
+                        } else if Some(*head) != entry.state.pinned() {
+                            entry.behind = None;
+                        }
                         entry.behind_at = None;
                     }
                     let rebuilt = self.rebind.remove(&name);

@@ -149,7 +149,9 @@ impl Context {
 
 fn stopped_error(stop: Stop) -> io::Error {
     match stop {
-        Stop::Cancelled => io::Error::new(io::ErrorKind::Interrupted, "cancelled"),
+        // Not `Interrupted`: `write_all` and `read_exact` retry those forever, and libgit2 writes
+        // a last flush packet with `write_all` when it closes a cancelled fetch.
+        Stop::Cancelled => io::Error::other("cancelled"),
         Stop::TimedOut(_) => io::Error::new(io::ErrorKind::TimedOut, "timed out"),
     }
 }
@@ -335,5 +337,8 @@ mod tests {
         transport.cancel.store(true, Ordering::Relaxed);
         assert!(!ctx.keep_going());
         assert!(matches!(ctx.stopped(), Some(Stop::Cancelled)));
+        // A cancelled write fails once, and is not retried by `write_all`.
+        let err = ctx.check().unwrap_err();
+        assert_ne!(err.kind(), io::ErrorKind::Interrupted);
     }
 }

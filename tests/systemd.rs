@@ -151,7 +151,7 @@ fn client_waits_for_jobs_and_reports_their_results() {
             "{e}"
         );
         assert!(
-            e.to_string().starts_with("reload t-noreload.service: "),
+            plumb::error::chain(&e).starts_with("reload t-noreload.service: "),
             "{e}"
         );
         let e = sd.start("t-missing.service").await.unwrap_err();

@@ -206,7 +206,7 @@ plumb_idle() {
   strace=$!; BG_PIDS+=("$strace")
   wait_for "${DEPLOY_WAIT:-60}" deployed "$d/state" "$n"
   pid=$(pgrep -P "$strace" -x plumb)
-  f=$(fetches "$d/traced.log"); wait_for $((ticks * 5 + 30)) fetches_at_least "$d/traced.log" $((f + ticks + 1))
+  f=$(fetches "$d/traced.log"); wait_for $((ticks * 5 + ${DEPLOY_WAIT:-30})) fetches_at_least "$d/traced.log" $((f + ticks + 1))
   kill "$pid"; wait "$strace" || true
   # execve calls that succeeded, less the daemon's own.
   echo "spawned $(($(grep -c 'execve(.*= 0$' "$d/strace.log") - 1))" > "$d/figures"
@@ -217,7 +217,7 @@ plumb_idle() {
   pid=$!; BG_PIDS+=("$pid")
   wait_for 30 fetches_at_least "$d/plumb.log" 2
   c0=$(fetches "$d/plumb.log"); l0=$(requests); cpu0=$(cpu_ticks "$pid"); srv0=$(server_cpu_ms)
-  wait_for $((ticks * 5)) fetches_at_least "$d/plumb.log" $((c0 + ticks))
+  wait_for $((ticks * 5 + ${DEPLOY_WAIT:-0})) fetches_at_least "$d/plumb.log" $((c0 + ticks))
   c1=$(fetches "$d/plumb.log"); l1=$(requests); cpu1=$(cpu_ticks "$pid"); srv1=$(server_cpu_ms)
   {
     echo "ticks $((c1 - c0))"

@@ -215,7 +215,7 @@ plumb_idle() {
   # MALLOC_ARENA_MAX=1 as plumb.service sets it.
   PLUMB_LOG=plumb=debug MALLOC_ARENA_MAX=1 "$PLUMB" -c "$d/plumb.toml" --hosts bench 2>"$d/plumb.log" &
   pid=$!; BG_PIDS+=("$pid")
-  wait_for 30 fetches_at_least "$d/plumb.log" 2
+  wait_for "${DEPLOY_WAIT:-30}" fetches_at_least "$d/plumb.log" 2
   c0=$(fetches "$d/plumb.log"); l0=$(requests); cpu0=$(cpu_ticks "$pid"); srv0=$(server_cpu_ms)
   wait_for $((ticks * 5 + ${DEPLOY_WAIT:-0})) fetches_at_least "$d/plumb.log" $((c0 + ticks))
   c1=$(fetches "$d/plumb.log"); l1=$(requests); cpu1=$(cpu_ticks "$pid"); srv1=$(server_cpu_ms)

@@ -5,47 +5,10 @@ use std::net::{TcpStream, ToSocketAddrs};
 use std::sync::Arc;
 use std::time::Duration;
 
-use git2::transport::{Service, SmartSubtransport, SmartSubtransportStream};
-
-use super::{Context, Held, pkt_line, push_refused};
+use super::{Context, pkt_line};
 
 /// git daemon's port when the URL names none.
 const DEFAULT_PORT: u16 = 9418;
-
-/// A git:// subtransport: one connection for the advertisement and the pack.
-pub(super) struct Daemon {
-    ctx: Arc<Context>,
-    held: Held<Connection>,
-}
-
-impl Daemon {
-    pub fn new(ctx: Arc<Context>) -> Daemon {
-        Daemon {
-            ctx,
-            held: Held::new(),
-        }
-    }
-}
-
-impl SmartSubtransport for Daemon {
-    fn action(
-        &self,
-        url: &str,
-        action: Service,
-    ) -> Result<Box<dyn SmartSubtransportStream>, git2::Error> {
-        if matches!(action, Service::ReceivePackLs | Service::ReceivePack) {
-            return Err(push_refused());
-        }
-        self.held.stream(|| {
-            Connection::open(&self.ctx, url).map_err(|e| git2::Error::from_str(&e.to_string()))
-        })
-    }
-
-    fn close(&self) -> Result<(), git2::Error> {
-        self.held.close();
-        Ok(())
-    }
-}
 
 /// `git://host[:port]/path` -> (host, port, path), the path with its leading `/`.
 fn parse(url: &str) -> Option<(String, u16, String)> {
@@ -82,7 +45,8 @@ pub(super) struct Connection {
 }
 
 impl Connection {
-    fn open(ctx: &Arc<Context>, url: &str) -> io::Result<Connection> {
+    /// Connects to the daemon of `url` and asks for `git-upload-pack`.
+    pub(super) fn open(ctx: &Arc<Context>, url: &str) -> io::Result<Connection> {
         let (host, port, path) = parse(url).ok_or_else(|| {
             io::Error::new(io::ErrorKind::InvalidInput, "not a git://host/path URL")
         })?;

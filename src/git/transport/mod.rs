@@ -224,15 +224,27 @@ fn http_transport(remote: &git2::Remote<'_>) -> Result<GitTransport, git2::Error
 }
 
 fn ssh_transport(remote: &git2::Remote<'_>) -> Result<GitTransport, git2::Error> {
-    GitTransport::smart(remote, false, ssh::Ssh::new(current()))
+    GitTransport::smart(
+        remote,
+        false,
+        OneConnection::new(current(), ssh::Session::open),
+    )
 }
 
 fn local_transport(remote: &git2::Remote<'_>) -> Result<GitTransport, git2::Error> {
-    GitTransport::smart(remote, false, ssh::Local::new(current()))
+    GitTransport::smart(
+        remote,
+        false,
+        OneConnection::new(current(), ssh::Session::local),
+    )
 }
 
 fn daemon_transport(remote: &git2::Remote<'_>) -> Result<GitTransport, git2::Error> {
-    GitTransport::smart(remote, false, daemon::Daemon::new(current()))
+    GitTransport::smart(
+        remote,
+        false,
+        OneConnection::new(current(), daemon::Connection::open),
+    )
 }
 
 /// The error libgit2 gets when asked to push: plumb only fetches.
@@ -240,29 +252,44 @@ fn push_refused() -> git2::Error {
     git2::Error::from_str("plumb's transports only fetch")
 }
 
-/// A one-connection subtransport (ssh, git://): libgit2 asks for the ref advertisement and then,
-/// on the same connection, for the pack. Holds that connection between the two actions.
-struct Held<C> {
+/// A subtransport of one connection (git://, ssh, file://): libgit2 asks for the ref
+/// advertisement and then, on the same connection, for the pack. `open` makes the connection on
+/// the first action; it is held until libgit2 closes the transport.
+struct OneConnection<C> {
+    ctx: Arc<Context>,
+    open: fn(&Arc<Context>, &str) -> io::Result<C>,
     conn: Mutex<Option<Arc<Mutex<C>>>>,
 }
 
-impl<C: io::Read + io::Write + Send + 'static> Held<C> {
-    fn new() -> Held<C> {
-        Held {
+impl<C> OneConnection<C> {
+    fn new(ctx: Arc<Context>, open: fn(&Arc<Context>, &str) -> io::Result<C>) -> OneConnection<C> {
+        OneConnection {
+            ctx,
+            open,
             conn: Mutex::new(None),
         }
     }
+}
 
-    /// The connection of this transport, opened by `open` on the first action.
-    fn stream(
+impl<C: io::Read + io::Write + Send + 'static> git2::transport::SmartSubtransport
+    for OneConnection<C>
+{
+    fn action(
         &self,
-        open: impl FnOnce() -> Result<C, git2::Error>,
+        url: &str,
+        action: git2::transport::Service,
     ) -> Result<Box<dyn git2::transport::SmartSubtransportStream>, git2::Error> {
+        use git2::transport::Service;
+        if matches!(action, Service::ReceivePackLs | Service::ReceivePack) {
+            return Err(push_refused());
+        }
         let mut held = lock(&self.conn);
         let conn = match &*held {
             Some(conn) => Arc::clone(conn),
             None => {
-                let conn = Arc::new(Mutex::new(open()?));
+                let opened = (self.open)(&self.ctx, url)
+                    .map_err(|e| git2::Error::from_str(&e.to_string()))?;
+                let conn = Arc::new(Mutex::new(opened));
                 *held = Some(Arc::clone(&conn));
                 conn
             }
@@ -270,8 +297,9 @@ impl<C: io::Read + io::Write + Send + 'static> Held<C> {
         Ok(Box::new(Shared(conn)))
     }
 
-    fn close(&self) {
+    fn close(&self) -> Result<(), git2::Error> {
         lock(&self.conn).take();
+        Ok(())
     }
 }
 

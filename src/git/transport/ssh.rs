@@ -1,7 +1,7 @@
 //! ssh upstreams through the system's OpenSSH client, as git itself reaches them: one `ssh`
 //! process per fetch, running `git-upload-pack` on the server, its standard input and output
 //! carrying git's protocol. `file://` upstreams the same way without ssh: `git-upload-pack` of
-//! this machine ([`Local`]).
+//! this machine ([`Session::local`]).
 //!
 //! The user's ssh_config, agent and ProxyJump apply. plumb adds what a daemon needs: never a
 //! prompt (`BatchMode=yes`), never an unknown or changed host key (`StrictHostKeyChecking=yes`,
@@ -16,11 +16,10 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
-use git2::transport::{Service, SmartSubtransport, SmartSubtransportStream};
 use nix::fcntl::{FcntlArg, OFlag, fcntl};
 use nix::poll::{PollFd, PollFlags, PollTimeout, poll};
 
-use super::{Context, Held, push_refused};
+use super::Context;
 use crate::exec::{self, Piped, Spec};
 use crate::git::url::{SshEndpoint, ssh_endpoint};
 
@@ -32,78 +31,6 @@ fn ssh_program() -> String {
 /// git's server side for `file://` upstreams, from the git package.
 fn upload_pack_program() -> String {
     "git-upload-pack".to_owned()
-}
-
-/// An ssh subtransport: one `ssh` process for the advertisement and the pack.
-pub(super) struct Ssh {
-    ctx: Arc<Context>,
-    held: Held<Session>,
-}
-
-impl Ssh {
-    pub fn new(ctx: Arc<Context>) -> Ssh {
-        Ssh {
-            ctx,
-            held: Held::new(),
-        }
-    }
-}
-
-impl SmartSubtransport for Ssh {
-    fn action(
-        &self,
-        url: &str,
-        action: Service,
-    ) -> Result<Box<dyn SmartSubtransportStream>, git2::Error> {
-        if matches!(action, Service::ReceivePackLs | Service::ReceivePack) {
-            return Err(push_refused());
-        }
-        self.held.stream(|| {
-            Session::open(&self.ctx, url).map_err(|e| git2::Error::from_str(&e.to_string()))
-        })
-    }
-
-    fn close(&self) -> Result<(), git2::Error> {
-        self.held.close();
-        Ok(())
-    }
-}
-
-/// A `file://` subtransport: one local `git-upload-pack` for the advertisement and the pack.
-pub(super) struct Local {
-    ctx: Arc<Context>,
-    held: Held<Session>,
-}
-
-impl Local {
-    pub fn new(ctx: Arc<Context>) -> Local {
-        Local {
-            ctx,
-            held: Held::new(),
-        }
-    }
-}
-
-impl SmartSubtransport for Local {
-    fn action(
-        &self,
-        url: &str,
-        action: Service,
-    ) -> Result<Box<dyn SmartSubtransportStream>, git2::Error> {
-        if matches!(action, Service::ReceivePackLs | Service::ReceivePack) {
-            return Err(push_refused());
-        }
-        self.held.stream(|| {
-            let path =
-                local_path(url).ok_or_else(|| git2::Error::from_str("not a file:///path URL"))?;
-            Session::local(&self.ctx, &path).map_err(|e| git2::Error::from_str(&e.to_string()))
-        })
-    }
-
-    fn close(&self) -> Result<(), git2::Error> {
-        self.held.close();
-        Ok(())
-    }
 }
 
 /// The path of a `file:///path` (or `file://localhost/path`) URL, percent escapes decoded.
@@ -200,7 +127,8 @@ pub(super) struct Session {
 }
 
 impl Session {
-    fn open(ctx: &Arc<Context>, url: &str) -> io::Result<Session> {
+    /// Starts `ssh` for the upstream `url`.
+    pub(super) fn open(ctx: &Arc<Context>, url: &str) -> io::Result<Session> {
         let remote = parse(url).ok_or_else(|| {
             io::Error::new(
                 io::ErrorKind::InvalidInput,
@@ -219,10 +147,12 @@ impl Session {
     /// `git-upload-pack` on a repository of this machine, as git fetches a `file://` URL: the
     /// pack streams through a pipe into libgit2's indexer, so memory stays bounded whatever the
     /// blobs' size (libgit2's own local transport builds the pack in memory).
-    pub(super) fn local(ctx: &Arc<Context>, path: &Path) -> io::Result<Session> {
+    pub(super) fn local(ctx: &Arc<Context>, url: &str) -> io::Result<Session> {
+        let path = local_path(url)
+            .ok_or_else(|| io::Error::new(io::ErrorKind::InvalidInput, "not a file:///path URL"))?;
         let spec = Spec::new(upload_pack_program(), Duration::ZERO)
             .arg("--strict")
-            .arg(path);
+            .arg(&path);
         Session::spawn(ctx, &spec, None)
     }
 

@@ -11,7 +11,8 @@ use std::process::{Child, Command, Output, Stdio};
 use std::time::Duration;
 
 use support::{
-    GitDaemon, HttpServer, SshServer, Tmpfs, Upstream, require_root, temp_root, wait_until,
+    GitDaemon, HttpServer, Relay, Relaying, SshServer, Tmpfs, Upstream, require_root, temp_root,
+    wait_until,
 };
 
 const DEADLINE: Duration = Duration::from_secs(20);
@@ -2050,4 +2051,32 @@ fn a_commit_for_one_service_rewrites_only_that_services_files() {
     // Each write is a rename of a new file: b's files kept their inodes, a's did not.
     assert_ne!(inode("a.json"), before.0);
     assert_eq!((inode("b.json"), inode("b.rev")), (before.1, before.2));
+}
+
+#[test]
+fn an_http_upstream_is_fetched_through_the_proxy_the_environment_names() {
+    require_root();
+    let root = temp_root();
+    let http = HttpServer::start(root.path());
+    let up = Upstream::new(root.path(), "proxied");
+    let head = up.write("web/index.html", "via proxy").commit("v1");
+    // The relay is an HTTP proxy that tunnels every CONNECT to lighttpd: only a fetch through the
+    // proxy goes through it.
+    let proxy = Relay::start(http.port, Relaying::Connect);
+    let m = Machine::new(root.path(), &service("web", &http.url(&up), &["web"]));
+    let out = m
+        .command()
+        .arg("--once")
+        .env("http_proxy", format!("http://127.0.0.1:{}", proxy.port))
+        .env_remove("no_proxy")
+        .env_remove("NO_PROXY")
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(m.rev("web").as_deref(), Some(head.as_str()));
+    assert!(proxy.connections() >= 1, "the fetch did not use the proxy");
 }

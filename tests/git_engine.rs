@@ -20,7 +20,8 @@ use std::time::{Duration, Instant};
 
 use plumb::git::{GitError, Oid, Store, Transport, under_links};
 use support::{
-    GitDaemon, HttpServer, SshServer, Tmpfs, Upstream, git, require_root, temp_root, wait_until,
+    GitDaemon, HttpServer, Relay, Relaying, SshServer, Tmpfs, Upstream, git, require_root,
+    temp_root, wait_until,
 };
 
 // ---------------------------------------------------------------------------------------------
@@ -1986,43 +1987,6 @@ fn a_clean_drift_check_makes_the_index_newer_than_its_files() {
     );
 }
 
-/// A proxy on 127.0.0.1 in front of `target` that passes what the client sends at once and what
-/// the server answers a few bytes at a time: each read of the client's comes well within any
-/// per-read timeout, and the whole answer takes minutes.
-fn trickle_proxy(target: u16) -> u16 {
-    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-    let port = listener.local_addr().unwrap().port();
-    std::thread::spawn(move || {
-        for client in listener.incoming() {
-            let Ok(client) = client else { return };
-            let Ok(server) = TcpStream::connect(("127.0.0.1", target)) else {
-                return;
-            };
-            let (mut up_from, mut up_to) =
-                (client.try_clone().unwrap(), server.try_clone().unwrap());
-            std::thread::spawn(move || {
-                let _ = std::io::copy(&mut up_from, &mut up_to);
-            });
-            let (mut down_from, mut down_to) = (server, client);
-            std::thread::spawn(move || {
-                let mut buf = [0u8; 64];
-                loop {
-                    match down_from.read(&mut buf) {
-                        Ok(0) | Err(_) => return,
-                        Ok(n) => {
-                            if down_to.write_all(&buf[..n]).is_err() {
-                                return;
-                            }
-                        }
-                    }
-                    std::thread::sleep(Duration::from_millis(100));
-                }
-            });
-        }
-    });
-    port
-}
-
 #[test]
 fn fetch_timeout_is_a_deadline_for_the_whole_fetch() {
     require_root();
@@ -2034,7 +1998,7 @@ fn fetch_timeout_is_a_deadline_for_the_whole_fetch() {
         .collect();
     up.write("svc/blob", &noise).commit("big");
     let server = HttpServer::start(root.path());
-    let port = trickle_proxy(server.port);
+    let port = Relay::start(server.port, Relaying::Trickle).port;
     let url = server
         .url(&up)
         .replace(&server.port.to_string(), &port.to_string());

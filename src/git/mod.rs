@@ -43,7 +43,7 @@
 //!   something adds one pack.
 //! - libgit2 reads the usual git config files (`/etc/gitconfig`, `~/.gitconfig`), so settings such
 //!   as `url.<base>.insteadOf` there apply to fetches; `http.proxy` does not (plumb's http
-//!   transport takes the proxy from `https_proxy`, `http_proxy` and `ALL_PROXY`, and ssh from
+//!   transport takes the proxy from `ALL_PROXY`, `HTTPS_PROXY` or `HTTP_PROXY`, and ssh from
 //!   ssh_config's `ProxyJump`).
 
 mod checkout;

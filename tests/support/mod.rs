@@ -1199,3 +1199,95 @@ impl Drop for Tmpfs {
         }
     }
 }
+
+/// How a [`Relay`] treats a connection.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Relaying {
+    /// What the server answers passes 64 bytes every 100 ms: each read of the client's comes well
+    /// within any per-read timeout, while a whole answer takes minutes.
+    Trickle,
+    /// An HTTP proxy: the client's `CONNECT` request is answered 200, then the tunnel leads to
+    /// the target, whatever host it named.
+    Connect,
+}
+
+/// A TCP relay on 127.0.0.1 in front of `target`, counting the connections it relays (see
+/// [`Relaying`]). Its threads end with the connections; the listener lives as long as the test
+/// process.
+pub struct Relay {
+    pub port: u16,
+    connections: std::sync::Arc<std::sync::atomic::AtomicUsize>,
+}
+
+impl Relay {
+    pub fn start(target: u16, how: Relaying) -> Relay {
+        use std::io::Read as _;
+        let trickle = how == Relaying::Trickle;
+        let listener = TcpListener::bind("127.0.0.1:0").expect("bind relay");
+        let port = listener.local_addr().expect("relay address").port();
+        let connections = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let counted = std::sync::Arc::clone(&connections);
+        std::thread::spawn(move || {
+            for client in listener.incoming() {
+                let Ok(mut client) = client else { return };
+                if how == Relaying::Connect && !tunnel(&mut client) {
+                    continue;
+                }
+                let Ok(server) = TcpStream::connect(("127.0.0.1", target)) else {
+                    return;
+                };
+                counted.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                let (mut up_from, mut up_to) = (
+                    client.try_clone().expect("clone"),
+                    server.try_clone().expect("clone"),
+                );
+                std::thread::spawn(move || {
+                    let _ = std::io::copy(&mut up_from, &mut up_to);
+                    let _ = up_to.shutdown(std::net::Shutdown::Write);
+                });
+                let (mut down_from, mut down_to) = (server, client);
+                std::thread::spawn(move || {
+                    let mut buf = vec![0u8; if trickle { 64 } else { 64 << 10 }];
+                    loop {
+                        match down_from.read(&mut buf) {
+                            Ok(0) | Err(_) => break,
+                            Ok(n) => {
+                                if down_to.write_all(&buf[..n]).is_err() {
+                                    break;
+                                }
+                            }
+                        }
+                        if trickle {
+                            std::thread::sleep(Duration::from_millis(100));
+                        }
+                    }
+                    let _ = down_to.shutdown(std::net::Shutdown::Write);
+                });
+            }
+        });
+        Relay { port, connections }
+    }
+
+    /// Connections relayed so far.
+    pub fn connections(&self) -> usize {
+        self.connections.load(std::sync::atomic::Ordering::SeqCst)
+    }
+}
+
+/// Reads an HTTP `CONNECT` request's head from `client` and answers 200; false (the connection
+/// dropped) for anything else.
+fn tunnel(client: &mut TcpStream) -> bool {
+    use std::io::Read as _;
+    let mut head = Vec::new();
+    let mut byte = [0u8; 1];
+    while !head.ends_with(b"\r\n\r\n") {
+        match client.read(&mut byte) {
+            Ok(1) if head.len() < 8192 => head.push(byte[0]),
+            _ => return false,
+        }
+    }
+    head.starts_with(b"CONNECT ")
+        && client
+            .write_all(b"HTTP/1.1 200 Connection established\r\n\r\n")
+            .is_ok()
+}

@@ -1434,8 +1434,9 @@ mod tests {
         assert_eq!((s.pinned, s.frozen, s.state), (None, false, State::Ok));
     }
 
-    #[test]
-    fn a_pin_outlives_a_freeze_with_a_duration() {
+    /// A service deployed at the head, commit 3 (at 21), then rolled back to `target`, whose
+    /// files are those of `files` (at 31).
+    fn rolled_back_from_3(target: Oid, files: Oid) -> Service {
         let mut s = deployed();
         s.handle(fetched(Some(oid(3))), 20);
         s.handle(
@@ -1445,14 +1446,20 @@ mod tests {
             },
             21,
         );
-        s.handle(Event::Rollback { target: oid(1) }, 30);
+        s.handle(Event::Rollback { target }, 30);
         s.handle(
             Event::Deployed {
-                head: oid(1),
-                revision: Some(oid(1)),
+                head: target,
+                revision: Some(files),
             },
             31,
         );
+        s
+    }
+
+    #[test]
+    fn a_pin_outlives_a_freeze_with_a_duration() {
+        let mut s = rolled_back_from_3(oid(1), oid(1));
         // The freeze keeps the service where the rollback put it, and its time does not apply.
         let fx = s.handle(Event::Freeze { until: Some(100) }, 40);
         assert_eq!(fx, vec![]);
@@ -1482,24 +1489,8 @@ mod tests {
 
     #[test]
     fn a_rollback_to_a_commit_elsewhere_names_the_revision_of_the_services_files() {
-        let mut s = deployed();
-        s.handle(fetched(Some(oid(3))), 20);
-        s.handle(
-            Event::Deployed {
-                head: oid(3),
-                revision: Some(oid(3)),
-            },
-            21,
-        );
         // Commit 2 changed other services' files only: this one's there are revision 1's.
-        s.handle(Event::Rollback { target: oid(2) }, 30);
-        s.handle(
-            Event::Deployed {
-                head: oid(2),
-                revision: Some(oid(1)),
-            },
-            31,
-        );
+        let s = rolled_back_from_3(oid(2), oid(1));
         assert_eq!(
             (s.state, s.pinned, s.deployed),
             (State::Freeze, Some(oid(2)), Some(oid(1)))

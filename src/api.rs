@@ -33,7 +33,7 @@ use tokio_util::sync::CancellationToken;
 use tracing::{error, info, warn};
 
 use crate::config::Config;
-use crate::daemon::{self, Command, CommandError, Reply, RollbackError};
+use crate::daemon::{self, Command, CommandError, RollbackError};
 use crate::listener;
 use crate::proto;
 
@@ -586,10 +586,8 @@ async fn get_machines(State(app): Shared, ConnectInfo(peer): Conn) -> Response {
 async fn get_services(State(app): Shared, ConnectInfo(peer): Conn) -> Response {
     let answer = async {
         reader(&app, peer).await?;
-        match app.handle.call(Command::Services).await? {
-            Reply::Services(services) => Ok(proto::Services { services }),
-            other => Err(unexpected(&other)),
-        }
+        let services = app.handle.services().await?;
+        Ok::<_, Failure>(proto::Services { services })
     };
     match answer.await {
         Ok(s) => json(StatusCode::OK, &s),
@@ -605,13 +603,7 @@ async fn get_service(
     let answer = async {
         reader(&app, peer).await?;
         let name = path_name(name)?;
-        match app.handle.call(Command::Status(name.clone())).await? {
-            Reply::Services(services) => services
-                .into_iter()
-                .find(|s| s.service == name)
-                .ok_or_else(|| CommandError::UnknownService(name).into()),
-            other => Err(unexpected(&other)),
-        }
+        Ok::<_, Failure>(app.handle.status(&name).await?)
     };
     match answer.await {
         Ok(s) => json(StatusCode::OK, &s),
@@ -627,23 +619,12 @@ async fn get_diff(
     let answer = async {
         reader(&app, peer).await?;
         let name = path_name(name)?;
-        match app.handle.call(Command::Diff(name)).await? {
-            Reply::Diff(d) => Ok(d),
-            other => Err(unexpected(&other)),
-        }
+        Ok::<_, Failure>(app.handle.diff(&name).await?)
     };
     match answer.await {
         Ok(d) => json(StatusCode::OK, &d),
         Err(f) => f.into_response(),
     }
-}
-
-fn unexpected(reply: &Reply) -> Failure {
-    error!("the daemon answered with an unexpected reply: {reply:?}");
-    Failure::new(
-        StatusCode::INTERNAL_SERVER_ERROR,
-        "the daemon gave an unexpected answer (a bug in plumb)",
-    )
 }
 
 /// `?limit=N` on `GET /v1/audit`.
@@ -1054,11 +1035,7 @@ async fn write(app: &App, peer: Peer, action: &'static str, name: Name, bytes: B
                     app.access.audit_log.display()
                 ),
             )),
-            Ok(()) => match app.handle.call(command).await {
-                Ok(Reply::Action(r)) => Ok(*r),
-                Ok(other) => Err(unexpected(&other)),
-                Err(e) => Err(e.into()),
-            },
+            Ok(()) => app.handle.call(command).await.map_err(Failure::from),
         },
     };
     let result = match &outcome {

@@ -21,7 +21,7 @@ use axum::http::{HeaderMap, StatusCode};
 use hmac::{Hmac, Mac};
 use sha2::Sha256;
 
-use crate::daemon::{Command, Handle};
+use crate::daemon::Handle;
 
 /// Why a hook was refused; each is a status and a counted result.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -284,18 +284,16 @@ pub async fn push(
         });
     }
     match result {
-        Ok((Admitted::Now, repositories)) => {
-            match hook.handle.call(Command::Poke { repositories }).await {
-                Ok(_) => (StatusCode::ACCEPTED, "fetching\n".to_owned()),
-                Err(e) => (StatusCode::SERVICE_UNAVAILABLE, format!("{e}\n")),
-            }
-        }
+        Ok((Admitted::Now, repositories)) => match hook.handle.poke(repositories).await {
+            Ok(_) => (StatusCode::ACCEPTED, "fetching\n".to_owned()),
+            Err(e) => (StatusCode::SERVICE_UNAVAILABLE, format!("{e}\n")),
+        },
         Ok((Admitted::After(wait), _)) => {
             let deferred = hook.clone();
             tokio::spawn(async move {
                 tokio::time::sleep(wait).await;
                 let repositories = deferred.deferral_ended();
-                if let Err(e) = deferred.handle.call(Command::Poke { repositories }).await {
+                if let Err(e) = deferred.handle.poke(repositories).await {
                     tracing::warn!("push webhook: deferred fetch: {e}");
                 }
             });

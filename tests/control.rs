@@ -7,7 +7,7 @@ mod support;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use plumb::daemon::{self, Command, CommandError, Handle, Reply};
+use plumb::daemon::{self, Command, CommandError, Handle};
 use plumb::proto::{ActionResult, ServiceStatus};
 use support::{Upstream, temp_root, wait_until};
 use tokio_util::sync::CancellationToken;
@@ -59,15 +59,12 @@ impl Running {
         }
     }
 
-    fn call(&self, c: Command) -> Result<Reply, CommandError> {
+    fn call(&self, c: Command) -> Result<ActionResult, CommandError> {
         self.rt.block_on(self.handle.call(c))
     }
 
     fn status(&self, service: &str) -> ServiceStatus {
-        match self.call(Command::Status(service.into())).unwrap() {
-            Reply::Services(mut v) => v.remove(0),
-            other => panic!("{other:?}"),
-        }
+        self.rt.block_on(self.handle.status(service)).unwrap()
     }
 
     /// `pull` of the one service these tests run.
@@ -86,10 +83,7 @@ impl Running {
     }
 
     fn act(&self, c: Command) -> ActionResult {
-        match self.call(c).unwrap() {
-            Reply::Action(a) => *a,
-            other => panic!("{other:?}"),
-        }
+        self.call(c).unwrap()
     }
 }
 
@@ -156,7 +150,7 @@ fn freeze_holds_back_unfreeze_catches_up_and_pull_answers_when_done() {
     assert_eq!(conf(&state), "2");
     assert_eq!(d.status("app").behind, Some(0));
 
-    let answer = d.call(Command::Status("nope".into()));
+    let answer = d.rt.block_on(d.handle.status("nope"));
     assert!(
         matches!(&answer, Err(CommandError::UnknownService(s)) if s == "nope"),
         "{answer:?}"
@@ -407,10 +401,7 @@ fn diff_shows_what_the_next_pull_would_change() {
         .write("other/x", "x")
         .commit("v2");
     d.pull(false);
-    let diff = match d.call(Command::Diff("app".into())).unwrap() {
-        Reply::Diff(diff) => diff,
-        other => panic!("{other:?}"),
-    };
+    let diff = d.rt.block_on(d.handle.diff("app")).unwrap();
     assert_eq!(diff.from.as_deref(), Some(v1.as_str()));
     assert_eq!(diff.to.as_deref(), Some(v2.as_str()));
     assert_eq!(diff.commits, Some(1));

@@ -11,7 +11,7 @@ use std::time::Duration;
 
 use plumb::config::Config;
 use plumb::ctl::Envelope;
-use plumb::daemon::{self, Handle, Reply};
+use plumb::daemon::{self, Handle};
 use plumb::proto::{ActionResult, Services};
 use plumb::{api, proto};
 use support::{SshServer, Upstream, require_root, temp_root, wait_until};
@@ -75,12 +75,9 @@ impl Plumb {
     }
 
     fn deployed(&self, service: &str) -> Option<String> {
-        match self
-            .rt
-            .block_on(self.handle.call(daemon::Command::Status(service.into())))
-        {
-            Ok(Reply::Services(v)) => v.into_iter().next().and_then(|s| s.deployed),
-            other => panic!("{other:?}"),
+        match self.rt.block_on(self.handle.status(service)) {
+            Ok(s) => s.deployed,
+            Err(e) => panic!("{e}"),
         }
     }
 

@@ -4,7 +4,7 @@
 use std::collections::BTreeSet;
 use std::sync::Arc;
 
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, oneshot};
 use tokio::time::Instant;
 use tracing::{debug, info, warn};
 
@@ -12,12 +12,35 @@ use super::{Daemon, Done, Waiter, deploy, fetch, unix_now};
 use crate::apply;
 use crate::config;
 use crate::git::{self, Oid, Store};
+use crate::proto::{ActionResult, DiffResult, ServiceStatus};
 use crate::service::{self, Event};
 
 impl Daemon {
-    /// Carries out one operator's command; writes that need the store answer later.
+    /// Carries out one request: reads at once, writes that need the store once their upstream's
+    /// work is done.
     pub(super) fn command(&mut self, request: Request, tx: &mpsc::Sender<Done>) {
-        let Request { command, reply } = request;
+        match request {
+            Request::Services(reply) => {
+                let _ = reply.send(self.services.keys().map(|n| self.status(n)).collect());
+            }
+            Request::Status(service, reply) => {
+                let answer = match self.services.contains_key(&service) {
+                    true => Ok(self.status(&service)),
+                    false => Err(CommandError::UnknownService(service)),
+                };
+                let _ = reply.send(answer);
+            }
+            Request::Diff(service, reply) => self.diff(service, reply),
+            Request::Poke(repositories, reply) => {
+                self.poke(&repositories);
+                let _ = reply.send(());
+            }
+            Request::Write(command, reply) => self.write(command, reply, tx),
+        }
+    }
+
+    /// Carries out one operator's write; those that need the store answer later.
+    fn write(&mut self, command: Command, reply: Answer<ActionResult>, tx: &mpsc::Sender<Done>) {
         let now = unix_now();
         let known = |d: &Daemon, s: &str| {
             d.services
@@ -26,15 +49,6 @@ impl Daemon {
                 .ok_or_else(|| CommandError::UnknownService(s.to_owned()))
         };
         match command {
-            Command::Services => {
-                let all = self.services.keys().map(|n| self.status(n)).collect();
-                let _ = reply.send(Ok(Reply::Services(all)));
-            }
-            Command::Status(service) => {
-                let answer =
-                    known(self, &service).map(|_| Reply::Services(vec![self.status(&service)]));
-                let _ = reply.send(answer);
-            }
             Command::Freeze { service, until } => {
                 if let Err(e) = known(self, &service) {
                     let _ = reply.send(Err(e));
@@ -44,11 +58,10 @@ impl Daemon {
                 self.feed(&service, Event::Freeze { until }, now, tx);
                 let mut answer = self.action(&service, "freeze");
                 let pinned = self.services.get(&service).and_then(|e| e.state.pinned());
-                if let (Some(_), Some(pinned), Reply::Action(result)) = (until, pinned, &mut answer)
-                {
+                if let (Some(_), Some(pinned)) = (until, pinned) {
                     // The state machine keeps a pin until an unfreeze: say so, since the caller
                     // asked for an end.
-                    result.message = format!(
+                    answer.message = format!(
                         "freeze: {service} stays pinned to {} by its rollback until unfrozen; \
                          a pin has no end time, so the duration does not apply",
                         service::short(Some(pinned))
@@ -146,57 +159,6 @@ impl Daemon {
                     );
                 }
             }
-            Command::Poke { repositories } => {
-                let keys: BTreeSet<String> = repositories
-                    .iter()
-                    .map(|r| git::repository_key(r))
-                    .collect();
-                let named = |url: &String| keys.contains(&git::repository_key(url));
-                let any = self.upstreams.keys().any(named);
-                if !any && !keys.is_empty() {
-                    debug!(repositories = ?repositories, "push webhook: no upstream is one of its repositories; fetching all");
-                }
-                for (url, u) in self.upstreams.iter_mut() {
-                    if !any || named(url) {
-                        u.fetch_now(Instant::now(), None);
-                    }
-                }
-                let _ = reply.send(Ok(Reply::Services(Vec::new())));
-            }
-            Command::Diff(service) => {
-                let Some(e) = self.services.get(&service) else {
-                    let _ = reply.send(Err(CommandError::UnknownService(service)));
-                    return;
-                };
-                let (url, links) = (e.config.upstream.clone(), e.config.links());
-                let (from, to, commits) = (e.state.synced(), e.state.upstream(), e.behind);
-                let stores = self.layout.stores();
-                // Read-only on the store, so it needs no turn of the upstream's job.
-                tokio::task::spawn_blocking(move || {
-                    let files = match to {
-                        None => Ok(Vec::new()),
-                        Some(to) => Store::open_readonly(&stores, &url)
-                            .and_then(|s| s.file_changes(from, to, &links))
-                            .map_err(|e| CommandError::Store(Arc::new(e))),
-                    };
-                    let hex = |o: Option<Oid>| o.map(|o| o.to_string());
-                    let _ = reply.send(files.map(|files| {
-                        Reply::Diff(crate::proto::DiffResult {
-                            service,
-                            from: hex(from),
-                            to: hex(to),
-                            commits,
-                            files: files
-                                .into_iter()
-                                .map(|f| crate::proto::FileDiff {
-                                    path: f.path,
-                                    change: f.change.to_owned(),
-                                })
-                                .collect(),
-                        })
-                    }));
-                });
-            }
             Command::Pull { service, force } => {
                 let url = match known(self, &service) {
                     Ok(url) => url,
@@ -228,9 +190,65 @@ impl Daemon {
         }
     }
 
+    /// A push webhook arrived: the upstreams that are one of `repositories` (any protocol) fetch
+    /// now instead of at their next tick, or every upstream when none is (a mirror, a host known
+    /// by another name) or the payload named none.
+    fn poke(&mut self, repositories: &[String]) {
+        let keys: BTreeSet<String> = repositories
+            .iter()
+            .map(|r| git::repository_key(r))
+            .collect();
+        let named = |url: &String| keys.contains(&git::repository_key(url));
+        let any = self.upstreams.keys().any(named);
+        if !any && !keys.is_empty() {
+            debug!(repositories = ?repositories, "push webhook: no upstream is one of its repositories; fetching all");
+        }
+        for (url, u) in self.upstreams.iter_mut() {
+            if !any || named(url) {
+                u.fetch_now(Instant::now(), None);
+            }
+        }
+    }
+
+    /// What the next pull would change in `service`'s files, from the last fetch. Read-only on
+    /// the store, so it needs no turn of the upstream's job.
+    fn diff(&self, service: String, reply: Answer<DiffResult>) {
+        let Some(e) = self.services.get(&service) else {
+            let _ = reply.send(Err(CommandError::UnknownService(service)));
+            return;
+        };
+        let (url, links) = (e.config.upstream.clone(), e.config.links());
+        let (from, to, commits) = (e.state.synced(), e.state.upstream(), e.behind);
+        let stores = self.layout.stores();
+        tokio::task::spawn_blocking(move || {
+            let files = match to {
+                None => Ok(Vec::new()),
+                Some(to) => Store::open_readonly(&stores, &url)
+                    .and_then(|s| s.file_changes(from, to, &links))
+                    .map_err(|e| CommandError::Store(Arc::new(e))),
+            };
+            let hex = |o: Option<Oid>| o.map(|o| o.to_string());
+            let _ = reply.send(files.map(|files| {
+                DiffResult {
+                    service,
+                    from: hex(from),
+                    to: hex(to),
+                    commits,
+                    files: files
+                        .into_iter()
+                        .map(|f| crate::proto::FileDiff {
+                            path: f.path,
+                            change: f.change.to_owned(),
+                        })
+                        .collect(),
+                }
+            }));
+        });
+    }
+
     /// A service's status as the API shows it.
-    fn status(&self, name: &str) -> crate::proto::ServiceStatus {
-        use crate::proto::{ApplyStatus, DirStatus, ServiceStatus};
+    fn status(&self, name: &str) -> ServiceStatus {
+        use crate::proto::{ApplyStatus, DirStatus};
         let hex = |o: Option<Oid>| o.map(|o| o.to_string());
         let Some(e) = self.services.get(name) else {
             unreachable!("status of a service checked to exist")
@@ -271,7 +289,7 @@ impl Daemon {
     }
 
     /// The answer to a write: what was asked, whether the service is fine, and its status.
-    pub(super) fn action(&self, service: &str, action: &str) -> Reply {
+    pub(super) fn action(&self, service: &str, action: &str) -> ActionResult {
         let status = self.status(service);
         let ok = !matches!(status.state.as_str(), "BROKEN" | "DIFF");
         let message = if status.info.is_empty() {
@@ -279,12 +297,12 @@ impl Daemon {
         } else {
             format!("{action}: {}: {}", status.state, status.info)
         };
-        Reply::Action(Box::new(crate::proto::ActionResult {
+        ActionResult {
             action: action.to_owned(),
             ok,
             message,
             status,
-        }))
+        }
     }
 }
 
@@ -331,13 +349,10 @@ fn noop_refusal(service: &str, action: &'static str) -> CommandError {
     }
 }
 
-/// What the control API asks of the daemon. Answered through [`Handle::call`].
+/// An operator's write: what the control API's POST routes ask of the daemon, answered with an
+/// [`ActionResult`] through [`Handle::call`].
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Command {
-    /// Every service of this machine.
-    Services,
-    /// One service.
-    Status(String),
     /// Stop tracking upstream, until `until` (unix seconds) or until unfrozen.
     Freeze { service: String, until: Option<u64> },
     /// Track upstream again (also ends a rollback pin).
@@ -346,24 +361,13 @@ pub enum Command {
     Rollback { service: String, revision: String },
     /// Fetch and deploy now; answered when done. `force` also drops local edits.
     Pull { service: String, force: bool },
-    /// What the next pull would change in the service's files (from the last fetch).
-    Diff(String),
     /// Rebuild the service's checkout from the store at the same revision; the service keeps its
     /// current files until the new checkout is in place and re-bound. Drops local edits.
     Wipe(String),
-    /// A push webhook arrived: fetch now instead of at the next tick the upstreams that are one of
-    /// `repositories` (URLs from its payload, any protocol), or every upstream when none is (a
-    /// mirror, a host known by another name) or the payload named none.
-    Poke { repositories: Vec<String> },
 }
 
-/// The daemon's answer to a [`Command`].
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Reply {
-    Services(Vec<crate::proto::ServiceStatus>),
-    Action(Box<crate::proto::ActionResult>),
-    Diff(crate::proto::DiffResult),
-}
+/// Where the answer to one request goes.
+pub(super) type Answer<T> = oneshot::Sender<Result<T, CommandError>>;
 
 /// Why a command was refused; the API maps each to an HTTP status. Causes are `source`s: shown
 /// with [`crate::error::Chain`].
@@ -392,11 +396,15 @@ pub enum CommandError {
     Unavailable,
 }
 
-/// One command in flight, with where its answer goes.
+/// One request in flight, each kind with the type of its own answer: the actor cannot answer a
+/// status with a diff.
 #[derive(Debug)]
-pub struct Request {
-    pub command: Command,
-    pub reply: tokio::sync::oneshot::Sender<Result<Reply, CommandError>>,
+pub enum Request {
+    Services(oneshot::Sender<Vec<ServiceStatus>>),
+    Status(String, Answer<ServiceStatus>),
+    Diff(String, Answer<DiffResult>),
+    Poke(Vec<String>, oneshot::Sender<()>),
+    Write(Command, Answer<ActionResult>),
 }
 
 /// The API's way into the daemon's actor: cheap to clone, one per connection if need be.
@@ -406,18 +414,49 @@ pub struct Handle {
 }
 
 impl Handle {
-    /// Sends `command` to the daemon and waits for its answer.
-    pub async fn call(&self, command: Command) -> Result<Reply, CommandError> {
-        let (reply, answer) = tokio::sync::oneshot::channel();
+    /// Carries out an operator's write and waits for its answer.
+    pub async fn call(&self, command: Command) -> Result<ActionResult, CommandError> {
+        self.ask(|reply| Request::Write(command, reply)).await?
+    }
+
+    /// Every service of this machine.
+    pub async fn services(&self) -> Result<Vec<ServiceStatus>, CommandError> {
+        self.ask(Request::Services).await
+    }
+
+    /// One service.
+    pub async fn status(&self, service: &str) -> Result<ServiceStatus, CommandError> {
+        self.ask(|reply| Request::Status(service.to_owned(), reply))
+            .await?
+    }
+
+    /// What the next pull would change in the service's files (from the last fetch).
+    pub async fn diff(&self, service: &str) -> Result<DiffResult, CommandError> {
+        self.ask(|reply| Request::Diff(service.to_owned(), reply))
+            .await?
+    }
+
+    /// A push webhook arrived: fetch now instead of at the next tick the upstreams that are one
+    /// of `repositories` (URLs from its payload, any protocol), or every upstream when none is.
+    pub async fn poke(&self, repositories: Vec<String>) -> Result<(), CommandError> {
+        self.ask(|reply| Request::Poke(repositories, reply)).await
+    }
+
+    /// Sends the request `make` builds around a reply channel and waits for what comes back.
+    async fn ask<T>(
+        &self,
+        make: impl FnOnce(oneshot::Sender<T>) -> Request,
+    ) -> Result<T, CommandError> {
+        let (reply, answer) = oneshot::channel();
         self.tx
-            .send(Request { command, reply })
+            .send(make(reply))
             .await
             .map_err(|_| CommandError::Unavailable)?;
-        answer.await.map_err(|_| CommandError::Unavailable)?
+        answer.await.map_err(|_| CommandError::Unavailable)
     }
 }
 
-/// A handle for the API and the receiving end for [`run`].
+/// A handle for the API and the receiving end for [`run`](super::run).
 pub fn channel() -> (Handle, mpsc::Receiver<Request>) {
     let (tx, rx) = mpsc::channel(16);
     (Handle { tx }, rx)

@@ -12,7 +12,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use tokio::sync::{mpsc, oneshot};
+use tokio::sync::mpsc;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, error, info, info_span, warn};
@@ -34,7 +34,8 @@ mod fetch;
 mod persist;
 mod scheduler;
 
-pub use commands::{Command, CommandError, Handle, Reply, Request, channel};
+use commands::Answer;
+pub use commands::{Command, CommandError, Handle, Request, channel};
 pub use deploy::DeployError;
 pub use deploy::RollbackError;
 use deploy::{DeployJob, Kind, deploy_all};
@@ -201,7 +202,7 @@ type Upstream = scheduler::Upstream<Waiter, DeployJob>;
 struct Waiter {
     service: String,
     action: &'static str,
-    reply: oneshot::Sender<Result<Reply, CommandError>>,
+    reply: Answer<crate::proto::ActionResult>,
 }
 
 /// A finished job, back on the actor.
@@ -224,7 +225,7 @@ enum Done {
     Resolved {
         service: String,
         result: Result<(Oid, Option<u64>), deploy::RollbackError>,
-        reply: oneshot::Sender<Result<Reply, CommandError>>,
+        reply: Answer<crate::proto::ActionResult>,
     },
 }
 

@@ -92,6 +92,9 @@ pub enum Event {
     Interrupted,
     /// An operator's `pull`: a refused head or revision is tried again at the fetch the pull makes.
     Retry,
+    /// An operator's `wipe`: the checkout is rebuilt from the store at the head it holds, local
+    /// edits dropped, and the unit's mounts move onto the new one once it is in place.
+    Wipe,
     /// The deploy job would not let the service see `head`; nothing on disk changed. `revision` is
     /// the last commit that changed the service's files at `head`, when it got that far.
     Refused {
@@ -205,6 +208,9 @@ pub enum Effect {
         deployed: Option<Oid>,
         gate: Gate,
     },
+    /// Build the checkout afresh at `head` beside the old one and swap it in (an operator's
+    /// wipe); the old one is served until then. Answered by `Deployed` or `DeployFailed`.
+    Rebuild { head: Oid, deployed: Option<Oid> },
     /// Noop mode: judge `head` as a deploy would (signature, history, tree, `check` on a staged
     /// copy) and say what would change since `from`, touching nothing. Answered by `Previewed` or
     /// `Refused`.
@@ -279,6 +285,10 @@ pub struct Service {
     /// The next deploy may drop local edits (`pull --force`).
     #[serde(skip)]
     force: bool,
+    /// A rebuilt checkout is on its way (wipe): once it is in place the unit is applied again,
+    /// whatever the revision, since its mounts must move onto the new directories.
+    #[serde(skip)]
+    rebuilding: bool,
     /// The branch head last seen upstream; not persisted, the next fetch tells.
     #[serde(skip)]
     upstream: Option<Oid>,
@@ -328,6 +338,7 @@ impl Service {
             rejected: None,
             drift: Vec::new(),
             force: false,
+            rebuilding: false,
             upstream: None,
             unreachable: None,
             noop: false,
@@ -518,6 +529,11 @@ impl Service {
                 }
                 self.synced = Some(head);
                 self.last_sync = Some(now);
+                let rebuilt = std::mem::take(&mut self.rebuilding);
+                if rebuilt {
+                    // A rebuilt checkout holds no local edits.
+                    self.drift.clear();
+                }
                 if revision != self.deployed {
                     self.deployed = revision;
                     self.changed_at = Some(now);
@@ -526,6 +542,9 @@ impl Service {
                     if let Some(revision) = revision {
                         effects.push(Effect::Apply { revision });
                     }
+                } else if let Some(revision) = revision.filter(|_| rebuilt) {
+                    // Same files, new directories: the mounts are re-bound onto them.
+                    effects.push(Effect::Apply { revision });
                 }
                 if revision.is_some() && revision == self.failed_apply {
                     // Nothing new for this service: it stays as broken as its apply left it.
@@ -597,6 +616,7 @@ impl Service {
                 revision,
                 why,
             } => {
+                self.rebuilding = false;
                 self.refused(head, revision, why, now);
             }
             Event::Freeze { until } => {
@@ -638,6 +658,17 @@ impl Service {
                 self.drift = files;
             }
             Event::Force | Event::Interrupted => self.force = true,
+            Event::Wipe => {
+                // Refused before it gets here in noop mode or with nothing checked out (the
+                // operator is told); ignored the same way should it come anyway.
+                if let Some(head) = self.synced.filter(|_| !self.noop) {
+                    self.rebuilding = true;
+                    effects.push(Effect::Rebuild {
+                        head,
+                        deployed: self.deployed,
+                    });
+                }
+            }
             Event::Tick => {
                 if self.frozen && self.frozen_until.is_some_and(|t| t <= now) {
                     if self.pinned.is_some() {
@@ -670,6 +701,7 @@ impl Service {
                 });
             }
             Event::DeployFailed { head, error } => {
+                self.rebuilding = false;
                 let what = if self.pinned == Some(head) {
                     "rollback to"
                 } else {
@@ -901,6 +933,7 @@ impl Service {
             would: None,
             drift: Vec::new(),
             force: false,
+            rebuilding: false,
             last_sync: None,
             synced: if files_stayed { None } else { s.synced },
             ..s.clone()
@@ -1967,5 +2000,90 @@ mod tests {
         let old = r#"{"state":"OK","info":"","since":1,"deployed":null,"synced":null,"changed_at":null,"last_sync":null}"#;
         let back: Service = serde_json::from_str(old).unwrap();
         assert_eq!((back.last_good, back.rejected), (None, None));
+    }
+
+    #[test]
+    fn a_wipe_rebuilds_at_the_synced_head_and_applies_again_once_in_place() {
+        let mut s = deployed();
+        s.handle(
+            Event::Drift {
+                files: vec!["a".into()],
+            },
+            11,
+        );
+        assert_eq!(s.state, State::Diff);
+        let fx = s.handle(Event::Wipe, 12);
+        assert_eq!(
+            fx,
+            vec![Effect::Rebuild {
+                head: oid(1),
+                deployed: Some(oid(1)),
+            }]
+        );
+        // Same revision, new directories: applied again so the mounts move, and clean.
+        let fx = s.handle(
+            Event::Deployed {
+                head: oid(1),
+                revision: Some(oid(1)),
+            },
+            13,
+        );
+        assert!(fx.contains(&Effect::Apply { revision: oid(1) }), "{fx:?}");
+        assert_eq!(s.state, State::Ok);
+        assert!(s.drift.is_empty());
+        // An ordinary deploy of the same revision later does not apply again.
+        let fx = s.handle(
+            Event::Deployed {
+                head: oid(1),
+                revision: Some(oid(1)),
+            },
+            14,
+        );
+        assert!(
+            !fx.iter().any(|e| matches!(e, Effect::Apply { .. })),
+            "{fx:?}"
+        );
+    }
+
+    #[test]
+    fn a_failed_wipe_keeps_the_old_checkout_and_forgets_the_rebuild() {
+        let mut s = deployed();
+        s.handle(Event::Wipe, 12);
+        s.handle(
+            Event::DeployFailed {
+                head: oid(1),
+                error: "disk full".into(),
+            },
+            13,
+        );
+        assert_eq!(s.state, State::Broken);
+        assert_eq!(s.deployed, Some(oid(1)));
+        let fx = s.handle(
+            Event::Deployed {
+                head: oid(1),
+                revision: Some(oid(1)),
+            },
+            14,
+        );
+        assert!(
+            !fx.iter().any(|e| matches!(e, Effect::Apply { .. })),
+            "{fx:?}"
+        );
+    }
+
+    #[test]
+    fn a_wipe_does_nothing_in_noop_mode_or_before_a_first_checkout() {
+        let mut s = Service::new(0);
+        assert_eq!(s.handle(Event::Wipe, 1), vec![]);
+        let mut s = deployed();
+        s.handle(
+            Event::Reconfigured {
+                noop: true,
+                health: false,
+                moved: false,
+            },
+            11,
+        );
+        assert_eq!(s.handle(Event::Wipe, 12), vec![]);
     }
 }

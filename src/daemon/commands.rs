@@ -128,35 +128,24 @@ impl Daemon {
                     let _ = reply.send(Err(CommandError::UnknownService(service)));
                     return;
                 };
+                let url = e.config.upstream.clone();
                 if e.state.noop() {
                     let _ = reply.send(Err(noop_refusal(&service, "wipe")));
                     return;
                 }
-                let Some(head) = e.state.synced() else {
+                if e.state.synced().is_none() {
                     let _ = reply.send(Err(CommandError::NothingCheckedOut(service)));
                     return;
-                };
+                }
                 warn!(service = %service, "wipe: rebuilding the checkout");
-                let job = deploy::DeployJob {
-                    service: e.config.clone(),
-                    upstream: self.config.settings.upstream(&e.config.upstream),
-                    limits: self.config.settings.limits(),
-                    gate: service::Gate::default(),
-                    head,
-                    from: None,
-                    deployed: e.state.deployed(),
-                    kind: deploy::Kind::Rebuild,
+                let jobs = self.feed(&service, Event::Wipe, now, tx);
+                let waiter = Waiter {
+                    service,
+                    action: "wipe",
+                    reply,
                 };
-                self.rebind.insert(service.clone());
-                if let Some(u) = self.upstreams.get_mut(&e.config.upstream) {
-                    u.queue(
-                        [job],
-                        Some(Waiter {
-                            service,
-                            action: "wipe",
-                            reply,
-                        }),
-                    );
+                if let Some(u) = self.upstreams.get_mut(&url) {
+                    u.queue(jobs, Some(waiter));
                 }
             }
             Command::Pull { service, force } => {

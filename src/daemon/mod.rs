@@ -239,8 +239,6 @@ struct Daemon {
     cancel: Arc<AtomicBool>,
     /// The system manager, when there is one to talk to (not in tests on a host without systemd).
     systemd: Option<Arc<Systemd>>,
-    /// Services whose checkout was rebuilt (wipe): their mounts are re-bound after the deploy.
-    rebind: BTreeSet<String>,
     /// Applies running per service, and the operators waiting for them to end.
     applying: BTreeMap<String, usize>,
     held: Vec<Waiter>,
@@ -361,7 +359,6 @@ impl Daemon {
             transport: git::Transport::default(),
             cancel,
             systemd: None,
-            rebind: BTreeSet::new(),
             applying: BTreeMap::new(),
             held: Vec::new(),
             layout,
@@ -823,7 +820,6 @@ impl Daemon {
                         }
                         entry.behind_at = None;
                     }
-                    let rebuilt = self.rebind.remove(&name);
                     match &event {
                         Event::Deployed { revision, .. } if *revision != entry.state.deployed() => {
                             info!(service = %name, revision = %service::short(*revision), "deployed")
@@ -856,15 +852,6 @@ impl Daemon {
                             && e.kind() != std::io::ErrorKind::NotFound
                         {
                             warn!(service = %name, "{}: {e}", marker.display());
-                        }
-                    }
-                    if rebuilt && deployed {
-                        // A rebuilt checkout is clean, and its mounts must move onto it.
-                        self.feed(&name, Event::Drift { files: Vec::new() }, now, tx);
-                        if let Some(revision) =
-                            self.services.get(&name).and_then(|e| e.state.deployed())
-                        {
-                            self.apply(&name, revision, tx);
                         }
                     }
                 }
@@ -922,6 +909,13 @@ impl Daemon {
                     deployed,
                     gate,
                     Kind::Restore,
+                )),
+                Effect::Rebuild { head, deployed } => jobs.push(job(
+                    head,
+                    entry.state.synced(),
+                    deployed,
+                    service::Gate::default(),
+                    Kind::Rebuild,
                 )),
                 Effect::Preview { head, from, gate } => {
                     jobs.push(job(head, from, entry.state.deployed(), gate, Kind::Preview))

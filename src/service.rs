@@ -92,6 +92,13 @@ pub enum Event {
     Interrupted,
     /// An operator's `pull`: a refused head or revision is tried again at the fetch the pull makes.
     Retry,
+    /// The daemon started: `applied` is what `plumb apply` last recorded for the service (its
+    /// revision, and why it failed), `None` when nothing is. A deployed revision without a
+    /// record of its own is applied now (it was deployed while no daemon could apply it); a
+    /// failure recorded meanwhile is taken as [`Event::Applied`] would be.
+    Resumed {
+        applied: Option<(Oid, Option<String>)>,
+    },
     /// An operator's `wipe`: the checkout is rebuilt from the store at the head it holds, local
     /// edits dropped, and the unit's mounts move onto the new one once it is in place.
     Wipe,
@@ -658,6 +665,16 @@ impl Service {
                 self.drift = files;
             }
             Event::Force | Event::Interrupted => self.force = true,
+            Event::Resumed { applied } => match (self.deployed, applied) {
+                (None, _) => {}
+                _ if self.noop => {}
+                (Some(deployed), Some((revision, error))) if revision == deployed => {
+                    if error.is_some() {
+                        return self.handle(Event::Applied { revision, error }, now);
+                    }
+                }
+                (Some(revision), _) => effects.push(Effect::Apply { revision }),
+            },
             Event::Wipe => {
                 // Refused before it gets here in noop mode or with nothing checked out (the
                 // operator is told); ignored the same way should it come anyway.
@@ -2085,5 +2102,48 @@ mod tests {
             11,
         );
         assert_eq!(s.handle(Event::Wipe, 12), vec![]);
+    }
+
+    #[test]
+    fn a_restart_applies_what_has_no_record_and_takes_a_recorded_failure_as_broken() {
+        // Deployed while no daemon could apply: no record, or one of an older revision.
+        for applied in [None, Some((oid(0), None))] {
+            let mut s = deployed();
+            let fx = s.handle(Event::Resumed { applied }, 20);
+            assert_eq!(fx, vec![Effect::Apply { revision: oid(1) }]);
+        }
+        // Applied meanwhile (the .path unit): nothing to do.
+        let mut s = deployed();
+        let fx = s.handle(
+            Event::Resumed {
+                applied: Some((oid(1), None)),
+            },
+            20,
+        );
+        assert_eq!(fx, vec![]);
+        assert_eq!(s.state, State::Ok);
+        // Failed meanwhile: BROKEN, as if the daemon had seen it.
+        let fx = s.handle(
+            Event::Resumed {
+                applied: Some((oid(1), Some("unit failed".into()))),
+            },
+            21,
+        );
+        assert_eq!(s.state, State::Broken);
+        assert!(s.info.contains("unit failed"), "{}", s.info);
+        assert_eq!(fx, vec![Effect::Persist]);
+        // Nothing deployed, or noop: nothing to apply.
+        let mut s = Service::new(0);
+        assert_eq!(s.handle(Event::Resumed { applied: None }, 1), vec![]);
+        let mut s = deployed();
+        s.handle(
+            Event::Reconfigured {
+                noop: true,
+                health: false,
+                moved: false,
+            },
+            11,
+        );
+        assert_eq!(s.handle(Event::Resumed { applied: None }, 12), vec![]);
     }
 }

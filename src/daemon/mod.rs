@@ -26,10 +26,10 @@ use crate::layout::Layout;
 use crate::metrics::Metrics;
 use crate::notify::Notifier;
 use crate::service::{self, Effect, Event, State};
-use crate::systemd::Systemd;
 
 mod commands;
 mod deploy;
+mod executor;
 mod fetch;
 mod persist;
 mod scheduler;
@@ -38,9 +38,10 @@ use commands::Answer;
 pub use commands::{Command, CommandError, Handle, Request, channel};
 pub use deploy::DeployError;
 pub use deploy::RollbackError;
-use deploy::{DeployJob, Kind, deploy_all};
+use deploy::{DeployJob, Kind};
+use executor::{Executor, Noop, System};
 use fetch::Check;
-use persist::{load_state, persist};
+use persist::load_state;
 
 /// How the daemon was started; everything it reads or binds is named here, so tests use temp dirs.
 #[derive(Debug, Clone)]
@@ -108,28 +109,25 @@ pub async fn run(
     let (config, text) = read_config(&opts)?;
     let mut d = Daemon::new(opts, config)?;
     if let Some(text) = &text {
-        persist::keep_accepted(&d.opts.config, text);
+        d.host.keep_accepted(&d.opts.config, text);
     }
     d.config_text = text;
     let (tx, mut rx) = mpsc::channel::<Done>(64);
     let (systemd_reloaded, mut systemd_reloads) = mpsc::channel::<()>(1);
-    if d.opts.apply {
-        d.connect_systemd(&tx).await;
-        if let Some(systemd) = d.systemd.clone()
+    if d.opts.apply && !d.opts.noop {
+        let system = System::connect(d.layout.clone()).await;
+        if let Some(systemd) = system.systemd()
             && !d.opts.once
         {
-            tokio::spawn(arm_path_units(systemd, systemd_reloaded, shutdown.clone()));
+            tokio::spawn(executor::arm_path_units(
+                systemd,
+                systemd_reloaded,
+                shutdown.clone(),
+            ));
         }
+        d.host = Arc::new(system);
     }
-    // A config checked out from git but not yet installed (a crash in between) is installed now.
-    if let Some(revision) = d
-        .services
-        .get(bootstrap::SELF)
-        .and_then(|e| e.state.deployed())
-        && d.opts.bootstrap.is_some()
-    {
-        d.apply(bootstrap::SELF, revision, &tx);
-    }
+    d.resume(&tx);
     let notify = Notifier::from_env();
     let mut ready = false;
     let mut watchdog =
@@ -237,17 +235,16 @@ struct Daemon {
     jitter: Duration,
     transport: git::Transport,
     cancel: Arc<AtomicBool>,
-    /// The system manager, when there is one to talk to (not in tests on a host without systemd).
-    systemd: Option<Arc<Systemd>>,
+    /// What acts on the host: the system (checkouts, and applies when systemd answers), or
+    /// noop for the whole daemon (`--noop`).
+    host: Arc<dyn Executor>,
+    /// What acts for a service in noop mode: judges, writes nothing the service sees.
+    noop: Arc<dyn Executor>,
     /// Applies running per service, and the operators waiting for them to end.
     applying: BTreeMap<String, usize>,
     held: Vec<Waiter>,
     services: BTreeMap<String, Entry>,
     upstreams: BTreeMap<String, Upstream>,
-    /// `daemon-reload`s asked for since start, and (shared with their tasks) how many of them
-    /// finished: an apply started after a config change waits for the generator to have run.
-    reloads_asked: u64,
-    reloads_done: Arc<tokio::sync::watch::Sender<u64>>,
     /// The config file's text as last read, accepted or not: a daemon-reload re-reads the config
     /// only when it changed since.
     config_text: Option<String>,
@@ -287,59 +284,6 @@ fn select(
     Ok(selected)
 }
 
-/// Keeps every `plumb-apply@<service>.path` unit the generator made armed: now, and after every
-/// daemon-reload (the daemon's own after a config change or a bootstrap, an operator's after
-/// editing the config, the package's), and tells the actor (`reloaded`) of each daemon-reload. systemd pulls them in at boot only, through
-/// `multi-user.target`; a path unit generated later would stay inactive until the next boot, and
-/// with it the apply that runs while the daemon is down. Runs until `shutdown`.
-async fn arm_path_units(
-    systemd: Arc<Systemd>,
-    reloaded: mpsc::Sender<()>,
-    shutdown: CancellationToken,
-) {
-    use futures_util::StreamExt;
-    let reloads = match systemd.reloads().await {
-        Ok(r) => Some(r),
-        Err(e) => {
-            warn!("path units are armed at start only: {}", Chain(&e));
-            None
-        }
-    };
-    let pattern = format!("{}@*.path", crate::generator::APPLY_PREFIX);
-    let arm = || async {
-        let units = match systemd.units_matching(&pattern).await {
-            Ok(u) => u,
-            Err(e) => return warn!("cannot list the path units: {}", Chain(&e)),
-        };
-        for (unit, active) in units {
-            if active == "active" {
-                continue;
-            }
-            match systemd.start(&unit).await {
-                Ok(r) if r.is_done() => info!(unit, "armed"),
-                Ok(r) => warn!(unit, "arming it: job {r}"),
-                Err(e) => warn!("arming {unit}: {}", Chain(&e)),
-            }
-        }
-    };
-    arm().await;
-    let Some(reloads) = reloads else { return };
-    let mut reloads = std::pin::pin!(reloads);
-    loop {
-        tokio::select! {
-            () = shutdown.cancelled() => return,
-            next = reloads.next() => match next {
-                Some(()) => {
-                    arm().await;
-                    // The actor re-reads the config if it changed (at most one waiting).
-                    let _ = reloaded.try_send(());
-                }
-                None => return,
-            },
-        }
-    }
-}
-
 impl Daemon {
     fn new(opts: Options, config: Config) -> Result<Daemon, DaemonError> {
         let layout = Layout::new(
@@ -358,7 +302,12 @@ impl Daemon {
             jitter: Duration::ZERO,
             transport: git::Transport::default(),
             cancel,
-            systemd: None,
+            host: if opts.noop {
+                Arc::new(Noop)
+            } else {
+                Arc::new(System::new(layout.clone()))
+            },
+            noop: Arc::new(Noop),
             applying: BTreeMap::new(),
             held: Vec::new(),
             layout,
@@ -366,8 +315,6 @@ impl Daemon {
             config,
             services: BTreeMap::new(),
             upstreams: BTreeMap::new(),
-            reloads_asked: 0,
-            reloads_done: Arc::new(tokio::sync::watch::channel(0).0),
             config_text: None,
             config_error: None,
         };
@@ -521,7 +468,7 @@ impl Daemon {
             m.config_accepted(true);
         }
         if let Some(text) = &self.config_text {
-            persist::keep_accepted(&self.opts.config, text);
+            self.host.keep_accepted(&self.opts.config, text);
         }
         if self.opts.state_dir.is_none() && moved_state_dir {
             warn!("state_dir changed; it takes effect at the next restart");
@@ -552,19 +499,8 @@ impl Daemon {
         }
         self.config = config;
         self.adopt(selected);
-        if let Some(systemd) = self.systemd.clone() {
-            // The generator reads the config: let systemd run it again for new mounts and units.
-            // Applies from now on wait for it (a new service's mounts must exist first).
-            self.reloads_asked += 1;
-            let asked = self.reloads_asked;
-            let done = self.reloads_done.clone();
-            tokio::spawn(async move {
-                if let Err(e) = systemd.daemon_reload().await {
-                    warn!("daemon-reload after the config changed: {}", Chain(&e));
-                }
-                done.send_modify(|n| *n = (*n).max(asked));
-            });
-        }
+        // The generator reads the config: systemd runs it again for new mounts and units.
+        self.host.daemon_reload();
     }
 
     fn all_cycled(&self) -> bool {
@@ -620,19 +556,16 @@ impl Daemon {
 
     fn start_due(&mut self, tx: &mpsc::Sender<Done>) {
         let now = Instant::now();
-        let mut due = Vec::new();
+        let (mut due, mut checkouts) = (Vec::new(), Vec::new());
         for (url, u) in self.upstreams.iter_mut() {
             match u.start(now) {
                 None => {}
-                Some(scheduler::Start::Checkouts(jobs)) => {
-                    let (layout, url, tx) = (self.layout.clone(), url.clone(), tx.clone());
-                    tokio::task::spawn_blocking(move || {
-                        let events = deploy_all(&layout, &url, jobs);
-                        let _ = tx.blocking_send(Done::Deployed { url, events });
-                    });
-                }
+                Some(scheduler::Start::Checkouts(jobs)) => checkouts.push((url.clone(), jobs)),
                 Some(scheduler::Start::Fetch) => due.push(url.clone()),
             }
+        }
+        for (url, jobs) in checkouts {
+            self.checkouts(url, jobs, tx);
         }
         for url in due {
             let branches: Vec<String> = self
@@ -736,12 +669,7 @@ impl Daemon {
                 if jobs.is_empty() || self.cancel.load(Ordering::Relaxed) {
                     self.done_with(&url);
                 } else {
-                    let layout = self.layout.clone();
-                    let tx = tx.clone();
-                    tokio::task::spawn_blocking(move || {
-                        let events = deploy_all(&layout, &url, jobs);
-                        let _ = tx.blocking_send(Done::Deployed { url, events });
-                    });
+                    self.checkouts(url, jobs, tx);
                 }
             }
             Done::Applied {
@@ -837,22 +765,17 @@ impl Daemon {
                     // The state machine asked for a write if the deploy changed what is kept on
                     // disk; one that failed earlier is tried again. Until it worked, the marker
                     // stays for the next start.
-                    let layout = &self.layout;
+                    let (layout, host) = (&self.layout, &self.host);
                     let saved = deployed
                         && self.services.get_mut(&name).is_some_and(|e| {
                             if e.unsaved {
-                                e.unsaved = !persist(layout, &name, &e.state);
+                                e.unsaved = !host.persist(layout, &name, &e.state);
                             }
                             !e.unsaved
                         });
                     if saved {
                         // The deploy is on disk: the checkout is no longer half-made.
-                        let marker = self.layout.service_deploying(&name);
-                        if let Err(e) = std::fs::remove_file(&marker)
-                            && e.kind() != std::io::ErrorKind::NotFound
-                        {
-                            warn!(service = %name, "{}: {e}", marker.display());
-                        }
+                        self.host.deploy_saved(&self.layout, &name);
                     }
                 }
                 self.done_with(&url);
@@ -874,6 +797,11 @@ impl Daemon {
         };
         let mut jobs = Vec::new();
         let mut applies = Vec::new();
+        let executor = if entry.state.noop() {
+            &self.noop
+        } else {
+            &self.host
+        };
         let upstream = self.config.settings.upstream(&entry.config.upstream);
         let limits = self.config.settings.limits();
         let effects = entry.state.handle(event, now);
@@ -891,7 +819,7 @@ impl Daemon {
         for effect in effects {
             match effect {
                 Effect::Persist => {
-                    entry.unsaved = !persist(&self.layout, name, &entry.state);
+                    entry.unsaved = !executor.persist(&self.layout, name, &entry.state);
                 }
                 Effect::Deploy {
                     head,
@@ -943,49 +871,45 @@ impl Daemon {
         }
     }
 
-    /// Connects to systemd and applies what a crash or a restart left unapplied: a deployed revision
-    /// whose outcome is missing or older (the `.path` unit only fires on a change).
-    async fn connect_systemd(&mut self, tx: &mpsc::Sender<Done>) {
-        match Systemd::system().await {
-            Ok(sd) => self.systemd = Some(Arc::new(sd)),
-            Err(e) => {
-                info!(
-                    "not applying through systemd ({}); plumb-apply@.path units apply where installed",
-                    Chain(&e)
-                );
-                return;
-            }
-        }
-        let deployed: Vec<(String, Oid)> = self
-            .services
-            .iter()
-            // plumb's own config is installed at start whether or not there is a systemd.
-            .filter(|(name, _)| name.as_str() != bootstrap::SELF || self.opts.bootstrap.is_none())
-            .filter(|(_, e)| !e.state.noop())
-            .filter_map(|(name, e)| Some((name.clone(), e.state.deployed()?)))
-            .collect();
+    /// Tells every service what the last apply recorded, so that what a crash or a restart left
+    /// unapplied is applied now (the `.path` unit only fires on a change) and a failure recorded
+    /// meanwhile is BROKEN. plumb's own config in bootstrap mode has no record: it is installed
+    /// again, in case the daemon stopped between its checkout and its install.
+    fn resume(&mut self, tx: &mpsc::Sender<Done>) {
+        let names: Vec<String> = self.services.keys().cloned().collect();
         let now = unix_now();
-        for (name, revision) in deployed {
-            match apply::read_applied(&self.layout, &name) {
-                // Applied while no daemon listened (a crash, the .path unit): the state machine
-                // learns how it went, so a failure is BROKEN (and applied again) here too.
-                Some(o) if o.revision == revision => {
-                    if let Some(error) = o.error() {
-                        let jobs = self.feed(
-                            &name,
-                            Event::Applied {
-                                revision,
-                                error: Some(error),
-                            },
-                            now,
-                            tx,
-                        );
-                        self.queue(&name, jobs);
-                    }
-                }
-                _ => self.apply(&name, revision, tx),
-            }
+        for name in names {
+            let own = name == bootstrap::SELF && self.opts.bootstrap.is_some();
+            let applied = if own {
+                None
+            } else if self.host.applies() {
+                apply::read_applied(&self.layout, &name).map(|o| (o.revision, o.error()))
+            } else {
+                continue;
+            };
+            let jobs = self.feed(&name, Event::Resumed { applied }, now, tx);
+            self.queue(&name, jobs);
         }
+    }
+
+    /// Hands one upstream's checkouts to the executors on a blocking thread: those of services in
+    /// noop mode to the one that only judges.
+    fn checkouts(&self, url: String, jobs: Vec<DeployJob>, tx: &mpsc::Sender<Done>) {
+        let noop = |job: &DeployJob| {
+            self.services
+                .get(&job.service.name)
+                .is_some_and(|e| e.state.noop())
+        };
+        let (previews, jobs): (Vec<DeployJob>, Vec<DeployJob>) = jobs.into_iter().partition(noop);
+        let (host, judge) = (self.host.clone(), self.noop.clone());
+        let (layout, tx) = (self.layout.clone(), tx.clone());
+        tokio::task::spawn_blocking(move || {
+            let mut events = host.checkouts(&layout, &url, jobs);
+            if !previews.is_empty() {
+                events.extend(judge.checkouts(&layout, &url, previews));
+            }
+            let _ = tx.blocking_send(Done::Deployed { url, events });
+        });
     }
 
     /// Queues checkouts a service's state machine asked for outside a fetch on its upstream.
@@ -1006,50 +930,28 @@ impl Daemon {
     /// unit started by the `.path` unit meanwhile is the same job, so an apply never runs twice at
     /// once.
     fn apply(&mut self, service: &str, revision: Oid, tx: &mpsc::Sender<Done>) {
-        if self.services.get(service).is_none_or(|e| e.state.noop()) {
+        let Some(e) = self.services.get(service) else {
             return;
+        };
+        let executor = if e.state.noop() {
+            &self.noop
+        } else {
+            &self.host
+        };
+        if service == bootstrap::SELF
+            && let Some(b) = &self.opts.bootstrap
+        {
+            let installed =
+                executor.install_config(b, &e.config, &self.opts.config, &self.opts.hosts);
+            return self.installed(installed, revision, tx);
         }
-        if service == bootstrap::SELF && self.opts.bootstrap.is_some() {
-            self.install_config(revision, tx);
-            return;
-        }
-        let Some(systemd) = self.systemd.clone() else {
+        let Some(outcome) = executor.apply(&e.config, revision) else {
             return;
         };
         *self.applying.entry(service.to_owned()).or_default() += 1;
-        let layout = self.layout.clone();
-        let config = self.services.get(service).map(|e| e.config.clone());
-        let service = service.to_owned();
-        let tx = tx.clone();
-        let reloaded = self.reloads_asked;
-        let mut reloads = self.reloads_done.subscribe();
+        let (service, tx) = (service.to_owned(), tx.clone());
         tokio::spawn(async move {
-            let _ = reloads.wait_for(|done| *done >= reloaded).await;
-            let unit = format!("plumb-apply@{service}.service");
-            let mut started = systemd.start(&unit).await;
-            // Joining an apply that was already running may leave a mount it looked at before
-            // the checkout changed (wipe): start it again, a bounded number of times.
-            for _ in 0..3 {
-                match (&started, &config) {
-                    (Ok(_), Some(c)) if !apply::mounts_current(c) => {
-                        started = systemd.start(&unit).await;
-                    }
-                    _ => break,
-                }
-            }
-            // Judged on the outcome for `revision` alone: an outcome for another one is either
-            // older (the apply failed before writing one: a bad config, a crash) or newer (a
-            // deploy overtook this one, and the state machine drops this report as stale).
-            let error = match started {
-                Err(e) => Some(format!("starting {unit}: {}", Chain(&e))),
-                Ok(job) => match apply::read_applied(&layout, &service) {
-                    Some(o) if o.revision == revision => o.error(),
-                    _ => Some(format!(
-                        "{unit} ({job}) left no outcome for {}; see journalctl -u {unit}",
-                        service::short(Some(revision))
-                    )),
-                },
-            };
+            let error = outcome.await;
             let _ = tx
                 .send(Done::Applied {
                     service,
@@ -1060,16 +962,15 @@ impl Daemon {
         });
     }
 
-    /// plumb's own apply in bootstrap mode: installs the config file of the deployed revision over
-    /// the local one and re-reads it (and systemd re-runs the generator). A config that fails to
-    /// validate leaves the running one, and the service BROKEN.
-    fn install_config(&mut self, revision: Oid, tx: &mpsc::Sender<Done>) {
-        let (Some(b), Some(e)) = (&self.opts.bootstrap, self.services.get(bootstrap::SELF)) else {
-            return;
-        };
-        let installed = b
-            .checked_out(&e.config)
-            .and_then(|from| bootstrap::install(&from, &self.opts.config, &self.opts.hosts));
+    /// plumb's own apply in bootstrap mode installed the config file of the deployed revision
+    /// over the local one (or not): a changed one is re-read (and systemd re-runs the generator),
+    /// one that fails to validate leaves the running one, and the service BROKEN.
+    fn installed(
+        &mut self,
+        installed: Result<bool, BootstrapError>,
+        revision: Oid,
+        tx: &mpsc::Sender<Done>,
+    ) {
         let error = match installed {
             Ok(changed) => {
                 if changed {

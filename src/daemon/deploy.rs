@@ -392,3 +392,280 @@ fn rebuild(
     std::fs::rename(&new_index, &index).map_err(io(&index))?;
     Ok(())
 }
+
+/// The gates and the noop executor on a real repository (libgit2, and `git-upload-pack` for the
+/// `file://` fetch); no root needed.
+#[cfg(test)]
+mod tests {
+    use std::path::Path;
+
+    use super::super::executor::{Executor, Noop};
+    use super::*;
+    use crate::config::Config;
+
+    /// An upstream repository, a state directory and a config with one service `app` whose
+    /// files are `app/` (a `check` that refuses a file named `bad`), and its store fetched.
+    struct Fixture {
+        _root: tempfile::TempDir,
+        upstream: git2::Repository,
+        url: String,
+        layout: Layout,
+        config: Config,
+    }
+
+    impl Fixture {
+        fn new(force_push: &str) -> Fixture {
+            let root = tempfile::tempdir().unwrap();
+            let upstream = git2::Repository::init(root.path().join("upstream")).unwrap();
+            let url = format!("file://{}", root.path().join("upstream").display());
+            let state = root.path().join("state");
+            let text = format!(
+                "[plumb]\nstate_dir = {state:?}\n\n[[plumb.upstream]]\nurl = {url:?}\n\
+                 force_push = {force_push:?}\n\n[[services]]\nmachine = \"m\"\nservice = \"app\"\n\
+                 upstream = {url:?}\ncheck = \"test ! -e {{dir}}/bad\"\n\
+                 dirs = [{{ local = \"/srv/app\", link = \"app\" }}]\n"
+            );
+            let config = Config::parse(Path::new("plumb.toml"), &text).unwrap();
+            let layout = Layout::new(&state);
+            layout.create().unwrap();
+            Fixture {
+                _root: root,
+                upstream,
+                url,
+                layout,
+                config,
+            }
+        }
+
+        /// Commits `files` (path, content; content `None` is a symlink to `..`/..) on top of
+        /// `parent`, moves `main` there and fetches it into the store.
+        fn commit(&self, parent: Option<Oid>, files: &[(&str, &str)]) -> Oid {
+            let mut index = git2::Index::new().unwrap();
+            for (path, content) in files {
+                let blob = self.upstream.blob(content.as_bytes()).unwrap();
+                let mode = if path.ends_with("@") {
+                    0o120000
+                } else {
+                    0o100644
+                };
+                let entry = git2::IndexEntry {
+                    ctime: git2::IndexTime::new(0, 0),
+                    mtime: git2::IndexTime::new(0, 0),
+                    dev: 0,
+                    ino: 0,
+                    mode,
+                    uid: 0,
+                    gid: 0,
+                    file_size: content.len() as u32,
+                    id: blob,
+                    flags: 0,
+                    flags_extended: 0,
+                    path: path.trim_end_matches('@').as_bytes().to_vec(),
+                };
+                index.add(&entry).unwrap();
+            }
+            let tree = self
+                .upstream
+                .find_tree(index.write_tree_to(&self.upstream).unwrap())
+                .unwrap();
+            let sig = git2::Signature::new("t", "t@example.org", &git2::Time::new(1, 0)).unwrap();
+            let parents: Vec<git2::Commit> = parent
+                .map(|p| self.upstream.find_commit(p).unwrap())
+                .into_iter()
+                .collect();
+            let parents: Vec<&git2::Commit> = parents.iter().collect();
+            let oid = self
+                .upstream
+                .commit(None, &sig, &sig, "c", &tree, &parents)
+                .unwrap();
+            self.upstream
+                .reference("refs/heads/main", oid, true, "test")
+                .unwrap();
+            let mut store = Store::open(&self.layout.stores(), &self.url).unwrap();
+            store
+                .fetch(&["main".to_owned()], &git::Transport::default())
+                .unwrap();
+            oid
+        }
+
+        fn service(&self) -> config::Service {
+            self.config.select(&["m".to_owned()]).unwrap().remove(0)
+        }
+
+        fn job(&self, head: Oid, from: Option<Oid>, gate: service::Gate, kind: Kind) -> DeployJob {
+            DeployJob {
+                service: self.service(),
+                upstream: self.config.settings.upstream(&self.url),
+                limits: self.config.settings.limits(),
+                gate,
+                head,
+                from,
+                deployed: from,
+                kind,
+            }
+        }
+
+        fn run(&self, executor: &dyn Executor, job: DeployJob) -> Event {
+            let mut events = executor.checkouts(&self.layout, &self.url, vec![job]);
+            assert_eq!(events.len(), 1);
+            events.remove(0).1
+        }
+
+        fn live(&self, file: &str) -> Option<String> {
+            std::fs::read_to_string(self.service().checkout_dir().join("app").join(file)).ok()
+        }
+
+        fn rev(&self) -> Option<String> {
+            std::fs::read_to_string(self.layout.service_rev("app")).ok()
+        }
+    }
+
+    const FOLLOW: service::Gate = service::Gate {
+        follow: true,
+        avoid: None,
+    };
+
+    fn system(f: &Fixture) -> super::super::executor::System {
+        super::super::executor::System::new(f.layout.clone())
+    }
+
+    #[test]
+    fn a_good_head_is_checked_out_and_its_revision_handed_over() {
+        let f = Fixture::new("follow");
+        let c1 = f.commit(None, &[("app/conf", "1")]);
+        let event = f.run(&system(&f), f.job(c1, None, FOLLOW, Kind::Deploy));
+        assert_eq!(
+            event,
+            Event::Deployed {
+                head: c1,
+                revision: Some(c1)
+            }
+        );
+        assert_eq!(f.live("conf").as_deref(), Some("1"));
+        assert_eq!(f.rev(), Some(format!("{c1}\n")));
+    }
+
+    #[test]
+    fn a_failing_check_refuses_the_head_and_leaves_the_files() {
+        let f = Fixture::new("follow");
+        let c1 = f.commit(None, &[("app/conf", "1")]);
+        f.run(&system(&f), f.job(c1, None, FOLLOW, Kind::Deploy));
+        let c2 = f.commit(Some(c1), &[("app/conf", "2"), ("app/bad", "x")]);
+        let event = f.run(&system(&f), f.job(c2, Some(c1), FOLLOW, Kind::Deploy));
+        assert!(
+            matches!(&event, Event::Refused { head, revision: Some(r), why: Refusal::Check(_) } if *head == c2 && *r == c2),
+            "{event:?}"
+        );
+        assert_eq!(f.live("conf").as_deref(), Some("1"));
+        assert_eq!(f.rev(), Some(format!("{c1}\n")));
+    }
+
+    #[test]
+    fn a_revision_refused_before_is_refused_without_running_anything() {
+        let f = Fixture::new("follow");
+        let c1 = f.commit(None, &[("app/conf", "1")]);
+        f.run(&system(&f), f.job(c1, None, FOLLOW, Kind::Deploy));
+        let c2 = f.commit(Some(c1), &[("app/conf", "2")]);
+        // A later head whose service files are still c2's (a commit elsewhere).
+        let c3 = f.commit(Some(c2), &[("app/conf", "2"), ("other/x", "x")]);
+        let gate = service::Gate {
+            follow: true,
+            avoid: Some(c2),
+        };
+        let event = f.run(&system(&f), f.job(c3, Some(c1), gate, Kind::Deploy));
+        assert_eq!(
+            event,
+            Event::Refused {
+                head: c3,
+                revision: Some(c2),
+                why: Refusal::Known
+            }
+        );
+        assert_eq!(f.live("conf").as_deref(), Some("1"));
+    }
+
+    #[test]
+    fn a_rewritten_history_is_refused_only_when_the_upstream_says_so() {
+        for (setting, refused) in [("refuse", true), ("follow", false)] {
+            let f = Fixture::new(setting);
+            let c1 = f.commit(None, &[("app/conf", "1")]);
+            f.run(&system(&f), f.job(c1, None, FOLLOW, Kind::Deploy));
+            // Not a descendant of c1: a force-push.
+            let other = f.commit(None, &[("app/conf", "2")]);
+            let event = f.run(&system(&f), f.job(other, Some(c1), FOLLOW, Kind::Deploy));
+            assert_eq!(
+                matches!(
+                    &event,
+                    Event::Refused {
+                        why: Refusal::Rewritten(_),
+                        ..
+                    }
+                ),
+                refused,
+                "{setting}: {event:?}"
+            );
+            // An operator's pull --force (a restore) does not follow the branch: never refused.
+            let restore = service::Gate::default();
+            let event = f.run(&system(&f), f.job(other, Some(c1), restore, Kind::Restore));
+            assert!(matches!(event, Event::Deployed { .. }), "{event:?}");
+        }
+    }
+
+    #[test]
+    fn a_symlink_out_of_the_service_is_refused_as_hostile() {
+        let f = Fixture::new("follow");
+        let c1 = f.commit(None, &[("app/conf", "1")]);
+        f.run(&system(&f), f.job(c1, None, FOLLOW, Kind::Deploy));
+        let c2 = f.commit(Some(c1), &[("app/conf", "2"), ("app/escape@", "../../etc")]);
+        let event = f.run(&system(&f), f.job(c2, Some(c1), FOLLOW, Kind::Deploy));
+        assert!(
+            matches!(
+                &event,
+                Event::Refused {
+                    why: Refusal::Hostile(_),
+                    ..
+                }
+            ),
+            "{event:?}"
+        );
+        assert_eq!(f.live("conf").as_deref(), Some("1"));
+    }
+
+    #[test]
+    fn the_noop_executor_judges_whatever_it_is_asked_and_writes_nothing() {
+        let f = Fixture::new("follow");
+        let c1 = f.commit(None, &[("app/conf", "1"), ("app/other", "o")]);
+        for kind in [Kind::Deploy, Kind::Restore, Kind::Rebuild, Kind::Preview] {
+            let event = f.run(&Noop, f.job(c1, None, FOLLOW, kind));
+            assert_eq!(
+                event,
+                Event::Previewed {
+                    head: c1,
+                    revision: Some(c1),
+                    files: 2
+                },
+                "{kind:?}"
+            );
+            assert!(!f.service().checkout_dir().exists(), "{kind:?}");
+            assert_eq!(f.rev(), None, "{kind:?}");
+            assert!(!f.layout.service_deploying("app").exists(), "{kind:?}");
+        }
+        // Its gates still hold: a failing check is a refusal, as it would be for real.
+        let c2 = f.commit(Some(c1), &[("app/conf", "2"), ("app/bad", "x")]);
+        let event = f.run(&Noop, f.job(c2, Some(c1), FOLLOW, Kind::Deploy));
+        assert!(
+            matches!(
+                &event,
+                Event::Refused {
+                    why: Refusal::Check(_),
+                    ..
+                }
+            ),
+            "{event:?}"
+        );
+        assert!(!f.service().checkout_dir().exists());
+        // And it starts no apply, installs nothing.
+        assert!(Noop.apply(&f.service(), c1).is_none());
+        assert!(!Noop.applies());
+    }
+}

@@ -146,13 +146,12 @@ impl Session {
 
     /// `git-upload-pack` on a repository of this machine, as git fetches a `file://` URL: the
     /// pack streams through a pipe into libgit2's indexer, so memory stays bounded whatever the
-    /// blobs' size (libgit2's own local transport builds the pack in memory).
+    /// blobs' size (libgit2's own local transport builds the pack in memory). Without
+    /// `--strict`, as git runs it: the path may be a bare repository or a work tree's top.
     pub(super) fn local(ctx: &Arc<Context>, url: &str) -> io::Result<Session> {
         let path = local_path(url)
             .ok_or_else(|| io::Error::new(io::ErrorKind::InvalidInput, "not a file:///path URL"))?;
-        let spec = Spec::new(upload_pack_program(), Duration::ZERO)
-            .arg("--strict")
-            .arg(&path);
+        let spec = Spec::new(upload_pack_program(), Duration::ZERO).arg(&path);
         Session::spawn(ctx, &spec, None)
     }
 

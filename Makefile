@@ -17,6 +17,7 @@ docs:
 lint:
 	cargo fmt --check
 	cargo clippy --all-targets -- -D warnings
+	RUSTDOCFLAGS="-D warnings" cargo doc --no-deps
 
 # One machine's costs, how they grow with services, push-to-applied latency in a container, a simulated
 # fleet: each appends its table to bench/RESULTS.md.

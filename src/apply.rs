@@ -248,12 +248,21 @@ pub async fn apply(
 
 /// `plumb apply <service>` as run by `plumb-apply@<service>.service`: loads the config at
 /// `config_path`, picks `service` among this machine's services (hostname plus `aliases`),
-/// connects to systemd on the system bus and applies. Prints the outcome's summary; exit status
-/// 0 when the unit took the revision, 1 otherwise, so `systemctl status plumb-apply@<service>`
-/// shows it.
-pub fn command(config_path: &Path, aliases: &[String], service: &str) -> ExitCode {
+/// connects to systemd on the system bus and applies. `state_dir` overrides the config's, as
+/// the daemon's `--state-dir` does (the `.rev` read, the outcome written, default checkouts).
+/// Prints the outcome's summary; exit status 0 when the unit took the revision, 1 otherwise, so
+/// `systemctl status plumb-apply@<service>` shows it.
+pub fn command(
+    config_path: &Path,
+    aliases: &[String],
+    state_dir: Option<&Path>,
+    service: &str,
+) -> ExitCode {
     let result = (|| -> Result<Outcome, ApplyError> {
-        let config = Config::load(config_path)?;
+        let mut config = Config::load(config_path)?;
+        if let Some(dir) = state_dir {
+            config.use_state_dir(dir);
+        }
         let hosts = config.machine_names(aliases);
         let layout = Layout::new(config.settings.state_dir.clone());
         let rt = tokio::runtime::Builder::new_current_thread()

@@ -80,8 +80,8 @@ pub enum Command {
         /// config.toml, checked as a bootstrap directory.
         file: Option<PathBuf>,
     },
-    /// Make <service>'s unit take its deployed revision (bind mounts, daemon-reload when unit
-    /// files changed, the action); run by plumb-apply@<service>.service. Exit 0 or 1.
+    /// Make SERVICE's unit take its deployed revision (bind mounts, daemon-reload when unit
+    /// files changed, the action); run by plumb-apply@SERVICE.service. Exit 0 or 1.
     Apply {
         /// The service's name in the config.
         service: String,

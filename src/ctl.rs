@@ -1047,7 +1047,7 @@ fn table_for(action: &Action, reports: &[&Report], view: &View) -> Table {
                 vec![
                     result.status.service.clone(),
                     if result.ok { "ok" } else { "FAILED" }.to_owned(),
-                    result.status.state.clone(),
+                    result.status.state.to_string(),
                     view.clock.localize(&result.message),
                 ],
             )),
@@ -1102,7 +1102,7 @@ fn table_for(action: &Action, reports: &[&Report], view: &View) -> Table {
 fn service_row(s: &proto::ServiceStatus, clock: &Clock) -> Vec<String> {
     vec![
         s.service.clone(),
-        s.state.clone(),
+        s.state.to_string(),
         s.deployed.as_deref().map(short).unwrap_or("-").to_owned(),
         s.behind.map_or_else(|| "-".to_owned(), |b| b.to_string()),
         relative(clock.now, s.since),
@@ -1160,7 +1160,7 @@ fn status_lines(s: &proto::ServiceStatus, clock: &Clock, kv: &mut Vec<(&'static 
     let since = |t: u64| format!("{} ({})", clock.local(t), relative(clock.now, t));
     kv.push(("service", s.service.clone()));
     kv.push(("machine", s.machine.clone()));
-    kv.push(("state", s.state.clone()));
+    kv.push(("state", s.state.to_string()));
     if !s.info.is_empty() {
         kv.push(("info", clock.localize(&s.info)));
     }
@@ -1179,7 +1179,7 @@ fn status_lines(s: &proto::ServiceStatus, clock: &Clock, kv: &mut Vec<(&'static 
     kv.push((
         "frozen",
         // A daemon older than the `frozen` field says so by the state alone.
-        match (s.frozen || s.state == "FREEZE", s.frozen_until) {
+        match (s.frozen || s.state == proto::State::Freeze, s.frozen_until) {
             (false, _) => "no".to_owned(),
             (true, Some(t)) => format!("until {}", clock.when(t)),
             (true, None) => "until unfrozen".to_owned(),
@@ -1536,7 +1536,7 @@ mod tests {
         proto::ServiceStatus {
             service: service.into(),
             machine: "web1".into(),
-            state: state.into(),
+            state: serde_json::from_value(serde_json::json!(state)).unwrap(),
             info: String::new(),
             since: 1_700_000_000,
             upstream: "https://git.example.org/ops.git".into(),

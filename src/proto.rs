@@ -71,13 +71,72 @@ impl Route {
     }
 }
 
+/// A service's state on the wire: `"OK"`, `"FREEZE"`, `"ROLLBACK"`, `"BROKEN"` or `"DIFF"`
+/// (ARCHITECTURE.md has what each means). A state a newer daemon adds reads as `Unknown` here, so
+/// an older plumbctl still shows the rest of the answer.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "UPPERCASE")]
+pub enum State {
+    Ok,
+    Freeze,
+    Rollback,
+    Broken,
+    Diff,
+    #[serde(other)]
+    Unknown,
+}
+
+impl State {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            State::Ok => "OK",
+            State::Freeze => "FREEZE",
+            State::Rollback => "ROLLBACK",
+            State::Broken => "BROKEN",
+            State::Diff => "DIFF",
+            State::Unknown => "UNKNOWN",
+        }
+    }
+
+    /// Something needs an operator: the machine side failed, or git cannot be reconciled.
+    pub fn failing(self) -> bool {
+        matches!(self, State::Broken | State::Diff)
+    }
+}
+
+impl From<crate::service::State> for State {
+    fn from(s: crate::service::State) -> State {
+        use crate::service::State as S;
+        match s {
+            S::Ok => State::Ok,
+            S::Freeze => State::Freeze,
+            S::Rollback => State::Rollback,
+            S::Broken => State::Broken,
+            S::Diff => State::Diff,
+        }
+    }
+}
+
+impl std::fmt::Display for State {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// `status.state == "OK"`: states compare with their names, as scripts and tests write them.
+impl PartialEq<&str> for State {
+    fn eq(&self, other: &&str) -> bool {
+        self.as_str() == *other
+    }
+}
+
 /// One service as an operator sees it.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ServiceStatus {
     pub service: String,
     pub machine: String,
     /// OK, FREEZE, ROLLBACK, BROKEN or DIFF.
-    pub state: String,
+    pub state: State,
     /// Why the service is in its state.
     pub info: String,
     /// Unix seconds when the state was entered.

@@ -36,9 +36,12 @@ fn main() -> ExitCode {
             &cli.hosts,
             cli.state_dir.as_deref(),
         ),
-        Some(Command::Apply { service }) => {
-            Ok(plumb::apply::command(&cli.config, &cli.hosts, service))
-        }
+        Some(Command::Apply { service }) => Ok(plumb::apply::command(
+            &cli.config,
+            &cli.hosts,
+            cli.state_dir.as_deref(),
+            service,
+        )),
         None => serve(cli),
     };
     match result {

@@ -246,7 +246,7 @@ impl Daemon {
         ServiceStatus {
             service: c.name.clone(),
             machine: c.machine.clone(),
-            state: s.state().as_str().to_owned(),
+            state: s.state().into(),
             info: s.info().to_owned(),
             since: s.since(),
             upstream: git::redact_url(&c.upstream),
@@ -280,7 +280,7 @@ impl Daemon {
     /// The answer to a write: what was asked, whether the service is fine, and its status.
     pub(super) fn action(&self, service: &str, action: &str) -> ActionResult {
         let status = self.status(service);
-        let ok = !matches!(status.state.as_str(), "BROKEN" | "DIFF");
+        let ok = !status.state.failing();
         let message = if status.info.is_empty() {
             format!("{action}: done, {}", status.state)
         } else {

@@ -2019,6 +2019,21 @@ mod tests {
         assert_eq!((back.last_good, back.rejected), (None, None));
     }
 
+    /// The checkout holds head `n`, whose revision is `n`.
+    fn in_place(s: &mut Service, n: u8, now: u64) -> Vec<Effect> {
+        s.handle(
+            Event::Deployed {
+                head: oid(n),
+                revision: Some(oid(n)),
+            },
+            now,
+        )
+    }
+
+    fn asks_apply(fx: &[Effect]) -> bool {
+        fx.iter().any(|e| matches!(e, Effect::Apply { .. }))
+    }
+
     #[test]
     fn a_wipe_rebuilds_at_the_synced_head_and_applies_again_once_in_place() {
         let mut s = deployed();
@@ -2038,28 +2053,13 @@ mod tests {
             }]
         );
         // Same revision, new directories: applied again so the mounts move, and clean.
-        let fx = s.handle(
-            Event::Deployed {
-                head: oid(1),
-                revision: Some(oid(1)),
-            },
-            13,
-        );
+        let fx = in_place(&mut s, 1, 13);
         assert!(fx.contains(&Effect::Apply { revision: oid(1) }), "{fx:?}");
         assert_eq!(s.state, State::Ok);
         assert!(s.drift.is_empty());
         // An ordinary deploy of the same revision later does not apply again.
-        let fx = s.handle(
-            Event::Deployed {
-                head: oid(1),
-                revision: Some(oid(1)),
-            },
-            14,
-        );
-        assert!(
-            !fx.iter().any(|e| matches!(e, Effect::Apply { .. })),
-            "{fx:?}"
-        );
+        let fx = in_place(&mut s, 1, 14);
+        assert!(!asks_apply(&fx), "{fx:?}");
     }
 
     #[test]
@@ -2075,17 +2075,8 @@ mod tests {
         );
         assert_eq!(s.state, State::Broken);
         assert_eq!(s.deployed, Some(oid(1)));
-        let fx = s.handle(
-            Event::Deployed {
-                head: oid(1),
-                revision: Some(oid(1)),
-            },
-            14,
-        );
-        assert!(
-            !fx.iter().any(|e| matches!(e, Effect::Apply { .. })),
-            "{fx:?}"
-        );
+        let fx = in_place(&mut s, 1, 14);
+        assert!(!asks_apply(&fx), "{fx:?}");
     }
 
     #[test]

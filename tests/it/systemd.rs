@@ -6,7 +6,7 @@
 //! root here is root there). `plumb apply` runs inside, as `plumb-apply@.service` runs it, against
 //! units made by the real generator and an nginx serving files from a git upstream on the host.
 
-mod support;
+use crate::support;
 
 use std::io::{Read, Write};
 use std::net::{Ipv4Addr, TcpListener, TcpStream};

@@ -8,7 +8,7 @@
 //! Memory figures (a 1 GB file, 100,000 files, through the `plumb` binary) are printed by
 //! `bench/hostile-memory.sh`, not asserted here.
 
-mod support;
+use crate::support;
 
 use std::collections::BTreeMap;
 use std::fs;

@@ -2,7 +2,7 @@
 //! a socket in a temp dir, and the built `plumbctl` talks to it, locally (`--socket`) and as
 //! `@host` through a real OpenSSH server on loopback, whose remote command is the same binary.
 
-mod support;
+use crate::support;
 
 use std::net::TcpListener;
 use std::path::{Path, PathBuf};

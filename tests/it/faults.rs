@@ -6,7 +6,7 @@
 //! Nothing here measures time: every wait is a poll with a generous deadline, so a fix that makes
 //! something slower cannot make a test flaky, only a hang makes it fail.
 
-mod support;
+use crate::support;
 
 use std::collections::BTreeMap;
 use std::fs;

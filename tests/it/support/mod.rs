@@ -16,8 +16,7 @@
 //!
 //! The packages it needs (lighttpd, openssh-server, git) are installed by `scripts/install-deps.sh`.
 
-// Each integration test file compiles this module on its own and uses only part of it; the rest
-// would otherwise warn as dead code in every test crate that does not need it.
+// Some of the harness is unused while each module still has helpers of its own (folded in next).
 #![allow(dead_code)]
 
 pub mod container;

@@ -2,7 +2,7 @@
 //! unix socket, called with `curl --unix-socket` as real users made for the test, so the kernel's
 //! credentials, the user database's groups, the socket's mode and the audit log are all the real ones.
 
-mod support;
+use crate::support;
 
 use std::fs;
 use std::os::unix::fs::{FileTypeExt, PermissionsExt};

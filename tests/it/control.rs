@@ -2,7 +2,7 @@
 //! daemon on a real upstream: freeze holds a service back, unfreeze catches up, rollback pins an old
 //! revision, pull answers when done, and a freeze survives a restart.
 
-mod support;
+use crate::support;
 
 use std::path::{Path, PathBuf};
 use std::time::Duration;

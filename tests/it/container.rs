@@ -1,10 +1,10 @@
-//! Smoke test of the systemd container harness (tests/support/container.rs): a real systemd boots,
+//! Smoke test of the systemd container harness (tests/it/support/container.rs): a real systemd boots,
 //! runs units, serves on the host's network, keeps its files across a reboot, takes turns with
 //! other containers, and leaves no process, mount or directory behind.
 //!
-//! Timings go to stderr: `cargo test --test container -- --nocapture`.
+//! Timings go to stderr: `cargo test --test it container:: -- --nocapture`.
 
-mod support;
+use crate::support;
 
 use std::fs;
 use std::io::{Read, Write};
@@ -283,7 +283,7 @@ fn a_second_container_in_one_thread_is_refused() {
 
 // The Debian package as an administrator meets it: what an install, an upgrade and a config
 // written after the install do to plumb.service, to plumb-config.path, and to the services plumb
-// manages. `cargo test --test container package_`.
+// manages. `cargo test --test it container::package_`.
 
 /// Deadline for whatever the package tests poll: a deploy, a unit's state.
 const PACKAGE_DEADLINE: Duration = Duration::from_secs(60);

@@ -3,7 +3,7 @@
 //! nothing but git pushes from then on. What is asserted is what an operator sees: what nginx serves,
 //! which units were reloaded or restarted, the state plumb reports, the mount table.
 
-mod support;
+use crate::support;
 
 use std::net::TcpListener;
 use std::path::{Path, PathBuf};

@@ -2,7 +2,7 @@
 //! `.rev` hand-over files, the state files and the exit codes, for `--once` runs and for the
 //! long-running daemon with SIGHUP and SIGTERM.
 
-mod support;
+use crate::support;
 
 use std::fs;
 use std::os::unix::fs::MetadataExt;

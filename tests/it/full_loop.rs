@@ -5,14 +5,10 @@
 
 use crate::support;
 
-use std::net::TcpListener;
 use std::path::{Path, PathBuf};
-use std::time::Duration;
 
 use support::container::{Boot, Container};
-use support::{GitDaemon, Upstream, require_root, temp_root, wait_until};
-
-const DEADLINE: Duration = Duration::from_secs(60);
+use support::{DEADLINE, GitDaemon, Upstream, free_port, require_root, temp_root, wait_until};
 
 /// A container with `config` as /etc/plumb/plumb.toml and `extra` files (unit files of test
 /// services) in place, then plumb installed from this build's Debian package: its postinst
@@ -32,14 +28,6 @@ fn machine_from(b: Boot, config: &str) -> Container {
     let c = b.file("/etc/plumb/plumb.toml", config, 0o644).boot();
     c.install_deb();
     c
-}
-
-fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
 }
 
 fn get(port: u16) -> Option<String> {

@@ -299,10 +299,11 @@ WantedBy=multi-user.target
 ";
 
 /// plumb's config for the package tests: `greeter` on machine `machine`, its files the
-/// `greeter/files` directory of `url`, bound on /srv/greeter (mount unit srv-greeter.mount).
+/// `greeter/files` directory of `url`, bound on /srv/greeter (mount unit srv-greeter.mount). No
+/// metrics listener: the container shares the host's network, where port 9222 may be taken.
 fn greeter_config(machine: &str, url: &str) -> String {
     format!(
-        "[plumb]\ninterval = \"1s\"\n\n[[services]]\nmachine = \"{machine}\"\nservice = \"greeter\"\n\
+        "[plumb]\ninterval = \"1s\"\nmetrics_address = \"\"\n\n[[services]]\nmachine = \"{machine}\"\nservice = \"greeter\"\n\
          upstream = \"{url}\"\naction = \"reload\"\n\
          dirs = [{{ local = \"/srv/greeter\", link = \"greeter/files\" }}]\n"
     )
@@ -640,7 +641,7 @@ fn unit_files_and_dropins_from_git_survive_a_reboot_with_the_upstream_down() {
     );
     let v1 = up.commit("v1");
     let config = format!(
-        "[plumb]\ninterval = \"1s\"\n\n[[services]]\nmachine = \"plumb-units\"\nservice = \"hello\"\n\
+        "[plumb]\ninterval = \"1s\"\nmetrics_address = \"\"\n\n[[services]]\nmachine = \"plumb-units\"\nservice = \"hello\"\n\
          upstream = \"{}\"\naction = \"restart\"\n\
          dirs = [\n\
            {{ local = \"/etc/systemd/system/hello.service\", link = \"hello/hello.service\", file = true }},\n\

@@ -83,7 +83,9 @@ fn reloads(c: &Container, unit: &str) -> usize {
     out.trim().parse().unwrap_or(0)
 }
 
-const CONFIG_HEAD: &str = "[plumb]\ninterval = \"1s\"\n\n";
+/// No metrics listener: the container shares the host's network, where the default (every
+/// address, port 9222) may be taken, by the demo's container for one.
+const CONFIG_HEAD: &str = "[plumb]\ninterval = \"1s\"\nmetrics_address = \"\"\n\n";
 
 #[test]
 fn nginx_follows_git_survives_reboots_and_never_stacks_mounts() {

@@ -1721,6 +1721,8 @@ fn damaged_store_is_set_aside_and_fetched_again() {
         .find(|p| p.extension().is_some_and(|e| e == "pack"))
         .expect("a pack after fetching");
     let len = fs::metadata(&pack).unwrap().len();
+    // git writes packs read-only; only root could write one as it is.
+    fs::set_permissions(&pack, fs::Permissions::from_mode(0o644)).unwrap();
     fs::OpenOptions::new()
         .write(true)
         .open(&pack)

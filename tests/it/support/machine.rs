@@ -82,8 +82,14 @@ impl Machine {
         } else {
             "metrics_address = \"\"\n"
         };
+        // The test's own user may change services through the API, root or not.
+        let admin = if settings.contains("admin_group") {
+            String::new()
+        } else {
+            format!("admin_group = {:?}\n", own_group())
+        };
         let text = format!(
-            "[plumb]\nstate_dir = {:?}\nsocket = {:?}\n{interval}{metrics}{settings}\n{services}",
+            "[plumb]\nstate_dir = {:?}\nsocket = {:?}\n{interval}{metrics}{admin}{settings}\n{services}",
             self.state, self.socket
         );
         fs::write(&self.config, text).unwrap();
@@ -225,6 +231,15 @@ pub fn scrape(port: u16) -> String {
         .output()
         .map(|o| String::from_utf8_lossy(&o.stdout).into_owned())
         .unwrap_or_default()
+}
+
+/// The name of the primary group of the user the tests run as (`root` in CI).
+fn own_group() -> String {
+    let gid = nix::unistd::getegid();
+    nix::unistd::Group::from_gid(gid)
+        .ok()
+        .flatten()
+        .map_or_else(|| gid.to_string(), |g| g.name)
 }
 
 /// The `.rev` file of `service` under the state directory `state`, trimmed.

@@ -7,6 +7,7 @@ deps:
 demo: deps
 	bash scripts/demo.sh
 
+# The integration tests are one binary, tests/it/ (`cargo test --test it daemon::` runs one module).
 test: deps
 	cargo test --all-targets
 

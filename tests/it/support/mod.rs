@@ -5,7 +5,9 @@
 //! - [`GitDaemon`] (`git://`), [`HttpServer`] (smart HTTP: lighttpd + `git http-backend`) and
 //!   [`SshServer`] (OpenSSH `sshd`, key auth): real servers, each on its own free port of 127.0.0.1;
 //! - [`Accounts`]: real users and groups made for one test (`useradd`), removed afterwards;
-//! - [`git`], [`wait_until`] and [`require_root`], the small helpers every test file repeats otherwise.
+//! - [`Machine`], [`Daemon`] and [`InProcess`] (`machine.rs`): the one way a test runs plumb's daemon;
+//! - [`git`], [`wait_until`] with the one [`DEADLINE`], [`require_root`]: the small helpers every
+//!   test module would repeat otherwise.
 //!
 //! Rules it keeps so that tests can run in parallel threads of one process:
 //! - every test makes its own root ([`temp_root`]) and its own servers in it: nothing is shared, no
@@ -16,11 +18,10 @@
 //!
 //! The packages it needs (lighttpd, openssh-server, git) are installed by `scripts/install-deps.sh`.
 
-// Each integration test file compiles this module on its own and uses only part of it; the rest
-// would otherwise warn as dead code in every test crate that does not need it.
-#![allow(dead_code)]
-
 pub mod container;
+mod machine;
+
+pub use machine::{ANY_METRICS_PORT, InProcess, Machine, read_rev, scrape, service};
 
 use std::fs;
 use std::io::Write as _;
@@ -31,6 +32,11 @@ use std::path::{Component, Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
+
+/// How long anything a test waits for may take before the test fails: a deploy, an answer, a
+/// state, a unit. Generous, since the whole suite shares one process and two cores; a wait is a
+/// poll ([`wait_until`]), so a condition that holds sooner costs no more.
+pub const DEADLINE: Duration = Duration::from_secs(60);
 
 /// How long a server gets from spawn to accepting connections before the test fails.
 const SERVER_START_TIMEOUT: Duration = Duration::from_secs(10);
@@ -58,18 +64,28 @@ pub fn require_root() {
     }
 }
 
-/// Polls `f` every 10 ms until it returns true; panics naming `what` after `timeout`.
-/// Use this instead of sleeping: it is as fast as the condition allows and fails loudly.
-pub fn wait_until(what: &str, timeout: Duration, mut f: impl FnMut() -> bool) {
+/// Polls `f` every `every` until it returns true (true) or `timeout` has passed (false). The one
+/// poll loop: [`wait_until`] is it with a panic; a test that has more to show when a wait times
+/// out (a log, a status) calls this and panics with that.
+pub fn poll(timeout: Duration, every: Duration, mut f: impl FnMut() -> bool) -> bool {
     let deadline = Instant::now() + timeout;
     loop {
         if f() {
-            return;
+            return true;
         }
         if Instant::now() >= deadline {
-            panic!("timed out after {timeout:?} waiting for {what}");
+            return false;
         }
-        std::thread::sleep(Duration::from_millis(10));
+        std::thread::sleep(every);
+    }
+}
+
+/// Polls `f` every 10 ms until it returns true; panics naming `what` after `timeout` (mostly
+/// [`DEADLINE`]). Use this instead of sleeping: it is as fast as the condition allows and fails
+/// loudly.
+pub fn wait_until(what: &str, timeout: Duration, f: impl FnMut() -> bool) {
+    if !poll(timeout, Duration::from_millis(10), f) {
+        panic!("timed out after {timeout:?} waiting for {what}");
     }
 }
 
@@ -502,11 +518,6 @@ impl Upstream {
         git(&self.bare, &["update-ref", "refs/heads/main", rev]);
     }
 
-    /// The upstream's name, `<name>` in `<name>.git`.
-    pub fn name(&self) -> &str {
-        &self.name
-    }
-
     /// `path` inside the work clone; refuses absolute paths and `..` so a test cannot write
     /// outside it by mistake.
     fn path(&self, path: &str) -> PathBuf {
@@ -519,13 +530,50 @@ impl Upstream {
     }
 }
 
-/// A free TCP port on 127.0.0.1, as the kernel hands out for port 0. It is free when this returns;
-/// a server that then loses a race for it is restarted on another one (see [`Server::start`]).
-fn free_port() -> u16 {
+/// A free TCP port on 127.0.0.1, as the kernel hands out for port 0. It is free when this returns,
+/// not after: use it only for a program that cannot be given a listener or report the port it
+/// bound to port 0 (plumb's daemon can, see [`ANY_METRICS_PORT`]): git daemon, lighttpd and sshd
+/// here, which are restarted on another port when they lose the race (see [`Server::start`]),
+/// nginx in a container, and a port for a client to find closed.
+pub fn free_port() -> u16 {
     TcpListener::bind((Ipv4Addr::LOCALHOST, 0))
         .and_then(|l| l.local_addr())
         .expect("bind 127.0.0.1:0")
         .port()
+}
+
+/// The TCP ports process `pid` listens on, read from the kernel: its socket descriptors
+/// (`/proc/PID/fd`) matched with the listening sockets of its network namespace
+/// (`/proc/PID/net/tcp` and `tcp6`). How a test learns the port a daemon bound to port 0.
+pub fn listening_ports(pid: u32) -> Vec<u16> {
+    let Ok(fds) = fs::read_dir(format!("/proc/{pid}/fd")) else {
+        return Vec::new();
+    };
+    let inodes: Vec<String> = fds
+        .flatten()
+        .filter_map(|fd| fs::read_link(fd.path()).ok())
+        .filter_map(|target| {
+            let t = target.to_str()?;
+            Some(t.strip_prefix("socket:[")?.strip_suffix(']')?.to_owned())
+        })
+        .collect();
+    let mut ports = Vec::new();
+    for table in ["tcp", "tcp6"] {
+        let text = fs::read_to_string(format!("/proc/{pid}/net/{table}")).unwrap_or_default();
+        // "sl local_address rem_address st tx_queue:rx_queue tr:tm->when retrnsmt uid timeout inode"
+        for line in text.lines().skip(1) {
+            let f: Vec<&str> = line.split_whitespace().collect();
+            let listening = f.get(3) == Some(&"0A");
+            if listening && f.get(9).is_some_and(|i| inodes.iter().any(|x| x == i)) {
+                let port = f[1]
+                    .rsplit(':')
+                    .next()
+                    .and_then(|p| u16::from_str_radix(p, 16).ok());
+                ports.extend(port);
+            }
+        }
+    }
+    ports
 }
 
 /// Whether something accepts TCP connections on 127.0.0.1:`port`.
@@ -686,11 +734,6 @@ impl GitDaemon {
     /// `git://127.0.0.1:PORT/<name>.git` for `up`.
     pub fn url(&self, up: &Upstream) -> String {
         format!("git://127.0.0.1:{}/{}.git", self.port, up.name)
-    }
-
-    /// The daemon's log (`--verbose`: one "Connection from" line per request and more).
-    pub fn log(&self) -> String {
-        self.server.log_text()
     }
 }
 

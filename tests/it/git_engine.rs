@@ -1,11 +1,11 @@
 //! The git engine (`plumb::git`) against real upstreams: `file://`, `git daemon`, smart HTTP
-//! (lighttpd + git-http-backend) and OpenSSH, built by `tests/support`. Every test checks what an
+//! (lighttpd + git-http-backend) and OpenSSH, built by `tests/it/support`. Every test checks what an
 //! operator would notice: the files in a service's directory, what the servers saw, the messages.
 //!
 //! Expected checkouts are made by the real git client (`git checkout` of the same revision), so the
 //! engine is compared with git itself, not with a model of it.
 
-mod support;
+use crate::support;
 
 use std::collections::BTreeMap;
 use std::fs;
@@ -1721,6 +1721,8 @@ fn damaged_store_is_set_aside_and_fetched_again() {
         .find(|p| p.extension().is_some_and(|e| e == "pack"))
         .expect("a pack after fetching");
     let len = fs::metadata(&pack).unwrap().len();
+    // git writes packs read-only; only root could write one as it is.
+    fs::set_permissions(&pack, fs::Permissions::from_mode(0o644)).unwrap();
     fs::OpenOptions::new()
         .write(true)
         .open(&pack)

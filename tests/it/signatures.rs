@@ -2,7 +2,7 @@
 //! with real keys: ed25519 ssh keys from `ssh-keygen`, OpenPGP keys from `gpg`. Each refusal is
 //! checked by the message an operator would read.
 
-mod support;
+use crate::support;
 
 use std::fs;
 use std::path::{Path, PathBuf};

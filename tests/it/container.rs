@@ -1,10 +1,10 @@
-//! Smoke test of the systemd container harness (tests/support/container.rs): a real systemd boots,
+//! Smoke test of the systemd container harness (tests/it/support/container.rs): a real systemd boots,
 //! runs units, serves on the host's network, keeps its files across a reboot, takes turns with
 //! other containers, and leaves no process, mount or directory behind.
 //!
-//! Timings go to stderr: `cargo test --test container -- --nocapture`.
+//! Timings go to stderr: `cargo test --test it container:: -- --nocapture`.
 
-mod support;
+use crate::support;
 
 use std::fs;
 use std::io::{Read, Write};
@@ -14,7 +14,7 @@ use std::sync::{Arc, Barrier};
 use std::time::{Duration, Instant};
 
 use support::container::{CI_DIR, Container};
-use support::{require_root, temp_root, wait_until};
+use support::{DEADLINE, poll, require_root, temp_root, wait_until};
 // The Debian package's install, upgrade and start semantics (the package_* tests).
 use support::container::plumb_deb_version;
 use support::{GitDaemon, Upstream};
@@ -283,10 +283,7 @@ fn a_second_container_in_one_thread_is_refused() {
 
 // The Debian package as an administrator meets it: what an install, an upgrade and a config
 // written after the install do to plumb.service, to plumb-config.path, and to the services plumb
-// manages. `cargo test --test container package_`.
-
-/// Deadline for whatever the package tests poll: a deploy, a unit's state.
-const PACKAGE_DEADLINE: Duration = Duration::from_secs(60);
+// manages. `cargo test --test it container::package_`.
 
 /// The service the package tests give plumb to manage: a process that stays (its PID says whether
 /// anything restarted it) and whose reload changes nothing. Enabled, so it runs from the boot.
@@ -302,10 +299,11 @@ WantedBy=multi-user.target
 ";
 
 /// plumb's config for the package tests: `greeter` on machine `machine`, its files the
-/// `greeter/files` directory of `url`, bound on /srv/greeter (mount unit srv-greeter.mount).
+/// `greeter/files` directory of `url`, bound on /srv/greeter (mount unit srv-greeter.mount). No
+/// metrics listener: the container shares the host's network, where port 9222 may be taken.
 fn greeter_config(machine: &str, url: &str) -> String {
     format!(
-        "[plumb]\ninterval = \"1s\"\n\n[[services]]\nmachine = \"{machine}\"\nservice = \"greeter\"\n\
+        "[plumb]\ninterval = \"1s\"\nmetrics_address = \"\"\n\n[[services]]\nmachine = \"{machine}\"\nservice = \"greeter\"\n\
          upstream = \"{url}\"\naction = \"reload\"\n\
          dirs = [{{ local = \"/srv/greeter\", link = \"greeter/files\" }}]\n"
     )
@@ -374,7 +372,7 @@ fn unit_main_pid(c: &Container, unit: &str) -> String {
 fn wait_greeter_deployed(c: &Container, revision: &str, content: &str) {
     wait_until(
         &format!("greeter to be deployed at {revision} on its mount"),
-        PACKAGE_DEADLINE,
+        DEADLINE,
         || {
             let applied = c.try_sh("cat /var/lib/plumb/state/greeter.applied").1;
             let applied: Option<serde_json::Value> = serde_json::from_str(&applied).ok();
@@ -501,11 +499,9 @@ fn package_upgrade_restarts_an_enabled_plumb_and_keeps_its_services_running() {
     // The upgrade restarts plumb on the new binary; greeter, its mount and its revision stay.
     let out = c.install_deb_file(&newer);
     assert_eq!(installed_version(&c), newer_version(), "{out}");
-    wait_until(
-        "plumb to run again after the upgrade",
-        PACKAGE_DEADLINE,
-        || enabled_active(&c, "plumb.service") == pair("enabled", "active"),
-    );
+    wait_until("plumb to run again after the upgrade", DEADLINE, || {
+        enabled_active(&c, "plumb.service") == pair("enabled", "active")
+    });
     assert_ne!(
         unit_main_pid(&c, "plumb.service"),
         plumb,
@@ -558,7 +554,7 @@ fn package_installed_before_the_config_starts_plumb_when_the_config_appears() {
     let config = root.path().join("plumb.toml");
     fs::write(&config, greeter_config("plumb-pkg-late", &gitd.url(&up))).expect("write config");
     c.install(&config, "/etc/plumb/plumb.toml", 0o644);
-    wait_until("plumb to start on its own", PACKAGE_DEADLINE, || {
+    wait_until("plumb to start on its own", DEADLINE, || {
         c.try_sh("systemctl is-active plumb.service").1 == "active"
     });
     wait_greeter_deployed(&c, &v1, "v1");
@@ -645,7 +641,7 @@ fn unit_files_and_dropins_from_git_survive_a_reboot_with_the_upstream_down() {
     );
     let v1 = up.commit("v1");
     let config = format!(
-        "[plumb]\ninterval = \"1s\"\n\n[[services]]\nmachine = \"plumb-units\"\nservice = \"hello\"\n\
+        "[plumb]\ninterval = \"1s\"\nmetrics_address = \"\"\n\n[[services]]\nmachine = \"plumb-units\"\nservice = \"hello\"\n\
          upstream = \"{}\"\naction = \"restart\"\n\
          dirs = [\n\
            {{ local = \"/etc/systemd/system/hello.service\", link = \"hello/hello.service\", file = true }},\n\
@@ -687,28 +683,24 @@ fn unit_files_and_dropins_from_git_survive_a_reboot_with_the_upstream_down() {
         "{applied}"
     );
     // The daemon came up after the boot's apply and reports the service as it is.
-    wait_until("plumb to report hello OK", PACKAGE_DEADLINE, || {
+    wait_until("plumb to report hello OK", DEADLINE, || {
         let status = c.try_sh("plumbctl status hello").1;
         status.contains("OK") && status.contains(&v1[..12])
     });
 }
 
-/// [`wait_until`] with [`PACKAGE_DEADLINE`], showing plumb's units and the journal when it times
+/// [`wait_until`] with [`DEADLINE`], showing plumb's units and the journal when it times
 /// out.
-fn wait_or_show(c: &Container, what: &str, mut done: impl FnMut() -> bool) {
-    let deadline = Instant::now() + PACKAGE_DEADLINE;
-    while !done() {
-        if Instant::now() > deadline {
-            let show = c
-                .try_sh(
-                    "systemctl list-units --all --no-pager 'plumb*'; \
-                     systemctl status --no-pager plumb; \
-                     head -c 2000 /var/lib/plumb/state/*.applied; journalctl -b --no-pager | tail -40",
-                )
-                .1;
-            panic!("timed out after {PACKAGE_DEADLINE:?} waiting for {what}:\n{show}");
-        }
-        std::thread::sleep(Duration::from_millis(200));
+fn wait_or_show(c: &Container, what: &str, done: impl FnMut() -> bool) {
+    if !poll(DEADLINE, Duration::from_millis(200), done) {
+        let show = c
+            .try_sh(
+                "systemctl list-units --all --no-pager 'plumb*'; \
+                 systemctl status --no-pager plumb; \
+                 head -c 2000 /var/lib/plumb/state/*.applied; journalctl -b --no-pager | tail -40",
+            )
+            .1;
+        panic!("timed out after {DEADLINE:?} waiting for {what}:\n{show}");
     }
 }
 

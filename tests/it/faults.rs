@@ -6,14 +6,14 @@
 //! Nothing here measures time: every wait is a poll with a generous deadline, so a fix that makes
 //! something slower cannot make a test flaky, only a hang makes it fail.
 
-mod support;
+use crate::support;
 
 use std::collections::BTreeMap;
 use std::fs;
 use std::io::ErrorKind;
 use std::net::{Ipv4Addr, TcpListener, TcpStream};
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::Command;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::thread::JoinHandle;
@@ -21,10 +21,10 @@ use std::time::{Duration, Instant};
 
 use plumb::git::{Store, Transport};
 use plumb::proto::ServiceStatus;
-use support::{GitDaemon, HttpServer, SshServer, Upstream, require_root, temp_root, wait_until};
-
-/// Deadline for anything polled in a healthy setup: a deploy, a state change.
-const DEADLINE: Duration = Duration::from_secs(30);
+use support::{
+    ANY_METRICS_PORT, DEADLINE, GitDaemon, HttpServer, Machine, SshServer, Upstream, poll,
+    read_rev, require_root, scrape, service, temp_root, wait_until,
+};
 
 /// The daemons' `fetch_timeout` in the hang test: a fetch that has to give up does so after this.
 const FETCH_TIMEOUT: &str = "3s";
@@ -33,104 +33,15 @@ const FETCH_TIMEOUT: &str = "3s";
 /// that hangs for good fails the test.
 const HANG_DEADLINE: Duration = Duration::from_secs(90);
 
-/// A machine running the daemon: config, state directory, API socket and log under a test root.
-struct Machine {
-    config: PathBuf,
-    state: PathBuf,
-    socket: PathBuf,
-    log: PathBuf,
-}
-
-impl Machine {
-    /// Writes the config: `[plumb]` with this machine's paths, a 500 ms interval, no metrics
-    /// listener unless `settings` names one, then `settings`, then `services`.
-    fn new(root: &Path, settings: &str, services: &str) -> Machine {
-        let root = std::path::absolute(root).unwrap();
-        let m = Machine {
-            config: root.join("plumb.toml"),
-            state: root.join("state"),
-            socket: root.join("plumb.sock"),
-            log: root.join("plumb.log"),
-        };
-        let mut text = format!(
-            "[plumb]\nstate_dir = {:?}\nsocket = {:?}\n",
-            m.state, m.socket
-        );
-        if !settings.contains("interval") {
-            text.push_str("interval = \"500ms\"\n");
-        }
-        if !settings.contains("metrics_address") {
-            text.push_str("metrics_address = \"\"\n");
-        }
-        text.push_str(settings);
-        text.push('\n');
-        text.push_str(services);
-        fs::write(&m.config, text).unwrap();
-        m
-    }
-
-    /// `plumb -c CONFIG --hosts testbox`, logging at debug.
-    fn args(&self) -> Vec<String> {
-        vec![
-            env!("CARGO_BIN_EXE_plumb").to_owned(),
-            "-c".to_owned(),
-            self.config.display().to_string(),
-            "--hosts".to_owned(),
-            "testbox".to_owned(),
-        ]
-    }
-
-    /// Runs `program args` (the daemon, or a wrapper that becomes it) with its stderr appended
-    /// to the machine's log; killed when the handle drops.
-    fn spawn_with(&self, argv: &[String]) -> Running {
-        let log = fs::OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(&self.log)
-            .unwrap();
-        let child = Command::new(&argv[0])
-            .args(&argv[1..])
-            .env("PLUMB_LOG", "debug")
-            .stdin(Stdio::null())
-            .stdout(log.try_clone().unwrap())
-            .stderr(log)
-            .spawn()
-            .unwrap();
-        Running(child)
-    }
-
-    fn spawn(&self) -> Running {
-        self.spawn_with(&self.args())
-    }
-
-    /// The service as the API shows it, `None` while the daemon does not answer.
-    fn status(&self, service: &str) -> Option<ServiceStatus> {
-        serde_json::from_str(&api(
-            &self.socket,
-            "GET",
-            &format!("/v1/services/{service}"),
-        ))
-        .ok()
-    }
-
-    fn rev(&self, service: &str) -> Option<String> {
-        read_rev(&self.state, service)
-    }
-
-    fn read(&self, service: &str, path: &str) -> Option<String> {
-        fs::read_to_string(self.state.join("checkouts").join(service).join(path)).ok()
-    }
-
-    fn log_text(&self) -> String {
-        fs::read_to_string(&self.log).unwrap_or_default()
-    }
-}
-
-/// The `.rev` file of `service` under the state directory `state`, trimmed.
-fn read_rev(state: &Path, service: &str) -> Option<String> {
-    fs::read_to_string(state.join("state").join(format!("{service}.rev")))
-        .ok()
-        .map(|s| s.trim().to_owned())
+/// A machine under `root` polling every 500 ms unless `settings` names an interval, with no
+/// metrics listener unless they name one.
+fn machine(root: &Path, settings: &str, services: &str) -> Machine {
+    let interval = if settings.contains("interval") {
+        ""
+    } else {
+        "interval = \"500ms\"\n"
+    };
+    Machine::with_settings(root, &format!("{interval}{settings}"), services)
 }
 
 /// `curl` on a daemon's API at `socket`: the answer's body, empty when it does not answer (yet) or
@@ -149,64 +60,6 @@ fn api(socket: &Path, method: &str, path: &str) -> String {
         .output()
         .unwrap();
     String::from_utf8_lossy(&out.stdout).into_owned()
-}
-
-/// A daemon (or the wrapper that became one), killed and reaped when dropped.
-struct Running(Child);
-
-impl Running {
-    fn pid(&self) -> u32 {
-        self.0.id()
-    }
-
-    /// Panics with the log if the daemon has exited: a fault must never stop it.
-    fn assert_alive(&mut self, m: &Machine) {
-        if let Some(status) = self.0.try_wait().unwrap() {
-            panic!("plumb exited ({status}); its log:\n{}", m.log_text());
-        }
-    }
-}
-
-impl Drop for Running {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
-/// A `[[services]]` entry for machine `testbox` with one directory link per entry of `links`.
-fn service(name: &str, upstream: &str, links: &[&str]) -> String {
-    let dirs: Vec<String> = links
-        .iter()
-        .map(|l| format!("{{ local = \"/srv/{name}/{l}\", link = \"{l}\" }}"))
-        .collect();
-    format!(
-        "[[services]]\nmachine = \"testbox\"\nservice = \"{name}\"\nupstream = \"{upstream}\"\ndirs = [{}]\n\n",
-        dirs.join(", ")
-    )
-}
-
-/// A port that nothing listens on right now.
-fn free_port() -> u16 {
-    TcpListener::bind((Ipv4Addr::LOCALHOST, 0))
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
-/// The daemon's `/metrics`, or empty while it does not answer.
-fn scrape(port: u16) -> String {
-    Command::new("curl")
-        .args([
-            "-sf",
-            "--max-time",
-            "10",
-            &format!("http://127.0.0.1:{port}/metrics"),
-        ])
-        .output()
-        .map(|o| String::from_utf8_lossy(&o.stdout).into_owned())
-        .unwrap_or_default()
 }
 
 /// The value of the `plumb_git_fetch_total` series of `upstream` with `result`, 0 when absent.
@@ -232,15 +85,17 @@ fn wait_for_status(
     mut ok: impl FnMut(&ServiceStatus) -> bool,
 ) -> ServiceStatus {
     let mut last = None;
-    let start = Instant::now();
-    while start.elapsed() < deadline {
-        if let Some(s) = m.status(service) {
-            if ok(&s) {
-                return s;
-            }
-            last = Some(s);
+    let mut done = None;
+    let met = poll(deadline, Duration::from_millis(50), || {
+        match m.status(service) {
+            Some(s) if ok(&s) => done = Some(s),
+            Some(s) => last = Some(s),
+            None => {}
         }
-        std::thread::sleep(Duration::from_millis(50));
+        done.is_some()
+    });
+    if let (true, Some(s)) = (met, done) {
+        return s;
     }
     panic!(
         "timed out after {deadline:?} waiting for {service}: {what}; last status: {last:#?}\nlog:\n{}",
@@ -261,10 +116,9 @@ fn an_upstream_that_goes_down_keeps_states_and_files_and_recovers_by_itself() {
         .write("c/conf", "1")
         .commit("v1");
     let (git_url, http_url) = (gitd.url(&up), http.url(&up));
-    let port = free_port();
-    let m = Machine::new(
+    let m = machine(
         root.path(),
-        &format!("metrics_address = \"127.0.0.1:{port}\"\n"),
+        ANY_METRICS_PORT,
         &format!(
             "{}{}{}",
             service("a", &git_url, &["a"]),
@@ -273,6 +127,7 @@ fn an_upstream_that_goes_down_keeps_states_and_files_and_recovers_by_itself() {
         ),
     );
     let mut d = m.spawn();
+    let port = d.metrics_port();
     for s in ["a", "b", "c"] {
         wait_for_status(&m, s, "v1 deployed, OK", DEADLINE, |st| {
             st.state == "OK" && st.deployed.as_deref() == Some(v1.as_str())
@@ -476,7 +331,7 @@ fn a_hanging_upstream_times_out_keeps_the_last_good_revision_and_recovers() {
         ),
     )
     .unwrap();
-    let m = Machine::new(
+    let m = machine(
         root.path(),
         &format!(
             "fetch_timeout = \"{FETCH_TIMEOUT}\"\nssh_key = {:?}\nknown_hosts = [{:?}]\n",
@@ -578,7 +433,7 @@ fn a_force_push_is_reported_with_the_old_and_the_new_head() {
     );
 
     // The daemon logs it at warn, with the branch and both heads.
-    let m = Machine::new(root.path(), "", &service("app", &up.file_url(), &["app"]));
+    let m = machine(root.path(), "", &service("app", &up.file_url(), &["app"]));
     let once = |m: &Machine| {
         let out = Command::new(env!("CARGO_BIN_EXE_plumb"))
             .args(&m.args()[1..])
@@ -737,10 +592,9 @@ fn a_full_state_directory_never_leaves_a_half_written_file_and_recovers() {
     let up = Upstream::new(root.path(), "full");
     let v1 = up.write("a/conf", "1").write("b/conf", "1").commit("v1");
     let url = up.file_url();
-    let port = free_port();
-    let m = Machine::new(
+    let m = machine(
         root.path(),
-        &format!("interval = \"200ms\"\nmetrics_address = \"127.0.0.1:{port}\"\n"),
+        &format!("interval = \"200ms\"\n{ANY_METRICS_PORT}"),
         &format!(
             "{}{}",
             service("a", &url, &["a"]),
@@ -766,6 +620,7 @@ fn a_full_state_directory_never_leaves_a_half_written_file_and_recovers() {
     argv.push(m.state.display().to_string());
     argv.extend(m.args());
     let mut d = m.spawn_with(&argv);
+    let port = d.metrics_port();
     // The state directory as the daemon sees it (unshare and sh exec'd it: same pid).
     let state =
         PathBuf::from(format!("/proc/{}/root", d.pid())).join(m.state.strip_prefix("/").unwrap());
@@ -1051,23 +906,20 @@ fn kill_9_at_random_moments_never_leaves_a_mess() {
     let socket = c.root().join("run/plumb/plumb.sock");
     let converge =
         |what: &str, expected: &BTreeMap<&str, String>, content: &BTreeMap<String, String>| {
-            let deadline = Instant::now() + DEADLINE;
-            loop {
-                let wrong = not_converged(&c, expected, content);
-                if wrong.is_empty() && !matches!(main_pid().as_str(), "0" | "") {
-                    return;
-                }
-                if Instant::now() >= deadline {
-                    let journal = c.journal("plumb.service");
-                    let lines: Vec<&str> = journal.lines().collect();
-                    panic!(
-                        "seed {seed}: not converged after {what} within {DEADLINE:?}: {wrong:#?}\n\
+            let mut wrong = Vec::new();
+            let converged = poll(DEADLINE, Duration::from_millis(20), || {
+                wrong = not_converged(&c, expected, content);
+                wrong.is_empty() && !matches!(main_pid().as_str(), "0" | "")
+            });
+            if !converged {
+                let journal = c.journal("plumb.service");
+                let lines: Vec<&str> = journal.lines().collect();
+                panic!(
+                    "seed {seed}: not converged after {what} within {DEADLINE:?}: {wrong:#?}\n\
                      services: {}\nplumb.service's journal (end):\n{}",
-                        api(&socket, "GET", "/v1/services"),
-                        lines[lines.len().saturating_sub(60)..].join("\n")
-                    );
-                }
-                std::thread::sleep(Duration::from_millis(20));
+                    api(&socket, "GET", "/v1/services"),
+                    lines[lines.len().saturating_sub(60)..].join("\n")
+                );
             }
         };
     converge("the first start", &expected, &content);

@@ -92,7 +92,6 @@ static BOOTS: AtomicUsize = AtomicUsize::new(0);
 /// for the design; in short: one at a time, shares the host network, state survives
 /// [`Container::reboot`], dropping it leaves nothing behind.
 pub struct Container {
-    hostname: String,
     machine: String,
     dir: PathBuf,
     rootfs: PathBuf,
@@ -217,7 +216,6 @@ impl Boot {
 
         std::mem::forget(registration); // the Container takes it over
         let mut container = Container {
-            hostname: self.hostname,
             machine,
             dir,
             rootfs,
@@ -266,11 +264,6 @@ impl Container {
             binds: Vec::new(),
             files: Vec::new(),
         }
-    }
-
-    /// The container's hostname, the `name` it was booted with: what plumb matches `machine` to.
-    pub fn hostname(&self) -> &str {
-        &self.hostname
     }
 
     /// The harness's directory for this container on the host (`upper/`, `work/`, the console

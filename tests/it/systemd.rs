@@ -6,19 +6,16 @@
 //! root here is root there). `plumb apply` runs inside, as `plumb-apply@.service` runs it, against
 //! units made by the real generator and an nginx serving files from a git upstream on the host.
 
-mod support;
+use crate::support;
 
 use std::io::{Read, Write};
-use std::net::{Ipv4Addr, TcpListener, TcpStream};
+use std::net::{Ipv4Addr, TcpStream};
 use std::time::{Duration, Instant};
 
 use plumb::apply::Outcome;
 use plumb::systemd::{JobResult, Systemd};
 use support::container::Container;
-use support::{GitDaemon, Upstream, require_root, temp_root, wait_until};
-
-/// Deadline for anything polled: systemd reacting, nginx serving, the apply finishing.
-const DEADLINE: Duration = Duration::from_secs(30);
+use support::{DEADLINE, GitDaemon, Upstream, free_port, require_root, temp_root, wait_until};
 
 fn runtime() -> tokio::runtime::Runtime {
     tokio::runtime::Builder::new_current_thread()
@@ -233,15 +230,6 @@ fn client_waits_for_jobs_and_reports_their_results() {
             .expect("the stream goes on");
     });
     eprintln!("client test took {:?}", started.elapsed());
-}
-
-/// A TCP port free on 127.0.0.1 now (the container shares the host's network, so nginx in it
-/// listens here).
-fn free_port() -> u16 {
-    TcpListener::bind((Ipv4Addr::LOCALHOST, 0))
-        .and_then(|l| l.local_addr())
-        .expect("bind 127.0.0.1:0")
-        .port()
 }
 
 /// The body of `GET path` on 127.0.0.1:`port` when the answer is 200, else `None`.

@@ -3,16 +3,12 @@
 //! nothing but git pushes from then on. What is asserted is what an operator sees: what nginx serves,
 //! which units were reloaded or restarted, the state plumb reports, the mount table.
 
-mod support;
+use crate::support;
 
-use std::net::TcpListener;
 use std::path::{Path, PathBuf};
-use std::time::Duration;
 
 use support::container::{Boot, Container};
-use support::{GitDaemon, Upstream, require_root, temp_root, wait_until};
-
-const DEADLINE: Duration = Duration::from_secs(60);
+use support::{DEADLINE, GitDaemon, Upstream, free_port, require_root, temp_root, wait_until};
 
 /// A container with `config` as /etc/plumb/plumb.toml and `extra` files (unit files of test
 /// services) in place, then plumb installed from this build's Debian package: its postinst
@@ -32,14 +28,6 @@ fn machine_from(b: Boot, config: &str) -> Container {
     let c = b.file("/etc/plumb/plumb.toml", config, 0o644).boot();
     c.install_deb();
     c
-}
-
-fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
 }
 
 fn get(port: u16) -> Option<String> {
@@ -95,7 +83,9 @@ fn reloads(c: &Container, unit: &str) -> usize {
     out.trim().parse().unwrap_or(0)
 }
 
-const CONFIG_HEAD: &str = "[plumb]\ninterval = \"1s\"\n\n";
+/// No metrics listener: the container shares the host's network, where the default (every
+/// address, port 9222) may be taken, by the demo's container for one.
+const CONFIG_HEAD: &str = "[plumb]\ninterval = \"1s\"\nmetrics_address = \"\"\n\n";
 
 #[test]
 fn nginx_follows_git_survives_reboots_and_never_stacks_mounts() {

@@ -6,7 +6,7 @@
 //! Snapshots live in `tests/snapshots/generator/`, one file per case, all outputs of a case in
 //! one file (`==> path <==` then the content; `==> link -> target <==` for a symlink), compared
 //! byte for byte. A mismatch fails with a line diff. After a deliberate change, regenerate them
-//! with `UPDATE_SNAPSHOTS=1 cargo test --test generator` and review the diff in git.
+//! with `UPDATE_SNAPSHOTS=1 cargo test --test it generator::` and review the diff in git.
 //!
 //! `systemd-analyze` and `systemd-escape` come with Debian's `systemd` package; they work without
 //! systemd running. Nothing here needs root.

@@ -2,7 +2,7 @@
 //! when its reader goes away, gitopper's early `keys`, and `--state-dir` moving the checkouts of
 //! services that set no `mount`. The real binary, on files and a `file://` upstream.
 
-mod support;
+use crate::support;
 
 use std::fs;
 use std::io::{BufRead, BufReader};

@@ -2,159 +2,17 @@
 //! `.rev` hand-over files, the state files and the exit codes, for `--once` runs and for the
 //! long-running daemon with SIGHUP and SIGTERM.
 
-mod support;
+use crate::support;
 
 use std::fs;
 use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Output, Stdio};
-use std::time::Duration;
+use std::process::{Command, Stdio};
 
 use support::{
-    GitDaemon, HttpServer, Relay, Relaying, SshServer, Tmpfs, Upstream, require_root, temp_root,
-    wait_until,
+    ANY_METRICS_PORT, DEADLINE, GitDaemon, HttpServer, Machine, Relay, Relaying, SshServer, Tmpfs,
+    Upstream, require_root, scrape, service, temp_root, wait_until,
 };
-
-const DEADLINE: Duration = Duration::from_secs(20);
-
-/// A machine: its config file and state directory under a test root.
-struct Machine {
-    config: PathBuf,
-    state: PathBuf,
-}
-
-impl Machine {
-    fn new(root: &Path, config: &str) -> Machine {
-        let m = Machine {
-            config: root.join("plumb.toml"),
-            state: root.join("state"),
-        };
-        m.write_config(config);
-        m
-    }
-
-    /// Writes the config: `services` after a `[plumb]` table naming this machine's state directory.
-    fn write_config(&self, services: &str) {
-        self.write_config_with("", services)
-    }
-
-    /// The same, with more `[plumb]` settings.
-    fn write_config_with(&self, settings: &str, services: &str) {
-        // No metrics listener unless a test asks: parallel daemons would fight over one port.
-        let metrics = if settings.contains("metrics_address") {
-            ""
-        } else {
-            "metrics_address = \"\"\n"
-        };
-        let interval = if settings.contains("interval") {
-            ""
-        } else {
-            "interval = \"1s\"\n"
-        };
-        let text = format!(
-            "[plumb]\nstate_dir = {:?}\nsocket = {:?}\n{interval}{metrics}{settings}\n{services}",
-            self.state,
-            self.state.with_extension("sock")
-        );
-        fs::write(&self.config, text).unwrap();
-    }
-
-    /// The long-running daemon on this machine's config, killed when the handle drops.
-    fn spawn(&self) -> Running {
-        Running(
-            self.command()
-                .stdout(Stdio::null())
-                .stderr(Stdio::null())
-                .spawn()
-                .unwrap(),
-        )
-    }
-
-    /// [`Machine::spawn`], its log (debug) going to `log`.
-    fn spawn_logged(&self, log: &Path) -> Running {
-        Running(
-            self.command()
-                .stdout(Stdio::null())
-                .stderr(fs::File::create(log).unwrap())
-                .spawn()
-                .unwrap(),
-        )
-    }
-
-    fn command(&self) -> Command {
-        let mut cmd = Command::new(env!("CARGO_BIN_EXE_plumb"));
-        cmd.arg("-c").arg(&self.config).args(["--hosts", "testbox"]);
-        cmd.env("PLUMB_LOG", "debug");
-        cmd
-    }
-
-    /// `plumb --once`, asserting its exit status.
-    fn once(&self, expect_success: bool) -> Output {
-        let out = self.command().arg("--once").output().unwrap();
-        assert_eq!(
-            out.status.success(),
-            expect_success,
-            "plumb --once exited {:?}\nstdout:\n{}\nstderr:\n{}",
-            out.status,
-            String::from_utf8_lossy(&out.stdout),
-            String::from_utf8_lossy(&out.stderr)
-        );
-        out
-    }
-
-    fn rev(&self, service: &str) -> Option<String> {
-        fs::read_to_string(self.state.join("state").join(format!("{service}.rev")))
-            .ok()
-            .map(|s| s.trim().to_owned())
-    }
-
-    /// The inode of the `.rev` file: a rewrite (even with the same content) gives a new one, and
-    /// systemd's path unit would fire on it.
-    fn rev_inode(&self, service: &str) -> u64 {
-        fs::metadata(self.state.join("state").join(format!("{service}.rev")))
-            .unwrap()
-            .ino()
-    }
-
-    fn state_json(&self, service: &str) -> serde_json::Value {
-        let text =
-            fs::read_to_string(self.state.join("state").join(format!("{service}.json"))).unwrap();
-        serde_json::from_str(&text).unwrap()
-    }
-
-    fn checkout(&self, service: &str) -> PathBuf {
-        self.state.join("checkouts").join(service)
-    }
-
-    fn read(&self, service: &str, path: &str) -> Option<String> {
-        fs::read_to_string(self.checkout(service).join(path)).ok()
-    }
-
-    fn stores(&self) -> Vec<PathBuf> {
-        let mut v: Vec<PathBuf> = fs::read_dir(self.state.join("stores"))
-            .unwrap()
-            .map(|e| e.unwrap().path())
-            .collect();
-        v.sort();
-        v
-    }
-}
-
-fn service(name: &str, upstream: &str, links: &[&str]) -> String {
-    let dirs: Vec<String> = links
-        .iter()
-        .map(|l| {
-            format!(
-                "{{ local = \"/srv/{name}/{}\", link = \"{l}\" }}",
-                l.replace('/', "-")
-            )
-        })
-        .collect();
-    format!(
-        "[[services]]\nmachine = \"testbox\"\nservice = \"{name}\"\nupstream = \"{upstream}\"\ndirs = [{}]\n\n",
-        dirs.join(", ")
-    )
-}
 
 /// Lists every file under `dir`, relative, sorted: what a checkout holds.
 fn tree(dir: &Path) -> Vec<String> {
@@ -470,20 +328,6 @@ fn a_damaged_store_is_moved_aside_and_rebuilt() {
     assert!(names.iter().any(|n| n.contains("damaged")), "{names:?}");
 }
 
-/// The long-running daemon, killed on drop if a test fails midway.
-struct Running(Child);
-
-impl Drop for Running {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
-fn signal(child: &Child, sig: nix::sys::signal::Signal) {
-    nix::sys::signal::kill(nix::unistd::Pid::from_raw(child.id() as i32), sig).unwrap();
-}
-
 #[test]
 fn the_daemon_polls_reloads_its_config_and_stops_cleanly() {
     let root = temp_root();
@@ -507,7 +351,7 @@ fn the_daemon_polls_reloads_its_config_and_stops_cleanly() {
         "[[services]]\nmachine = \"testbox\"\nbogus = 1\n",
     )
     .unwrap();
-    signal(&d.0, nix::sys::signal::Signal::SIGHUP);
+    d.signal(nix::sys::signal::Signal::SIGHUP);
     let v3 = up.write("a/conf", "3").commit("v3");
     wait_until("v3 under the old config", DEADLINE, || {
         m.rev("a").as_deref() == Some(v3.as_str())
@@ -523,12 +367,12 @@ fn the_daemon_polls_reloads_its_config_and_stops_cleanly() {
         service("a", &url, &["a"]),
         service("b", &url, &["b"])
     ));
-    signal(&d.0, nix::sys::signal::Signal::SIGHUP);
+    d.signal(nix::sys::signal::Signal::SIGHUP);
     wait_until("service b after reload", DEADLINE, || {
         m.read("b", "b/conf").is_some()
     });
 
-    signal(&d.0, nix::sys::signal::Signal::SIGTERM);
+    d.signal(nix::sys::signal::Signal::SIGTERM);
     let mut status = None;
     wait_until("exit after SIGTERM", DEADLINE, || {
         status = d.0.try_wait().unwrap();
@@ -634,7 +478,7 @@ fn a_freeze_made_through_the_api_survives_kill_9() {
     let up = Upstream::new(root.path(), "frozen");
     let v1 = up.write("app/conf", "1").commit("v1");
     let m = Machine::new(root.path(), &service("app", &up.file_url(), &["app"]));
-    let socket = m.state.with_extension("sock");
+    let socket = m.socket.clone();
     let mut d = m.spawn();
     wait_until("first deploy", DEADLINE, || {
         m.rev("app").as_deref() == Some(v1.as_str())
@@ -700,23 +544,6 @@ fn promtool_accepts(text: &str) {
     );
 }
 
-/// A port nothing listens on right now, for a listener the daemon will bind.
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
-fn scrape(port: u16) -> String {
-    let out = Command::new("curl")
-        .args(["-sf", &format!("http://127.0.0.1:{port}/metrics")])
-        .output()
-        .unwrap();
-    String::from_utf8_lossy(&out.stdout).into_owned()
-}
-
 #[test]
 fn metrics_follow_the_deployed_hash_and_show_a_frozen_service_behind() {
     require_root();
@@ -728,10 +555,9 @@ fn metrics_follow_the_deployed_hash_and_show_a_frozen_service_behind() {
         .write("db/conf", "1")
         .commit("v1");
     let url = up.file_url();
-    let port = free_port();
     let m = Machine::new(root.path(), "");
     m.write_config_with(
-        &format!("metrics_address = \"127.0.0.1:{port}\"\n"),
+        ANY_METRICS_PORT,
         &format!(
             "{}{}{}",
             service("app", &url, &["app"]),
@@ -739,8 +565,9 @@ fn metrics_follow_the_deployed_hash_and_show_a_frozen_service_behind() {
             service("db", &url, &["db"])
         ),
     );
-    let socket = m.state.with_extension("sock");
-    let _d = m.spawn();
+    let socket = m.socket.clone();
+    let d = m.spawn();
+    let port = d.metrics_port();
     let series = |text: &str, prefix: &str| -> Vec<String> {
         text.lines()
             .filter(|l| l.starts_with(prefix))
@@ -909,7 +736,6 @@ fn a_signed_push_webhook_fetches_now_and_a_bad_one_is_refused_and_counted() {
     let root = temp_root();
     let up = Upstream::new(root.path(), "hooked");
     let v1 = up.write("app/conf", "1").commit("v1");
-    let port = free_port();
     let secret = "0123456789abcdef-test";
     let m = Machine::new(root.path(), "");
     // The secret in a file of its own (as a secrets manager writes it, with a newline), so the
@@ -918,12 +744,11 @@ fn a_signed_push_webhook_fetches_now_and_a_bad_one_is_refused_and_counted() {
     fs::write(&secret_file, format!("{secret}\n")).unwrap();
     // An hour between polls: only the hook can bring v2 in time.
     m.write_config_with(
-        &format!(
-            "interval = \"1h\"\nmetrics_address = \"127.0.0.1:{port}\"\nwebhook_secret_file = {secret_file:?}\n"
-        ),
+        &format!("interval = \"1h\"\n{ANY_METRICS_PORT}webhook_secret_file = {secret_file:?}\n"),
         &service("app", &up.file_url(), &["app"]),
     );
-    let _d = m.spawn();
+    let d = m.spawn();
+    let port = d.metrics_port();
     wait_until("first deploy", DEADLINE, || {
         m.rev("app").as_deref() == Some(v1.as_str())
     });
@@ -1148,7 +973,7 @@ fn a_refused_force_push_holds_the_service_until_pull_force() {
         ),
         &service("app", &up.file_url(), &["app"]),
     );
-    let socket = m.state.with_extension("sock");
+    let socket = m.socket.clone();
     let d = m.spawn();
     wait_until("the first deploy", DEADLINE, || {
         m.rev("app").as_deref() == Some(v2.as_str())
@@ -1302,9 +1127,9 @@ fn bootstrap_takes_the_config_from_git_keeps_state_and_refuses_a_bad_one() {
     // No local config at all: the machine has only the bootstrap URL.
     let m = Machine {
         config: root.path().join("etc/plumb/plumb.toml"),
-        state: root.path().join("state"),
+        ..Machine::at(root.path())
     };
-    let socket = root.path().join("plumb.sock");
+    let socket = m.socket.clone();
     let settings = format!(
         "[plumb]\nstate_dir = {:?}\ninterval = \"1s\"\nmetrics_address = \"\"\n\n",
         m.state
@@ -1314,21 +1139,14 @@ fn bootstrap_takes_the_config_from_git_keeps_state_and_refuses_a_bad_one() {
         .write("app/conf", "v1")
         .write("web/index", "w1")
         .commit("ops");
-    let mut cmd = Command::new(env!("CARGO_BIN_EXE_plumb"));
-    cmd.arg("-c")
-        .arg(&m.config)
-        .args(["--hosts", "testbox", "--bootstrap", &url, "--socket"])
-        .arg(&socket)
-        // The state directory must be known before any config is.
-        .arg("--state-dir")
-        .arg(&m.state)
-        // Not the default port (every address, 9222): another daemon may hold it.
-        .arg("--metrics-address")
-        .arg(format!("127.0.0.1:{}", free_port()))
-        .env("PLUMB_LOG", "debug")
-        .stdout(Stdio::null())
-        .stderr(fs::File::create(root.path().join("plumb.log")).unwrap());
-    let _daemon = Running(cmd.spawn().unwrap());
+    let mut argv = m.args();
+    argv.extend(["--bootstrap".to_owned(), url.clone(), "--socket".to_owned()]);
+    argv.push(socket.display().to_string());
+    // The state directory must be known before any config is.
+    argv.extend(["--state-dir".to_owned(), m.state.display().to_string()]);
+    // Not the default port (every address, 9222): another daemon may hold it.
+    argv.extend(["--metrics-address".to_owned(), "127.0.0.1:0".to_owned()]);
+    let _daemon = m.spawn_with(&argv);
     wait_until("the config from git installed", DEADLINE, || {
         fs::read_to_string(&m.config).is_ok_and(|t| t == first)
     });
@@ -1338,10 +1156,9 @@ fn bootstrap_takes_the_config_from_git_keeps_state_and_refuses_a_bad_one() {
     assert_eq!(m.state_json("plumb")["state"], "OK");
     // The metrics listener was bound with the defaults: the operator is told to restart.
     wait_until("a warning about settings read at start", DEADLINE, || {
-        fs::read_to_string(root.path().join("plumb.log")).is_ok_and(|l| {
-            l.lines()
-                .any(|l| l.contains("next restart") && l.contains("metrics_address"))
-        })
+        m.log_text()
+            .lines()
+            .any(|l| l.contains("next restart") && l.contains("metrics_address"))
     });
     assert_eq!(
         fs::metadata(&m.config).unwrap().mode() & 0o777,
@@ -1418,9 +1235,9 @@ fn a_pull_during_a_running_fetch_gets_a_fetch_of_its_own() {
             ),
         ),
     );
-    let log = root.path().join("plumb.log");
-    let _d = m.spawn_logged(&log);
-    let socket = m.state.with_extension("sock");
+    let log = m.log.clone();
+    let _d = m.spawn();
+    let socket = m.socket.clone();
     wait_until("first deploy", DEADLINE, || {
         m.rev("app").as_deref() == Some(v1.as_str())
     });
@@ -1464,20 +1281,18 @@ fn a_push_webhook_fetches_the_upstream_its_payload_names() {
     let beta = Upstream::new(root.path(), "beta");
     alpha.write("app/conf", "1").commit("a1");
     let b1 = beta.write("web/conf", "1").commit("b1");
-    let port = free_port();
     let secret = "0123456789abcdef-test";
     let m = Machine::new(root.path(), "");
     m.write_config_with(
-        &format!(
-            "interval = \"1h\"\nmetrics_address = \"127.0.0.1:{port}\"\nwebhook_secret = \"{secret}\"\n"
-        ),
+        &format!("interval = \"1h\"\n{ANY_METRICS_PORT}webhook_secret = \"{secret}\"\n"),
         &format!(
             "{}{}",
             service("app", &alpha.file_url(), &["app"]),
             service("web", &beta.file_url(), &["web"])
         ),
     );
-    let _d = m.spawn();
+    let d = m.spawn();
+    let port = d.metrics_port();
     wait_until("first deploys", DEADLINE, || {
         m.rev("app").is_some() && m.rev("web").is_some()
     });
@@ -1534,7 +1349,7 @@ fn a_one_shot_bootstrap_deploys_what_the_new_config_names() {
     let up = Upstream::new(root.path(), "ops");
     let m = Machine {
         config: root.path().join("etc/plumb.toml"),
-        state: root.path().join("state"),
+        ..Machine::at(root.path())
     };
     let config = format!(
         "[plumb]\nstate_dir = {:?}\ninterval = \"1h\"\nmetrics_address = \"\"\n\n{}",
@@ -1558,7 +1373,7 @@ fn a_one_shot_bootstrap_deploys_what_the_new_config_names() {
         .arg("--state-dir")
         .arg(&m.state)
         .arg("--socket")
-        .arg(root.path().join("plumb.sock"))
+        .arg(&m.socket)
         .output()
         .unwrap();
     let stdout = String::from_utf8_lossy(&out.stdout);
@@ -1610,11 +1425,11 @@ fn noop_judges_and_reports_what_it_would_deploy_and_touches_nothing_until_turned
     assert_eq!(m.rev("app"), None, "no .rev in noop");
 
     // The daemon with `noop = true` in the config: status says what it would deploy.
-    let port = free_port();
-    let metrics = format!("metrics_address = \"127.0.0.1:{port}\"\n");
-    m.write_config_with(&metrics, &config(true));
-    let socket = m.state.with_extension("sock");
+    let metrics = ANY_METRICS_PORT;
+    m.write_config_with(metrics, &config(true));
+    let socket = m.socket.clone();
     let d = m.spawn();
+    let port = d.metrics_port();
     let status = || -> serde_json::Value {
         serde_json::from_str(&curl(&socket, "GET", "/v1/services/app", None)).unwrap()
     };
@@ -1655,8 +1470,8 @@ fn noop_judges_and_reports_what_it_would_deploy_and_touches_nothing_until_turned
     assert_eq!(judged.iter().filter(|l| **l == v2).count(), 1, "{judged:?}");
 
     // noop off and SIGHUP: what was pending is deployed.
-    m.write_config_with(&metrics, &config(false));
-    signal(&d.0, nix::sys::signal::Signal::SIGHUP);
+    m.write_config_with(metrics, &config(false));
+    d.signal(nix::sys::signal::Signal::SIGHUP);
     wait_until("v2 deployed once noop is off", DEADLINE, || {
         m.rev("app").as_deref() == Some(v2.as_str())
     });
@@ -1666,8 +1481,8 @@ fn noop_judges_and_reports_what_it_would_deploy_and_touches_nothing_until_turned
 
     // noop on again, and a commit arrives: what waits shows in the metrics, and a rollback is
     // refused like a wipe.
-    m.write_config_with(&metrics, &config(true));
-    signal(&d.0, nix::sys::signal::Signal::SIGHUP);
+    m.write_config_with(metrics, &config(true));
+    d.signal(nix::sys::signal::Signal::SIGHUP);
     let v3 = up.write("app/conf", "3").commit("v3");
     // The fetch counts the change (metrics), then the preview judges it (notes): both in turn.
     wait_until(
@@ -1835,13 +1650,10 @@ fn slow_clients_cannot_starve_the_daemon() {
     let root = temp_root();
     let up = Upstream::new(root.path(), "flooded");
     up.write("app/conf", "1").commit("v1");
-    let port = free_port();
     let m = Machine::new(root.path(), "");
-    m.write_config_with(
-        &format!("metrics_address = \"127.0.0.1:{port}\"\n"),
-        &service("app", &up.file_url(), &["app"]),
-    );
+    m.write_config_with(ANY_METRICS_PORT, &service("app", &up.file_url(), &["app"]));
     let d = m.spawn();
+    let port = d.metrics_port();
     wait_until("/metrics answers", DEADLINE, || {
         scrape(port).contains("plumb_service_state")
     });
@@ -1867,7 +1679,7 @@ fn slow_clients_cannot_starve_the_daemon() {
         let _ = s.write_all(partial);
         held_tcp.push(s);
     }
-    let socket = m.state.with_extension("sock");
+    let socket = m.socket.clone();
     let mut held_unix = Vec::new();
     for _ in 0..200 {
         if let Ok(mut s) = std::os::unix::net::UnixStream::connect(&socket) {
@@ -1923,14 +1735,13 @@ fn a_refused_config_is_visible_and_the_last_accepted_one_is_kept() {
     let root = temp_root();
     let up = Upstream::new(root.path(), "typo");
     let v1 = up.write("app/conf", "1").commit("v1");
-    let port = free_port();
     let m = Machine::new(root.path(), "");
-    let settings = format!("metrics_address = \"127.0.0.1:{port}\"\n");
-    m.write_config_with(&settings, &service("app", &up.file_url(), &["app"]));
+    m.write_config_with(ANY_METRICS_PORT, &service("app", &up.file_url(), &["app"]));
     let good = fs::read_to_string(&m.config).unwrap();
     let accepted = plumb::config::accepted_path(&m.config);
-    let socket = m.state.with_extension("sock");
+    let socket = m.socket.clone();
     let d = m.spawn();
+    let port = d.metrics_port();
     wait_until("first deploy", DEADLINE, || {
         m.rev("app").as_deref() == Some(v1.as_str())
     });
@@ -1944,7 +1755,7 @@ fn a_refused_config_is_visible_and_the_last_accepted_one_is_kept() {
         format!("{good}\n[[services]]\nservice = \"b\"\nupstrem = \"x\"\n"),
     )
     .unwrap();
-    signal(&d.0, nix::sys::signal::Signal::SIGHUP);
+    d.signal(nix::sys::signal::Signal::SIGHUP);
     wait_until("the refusal in the metrics", DEADLINE, || {
         scrape(port).contains(&reloaded(0))
     });
@@ -1969,7 +1780,7 @@ fn a_refused_config_is_visible_and_the_last_accepted_one_is_kept() {
     });
 
     fs::write(&m.config, &good).unwrap();
-    signal(&d.0, nix::sys::signal::Signal::SIGHUP);
+    d.signal(nix::sys::signal::Signal::SIGHUP);
     wait_until("the config accepted again", DEADLINE, || {
         scrape(port).contains(&reloaded(1))
     });

@@ -2,29 +2,23 @@
 //! unix socket, called with `curl --unix-socket` as real users made for the test, so the kernel's
 //! credentials, the user database's groups, the socket's mode and the audit log are all the real ones.
 
-mod support;
+use crate::support;
 
 use std::fs;
 use std::os::unix::fs::{FileTypeExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::process::Command;
-use std::time::Duration;
 
-use plumb::{api, config::Config, daemon};
+use plumb::api;
 use serde_json::{Value, json};
-use support::{Accounts, Upstream, require_root, temp_root, wait_until};
-use tokio_util::sync::CancellationToken;
+use support::{Accounts, DEADLINE, InProcess, Upstream, require_root, temp_root, wait_until};
 
-const DEADLINE: Duration = Duration::from_secs(20);
-
-/// The daemon and its API, in-process, on a runtime of their own; stopped when dropped.
+/// The daemon and its API, in-process ([`InProcess`]), on a config with one service, `web`, on a
+/// `file://` upstream; stopped when dropped.
 struct Plumb {
-    rt: tokio::runtime::Runtime,
-    shutdown: CancellationToken,
-    daemon: Option<tokio::task::JoinHandle<()>>,
-    api: Option<tokio::task::JoinHandle<()>>,
     socket: PathBuf,
     state: PathBuf,
+    _daemon: InProcess,
 }
 
 impl Plumb {
@@ -47,53 +41,8 @@ impl Plumb {
             ),
         )
         .unwrap();
-        let loaded = Config::load(&config).unwrap();
-        let hosts = vec!["testbox".to_owned()];
-        let access = api::Access::new(&loaded, loaded.machine_names(&hosts), &state);
-        let opts = daemon::Options {
-            config,
-            hosts,
-            state_dir: None,
-            interval: None,
-            once: false,
-            apply: false,
-            noop: false,
-            metrics: None,
-            bootstrap: None,
-        };
-        let rt = tokio::runtime::Builder::new_multi_thread()
-            .worker_threads(2)
-            .enable_all()
-            .build()
-            .unwrap();
-        let shutdown = CancellationToken::new();
-        let (handle, commands) = daemon::channel();
-        let (reload_tx, reload) = tokio::sync::mpsc::channel(1);
-        let listener = rt
-            .block_on(async {
-                api::bind(
-                    &loaded.settings.socket,
-                    &loaded.settings.admin_group,
-                    &loaded.settings.readonly_group,
-                )
-            })
-            .unwrap();
-        let sd = shutdown.clone();
-        let daemon = rt.spawn(async move {
-            let _keep_reload_open = reload_tx;
-            if let Err(e) = daemon::run(opts, reload, commands, sd).await {
-                panic!("daemon: {e}");
-            }
-        });
-        let sd = shutdown.clone();
-        let api = rt.spawn(async move {
-            api::serve(listener, handle, access, sd).await;
-        });
         let p = Plumb {
-            rt,
-            shutdown,
-            daemon: Some(daemon),
-            api: Some(api),
+            _daemon: InProcess::with_api(&config, &socket),
             socket,
             state,
         };
@@ -142,27 +91,6 @@ impl Plumb {
         let a = self.curl(None, "GET", "/v1/audit", None);
         assert_eq!(a.status, 200, "{a:?}");
         a.body.as_array().cloned().expect("audit is an array")
-    }
-}
-
-impl Drop for Plumb {
-    fn drop(&mut self) {
-        self.shutdown.cancel();
-        let (daemon, api) = (self.daemon.take(), self.api.take());
-        let stopped = self.rt.block_on(async {
-            tokio::time::timeout(DEADLINE, async {
-                if let Some(d) = daemon {
-                    let _ = d.await;
-                }
-                if let Some(a) = api {
-                    let _ = a.await;
-                }
-            })
-            .await
-        });
-        if stopped.is_err() && !std::thread::panicking() {
-            panic!("plumb did not stop within {DEADLINE:?}");
-        }
     }
 }
 

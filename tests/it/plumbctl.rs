@@ -2,105 +2,43 @@
 //! a socket in a temp dir, and the built `plumbctl` talks to it, locally (`--socket`) and as
 //! `@host` through a real OpenSSH server on loopback, whose remote command is the same binary.
 
-mod support;
+use crate::support;
 
-use std::net::TcpListener;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
-use std::time::Duration;
 
-use plumb::config::Config;
 use plumb::ctl::Envelope;
-use plumb::daemon::{self, Handle};
+use plumb::proto;
 use plumb::proto::{ActionResult, Services};
-use plumb::{api, proto};
-use support::{SshServer, Upstream, require_root, temp_root, wait_until};
-use tokio_util::sync::CancellationToken;
+use support::{
+    DEADLINE, InProcess, SshServer, Upstream, free_port, require_root, temp_root, wait_until,
+};
 
-const DEADLINE: Duration = Duration::from_secs(20);
-
-/// A daemon and its API running in this process on their own runtime, stopped on drop.
-struct Plumb {
-    socket: PathBuf,
-    handle: Handle,
-    shutdown: CancellationToken,
-    rt: tokio::runtime::Runtime,
+/// `plumbctl --socket <the daemon's socket> <args>`, and the same in a time zone.
+trait Ctl {
+    fn ctl(&self, args: &[&str]) -> Output;
+    fn ctl_tz(&self, args: &[&str], tz: &str) -> Output;
 }
 
-impl Plumb {
-    fn start(root: &Path, config: &Path) -> Plumb {
-        let rt = tokio::runtime::Builder::new_multi_thread()
-            .worker_threads(2)
-            .enable_all()
-            .build()
-            .unwrap();
-        let socket = root.join("run/plumb.sock");
-        let hosts = vec!["testbox".to_owned()];
-        let cfg = Config::load(config).unwrap();
-        let access = api::Access::new(&cfg, cfg.machine_names(&hosts), &cfg.settings.state_dir);
-        let (handle, commands) = daemon::channel();
-        let shutdown = CancellationToken::new();
-        let listener = rt
-            .block_on(async { api::bind(&socket, "plumb", "plumb-read") })
-            .unwrap();
-        rt.spawn(api::serve(
-            listener,
-            handle.clone(),
-            access,
-            shutdown.clone(),
-        ));
-        let opts = daemon::Options {
-            config: config.to_owned(),
-            hosts,
-            state_dir: None,
-            interval: Some(Duration::from_secs(3600)),
-            once: false,
-            apply: false,
-            noop: false,
-            metrics: None,
-            bootstrap: None,
-        };
-        let (reload_tx, reload_rx) = tokio::sync::mpsc::channel(1);
-        let sd = shutdown.clone();
-        rt.spawn(async move {
-            let _keep = reload_tx;
-            daemon::run(opts, reload_rx, commands, sd).await.unwrap();
-        });
-        Plumb {
-            socket,
-            handle,
-            shutdown,
-            rt,
-        }
-    }
-
-    fn deployed(&self, service: &str) -> Option<String> {
-        match self.rt.block_on(self.handle.status(service)) {
-            Ok(s) => s.deployed,
-            Err(e) => panic!("{e}"),
-        }
-    }
-
-    /// `plumbctl --socket <this daemon's socket> <args>`.
+impl Ctl for InProcess {
     fn ctl(&self, args: &[&str]) -> Output {
         self.ctl_tz(args, "UTC")
     }
 
-    /// [`Plumb::ctl`] in the time zone `tz` (a `TZ` value).
+    /// [`Ctl::ctl`] in the time zone `tz` (a `TZ` value).
     fn ctl_tz(&self, args: &[&str], tz: &str) -> Output {
         let mut cmd = plumbctl();
         cmd.arg("--socket")
-            .arg(&self.socket)
+            .arg(self.socket.as_ref().expect("the daemon's API"))
             .args(args)
             .env("TZ", tz);
         cmd.output().unwrap()
     }
 }
 
-impl Drop for Plumb {
-    fn drop(&mut self) {
-        self.shutdown.cancel();
-    }
+/// The daemon of `config` with its API on `root/run/plumb.sock`.
+fn start(root: &Path, config: &Path) -> InProcess {
+    InProcess::with_api(config, &root.join("run/plumb.sock"))
 }
 
 /// The built plumbctl with none of the caller's plumbctl settings.
@@ -152,7 +90,7 @@ fn list_freeze_status_pull_rollback_unfreeze_and_log_locally() {
     require_root();
     let root = temp_root();
     let (up, config, v1) = setup(root.path());
-    let d = Plumb::start(root.path(), &config);
+    let d = start(root.path(), &config);
     wait_until("first deploy", DEADLINE, || {
         d.deployed("app").as_deref() == Some(v1.as_str())
     });
@@ -237,7 +175,7 @@ fn refusals_are_exit_1_and_usage_errors_exit_2() {
     require_root();
     let root = temp_root();
     let (_up, config, v1) = setup(root.path());
-    let d = Plumb::start(root.path(), &config);
+    let d = start(root.path(), &config);
     wait_until("first deploy", DEADLINE, || {
         d.deployed("app").as_deref() == Some(v1.as_str())
     });
@@ -296,7 +234,7 @@ fn json_is_one_array_with_the_proto_bodies() {
     require_root();
     let root = temp_root();
     let (_up, config, v1) = setup(root.path());
-    let d = Plumb::start(root.path(), &config);
+    let d = start(root.path(), &config);
     wait_until("first deploy", DEADLINE, || {
         d.deployed("app").as_deref() == Some(v1.as_str())
     });
@@ -381,7 +319,7 @@ fn completion_offers_the_daemons_services_and_ssh_hosts() {
     require_root();
     let root = temp_root();
     let (_up, config, v1) = setup(root.path());
-    let d = Plumb::start(root.path(), &config);
+    let d = start(root.path(), &config);
     wait_until("first deploy", DEADLINE, || {
         d.deployed("app").as_deref() == Some(v1.as_str())
     });
@@ -397,7 +335,7 @@ fn completion_offers_the_daemons_services_and_ssh_hosts() {
         "[webgit.example.org]:2222 ssh-ed25519 AAAA\n|1|x=|y= ssh-ed25519 AAAA\n",
     )
     .unwrap();
-    let socket = d.socket.clone();
+    let socket = d.socket.clone().unwrap();
     let env = [
         ("PLUMB_SOCKET", socket.as_os_str()),
         ("HOME", home.as_os_str()),
@@ -423,21 +361,12 @@ fn completion_offers_the_daemons_services_and_ssh_hosts() {
     assert!(bash_complete(&["plumbctl", "freeze", ""], &env).is_empty());
 }
 
-/// A port on 127.0.0.1 that nothing listens on.
-fn closed_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
 #[test]
 fn hosts_are_asked_through_ssh_and_an_unreachable_one_is_a_row() {
     require_root();
     let root = temp_root();
     let (_up, config, v1) = setup(root.path());
-    let d = Plumb::start(root.path(), &config);
+    let d = start(root.path(), &config);
     wait_until("first deploy", DEADLINE, || {
         d.deployed("app").as_deref() == Some(v1.as_str())
     });
@@ -449,7 +378,8 @@ fn hosts_are_asked_through_ssh_and_an_unreachable_one_is_a_row() {
         format!(
             "Host good\n  HostName 127.0.0.1\n  Port {}\nHost down\n  HostName 127.0.0.1\n  Port {}\n",
             sshd.port,
-            closed_port()
+            // Nothing listens there: the host is down.
+            free_port()
         ),
     )
     .unwrap();
@@ -462,7 +392,7 @@ fn hosts_are_asked_through_ssh_and_an_unreachable_one_is_a_row() {
     // The remote plumbctl is this build, reaching this test's daemon.
     let remote = format!(
         "env PLUMB_SOCKET={} {}",
-        d.socket.display(),
+        d.socket.as_ref().unwrap().display(),
         env!("CARGO_BIN_EXE_plumbctl")
     );
     let ctl = |args: &[&str]| {

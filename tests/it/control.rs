@@ -2,71 +2,22 @@
 //! daemon on a real upstream: freeze holds a service back, unfreeze catches up, rollback pins an old
 //! revision, pull answers when done, and a freeze survives a restart.
 
-mod support;
+use crate::support;
 
 use std::path::{Path, PathBuf};
-use std::time::Duration;
 
-use plumb::daemon::{self, Command, CommandError, Handle};
-use plumb::proto::{ActionResult, ServiceStatus};
-use support::{Upstream, temp_root, wait_until};
-use tokio_util::sync::CancellationToken;
+use plumb::daemon::{Command, CommandError};
+use plumb::proto::ActionResult;
+use support::{DEADLINE, InProcess, Upstream, temp_root, wait_until};
 
-const DEADLINE: Duration = Duration::from_secs(20);
-
-/// A daemon running in this process on its own runtime thread, stopped on drop.
-struct Running {
-    handle: Handle,
-    shutdown: CancellationToken,
-    thread: Option<std::thread::JoinHandle<()>>,
-    rt: tokio::runtime::Runtime,
+/// What these tests ask of the one service they run, through the daemon's handle.
+trait Ops {
+    fn pull(&self, force: bool) -> ActionResult;
+    fn freeze(&self, until: Option<u64>) -> ActionResult;
+    fn act(&self, c: Command) -> ActionResult;
 }
 
-impl Running {
-    fn start(config: &Path) -> Running {
-        let rt = tokio::runtime::Builder::new_multi_thread()
-            .worker_threads(1)
-            .enable_all()
-            .build()
-            .unwrap();
-        let (handle, commands) = daemon::channel();
-        let (_reload_tx, reload_rx) = tokio::sync::mpsc::channel(1);
-        let shutdown = CancellationToken::new();
-        let opts = daemon::Options {
-            config: config.to_owned(),
-            hosts: vec!["testbox".into()],
-            state_dir: None,
-            interval: Some(Duration::from_secs(3600)),
-            once: false,
-            apply: false,
-            noop: false,
-            metrics: None,
-            bootstrap: None,
-        };
-        let sd = shutdown.clone();
-        let rt_handle = rt.handle().clone();
-        let thread = std::thread::spawn(move || {
-            let _keep = _reload_tx;
-            rt_handle
-                .block_on(daemon::run(opts, reload_rx, commands, sd))
-                .unwrap();
-        });
-        Running {
-            handle,
-            shutdown,
-            thread: Some(thread),
-            rt,
-        }
-    }
-
-    fn call(&self, c: Command) -> Result<ActionResult, CommandError> {
-        self.rt.block_on(self.handle.call(c))
-    }
-
-    fn status(&self, service: &str) -> ServiceStatus {
-        self.rt.block_on(self.handle.status(service)).unwrap()
-    }
-
+impl Ops for InProcess {
     /// `pull` of the one service these tests run.
     fn pull(&self, force: bool) -> ActionResult {
         self.act(Command::Pull {
@@ -84,15 +35,6 @@ impl Running {
 
     fn act(&self, c: Command) -> ActionResult {
         self.call(c).unwrap()
-    }
-}
-
-impl Drop for Running {
-    fn drop(&mut self) {
-        self.shutdown.cancel();
-        if let Some(t) = self.thread.take() {
-            let _ = t.join();
-        }
     }
 }
 
@@ -120,7 +62,7 @@ fn conf(state: &Path) -> String {
 fn freeze_holds_back_unfreeze_catches_up_and_pull_answers_when_done() {
     let root = temp_root();
     let (up, config, state, v1) = setup(root.path());
-    let d = Running::start(&config);
+    let d = InProcess::start(&config);
     wait_until("first deploy", DEADLINE, || {
         d.status("app").deployed.as_deref() == Some(v1.as_str())
     });
@@ -150,7 +92,7 @@ fn freeze_holds_back_unfreeze_catches_up_and_pull_answers_when_done() {
     assert_eq!(conf(&state), "2");
     assert_eq!(d.status("app").behind, Some(0));
 
-    let answer = d.rt.block_on(d.handle.status("nope"));
+    let answer = d.try_status("nope");
     assert!(
         matches!(&answer, Err(CommandError::UnknownService(s)) if s == "nope"),
         "{answer:?}"
@@ -161,7 +103,7 @@ fn freeze_holds_back_unfreeze_catches_up_and_pull_answers_when_done() {
 fn rollback_pins_an_old_revision_until_unfrozen() {
     let root = temp_root();
     let (up, config, state, v1) = setup(root.path());
-    let d = Running::start(&config);
+    let d = InProcess::start(&config);
     wait_until("first deploy", DEADLINE, || {
         d.status("app").deployed.as_deref() == Some(v1.as_str())
     });
@@ -206,7 +148,7 @@ fn a_rollback_names_the_revision_of_the_services_files_and_outlives_a_timed_free
     let (up, config, state, v1) = setup(root.path());
     let elsewhere = up.write("elsewhere/x", "1").commit("elsewhere");
     let v3 = up.write("app/conf", "3").commit("v3");
-    let d = Running::start(&config);
+    let d = InProcess::start(&config);
     wait_until("first deploy", DEADLINE, || {
         d.status("app").deployed.as_deref() == Some(v3.as_str())
     });
@@ -277,7 +219,7 @@ fn a_short_or_ambiguous_hash_gets_a_hint() {
         up.write(&format!("bulk/{i}"), &format!("{i}\n"));
     }
     up.commit("bulk");
-    let d = Running::start(&config);
+    let d = InProcess::start(&config);
     wait_until("first deploy", DEADLINE, || {
         d.status("app").deployed.is_some()
     });
@@ -326,7 +268,7 @@ fn a_freeze_survives_a_restart_and_a_timed_one_ends_by_itself() {
     let root = temp_root();
     let (up, config, state, v1) = setup(root.path());
     {
-        let d = Running::start(&config);
+        let d = InProcess::start(&config);
         wait_until("first deploy", DEADLINE, || {
             d.status("app").deployed.as_deref() == Some(v1.as_str())
         });
@@ -334,7 +276,7 @@ fn a_freeze_survives_a_restart_and_a_timed_one_ends_by_itself() {
     }
     up.write("app/conf", "2").commit("v2");
     {
-        let d = Running::start(&config);
+        let d = InProcess::start(&config);
         let a = d.pull(false);
         assert_eq!(a.status.state, "FREEZE", "{a:?}");
         assert_eq!(conf(&state), "1");
@@ -355,7 +297,7 @@ fn a_freeze_survives_a_restart_and_a_timed_one_ends_by_itself() {
 fn local_edits_are_diff_never_overwritten_until_pull_force() {
     let root = temp_root();
     let (up, config, state, v1) = setup(root.path());
-    let d = Running::start(&config);
+    let d = InProcess::start(&config);
     wait_until("first deploy", DEADLINE, || {
         d.status("app").deployed.as_deref() == Some(v1.as_str())
     });
@@ -390,7 +332,7 @@ fn local_edits_are_diff_never_overwritten_until_pull_force() {
 fn diff_shows_what_the_next_pull_would_change() {
     let root = temp_root();
     let (up, config, state, v1) = setup(root.path());
-    let d = Running::start(&config);
+    let d = InProcess::start(&config);
     wait_until("first deploy", DEADLINE, || {
         d.status("app").deployed.as_deref() == Some(v1.as_str())
     });
@@ -401,7 +343,7 @@ fn diff_shows_what_the_next_pull_would_change() {
         .write("other/x", "x")
         .commit("v2");
     d.pull(false);
-    let diff = d.rt.block_on(d.handle.diff("app")).unwrap();
+    let diff = d.diff("app").unwrap();
     assert_eq!(diff.from.as_deref(), Some(v1.as_str()));
     assert_eq!(diff.to.as_deref(), Some(v2.as_str()));
     assert_eq!(diff.commits, Some(1));
@@ -420,7 +362,7 @@ fn wipe_rebuilds_a_deleted_or_edited_checkout_at_the_same_revision() {
     let root = temp_root();
     let (up, config, state, _) = setup(root.path());
     let deeper = up.write("app/sub/deep", "d").commit("deeper");
-    let d = Running::start(&config);
+    let d = InProcess::start(&config);
     wait_until("first deploy", DEADLINE, || {
         d.status("app").deployed.as_deref() == Some(deeper.as_str())
     });

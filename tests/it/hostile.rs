@@ -8,7 +8,7 @@
 //! Memory figures (a 1 GB file, 100,000 files, through the `plumb` binary) are printed by
 //! `bench/hostile-memory.sh`, not asserted here.
 
-mod support;
+use crate::support;
 
 use std::collections::BTreeMap;
 use std::fs;
@@ -787,6 +787,7 @@ fn a_hundred_thousand_files_deploy() {
 
 #[test]
 fn trees_git_fsck_refuses_are_refused_over_the_network() {
+    require_root();
     let root = temp_root();
     let up = Upstream::new(root.path(), "infra");
     up.write("nginx/etc/nginx.conf", "n1\n")

@@ -1,7 +1,7 @@
-//! Self-test of the integration-test harness (tests/support): every server really serves an
+//! Self-test of the integration-test harness (tests/it/support): every server really serves an
 //! upstream to the real git client, and `Upstream` makes the history it claims to.
 
-mod support;
+use crate::support;
 
 use std::fs;
 use std::os::unix::fs::PermissionsExt;

@@ -40,8 +40,9 @@ pub struct Cli {
     /// or a package (as the config's `noop = true`, for every service).
     #[arg(long)]
     pub noop: bool,
-    /// Serve Prometheus metrics here ("127.0.0.1:9222", ":9222"; empty: off), overriding the config.
-    #[arg(long)]
+    /// Serve Prometheus metrics here ("127.0.0.1:9222", ":9222"; empty: off), overriding the config
+    /// (also from /etc/default/plumb, for a machine that takes its config from git).
+    #[arg(long, env = "PLUMB_METRICS_ADDRESS")]
     pub metrics_address: Option<String>,
     /// The control API's socket, overriding the config.
     #[arg(long)]

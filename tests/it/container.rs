@@ -17,7 +17,7 @@ use support::container::{CI_DIR, Container};
 use support::{DEADLINE, poll, require_root, temp_root, wait_until};
 // The Debian package's install, upgrade and start semantics (the package_* tests).
 use support::container::plumb_deb_version;
-use support::{GitDaemon, Upstream};
+use support::{GitDaemon, Upstream, free_port};
 
 /// `GET /` on the host's 127.0.0.1:80 (the container's nginx): the status line and the body.
 fn http_get_localhost() -> Option<String> {
@@ -818,7 +818,16 @@ fn a_bootstrap_from_git_ends_with_armed_path_units() {
     let c = greeter_machine("plumb-boot", None);
     c.install_deb();
     let default = root.path().join("default");
-    fs::write(&default, format!("PLUMB_BOOTSTRAP={}\n", gitd.url(&up))).unwrap();
+    // The metrics listener on a port of its own: the container shares the host's network.
+    fs::write(
+        &default,
+        format!(
+            "PLUMB_BOOTSTRAP={}\nPLUMB_METRICS_ADDRESS=127.0.0.1:{}\n",
+            gitd.url(&up),
+            free_port()
+        ),
+    )
+    .unwrap();
     c.install(&default, "/etc/default/plumb", 0o644);
     wait_greeter_deployed(&c, &v1, "v1");
     wait_or_show(&c, "plumb-apply@greeter.path to be armed", || {

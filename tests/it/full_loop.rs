@@ -637,7 +637,12 @@ fn bootstrap_takes_the_config_from_git_and_manages_plumb_itself() {
         .file("/etc/nginx/sites-enabled/default", "", 0o644)
         .file(
             "/etc/default/plumb",
-            format!("PLUMB_BOOTSTRAP={url}\n"),
+            // The metrics listener on a port of its own: the container shares the host's
+            // network.
+            format!(
+                "PLUMB_BOOTSTRAP={url}\nPLUMB_METRICS_ADDRESS=127.0.0.1:{}\n",
+                free_port()
+            ),
             0o644,
         )
         .boot();

@@ -509,3 +509,72 @@ fn hosts_are_asked_through_ssh_and_an_unreachable_one_is_a_row() {
     let detail = doc[0].detail.as_deref().unwrap_or_default();
     assert!(detail.contains("Host key verification failed."), "{detail}");
 }
+
+/// Without a terminal on standard input, plumbctl's ssh never prompts (`BatchMode=yes`): with
+/// several hosts in parallel their prompts would collide, and nobody could answer them. The
+/// prompt here is ssh's question about an unknown host key, asked through `SSH_ASKPASS`, which
+/// records that it was asked.
+#[test]
+fn without_a_terminal_ssh_asks_nothing() {
+    require_root();
+    let root = temp_root();
+    let sshd = SshServer::start(root.path());
+    let ssh_config = root.path().join("ssh_config");
+    std::fs::write(
+        &ssh_config,
+        format!("Host box\n  HostName 127.0.0.1\n  Port {}\n", sshd.port),
+    )
+    .unwrap();
+    // No known host: ssh's default is to ask whether to trust the key.
+    let known_hosts = root.path().join("known_hosts");
+    std::fs::write(&known_hosts, "").unwrap();
+    let asked = root.path().join("asked");
+    let askpass = root.path().join("askpass");
+    std::fs::write(
+        &askpass,
+        format!("#!/bin/sh\necho \"$1\" >> {}\necho no\n", asked.display()),
+    )
+    .unwrap();
+    std::fs::set_permissions(
+        &askpass,
+        std::os::unix::fs::PermissionsExt::from_mode(0o755),
+    )
+    .unwrap();
+    let ssh = format!(
+        "ssh -F {} -i {} -o UserKnownHostsFile={} -o IdentitiesOnly=yes -l root",
+        ssh_config.display(),
+        sshd.client_key.display(),
+        known_hosts.display()
+    );
+    let askpass_env = |cmd: &mut Command| {
+        cmd.env("SSH_ASKPASS", &askpass)
+            .env("SSH_ASKPASS_REQUIRE", "force")
+            .stdin(std::process::Stdio::null());
+    };
+
+    // The same ssh, run by hand without a terminal, does ask: the test can tell.
+    let mut by_hand = Command::new("sh");
+    by_hand.args(["-c", &format!("{ssh} box true")]);
+    askpass_env(&mut by_hand);
+    let out = by_hand.output().unwrap();
+    assert!(!out.status.success(), "{}", show(&out));
+    let question = std::fs::read_to_string(&asked).unwrap_or_default();
+    assert!(question.contains("authenticity"), "{question:?}");
+    std::fs::remove_file(&asked).unwrap();
+
+    let mut cmd = plumbctl();
+    cmd.args(["list", "services", "@box"])
+        .env("PLUMBCTL_SSH", &ssh);
+    askpass_env(&mut cmd);
+    let out = cmd.output().unwrap();
+    let table = expect(&out, 1);
+    assert!(
+        table.contains("box") && table.contains("Host key verification failed"),
+        "{table}"
+    );
+    assert!(
+        !asked.exists(),
+        "plumbctl's ssh asked: {:?}",
+        std::fs::read_to_string(&asked)
+    );
+}

@@ -323,6 +323,45 @@ fn bash_completion_parses_and_completes() {
     );
 }
 
+/// What an interactive zsh, whose completions are `completions` (and this build's plumbctl on
+/// its PATH, no daemon), shows after `typed` and a tab, until "plumbctl freeze" shows or ten
+/// seconds passed: its screen output, escapes and all.
+fn zsh_complete(completions: &Path, typed: &str) -> String {
+    const SCRIPT: &str = r#"
+zmodload zsh/zpty
+zpty z 'zsh -f -i'
+zpty -w z "PS1='> '; fpath=($1 \$fpath); path=($2 \$path); autoload -Uz compinit; compinit -u -D; export PLUMB_SOCKET=/nonexistent"
+zpty -w -n z "$3"$'\t'
+out=''
+# Polls the screen until the completion shows, for at most ten seconds.
+for i in {1..100}; do
+  if zpty -r -t z chunk; then out+=$chunk; fi
+  [[ $out == *"$4"* ]] && break
+  sleep 0.1
+done
+zpty -d z
+print -r -- "$out"
+"#;
+    let bin = Path::new(env!("CARGO_BIN_EXE_plumbctl"))
+        .parent()
+        .expect("a directory");
+    let (stdout, _) = run(
+        "zsh",
+        &[
+            "-f",
+            "-c",
+            SCRIPT,
+            "zsh",
+            completions.to_str().expect("UTF-8"),
+            bin.to_str().expect("UTF-8"),
+            typed,
+            "plumbctl freeze",
+        ],
+        &[],
+    );
+    stdout
+}
+
 #[test]
 fn zsh_and_fish_completions() {
     let (_guard, out) = generate();
@@ -350,6 +389,12 @@ fn zsh_and_fish_completions() {
         ctl.contains("plumbctl __complete"),
         "zsh does not ask plumbctl:\n{ctl}"
     );
+    if installed("zsh") {
+        // A real interactive zsh in a pty, with compinit and the script on its fpath: `fre`
+        // and a tab become `freeze`.
+        let line = zsh_complete(&dir, "plumbctl fre");
+        assert!(line.contains("plumbctl freeze"), "{line:?}");
+    }
     let plumb = std::fs::read_to_string(dir.join("plumb.fish")).expect("fish script");
     assert!(
         plumb.contains("-a \"check-config\""),

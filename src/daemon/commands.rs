@@ -267,7 +267,7 @@ impl Daemon {
                     ro: d.ro,
                 })
                 .collect(),
-            notes: notes(c, s, self.config_error.as_deref()),
+            notes: notes(c, s, e.wave.as_deref(), self.config_error.as_deref()),
             last_apply: apply::read_applied(&self.layout, name).map(|o| ApplyStatus {
                 revision: o.revision.to_string(),
                 ok: o.ok,
@@ -296,8 +296,14 @@ impl Daemon {
 }
 
 /// What an operator should know beside a service's state: the config file refused, its upstream
-/// failing, what noop mode holds back.
-fn notes(c: &config::Service, s: &service::Service, config_error: Option<&str>) -> Vec<String> {
+/// failing, what noop mode holds back, what a rollout wave waits for (and the query that decides,
+/// to paste into Prometheus or Grafana).
+fn notes(
+    c: &config::Service,
+    s: &service::Service,
+    wave: Option<&crate::rollout::Wave>,
+    config_error: Option<&str>,
+) -> Vec<String> {
     let mut notes: Vec<String> = config_error
         .map(|e| format!("config refused, running on the last accepted one: {e}"))
         .into_iter()
@@ -307,6 +313,16 @@ fn notes(c: &config::Service, s: &service::Service, config_error: Option<&str>) 
             .iter()
             .map(|e| format!("upstream unreachable, serving the last fetched revision: {e}")),
     );
+    if let Some(w) = s.waiting() {
+        notes.push(w.why.clone());
+        if let Some(wave) = wave {
+            notes.push(format!(
+                "wave {} gate (1 per machine once soaked): {}",
+                wave.wave,
+                wave.gate_query(w.revision)
+            ));
+        }
+    }
     if s.noop() {
         notes.push(match s.would() {
             None => "noop: nothing to deploy".to_owned(),

@@ -16,15 +16,16 @@
 //!     min by (machine) (min_over_time(plumb_service_state{service="s",state="OK",machine=~"a|b"}[2L]))
 //!   or label_replace(vector(0), "machine", "a", "", "")
 //!   or label_replace(vector(0), "machine", "b", "", "")
-//! )[S:L])
+//! )[S+L:L])
 //! ```
 //!
-//! evaluated at every scrape interval `L` over the soak `S`: a step counts when the machine had a
+//! evaluated at every scrape interval `L` over the soak `S` (and one step more): a step counts when the machine had a
 //! sample on X in the two scrape intervals before it and every state sample there was OK. A step
 //! without samples (Prometheus down, the daemon not scraped for more than two scrape intervals)
 //! falls back to the machine's `0`, so a gap breaks the soak instead of being bridged by
-//! Prometheus's five-minute lookback; the earliest step is at most one step after now - soak, so
-//! the machine must have been on X and OK then already. Only series with `hash="X"` are read, so
+//! Prometheus's five-minute lookback; the earliest step is at or before now - soak, and has a
+//! sample on X and OK at most two scrape intervals before it, so the machine must have been on X
+//! and OK at now - soak already. Only series with `hash="X"` are read, so
 //! stale series of older revisions do not block. When the gate is closed a second query (the
 //! current hash and state of each lower machine) names who blocks and why.
 
@@ -108,7 +109,9 @@ impl Wave {
     /// on `revision` and OK without a break for the soak, 0 when not.
     pub fn gate_query(&self, revision: Oid) -> String {
         let step = self.prometheus.scrape_interval.as_secs().max(1);
-        let soak = self.soak.as_secs().max(step);
+        // One step more than the soak: the earliest step is at or before now - soak, so the
+        // machine was on the revision then already.
+        let range = self.soak.as_secs().max(step) + step;
         let (service, machines) = (string(&self.service), string(&self.machines()));
         let window = 2 * step;
         let mut fallback = String::new();
@@ -124,16 +127,19 @@ impl Wave {
         }
         format!(
             "min_over_time((max by (machine) (max_over_time(plumb_service_hash{{service={service},hash=\"{revision}\",machine=~{machines}}}[{window}s])) \
-             * on (machine) min by (machine) (min_over_time(plumb_service_state{{service={service},state=\"OK\",machine=~{machines}}}[{window}s])){fallback})[{soak}s:{step}s])"
+             * on (machine) min by (machine) (min_over_time(plumb_service_state{{service={service},state=\"OK\",machine=~{machines}}}[{window}s])){fallback})[{range}s:{step}s])"
         )
     }
 
     /// The query that says where each lower machine is now: its hash and state (one series each).
+    /// Only samples of the last two scrape intervals count: a series the daemon dropped while
+    /// Prometheus was not looking (no staleness marker) would otherwise linger for the lookback.
     pub fn now_query(&self) -> String {
         let (service, machines) = (string(&self.service), string(&self.machines()));
+        let window = 2 * self.prometheus.scrape_interval.as_secs().max(1);
         format!(
-            "max by (machine, hash, state) (plumb_service_hash{{service={service},machine=~{machines}}} \
-             * on (machine) group_left (state) max by (machine, state) (plumb_service_state{{service={service},machine=~{machines}}} == 1))"
+            "max by (machine, hash, state) (last_over_time(plumb_service_hash{{service={service},machine=~{machines}}}[{window}s]) \
+             * on (machine) group_left (state) max by (machine, state) (last_over_time(plumb_service_state{{service={service},machine=~{machines}}}[{window}s]) == 1))"
         )
     }
 
@@ -473,11 +479,12 @@ mod tests {
                 "min_over_time((max by (machine) (max_over_time(plumb_service_hash{{service=\"nginx\",hash=\"{x}\",machine=~\"web1\\\\.example|web2\"}}[30s])) \
                  * on (machine) min by (machine) (min_over_time(plumb_service_state{{service=\"nginx\",state=\"OK\",machine=~\"web1\\\\.example|web2\"}}[30s])) \
                  or label_replace(vector(0), \"machine\", \"web1\\\\.example\", \"\", \"\") \
-                 or label_replace(vector(0), \"machine\", \"web2\", \"\", \"\"))[300s:15s])"
+                 or label_replace(vector(0), \"machine\", \"web2\", \"\", \"\"))[315s:15s])"
             )
         );
         let now = wave().now_query();
         assert!(now.contains("group_left (state)"), "{now}");
+        assert!(now.contains("last_over_time(plumb_service_hash{service=\"nginx\",machine=~\"web1\\\\.example|web2\"}[30s])"), "{now}");
         assert!(now.contains("== 1"), "{now}");
     }
 

@@ -1,6 +1,6 @@
 //! The deploy job: the gates a head passes before it reaches a service's checkout (signature,
-//! history, a revision refused before, the tree's inspection, the service's `check` on a staged
-//! copy), the checkout itself, and the `.rev` hand-over to systemd. Runs on a blocking thread,
+//! history, a revision refused before, the rollout wave, the tree's inspection, the service's
+//! `check` on a staged copy), the checkout itself, and the `.rev` hand-over to systemd. Runs on a blocking thread,
 //! one upstream's services one after the other on its store; every outcome becomes an event.
 
 use std::path::PathBuf;

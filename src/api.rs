@@ -459,6 +459,7 @@ fn handler(route: proto::Route) -> MethodRouter<Arc<App>> {
         Route::Pull => on(method, pull),
         Route::Diff => on(method, get_diff),
         Route::Wipe => on(method, wipe),
+        Route::Promote => on(method, promote),
         Route::Audit => on(method, get_audit),
     }
 }
@@ -505,6 +506,7 @@ fn command_status(e: &CommandError) -> StatusCode {
         }
         CommandError::Noop { .. }
         | CommandError::NothingCheckedOut(_)
+        | CommandError::NotWaiting(_)
         | CommandError::Rollback(_) => StatusCode::UNPROCESSABLE_ENTITY,
         CommandError::Store(_) => StatusCode::INTERNAL_SERVER_ERROR,
         CommandError::Unavailable => StatusCode::SERVICE_UNAVAILABLE,
@@ -822,6 +824,7 @@ enum Change {
     Rollback(proto::RollbackRequest),
     Pull(proto::PullRequest),
     Wipe,
+    Promote,
 }
 
 impl Change {
@@ -845,6 +848,7 @@ impl Change {
                 force: r.force,
             },
             Change::Wipe => Command::Wipe(service),
+            Change::Promote => Command::Promote(service),
         })
     }
 }
@@ -857,6 +861,7 @@ fn change(action: &str, bytes: &[u8]) -> Result<Change, Failure> {
         "rollback" => body(bytes).map(Change::Rollback),
         "pull" => body(bytes).map(Change::Pull),
         "wipe" => body::<NoArguments>(bytes).map(|_| Change::Wipe),
+        "promote" => body::<NoArguments>(bytes).map(|_| Change::Promote),
         other => Err(Failure::new(
             StatusCode::NOT_FOUND,
             format!("no write {other:?}"),
@@ -865,7 +870,7 @@ fn change(action: &str, bytes: &[u8]) -> Result<Change, Failure> {
 }
 
 /// The parsing half of a write, pure: the daemon command that `action` ("freeze", "unfreeze",
-/// "rollback", "pull", "wipe") with the request body `bytes` asks for on `service` at `now` (unix
+/// "rollback", "pull", "wipe", "promote") with the request body `bytes` asks for on `service` at `now` (unix
 /// seconds), or the status and message the caller gets. The handlers run exactly this; it is
 /// public for the fuzz targets (`fuzz/`).
 pub fn write_command(
@@ -994,6 +999,10 @@ async fn wipe(State(app): Shared, ConnectInfo(peer): Conn, name: Name, bytes: Bo
     write(&app, peer, "wipe", name, bytes).await
 }
 
+async fn promote(State(app): Shared, ConnectInfo(peer): Conn, name: Name, bytes: Body) -> Response {
+    write(&app, peer, "promote", name, bytes).await
+}
+
 /// One write: authorise, parse, record it, call the daemon, and record the outcome. A write the
 /// audit log cannot record is not carried out (503, nothing changes): its entry is synced before
 /// the daemon is asked, and the outcome follows in a second entry with the same id. A write
@@ -1097,6 +1106,7 @@ mod tests {
         for (e, status) in [
             (CommandError::UnknownService("x".into()), 404),
             (CommandError::NothingCheckedOut("x".into()), 422),
+            (CommandError::NotWaiting("x".into()), 422),
             (
                 CommandError::Rollback(std::sync::Arc::new(RollbackError::NoHead)),
                 422,

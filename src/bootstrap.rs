@@ -99,6 +99,8 @@ impl Bootstrap {
             }),
             health: None,
             noop: false,
+            wave: 0,
+            soak: config::DEFAULT_SOAK,
         }
     }
 

@@ -81,6 +81,26 @@ fn key_prefix(key: &Option<String>) -> String {
     key.as_ref().map(|k| format!("{k}: ")).unwrap_or_default()
 }
 
+/// How long lower waves must be OK on a revision when a service in a later wave sets no `soak`
+/// (or the poll interval, when that is longer).
+pub const DEFAULT_SOAK: Duration = Duration::from_secs(5 * 60);
+/// The scrape interval plumb assumes of Prometheus when `prometheus_scrape_interval` is not set:
+/// Prometheus's own default.
+pub const DEFAULT_SCRAPE_INTERVAL: Duration = Duration::from_secs(60);
+
+/// `[plumb] prometheus`: the Prometheus whose samples of plumb's metrics gate rollout waves.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PrometheusSettings {
+    /// The base URL (`http://prom:9090`), possibly with `user:password@` for basic
+    /// authentication.
+    pub url: String,
+    /// A file holding a bearer token, read at every query (so it can be rotated).
+    pub bearer_token_file: Option<PathBuf>,
+    /// How often Prometheus scrapes the daemons: the step at which the soak is judged, and the
+    /// longest silence between two samples that is not a gap.
+    pub scrape_interval: Duration,
+}
+
 /// What a service's unit gets told when its files changed.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Action {
@@ -143,6 +163,13 @@ pub struct Service {
     /// Report what would be deployed, and deploy nothing (`noop`, a plumb extension): fetch,
     /// verify, inspect and `check` run; the checkout, `.rev`, mounts, units and packages stay.
     pub noop: bool,
+    /// The rollout wave (`wave`, a plumb extension): 0 deploys at once; a machine in a later wave
+    /// deploys a revision only once every machine running the service from the same upstream and
+    /// branch in a lower wave has been on it, OK, for `soak` (judged by Prometheus).
+    pub wave: u32,
+    /// How long the lower waves must have been on a revision and OK before this machine takes it
+    /// (`soak`); only meaningful in a wave above 0.
+    pub soak: Duration,
 }
 
 /// `check`: run by `sh -c` against the staged tree of a new revision, before the live checkout
@@ -311,6 +338,8 @@ pub struct Settings {
     /// The largest file a revision may hold under a service's links (bytes; `u64::MAX`: no
     /// limit). A checkout holds a whole file in memory, so this bounds the daemon's memory.
     pub max_file_size: u64,
+    /// The Prometheus that gates rollout waves; required by any `wave`.
+    pub prometheus: Option<PrometheusSettings>,
 }
 
 impl Settings {
@@ -369,6 +398,7 @@ impl Default for Settings {
             webhook_secret_file: None,
             upstreams: BTreeMap::new(),
             max_file_size: crate::git::DEFAULT_MAX_FILE_SIZE,
+            prometheus: None,
         }
     }
 }
@@ -460,6 +490,8 @@ struct RawService {
     check_timeout: Option<Spanned<String>>,
     health: Option<Spanned<RawHealth>>,
     noop: Option<bool>,
+    wave: Option<Spanned<u32>>,
+    soak: Option<Spanned<String>>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -520,6 +552,9 @@ struct RawPlumb {
     #[serde(default)]
     upstream: Vec<Spanned<RawUpstream>>,
     max_file_size: Option<Spanned<String>>,
+    prometheus: Option<Spanned<String>>,
+    prometheus_bearer_token_file: Option<Spanned<String>>,
+    prometheus_scrape_interval: Option<Spanned<String>>,
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -722,6 +757,7 @@ impl Cx<'_> {
             };
             let nonempty =
                 |v: Option<Spanned<String>>| v.map(|v| v.into_inner()).filter(|v| !v.is_empty());
+            let (wave, soak) = self.wave(s, &settings, &key)?;
             services.push((
                 start,
                 Service {
@@ -741,10 +777,13 @@ impl Cx<'_> {
                     },
                     noop: s.noop.or(g.noop).unwrap_or(false),
                     dirs,
+                    wave,
+                    soak,
                 },
             ));
         }
         self.check_unique(&services)?;
+        self.check_waves(&services)?;
         settings.upstreams = self.upstreams(&upstreams, &services)?;
         Ok(Config {
             path: self.path.to_owned(),
@@ -812,6 +851,72 @@ impl Cx<'_> {
                 timeout,
             })),
         }
+    }
+
+    /// `wave` and `soak`: a wave needs `[plumb] prometheus` to judge the lower ones by, and a soak
+    /// of at least one poll interval (a shorter one could not be seen by the next poll anyway);
+    /// a soak without a wave above 0 would be accepted and never used, so it is refused.
+    fn wave(
+        &self,
+        s: &RawService,
+        settings: &Settings,
+        key: &dyn Fn(&str) -> String,
+    ) -> Result<(u32, Duration), ConfigError> {
+        let wave = s.wave.as_ref().map_or(0, |w| *w.get_ref());
+        if let Some(w) = &s.wave
+            && settings.prometheus.is_none()
+        {
+            return Err(self.at(
+                w.span().start,
+                key("wave"),
+                "needs [plumb] prometheus, whose samples of the lower waves gate this one",
+            ));
+        }
+        let Some(soak) = &s.soak else {
+            return Ok((wave, DEFAULT_SOAK.max(settings.interval)));
+        };
+        if wave == 0 {
+            return Err(self.at(
+                soak.span().start,
+                key("soak"),
+                "is set but the service is in wave 0, which waits for nobody (set wave = 1 or more)",
+            ));
+        }
+        let d = self.duration(soak, &key("soak"))?;
+        if d < settings.interval {
+            return Err(self.at(
+                soak.span().start,
+                key("soak"),
+                format!(
+                    "must be at least one poll interval ({})",
+                    humantime::format_duration(settings.interval)
+                ),
+            ));
+        }
+        Ok((wave, d))
+    }
+
+    /// A service in a wave above 0 waits for the machines running the same service from the same
+    /// upstream and branch in lower waves; without any, it would wait forever.
+    fn check_waves(&self, services: &[(usize, Service)]) -> Result<(), ConfigError> {
+        for (i, (start, s)) in services.iter().enumerate() {
+            if s.wave == 0
+                || services
+                    .iter()
+                    .any(|(_, o)| o.wave < s.wave && same_rollout(o, s))
+            {
+                continue;
+            }
+            return Err(self.at(
+                *start,
+                format!("services[{i}].wave"),
+                format!(
+                    "wave {} of service {:?} (branch {:?}) has no machine in a lower wave to wait for",
+                    s.wave, s.name, s.branch
+                ),
+            ));
+        }
+        Ok(())
     }
 
     fn health(&self, h: &Spanned<RawHealth>, key: &str) -> Result<Health, ConfigError> {
@@ -1074,7 +1179,74 @@ impl Cx<'_> {
             s.metrics_address = parse_metrics_address(a.get_ref())
                 .map_err(|m| self.at(a.span().start, "plumb.metrics_address".to_owned(), m))?;
         }
+        s.prometheus = self.prometheus(
+            p.prometheus,
+            p.prometheus_bearer_token_file,
+            p.prometheus_scrape_interval,
+        )?;
         Ok(s)
+    }
+
+    /// `prometheus` (an http(s) URL), and its token file and scrape interval, which need it.
+    fn prometheus(
+        &self,
+        url: Option<Spanned<String>>,
+        token: Option<Spanned<String>>,
+        scrape: Option<Spanned<String>>,
+    ) -> Result<Option<PrometheusSettings>, ConfigError> {
+        let Some(url) = url else {
+            for (v, k) in [
+                (&token, "plumb.prometheus_bearer_token_file"),
+                (&scrape, "plumb.prometheus_scrape_interval"),
+            ] {
+                if let Some(v) = v {
+                    return Err(self.at(
+                        v.span().start,
+                        k.to_owned(),
+                        "is set but there is no plumb.prometheus",
+                    ));
+                }
+            }
+            return Ok(None);
+        };
+        let text = url.get_ref();
+        let host = text
+            .strip_prefix("http://")
+            .or_else(|| text.strip_prefix("https://"))
+            .map(|r| r.split('/').next().unwrap_or(""));
+        if host.is_none_or(str::is_empty) {
+            return Err(self.at(
+                url.span().start,
+                "plumb.prometheus".to_owned(),
+                format!("{text:?} is not an http:// or https:// URL like \"http://prom:9090\""),
+            ));
+        }
+        let bearer_token_file = match &token {
+            Some(t) => {
+                self.absolute(t, "plumb.prometheus_bearer_token_file".into())?;
+                Some(PathBuf::from(t.get_ref()))
+            }
+            None => None,
+        };
+        let scrape_interval = match &scrape {
+            Some(v) => {
+                let d = self.duration(v, "plumb.prometheus_scrape_interval")?;
+                if d < Duration::from_secs(1) {
+                    return Err(self.at(
+                        v.span().start,
+                        "plumb.prometheus_scrape_interval".to_owned(),
+                        "must be at least 1s",
+                    ));
+                }
+                d
+            }
+            None => DEFAULT_SCRAPE_INTERVAL,
+        };
+        Ok(Some(PrometheusSettings {
+            url: text.trim_end_matches('/').to_owned(),
+            bearer_token_file,
+            scrape_interval,
+        }))
     }
 
     /// A unix group name as `groupadd` accepts it: not empty, no `:`, `,`, `/` or whitespace, not
@@ -1116,6 +1288,27 @@ impl Cx<'_> {
             ));
         }
         Ok(d)
+    }
+}
+
+/// Whether two services are one rollout: the same service from the same upstream and branch.
+pub fn same_rollout(a: &Service, b: &Service) -> bool {
+    a.name == b.name && a.upstream == b.upstream && a.branch == b.branch
+}
+
+impl Config {
+    /// The machines of the waves below `s`'s, as (wave, machine), lowest wave first: those whose
+    /// samples gate `s`.
+    pub fn lower_waves(&self, s: &Service) -> Vec<(u32, String)> {
+        let mut lower: Vec<(u32, String)> = self
+            .services
+            .iter()
+            .filter(|o| o.wave < s.wave && same_rollout(o, s))
+            .map(|o| (o.wave, o.machine.clone()))
+            .collect();
+        lower.sort();
+        lower.dedup();
+        lower
     }
 }
 
@@ -1805,6 +1998,97 @@ health = { url = "http://127.0.0.1:8080/healthz" }
         let other = c.settings.upstream("https://elsewhere.example/x.git");
         assert!(!other.verifies());
         assert_eq!(other.force_push, ForcePush::Follow);
+    }
+
+    const WAVES: &str = r#"[plumb]
+interval = "1m"
+prometheus = "http://prom.example:9090/"
+prometheus_scrape_interval = "15s"
+
+[global]
+upstream = "https://git.example.org/ops.git"
+
+[[services]]
+machine = "web1"
+service = "nginx"
+
+[[services]]
+machine = "web2"
+service = "nginx"
+wave = 1
+soak = "10m"
+
+[[services]]
+machine = "web3"
+service = "nginx"
+wave = 3
+"#;
+
+    #[test]
+    fn waves_soak_and_prometheus() {
+        let c = parse(WAVES).unwrap();
+        let p = c.settings.prometheus.clone().unwrap();
+        assert_eq!(p.url, "http://prom.example:9090");
+        assert_eq!(p.scrape_interval, Duration::from_secs(15));
+        let waves: Vec<(u32, Duration)> = c.services.iter().map(|s| (s.wave, s.soak)).collect();
+        assert_eq!(
+            waves,
+            [
+                (0, DEFAULT_SOAK),
+                (1, Duration::from_secs(600)),
+                (3, DEFAULT_SOAK)
+            ]
+        );
+        // Gaps are fine: wave 3 waits for waves 0 and 1.
+        assert_eq!(
+            c.lower_waves(&c.services[2]),
+            [(0, "web1".to_owned()), (1, "web2".to_owned())]
+        );
+        assert!(c.lower_waves(&c.services[0]).is_empty());
+        // Another branch is another rollout.
+        let other = WAVES.replacen(
+            "machine = \"web1\"\n",
+            "machine = \"web1\"\nbranch = \"next\"\n",
+            1,
+        );
+        let e = err(&other);
+        assert_eq!(
+            e,
+            "plumb.toml:14:1: services[1].wave: wave 1 of service \"nginx\" (branch \"main\") has no machine in a lower wave to wait for"
+        );
+        // A wave needs Prometheus.
+        let e = err(&WAVES.replace(
+            "prometheus = \"http://prom.example:9090/\"\nprometheus_scrape_interval = \"15s\"\n",
+            "",
+        ));
+        assert_eq!(
+            e,
+            "plumb.toml:14:8: services[1].wave: needs [plumb] prometheus, whose samples of the lower waves gate this one"
+        );
+        // A soak of less than one poll interval, or where nothing waits.
+        let e = err(&WAVES.replace("soak = \"10m\"", "soak = \"30s\""));
+        assert_eq!(
+            e,
+            "plumb.toml:17:8: services[1].soak: must be at least one poll interval (1m)"
+        );
+        let e = err(&WAVES.replace(
+            "service = \"nginx\"\n\n[[services]]\nmachine = \"web2\"",
+            "service = \"nginx\"\nsoak = \"1h\"\n\n[[services]]\nmachine = \"web2\"",
+        ));
+        assert!(
+            e.starts_with("plumb.toml:12:8: services[0].soak: is set but the service is in wave 0"),
+            "{e}"
+        );
+        let e = err(&WAVES.replace("http://prom.example:9090/", "prom:9090"));
+        assert!(
+            e.starts_with("plumb.toml:3:14: plumb.prometheus: \"prom:9090\" is not an http"),
+            "{e}"
+        );
+        let e = err("[plumb]\nprometheus_bearer_token_file = \"/etc/plumb/token\"\n");
+        assert_eq!(
+            e,
+            "plumb.toml:2:32: plumb.prometheus_bearer_token_file: is set but there is no plumb.prometheus"
+        );
     }
 
     #[test]

@@ -139,6 +139,12 @@ pub enum Action {
         /// The service: its unit name as in the config ("nginx", "docker-compose@caddy").
         service: String,
     },
+    /// Deploy the revision the service's rollout wave waits for now, without waiting for the
+    /// lower waves (once: the next revision waits again).
+    Promote {
+        /// The service: its unit name as in the config ("nginx", "docker-compose@caddy").
+        service: String,
+    },
     /// What the next pull would change in the service's files.
     Diff {
         /// The service: its unit name as in the config ("nginx", "docker-compose@caddy").
@@ -382,6 +388,7 @@ impl Action {
             }
             Action::Diff { service } => vec!["diff", service],
             Action::Wipe { service } => vec!["wipe", service],
+            Action::Promote { service } => vec!["promote", service],
             Action::Log { limit } => {
                 let mut w = vec!["log".to_owned()];
                 if let Some(n) = limit {
@@ -403,6 +410,7 @@ impl Action {
             Action::Status { service } => (Route::Service, service.as_str(), None),
             Action::Diff { service } => (Route::Diff, service.as_str(), None),
             Action::Wipe { service } => (Route::Wipe, service.as_str(), Some(empty())),
+            Action::Promote { service } => (Route::Promote, service.as_str(), Some(empty())),
             Action::Freeze { service, duration } => (
                 Route::Freeze,
                 service.as_str(),
@@ -446,7 +454,8 @@ impl Action {
             | Action::Unfreeze { .. }
             | Action::Rollback { .. }
             | Action::Pull { .. }
-            | Action::Wipe { .. } => Body::Action(serde_json::from_value(value)?),
+            | Action::Wipe { .. }
+            | Action::Promote { .. } => Body::Action(serde_json::from_value(value)?),
             Action::Diff { .. } => Body::Diff(serde_json::from_value(value)?),
             Action::Log { .. } => Body::Audit(serde_json::from_value(value)?),
         })
@@ -1403,6 +1412,7 @@ mod tests {
             "status nginx",
             "diff nginx",
             "wipe nginx",
+            "promote nginx",
             "freeze nginx",
             "freeze nginx 90m",
             "unfreeze nginx",
@@ -1426,6 +1436,15 @@ mod tests {
         assert_eq!(r.body, Some(serde_json::json!({"duration": "2h"})));
         let r = parse("freeze nginx").action.request();
         assert_eq!(r.body, Some(serde_json::json!({"duration": null})));
+        let r = parse("promote nginx").action.request();
+        assert_eq!(
+            (r.method, r.path.as_str(), r.body),
+            (
+                "POST",
+                "/v1/services/nginx/promote",
+                Some(serde_json::json!({}))
+            )
+        );
         let r = parse("status a/b%c").action.request();
         assert_eq!(
             (r.method, r.path.as_str()),

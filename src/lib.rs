@@ -24,5 +24,6 @@ pub mod notify;
 pub mod owner;
 pub mod pkg;
 pub mod proto;
+pub mod rollout;
 pub mod service;
 pub mod systemd;

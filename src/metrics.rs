@@ -34,6 +34,10 @@ pub struct Metrics {
     webhook_total: IntCounterVec,
     refused_total: IntCounterVec,
     config_ok: IntGauge,
+    rollout_waiting: IntGaugeVec,
+    /// The machine label each service's state and rollout series carry now, so a change of it
+    /// (a reload) removes the old ones.
+    machines: Mutex<HashMap<String, String>>,
     /// The services seen, each with the hash series it has now (machine, hash), so the old one
     /// can be removed.
     services: Mutex<HashMap<String, Option<(String, String)>>>,
@@ -125,8 +129,14 @@ impl Metrics {
             state: gauge(
                 "plumb_service_state",
                 "1 for the service's current state, 0 for the others.",
-                &["service", "state"],
+                &["service", "machine", "state"],
             ),
+            rollout_waiting: gauge(
+                "plumb_service_rollout_waiting",
+                "1 while a new revision waits for the lower rollout waves (or for Prometheus to say they soaked).",
+                &["service", "machine"],
+            ),
+            machines: Mutex::new(HashMap::new()),
             change_time: float(
                 "plumb_service_change_timestamp_seconds",
                 "When the deployed revision last changed (unix time).",
@@ -210,11 +220,22 @@ impl Metrics {
             }
             *before = now;
         }
+        let old = self
+            .machines
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert(name.to_owned(), machine.to_owned());
+        if let Some(old) = old.filter(|m| m != machine) {
+            self.forget_machine(name, &old);
+        }
         for state in State::ALL {
             self.state
-                .with_label_values(&[name, state.as_str()])
+                .with_label_values(&[name, machine, state.as_str()])
                 .set(i64::from(s.state() == state));
         }
+        self.rollout_waiting
+            .with_label_values(&[name, machine])
+            .set(i64::from(s.waiting().is_some()));
         if let Some(t) = s.changed_at() {
             self.change_time.with_label_values(&[name]).set(t as f64);
         }
@@ -250,8 +271,13 @@ impl Metrics {
         for reason in REFUSAL_REASONS {
             let _ = self.refused_total.remove_label_values(&[name, reason]);
         }
-        for state in State::ALL {
-            let _ = self.state.remove_label_values(&[name, state.as_str()]);
+        let machine = self
+            .machines
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .remove(name);
+        if let Some(machine) = machine {
+            self.forget_machine(name, &machine);
         }
         for g in [&self.behind, &self.frozen, &self.noop] {
             let _ = g.remove_label_values(&[name]);
@@ -259,6 +285,16 @@ impl Metrics {
         for g in [&self.change_time, &self.last_sync] {
             let _ = g.remove_label_values(&[name]);
         }
+    }
+
+    /// Removes a service's series labelled with `machine`.
+    fn forget_machine(&self, name: &str, machine: &str) {
+        for state in State::ALL {
+            let _ = self
+                .state
+                .remove_label_values(&[name, machine, state.as_str()]);
+        }
+        let _ = self.rollout_waiting.remove_label_values(&[name, machine]);
     }
 
     /// Forgets an upstream no service here uses any more, so its `plumb_upstream_up` does not
@@ -394,11 +430,17 @@ mod tests {
         assert_eq!(hashes.len(), 1, "{text}");
         assert!(hashes[0].contains(&"02".repeat(20)), "{text}");
         assert!(
-            text.contains("plumb_service_state{service=\"nginx\",state=\"OK\"} 1"),
+            text.contains("plumb_service_state{machine=\"web1\",service=\"nginx\",state=\"OK\"} 1"),
             "{text}"
         );
         assert!(
-            text.contains("plumb_service_state{service=\"nginx\",state=\"DIFF\"} 0"),
+            text.contains(
+                "plumb_service_state{machine=\"web1\",service=\"nginx\",state=\"DIFF\"} 0"
+            ),
+            "{text}"
+        );
+        assert!(
+            text.contains("plumb_service_rollout_waiting{machine=\"web1\",service=\"nginx\"} 0"),
             "{text}"
         );
         assert!(text.contains("plumb_build_info{version="), "{text}");

@@ -20,12 +20,13 @@ pub enum Route {
     Pull,
     Diff,
     Wipe,
+    Promote,
     Audit,
 }
 
 impl Route {
     /// Every route, in the order the API documents them.
-    pub const ALL: [Route; 10] = [
+    pub const ALL: [Route; 11] = [
         Route::Machines,
         Route::Services,
         Route::Service,
@@ -35,13 +36,19 @@ impl Route {
         Route::Pull,
         Route::Diff,
         Route::Wipe,
+        Route::Promote,
         Route::Audit,
     ];
 
     /// The HTTP method: reads are GET, changes POST.
     pub fn method(self) -> &'static str {
         match self {
-            Route::Freeze | Route::Unfreeze | Route::Rollback | Route::Pull | Route::Wipe => "POST",
+            Route::Freeze
+            | Route::Unfreeze
+            | Route::Rollback
+            | Route::Pull
+            | Route::Wipe
+            | Route::Promote => "POST",
             Route::Machines | Route::Services | Route::Service | Route::Diff | Route::Audit => {
                 "GET"
             }
@@ -60,6 +67,7 @@ impl Route {
             Route::Pull => "/services/{name}/pull",
             Route::Diff => "/services/{name}/diff",
             Route::Wipe => "/services/{name}/wipe",
+            Route::Promote => "/services/{name}/promote",
             Route::Audit => "/audit",
         }
     }

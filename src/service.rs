@@ -125,6 +125,16 @@ pub enum Event {
         health: bool,
         moved: bool,
     },
+    /// The deploy job held `head` back: its `revision` waits for the lower rollout waves (`why`
+    /// says who blocks, or that Prometheus did not answer). Nothing on disk changed; the service
+    /// keeps its state and the next fetch asks again.
+    Held {
+        head: Oid,
+        revision: Oid,
+        why: String,
+    },
+    /// An operator opens the wave gate for the revision the service waits for now, once.
+    Promote,
 }
 
 /// Why the deploy job refused a head.
@@ -244,6 +254,20 @@ pub struct Gate {
     /// A revision refused before (check, health): a head whose service files are these is
     /// refused again without running anything.
     pub avoid: Option<Oid>,
+    /// The revision an operator promoted: let through the wave gate without asking (once).
+    pub promoted: Option<Oid>,
+}
+
+/// A revision held back by the wave gate, and why.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Waiting {
+    /// The branch head it comes from.
+    pub head: Oid,
+    /// The service's revision there, which the lower waves must have soaked on.
+    pub revision: Oid,
+    /// Who blocks ("waiting for wave 0: web1 BROKEN on 3f2a1c5d0e9b"), or that Prometheus did not
+    /// answer.
+    pub why: String,
 }
 
 /// One service's state. Serialised as the service's state file, so a restart resumes where it was.
@@ -313,6 +337,13 @@ pub struct Service {
     /// The service has a health check: a failed apply rolls it back to its last good revision.
     #[serde(skip)]
     health: bool,
+    /// The revision the wave gate holds back, while it does; the next fetch asks again.
+    #[serde(skip)]
+    waiting: Option<Waiting>,
+    /// The revision an operator let through the wave gate (`promote`), until it is deployed or a
+    /// newer one replaces it.
+    #[serde(default, with = "crate::git::serde_hex::opt_oid")]
+    promoted: Option<Oid>,
 }
 
 /// What a service in noop mode would deploy.
@@ -351,6 +382,8 @@ impl Service {
             noop: false,
             would: None,
             health: false,
+            waiting: None,
+            promoted: None,
         }
     }
 
@@ -450,6 +483,16 @@ impl Service {
         self.health
     }
 
+    /// The revision the wave gate holds back, and why.
+    pub fn waiting(&self) -> Option<&Waiting> {
+        self.waiting.as_ref()
+    }
+
+    /// The revision an operator let through the wave gate, not deployed yet.
+    pub fn promoted(&self) -> Option<Oid> {
+        self.promoted
+    }
+
     /// Feeds one event in; returns what the daemon must do.
     pub fn handle(&mut self, event: Event, now: u64) -> Vec<Effect> {
         let before = self.clone();
@@ -458,6 +501,7 @@ impl Service {
             Event::Fetched { branch, head: None } => {
                 self.upstream = None;
                 self.unreachable = None;
+                self.waiting = None;
                 match self.deployed {
                     None if self.synced.is_none() => self.set(
                         State::Ok,
@@ -536,6 +580,11 @@ impl Service {
                 }
                 self.synced = Some(head);
                 self.last_sync = Some(now);
+                self.waiting = None;
+                if revision.is_some() && revision == self.promoted {
+                    // Through the gate once; the next revision waits again.
+                    self.promoted = None;
+                }
                 let rebuilt = std::mem::take(&mut self.rebuilding);
                 if rebuilt {
                     // A rebuilt checkout holds no local edits.
@@ -612,6 +661,7 @@ impl Service {
                 self.health = health;
                 if moved {
                     self.synced = None;
+                    self.waiting = None;
                 }
                 if self.noop != noop {
                     self.noop = noop;
@@ -624,10 +674,35 @@ impl Service {
                 why,
             } => {
                 self.rebuilding = false;
+                self.waiting = None;
                 self.refused(head, revision, why, now);
+            }
+            Event::Held {
+                head,
+                revision,
+                why,
+            } => {
+                // A newer revision replaces the one promoted: it is gated again.
+                if self.promoted.is_some_and(|p| p != revision) {
+                    self.promoted = None;
+                }
+                // The service stays as it is (OK on what it runs, or whatever it was); the
+                // waiting is a note beside the state.
+                self.waiting = Some(Waiting {
+                    head,
+                    revision,
+                    why,
+                });
+            }
+            Event::Promote => {
+                if let Some(w) = self.waiting.as_ref().filter(|_| !self.frozen && !self.noop) {
+                    self.promoted = Some(w.revision);
+                    effects.extend(self.redeploy());
+                }
             }
             Event::Freeze { until } => {
                 self.frozen = true;
+                self.waiting = None;
                 // A rollback's pin ends only by an unfreeze: a freeze with a duration on a pinned
                 // service must not end the pin when its time is up.
                 self.frozen_until = until.filter(|_| self.pinned.is_none());
@@ -702,6 +777,7 @@ impl Service {
             Event::Rollback { target } => {
                 // The operator chose a revision: nothing refused before stands in its way.
                 self.rejected = None;
+                self.waiting = None;
                 self.frozen = true;
                 self.frozen_until = None;
                 self.pinned = Some(target);
@@ -719,6 +795,7 @@ impl Service {
             }
             Event::DeployFailed { head, error } => {
                 self.rebuilding = false;
+                self.waiting = None;
                 let what = if self.pinned == Some(head) {
                     "rollback to"
                 } else {
@@ -734,6 +811,7 @@ impl Service {
         let gate = |head: Oid, follows: bool| Gate {
             follow: follows && self.pinned.is_none() && self.upstream == Some(head),
             avoid: self.rejected.as_ref().and_then(|r| r.revision),
+            promoted: self.promoted,
         };
         for effect in &mut effects {
             match effect {
@@ -948,6 +1026,7 @@ impl Service {
             upstream: None,
             unreachable: None,
             would: None,
+            waiting: None,
             drift: Vec::new(),
             force: false,
             rebuilding: false,
@@ -1003,6 +1082,7 @@ mod tests {
     const FOLLOW: Gate = Gate {
         follow: true,
         avoid: None,
+        promoted: None,
     };
 
     fn fetched(head: Option<Oid>) -> Event {
@@ -1725,7 +1805,8 @@ mod tests {
                     deployed: Some(oid(2)),
                     gate: Gate {
                         follow: false,
-                        avoid: Some(oid(2))
+                        avoid: Some(oid(2)),
+                        promoted: None,
                     },
                 },
                 Effect::Persist
@@ -1799,7 +1880,8 @@ mod tests {
                 deployed: Some(oid(2)),
                 gate: Gate {
                     follow: false,
-                    avoid: Some(oid(2))
+                    avoid: Some(oid(2)),
+                    promoted: None,
                 },
             }]
         );
@@ -2136,5 +2218,136 @@ mod tests {
             11,
         );
         assert_eq!(s.handle(Event::Resumed { applied: None }, 12), vec![]);
+    }
+
+    fn held(s: &mut Service, head: u8, revision: u8, now: u64) -> Vec<Effect> {
+        s.handle(
+            Event::Held {
+                head: oid(head),
+                revision: oid(revision),
+                why: format!("waiting for wave 0: web1 not on {revision} OK for 5m"),
+            },
+            now,
+        )
+    }
+
+    #[test]
+    fn a_held_revision_keeps_the_state_notes_why_and_is_asked_again_at_the_next_fetch() {
+        let mut s = deployed();
+        assert_eq!(s.handle(fetched(Some(oid(2))), 20).len(), 1);
+        let before = s.clone();
+        assert_eq!(held(&mut s, 2, 2, 21), vec![]);
+        assert_eq!(
+            (s.state, s.info.as_str()),
+            (before.state, before.info.as_str())
+        );
+        assert_eq!((s.deployed, s.synced), (Some(oid(1)), Some(oid(1))));
+        let w = s.waiting().unwrap();
+        assert_eq!((w.head, w.revision), (oid(2), oid(2)));
+        // The next fetch of the same head asks the gate again.
+        assert_eq!(
+            s.handle(fetched(Some(oid(2))), 30),
+            vec![Effect::Deploy {
+                head: oid(2),
+                from: Some(oid(1)),
+                deployed: Some(oid(1)),
+                gate: FOLLOW,
+            }]
+        );
+        // A newer commit replaces the one waited for.
+        held(&mut s, 3, 3, 31);
+        assert_eq!(s.waiting().map(|w| w.revision), Some(oid(3)));
+        // Once through, the note goes.
+        s.handle(
+            Event::Deployed {
+                head: oid(3),
+                revision: Some(oid(3)),
+            },
+            40,
+        );
+        assert_eq!((s.state, s.waiting()), (State::Ok, None));
+    }
+
+    #[test]
+    fn a_freeze_or_a_rollback_ends_the_waiting() {
+        let mut s = deployed();
+        s.handle(fetched(Some(oid(2))), 20);
+        held(&mut s, 2, 2, 21);
+        let mut frozen = s.clone();
+        frozen.handle(Event::Freeze { until: None }, 22);
+        assert_eq!(frozen.waiting(), None);
+        s.handle(Event::Rollback { target: oid(1) }, 22);
+        assert_eq!(s.waiting(), None);
+    }
+
+    #[test]
+    fn promote_lets_the_revision_waited_for_through_once() {
+        let mut s = deployed();
+        // Not waiting: nothing to promote.
+        assert_eq!(s.handle(Event::Promote, 15), vec![]);
+        assert_eq!(s.promoted(), None);
+        s.handle(fetched(Some(oid(2))), 20);
+        held(&mut s, 2, 2, 21);
+        let promoted = Gate {
+            promoted: Some(oid(2)),
+            ..FOLLOW
+        };
+        assert_eq!(
+            s.handle(Event::Promote, 22),
+            vec![
+                Effect::Deploy {
+                    head: oid(2),
+                    from: Some(oid(1)),
+                    deployed: Some(oid(1)),
+                    gate: promoted,
+                },
+                Effect::Persist
+            ]
+        );
+        // Deployed: the promotion is used up, and the next revision is gated again.
+        s.handle(
+            Event::Deployed {
+                head: oid(2),
+                revision: Some(oid(2)),
+            },
+            23,
+        );
+        assert_eq!(s.promoted(), None);
+        assert_eq!(
+            s.handle(fetched(Some(oid(3))), 30),
+            vec![Effect::Deploy {
+                head: oid(3),
+                from: Some(oid(2)),
+                deployed: Some(oid(2)),
+                gate: FOLLOW,
+            }]
+        );
+    }
+
+    #[test]
+    fn a_newer_revision_replaces_a_promoted_one_and_is_gated() {
+        let mut s = deployed();
+        s.handle(fetched(Some(oid(2))), 20);
+        held(&mut s, 2, 2, 21);
+        s.handle(Event::Promote, 22);
+        // A newer commit arrived before the promoted one was deployed: its deploy still carries
+        // the promotion, which the deploy job uses only for the promoted revision.
+        let fx = s.handle(fetched(Some(oid(3))), 23);
+        assert!(
+            matches!(fx[..], [Effect::Deploy { head, gate, .. }] if head == oid(3) && gate.promoted == Some(oid(2))),
+            "{fx:?}"
+        );
+        assert_eq!(held(&mut s, 3, 3, 24), vec![Effect::Persist]);
+        assert_eq!(s.promoted(), None);
+        // Promotion survives a restart until used.
+        s.handle(Event::Promote, 25);
+        let back: Service = serde_json::from_str(&serde_json::to_string(&s).unwrap()).unwrap();
+        assert_eq!(back.promoted(), Some(oid(3)));
+        // Frozen or noop: no promotion.
+        let mut frozen = deployed();
+        frozen.handle(fetched(Some(oid(2))), 20);
+        held(&mut frozen, 2, 2, 21);
+        frozen.frozen = true;
+        assert_eq!(frozen.handle(Event::Promote, 22), vec![]);
     }
 }

@@ -148,6 +148,27 @@ impl Daemon {
                     u.queue(jobs, Some(waiter));
                 }
             }
+            Command::Promote(service) => {
+                let Some(e) = self.services.get(&service) else {
+                    let _ = reply.send(Err(CommandError::UnknownService(service)));
+                    return;
+                };
+                let url = e.config.upstream.clone();
+                let Some(w) = e.state.waiting().filter(|_| !e.state.frozen()) else {
+                    let _ = reply.send(Err(CommandError::NotWaiting(service)));
+                    return;
+                };
+                warn!(service = %service, revision = %service::short(Some(w.revision)), "promoted past the wave gate by an operator");
+                let jobs = self.feed(&service, Event::Promote, now, tx);
+                let waiter = Waiter {
+                    service,
+                    action: "promote",
+                    reply,
+                };
+                if let Some(u) = self.upstreams.get_mut(&url) {
+                    u.queue(jobs, Some(waiter));
+                }
+            }
             Command::Pull { service, force } => {
                 let url = match known(self, &service) {
                     Ok(url) => url,
@@ -267,7 +288,7 @@ impl Daemon {
                     ro: d.ro,
                 })
                 .collect(),
-            notes: notes(c, s, self.config_error.as_deref()),
+            notes: notes(c, s, e.wave.as_deref(), self.config_error.as_deref()),
             last_apply: apply::read_applied(&self.layout, name).map(|o| ApplyStatus {
                 revision: o.revision.to_string(),
                 ok: o.ok,
@@ -296,8 +317,14 @@ impl Daemon {
 }
 
 /// What an operator should know beside a service's state: the config file refused, its upstream
-/// failing, what noop mode holds back.
-fn notes(c: &config::Service, s: &service::Service, config_error: Option<&str>) -> Vec<String> {
+/// failing, what noop mode holds back, what a rollout wave waits for (and the query that decides,
+/// to paste into Prometheus or Grafana).
+fn notes(
+    c: &config::Service,
+    s: &service::Service,
+    wave: Option<&crate::rollout::Wave>,
+    config_error: Option<&str>,
+) -> Vec<String> {
     let mut notes: Vec<String> = config_error
         .map(|e| format!("config refused, running on the last accepted one: {e}"))
         .into_iter()
@@ -307,6 +334,27 @@ fn notes(c: &config::Service, s: &service::Service, config_error: Option<&str>) 
             .iter()
             .map(|e| format!("upstream unreachable, serving the last fetched revision: {e}")),
     );
+    if let Some(w) = s.waiting() {
+        notes.push(format!(
+            "{}; plumbctl promote {} lets {} through here",
+            w.why,
+            c.name,
+            service::short(Some(w.revision))
+        ));
+        if let Some(wave) = wave {
+            notes.push(format!(
+                "wave {} gate (1 per machine once soaked): {}",
+                wave.wave,
+                wave.gate_query(w.revision)
+            ));
+        }
+    }
+    if let Some(p) = s.promoted().filter(|_| s.waiting().is_none()) {
+        notes.push(format!(
+            "{} promoted past the wave gate by an operator",
+            service::short(Some(p))
+        ));
+    }
     if s.noop() {
         notes.push(match s.would() {
             None => "noop: nothing to deploy".to_owned(),
@@ -353,6 +401,9 @@ pub enum Command {
     /// Rebuild the service's checkout from the store at the same revision; the service keeps its
     /// current files until the new checkout is in place and re-bound. Drops local edits.
     Wipe(String),
+    /// Let the revision the service's rollout wave waits for now through the gate, once;
+    /// answered once its deploy is done.
+    Promote(String),
 }
 
 /// Where the answer to one request goes.
@@ -374,6 +425,9 @@ pub enum CommandError {
     /// 422: a wipe of a service that has no checkout yet.
     #[error("{0} has nothing checked out yet")]
     NothingCheckedOut(String),
+    /// 422: a promote of a service that waits for no rollout wave.
+    #[error("{0} is not waiting for a rollout wave: nothing to promote")]
+    NotWaiting(String),
     /// 422 (500 when the store could not be read): a rollback target that cannot be used.
     #[error(transparent)]
     Rollback(Arc<deploy::RollbackError>),

@@ -1,6 +1,6 @@
 //! The deploy job: the gates a head passes before it reaches a service's checkout (signature,
-//! history, a revision refused before, the tree's inspection, the service's `check` on a staged
-//! copy), the checkout itself, and the `.rev` hand-over to systemd. Runs on a blocking thread,
+//! history, a revision refused before, the rollout wave, the tree's inspection, the service's
+//! `check` on a staged copy), the checkout itself, and the `.rev` hand-over to systemd. Runs on a blocking thread,
 //! one upstream's services one after the other on its store; every outcome becomes an event.
 
 use std::path::PathBuf;
@@ -12,6 +12,7 @@ use crate::error;
 use crate::exec;
 use crate::git::{self, GitError, Oid, Store};
 use crate::layout::{self, Layout};
+use crate::rollout;
 use crate::service::{self, Event, Refusal};
 
 /// Why moving a service's checkout failed. Becomes the service's BROKEN info, except `Refused`,
@@ -23,6 +24,10 @@ pub enum DeployError {
         revision: Option<Oid>,
         why: service::Refusal,
     },
+    /// The wave gate is closed for `revision`: the lower waves have not soaked on it (or
+    /// Prometheus did not say). Nothing on disk changed.
+    #[error("{why}")]
+    Held { revision: Oid, why: String },
     #[error(transparent)]
     Git(#[from] GitError),
     /// The upstream's store could not be opened: the one error of every job of the upstream.
@@ -48,6 +53,9 @@ pub(super) struct DeployJob {
     pub(super) from: Option<Oid>,
     pub(super) deployed: Option<Oid>,
     pub(super) kind: Kind,
+    /// The service's rollout wave, when it is above 0: the gate a new revision of the branch
+    /// head waits at.
+    pub(super) wave: Option<std::sync::Arc<rollout::Wave>>,
 }
 
 /// What a deploy job does with a head that passed the gates.
@@ -91,6 +99,14 @@ pub(super) fn deploy_all(layout: &Layout, url: &str, jobs: Vec<DeployJob>) -> Ve
                     revision,
                     files,
                 },
+                Err(DeployError::Held { revision, why }) => {
+                    info!(head = %head, revision = %service::short(Some(revision)), "held: {why}");
+                    Event::Held {
+                        head,
+                        revision,
+                        why,
+                    }
+                }
                 Err(DeployError::Refused { revision, why }) => {
                     warn!(head = %head, reason = why.reason(), "refused: {why}");
                     Event::Refused {
@@ -155,6 +171,7 @@ fn deploy(store: &Store, layout: &Layout, job: &DeployJob) -> Result<Deployed, D
     if changed && !fresh && revision.is_some() && revision == job.gate.avoid {
         return Err(refuse(revision, Refusal::Known));
     }
+    wave_gate(job, revision)?;
     if changed {
         match store.inspect(job.head, &links, &job.limits) {
             Err(e @ GitError::Hostile { .. }) => {
@@ -210,6 +227,29 @@ fn deploy(store: &Store, layout: &Layout, job: &DeployJob) -> Result<Deployed, D
         })?;
     }
     Ok(Deployed::Done { revision })
+}
+
+/// The rollout wave's gate: a new revision of the branch head (not a rollback, a restore or a
+/// wipe; not one already deployed; not one an operator promoted) waits until Prometheus shows
+/// every machine of the lower waves on it and OK for the soak. Blocking: one or two queries.
+fn wave_gate(job: &DeployJob, revision: Option<Oid>) -> Result<(), DeployError> {
+    let (Some(wave), Some(revision)) = (&job.wave, revision) else {
+        return Ok(());
+    };
+    if !job.gate.follow
+        || job.kind != Kind::Deploy
+        || Some(revision) == job.deployed
+        || Some(revision) == job.gate.promoted
+    {
+        return Ok(());
+    }
+    match wave.judge(revision) {
+        Ok(()) => {
+            info!(revision = %service::short(Some(revision)), wave = wave.wave, "the lower waves are on it: deploying");
+            Ok(())
+        }
+        Err(why) => Err(DeployError::Held { revision, why }),
+    }
 }
 
 /// Checks `head` out beside the live checkout and runs the service's `check` on it; a failure is
@@ -502,6 +542,7 @@ mod tests {
                 from,
                 deployed: from,
                 kind,
+                wave: None,
             }
         }
 
@@ -523,6 +564,7 @@ mod tests {
     const FOLLOW: service::Gate = service::Gate {
         follow: true,
         avoid: None,
+        promoted: None,
     };
 
     fn system(f: &Fixture) -> super::super::executor::System {
@@ -571,6 +613,7 @@ mod tests {
         let gate = service::Gate {
             follow: true,
             avoid: Some(c2),
+            promoted: None,
         };
         let event = f.run(&system(&f), f.job(c3, Some(c1), gate, Kind::Deploy));
         assert_eq!(

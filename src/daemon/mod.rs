@@ -192,6 +192,8 @@ struct Entry {
     behind_at: Option<(Oid, Oid)>,
     /// The last write of the state file failed: what is on disk is older than `state`.
     unsaved: bool,
+    /// The service's rollout wave above 0, from the whole config: what its deploys wait for.
+    wave: Option<Arc<crate::rollout::Wave>>,
 }
 
 type Upstream = scheduler::Upstream<Waiter, DeployJob>;
@@ -340,6 +342,7 @@ impl Daemon {
         let mut due = BTreeSet::new();
         for cfg in selected {
             let noop = self.opts.noop || cfg.noop;
+            let wave = crate::rollout::Wave::of(&self.config, &cfg).map(Arc::new);
             let mut moved = false;
             let mut entry = match self.services.remove(&cfg.name) {
                 Some(old) => {
@@ -358,6 +361,7 @@ impl Daemon {
                         // Other links count other changes.
                         behind_at: old.behind_at.filter(|_| !moved),
                         unsaved: old.unsaved,
+                        wave,
                     }
                 }
                 None => {
@@ -368,6 +372,7 @@ impl Daemon {
                         behind: None,
                         behind_at: None,
                         unsaved: false,
+                        wave,
                     }
                 }
             };
@@ -806,6 +811,7 @@ impl Daemon {
         let limits = self.config.settings.limits();
         let effects = entry.state.handle(event, now);
         let config = &entry.config;
+        let wave = &entry.wave;
         let job = |head, from, deployed, gate, kind| DeployJob {
             service: config.clone(),
             upstream: upstream.clone(),
@@ -815,6 +821,7 @@ impl Daemon {
             from,
             deployed,
             kind,
+            wave: wave.clone(),
         };
         for effect in effects {
             match effect {

@@ -582,7 +582,7 @@ fn metrics_follow_the_deployed_hash_and_show_a_frozen_service_behind() {
     });
     let text = scrape(port);
     assert!(
-        text.contains("plumb_service_state{service=\"app\",state=\"OK\"} 1"),
+        text.contains("plumb_service_state{machine=\"testbox\",service=\"app\",state=\"OK\"} 1"),
         "{text}"
     );
     // The counters have their series before their first event: nothing was refused, and a

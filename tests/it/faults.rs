@@ -172,8 +172,8 @@ fn an_upstream_that_goes_down_keeps_states_and_files_and_recovers_by_itself() {
         for line in [
             format!("plumb_upstream_up{{upstream=\"{git_url}\"}} 0"),
             format!("plumb_upstream_up{{upstream=\"{http_url}\"}} 1"),
-            "plumb_service_state{service=\"c\",state=\"FREEZE\"} 1".to_owned(),
-            "plumb_service_state{service=\"a\",state=\"OK\"} 1".to_owned(),
+            "plumb_service_state{machine=\"testbox\",service=\"c\",state=\"FREEZE\"} 1".to_owned(),
+            "plumb_service_state{machine=\"testbox\",service=\"a\",state=\"OK\"} 1".to_owned(),
         ] {
             assert!(metrics.lines().any(|l| l == line), "{line} in\n{metrics}");
         }

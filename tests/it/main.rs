@@ -28,3 +28,4 @@ mod hostile;
 mod plumbctl;
 mod signatures;
 mod systemd;
+mod waves;

@@ -58,11 +58,13 @@ pub(super) fn run(
     let started = std::time::Instant::now();
     let result = Store::open(stores, url).and_then(|mut s| {
         let report = s.fetch(branches, transport)?;
+        // One session for all the services: they mostly share their synced revision's tree.
+        let drift_checks = s.drift_checks();
         for c in checks {
             if c.interrupted {
                 interrupted.insert(c.name.clone());
             } else if let Some(synced) = c.synced {
-                match s.drift(&c.target, &c.index, synced, &c.links) {
+                match drift_checks.drift(&c.target, &c.index, synced, &c.links) {
                     Ok(files) => {
                         drift.insert(c.name.clone(), files);
                     }

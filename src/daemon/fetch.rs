@@ -58,11 +58,15 @@ pub(super) fn run(
     let started = std::time::Instant::now();
     let result = Store::open(stores, url).and_then(|mut s| {
         let report = s.fetch(branches, transport)?;
-        for c in checks {
+        // One session for all the services: they mostly share their synced revision's tree.
+        let drift_checks = s.drift_checks();
+        // The behind counts, one walk of the history per head for all the services on it.
+        let mut counting: BTreeMap<Oid, Vec<(&Check, Oid)>> = BTreeMap::new();
+        for c in &checks {
             if c.interrupted {
                 interrupted.insert(c.name.clone());
             } else if let Some(synced) = c.synced {
-                match s.drift(&c.target, &c.index, synced, &c.links) {
+                match drift_checks.drift(&c.target, &c.index, synced, &c.links) {
                     Ok(files) => {
                         drift.insert(c.name.clone(), files);
                     }
@@ -75,11 +79,22 @@ pub(super) fn run(
             if let (Some(deployed), Some(head)) = (c.deployed, head)
                 && c.counted != Some((deployed, head))
             {
-                match s.changes_since(deployed, head, &c.links, BEHIND_LIMIT) {
-                    Ok(n) => {
-                        behind.insert(c.name, ((deployed, head), n));
+                counting.entry(head).or_default().push((c, deployed));
+            }
+        }
+        for (head, services) in counting {
+            let wanted: Vec<(Oid, &[String])> = services
+                .iter()
+                .map(|(c, deployed)| (*deployed, c.links.as_slice()))
+                .collect();
+            match s.changes_since_many(head, &wanted, BEHIND_LIMIT) {
+                Ok(counts) => {
+                    for ((c, deployed), n) in services.into_iter().zip(counts) {
+                        behind.insert(c.name.clone(), ((deployed, head), n));
                     }
-                    Err(e) => {
+                }
+                Err(e) => {
+                    for (c, _) in services {
                         warn!(service = %c.name, "cannot count changes behind: {}", Chain(&e))
                     }
                 }

@@ -194,94 +194,6 @@ impl Store {
 }
 
 impl Store {
-    /// Local edits in a service's checkout: the paths under `links` where `target` differs from
-    /// `synced`'s tree (changed, added, deleted, type or mode changed), sorted. A missing `target`
-    /// is every file deleted. Reads only; the files are left as they are, so an operator decides
-    /// (pull --force or wipe) rather than plumb overwriting them silently.
-    pub fn drift(
-        &self,
-        target: &Path,
-        index: &Path,
-        synced: Oid,
-        links: &[String],
-    ) -> Result<Vec<String>, GitError> {
-        validate_links(links)?;
-        if links.is_empty() {
-            return Ok(Vec::new());
-        }
-        let revision = synced.to_string();
-        let git_err = |source: git2::Error| GitError::Checkout {
-            url: self.shown.clone(),
-            path: target.to_path_buf(),
-            revision: revision.clone(),
-            source,
-        };
-        let repo = self.own_handle()?;
-        let tree = self.tree_of(&repo, synced)?;
-        if !target.is_dir() {
-            // Nothing on disk: every file of the links is gone.
-            let mut gone = Vec::new();
-            tree.walk(git2::TreeWalkMode::PreOrder, |dir, entry| {
-                if entry.kind() != Some(git2::ObjectType::Tree) {
-                    let path = format!("{dir}{}", entry.name().unwrap_or_default());
-                    if super::under_links(&path, links) {
-                        gone.push(path);
-                    }
-                }
-                git2::TreeWalkResult::Ok
-            })
-            .map_err(git_err)?;
-            return Ok(gone);
-        }
-        repo.set_workdir(target, false).map_err(git_err)?;
-        // The service's index is the stat cache of its checkout: with it, files whose size and
-        // times did not change are not read at all. Without one, every file is hashed.
-        let index_path = index;
-        let mut index = Index::open(index).ok();
-        if let Some(index) = index.as_mut() {
-            repo.set_index(index).map_err(git_err)?;
-        }
-        let mut opts = git2::DiffOptions::new();
-        opts.include_untracked(true)
-            .recurse_untracked_dirs(true)
-            .include_typechange(true)
-            .disable_pathspec_match(true);
-        for link in links {
-            opts.pathspec(link.trim_end_matches('/'));
-        }
-        let diff = match index {
-            Some(_) => repo.diff_tree_to_workdir_with_index(Some(&tree), Some(&mut opts)),
-            None => repo.diff_tree_to_workdir(Some(&tree), Some(&mut opts)),
-        }
-        .map_err(git_err)?;
-        if diff.deltas().len() == 0
-            && let Some(index) = index.as_mut()
-            && racy(index, index_path)
-        {
-            // Clean, but the index is no newer than files it lists, so git cannot trust their
-            // stat data and every tick would read and hash them all again ("racy git"). Written
-            // now, later than the files, it makes the next check a stat per file.
-            if let Err(e) = index.write() {
-                tracing::debug!(index = %index_path.display(), "cannot refresh the index: {e}");
-            }
-        }
-        let mut paths: Vec<String> = diff
-            .deltas()
-            .filter_map(|d| {
-                d.new_file()
-                    .path()
-                    .or(d.old_file().path())
-                    .map(|p| p.to_string_lossy().into_owned())
-            })
-            .filter(|p| super::under_links(p, links))
-            .collect();
-        paths.sort();
-        paths.dedup();
-        Ok(paths)
-    }
-}
-
-impl Store {
     /// A repository handle of its own for work that sets a workdir and an index, so the store's
     /// main handle stays bare and index-less.
     pub(super) fn own_handle(&self) -> Result<Repository, GitError> {
@@ -330,24 +242,6 @@ impl Store {
             Err(e) => Err(self.object_error(previous, e)),
         }
     }
-}
-
-/// Whether an entry of `index` was modified no earlier than the index file was written: git then
-/// cannot tell a later edit of the same size from the file as checked out, and reads the file.
-fn racy(index: &Index, path: &Path) -> bool {
-    let Ok(written) = std::fs::metadata(path).and_then(|m| m.modified()) else {
-        return false;
-    };
-    let written = written
-        .duration_since(std::time::UNIX_EPOCH)
-        .unwrap_or_default();
-    index.iter().any(|e| {
-        let mtime = std::time::Duration::new(
-            u64::try_from(e.mtime.seconds()).unwrap_or(0),
-            e.mtime.nanoseconds(),
-        );
-        mtime >= written
-    })
 }
 
 /// Refreshes the stat data (change time, owner) of the index entries whose files changed only in

@@ -222,36 +222,84 @@ impl Store {
         links: &[String],
         limit: usize,
     ) -> Result<Option<u64>, GitError> {
-        validate_links(links)?;
+        let mut counts = self.changes_since_many(head, &[(deployed, links)], limit)?;
+        Ok(counts.pop().flatten())
+    }
+
+    /// [`Store::changes_since`] for several services on one `head`, each a (deployed, links)
+    /// pair, in one walk: each commit of the chain and its tree are read once for all of them,
+    /// not once per service (at 1,000 services on a history of 400 commits, a walk per service
+    /// read 800,000 root trees after each start and each push).
+    pub fn changes_since_many(
+        &self,
+        head: Oid,
+        services: &[(Oid, &[String])],
+        limit: usize,
+    ) -> Result<Vec<Option<u64>>, GitError> {
+        for (_, links) in services {
+            validate_links(links)?;
+        }
         let start = self
             .repo
             .find_commit(head)
             .map_err(|e| self.object_error(head, e))?;
-        let walk = move || -> Result<Option<u64>, git2::Error> {
+        // Per service: the changes counted so far, and its answer once known (`None` until then).
+        let mut counts: Vec<u64> = vec![0; services.len()];
+        let mut done: Vec<Option<Option<u64>>> = vec![None; services.len()];
+        let walk = |counts: &mut Vec<u64>, done: &mut Vec<Option<Option<u64>>>| {
             let mut commit = start;
-            let mut count = 0;
+            // The tree of `commit`, once read (as its parent's, from the second commit on).
+            let mut tree = None;
             for _ in 0..limit {
-                if commit.id() == deployed {
-                    return Ok(Some(count));
+                let mut pending = false;
+                for (i, (deployed, _)) in services.iter().enumerate() {
+                    if done[i].is_none() && commit.id() == *deployed {
+                        done[i] = Some(Some(counts[i]));
+                    }
+                    pending |= done[i].is_none();
                 }
-                let tree = commit.tree()?;
+                if !pending {
+                    break;
+                }
                 let parent = match commit.parent(0) {
                     Ok(parent) => parent,
-                    Err(e) if e.code() == ErrorCode::NotFound => return Ok(None),
+                    Err(e) if e.code() == ErrorCode::NotFound => {
+                        // The chain ended before their deployed revision.
+                        for d in done.iter_mut().filter(|d| d.is_none()) {
+                            *d = Some(None);
+                        }
+                        break;
+                    }
                     Err(e) => return Err(e),
                 };
+                let tree_now = match tree.take() {
+                    Some(tree) => tree,
+                    None => commit.tree()?,
+                };
                 let parent_tree = parent.tree()?;
-                for link in links {
-                    if entry_at(&tree, link)? != entry_at(&parent_tree, link)? {
-                        count += 1;
-                        break;
+                for (i, (_, links)) in services.iter().enumerate() {
+                    if done[i].is_some() {
+                        continue;
+                    }
+                    for link in links.iter() {
+                        if entry_at(&tree_now, link)? != entry_at(&parent_tree, link)? {
+                            counts[i] += 1;
+                            break;
+                        }
                     }
                 }
                 commit = parent;
+                tree = Some(parent_tree);
             }
-            Ok(Some(count))
+            Ok::<(), git2::Error>(())
         };
-        walk().map_err(|e| self.reached_error(head, e))
+        walk(&mut counts, &mut done).map_err(|e| self.reached_error(head, e))?;
+        // Those still walking when the limit stopped it: what they counted so far.
+        Ok(done
+            .into_iter()
+            .zip(counts)
+            .map(|(d, count)| d.unwrap_or(Some(count)))
+            .collect())
     }
 }
 

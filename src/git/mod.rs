@@ -17,6 +17,8 @@
 //! - `inspect`: what a revision must not hold before it is checked out (escaping symlinks,
 //!   oversized files);
 //! - `checkout`: per-service checkouts, including the symlink scrub and the owner;
+//! - `drift`: local edits in a checkout, by its stat data when that shows nothing could have
+//!   changed, by libgit2's diff otherwise;
 //! - `confined`: a directory tree worked on only through descriptors of its own directories;
 //! - `stage`: all-or-nothing checkouts ([`Store::checkout_atomic`]): what changed is staged
 //!   beside the checkout, then renamed in;
@@ -48,6 +50,7 @@
 
 mod checkout;
 mod confined;
+mod drift;
 mod fetch;
 mod history;
 mod inspect;
@@ -102,6 +105,7 @@ use std::sync::Arc;
 use std::sync::atomic::AtomicBool;
 use std::time::Duration;
 
+pub use drift::DriftChecks;
 pub use git2::Oid;
 pub use history::{FileChange, under_links};
 pub use inspect::{DEFAULT_MAX_FILE_SIZE, Limits, human_size, name_problem};

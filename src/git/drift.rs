@@ -1,0 +1,415 @@
+//! The drift check: local edits in a service's checkout, run for every service at every fetch.
+//!
+//! The authority is libgit2's diff of the synced revision's tree against the work tree, through
+//! the service's index (its stat cache). That diff has a fixed cost per call that dwarfs the
+//! work of a small checkout: a repository handle opened, the configuration snapshotted three
+//! times, the ignore rules loaded, iterators and pathspecs set up (bench/RESULTS.md: ~0.3 ms of
+//! CPU per service and tick, where a checkout of 8 files takes 10 system calls to look at).
+//!
+//! So [`Store::drift`] first asks [`unchanged`] whether nothing could have changed, and runs the
+//! diff only when it cannot tell. `unchanged` says yes only when all of these hold, each a
+//! condition under which the diff would find nothing either:
+//! - the index lists, under the links, exactly the synced tree's files, with the same ids and
+//!   modes (the diff's tree-to-index half is empty), and nothing but plain stage-0 entries (no
+//!   conflicts, submodules, assume-valid, skip-worktree or intent-to-add entries);
+//! - every file under the links on disk is one the index lists (no untracked file; an ignored
+//!   one also sends the check to the diff, which knows the ignore rules), and every file the index
+//!   lists is there;
+//! - each of them has exactly the stat data its index entry records: type and executable bit,
+//!   size, inode, owner, group, modification and change times to the nanosecond (the diff
+//!   compares these too, and reads a file's content only when one differs);
+//! - no entry was modified at or after the time the index file was written ("racy git", as git
+//!   and libgit2 handle it): an entry older than its index describes a file that any later write
+//!   would give a modification time no earlier than the index's, so a same-size edit within the
+//!   same clock tick as the checkout still sends the check to the diff, which reads the file. A
+//!   write always sets the change time too, which no unprivileged call can set back.
+//!
+//! Anything else (an error, a file that is not regular or a symlink, a symlink on the way to a
+//! link) is "cannot tell", never "unchanged". The check reads the store through its main handle,
+//! whose object cache keeps the trees for all the services of one fetch.
+
+use std::cell::RefCell;
+use std::fs;
+use std::os::unix::ffi::OsStrExt;
+use std::os::unix::fs::MetadataExt;
+use std::path::{Path, PathBuf};
+
+use git2::{ErrorCode, Index, IndexEntry, ObjectType, Oid, Tree};
+
+use super::checkout::{GITLINK_MODE, SYMLINK_MODE};
+use super::history::validate_links;
+use super::{GitError, Store};
+
+/// The stage bits of an index entry's flags: non-zero for a conflict.
+const STAGE_MASK: u16 = 0x3000;
+
+impl Store {
+    /// Local edits in a service's checkout: the paths under `links` where `target` differs from
+    /// `synced`'s tree (changed, added, deleted, type or mode changed), sorted. A missing `target`
+    /// is every file deleted. Reads only; the files are left as they are, so an operator decides
+    /// (pull --force or wipe) rather than plumb overwriting them silently. A checkout whose stat
+    /// data shows nothing could have changed costs a few system calls (see the module doc); to
+    /// check many services of this store, [`Store::drift_checks`] shares what they have in common.
+    pub fn drift(
+        &self,
+        target: &Path,
+        index: &Path,
+        synced: Oid,
+        links: &[String],
+    ) -> Result<Vec<String>, GitError> {
+        self.drift_checks().drift(target, index, synced, links)
+    }
+
+    /// A session of drift checks ([`DriftChecks::drift`]) on this store, for the services of one
+    /// fetch: it reads each synced revision's root tree once, not once per service (libgit2
+    /// caches no tree above 4 KiB, and the root of an upstream with 1,000 services is ~40 KiB).
+    pub fn drift_checks(&self) -> DriftChecks<'_> {
+        DriftChecks {
+            store: self,
+            root: RefCell::new(None),
+        }
+    }
+
+    /// [`Store::drift`] by libgit2's diff of `synced`'s tree against the work tree `target`.
+    fn diff_checkout(
+        &self,
+        target: &Path,
+        index: &Path,
+        synced: Oid,
+        links: &[String],
+    ) -> Result<Vec<String>, GitError> {
+        let revision = synced.to_string();
+        let git_err = |source: git2::Error| GitError::Checkout {
+            url: self.shown.clone(),
+            path: target.to_path_buf(),
+            revision: revision.clone(),
+            source,
+        };
+        let repo = self.own_handle()?;
+        let tree = self.tree_of(&repo, synced)?;
+        if !target.is_dir() {
+            // Nothing on disk: every file of the links is gone.
+            let mut gone = Vec::new();
+            tree.walk(git2::TreeWalkMode::PreOrder, |dir, entry| {
+                if entry.kind() != Some(git2::ObjectType::Tree) {
+                    let path = format!("{dir}{}", entry.name().unwrap_or_default());
+                    if super::under_links(&path, links) {
+                        gone.push(path);
+                    }
+                }
+                git2::TreeWalkResult::Ok
+            })
+            .map_err(git_err)?;
+            return Ok(gone);
+        }
+        repo.set_workdir(target, false).map_err(git_err)?;
+        // The service's index is the stat cache of its checkout: with it, files whose size and
+        // times did not change are not read at all. Without one, every file is hashed.
+        let index_path = index;
+        let mut index = Index::open(index).ok();
+        if let Some(index) = index.as_mut() {
+            repo.set_index(index).map_err(git_err)?;
+        }
+        let mut opts = git2::DiffOptions::new();
+        opts.include_untracked(true)
+            .recurse_untracked_dirs(true)
+            .include_typechange(true)
+            .disable_pathspec_match(true);
+        for link in links {
+            opts.pathspec(link.trim_end_matches('/'));
+        }
+        let diff = match index {
+            Some(_) => repo.diff_tree_to_workdir_with_index(Some(&tree), Some(&mut opts)),
+            None => repo.diff_tree_to_workdir(Some(&tree), Some(&mut opts)),
+        }
+        .map_err(git_err)?;
+        if diff.deltas().len() == 0
+            && let Some(index) = index.as_mut()
+            && racy(index, index_path)
+        {
+            // Clean, but the index is no newer than files it lists, so git cannot trust their
+            // stat data and every tick would read and hash them all again ("racy git"). Written
+            // now, later than the files, it makes the next check a stat per file.
+            if let Err(e) = index.write() {
+                tracing::debug!(index = %index_path.display(), "cannot refresh the index: {e}");
+            }
+        }
+        let mut paths: Vec<String> = diff
+            .deltas()
+            .filter_map(|d| {
+                d.new_file()
+                    .path()
+                    .or(d.old_file().path())
+                    .map(|p| p.to_string_lossy().into_owned())
+            })
+            .filter(|p| super::under_links(p, links))
+            .collect();
+        paths.sort();
+        paths.dedup();
+        Ok(paths)
+    }
+}
+
+/// Drift checks of several services of one store ([`Store::drift_checks`]). Holds the last
+/// synced revision's root tree; dropped, it frees it.
+pub struct DriftChecks<'s> {
+    store: &'s Store,
+    /// The root tree of the revision checked last, with that commit.
+    root: RefCell<Option<(Oid, Tree<'s>)>>,
+}
+
+impl DriftChecks<'_> {
+    /// [`Store::drift`], sharing the root tree with the checks before it.
+    pub fn drift(
+        &self,
+        target: &Path,
+        index: &Path,
+        synced: Oid,
+        links: &[String],
+    ) -> Result<Vec<String>, GitError> {
+        validate_links(links)?;
+        if links.is_empty() {
+            return Ok(Vec::new());
+        }
+        if self.unchanged(target, index, synced, links) {
+            return Ok(Vec::new());
+        }
+        self.store.diff_checkout(target, index, synced, links)
+    }
+
+    /// [`unchanged`] with the root tree of `synced`, read once per session and revision.
+    fn unchanged(&self, target: &Path, index: &Path, synced: Oid, links: &[String]) -> bool {
+        let repo = &self.store.repo;
+        let mut root = self.root.borrow_mut();
+        if root.as_ref().is_none_or(|(commit, _)| *commit != synced) {
+            *root = None;
+            let Ok(tree) = repo.find_commit(synced).and_then(|c| c.tree()) else {
+                return false;
+            };
+            *root = Some((synced, tree));
+        }
+        let Some((_, tree)) = root.as_ref() else {
+            return false;
+        };
+        unchanged(repo, tree, target, index, links)
+    }
+}
+
+/// Whether an entry of `index` was modified no earlier than the index file was written: git then
+/// cannot tell a later edit of the same size from the file as checked out, and reads the file.
+fn racy(index: &Index, path: &Path) -> bool {
+    let Ok(written) = std::fs::metadata(path).and_then(|m| m.modified()) else {
+        return false;
+    };
+    let written = written
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap_or_default();
+    index.iter().any(|e| {
+        let mtime = std::time::Duration::new(
+            u64::try_from(e.mtime.seconds()).unwrap_or(0),
+            e.mtime.nanoseconds(),
+        );
+        mtime >= written
+    })
+}
+
+/// Whether the checkout `target` certainly holds the files of `tree` (a synced revision's root) under `links` as its index
+/// `index_path` describes them, untouched since (see the module doc for the conditions). False
+/// means "cannot tell": the diff decides.
+fn unchanged(
+    repo: &git2::Repository,
+    tree: &Tree<'_>,
+    target: &Path,
+    index_path: &Path,
+    links: &[String],
+) -> bool {
+    let Ok(written) = fs::metadata(index_path) else {
+        return false;
+    };
+    // The index's own time, as libgit2 takes it when it reads the index.
+    let written = (written.mtime(), written.mtime_nsec());
+    let Ok(index) = Index::open(index_path) else {
+        return false;
+    };
+    let mut entries = Vec::with_capacity(index.len());
+    for entry in index.iter() {
+        let Ok(path) = std::str::from_utf8(&entry.path) else {
+            return false;
+        };
+        if !super::under_links(path, links) {
+            continue;
+        }
+        let modified = (
+            i64::from(entry.mtime.seconds()),
+            i64::from(entry.mtime.nanoseconds()),
+        );
+        if !plain(&entry) || modified >= written {
+            return false;
+        }
+        entries.push(entry);
+    }
+    entries.sort_by(|a, b| a.path.cmp(&b.path));
+    let Some(files) = tree_files(repo, tree, links) else {
+        return false;
+    };
+    let same_as_tree = files.len() == entries.len()
+        && files
+            .iter()
+            .zip(&entries)
+            .all(|(f, e)| f.path == e.path && f.id == e.id && f.mode == e.mode);
+    same_as_tree && disk_matches(target, links, &entries)
+}
+
+/// An index entry the fast check understands: a file or symlink at stage 0, without the flags
+/// that make the diff skip or treat it specially.
+fn plain(entry: &IndexEntry) -> bool {
+    let flags = git2::IndexEntryFlag::from_bits_truncate(entry.flags);
+    let extended = git2::IndexEntryExtendedFlag::from_bits_truncate(entry.flags_extended);
+    entry.flags & STAGE_MASK == 0
+        && !flags.is_valid()
+        && !extended.is_intent_to_add()
+        && !extended.is_skip_worktree()
+        && entry.mode != GITLINK_MODE
+}
+
+/// A file of a tree: its path in the repository, its blob and its (normalised) mode.
+struct TreeFile {
+    path: Vec<u8>,
+    id: Oid,
+    mode: u32,
+}
+
+/// Every file (blob) of `root` under `links`, sorted by path; `None` when the tree holds
+/// something else there (a submodule) or cannot be read.
+fn tree_files(repo: &git2::Repository, root: &Tree<'_>, links: &[String]) -> Option<Vec<TreeFile>> {
+    let mut files = Vec::new();
+    for link in links {
+        let link = link.trim_end_matches('/');
+        let entry = match root.get_path(Path::new(link)) {
+            Ok(entry) => entry,
+            Err(e) if e.code() == ErrorCode::NotFound => continue,
+            Err(_) => return None,
+        };
+        let mut pending = match entry.kind() {
+            Some(ObjectType::Tree) => vec![(link.as_bytes().to_vec(), entry.id())],
+            Some(ObjectType::Blob) => {
+                files.push(TreeFile {
+                    path: link.as_bytes().to_vec(),
+                    id: entry.id(),
+                    mode: entry.filemode() as u32,
+                });
+                continue;
+            }
+            _ => return None,
+        };
+        while let Some((dir, id)) = pending.pop() {
+            let tree = repo.find_tree(id).ok()?;
+            for entry in tree.iter() {
+                let path = [dir.as_slice(), b"/", entry.name_bytes()].concat();
+                match entry.kind() {
+                    Some(ObjectType::Tree) => pending.push((path, entry.id())),
+                    Some(ObjectType::Blob) => files.push(TreeFile {
+                        path,
+                        id: entry.id(),
+                        mode: entry.filemode() as u32,
+                    }),
+                    _ => return None,
+                }
+            }
+        }
+    }
+    // Nested links list their common files twice.
+    files.sort_by(|a, b| a.path.cmp(&b.path));
+    files.dedup_by(|a, b| a.path == b.path);
+    Some(files)
+}
+
+/// Whether the files under `links` in `target` are exactly `entries` (sorted by path), each with
+/// the stat data its entry records. Never follows a symlink.
+fn disk_matches(target: &Path, links: &[String], entries: &[IndexEntry]) -> bool {
+    let mut seen = vec![false; entries.len()];
+    // What is still to be looked at: path on disk, path in the repository, its metadata (from
+    // the directory listing, which looks a name up in its directory rather than walking a path).
+    let mut pending: Vec<(PathBuf, Vec<u8>, fs::Metadata)> = Vec::new();
+    'links: for link in links {
+        let link = link.trim_end_matches('/');
+        let mut path = target.to_path_buf();
+        let mut components = link.split('/').peekable();
+        while let Some(component) = components.next() {
+            path.push(component);
+            if components.peek().is_none() {
+                break;
+            }
+            match fs::symlink_metadata(&path) {
+                Ok(meta) if meta.is_dir() => {}
+                // Nothing of this link on disk: its entries stay unseen.
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => continue 'links,
+                // A symlink or a file on the way to a link.
+                _ => return false,
+            }
+        }
+        match fs::symlink_metadata(&path) {
+            Ok(meta) => pending.push((path, link.as_bytes().to_vec(), meta)),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(_) => return false,
+        }
+    }
+    while let Some((path, rel, meta)) = pending.pop() {
+        if meta.is_dir() {
+            let Ok(dir) = fs::read_dir(&path) else {
+                return false;
+            };
+            for child in dir {
+                let Ok(child) = child else {
+                    return false;
+                };
+                // Not followed: fstatat(AT_SYMLINK_NOFOLLOW) in the directory.
+                let meta = match child.metadata() {
+                    Ok(meta) => meta,
+                    // Removed meanwhile: if it was listed, its entry stays unseen.
+                    Err(e) if e.kind() == std::io::ErrorKind::NotFound => continue,
+                    Err(_) => return false,
+                };
+                let name = child.file_name();
+                let rel = [rel.as_slice(), b"/", name.as_bytes()].concat();
+                pending.push((child.path(), rel, meta));
+            }
+            continue;
+        }
+        let Ok(i) = entries.binary_search_by(|e| e.path.as_slice().cmp(&rel)) else {
+            // Untracked or ignored: the diff tells which.
+            return false;
+        };
+        if !same_stat(&entries[i], &meta) {
+            return false;
+        }
+        seen[i] = true;
+    }
+    seen.iter().all(|s| *s)
+}
+
+/// Whether `meta` (not followed) is what `entry` records: git's mode (type and executable bit),
+/// size, inode, owner, group, modification and change times, as the index keeps them (32 bits).
+fn same_stat(entry: &IndexEntry, meta: &fs::Metadata) -> bool {
+    let kind = meta.file_type();
+    let mode = if kind.is_symlink() {
+        SYMLINK_MODE as u32
+    } else if kind.is_file() {
+        if meta.mode() & 0o100 != 0 {
+            0o100755
+        } else {
+            0o100644
+        }
+    } else {
+        return false;
+    };
+    entry.mode == mode
+        && entry.file_size == meta.size() as u32
+        && entry.ino == meta.ino() as u32
+        && entry.uid == meta.uid()
+        && entry.gid == meta.gid()
+        && entry.mtime.seconds() == meta.mtime() as i32
+        && entry.mtime.nanoseconds() == meta.mtime_nsec() as u32
+        && entry.ctime.seconds() == meta.ctime() as i32
+        && entry.ctime.nanoseconds() == meta.ctime_nsec() as u32
+}

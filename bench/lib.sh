@@ -33,6 +33,9 @@ set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 RESULTS=${RESULTS:-bench/RESULTS.md}
 
+# The malloc tunables of units/plumb.service, for the daemons the benches start.
+PLUMB_TUNABLES=${PLUMB_TUNABLES-glibc.malloc.mmap_threshold=32768}
+
 git() { command git -c user.name=bench -c user.email=bench@example.invalid "$@"; }
 
 bench_init() {
@@ -201,7 +204,7 @@ plumb_idle() {
   serve_start "$name"
   write_config "$d/plumb.toml" "$d/state" "$n"
   # First run, under strace (execve only): the deploy and TICKS idle ticks, counting what it spawns.
-  PLUMB_LOG=plumb=debug MALLOC_ARENA_MAX=1 strace -f --seccomp-bpf -qq -e trace=execve -o "$d/strace.log" \
+  PLUMB_LOG=plumb=debug MALLOC_ARENA_MAX=1 GLIBC_TUNABLES=$PLUMB_TUNABLES strace -f --seccomp-bpf -qq -e trace=execve -o "$d/strace.log" \
     "$PLUMB" -c "$d/plumb.toml" --hosts bench 2>"$d/traced.log" &
   strace=$!; BG_PIDS+=("$strace")
   wait_for "${DEPLOY_WAIT:-60}" deployed "$d/state" "$n"
@@ -212,8 +215,8 @@ plumb_idle() {
   echo "spawned $(($(grep -c 'execve(.*= 0$' "$d/strace.log") - 1))" > "$d/figures"
   # Then untraced on the same state (ptrace would inflate CPU time): TICKS idle ticks measured from
   # the one after the first.
-  # MALLOC_ARENA_MAX=1 as plumb.service sets it.
-  PLUMB_LOG=plumb=debug MALLOC_ARENA_MAX=1 "$PLUMB" -c "$d/plumb.toml" --hosts bench 2>"$d/plumb.log" &
+  # MALLOC_ARENA_MAX=1 and GLIBC_TUNABLES as plumb.service sets them.
+  PLUMB_LOG=plumb=debug MALLOC_ARENA_MAX=1 GLIBC_TUNABLES=$PLUMB_TUNABLES "$PLUMB" -c "$d/plumb.toml" --hosts bench 2>"$d/plumb.log" &
   pid=$!; BG_PIDS+=("$pid")
   wait_for "${DEPLOY_WAIT:-30}" fetches_at_least "$d/plumb.log" 2
   c0=$(fetches "$d/plumb.log"); l0=$(requests); cpu0=$(cpu_ticks "$pid"); srv0=$(server_cpu_ms)

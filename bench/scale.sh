@@ -28,5 +28,5 @@ first=${COUNTS%% *}
     echo "| $n | $cpu ms | $(per "$cpu" "$base")x | $(fig "scale$n" VmRSS) KiB | $(fig "scale$n" RssAnon) KiB | $(fig "scale$n" Threads) |"
   done
   echo
-  echo "$TICKS idle ticks per count after the first, interval 2s, MALLOC_ARENA_MAX=1 as plumb.service sets it. CPU is the daemon's user + system time over those ticks, in clock ticks of 10 ms: small figures are coarse. Other work on the machine makes CPU figures noisy."
+  echo "$TICKS idle ticks per count after the first, interval 2s, MALLOC_ARENA_MAX=1 and GLIBC_TUNABLES=$PLUMB_TUNABLES as plumb.service sets them. CPU is the daemon's user + system time over those ticks, in clock ticks of 10 ms: small figures are coarse. Other work on the machine makes CPU figures noisy."
 } | tee -a "$RESULTS"

@@ -413,3 +413,95 @@ fn same_stat(entry: &IndexEntry, meta: &fs::Metadata) -> bool {
         && entry.ctime.seconds() == meta.ctime() as i32
         && entry.ctime.nanoseconds() == meta.ctime_nsec() as u32
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::git::Transport;
+
+    /// An upstream with `web/a.conf` and `web/b.conf`, fetched into a store.
+    fn store_with_web(root: &Path) -> (Store, Oid) {
+        let up = git2::Repository::init_bare(root.join("up.git")).unwrap();
+        let mut index = git2::Index::new().unwrap();
+        for (path, content) in [("web/a.conf", "aaaa\n"), ("web/b.conf", "bbbb\n")] {
+            let blob = up.blob(content.as_bytes()).unwrap();
+            let mut entry = git2::IndexEntry {
+                ctime: git2::IndexTime::new(0, 0),
+                mtime: git2::IndexTime::new(0, 0),
+                dev: 0,
+                ino: 0,
+                mode: 0o100644,
+                uid: 0,
+                gid: 0,
+                file_size: content.len() as u32,
+                id: blob,
+                flags: 0,
+                flags_extended: 0,
+                path: path.as_bytes().to_vec(),
+            };
+            entry.flags = path.len() as u16;
+            index.add(&entry).unwrap();
+        }
+        let tree = up.find_tree(index.write_tree_to(&up).unwrap()).unwrap();
+        let who = git2::Signature::now("t", "t@example.invalid").unwrap();
+        up.commit(Some("refs/heads/main"), &who, &who, "web", &tree, &[])
+            .unwrap();
+        let url = format!("file://{}", root.join("up.git").display());
+        let mut store = Store::open(&root.join("stores"), &url).unwrap();
+        let report = store
+            .fetch(&["main".to_owned()], &Transport::default())
+            .unwrap();
+        let head = report.heads["main"].unwrap();
+        (store, head)
+    }
+
+    /// A clean checkout whose index is newer than its files is judged by its stat data alone;
+    /// an edit of the same size, a new file or a mode change sends it to the diff, which sees it.
+    #[test]
+    fn a_clean_checkout_is_told_by_its_stat_data_and_an_edit_is_not() {
+        let root = tempfile::tempdir().unwrap();
+        let (store, head) = store_with_web(root.path());
+        let links = vec!["web".to_owned()];
+        let target = root.path().join("deploy");
+        let index = root.path().join("web.index");
+        store.checkout(&target, &index, None, head, &links).unwrap();
+        let fast = || {
+            let tree = store.repo.find_commit(head).unwrap().tree().unwrap();
+            unchanged(&store.repo, &tree, &target, &index, &links)
+        };
+        // The first clean check may rewrite the index (racy git); after it, stat data decides.
+        std::thread::sleep(std::time::Duration::from_millis(20));
+        assert!(
+            store
+                .drift(&target, &index, head, &links)
+                .unwrap()
+                .is_empty()
+        );
+        assert!(fast(), "a clean checkout with a newer index needs no diff");
+
+        std::thread::sleep(std::time::Duration::from_millis(20));
+        fs::write(target.join("web/a.conf"), "AAAA\n").unwrap();
+        assert!(!fast());
+        assert_eq!(
+            store.drift(&target, &index, head, &links).unwrap(),
+            vec!["web/a.conf".to_owned()]
+        );
+        fs::write(target.join("web/a.conf"), "aaaa\n").unwrap();
+
+        fs::write(target.join("web/new.conf"), "n\n").unwrap();
+        assert!(!fast());
+        assert_eq!(
+            store.drift(&target, &index, head, &links).unwrap(),
+            vec!["web/new.conf".to_owned()]
+        );
+        fs::remove_file(target.join("web/new.conf")).unwrap();
+
+        use std::os::unix::fs::PermissionsExt;
+        fs::set_permissions(target.join("web/b.conf"), fs::Permissions::from_mode(0o755)).unwrap();
+        assert!(!fast());
+        assert_eq!(
+            store.drift(&target, &index, head, &links).unwrap(),
+            vec!["web/b.conf".to_owned()]
+        );
+    }
+}

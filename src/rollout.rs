@@ -42,8 +42,20 @@ use crate::error;
 use crate::git::{self, Oid};
 use crate::service;
 
-/// How long one query to Prometheus may take.
+/// How long one query to Prometheus may take at most, whatever the poll interval.
 pub const QUERY_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// The shortest timeout a query gets, however short the poll interval: a loaded Prometheus
+/// evaluating a soak's subquery over many machines needs some time even when it is well.
+pub const MIN_QUERY_TIMEOUT: Duration = Duration::from_millis(500);
+
+/// How long one query may take when the daemon polls every `interval`: a quarter of it, within
+/// [`MIN_QUERY_TIMEOUT`] and [`QUERY_TIMEOUT`], so a Prometheus that hangs cannot hold an
+/// upstream's deploy job for much of a poll (the job asks at most once while it hangs, see
+/// [`Asked`]).
+pub fn query_timeout(interval: Duration) -> Duration {
+    (interval / 4).clamp(MIN_QUERY_TIMEOUT, QUERY_TIMEOUT)
+}
 
 /// The largest answer read from Prometheus (the answers hold a few series per machine).
 const MAX_ANSWER: u64 = 4 << 20;
@@ -58,6 +70,29 @@ pub struct Wave {
     pub soak: Duration,
     /// (wave, machine) of every machine in a lower wave, lowest wave first.
     pub lower: Vec<(u32, String)>,
+    /// How long one query may take ([`query_timeout`] of the poll interval in use).
+    pub timeout: Duration,
+}
+
+/// Why the gate is closed for a revision: the note the service shows, and where each lower
+/// machine is now (its hash and state), when Prometheus said.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Closed {
+    /// Who blocks, or that Prometheus did not answer, as the service's note says it.
+    pub why: String,
+    /// Per lower machine, its (hash, state) now; `None` when Prometheus was not asked or did not
+    /// answer. A machine that has deployed nothing yet takes the revision they all are on.
+    pub now: Option<BTreeMap<String, (String, String)>>,
+}
+
+/// What one deploy job run learnt of Prometheus: once a query failed, the rest of the run does
+/// not ask that Prometheus again (every waiting service would wait out its own timeout, and the
+/// job holds the upstream's other services meanwhile), so a poll costs at most one timeout per
+/// upstream. The services it skips get the same note.
+#[derive(Debug, Default)]
+pub struct Asked {
+    /// Per Prometheus URL, the note of its failure in this run.
+    failed: BTreeMap<String, String>,
 }
 
 /// Why Prometheus could not be asked, or what it answered could not be read.
@@ -82,8 +117,9 @@ pub enum PrometheusError {
 }
 
 impl Wave {
-    /// The wave gate of `s` in `config`, `None` in wave 0 (or without Prometheus).
-    pub fn of(config: &Config, s: &config::Service) -> Option<Wave> {
+    /// The wave gate of `s` in `config` for a daemon polling every `interval`, `None` in wave 0
+    /// (or without Prometheus).
+    pub fn of(config: &Config, s: &config::Service, interval: Duration) -> Option<Wave> {
         if s.wave == 0 {
             return None;
         }
@@ -93,6 +129,7 @@ impl Wave {
             wave: s.wave,
             soak: s.soak,
             lower: config.lower_waves(s),
+            timeout: query_timeout(interval),
         })
     }
 
@@ -149,26 +186,64 @@ impl Wave {
     }
 
     /// Asks Prometheus whether `revision` may be deployed here: `Ok(())` when every lower
-    /// machine has soaked on it, otherwise why not (who blocks, or that Prometheus did not
-    /// answer), as the service's note says it.
-    pub fn judge(&self, revision: Oid) -> Result<(), String> {
-        let gate = self
-            .query(&self.gate_query(revision))
-            .map_err(|e| self.unanswered(&e))?;
+    /// machine has soaked on it, otherwise why not (who blocks and where each lower machine is,
+    /// or that Prometheus did not answer). Within one job run (`asked`), a Prometheus that
+    /// failed once is not asked again: the answer is the note of that failure.
+    pub fn judge(&self, revision: Oid, asked: &mut Asked) -> Result<(), Closed> {
+        let unanswered = |why: String| Closed { why, now: None };
+        if let Some(why) = asked.failed.get(&self.prometheus.url) {
+            return Err(unanswered(why.clone()));
+        }
+        let gate = match self.query(&self.gate_query(revision)) {
+            Ok(gate) => gate,
+            Err(e) => return Err(unanswered(self.failed(&e, asked))),
+        };
         let blockers = blockers(&self.lower, &verdicts(&gate));
         if blockers.is_empty() {
             return Ok(());
         }
-        let now = self.query(&self.now_query()).map(|v| positions(&v));
-        Err(self.why(revision, &blockers, now.as_ref().ok()))
+        let now = match self.query(&self.now_query()) {
+            Ok(v) => Some(positions(&v)),
+            Err(e) => {
+                self.failed(&e, asked);
+                None
+            }
+        };
+        Err(Closed {
+            why: self.why(revision, &blockers, now.as_ref()),
+            now,
+        })
     }
 
-    fn unanswered(&self, e: &PrometheusError) -> String {
-        format!(
+    /// The revision every lower machine is on, OK, when they all are on one (`now` as in
+    /// [`Closed::now`]): the revision a machine with nothing deployed may take while a newer
+    /// one waits. `None` when a lower machine is missing, not OK, or on another revision.
+    pub fn common(&self, now: &BTreeMap<String, (String, String)>) -> Option<Oid> {
+        let mut common: Option<&str> = None;
+        for (_, machine) in &self.lower {
+            let (hash, state) = now.get(machine)?;
+            if state != "OK" || common.is_some_and(|c| c != hash) {
+                return None;
+            }
+            common = Some(hash);
+        }
+        // A whole hash only: git2 would read a short one as a prefix padded with zeros.
+        common
+            .filter(|h| h.len() == 40)
+            .and_then(|h| h.parse().ok())
+    }
+
+    /// The note for a Prometheus that did not answer, remembered for the rest of the run.
+    fn failed(&self, e: &PrometheusError, asked: &mut Asked) -> String {
+        let why = format!(
             "waiting: Prometheus at {} did not answer: {}",
             self.shown_url(),
             error::chain(e)
-        )
+        );
+        asked
+            .failed
+            .insert(self.prometheus.url.clone(), why.clone());
+        why
     }
 
     /// "waiting for wave 0: web1 BROKEN on 3f2a1c5d0e9b; wave 1: web3 not reporting".
@@ -224,7 +299,7 @@ impl Wave {
         }
         let mut answer = post
             .config()
-            .timeout_global(Some(QUERY_TIMEOUT))
+            .timeout_global(Some(self.timeout))
             .build()
             .send_form([("query", query)])
             .map_err(|e| PrometheusError::Http(Box::new(e)))?;
@@ -466,6 +541,7 @@ mod tests {
             wave: 2,
             soak: Duration::from_secs(300),
             lower: vec![(0, "web1.example".into()), (1, "web2".into())],
+            timeout: query_timeout(Duration::from_secs(1)),
         }
     }
 
@@ -590,12 +666,81 @@ mod tests {
         drop(listener);
         let mut w = wave();
         w.prometheus.url = format!("http://127.0.0.1:{port}");
-        let why = w.judge(oid(1)).unwrap_err();
+        let why = w.judge(oid(1), &mut Asked::default()).unwrap_err().why;
         assert!(
             why.starts_with(&format!(
                 "waiting: Prometheus at http://127.0.0.1:{port} did not answer: "
             )),
             "{why}"
         );
+    }
+
+    /// A Prometheus that takes connections and never answers costs one timeout per job run:
+    /// the services after the first get the same note without asking again.
+    #[test]
+    fn a_hanging_prometheus_is_asked_once_per_run() {
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let mut w = wave();
+        w.prometheus.url = format!("http://127.0.0.1:{port}");
+        assert_eq!(w.timeout, MIN_QUERY_TIMEOUT);
+        let mut asked = Asked::default();
+        let started = std::time::Instant::now();
+        let first = w.judge(oid(1), &mut asked).unwrap_err();
+        let second = w.judge(oid(2), &mut asked).unwrap_err();
+        let took = started.elapsed();
+        assert!(first.why.contains("did not answer"), "{}", first.why);
+        assert_eq!(first, second);
+        assert!(took < 2 * MIN_QUERY_TIMEOUT, "{took:?}");
+        // The kernel took one connection for us: only one was made.
+        listener.set_nonblocking(true).unwrap();
+        let mut connections = 0;
+        while listener.accept().is_ok() {
+            connections += 1;
+        }
+        assert_eq!(connections, 1);
+        // A new run asks again.
+        let third = w.judge(oid(1), &mut Asked::default()).unwrap_err();
+        assert!(third.why.contains("did not answer"), "{}", third.why);
+    }
+
+    #[test]
+    fn the_timeout_is_a_quarter_of_the_interval_within_bounds() {
+        assert_eq!(query_timeout(Duration::from_secs(1)), MIN_QUERY_TIMEOUT);
+        assert_eq!(
+            query_timeout(Duration::from_secs(20)),
+            Duration::from_secs(5)
+        );
+        assert_eq!(query_timeout(Duration::from_secs(300)), QUERY_TIMEOUT);
+    }
+
+    #[test]
+    fn the_revision_the_lower_waves_share_is_found_only_when_they_all_are_on_it_ok() {
+        let w = wave();
+        let (a, b) = (oid(0xa).to_string(), oid(0xb).to_string());
+        let at = |list: &[(&str, &str, &str)]| -> BTreeMap<String, (String, String)> {
+            list.iter()
+                .map(|(m, h, s)| ((*m).to_owned(), ((*h).to_owned(), (*s).to_owned())))
+                .collect()
+        };
+        let both = at(&[("web1.example", &a, "OK"), ("web2", &a, "OK")]);
+        assert_eq!(w.common(&both), Some(oid(0xa)));
+        // One on another revision, one not OK, one not reporting: nothing shared.
+        let split = at(&[("web1.example", &a, "OK"), ("web2", &b, "OK")]);
+        assert_eq!(w.common(&split), None);
+        let broken = at(&[("web1.example", &a, "OK"), ("web2", &a, "BROKEN")]);
+        assert_eq!(w.common(&broken), None);
+        let missing = at(&[("web1.example", &a, "OK")]);
+        assert_eq!(w.common(&missing), None);
+        // A machine of no lower wave does not count.
+        let more = at(&[
+            ("web1.example", &a, "OK"),
+            ("web2", &a, "OK"),
+            ("web9", &b, "BROKEN"),
+        ]);
+        assert_eq!(w.common(&more), Some(oid(0xa)));
+        // Not a whole hash: not a revision.
+        let short = at(&[("web1.example", &a[..12], "OK"), ("web2", &a[..12], "OK")]);
+        assert_eq!(w.common(&short), None);
     }
 }

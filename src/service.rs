@@ -256,6 +256,12 @@ pub struct Gate {
     pub avoid: Option<Oid>,
     /// The revision an operator promoted: let through the wave gate without asking (once).
     pub promoted: Option<Oid>,
+    /// Nothing is deployed yet: when the wave gate holds the head's revision, the deploy takes
+    /// instead the revision every lower machine is on, once they have soaked on it (a new
+    /// machine joins the fleet where the fleet is, rather than serving nothing until the next
+    /// rollout reaches its wave). Answered by `Deployed` at that older head, then `Held` for the
+    /// head's revision; the next fetch gates the head again, as for any machine behind.
+    pub settle: bool,
 }
 
 /// A revision held back by the wave gate, and why.
@@ -808,10 +814,14 @@ impl Service {
                 );
             }
         }
-        let gate = |head: Oid, follows: bool| Gate {
-            follow: follows && self.pinned.is_none() && self.upstream == Some(head),
-            avoid: self.rejected.as_ref().and_then(|r| r.revision),
-            promoted: self.promoted,
+        let gate = |head: Oid, follows: bool| {
+            let follow = follows && self.pinned.is_none() && self.upstream == Some(head);
+            Gate {
+                follow,
+                avoid: self.rejected.as_ref().and_then(|r| r.revision),
+                promoted: self.promoted,
+                settle: follow && self.deployed.is_none(),
+            }
         };
         for effect in &mut effects {
             match effect {
@@ -1083,6 +1093,7 @@ mod tests {
         follow: true,
         avoid: None,
         promoted: None,
+        settle: false,
     };
 
     fn fetched(head: Option<Oid>) -> Event {
@@ -1110,13 +1121,17 @@ mod tests {
     fn first_fetch_deploys_from_nothing() {
         let mut s = Service::new(0);
         let fx = s.handle(fetched(Some(oid(1))), 5);
+        // Nothing deployed: a wave gate holding the head lets it take the lower waves' revision.
         assert_eq!(
             fx,
             vec![Effect::Deploy {
                 head: oid(1),
                 from: None,
                 deployed: None,
-                gate: FOLLOW,
+                gate: Gate {
+                    settle: true,
+                    ..FOLLOW
+                },
             }]
         );
         assert_eq!(s.upstream, Some(oid(1)));
@@ -1807,6 +1822,7 @@ mod tests {
                         follow: false,
                         avoid: Some(oid(2)),
                         promoted: None,
+                        settle: false,
                     },
                 },
                 Effect::Persist
@@ -1882,6 +1898,7 @@ mod tests {
                     follow: false,
                     avoid: Some(oid(2)),
                     promoted: None,
+                    settle: false,
                 },
             }]
         );
@@ -2349,5 +2366,54 @@ mod tests {
         held(&mut frozen, 2, 2, 21);
         frozen.frozen = true;
         assert_eq!(frozen.handle(Event::Promote, 22), vec![]);
+    }
+
+    /// A machine with nothing deployed may take the lower waves' revision while the head's waits
+    /// (`settle`); it is then behind like any machine, and the next fetch gates the head again.
+    #[test]
+    fn a_new_machine_settles_on_the_lower_waves_revision_and_the_head_is_gated_again() {
+        let mut s = Service::new(0);
+        let fx = s.handle(fetched(Some(oid(3))), 10);
+        assert!(
+            matches!(fx[..], [Effect::Deploy { head, from: None, deployed: None, gate }]
+                if head == oid(3) && gate == Gate { settle: true, ..FOLLOW }),
+            "{fx:?}"
+        );
+        // The deploy job took oid(1), where the lower waves are, and the head's revision waits.
+        let fx = s.handle(
+            Event::Deployed {
+                head: oid(1),
+                revision: Some(oid(1)),
+            },
+            11,
+        );
+        assert_eq!(
+            fx,
+            vec![Effect::Apply { revision: oid(1) }, Effect::Persist]
+        );
+        assert_eq!(held(&mut s, 3, 3, 11), vec![]);
+        assert_eq!(
+            (s.state, s.deployed, s.synced, s.upstream),
+            (State::Ok, Some(oid(1)), Some(oid(1)), Some(oid(3)))
+        );
+        assert_eq!(s.waiting().map(|w| w.revision), Some(oid(3)));
+        // The next fetch gates the head again, from what is deployed, and settles no more.
+        assert_eq!(
+            s.handle(fetched(Some(oid(3))), 20),
+            vec![Effect::Deploy {
+                head: oid(3),
+                from: Some(oid(1)),
+                deployed: Some(oid(1)),
+                gate: FOLLOW,
+            }]
+        );
+        // A rollback target or an operator's pull --force never settles.
+        let mut s = Service::new(0);
+        s.handle(fetched(Some(oid(3))), 10);
+        let fx = s.handle(Event::Rollback { target: oid(2) }, 11);
+        assert!(
+            matches!(fx[..], [Effect::Deploy { gate, .. }, ..] if !gate.settle),
+            "{fx:?}"
+        );
     }
 }

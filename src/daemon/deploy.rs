@@ -26,8 +26,11 @@ pub enum DeployError {
     },
     /// The wave gate is closed for `revision`: the lower waves have not soaked on it (or
     /// Prometheus did not say). Nothing on disk changed.
-    #[error("{why}")]
-    Held { revision: Oid, why: String },
+    #[error("{}", closed.why)]
+    Held {
+        revision: Oid,
+        closed: rollout::Closed,
+    },
     #[error(transparent)]
     Git(#[from] GitError),
     /// The upstream's store could not be opened: the one error of every job of the upstream.
@@ -76,6 +79,15 @@ pub(super) enum Kind {
 pub(super) enum Deployed {
     /// The checkout holds the head: the service's revision there.
     Done { revision: Option<Oid> },
+    /// Nothing was deployed and the head's `held` revision waits at the wave gate: the checkout
+    /// holds `head` instead, an older commit of the branch whose `revision` every lower machine
+    /// has soaked on (`service::Gate::settle`). `why` is the head's note.
+    Settled {
+        head: Oid,
+        revision: Option<Oid>,
+        held: Oid,
+        why: String,
+    },
     /// Noop: the head passed every gate; the revision it would deploy and how many files change.
     Would { revision: Option<Oid>, files: usize },
 }
@@ -83,76 +95,209 @@ pub(super) enum Deployed {
 /// Runs the checkouts of one upstream's services, one after the other, on one store.
 pub(super) fn deploy_all(layout: &Layout, url: &str, jobs: Vec<DeployJob>) -> Vec<(String, Event)> {
     let store = Store::open(&layout.stores(), url).map_err(std::sync::Arc::new);
-    jobs.into_iter()
-        .map(|job| {
-            let span = info_span!("service", name = %job.service.name);
-            let _g = span.enter();
-            let head = job.head;
-            let result = match &store {
-                Ok(store) => deploy(store, layout, &job),
-                Err(e) => Err(DeployError::Store(e.clone())),
-            };
-            let event = match result {
-                Ok(Deployed::Done { revision }) => Event::Deployed { head, revision },
-                Ok(Deployed::Would { revision, files }) => Event::Previewed {
+    // Prometheus failing once is not asked again in this run (one timeout per upstream).
+    let mut asked = rollout::Asked::default();
+    let mut events = Vec::with_capacity(jobs.len());
+    for job in jobs {
+        let span = info_span!("service", name = %job.service.name);
+        let _g = span.enter();
+        let head = job.head;
+        let (head, result) = match &store {
+            Ok(store) => deploy(store, layout, &job, &mut asked),
+            Err(e) => (head, Err(DeployError::Store(e.clone()))),
+        };
+        let name = &job.service.name;
+        match result {
+            Ok(Deployed::Done { revision }) => {
+                events.push((name.clone(), Event::Deployed { head, revision }))
+            }
+            Ok(Deployed::Settled {
+                head,
+                revision,
+                held,
+                why,
+            }) => {
+                // What is now in place, then what still waits: the head, gated again at the
+                // next fetch.
+                events.push((name.clone(), Event::Deployed { head, revision }));
+                events.push((
+                    name.clone(),
+                    Event::Held {
+                        head: job.head,
+                        revision: held,
+                        why,
+                    },
+                ));
+            }
+            Ok(Deployed::Would { revision, files }) => events.push((
+                name.clone(),
+                Event::Previewed {
                     head,
                     revision,
                     files,
                 },
-                Err(DeployError::Held { revision, why }) => {
-                    info!(head = %head, revision = %service::short(Some(revision)), "held: {why}");
+            )),
+            Err(DeployError::Held { revision, closed }) => {
+                let why = closed.why;
+                info!(head = %head, revision = %service::short(Some(revision)), "held: {why}");
+                events.push((
+                    name.clone(),
                     Event::Held {
                         head,
                         revision,
                         why,
-                    }
-                }
-                Err(DeployError::Refused { revision, why }) => {
-                    warn!(head = %head, reason = why.reason(), "refused: {why}");
+                    },
+                ));
+            }
+            Err(DeployError::Refused { revision, why }) => {
+                warn!(head = %head, reason = why.reason(), "refused: {why}");
+                events.push((
+                    name.clone(),
                     Event::Refused {
                         head,
                         revision,
                         why,
-                    }
-                }
-                Err(e) => Event::DeployFailed {
+                    },
+                ));
+            }
+            Err(e) => events.push((
+                name.clone(),
+                Event::DeployFailed {
                     head,
                     error: error::chain(&e),
                 },
-            };
-            (job.service.name, event)
-        })
-        .collect()
+            )),
+        }
+    }
+    events
 }
 
-/// Moves one service's checkout to `job.head` when its paths changed, and hands a new deployed
+/// [`deploy_at`] the job's head; when the wave gate holds it and the state machine allows
+/// (`settle`), the revision the lower waves are all on instead ([`settle`]). Returns the head
+/// the outcome is about.
+fn deploy(
+    store: &Store,
+    layout: &Layout,
+    job: &DeployJob,
+    asked: &mut rollout::Asked,
+) -> (Oid, Result<Deployed, DeployError>) {
+    match deploy_at(store, layout, job, job.head, Some(asked)) {
+        Err(DeployError::Held { revision, closed }) if job.gate.settle => {
+            settle(store, layout, job, asked, revision, closed)
+        }
+        other => (job.head, other),
+    }
+}
+
+/// A service with nothing deployed whose head's `revision` the wave gate holds takes the
+/// revision every lower machine is on instead, when the branch went through it (first-parent
+/// chain), it is its own revision there, and the lower machines have soaked on it (the gate for
+/// it is open). Otherwise, or when that revision is refused here, the head stays held, saying
+/// so. The older head goes through every other gate as any head does.
+fn settle(
+    store: &Store,
+    layout: &Layout,
+    job: &DeployJob,
+    asked: &mut rollout::Asked,
+    revision: Oid,
+    mut closed: rollout::Closed,
+) -> (Oid, Result<Deployed, DeployError>) {
+    let held = |closed| (job.head, Err(DeployError::Held { revision, closed }));
+    let (Some(wave), Some(now)) = (&job.wave, &closed.now) else {
+        return held(closed);
+    };
+    let Some(lower) = wave
+        .common(now)
+        .filter(|y| *y != revision && Some(*y) != job.gate.avoid)
+    else {
+        return held(closed);
+    };
+    let links = job.service.links();
+    let ours = store
+        .on_first_parent_chain(lower, job.head)
+        .and_then(|on| Ok(on && store.last_change(lower, &links)? == Some(lower)));
+    match ours {
+        Ok(true) => {}
+        Ok(false) => {
+            debug!(lower = %lower, "the lower waves' revision is not one of the branch's own");
+            return held(closed);
+        }
+        Err(e) => {
+            warn!(lower = %lower, "cannot look for the lower waves' revision: {}", error::chain(&e));
+            return held(closed);
+        }
+    }
+    if let Err(not) = wave.judge(lower, asked) {
+        debug!(lower = %lower, "the lower waves' revision is not soaked either: {}", not.why);
+        return held(closed);
+    }
+    match deploy_at(store, layout, job, lower, None) {
+        Ok(Deployed::Done { revision: r }) => {
+            info!(
+                revision = %service::short(r),
+                waiting = %service::short(Some(revision)),
+                "nothing deployed yet: taking the revision the lower waves are on"
+            );
+            let why = std::mem::take(&mut closed.why);
+            (
+                job.head,
+                Ok(Deployed::Settled {
+                    head: lower,
+                    revision: r,
+                    held: revision,
+                    why,
+                }),
+            )
+        }
+        Err(DeployError::Refused { why, .. }) => {
+            warn!(lower = %lower, "the lower waves' revision is refused here: {why}");
+            closed.why = format!(
+                "{}; the lower waves' {} is refused here: {why}",
+                closed.why,
+                service::short(Some(lower))
+            );
+            held(closed)
+        }
+        other => (lower, other),
+    }
+}
+
+/// Moves one service's checkout to `head` when its paths changed, and hands a new deployed
 /// revision to systemd by rewriting the service's `.rev` file. Returns what it did.
 ///
 /// The revision is a function of the head alone ([`Store::last_change`]): two machines on the
 /// same head report the same hash whatever they fetched before, and after a force-push the hash is
 /// one the branch has. When only the hash moves (a commit restoring earlier files, an amended
 /// commit), the `.rev` follows, the files stay, and `plumb apply` leaves the unit alone.
-fn deploy(store: &Store, layout: &Layout, job: &DeployJob) -> Result<Deployed, DeployError> {
+///
+/// The wave gate is asked only with `asked` (the lower waves' revision comes here judged).
+fn deploy_at(
+    store: &Store,
+    layout: &Layout,
+    job: &DeployJob,
+    head: Oid,
+    asked: Option<&mut rollout::Asked>,
+) -> Result<Deployed, DeployError> {
     let svc = &job.service;
     let links = svc.links();
     let target = svc.checkout_dir();
     let refuse = |revision: Option<Oid>, why: Refusal| DeployError::Refused { revision, why };
     if job.upstream.verifies() {
-        match store.verify_commit(job.head, &job.upstream.trust()) {
-            Ok(signer) => debug!(head = %job.head, "signed by {signer}"),
+        match store.verify_commit(head, &job.upstream.trust()) {
+            Ok(signer) => debug!(head = %head, "signed by {signer}"),
             Err(e) => return Err(refuse(None, Refusal::Unverified(error::chain(&e)))),
         }
     }
     if job.gate.follow
         && job.upstream.force_push == config::ForcePush::Refuse
-        && let Some(f) = job.from.filter(|f| *f != job.head)
-        && !store.in_history(f, job.head).unwrap_or(false)
+        && let Some(f) = job.from.filter(|f| *f != head)
+        && !store.in_history(f, head).unwrap_or(false)
     {
         return Err(refuse(
             None,
             Refusal::Rewritten(format!(
                 "history rewritten upstream: {} does not descend from the deployed {}",
-                service::short(Some(job.head)),
+                service::short(Some(head)),
                 service::short(Some(f))
             )),
         ));
@@ -163,17 +308,19 @@ fn deploy(store: &Store, layout: &Layout, job: &DeployJob) -> Result<Deployed, D
         .filter(|_| target.is_dir())
         .filter(|f| store.resolve(&f.to_string()).is_ok());
     // Every service file of the head when there is nothing to start from.
-    let paths = store.changed_paths(from, job.head, &links)?;
+    let paths = store.changed_paths(from, head, &links)?;
     let fresh = job.kind == Kind::Rebuild;
     let changed =
         from.is_none() || !paths.is_empty() || matches!(job.kind, Kind::Restore | Kind::Rebuild);
-    let revision = store.last_change(job.head, &links)?;
+    let revision = store.last_change(head, &links)?;
     if changed && !fresh && revision.is_some() && revision == job.gate.avoid {
         return Err(refuse(revision, Refusal::Known));
     }
-    wave_gate(job, revision)?;
+    if let Some(asked) = asked {
+        wave_gate(job, revision, asked)?;
+    }
     if changed {
-        match store.inspect(job.head, &links, &job.limits) {
+        match store.inspect(head, &links, &job.limits) {
             Err(e @ GitError::Hostile { .. }) => {
                 return Err(refuse(revision, Refusal::Hostile(e.to_string())));
             }
@@ -184,7 +331,7 @@ fn deploy(store: &Store, layout: &Layout, job: &DeployJob) -> Result<Deployed, D
         && !fresh
         && let (Some(check), Some(rev)) = (&svc.check, revision)
     {
-        run_check(store, layout, svc, check, job.head, rev)?;
+        run_check(store, layout, svc, check, head, rev)?;
     }
     if job.kind == Kind::Preview {
         return Ok(Deployed::Would {
@@ -205,12 +352,12 @@ fn deploy(store: &Store, layout: &Layout, job: &DeployJob) -> Result<Deployed, D
         // are renamed into place) must not read as local edits: the marker makes the next fetch
         // redo it instead (removed once saved). Anything failing before the renames leaves the
         // live files as they were: the new revision is written beside them first.
-        layout::write_atomic(&marker, format!("{}\n", job.head).as_bytes()).map_err(io(&marker))?;
+        layout::write_atomic(&marker, format!("{}\n", head).as_bytes()).map_err(io(&marker))?;
         store.checkout_atomic(
             &target,
             &layout.service_index(&svc.name),
             from,
-            job.head,
+            head,
             &links,
             svc.user.as_deref(),
         )?;
@@ -232,7 +379,11 @@ fn deploy(store: &Store, layout: &Layout, job: &DeployJob) -> Result<Deployed, D
 /// The rollout wave's gate: a new revision of the branch head (not a rollback, a restore or a
 /// wipe; not one already deployed; not one an operator promoted) waits until Prometheus shows
 /// every machine of the lower waves on it and OK for the soak. Blocking: one or two queries.
-fn wave_gate(job: &DeployJob, revision: Option<Oid>) -> Result<(), DeployError> {
+fn wave_gate(
+    job: &DeployJob,
+    revision: Option<Oid>,
+    asked: &mut rollout::Asked,
+) -> Result<(), DeployError> {
     let (Some(wave), Some(revision)) = (&job.wave, revision) else {
         return Ok(());
     };
@@ -243,12 +394,12 @@ fn wave_gate(job: &DeployJob, revision: Option<Oid>) -> Result<(), DeployError> 
     {
         return Ok(());
     }
-    match wave.judge(revision) {
+    match wave.judge(revision, asked) {
         Ok(()) => {
             info!(revision = %service::short(Some(revision)), wave = wave.wave, "the lower waves are on it: deploying");
             Ok(())
         }
-        Err(why) => Err(DeployError::Held { revision, why }),
+        Err(closed) => Err(DeployError::Held { revision, closed }),
     }
 }
 
@@ -565,6 +716,7 @@ mod tests {
         follow: true,
         avoid: None,
         promoted: None,
+        settle: false,
     };
 
     fn system(f: &Fixture) -> super::super::executor::System {
@@ -614,6 +766,7 @@ mod tests {
             follow: true,
             avoid: Some(c2),
             promoted: None,
+            settle: false,
         };
         let event = f.run(&system(&f), f.job(c3, Some(c1), gate, Kind::Deploy));
         assert_eq!(

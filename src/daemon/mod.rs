@@ -342,7 +342,7 @@ impl Daemon {
         let mut due = BTreeSet::new();
         for cfg in selected {
             let noop = self.opts.noop || cfg.noop;
-            let wave = crate::rollout::Wave::of(&self.config, &cfg).map(Arc::new);
+            let wave = crate::rollout::Wave::of(&self.config, &cfg, self.interval).map(Arc::new);
             let mut moved = false;
             let mut entry = match self.services.remove(&cfg.name) {
                 Some(old) => {

@@ -211,6 +211,31 @@ impl Store {
         walk().map_err(|e| self.reached_error(head, e))
     }
 
+    /// Whether `rev` is on the first-parent chain from `head` (`head` itself included): a
+    /// commit the branch itself went through, not one of a merged side branch, so the revision
+    /// a service computes there ([`Store::last_change`]) is one every machine on the branch had
+    /// or will have. Reads commits only, no trees.
+    pub fn on_first_parent_chain(&self, rev: Oid, head: Oid) -> Result<bool, GitError> {
+        let start = self
+            .repo
+            .find_commit(head)
+            .map_err(|e| self.object_error(head, e))?;
+        let walk = move || -> Result<bool, git2::Error> {
+            let mut commit = start;
+            loop {
+                if commit.id() == rev {
+                    return Ok(true);
+                }
+                commit = match commit.parent(0) {
+                    Ok(parent) => parent,
+                    Err(e) if e.code() == ErrorCode::NotFound => return Ok(false),
+                    Err(e) => return Err(e),
+                };
+            }
+        };
+        walk().map_err(|e| self.reached_error(head, e))
+    }
+
     /// How many commits on the first-parent chain from `head` back to `deployed` (exclusive)
     /// change `links`: how far a service is behind its branch, in changes of its own files.
     /// `None` when `deployed` is not on that chain (history rewritten, or a rollback target off

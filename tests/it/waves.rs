@@ -4,7 +4,9 @@
 //! once the lower ones were on it and OK for the soak; a commit whose `check` fails in wave 0
 //! holds the later waves, and the next good one walks through; a Prometheus that is down holds
 //! them, saying so, and the rollout resumes once it is back (its gap not counted as soak); an
-//! operator's promote opens the gate on one machine, once. No root needed.
+//! operator's promote opens the gate on one machine, once. A machine that joins while a newer
+//! commit waits takes the revision the lower waves are on, then follows the rollout. No root
+//! needed.
 
 use crate::support;
 
@@ -121,6 +123,12 @@ impl Machine {
     }
 
     fn start(&mut self, config: &Path) {
+        self.start_with(config, &[]);
+    }
+
+    /// Starts the daemon with `extra` arguments (`--interval 1h`: a machine that fetches at
+    /// start and then only when asked).
+    fn start_with(&mut self, config: &Path, extra: &[&str]) {
         fs::create_dir_all(&self.state).unwrap();
         let log = fs::OpenOptions::new()
             .create(true)
@@ -136,6 +144,7 @@ impl Machine {
             .arg(&self.socket)
             .arg("--metrics-address")
             .arg(format!("127.0.0.1:{}", self.metrics))
+            .args(extra)
             .env("PLUMB_LOG", "debug")
             .stdin(Stdio::null())
             .stdout(log.try_clone().unwrap())
@@ -206,13 +215,23 @@ fn own_group() -> String {
 }
 
 fn config(root: &Path, upstream: &str, prometheus: &str) -> PathBuf {
+    config_of(
+        root,
+        upstream,
+        prometheus,
+        &[("m0", 0), ("m1", 1), ("m2", 2)],
+    )
+}
+
+/// The config of `machines` (name, wave), each running `app` with a soak of [`SOAK`].
+fn config_of(root: &Path, upstream: &str, prometheus: &str, machines: &[(&str, u32)]) -> PathBuf {
     let group = own_group();
     let mut text = format!(
         "[plumb]\ninterval = \"1s\"\nprometheus = {prometheus:?}\n\
          prometheus_scrape_interval = \"1s\"\nadmin_group = {group:?}\nreadonly_group = {group:?}\n\n\
          [global]\nupstream = {upstream:?}\n"
     );
-    for (machine, wave) in [("m0", 0), ("m1", 1), ("m2", 2)] {
+    for &(machine, wave) in machines {
         text.push_str(&format!(
             "\n[[services]]\nmachine = \"{machine}\"\nservice = \"app\"\n\
              check = \"test ! -e {{dir}}/bad\"\ndirs = [{{ local = \"/srv/app\", link = \"app\" }}]\n"
@@ -431,4 +450,90 @@ fn a_rollout_walks_the_waves_and_holds_on_what_prometheus_knows() {
             .contains(&format!("plumbctl promote app lets {short6} through here"))
     });
     assert!(on(&machines[1], &c5));
+}
+
+#[test]
+fn a_new_machine_takes_what_the_lower_waves_run_while_a_newer_commit_waits() {
+    let root = temp_root();
+    let root = std::path::absolute(root.path()).unwrap();
+    let up = Upstream::new(&root, "fleet");
+    let mut machines: Vec<Machine> = ["m0", "m1", "m3"]
+        .iter()
+        .map(|n| Machine::new(&root, n))
+        .collect();
+    let ports: Vec<u16> = machines.iter().map(|m| m.metrics).collect();
+    let _prometheus = Prometheus::new(&root, &ports);
+    let config = config_of(
+        &root,
+        &up.file_url(),
+        &_prometheus.url(),
+        &[("m0", 0), ("m1", 1), ("m3", 2)],
+    );
+
+    // The lower waves on A. m0 fetches at start and then only when asked, so it stays on A.
+    up.write("app/conf", "A");
+    let a = up.commit("A");
+    machines[0].start_with(&config, &["--interval", "1h"]);
+    machines[1].start(&config);
+    wait_on(&machines, 0, &a);
+    wait_on(&machines, 1, &a);
+
+    // B waits at m1 for m0, which has not fetched it.
+    up.write("app/conf", "B");
+    let b = up.commit("B");
+    let (short_a, short_b) = (&a[..12], &b[..12]);
+    wait_notes(
+        &machines[1],
+        "m1 to hold B",
+        &[format!(
+            "waiting for wave 0: m0 on {short_a}, not {short_b}"
+        )],
+    );
+
+    // A machine joining wave 2 now takes A, where the lower waves are soaked, not nothing and
+    // not B; it says B waits, and that it is one change behind.
+    let joined = SystemTime::now();
+    machines[2].start(&config);
+    wait_on(&machines, 2, &a);
+    assert!(on(&machines[1], &a) && on(&machines[0], &a));
+    soaked(
+        machines[1].rev_time(),
+        machines[2].rev_time(),
+        "m3 on A after m1",
+    );
+    assert!(machines[2].rev_time() >= joined);
+    wait_until(
+        "m3 to say B waits and it is behind by one",
+        DEADLINE,
+        || {
+            machines[2].status().is_some_and(|s| {
+                s.behind == Some(1)
+                    && s.notes.iter().any(|n| {
+                        n.contains(&format!("plumbctl promote app lets {short_b} through here"))
+                    })
+            })
+        },
+    );
+    assert!(
+        machines[2]
+            .log()
+            .contains("nothing deployed yet: taking the revision the lower waves are on"),
+        "{}",
+        machines[2].log()
+    );
+
+    // Once m0 fetches B, the rollout walks the waves as usual, m3 last.
+    let pulled = api(
+        &machines[0].socket,
+        "POST",
+        "/v1/services/app/pull",
+        Some("{}"),
+    );
+    assert!(pulled.contains("\"ok\":true"), "{pulled}");
+    for i in 0..3 {
+        wait_on(&machines, i, &b);
+    }
+    let times: Vec<SystemTime> = machines.iter().map(Machine::rev_time).collect();
+    soaked(times[0], times[1], "m1 on B");
+    soaked(times[1], times[2], "m3 on B");
 }

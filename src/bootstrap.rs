@@ -101,6 +101,7 @@ impl Bootstrap {
             noop: false,
             wave: 0,
             soak: config::DEFAULT_SOAK,
+            soak_at: None,
         }
     }
 

@@ -23,6 +23,8 @@ pub struct Cli {
     #[arg(long = "hosts", value_delimiter = ',', global = true)]
     pub hosts: Vec<String>,
     /// Poll interval, overriding the config (e.g. "30s", "5m"); the default jitter is a tenth of it.
+    /// Like the config's, at most the soak of each of this machine's services in a rollout wave
+    /// (a longer one refuses the config).
     #[arg(long, value_parser = interval)]
     pub interval: Option<Duration>,
     /// State directory, overriding the config: stores, state files, and the checkouts of

@@ -170,6 +170,58 @@ pub struct Service {
     /// How long the lower waves must have been on a revision and OK before this machine takes it
     /// (`soak`); only meaningful in a wave above 0.
     pub soak: Duration,
+    /// Where `soak` is set in the file, `None` when it is the default: the poll interval a
+    /// daemon uses may come from its command line ([`Service::poll_every`]), after the file was
+    /// read, and a soak set shorter than it is refused at its place in the file.
+    pub soak_at: Option<Place>,
+}
+
+/// A place in the config file, for a refusal found after it was read.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Place {
+    pub path: PathBuf,
+    pub line: usize,
+    pub column: usize,
+    /// The dotted key (`services[2].soak`).
+    pub key: String,
+}
+
+impl Place {
+    /// The refusal of what is set here, as the config's own checks word it.
+    pub fn error(&self, message: impl Into<String>) -> ConfigError {
+        ConfigError::Invalid {
+            path: self.path.clone(),
+            line: self.line,
+            column: self.column,
+            key: Some(self.key.clone()),
+            message: message.into(),
+        }
+    }
+}
+
+impl Service {
+    /// The daemon polls every `interval` given on its command line (`--interval`) instead of the
+    /// config's: a soak set shorter than one poll is refused as the config's own `interval`
+    /// refuses it (the gate could not see it; the operator asked for something the daemon
+    /// cannot do), and a default soak grows to the interval as it does with the config's.
+    pub fn poll_every(&mut self, interval: Duration) -> Result<(), ConfigError> {
+        if self.wave == 0 {
+            return Ok(());
+        }
+        match &self.soak_at {
+            None => self.soak = DEFAULT_SOAK.max(interval),
+            Some(place) if self.soak < interval => {
+                return Err(place.error(format!(
+                    "{} must be at least one poll interval ({} from --interval); set a longer \
+                     soak or a shorter --interval",
+                    humantime::format_duration(self.soak),
+                    humantime::format_duration(interval)
+                )));
+            }
+            Some(_) => {}
+        }
+        Ok(())
+    }
 }
 
 /// `check`: run by `sh -c` against the staged tree of a new revision, before the live checkout
@@ -758,6 +810,15 @@ impl Cx<'_> {
             let nonempty =
                 |v: Option<Spanned<String>>| v.map(|v| v.into_inner()).filter(|v| !v.is_empty());
             let (wave, soak) = self.wave(s, &settings, &key)?;
+            let soak_at = s.soak.as_ref().map(|soak| {
+                let (line, column) = self.position(soak.span().start);
+                Place {
+                    path: self.path.to_owned(),
+                    line,
+                    column,
+                    key: key("soak"),
+                }
+            });
             services.push((
                 start,
                 Service {
@@ -779,6 +840,7 @@ impl Cx<'_> {
                     dirs,
                     wave,
                     soak,
+                    soak_at,
                 },
             ));
         }
@@ -2089,6 +2151,40 @@ wave = 3
             e,
             "plumb.toml:2:32: plumb.prometheus_bearer_token_file: is set but there is no plumb.prometheus"
         );
+    }
+
+    /// `--interval` is held to the soaks of this machine's services as `plumb.interval` is to
+    /// every service's: a soak set shorter is refused where it is set; a default one grows.
+    #[test]
+    fn a_soak_shorter_than_the_command_lines_interval_is_refused_where_it_is_set() {
+        let c = Config::parse(Path::new("plumb.toml"), WAVES).unwrap();
+        let mut services = c.services.clone();
+        for s in &mut services {
+            s.poll_every(Duration::from_secs(600)).unwrap();
+        }
+        let soaks: Vec<Duration> = services.iter().map(|s| s.soak).collect();
+        assert_eq!(
+            soaks,
+            [
+                DEFAULT_SOAK,
+                Duration::from_secs(600),
+                Duration::from_secs(600)
+            ]
+        );
+        let mut services = c.services.clone();
+        let e = services[1]
+            .poll_every(Duration::from_secs(900))
+            .unwrap_err()
+            .to_string();
+        assert_eq!(
+            e,
+            "plumb.toml:17:8: services[1].soak: 10m must be at least one poll interval (15m from \
+             --interval); set a longer soak or a shorter --interval"
+        );
+        // Wave 0 waits for nobody: any interval.
+        services[0].poll_every(Duration::from_secs(3600)).unwrap();
+        assert_eq!(services[0].soak, DEFAULT_SOAK);
+        assert_eq!(services[2].soak_at, None);
     }
 
     #[test]

@@ -264,6 +264,17 @@ fn read_config(opts: &Options) -> Result<(Config, Option<String>), ConfigError> 
     Ok((config, text))
 }
 
+/// `--interval` for `selected`: a soak set shorter than it refuses the config, at start as at a
+/// reload (which keeps the running one), like a `plumb.interval` longer than a soak.
+fn poll_every(opts: &Options, selected: &mut [config::Service]) -> Result<(), ConfigError> {
+    if let Some(interval) = opts.interval {
+        for s in selected {
+            s.poll_every(interval)?;
+        }
+    }
+    Ok(())
+}
+
 /// This machine's services in `config`, and plumb itself in bootstrap mode.
 fn select(
     opts: &Options,
@@ -272,10 +283,13 @@ fn select(
 ) -> Result<Vec<config::Service>, BootstrapError> {
     let hosts = config.machine_names(&opts.hosts);
     let Some(b) = &opts.bootstrap else {
-        return Ok(config.select(&hosts)?);
+        let mut selected = config.select(&hosts)?;
+        poll_every(opts, &mut selected)?;
+        return Ok(selected);
     };
     bootstrap::validate(config, &opts.hosts)?;
     let mut selected = config.select(&hosts)?;
+    poll_every(opts, &mut selected)?;
     let machine = hosts.first().map(String::as_str).unwrap_or("localhost");
     selected.push(b.service(
         machine,

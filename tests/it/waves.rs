@@ -4,7 +4,8 @@
 //! once the lower ones were on it and OK for the soak; a commit whose `check` fails in wave 0
 //! holds the later waves, and the next good one walks through; a Prometheus that is down holds
 //! them, saying so, and the rollout resumes once it is back (its gap not counted as soak); an
-//! operator's promote opens the gate on one machine, once. A machine that joins while a newer
+//! operator's promote opens the gate on one machine, once. A `--interval` longer than a soak
+//! is refused like a bad config, at start and at a reload. A machine that joins while a newer
 //! commit waits takes the revision the lower waves are on, then follows the rollout. No root
 //! needed.
 
@@ -536,4 +537,73 @@ fn a_new_machine_takes_what_the_lower_waves_run_while_a_newer_commit_waits() {
     let times: Vec<SystemTime> = machines.iter().map(Machine::rev_time).collect();
     soaked(times[0], times[1], "m1 on B");
     soaked(times[1], times[2], "m3 on B");
+}
+
+/// A soak shorter than the daemon's `--interval` could not be seen by its polls: refused like
+/// a bad config, where the soak is set, at start (the daemon exits) and at a reload (the daemon
+/// keeps the config it runs, saying why).
+#[test]
+fn an_interval_longer_than_a_soak_is_refused_at_start_and_at_reload() {
+    let root = temp_root();
+    let root = std::path::absolute(root.path()).unwrap();
+    let up = Upstream::new(&root, "fleet");
+    up.write("app/conf", "1");
+    up.commit("one");
+    // Nothing listens there: the gate is never asked in this test.
+    let nowhere = format!("http://127.0.0.1:{}", free_port());
+    let config = config_of(&root, &up.file_url(), &nowhere, &[("m0", 0), ("m1", 1)]);
+    let mut m1 = Machine::new(&root, "m1");
+
+    fs::create_dir_all(&m1.state).unwrap();
+    let mut refused = Command::new(env!("CARGO_BIN_EXE_plumb"))
+        .arg("-c")
+        .arg(&config)
+        .args([
+            "--hosts",
+            "m1",
+            "--no-apply",
+            "--interval",
+            "10s",
+            "--state-dir",
+        ])
+        .arg(&m1.state)
+        .arg("--socket")
+        .arg(&m1.socket)
+        .arg("--metrics-address")
+        .arg(format!("127.0.0.1:{}", m1.metrics))
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    wait_until("the daemon to refuse to start", DEADLINE, || {
+        refused.try_wait().unwrap().is_some()
+    });
+    let out = refused.wait_with_output().unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "{stderr}");
+    assert!(
+        stderr.contains(
+            "services[1].soak: 3s must be at least one poll interval (10s from --interval)"
+        ),
+        "{stderr}"
+    );
+
+    // Accepted with a soak of at least --interval; a reload that shortens it is refused, and
+    // the daemon goes on with what it runs.
+    m1.start_with(&config, &["--interval", "2s"]);
+    let text = fs::read_to_string(&config).unwrap();
+    fs::write(&config, text.replace("soak = \"3s\"", "soak = \"1s\"")).unwrap();
+    let pid = nix::unistd::Pid::from_raw(m1.process.as_ref().unwrap().0.id() as i32);
+    nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGHUP).unwrap();
+    wait_notes(
+        &m1,
+        "the reload to be refused",
+        &[
+            "config refused, running on the last accepted one: ".to_owned(),
+            "services[1].soak: 1s must be at least one poll interval (2s from --interval)"
+                .to_owned(),
+        ],
+    );
+    assert!(m1.process.as_mut().unwrap().0.try_wait().unwrap().is_none());
 }

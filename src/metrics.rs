@@ -35,9 +35,10 @@ pub struct Metrics {
     refused_total: IntCounterVec,
     config_ok: IntGauge,
     rollout_waiting: IntGaugeVec,
-    /// The machine label each service's state and rollout series carry now, so a change of it
-    /// (a reload) removes the old ones.
-    machines: Mutex<HashMap<String, String>>,
+    wave: IntGaugeVec,
+    /// The machine label each service's state and rollout series carry now, and its wave, so a
+    /// change of either (a reload) removes the old ones.
+    machines: Mutex<HashMap<String, (String, u32)>>,
     /// The services seen, each with the hash series it has now (machine, hash), so the old one
     /// can be removed.
     services: Mutex<HashMap<String, Option<(String, String)>>>,
@@ -136,6 +137,11 @@ impl Metrics {
                 "1 while a new revision waits for the lower rollout waves (or for Prometheus to say they soaked).",
                 &["service", "machine"],
             ),
+            wave: gauge(
+                "plumb_service_wave_info",
+                "The service's rollout wave on this machine (the config's wave, 0 without): one series, value 1, to group machines by wave.",
+                &["service", "machine", "wave"],
+            ),
             machines: Mutex::new(HashMap::new()),
             change_time: float(
                 "plumb_service_change_timestamp_seconds",
@@ -193,10 +199,17 @@ impl Metrics {
         })
     }
 
-    /// Brings one service's series in line with its state. A service seen for the first time
-    /// gets its counters at 0, so a query over them has a series before the first apply or
-    /// refusal (`increase` needs one).
-    pub fn service(&self, name: &str, machine: &str, s: &service::Service, behind: Option<u64>) {
+    /// Brings one service's series in line with its state and its rollout `wave`. A service seen
+    /// for the first time gets its counters at 0, so a query over them has a series before the
+    /// first apply or refusal (`increase` needs one).
+    pub fn service(
+        &self,
+        name: &str,
+        machine: &str,
+        wave: u32,
+        s: &service::Service,
+        behind: Option<u64>,
+    ) {
         let mut services = self.services.lock().unwrap_or_else(|e| e.into_inner());
         let now = s.deployed().map(|d| (machine.to_owned(), d.to_string()));
         let before = match services.get_mut(name) {
@@ -224,10 +237,13 @@ impl Metrics {
             .machines
             .lock()
             .unwrap_or_else(|e| e.into_inner())
-            .insert(name.to_owned(), machine.to_owned());
-        if let Some(old) = old.filter(|m| m != machine) {
-            self.forget_machine(name, &old);
+            .insert(name.to_owned(), (machine.to_owned(), wave));
+        if let Some((m, w)) = old.filter(|(m, w)| m != machine || *w != wave) {
+            self.forget_machine(name, &m, w);
         }
+        self.wave
+            .with_label_values(&[name, machine, &wave.to_string()])
+            .set(1);
         for state in State::ALL {
             self.state
                 .with_label_values(&[name, machine, state.as_str()])
@@ -276,8 +292,8 @@ impl Metrics {
             .lock()
             .unwrap_or_else(|e| e.into_inner())
             .remove(name);
-        if let Some(machine) = machine {
-            self.forget_machine(name, &machine);
+        if let Some((machine, wave)) = machine {
+            self.forget_machine(name, &machine, wave);
         }
         for g in [&self.behind, &self.frozen, &self.noop] {
             let _ = g.remove_label_values(&[name]);
@@ -287,8 +303,11 @@ impl Metrics {
         }
     }
 
-    /// Removes a service's series labelled with `machine`.
-    fn forget_machine(&self, name: &str, machine: &str) {
+    /// Removes a service's series labelled with `machine` (and `wave`).
+    fn forget_machine(&self, name: &str, machine: &str, wave: u32) {
+        let _ = self
+            .wave
+            .remove_label_values(&[name, machine, &wave.to_string()]);
         for state in State::ALL {
             let _ = self
                 .state
@@ -420,8 +439,8 @@ mod tests {
     #[test]
     fn one_hash_series_per_service_and_one_state_set() {
         let m = Metrics::new();
-        m.service("nginx", "web1", &deployed(1), Some(0));
-        m.service("nginx", "web1", &deployed(2), Some(0));
+        m.service("nginx", "web1", 0, &deployed(1), Some(0));
+        m.service("nginx", "web1", 0, &deployed(2), Some(0));
         let text = m.render();
         let hashes: Vec<&str> = text
             .lines()
@@ -443,6 +462,23 @@ mod tests {
             text.contains("plumb_service_rollout_waiting{machine=\"web1\",service=\"nginx\"} 0"),
             "{text}"
         );
+        assert!(
+            text.contains(
+                "plumb_service_wave_info{machine=\"web1\",service=\"nginx\",wave=\"0\"} 1"
+            ),
+            "{text}"
+        );
+        // Another wave after a reload: one series, the new one.
+        m.service("nginx", "web1", 2, &deployed(2), Some(0));
+        let text = m.render();
+        let waves: Vec<&str> = text
+            .lines()
+            .filter(|l| l.starts_with("plumb_service_wave_info{"))
+            .collect();
+        assert_eq!(
+            waves,
+            ["plumb_service_wave_info{machine=\"web1\",service=\"nginx\",wave=\"2\"} 1"]
+        );
         assert!(text.contains("plumb_build_info{version="), "{text}");
         // Times of day follow Prometheus' naming, `*_timestamp_seconds`, every one of them.
         let times: Vec<&str> = text
@@ -462,7 +498,7 @@ mod tests {
     #[test]
     fn counters_are_at_zero_before_their_first_event() {
         let m = Metrics::new();
-        m.service("nginx", "web1", &deployed(1), None);
+        m.service("nginx", "web1", 0, &deployed(1), None);
         let text = m.render();
         for line in [
             "plumb_apply_total{result=\"ok\",service=\"nginx\"} 0",
@@ -473,7 +509,7 @@ mod tests {
             assert!(text.contains(line), "{line} in\n{text}");
         }
         m.applied("nginx", false);
-        m.service("nginx", "web1", &deployed(1), None);
+        m.service("nginx", "web1", 0, &deployed(1), None);
         assert!(
             m.render()
                 .contains("plumb_apply_total{result=\"error\",service=\"nginx\"} 1"),

@@ -888,7 +888,7 @@ impl Daemon {
     /// Brings the service's metrics in line with its state.
     fn observe(&self, name: &str) {
         if let (Some(m), Some(e)) = (&self.opts.metrics, self.services.get(name)) {
-            m.service(name, &e.config.machine, &e.state, e.behind);
+            m.service(name, &e.config.machine, e.config.wave, &e.state, e.behind);
         }
     }
 

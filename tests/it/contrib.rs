@@ -1,6 +1,6 @@
 //! The monitoring files shipped in `contrib/`: the alert rules pass `promtool check rules` and their
 //! own `promtool test rules` cases (each alert fires when it should and not before), and every
-//! metric the Grafana dashboard queries is one plumb exports.
+//! query of the Grafana dashboard is PromQL that `promtool` accepts, on metrics plumb exports.
 
 use std::path::Path;
 use std::process::Command;
@@ -38,7 +38,7 @@ fn alert_rules_are_valid_and_fire_when_they_should() {
 fn exported() -> Vec<String> {
     let m = Metrics::new();
     let s = plumb::service::Service::deployed_at(Oid::from_bytes(&[1; 20]).unwrap(), 1);
-    m.service("nginx", "web1", &s, Some(0));
+    m.service("nginx", "web1", 1, &s, Some(0));
     m.fetched(
         "https://git.example.org/ops.git",
         true,
@@ -84,6 +84,38 @@ fn the_dashboard_queries_only_metrics_plumb_exports() {
         }
     }
     assert!(queried >= 7, "{queried}");
-    // The rollout view is there: machines per deployed hash.
+    // The rollout view is there: machines per deployed hash, and per wave.
     assert!(text.contains("count by (service, hash) (plumb_service_hash"));
+    assert!(text.contains("count by (service, wave, hash) (plumb_service_hash"));
+    assert!(
+        text.contains("group_left (wave) max by (service, machine, wave) (plumb_service_wave_info")
+    );
+}
+
+/// Every query of the dashboard parses: each one, with Grafana's variables filled in, as a
+/// recording rule that `promtool check rules` reads.
+#[test]
+fn the_dashboards_queries_are_promql() {
+    let text = std::fs::read_to_string(contrib("grafana/plumb-dashboard.json")).unwrap();
+    let dashboard: serde_json::Value = serde_json::from_str(&text).unwrap();
+    let mut rules = String::from("groups:\n  - name: dashboard\n    rules:\n");
+    for panel in dashboard["panels"].as_array().unwrap() {
+        for target in panel["targets"].as_array().unwrap() {
+            let expr = target["expr"]
+                .as_str()
+                .unwrap()
+                .replace("$service", ".*")
+                .replace("$__rate_interval", "5m");
+            rules.push_str(&format!(
+                "      - record: dashboard_panel_{}_{}\n        expr: {}\n",
+                panel["id"],
+                target["refId"].as_str().unwrap(),
+                serde_json::Value::String(expr)
+            ));
+        }
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("dashboard-rules.yml");
+    std::fs::write(&file, rules).unwrap();
+    promtool(&["check", "rules", file.to_str().unwrap()]);
 }

@@ -5,7 +5,8 @@
 //! holds the later waves, and the next good one walks through; a Prometheus that is down holds
 //! them, saying so, and the rollout resumes once it is back (its gap not counted as soak); an
 //! operator's promote opens the gate on one machine, once. A `--interval` longer than a soak
-//! is refused like a bad config, at start and at a reload. A machine that joins while a newer
+//! is refused like a bad config, at start and at a reload. The dashboard's wave panel is asked of
+//! the same Prometheus. A machine that joins while a newer
 //! commit waits takes the revision the lower waves are on, then follows the rollout. No root
 //! needed.
 
@@ -101,6 +102,37 @@ impl Prometheus {
     fn stop(&mut self) {
         self.process = None;
     }
+
+    /// The answer of an instant query, as JSON text.
+    fn query(&self, expr: &str) -> String {
+        let out = Command::new("curl")
+            .args(["-s", "--max-time", "5", "--data-urlencode"])
+            .arg(format!("query={expr}"))
+            .arg(format!("{}/api/v1/query", self.url()))
+            .output()
+            .unwrap();
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    }
+}
+
+/// The query `ref_id` of the shipped dashboard's panel `id`, for every service.
+fn dashboard_query(id: u64, ref_id: &str) -> String {
+    let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("contrib/grafana/plumb-dashboard.json");
+    let dashboard: serde_json::Value =
+        serde_json::from_str(&fs::read_to_string(path).unwrap()).unwrap();
+    let panel = dashboard["panels"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|p| p["id"] == id)
+        .unwrap();
+    let target = panel["targets"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|t| t["refId"] == ref_id)
+        .unwrap();
+    target["expr"].as_str().unwrap().replace("$service", ".*")
 }
 
 /// One machine: a daemon with its own name, state directory, socket and metrics address.
@@ -319,6 +351,16 @@ fn a_rollout_walks_the_waves_and_holds_on_what_prometheus_knows() {
     let times: Vec<SystemTime> = machines.iter().map(Machine::rev_time).collect();
     soaked(times[0], times[1], "m1 on the first commit");
     soaked(times[1], times[2], "m2 on the first commit");
+    // The dashboard's wave panel, asked of this Prometheus: one machine per wave, on c1.
+    let panel = dashboard_query(8, "A");
+    wait_until("the wave panel to show each wave on c1", DEADLINE, || {
+        let answer = prometheus.query(&panel);
+        (0..3).all(|w| {
+            answer.contains(&format!(
+                "{{\"hash\":\"{c1}\",\"service\":\"app\",\"wave\":\"{w}\"}},\"value\":["
+            ))
+        }) && answer.matches("\"1\"]").count() == 3
+    });
     // Every per-service series carries the machine, so the gate does not depend on scrape labels.
     assert!(
         machines[1]
@@ -352,6 +394,16 @@ fn a_rollout_walks_the_waves_and_holds_on_what_prometheus_knows() {
             .metrics()
             .contains("plumb_service_rollout_waiting{machine=\"m1\",service=\"app\"} 1")
     );
+    let waiting = dashboard_query(8, "B");
+    let series = format!("{{\"hash\":\"{c1}\",\"service\":\"app\",\"wave\":\"1\"}}");
+    wait_until("the wave panel to count m1 waiting on c1", DEADLINE, || {
+        let answer = prometheus.query(&waiting);
+        answer.find(&series).is_some_and(|i| {
+            answer[i..]
+                .split_once(']')
+                .is_some_and(|(v, _)| v.ends_with("\"1\""))
+        })
+    });
     assert!(on(&machines[2], &c1));
     assert_eq!(
         machines[0].status().unwrap().state,

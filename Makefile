@@ -21,12 +21,13 @@ lint:
 	RUSTDOCFLAGS="-D warnings" cargo doc --no-deps
 
 # One machine's costs, how they grow with services, push-to-applied latency in a container, a simulated
-# fleet: each appends its table to bench/RESULTS.md.
+# fleet and one rolling out through waves: each appends its table to bench/RESULTS.md.
 bench: deps
 	bash bench/machine.sh
 	bash bench/scale.sh
 	bash bench/push-latency.sh
 	bash bench/fleet.sh
+	bash bench/waves.sh
 
 # Every fuzz target (fuzz/) for 10 minutes each; `bash scripts/fuzz.sh SECONDS [TARGET...]` for other runs.
 fuzz:

@@ -87,8 +87,9 @@ pub enum Event {
     /// An operator's `pull --force`: the next deploy may drop local edits.
     Force,
     /// The last checkout did not finish (a crash, a full disk): what is on disk may be neither
-    /// revision, so the next deploy rewrites it, as `pull --force` would, rather than taking the
-    /// difference for local edits.
+    /// revision, so the next fetch rewrites it whole at the head rather than taking the difference
+    /// for local edits, through the gates a deploy of the head passes; when they hold or refuse
+    /// the head, it is rewritten at `synced`, the last head saved, instead.
     Interrupted,
     /// An operator's `pull`: a refused head or revision is tried again at the fetch the pull makes.
     Retry,
@@ -322,6 +323,9 @@ pub struct Service {
     /// The next deploy may drop local edits (`pull --force`).
     #[serde(skip)]
     force: bool,
+    /// The last checkout was cut short and is not rewritten yet (see [`Event::Interrupted`]).
+    #[serde(skip)]
+    interrupted: bool,
     /// A rebuilt checkout is on its way (wipe): once it is in place the unit is applied again,
     /// whatever the revision, since its mounts must move onto the new directories.
     #[serde(skip)]
@@ -382,6 +386,7 @@ impl Service {
             rejected: None,
             drift: Vec::new(),
             force: false,
+            interrupted: false,
             rebuilding: false,
             upstream: None,
             unreachable: None,
@@ -503,6 +508,8 @@ impl Service {
     pub fn handle(&mut self, event: Event, now: u64) -> Vec<Effect> {
         let before = self.clone();
         let mut effects = Vec::new();
+        // A restore of a checkout cut short is judged as a deploy of the head would be.
+        let mut restore_follows = false;
         match event {
             Event::Fetched { branch, head: None } => {
                 self.upstream = None;
@@ -530,7 +537,16 @@ impl Service {
                 self.upstream = Some(head);
                 self.unreachable = None;
                 // A failed checkout leaves `synced` behind, so it is retried here every tick.
-                if self.frozen {
+                if self.interrupted && !self.noop && !self.frozen {
+                    // Rewritten whole at the head, through the gates a deploy of the head passes
+                    // (history, the rollout wave): held or refused, it goes back to `synced`.
+                    restore_follows = true;
+                    effects.push(Effect::Restore {
+                        head,
+                        deployed: self.deployed,
+                        gate: Gate::default(),
+                    });
+                } else if self.frozen {
                     if self.state == State::Diff {
                         let info = self.resting_info();
                         self.set(State::Freeze, info, now);
@@ -587,6 +603,7 @@ impl Service {
                 self.synced = Some(head);
                 self.last_sync = Some(now);
                 self.waiting = None;
+                self.interrupted = false;
                 if revision.is_some() && revision == self.promoted {
                     // Through the gate once; the next revision waits again.
                     self.promoted = None;
@@ -682,6 +699,7 @@ impl Service {
                 self.rebuilding = false;
                 self.waiting = None;
                 self.refused(head, revision, why, now);
+                effects.extend(self.put_back());
             }
             Event::Held {
                 head,
@@ -699,6 +717,7 @@ impl Service {
                     revision,
                     why,
                 });
+                effects.extend(self.put_back());
             }
             Event::Promote => {
                 if let Some(w) = self.waiting.as_ref().filter(|_| !self.frozen && !self.noop) {
@@ -745,7 +764,8 @@ impl Service {
                 }
                 self.drift = files;
             }
-            Event::Force | Event::Interrupted => self.force = true,
+            Event::Force => self.force = true,
+            Event::Interrupted => self.interrupted = true,
             Event::Resumed { applied } => match (self.deployed, applied) {
                 (None, _) => {}
                 _ if self.noop => {}
@@ -814,6 +834,7 @@ impl Service {
                 );
             }
         }
+        let restore_follows = restore_follows;
         let gate = |head: Oid, follows: bool| {
             let follow = follows && self.pinned.is_none() && self.upstream == Some(head);
             Gate {
@@ -828,7 +849,7 @@ impl Service {
                 Effect::Deploy { head, gate: g, .. } | Effect::Preview { head, gate: g, .. } => {
                     *g = gate(*head, true);
                 }
-                Effect::Restore { head, gate: g, .. } => *g = gate(*head, false),
+                Effect::Restore { head, gate: g, .. } => *g = gate(*head, restore_follows),
                 _ => {}
             }
         }
@@ -836,6 +857,19 @@ impl Service {
             effects.push(Effect::Persist);
         }
         effects
+    }
+
+    /// A checkout cut short whose head was held or refused: rewritten at `synced`, the last head
+    /// saved, so the files are whole again without letting the head through.
+    fn put_back(&mut self) -> Option<Effect> {
+        if !std::mem::take(&mut self.interrupted) {
+            return None;
+        }
+        Some(Effect::Restore {
+            head: self.synced?,
+            deployed: self.deployed,
+            gate: Gate::default(),
+        })
     }
 
     /// Goes back to the last good revision after `revision` failed its apply or health check;
@@ -1039,6 +1073,7 @@ impl Service {
             waiting: None,
             drift: Vec::new(),
             force: false,
+            interrupted: false,
             rebuilding: false,
             last_sync: None,
             synced: if files_stayed { None } else { s.synced },
@@ -2413,6 +2448,63 @@ mod tests {
         let fx = s.handle(Event::Rollback { target: oid(2) }, 11);
         assert!(
             matches!(fx[..], [Effect::Deploy { gate, .. }, ..] if !gate.settle),
+            "{fx:?}"
+        );
+    }
+
+    #[test]
+    fn a_checkout_cut_short_is_rewritten_at_the_head_through_its_gates_or_put_back() {
+        // Rewritten at the head, judged as a deploy of the head (it follows the branch).
+        let mut s = deployed();
+        s.handle(Event::Interrupted, 11);
+        let fx = s.handle(fetched(Some(oid(2))), 12);
+        assert!(
+            matches!(fx[..], [Effect::Restore { head, gate, .. }] if head == oid(2) && gate.follow),
+            "{fx:?}"
+        );
+        // The rollout wave holds the head: the files go back to the last saved head, whole.
+        let fx = s.handle(
+            Event::Held {
+                head: oid(2),
+                revision: oid(2),
+                why: "waiting for wave 0".into(),
+            },
+            13,
+        );
+        assert!(
+            matches!(fx[..], [Effect::Restore { head, gate, .. }] if head == oid(1) && !gate.follow),
+            "{fx:?}"
+        );
+        in_place(&mut s, 1, 14);
+        // Then the head is a deploy like any other, gated again.
+        let fx = s.handle(fetched(Some(oid(2))), 15);
+        assert!(
+            matches!(fx[..], [Effect::Deploy { head, gate, .. }] if head == oid(2) && gate.follow),
+            "{fx:?}"
+        );
+        // Refused (a rewritten history), the same.
+        let mut s = deployed();
+        s.handle(Event::Interrupted, 11);
+        s.handle(fetched(Some(oid(2))), 12);
+        let fx = s.handle(
+            Event::Refused {
+                head: oid(2),
+                revision: None,
+                why: Refusal::Rewritten("history rewritten".into()),
+            },
+            13,
+        );
+        assert!(
+            fx.iter()
+                .any(|e| matches!(e, Effect::Restore { head, .. } if *head == oid(1))),
+            "{fx:?}"
+        );
+        // An operator's pull --force is never gated.
+        let mut s = deployed();
+        s.handle(Event::Force, 11);
+        let fx = s.handle(fetched(Some(oid(2))), 12);
+        assert!(
+            matches!(fx[..], [Effect::Restore { head, gate, .. }] if head == oid(2) && !gate.follow),
             "{fx:?}"
         );
     }

@@ -362,9 +362,14 @@ fn deploy_at(
             svc.user.as_deref(),
         )?;
     }
+    // Written when it names another revision than the one in place (or is missing): also after
+    // a checkout cut short was put back at the last saved head, whose `.rev` may name the newer
+    // revision that never finished. Never rewritten with the same content: the `.path` unit
+    // would apply again.
     let rev_file = layout.service_rev(&svc.name);
+    let named = std::fs::read_to_string(&rev_file).ok();
     if let Some(rev) = revision
-        && (revision != job.deployed || !rev_file.exists())
+        && named.as_deref().map(str::trim) != Some(rev.to_string().as_str())
     {
         layout::write_atomic(&rev_file, format!("{rev}\n").as_bytes()).map_err(|source| {
             DeployError::Io {
@@ -376,8 +381,8 @@ fn deploy_at(
     Ok(Deployed::Done { revision })
 }
 
-/// The rollout wave's gate: a new revision of the branch head (not a rollback, a restore or a
-/// wipe; not one already deployed; not one an operator promoted) waits until Prometheus shows
+/// The rollout wave's gate: a new revision of the branch head (not a rollback, an operator's
+/// restore or a wipe; not one already deployed; not one an operator promoted) waits until Prometheus shows
 /// every machine of the lower waves on it and OK for the soak. Blocking: one or two queries.
 fn wave_gate(
     job: &DeployJob,
@@ -387,8 +392,10 @@ fn wave_gate(
     let (Some(wave), Some(revision)) = (&job.wave, revision) else {
         return Ok(());
     };
+    // A restore that follows the branch is a checkout cut short being rewritten at the head:
+    // gated like the deploy it finishes (an operator's pull --force does not follow).
     if !job.gate.follow
-        || job.kind != Kind::Deploy
+        || !matches!(job.kind, Kind::Deploy | Kind::Restore)
         || Some(revision) == job.deployed
         || Some(revision) == job.gate.promoted
     {

@@ -780,7 +780,9 @@ impl Daemon {
                         m.refused(&name, why.reason());
                     }
                     let deployed = matches!(event, Event::Deployed { .. });
-                    self.feed(&name, event, now, tx);
+                    // A checkout cut short whose head was held or refused is put back now.
+                    let jobs = self.feed(&name, event, now, tx);
+                    self.queue(&name, jobs);
                     // The state machine asked for a write if the deploy changed what is kept on
                     // disk; one that failed earlier is tried again. Until it worked, the marker
                     // stays for the next start.

@@ -591,6 +591,61 @@ fn a_new_machine_takes_what_the_lower_waves_run_while_a_newer_commit_waits() {
     soaked(times[1], times[2], "m3 on B");
 }
 
+/// A checkout cut short (its `.deploying` mark left, a file half written) is rewritten whole at
+/// the next fetch, through the gate a deploy of the head passes: while the head waits for the
+/// lower wave, the checkout goes back to the last revision saved, not on to the head.
+#[test]
+fn a_checkout_cut_short_goes_back_to_the_last_saved_revision_while_the_head_waits() {
+    let root = temp_root();
+    let root = std::path::absolute(root.path()).unwrap();
+    let up = Upstream::new(&root, "fleet");
+    let mut machines: Vec<Machine> = ["m0", "m1"]
+        .iter()
+        .map(|n| Machine::new(&root, n))
+        .collect();
+    let ports: Vec<u16> = machines.iter().map(|m| m.metrics).collect();
+    let prometheus = Prometheus::new(&root, &ports);
+    let config = config_of(
+        &root,
+        &up.file_url(),
+        &prometheus.url(),
+        &[("m0", 0), ("m1", 1)],
+    );
+    up.write("app/conf", "A");
+    let a = up.commit("A");
+    // m0 fetches at start and then only when asked, so it stays on A.
+    machines[0].start_with(&config, &["--interval", "1h"]);
+    machines[1].start(&config);
+    wait_on(&machines, 0, &a);
+    wait_on(&machines, 1, &a);
+
+    // m1 stops in the middle of a checkout: its mark stays, a file is half written.
+    machines[1].process = None;
+    let live = machines[1].state.join("checkouts/app/app/conf");
+    let mark = machines[1].state.join("state/app.deploying");
+    fs::write(&live, "B, half").unwrap();
+    fs::write(&mark, "0000000000000000000000000000000000000000\n").unwrap();
+    up.write("app/conf", "B");
+    let b = up.commit("B");
+
+    machines[1].start(&config);
+    wait_until("m1's checkout to be whole again", DEADLINE, || {
+        fs::read_to_string(&live).is_ok_and(|c| c == "A") && !mark.exists()
+    });
+    assert!(on(&machines[1], &a), "{}", machines[1].log());
+    wait_notes(
+        &machines[1],
+        "m1 to hold B",
+        &[format!(
+            "waiting for wave 0: m0 on {}, not {}",
+            &a[..12],
+            &b[..12]
+        )],
+    );
+    assert_eq!(fs::read_to_string(&live).unwrap(), "A");
+    assert!(on(&machines[1], &a));
+}
+
 /// A soak shorter than the daemon's `--interval` could not be seen by its polls: refused like
 /// a bad config, where the soak is set, at start (the daemon exits) and at a reload (the daemon
 /// keeps the config it runs, saying why).

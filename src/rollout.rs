@@ -34,7 +34,6 @@ use std::path::PathBuf;
 use std::sync::OnceLock;
 use std::time::Duration;
 
-use base64::Engine;
 use serde::Deserialize;
 
 use crate::config::{self, Config};
@@ -100,6 +99,8 @@ pub struct Asked {
 pub enum PrometheusError {
     #[error("{0}")]
     Http(#[source] Box<ureq::Error>),
+    #[error("{0}")]
+    Tls(String),
     #[error("cannot read the bearer token file {path}")]
     Token {
         path: PathBuf,
@@ -285,8 +286,8 @@ impl Wave {
 
     /// One instant query, now.
     fn query(&self, query: &str) -> Result<Vec<Sample>, PrometheusError> {
-        let (base, basic) = split_credentials(&self.prometheus.url);
-        let agent = agent(base.starts_with("https:"));
+        let (base, basic) = git::split_credentials(&self.prometheus.url);
+        let agent = agent(base.starts_with("https:")).map_err(PrometheusError::Tls)?;
         let mut post = agent.post(format!("{base}/api/v1/query"));
         if let Some(path) = &self.prometheus.bearer_token_file {
             let token = std::fs::read_to_string(path).map_err(|source| PrometheusError::Token {
@@ -441,85 +442,24 @@ fn regex_escape(text: &str) -> String {
     out
 }
 
-/// `http://user:pass@host/...` as the URL without the credentials and a basic `Authorization`.
-fn split_credentials(url: &str) -> (String, Option<String>) {
-    let Some((scheme, rest)) = url.split_once("://") else {
-        return (url.to_owned(), None);
+/// One agent per scheme for the daemon's life (connections kept between queries), with git's
+/// TLS ([`git::tls_config`]): rustls on ring and the system's CA roots, read once for both.
+fn agent(tls: bool) -> Result<&'static ureq::Agent, String> {
+    static PLAIN: OnceLock<Result<ureq::Agent, String>> = OnceLock::new();
+    static SECURE: OnceLock<Result<ureq::Agent, String>> = OnceLock::new();
+    let build = || {
+        git::tls_config(tls).map(|config| {
+            ureq::Agent::config_builder()
+                .tls_config(config)
+                .user_agent(concat!("plumb/", env!("CARGO_PKG_VERSION")))
+                .http_status_as_error(false)
+                .max_redirects(0)
+                .build()
+                .new_agent()
+        })
     };
-    let (authority, path) = rest.split_at(rest.find('/').unwrap_or(rest.len()));
-    let Some((userinfo, host)) = authority.rsplit_once('@') else {
-        return (url.to_owned(), None);
-    };
-    let (user, password) = userinfo.split_once(':').unwrap_or((userinfo, ""));
-    let decode = |s: &str| percent_decode(s);
-    let basic = format!(
-        "Basic {}",
-        base64::engine::general_purpose::STANDARD.encode(format!(
-            "{}:{}",
-            decode(user),
-            decode(password)
-        ))
-    );
-    (format!("{scheme}://{host}{path}"), Some(basic))
-}
-
-fn percent_decode(s: &str) -> String {
-    let bytes = s.as_bytes();
-    let mut out = Vec::with_capacity(bytes.len());
-    let mut i = 0;
-    while i < bytes.len() {
-        if bytes[i] == b'%'
-            && let Some(b) = s
-                .get(i + 1..i + 3)
-                .and_then(|h| u8::from_str_radix(h, 16).ok())
-        {
-            out.push(b);
-            i += 3;
-            continue;
-        }
-        out.push(bytes[i]);
-        i += 1;
-    }
-    String::from_utf8_lossy(&out).into_owned()
-}
-
-/// One agent per scheme for the daemon's life (connections kept between queries). https uses
-/// the system's CA roots and rustls on ring, like the git transport.
-fn agent(tls: bool) -> &'static ureq::Agent {
-    static PLAIN: OnceLock<ureq::Agent> = OnceLock::new();
-    static SECURE: OnceLock<ureq::Agent> = OnceLock::new();
-    let build = |tls: bool| {
-        let mut config = ureq::tls::TlsConfig::builder()
-            .provider(ureq::tls::TlsProvider::Rustls)
-            .unversioned_rustls_crypto_provider(crypto());
-        if tls {
-            let found = rustls_native_certs::load_native_certs();
-            let roots: Vec<ureq::tls::Certificate<'static>> = found
-                .certs
-                .iter()
-                .map(|der| ureq::tls::Certificate::from_der(der.as_ref()).to_owned())
-                .collect();
-            config = config.root_certs(ureq::tls::RootCerts::new_with_certs(&roots));
-        }
-        ureq::Agent::config_builder()
-            .tls_config(config.build())
-            .user_agent(concat!("plumb/", env!("CARGO_PKG_VERSION")))
-            .http_status_as_error(false)
-            .max_redirects(0)
-            .build()
-            .new_agent()
-    };
-    if tls {
-        SECURE.get_or_init(|| build(true))
-    } else {
-        PLAIN.get_or_init(|| build(false))
-    }
-}
-
-/// ring as rustls' crypto, as for git's https (see `git::transport::http`).
-#[allow(deprecated)]
-fn crypto() -> std::sync::Arc<rustls::crypto::CryptoProvider> {
-    std::sync::Arc::new(rustls::crypto::ring::default_provider())
+    let agent = if tls { &SECURE } else { &PLAIN };
+    agent.get_or_init(build).as_ref().map_err(Clone::clone)
 }
 
 #[cfg(test)]
@@ -642,16 +582,16 @@ mod tests {
 
     #[test]
     fn credentials_leave_the_url() {
-        let (url, auth) = split_credentials("http://u:p%40ss@prom:9090/x");
+        let (url, auth) = git::split_credentials("http://u:p%40ss@prom:9090/x");
         assert_eq!(url, "http://prom:9090/x");
         assert_eq!(
             auth,
             Some(format!(
                 "Basic {}",
-                base64::engine::general_purpose::STANDARD.encode("u:p@ss")
+                base64::Engine::encode(&base64::engine::general_purpose::STANDARD, "u:p@ss")
             ))
         );
-        assert_eq!(split_credentials("http://prom:9090").1, None);
+        assert_eq!(git::split_credentials("http://prom:9090").1, None);
         assert_eq!(
             wave().shown_url(),
             git::redact_url("http://u:p%40ss@prom:9090")

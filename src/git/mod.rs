@@ -109,6 +109,7 @@ pub use drift::DriftChecks;
 pub use git2::Oid;
 pub use history::{FileChange, under_links};
 pub use inspect::{DEFAULT_MAX_FILE_SIZE, Limits, human_size, name_problem};
+pub(crate) use transport::{split_credentials, tls_config};
 pub use url::{redact_url, repository_key, store_id};
 pub use verify::Trust;
 

@@ -225,8 +225,9 @@ impl Write for Exchange {
     }
 }
 
-/// `scheme://user:password@host/path/` -> (`scheme://host/path`, `Basic ...`).
-fn split_credentials(url: &str) -> (String, Option<String>) {
+/// `scheme://user:password@host/path/` -> (`scheme://host/path`, `Basic ...`). Also how the
+/// rollout gate asks an `http://user:password@` Prometheus.
+pub(crate) fn split_credentials(url: &str) -> (String, Option<String>) {
     let authorization = http_credentials(url)
         .map(|(user, password)| format!("Basic {}", STANDARD.encode(format!("{user}:{password}"))));
     let bare = match url.split_once("://") {
@@ -247,9 +248,20 @@ fn agent(tls: bool) -> Result<&'static Agent, String> {
     static PLAIN: OnceLock<Agent> = OnceLock::new();
     static SECURE: OnceLock<Result<Agent, String>> = OnceLock::new();
     if !tls {
-        return Ok(PLAIN.get_or_init(|| build_agent(None)));
+        return Ok(PLAIN.get_or_init(|| build_agent(tls_config(false).expect("no roots needed"))));
     }
     SECURE
+        .get_or_init(|| tls_config(true).map(build_agent))
+        .as_ref()
+        .map_err(Clone::clone)
+}
+
+/// The system's CA roots (`SSL_CERT_FILE`, `SSL_CERT_DIR` or the system bundle), read once for
+/// the process, the first time an https server is asked: https upstreams and an https
+/// Prometheus share them.
+fn roots() -> Result<&'static ureq::tls::RootCerts, String> {
+    static ROOTS: OnceLock<Result<ureq::tls::RootCerts, String>> = OnceLock::new();
+    ROOTS
         .get_or_init(|| {
             let found = rustls_native_certs::load_native_certs();
             for error in &found.errors {
@@ -257,7 +269,7 @@ fn agent(tls: bool) -> Result<&'static Agent, String> {
             }
             if found.certs.is_empty() {
                 return Err(
-                    "no CA certificates found to check https upstreams with (install ca-certificates, or set SSL_CERT_FILE)".to_owned(),
+                    "no CA certificates found to check https servers with (install ca-certificates, or set SSL_CERT_FILE)".to_owned(),
                 );
             }
             tracing::debug!(roots = found.certs.len(), "CA roots read");
@@ -266,12 +278,22 @@ fn agent(tls: bool) -> Result<&'static Agent, String> {
                 .iter()
                 .map(|der| ureq::tls::Certificate::from_der(der.as_ref()).to_owned())
                 .collect();
-            Ok(build_agent(Some(ureq::tls::RootCerts::new_with_certs(
-                &roots,
-            ))))
+            Ok(ureq::tls::RootCerts::new_with_certs(&roots))
         })
         .as_ref()
         .map_err(Clone::clone)
+}
+
+/// plumb's TLS for its HTTP clients (git's smart HTTP, the rollout gate's Prometheus): rustls
+/// on ring, and with `https` the system's CA roots ([`roots`]).
+pub(crate) fn tls_config(https: bool) -> Result<ureq::tls::TlsConfig, String> {
+    let mut tls = ureq::tls::TlsConfig::builder()
+        .provider(ureq::tls::TlsProvider::Rustls)
+        .unversioned_rustls_crypto_provider(crypto());
+    if https {
+        tls = tls.root_certs(roots()?.clone());
+    }
+    Ok(tls.build())
 }
 
 /// ring, not aws-lc-rs, as rustls' crypto: a small pure-Rust-and-assembly build with no cmake,
@@ -283,15 +305,9 @@ fn crypto() -> Arc<rustls::crypto::CryptoProvider> {
     Arc::new(rustls::crypto::ring::default_provider())
 }
 
-fn build_agent(roots: Option<ureq::tls::RootCerts>) -> Agent {
-    let mut tls = ureq::tls::TlsConfig::builder()
-        .provider(ureq::tls::TlsProvider::Rustls)
-        .unversioned_rustls_crypto_provider(crypto());
-    if let Some(roots) = roots {
-        tls = tls.root_certs(roots);
-    }
+fn build_agent(tls: ureq::tls::TlsConfig) -> Agent {
     Agent::config_builder()
-        .tls_config(tls.build())
+        .tls_config(tls)
         .user_agent(USER_AGENT)
         .no_delay(true)
         .http_status_as_error(false)

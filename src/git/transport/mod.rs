@@ -18,6 +18,8 @@
 
 mod daemon;
 mod http;
+
+pub(crate) use http::{split_credentials, tls_config};
 mod ssh;
 
 use std::cell::RefCell;

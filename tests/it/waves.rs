@@ -13,35 +13,20 @@
 use crate::support;
 
 use std::fs;
-use std::net::{Ipv4Addr, TcpStream};
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::time::{Duration, SystemTime};
 
 use plumb::proto::ServiceStatus;
-use support::{DEADLINE, Upstream, free_port, temp_root, wait_until};
+use support::{DEADLINE, Daemon, Upstream, accepts, free_port, own_group, temp_root, wait_until};
 
 const SOAK: Duration = Duration::from_secs(3);
-
-fn accepts(port: u16) -> bool {
-    TcpStream::connect((Ipv4Addr::LOCALHOST, port)).is_ok()
-}
-
-/// A child process killed and reaped when dropped.
-struct Running(Child);
-
-impl Drop for Running {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
 
 /// Debian's Prometheus on 127.0.0.1, scraping the daemons every second, its data in `root`.
 struct Prometheus {
     port: u16,
     dir: PathBuf,
-    process: Option<Running>,
+    process: Option<Daemon>,
 }
 
 impl Prometheus {
@@ -92,7 +77,7 @@ impl Prometheus {
             .stderr(log)
             .spawn()
             .expect("prometheus (Debian's package)");
-        self.process = Some(Running(child));
+        self.process = Some(Daemon(child));
         let port = self.port;
         wait_until("Prometheus to listen", Duration::from_secs(30), || {
             accepts(port)
@@ -141,7 +126,7 @@ struct Machine {
     state: PathBuf,
     socket: PathBuf,
     metrics: u16,
-    process: Option<Running>,
+    process: Option<Daemon>,
 }
 
 impl Machine {
@@ -184,7 +169,7 @@ impl Machine {
             .stderr(log)
             .spawn()
             .unwrap();
-        self.process = Some(Running(child));
+        self.process = Some(Daemon(child));
         let port = self.metrics;
         wait_until("the daemon's metrics", DEADLINE, || accepts(port));
     }
@@ -236,15 +221,6 @@ fn api(socket: &Path, method: &str, path: &str, body: Option<&str>) -> String {
     }
     let out = cmd.arg(format!("http://plumb{path}")).output().unwrap();
     String::from_utf8_lossy(&out.stdout).into_owned()
-}
-
-/// The name of the test's own primary group: the API's admin and read-only group, so the test
-/// needs no root to write through it.
-fn own_group() -> String {
-    nix::unistd::Group::from_gid(nix::unistd::getgid())
-        .unwrap()
-        .unwrap()
-        .name
 }
 
 fn config(root: &Path, upstream: &str, prometheus: &str) -> PathBuf {

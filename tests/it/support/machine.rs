@@ -234,7 +234,7 @@ pub fn scrape(port: u16) -> String {
 }
 
 /// The name of the primary group of the user the tests run as (`root` in CI).
-fn own_group() -> String {
+pub fn own_group() -> String {
     let gid = nix::unistd::getegid();
     nix::unistd::Group::from_gid(gid)
         .ok()
@@ -260,8 +260,8 @@ fn api_get(socket: &Path, path: &str) -> String {
     String::from_utf8_lossy(&out.stdout).into_owned()
 }
 
-/// The `plumb` daemon (or the wrapper that became one) as a child, killed and reaped when dropped,
-/// also when the test fails midway.
+/// The `plumb` daemon (or the wrapper that became one, or a server a test stops and starts
+/// itself) as a child, killed and reaped when dropped, also when the test fails midway.
 pub struct Daemon(pub Child);
 
 impl Daemon {

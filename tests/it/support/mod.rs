@@ -21,7 +21,9 @@
 pub mod container;
 mod machine;
 
-pub use machine::{ANY_METRICS_PORT, InProcess, Machine, read_rev, scrape, service};
+pub use machine::{
+    ANY_METRICS_PORT, Daemon, InProcess, Machine, own_group, read_rev, scrape, service,
+};
 
 use std::fs;
 use std::io::Write as _;
@@ -577,7 +579,7 @@ pub fn listening_ports(pid: u32) -> Vec<u16> {
 }
 
 /// Whether something accepts TCP connections on 127.0.0.1:`port`.
-fn accepts(port: u16) -> bool {
+pub fn accepts(port: u16) -> bool {
     let addr = SocketAddr::from((Ipv4Addr::LOCALHOST, port));
     TcpStream::connect_timeout(&addr, Duration::from_millis(200)).is_ok()
 }

@@ -12,6 +12,12 @@
 # (the container shares this machine's network, so that is the container's nginx).
 # Prints median, p95 (nearest rank) and max per mode, and the every-minute cron job baseline
 # computed from the uniform distribution, and appends the table to $RESULTS (bench/RESULTS.md).
+# Each push is also split in two: push -> the daemon wrote the service's `.rev` (fetched and checked
+# out), and push -> `plumb apply` wrote its `.applied` outcome (nginx's reload job has ended), read
+# from the two files' modification times (same clock: the container shares this machine's kernel).
+# What is left, up to nginx serving the page, is nginx's own: its master process lets the new
+# workers start for 100 ms (ngx_msleep(100) in its reconfigure) before it stops the old ones, which
+# keep answering with the old configuration meanwhile.
 # Everything (the package, the rootfs, the logs) goes to a temporary directory under BENCH_DIR,
 # removed at the end; a failed run keeps its logs there (not the rootfs) and says where.
 #
@@ -26,6 +32,7 @@ BENCH_DIR=${BENCH_DIR:-/var/lib/plumb-bench}
 MACHINE=plumb-bench
 say() { printf '\n\033[1m== %s\033[0m\n' "$*" >&2; }
 now_ms() { local t=${EPOCHREALTIME/./}; NOW=$((t / 1000)); }   # sets NOW, in ms (bash 5: no fork)
+mtime_ms() { stat -c %.3Y "$1" 2>/dev/null | tr -d .; }   # FILE's modification time, in ms
 
 stop_container() { # DIR: stops the container booted by a run in DIR (its nspawn.pid), if running
   local pid
@@ -119,6 +126,7 @@ page() { curl -s --max-time 2 "http://127.0.0.1:$WEB_PORT/"; }
 serves() { [ "$(page)" = "$1" ]; }
 wait_for 60 serves v0   # nginx serves v0 from git
 APPLIED=$ROOT/var/lib/plumb/state/nginx.applied
+REV=$ROOT/var/lib/plumb/state/nginx.rev
 applied() { grep -Eq "\"revision\": *\"$1\"" "$APPLIED" 2>/dev/null; }   # the apply of $1 has ended
 wait_for 60 applied "$(git -C "$B/work" rev-parse HEAD)"
 
@@ -156,11 +164,19 @@ push_and_measure() {
   if [ -n "$trigger_pid" ] && ! wait "$trigger_pid"; then
     echo "plumbctl pull failed: $(cat "$B/pull.out")" >&2
   fi
-  if [ -n "$t" ]; then echo "$mode $t" >> "$SAMPLES"; else echo "$mode timeout" >> "$SAMPLES"; fi
-  printf '%s %s ms\n' "$token" "${t:-timeout}" >&2
   # Settle before the next push: the apply of this revision has ended (its outcome is written).
   rev=$(git -C "$B/work" rev-parse HEAD)
-  wait_for 30 applied "$rev" || true
+  local deployed=timeout done=timeout ran=timeout
+  if wait_for 30 applied "$rev"; then
+    deployed=$(($(mtime_ms "$REV") - t0)); done=$(($(mtime_ms "$APPLIED") - t0))
+    # How long `plumb apply` ran, from systemd's fork to its exit (its properties, in us).
+    ran=$($IN systemctl show plumb-apply@nginx.service \
+      -p ExecMainStartTimestampMonotonic -p ExecMainExitTimestampMonotonic |
+      awk -F= '/^ExecMainStart/ {s = $2} /^ExecMainExit/ {e = $2} END {printf "%.1f", (e - s) / 1000}')
+  fi
+  echo "$mode ${t:-timeout} $deployed $done $ran" >> "$SAMPLES"
+  printf '%s: served %s ms (.rev %s ms, .applied %s ms; plumb apply ran %s ms)\n' "$token" "${t:-timeout}" \
+    "$deployed" "$done" "$ran" >&2
 }
 
 # The daemon's own fetch times (plumb_git_fetch_duration_seconds), per mode: how much of the
@@ -203,8 +219,8 @@ fetch_mark
 for _ in $(seq "$PUSHES"); do push_and_measure poll; done
 fetch_since poll
 
-stats() { # stats MODE -> "median p95 max timeouts" in ms (nearest-rank p95; median of 2 middles)
-  awk -v m="$1" '$1 == m && $2 != "timeout" {print $2} $1 == m && $2 == "timeout" {print "t"}' "$SAMPLES" |
+stats() { # stats MODE [COLUMN] -> "median p95 max timeouts" in ms (nearest-rank p95; median of 2 middles)
+  awk -v m="$1" -v c="${2:-2}" '$1 == m && $c != "timeout" {print $c} $1 == m && $c == "timeout" {print "t"}' "$SAMPLES" |
     sort -n | awk '
       /t/ {to++; next}
       {v[++n] = $1}
@@ -216,25 +232,32 @@ stats() { # stats MODE -> "median p95 max timeouts" in ms (nearest-rank p95; med
       }'
 }
 row() { # row LABEL MODE
-  local med p95 max to
+  local med p95 max to rev_med applied_med ran_med
   read -r med p95 max to < <(stats "$2")
-  printf '| %s | %s | %s | %s | %s | %s |\n' "$1" "$med" "$p95" "$max" "$to" "${FETCH[$2]:--}"
+  read -r rev_med _ < <(stats "$2" 3)
+  read -r applied_med _ < <(stats "$2" 4)
+  read -r ran_med _ < <(stats "$2" 5)
+  printf '| %s | %s | %s | %s | %s | %s | %s | %s | %s |\n' "$1" "$rev_med" "$applied_med" "$ran_med" "$med" \
+    "$p95" "$max" "$to" "${FETCH[$2]:--}"
 }
 cron_row() { # uniform on [0, 60 s): the q-quantile is q * 60 s
-  awk 'BEGIN {printf "| cron every minute (`git pull && systemctl reload`), computed: uniform 0..60 s | %d | %d | %d | - | - |\n", 0.5 * 60000, 0.95 * 60000, 60000}'
+  awk 'BEGIN {printf "| cron every minute (`git pull && systemctl reload`), computed: uniform 0..60 s | - | - | - | %d | %d | %d | - | - |\n", 0.5 * 60000, 0.95 * 60000, 60000}'
 }
 load=$(cut -d' ' -f1-3 /proc/loadavg)
 table=$(cat <<TXT
-| trigger ($PUSHES pushes each; push returned -> curl sees the new page, ~15 ms polls) | median ms | p95 ms | max ms | timeouts (${DEADLINE_MS} ms) | daemon's mean fetch ms |
-|---|---|---|---|---|---|
+| trigger ($PUSHES pushes each; from the push returning) | \`.rev\` written, median ms | \`.applied\` written, median ms | of which \`plumb apply\` ran (fork to exit), median ms | nginx serves it (curl, ~15 ms polls): median ms | p95 ms | max ms | timeouts (${DEADLINE_MS} ms) | daemon's mean fetch ms |
+|---|---|---|---|---|---|---|---|---|
 $(row '`plumbctl pull nginx` in the container, interval 1h' pull)
 $(row 'push webhook (GitHub signature), interval 1h' webhook)
 $(row 'polling, interval 2s, jitter 1ms, pushes at random phases' poll)
 $(cron_row)
 
 Upstream: lighttpd + git-http-backend (smart HTTP) on 127.0.0.1; nginx reloaded by plumb-apply@nginx
-in a systemd-nspawn Debian bookworm container. Load average at the end: $load (another build may have
-been running on this machine: figures are noisy).
+in a systemd-nspawn Debian bookworm container. \`.rev\` written: the daemon fetched and checked out the
+revision; \`.applied\` written: \`plumb apply\` saw nginx's reload job end. The rest, about 100 ms, is
+nginx's: after a reload its old workers answer for 100 ms more (ngx_msleep(100) before they are told
+to stop). Load average at the end: $load (another build may have been running on this machine:
+figures are noisy).
 TXT
 )
 echo "$table"

@@ -313,7 +313,8 @@ fn extras(name: &str) -> &'static [Extra] {
                 &[
                     (
                         "PLUMB_LOG",
-                        "The log filter (tracing's syntax): info by default, debug for more.",
+                        "The log filter: a level (info by default, debug for more), or target=level pairs with an \
+                         optional default level (plumb::git=trace,info).",
                     ),
                     (
                         "PLUMB_BOOTSTRAP, PLUMB_BOOTSTRAP_DIR, PLUMB_BOOTSTRAP_BRANCH",

@@ -13,22 +13,23 @@ use plumb::config::Config;
 use plumb::daemon;
 use plumb::error::Chain;
 use tokio_util::sync::CancellationToken;
+use tracing_subscriber::filter::Targets;
+use tracing_subscriber::layer::SubscriberExt;
+use tracing_subscriber::util::SubscriberInitExt;
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
     // Under systemd the journal stamps each line already.
     let journal = std::env::var_os("JOURNAL_STREAM").is_some();
     let logs = tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_env("PLUMB_LOG")
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
-        )
+        .with_max_level(tracing::Level::TRACE)
         .with_writer(std::io::stderr)
         .with_ansi(std::io::stderr().is_terminal());
+    let filter = log_filter();
     if journal {
-        logs.without_time().init();
+        logs.without_time().finish().with(filter).init();
     } else {
-        logs.init();
+        logs.finish().with(filter).init();
     }
     let result = match &cli.command {
         Some(Command::CheckConfig { file }) => check_config(
@@ -50,6 +51,22 @@ fn main() -> ExitCode {
             eprintln!("plumb: {}", Chain(e.as_ref()));
             ExitCode::FAILURE
         }
+    }
+}
+
+/// What to log: `PLUMB_LOG` as `tracing`'s `target=level` pairs and a bare default level
+/// (`debug`, `plumb::git=trace,info`); unset or empty, info. A filter that does not parse is said once on
+/// stderr, not silently replaced. (`Targets` rather than `EnvFilter`: no span-field filters, and no
+/// regex engine in the daemon's resident code.)
+fn log_filter() -> Targets {
+    let info = Targets::new().with_default(tracing::Level::INFO);
+    match std::env::var("PLUMB_LOG") {
+        Err(_) => info,
+        Ok(text) if text.trim().is_empty() => info,
+        Ok(text) => text.parse().unwrap_or_else(|e| {
+            eprintln!("plumb: PLUMB_LOG={text:?} is not a log filter ({e}); logging at info");
+            info
+        }),
     }
 }
 

@@ -1,6 +1,7 @@
 //! `plumb`'s command line as an operator types it: what `check-config` reports and how it ends
 //! when its reader goes away, gitopper's early `keys`, and `--state-dir` moving the checkouts of
-//! services that set no `mount`. The real binary, on files and a `file://` upstream.
+//! services that set no `mount`, and the `PLUMB_LOG` filter. The real binary, on files and a
+//! `file://` upstream.
 
 use crate::support;
 
@@ -179,4 +180,57 @@ fn state_dir_moves_the_default_checkouts() {
         !configured.exists(),
         "the config's state_dir was written to"
     );
+}
+
+/// `PLUMB_LOG` picks levels per module; one that does not parse is said, and the daemon still logs
+/// at info instead of going quiet.
+#[test]
+fn plumb_log_filters_by_module_and_a_bad_filter_is_said() {
+    let root = temp_root();
+    let up = Upstream::new(root.path(), "ops");
+    up.write("nginx/etc/x", "1").commit("A");
+    // Each run is a machine's first: it deploys, and keeps its config as the accepted one.
+    let run = |filter: &str| {
+        let dir = tempfile::tempdir_in(root.path()).unwrap();
+        let m = support::Machine::new(
+            dir.path(),
+            &support::service("nginx", &up.file_url(), &["nginx/etc"]),
+        );
+        let out = m
+            .command()
+            .env("PLUMB_LOG", filter)
+            .arg("--once")
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "{out:?}");
+        text(&out.stderr)
+    };
+    let lines = |log: &str, level: &str, target: &str| {
+        log.lines()
+            .filter(|l| l.contains(level) && l.contains(target))
+            .count()
+    };
+
+    let default = run("");
+    assert_eq!(lines(&default, "DEBUG", "plumb"), 0, "{default}");
+    assert!(
+        lines(&default, "INFO", "plumb::daemon::persist") > 0,
+        "{default}"
+    );
+
+    let debug = run("plumb::daemon=debug,plumb::daemon::persist=warn");
+    assert!(lines(&debug, "DEBUG", "plumb::daemon:") > 0, "{debug}");
+    assert_eq!(
+        lines(&debug, "INFO", "plumb::daemon::persist"),
+        0,
+        "{debug}"
+    );
+
+    let bad = run("plumb=[x");
+    assert!(
+        bad.contains("PLUMB_LOG=\"plumb=[x\" is not a log filter"),
+        "{bad}"
+    );
+    assert_eq!(lines(&bad, "DEBUG", "plumb"), 0, "{bad}");
+    assert!(lines(&bad, "INFO", "plumb::daemon") > 0, "{bad}");
 }

@@ -4,44 +4,35 @@
 //! `plumb_service_hash{service,machine,hash}` has exactly one series per service, the deployed
 //! revision; the series of the previous hash is removed when it changes, so a query over the fleet
 //! counts machines per hash without stale rows.
+//!
+//! The per-service series are one row of plain values per service ([`Services`]), turned into
+//! series only while a scrape renders them: the `prometheus` crate's labelled children each keep
+//! their own copy of the metric's description and labels, about 7 KB for a service's ~20 series.
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use prometheus::core::{Collector, Desc};
+use prometheus::proto::{self, LabelPair, MetricFamily, MetricType};
 use prometheus::{
-    Encoder, GaugeVec, HistogramOpts, HistogramVec, IntCounterVec, IntGauge, IntGaugeVec, Opts,
-    Registry, TextEncoder,
+    Encoder, HistogramOpts, HistogramVec, IntCounterVec, IntGauge, IntGaugeVec, Opts, Registry,
+    TextEncoder,
 };
 use tokio_util::sync::CancellationToken;
 
+use crate::git::Oid;
 use crate::service::{self, State};
 
 /// Every metric plumb exports, in one registry.
 pub struct Metrics {
     registry: Registry,
-    hash: IntGaugeVec,
-    state: IntGaugeVec,
-    change_time: GaugeVec,
-    behind: IntGaugeVec,
-    frozen: IntGaugeVec,
-    noop: IntGaugeVec,
-    last_sync: GaugeVec,
-    apply_total: IntCounterVec,
     fetch_total: IntCounterVec,
     upstream_up: IntGaugeVec,
     fetch_duration: HistogramVec,
     webhook_total: IntCounterVec,
-    refused_total: IntCounterVec,
     config_ok: IntGauge,
-    rollout_waiting: IntGaugeVec,
-    wave: IntGaugeVec,
-    /// The machine label each service's state and rollout series carry now, and its wave, so a
-    /// change of either (a reload) removes the old ones.
-    machines: Mutex<HashMap<String, (String, u32)>>,
-    /// The services seen, each with the hash series it has now (machine, hash), so the old one
-    /// can be removed.
-    services: Mutex<HashMap<String, Option<(String, String)>>>,
+    services: Arc<Services>,
 }
 
 /// The `result`s of `plumb_apply_total`.
@@ -72,13 +63,6 @@ impl Metrics {
         let registry = Registry::new();
         let gauge = |name: &str, help: &str, labels: &[&str]| {
             let g = IntGaugeVec::new(Opts::new(name, help), labels).expect("valid metric");
-            registry
-                .register(Box::new(g.clone()))
-                .expect("unique metric");
-            g
-        };
-        let float = |name: &str, help: &str, labels: &[&str]| {
-            let g = GaugeVec::new(Opts::new(name, help), labels).expect("valid metric");
             registry
                 .register(Box::new(g.clone()))
                 .expect("unique metric");
@@ -120,59 +104,12 @@ impl Metrics {
             .register(Box::new(config_ok.clone()))
             .expect("unique metric");
         config_ok.set(1);
+        let services = Arc::new(Services::new());
+        registry
+            .register(Box::new(SharedServices(services.clone())))
+            .expect("unique metric");
         Arc::new(Metrics {
             config_ok,
-            hash: gauge(
-                "plumb_service_hash",
-                "The deployed revision of each service: one series per service, value 1.",
-                &["service", "machine", "hash"],
-            ),
-            state: gauge(
-                "plumb_service_state",
-                "1 for the service's current state, 0 for the others.",
-                &["service", "machine", "state"],
-            ),
-            rollout_waiting: gauge(
-                "plumb_service_rollout_waiting",
-                "1 while a new revision waits for the lower rollout waves (or for Prometheus to say they soaked).",
-                &["service", "machine"],
-            ),
-            wave: gauge(
-                "plumb_service_wave_info",
-                "The service's rollout wave on this machine (the config's wave, 0 without): one series, value 1, to group machines by wave.",
-                &["service", "machine", "wave"],
-            ),
-            machines: Mutex::new(HashMap::new()),
-            change_time: float(
-                "plumb_service_change_timestamp_seconds",
-                "When the deployed revision last changed (unix time).",
-                &["service"],
-            ),
-            behind: gauge(
-                "plumb_service_behind_commits",
-                "Commits on the branch after the deployed revision that change the service's files.",
-                &["service"],
-            ),
-            frozen: gauge(
-                "plumb_service_frozen",
-                "1 while the service does not track upstream (freeze or rollback).",
-                &["service"],
-            ),
-            noop: gauge(
-                "plumb_service_noop",
-                "1 while the service only reports what it would deploy (noop mode).",
-                &["service"],
-            ),
-            last_sync: float(
-                "plumb_service_last_sync_success_timestamp_seconds",
-                "When a fetch and deploy of the service last both succeeded (unix time).",
-                &["service"],
-            ),
-            apply_total: counter(
-                "plumb_apply_total",
-                "Applies of a deployed revision to its unit, by result.",
-                &["service", "result"],
-            ),
             fetch_total: counter(
                 "plumb_git_fetch_total",
                 "Fetches of an upstream, by result.",
@@ -188,13 +125,8 @@ impl Metrics {
                 "Push webhooks received, by result (ok, deferred, unsigned, bad_signature, replayed, too_large, unreadable).",
                 &["result"],
             ),
-            refused_total: counter(
-                "plumb_refused_total",
-                "Revisions a service did not keep, by reason (check, health, signature, history, hostile, known).",
-                &["service", "reason"],
-            ),
             fetch_duration,
-            services: Mutex::new(HashMap::new()),
+            services,
             registry,
         })
     }
@@ -210,110 +142,24 @@ impl Metrics {
         s: &service::Service,
         behind: Option<u64>,
     ) {
-        let mut services = self.services.lock().unwrap_or_else(|e| e.into_inner());
-        let now = s.deployed().map(|d| (machine.to_owned(), d.to_string()));
-        let before = match services.get_mut(name) {
-            Some(hash) => hash,
-            None => {
-                for result in APPLY_RESULTS {
-                    self.apply_total.with_label_values(&[name, result]);
-                }
-                for reason in REFUSAL_REASONS {
-                    self.refused_total.with_label_values(&[name, reason]);
-                }
-                services.entry(name.to_owned()).or_default()
-            }
+        let seen = Seen {
+            machine: machine.to_owned(),
+            wave,
+            hash: s.deployed(),
+            state: s.state(),
+            waiting: s.waiting().is_some(),
+            changed_at: s.changed_at(),
+            last_sync: s.last_sync(),
+            behind,
+            frozen: s.frozen(),
+            noop: s.noop(),
         };
-        if *before != now {
-            if let Some((m, h)) = before.take() {
-                let _ = self.hash.remove_label_values(&[name, &m, &h]);
-            }
-            if let Some((m, h)) = &now {
-                self.hash.with_label_values(&[name, m, h]).set(1);
-            }
-            *before = now;
-        }
-        let old = self
-            .machines
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .insert(name.to_owned(), (machine.to_owned(), wave));
-        if let Some((m, w)) = old.filter(|(m, w)| m != machine || *w != wave) {
-            self.forget_machine(name, &m, w);
-        }
-        self.wave
-            .with_label_values(&[name, machine, &wave.to_string()])
-            .set(1);
-        for state in State::ALL {
-            self.state
-                .with_label_values(&[name, machine, state.as_str()])
-                .set(i64::from(s.state() == state));
-        }
-        self.rollout_waiting
-            .with_label_values(&[name, machine])
-            .set(i64::from(s.waiting().is_some()));
-        if let Some(t) = s.changed_at() {
-            self.change_time.with_label_values(&[name]).set(t as f64);
-        }
-        if let Some(t) = s.last_sync() {
-            self.last_sync.with_label_values(&[name]).set(t as f64);
-        }
-        match behind {
-            Some(b) => self
-                .behind
-                .with_label_values(&[name])
-                .set(i64::try_from(b).unwrap_or(i64::MAX)),
-            None => {
-                let _ = self.behind.remove_label_values(&[name]);
-            }
-        }
-        self.frozen
-            .with_label_values(&[name])
-            .set(i64::from(s.frozen()));
-        self.noop
-            .with_label_values(&[name])
-            .set(i64::from(s.noop()));
+        self.services.row(name, |row| row.seen = Some(seen));
     }
 
     /// Forgets a service that is no longer configured here.
     pub fn forget(&self, name: &str) {
-        let mut services = self.services.lock().unwrap_or_else(|e| e.into_inner());
-        if let Some(Some((m, h))) = services.remove(name) {
-            let _ = self.hash.remove_label_values(&[name, &m, &h]);
-        }
-        for result in APPLY_RESULTS {
-            let _ = self.apply_total.remove_label_values(&[name, result]);
-        }
-        for reason in REFUSAL_REASONS {
-            let _ = self.refused_total.remove_label_values(&[name, reason]);
-        }
-        let machine = self
-            .machines
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .remove(name);
-        if let Some((machine, wave)) = machine {
-            self.forget_machine(name, &machine, wave);
-        }
-        for g in [&self.behind, &self.frozen, &self.noop] {
-            let _ = g.remove_label_values(&[name]);
-        }
-        for g in [&self.change_time, &self.last_sync] {
-            let _ = g.remove_label_values(&[name]);
-        }
-    }
-
-    /// Removes a service's series labelled with `machine` (and `wave`).
-    fn forget_machine(&self, name: &str, machine: &str, wave: u32) {
-        let _ = self
-            .wave
-            .remove_label_values(&[name, machine, &wave.to_string()]);
-        for state in State::ALL {
-            let _ = self
-                .state
-                .remove_label_values(&[name, machine, state.as_str()]);
-        }
-        let _ = self.rollout_waiting.remove_label_values(&[name, machine]);
+        self.services.rows().remove(name);
     }
 
     /// Forgets an upstream no service here uses any more, so its `plumb_upstream_up` does not
@@ -355,15 +201,16 @@ impl Metrics {
 
     /// One apply's outcome.
     pub fn applied(&self, service: &str, ok: bool) {
-        let result = if ok { "ok" } else { "error" };
-        self.apply_total.with_label_values(&[service, result]).inc();
+        self.services
+            .row(service, |row| row.applies[usize::from(!ok)] += 1);
     }
 
     /// A head or revision the service did not keep; `reason` is one of [`REFUSAL_REASONS`].
     pub fn refused(&self, service: &str, reason: &str) {
-        self.refused_total
-            .with_label_values(&[service, reason])
-            .inc();
+        // Every reason is one of them (a test says so); an unknown one would have no series.
+        if let Some(i) = REFUSAL_REASONS.iter().position(|r| *r == reason) {
+            self.services.row(service, |row| row.refused[i] += 1);
+        }
     }
 
     /// The text exposition format, as `/metrics` serves it.
@@ -373,6 +220,255 @@ impl Metrics {
             tracing::error!("encoding metrics: {e}");
         }
         String::from_utf8_lossy(&out).into_owned()
+    }
+}
+
+/// The per-service series: one [`Row`] per service, rendered into series when scraped.
+struct Services {
+    descs: Vec<Desc>,
+    rows: Mutex<BTreeMap<String, Row>>,
+}
+
+/// One service's values behind its series.
+#[derive(Default)]
+struct Row {
+    /// What [`Metrics::service`] said last; `None` while only a counter moved.
+    seen: Option<Seen>,
+    /// `plumb_apply_total` by [`APPLY_RESULTS`].
+    applies: [u64; APPLY_RESULTS.len()],
+    /// `plumb_refused_total` by [`REFUSAL_REASONS`].
+    refused: [u64; REFUSAL_REASONS.len()],
+}
+
+/// A service's state as its gauges show it.
+struct Seen {
+    machine: String,
+    wave: u32,
+    hash: Option<Oid>,
+    state: State,
+    waiting: bool,
+    changed_at: Option<u64>,
+    last_sync: Option<u64>,
+    behind: Option<u64>,
+    frozen: bool,
+    noop: bool,
+}
+
+/// A per-service metric: name, help, type and label names (with `service`), in [`FAMILIES`]
+/// order, which [`Services::collect`] indexes by the constants below it.
+struct Family(
+    &'static str,
+    &'static str,
+    MetricType,
+    &'static [&'static str],
+);
+
+const FAMILIES: [Family; 11] = [
+    Family(
+        "plumb_service_hash",
+        "The deployed revision of each service: one series per service, value 1.",
+        MetricType::GAUGE,
+        &["service", "machine", "hash"],
+    ),
+    Family(
+        "plumb_service_state",
+        "1 for the service's current state, 0 for the others.",
+        MetricType::GAUGE,
+        &["service", "machine", "state"],
+    ),
+    Family(
+        "plumb_service_rollout_waiting",
+        "1 while a new revision waits for the lower rollout waves (or for Prometheus to say they soaked).",
+        MetricType::GAUGE,
+        &["service", "machine"],
+    ),
+    Family(
+        "plumb_service_wave_info",
+        "The service's rollout wave on this machine (the config's wave, 0 without): one series, value 1, to group machines by wave.",
+        MetricType::GAUGE,
+        &["service", "machine", "wave"],
+    ),
+    Family(
+        "plumb_service_change_timestamp_seconds",
+        "When the deployed revision last changed (unix time).",
+        MetricType::GAUGE,
+        &["service"],
+    ),
+    Family(
+        "plumb_service_behind_commits",
+        "Commits on the branch after the deployed revision that change the service's files.",
+        MetricType::GAUGE,
+        &["service"],
+    ),
+    Family(
+        "plumb_service_frozen",
+        "1 while the service does not track upstream (freeze or rollback).",
+        MetricType::GAUGE,
+        &["service"],
+    ),
+    Family(
+        "plumb_service_noop",
+        "1 while the service only reports what it would deploy (noop mode).",
+        MetricType::GAUGE,
+        &["service"],
+    ),
+    Family(
+        "plumb_service_last_sync_success_timestamp_seconds",
+        "When a fetch and deploy of the service last both succeeded (unix time).",
+        MetricType::GAUGE,
+        &["service"],
+    ),
+    Family(
+        "plumb_apply_total",
+        "Applies of a deployed revision to its unit, by result.",
+        MetricType::COUNTER,
+        &["service", "result"],
+    ),
+    Family(
+        "plumb_refused_total",
+        "Revisions a service did not keep, by reason (check, health, signature, history, hostile, known).",
+        MetricType::COUNTER,
+        &["service", "reason"],
+    ),
+];
+
+const HASH: usize = 0;
+const STATE: usize = 1;
+const WAITING: usize = 2;
+const WAVE: usize = 3;
+const CHANGED: usize = 4;
+const BEHIND: usize = 5;
+const FROZEN: usize = 6;
+const NOOP: usize = 7;
+const LAST_SYNC: usize = 8;
+const APPLIES: usize = 9;
+const REFUSED: usize = 10;
+
+impl Services {
+    fn new() -> Services {
+        let descs = FAMILIES
+            .iter()
+            .map(|Family(name, help, _, labels)| {
+                let labels = labels.iter().map(|l| (*l).to_owned()).collect();
+                Desc::new(
+                    (*name).to_owned(),
+                    (*help).to_owned(),
+                    labels,
+                    HashMap::new(),
+                )
+                .expect("valid metric")
+            })
+            .collect();
+        Services {
+            descs,
+            rows: Mutex::new(BTreeMap::new()),
+        }
+    }
+
+    fn rows(&self) -> std::sync::MutexGuard<'_, BTreeMap<String, Row>> {
+        self.rows.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Changes the row of `name`, made with its counters at 0 when there was none.
+    fn row(&self, name: &str, change: impl FnOnce(&mut Row)) {
+        let mut rows = self.rows();
+        match rows.get_mut(name) {
+            Some(row) => change(row),
+            None => change(rows.entry(name.to_owned()).or_default()),
+        }
+    }
+
+    /// Every row's series, one family per [`FAMILIES`] entry.
+    fn families(&self) -> Vec<MetricFamily> {
+        let mut families: Vec<MetricFamily> = FAMILIES
+            .iter()
+            .map(|Family(name, help, kind, _)| {
+                let mut f = MetricFamily::default();
+                f.set_name((*name).to_owned());
+                f.set_help((*help).to_owned());
+                f.set_field_type(*kind);
+                f
+            })
+            .collect();
+        let mut add = |family: usize, labels: &[(&str, &str)], value: f64| {
+            families[family]
+                .mut_metric()
+                .push(series(FAMILIES[family].2, labels, value));
+        };
+        let flag = |b: bool| if b { 1.0 } else { 0.0 };
+        for (name, row) in self.rows().iter() {
+            let service = ("service", name.as_str());
+            for (result, n) in APPLY_RESULTS.iter().zip(row.applies) {
+                add(APPLIES, &[("result", result), service], n as f64);
+            }
+            for (reason, n) in REFUSAL_REASONS.iter().zip(row.refused) {
+                add(REFUSED, &[("reason", reason), service], n as f64);
+            }
+            let Some(seen) = &row.seen else { continue };
+            let machine = ("machine", seen.machine.as_str());
+            if let Some(hash) = seen.hash {
+                add(HASH, &[("hash", &hash.to_string()), machine, service], 1.0);
+            }
+            for state in State::ALL {
+                let value = flag(seen.state == state);
+                add(STATE, &[machine, service, ("state", state.as_str())], value);
+            }
+            add(WAITING, &[machine, service], flag(seen.waiting));
+            add(
+                WAVE,
+                &[machine, service, ("wave", &seen.wave.to_string())],
+                1.0,
+            );
+            if let Some(t) = seen.changed_at {
+                add(CHANGED, &[service], t as f64);
+            }
+            if let Some(n) = seen.behind {
+                add(BEHIND, &[service], n as f64);
+            }
+            add(FROZEN, &[service], flag(seen.frozen));
+            add(NOOP, &[service], flag(seen.noop));
+            if let Some(t) = seen.last_sync {
+                add(LAST_SYNC, &[service], t as f64);
+            }
+        }
+        families
+    }
+}
+
+/// One series: `labels` in the order given (sorted by name, as the crate's own metrics have them).
+fn series(kind: MetricType, labels: &[(&str, &str)], value: f64) -> proto::Metric {
+    let labels = labels
+        .iter()
+        .map(|(name, value)| {
+            let mut pair = LabelPair::default();
+            pair.set_name((*name).to_owned());
+            pair.set_value((*value).to_owned());
+            pair
+        })
+        .collect();
+    let mut metric = proto::Metric::from_label(labels);
+    if kind == MetricType::COUNTER {
+        let mut c = proto::Counter::default();
+        c.set_value(value);
+        metric.set_counter(c);
+    } else {
+        let mut g = proto::Gauge::default();
+        g.set_value(value);
+        metric.set_gauge(g);
+    }
+    metric
+}
+
+/// The registry's handle on [`Services`], which [`Metrics`] shares.
+struct SharedServices(Arc<Services>);
+
+impl Collector for SharedServices {
+    fn desc(&self) -> Vec<&Desc> {
+        self.0.descs.iter().collect()
+    }
+
+    fn collect(&self) -> Vec<MetricFamily> {
+        self.0.families()
     }
 }
 
@@ -529,6 +625,18 @@ mod tests {
             !text.contains("plumb_webhook_total{"),
             "no webhook, no series"
         );
+        // A count for a service whose state was not reported yet: its counters, no state.
+        m.applied("other", true);
+        let text = m.render();
+        assert!(
+            text.contains("plumb_apply_total{result=\"ok\",service=\"other\"} 1"),
+            "{text}"
+        );
+        let of_other = |prefix: &str| {
+            text.lines()
+                .any(|l| l.starts_with(prefix) && l.contains("service=\"other\""))
+        };
+        assert!(!of_other("plumb_service_"), "{text}");
         m.hook_results(&["ok", "too_large"]);
         assert!(
             m.render()

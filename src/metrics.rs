@@ -5,7 +5,7 @@
 //! revision; the series of the previous hash is removed when it changes, so a query over the fleet
 //! counts machines per hash without stale rows.
 //!
-//! The per-service series are one row of plain values per service ([`Services`]), turned into
+//! The per-service series are one row of plain values per service (`Services`), turned into
 //! series only while a scrape renders them: the `prometheus` crate's labelled children each keep
 //! their own copy of the metric's description and labels: ~21 of them a service, about 11 KB of
 //! private memory a service at 1,000 services (bench/RESULTS.md).

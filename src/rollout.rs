@@ -97,8 +97,8 @@ pub struct Asked {
 /// Why Prometheus could not be asked, or what it answered could not be read.
 #[derive(Debug, thiserror::Error)]
 pub enum PrometheusError {
-    #[error("{0}")]
-    Http(#[source] Box<ureq::Error>),
+    #[error(transparent)]
+    Http(Box<ureq::Error>),
     #[error("{0}")]
     Tls(String),
     #[error("cannot read the bearer token file {path}")]

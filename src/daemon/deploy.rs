@@ -635,36 +635,19 @@ mod tests {
             }
         }
 
-        /// Commits `files` (path, content; content `None` is a symlink to `..`/..) on top of
-        /// `parent`, moves `main` there and fetches it into the store.
+        /// Commits `files` (path, content; a path ending in `@` is a symlink to the content) on
+        /// top of `parent`, moves `main` there and fetches it into the store.
         fn commit(&self, parent: Option<Oid>, files: &[(&str, &str)]) -> Oid {
-            let mut index = git2::Index::new().unwrap();
-            for (path, content) in files {
-                let blob = self.upstream.blob(content.as_bytes()).unwrap();
-                let mode = if path.ends_with("@") {
-                    0o120000
-                } else {
-                    0o100644
-                };
-                let entry = git2::IndexEntry {
-                    ctime: git2::IndexTime::new(0, 0),
-                    mtime: git2::IndexTime::new(0, 0),
-                    dev: 0,
-                    ino: 0,
-                    mode,
-                    uid: 0,
-                    gid: 0,
-                    file_size: content.len() as u32,
-                    id: blob,
-                    flags: 0,
-                    flags_extended: 0,
-                    path: path.trim_end_matches('@').as_bytes().to_vec(),
-                };
-                index.add(&entry).unwrap();
-            }
+            let files: Vec<(&str, u32, &[u8])> = files
+                .iter()
+                .map(|(path, content)| match path.strip_suffix('@') {
+                    Some(link) => (link, 0o120000, content.as_bytes()),
+                    None => (*path, 0o100644, content.as_bytes()),
+                })
+                .collect();
             let tree = self
                 .upstream
-                .find_tree(index.write_tree_to(&self.upstream).unwrap())
+                .find_tree(crate::git::fixture::tree(&self.upstream, &files))
                 .unwrap();
             let sig = git2::Signature::new("t", "t@example.org", &git2::Time::new(1, 0)).unwrap();
             let parents: Vec<git2::Commit> = parent

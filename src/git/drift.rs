@@ -422,27 +422,13 @@ mod tests {
     /// An upstream with `web/a.conf` and `web/b.conf`, fetched into a store.
     fn store_with_web(root: &Path) -> (Store, Oid) {
         let up = git2::Repository::init_bare(root.join("up.git")).unwrap();
-        let mut index = git2::Index::new().unwrap();
-        for (path, content) in [("web/a.conf", "aaaa\n"), ("web/b.conf", "bbbb\n")] {
-            let blob = up.blob(content.as_bytes()).unwrap();
-            let mut entry = git2::IndexEntry {
-                ctime: git2::IndexTime::new(0, 0),
-                mtime: git2::IndexTime::new(0, 0),
-                dev: 0,
-                ino: 0,
-                mode: 0o100644,
-                uid: 0,
-                gid: 0,
-                file_size: content.len() as u32,
-                id: blob,
-                flags: 0,
-                flags_extended: 0,
-                path: path.as_bytes().to_vec(),
-            };
-            entry.flags = path.len() as u16;
-            index.add(&entry).unwrap();
-        }
-        let tree = up.find_tree(index.write_tree_to(&up).unwrap()).unwrap();
+        let files: [(&str, u32, &[u8]); 2] = [
+            ("web/a.conf", 0o100644, b"aaaa\n"),
+            ("web/b.conf", 0o100644, b"bbbb\n"),
+        ];
+        let tree = up
+            .find_tree(crate::git::fixture::tree(&up, &files))
+            .unwrap();
         let who = git2::Signature::now("t", "t@example.invalid").unwrap();
         up.commit(Some("refs/heads/main"), &who, &who, "web", &tree, &[])
             .unwrap();

@@ -405,6 +405,34 @@ impl Store {
     }
 }
 
+/// Commits made with libgit2 directly, for the unit tests of this module and of the deploy job.
+#[cfg(test)]
+pub(crate) mod fixture {
+    /// Writes a tree of `files` (path, mode, content) into `repo`: `0o100644` for a file,
+    /// `0o120000` for a symlink whose target is the content.
+    pub(crate) fn tree(repo: &git2::Repository, files: &[(&str, u32, &[u8])]) -> git2::Oid {
+        let mut index = git2::Index::new().unwrap();
+        for (path, mode, content) in files {
+            let entry = git2::IndexEntry {
+                ctime: git2::IndexTime::new(0, 0),
+                mtime: git2::IndexTime::new(0, 0),
+                dev: 0,
+                ino: 0,
+                mode: *mode,
+                uid: 0,
+                gid: 0,
+                file_size: content.len() as u32,
+                id: repo.blob(content).unwrap(),
+                flags: 0,
+                flags_extended: 0,
+                path: path.as_bytes().to_vec(),
+            };
+            index.add(&entry).unwrap();
+        }
+        index.write_tree_to(repo).unwrap()
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -9,7 +9,7 @@ use std::time::Duration;
 use tracing::warn;
 
 use crate::error::Chain;
-use crate::git::{FetchReport, GitError, Oid, Store, Transport};
+use crate::git::{FetchReport, GitError, Ignored, Oid, Store, Transport};
 
 /// The first-parent commits `behind` walks at most per service and fetch.
 pub(super) const BEHIND_LIMIT: usize = 10_000;
@@ -28,6 +28,8 @@ pub(super) struct Check {
     /// The (deployed, head) pair the daemon's count of changes behind is for: not counted again
     /// while both are the same.
     pub(super) counted: Option<(Oid, Oid)>,
+    /// What the last drift check found ignored beside the checkout.
+    pub(super) ignored: Option<Ignored>,
 }
 
 /// What one fetch job found.
@@ -38,6 +40,8 @@ pub(super) struct Fetched {
     /// Changes to each service's files between its deployed revision and the head, with that
     /// (deployed, head) pair; only for services where either moved.
     pub(super) behind: BTreeMap<String, ((Oid, Oid), Option<u64>)>,
+    /// What each drift check found ignored, for the next one (every service checked).
+    pub(super) ignored: BTreeMap<String, Option<Ignored>>,
     /// Services whose last checkout did not finish (crash, failure): redone, not drift.
     pub(super) interrupted: BTreeSet<String>,
     /// How long the fetch (with its checks) took.
@@ -54,6 +58,7 @@ pub(super) fn run(
 ) -> Fetched {
     let mut drift = BTreeMap::new();
     let mut behind = BTreeMap::new();
+    let mut ignored = BTreeMap::new();
     let mut interrupted = BTreeSet::new();
     let started = std::time::Instant::now();
     let result = Store::open(stores, url).and_then(|mut s| {
@@ -66,9 +71,11 @@ pub(super) fn run(
             if c.interrupted {
                 interrupted.insert(c.name.clone());
             } else if let Some(synced) = c.synced {
-                match drift_checks.drift(&c.target, &c.index, synced, &c.links) {
-                    Ok(files) => {
+                let known = c.ignored.as_ref();
+                match drift_checks.drift(&c.target, &c.index, synced, &c.links, known) {
+                    Ok((files, beside)) => {
                         drift.insert(c.name.clone(), files);
+                        ignored.insert(c.name.clone(), beside);
                     }
                     Err(e) => {
                         warn!(service = %c.name, "cannot check for local edits: {}", Chain(&e))
@@ -106,6 +113,7 @@ pub(super) fn run(
         result,
         drift,
         behind,
+        ignored,
         interrupted,
         took: started.elapsed(),
     }

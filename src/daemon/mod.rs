@@ -190,6 +190,9 @@ struct Entry {
     /// The (deployed, head) pair `behind` was counted for: while neither moves, a fetch does not
     /// walk the history again, so an idle tick costs nothing per commit of history.
     behind_at: Option<(Oid, Oid)>,
+    /// The ignored files the last drift check found beside the checkout: while they and the
+    /// checkout stay as they are, the next check needs no diff (`git::Ignored`).
+    ignored: Option<git::Ignored>,
     /// The last write of the state file failed: what is on disk is older than `state`.
     unsaved: bool,
     /// The service's rollout wave above 0, from the whole config: what its deploys wait for.
@@ -374,6 +377,7 @@ impl Daemon {
                         behind: old.behind,
                         // Other links count other changes.
                         behind_at: old.behind_at.filter(|_| !moved),
+                        ignored: old.ignored.filter(|_| !moved),
                         unsaved: old.unsaved,
                         wave,
                     }
@@ -385,6 +389,7 @@ impl Daemon {
                         config: cfg,
                         behind: None,
                         behind_at: None,
+                        ignored: None,
                         unsaved: false,
                         wave,
                     }
@@ -611,6 +616,7 @@ impl Daemon {
                     branch: e.config.branch.clone(),
                     links: e.config.links(),
                     counted: e.behind_at,
+                    ignored: e.ignored.clone(),
                 })
                 .collect();
             let stores = self.layout.stores();
@@ -635,6 +641,7 @@ impl Daemon {
                         result,
                         mut drift,
                         behind,
+                        ignored,
                         interrupted,
                         took,
                     },
@@ -646,6 +653,11 @@ impl Daemon {
                     if let Some(e) = self.services.get_mut(&name) {
                         e.behind = n;
                         e.behind_at = Some(at);
+                    }
+                }
+                for (name, known) in ignored {
+                    if let Some(e) = self.services.get_mut(&name) {
+                        e.ignored = known;
                     }
                 }
                 match &result {

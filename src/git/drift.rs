@@ -27,6 +27,14 @@
 //! Anything else (an error, a file that is not regular or a symlink, a symlink on the way to a
 //! link) is "cannot tell", never "unchanged". The check reads the store through its main handle,
 //! whose object cache keeps the trees for all the services of one fetch.
+//!
+//! Files the checkout holds beside git's (a service's own logs, caches) are the one case where
+//! every condition but the second holds at every tick. Whether they count is the ignore rules'
+//! call, which only the diff makes; but the rules judge a path, not its content. So after a diff
+//! found such a checkout clean, the caller keeps what it saw ([`Ignored`]: the synced revision and
+//! the untracked paths), and a later check that finds everything else unchanged and exactly
+//! those paths needs no diff. An untracked `.gitignore` among them (its content is rules) keeps
+//! the check on the diff.
 
 use std::cell::RefCell;
 use std::fs;
@@ -57,7 +65,9 @@ impl Store {
         synced: Oid,
         links: &[String],
     ) -> Result<Vec<String>, GitError> {
-        self.drift_checks().drift(target, index, synced, links)
+        self.drift_checks()
+            .drift(target, index, synced, links, None)
+            .map(|(files, _)| files)
     }
 
     /// A session of drift checks ([`DriftChecks::drift`]) on this store, for the services of one
@@ -158,41 +168,77 @@ pub struct DriftChecks<'s> {
     root: RefCell<Option<(Oid, Tree<'s>)>>,
 }
 
+/// The untracked files a clean drift check of a checkout found beside git's, which the ignore
+/// rules cover, at one synced revision. Handed to the next check of the same checkout
+/// ([`DriftChecks::drift`]), the same files with nothing else changed are clean without the diff.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Ignored {
+    synced: Oid,
+    /// Repository paths (under the links), sorted.
+    paths: Vec<Vec<u8>>,
+}
+
 impl DriftChecks<'_> {
-    /// [`Store::drift`], sharing the root tree with the checks before it.
+    /// [`Store::drift`], sharing the root tree with the checks before it. `known` is what the
+    /// last check of this checkout returned; the second value is what to hand to the next one.
     pub fn drift(
         &self,
         target: &Path,
         index: &Path,
         synced: Oid,
         links: &[String],
-    ) -> Result<Vec<String>, GitError> {
+        known: Option<&Ignored>,
+    ) -> Result<(Vec<String>, Option<Ignored>), GitError> {
         validate_links(links)?;
         if links.is_empty() {
-            return Ok(Vec::new());
+            return Ok((Vec::new(), None));
         }
-        if self.unchanged(target, index, synced, links) {
-            return Ok(Vec::new());
-        }
-        self.store.diff_checkout(target, index, synced, links)
+        let paths = match self.unchanged(target, index, synced, links) {
+            Fast::Unchanged => return Ok((Vec::new(), None)),
+            Fast::Beside(paths) => {
+                let known = known.filter(|k| k.synced == synced && k.paths == paths);
+                if let Some(known) = known {
+                    return Ok((Vec::new(), Some(known.clone())));
+                }
+                Some(paths)
+            }
+            Fast::CannotTell => None,
+        };
+        let files = self.store.diff_checkout(target, index, synced, links)?;
+        let ignored = paths
+            .filter(|_| files.is_empty())
+            .map(|paths| Ignored { synced, paths });
+        Ok((files, ignored))
     }
 
     /// [`unchanged`] with the root tree of `synced`, read once per session and revision.
-    fn unchanged(&self, target: &Path, index: &Path, synced: Oid, links: &[String]) -> bool {
+    fn unchanged(&self, target: &Path, index: &Path, synced: Oid, links: &[String]) -> Fast {
         let repo = &self.store.repo;
         let mut root = self.root.borrow_mut();
         if root.as_ref().is_none_or(|(commit, _)| *commit != synced) {
             *root = None;
             let Ok(tree) = repo.find_commit(synced).and_then(|c| c.tree()) else {
-                return false;
+                return Fast::CannotTell;
             };
             *root = Some((synced, tree));
         }
         let Some((_, tree)) = root.as_ref() else {
-            return false;
+            return Fast::CannotTell;
         };
         unchanged(repo, tree, target, index, links)
     }
+}
+
+/// What the stat data alone says about a checkout.
+#[derive(Debug, PartialEq, Eq)]
+enum Fast {
+    /// Git's files are as checked out, and nothing else is there: no drift.
+    Unchanged,
+    /// Git's files are as checked out, and these untracked files (repository paths, sorted) are
+    /// beside them: drift only if the ignore rules do not cover them.
+    Beside(Vec<Vec<u8>>),
+    /// Only the diff can tell.
+    CannotTell,
 }
 
 /// Whether an entry of `index` was modified no earlier than the index file was written: git then
@@ -213,28 +259,30 @@ fn racy(index: &Index, path: &Path) -> bool {
     })
 }
 
-/// Whether the checkout `target` certainly holds the files of `tree` (a synced revision's root) under `links` as its index
-/// `index_path` describes them, untouched since (see the module doc for the conditions). False
-/// means "cannot tell": the diff decides.
+/// Whether the checkout `target` certainly holds the files of `tree` (a synced revision's root)
+/// under `links` as its index `index_path` describes them, untouched since, and what else is
+/// there (see the module doc for the conditions). Anything in doubt is [`Fast::CannotTell`]: the
+/// diff decides.
 fn unchanged(
     repo: &git2::Repository,
     tree: &Tree<'_>,
     target: &Path,
     index_path: &Path,
     links: &[String],
-) -> bool {
+) -> Fast {
+    use Fast::CannotTell;
     let Ok(written) = fs::metadata(index_path) else {
-        return false;
+        return CannotTell;
     };
     // The index's own time, as libgit2 takes it when it reads the index.
     let written = (written.mtime(), written.mtime_nsec());
     let Ok(index) = Index::open(index_path) else {
-        return false;
+        return CannotTell;
     };
     let mut entries = Vec::with_capacity(index.len());
     for entry in index.iter() {
         let Ok(path) = std::str::from_utf8(&entry.path) else {
-            return false;
+            return CannotTell;
         };
         if !super::under_links(path, links) {
             continue;
@@ -244,20 +292,27 @@ fn unchanged(
             i64::from(entry.mtime.nanoseconds()),
         );
         if !plain(&entry) || modified >= written {
-            return false;
+            return CannotTell;
         }
         entries.push(entry);
     }
     entries.sort_by(|a, b| a.path.cmp(&b.path));
     let Some(files) = tree_files(repo, tree, links) else {
-        return false;
+        return CannotTell;
     };
     let same_as_tree = files.len() == entries.len()
         && files
             .iter()
             .zip(&entries)
             .all(|(f, e)| f.path == e.path && f.id == e.id && f.mode == e.mode);
-    same_as_tree && disk_matches(target, links, &entries)
+    if !same_as_tree {
+        return CannotTell;
+    }
+    match disk_matches(target, links, &entries) {
+        Some(beside) if beside.is_empty() => Fast::Unchanged,
+        Some(beside) => Fast::Beside(beside),
+        None => CannotTell,
+    }
 }
 
 /// An index entry the fast check understands: a file or symlink at stage 0, without the flags
@@ -324,10 +379,13 @@ fn tree_files(repo: &git2::Repository, root: &Tree<'_>, links: &[String]) -> Opt
     Some(files)
 }
 
-/// Whether the files under `links` in `target` are exactly `entries` (sorted by path), each with
-/// the stat data its entry records. Never follows a symlink.
-fn disk_matches(target: &Path, links: &[String], entries: &[IndexEntry]) -> bool {
+/// Whether the files under `links` in `target` include exactly `entries` (sorted by path), each
+/// with the stat data its entry records: then the other files there (repository paths, sorted),
+/// else `None`. An untracked `.gitignore` is `None` too: what it ignores depends on its content.
+/// Never follows a symlink.
+fn disk_matches(target: &Path, links: &[String], entries: &[IndexEntry]) -> Option<Vec<Vec<u8>>> {
     let mut seen = vec![false; entries.len()];
+    let mut beside = Vec::new();
     // What is still to be looked at: path on disk, path in the repository, its metadata (from
     // the directory listing, which looks a name up in its directory rather than walking a path).
     let mut pending: Vec<(PathBuf, Vec<u8>, fs::Metadata)> = Vec::new();
@@ -345,30 +403,30 @@ fn disk_matches(target: &Path, links: &[String], entries: &[IndexEntry]) -> bool
                 // Nothing of this link on disk: its entries stay unseen.
                 Err(e) if e.kind() == std::io::ErrorKind::NotFound => continue 'links,
                 // A symlink or a file on the way to a link.
-                _ => return false,
+                _ => return None,
             }
         }
         match fs::symlink_metadata(&path) {
             Ok(meta) => pending.push((path, link.as_bytes().to_vec(), meta)),
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
-            Err(_) => return false,
+            Err(_) => return None,
         }
     }
     while let Some((path, rel, meta)) = pending.pop() {
         if meta.is_dir() {
             let Ok(dir) = fs::read_dir(&path) else {
-                return false;
+                return None;
             };
             for child in dir {
                 let Ok(child) = child else {
-                    return false;
+                    return None;
                 };
                 // Not followed: fstatat(AT_SYMLINK_NOFOLLOW) in the directory.
                 let meta = match child.metadata() {
                     Ok(meta) => meta,
                     // Removed meanwhile: if it was listed, its entry stays unseen.
                     Err(e) if e.kind() == std::io::ErrorKind::NotFound => continue,
-                    Err(_) => return false,
+                    Err(_) => return None,
                 };
                 let name = child.file_name();
                 let rel = [rel.as_slice(), b"/", name.as_bytes()].concat();
@@ -378,14 +436,22 @@ fn disk_matches(target: &Path, links: &[String], entries: &[IndexEntry]) -> bool
         }
         let Ok(i) = entries.binary_search_by(|e| e.path.as_slice().cmp(&rel)) else {
             // Untracked or ignored: the diff tells which.
-            return false;
+            if rel == b".gitignore" || rel.ends_with(b"/.gitignore") {
+                return None;
+            }
+            beside.push(rel);
+            continue;
         };
         if !same_stat(&entries[i], &meta) {
-            return false;
+            return None;
         }
         seen[i] = true;
     }
-    seen.iter().all(|s| *s)
+    if !seen.iter().all(|s| *s) {
+        return None;
+    }
+    beside.sort();
+    Some(beside)
 }
 
 /// Whether `meta` (not followed) is what `entry` records: git's mode (type and executable bit),
@@ -419,12 +485,14 @@ mod tests {
     use super::*;
     use crate::git::Transport;
 
-    /// An upstream with `web/a.conf` and `web/b.conf`, fetched into a store.
+    /// An upstream with `web/a.conf`, `web/b.conf` and a `web/.gitignore` of `*.log`, fetched
+    /// into a store.
     fn store_with_web(root: &Path) -> (Store, Oid) {
         let up = git2::Repository::init_bare(root.join("up.git")).unwrap();
-        let files: [(&str, u32, &[u8]); 2] = [
+        let files: [(&str, u32, &[u8]); 3] = [
             ("web/a.conf", 0o100644, b"aaaa\n"),
             ("web/b.conf", 0o100644, b"bbbb\n"),
+            ("web/.gitignore", 0o100644, b"*.log\n"),
         ];
         let tree = up
             .find_tree(crate::git::fixture::tree(&up, &files))
@@ -463,31 +531,116 @@ mod tests {
                 .unwrap()
                 .is_empty()
         );
-        assert!(fast(), "a clean checkout with a newer index needs no diff");
-
-        std::thread::sleep(std::time::Duration::from_millis(20));
-        fs::write(target.join("web/a.conf"), "AAAA\n").unwrap();
-        assert!(!fast());
         assert_eq!(
-            store.drift(&target, &index, head, &links).unwrap(),
-            vec!["web/a.conf".to_owned()]
+            fast(),
+            Fast::Unchanged,
+            "a clean checkout with a newer index needs no diff"
         );
-        fs::write(target.join("web/a.conf"), "aaaa\n").unwrap();
 
+        // A file beside git's: the stat data cannot say whether it is ignored.
         fs::write(target.join("web/new.conf"), "n\n").unwrap();
-        assert!(!fast());
+        assert_eq!(fast(), Fast::Beside(vec![b"web/new.conf".to_vec()]));
         assert_eq!(
             store.drift(&target, &index, head, &links).unwrap(),
             vec!["web/new.conf".to_owned()]
         );
         fs::remove_file(target.join("web/new.conf")).unwrap();
 
+        std::thread::sleep(std::time::Duration::from_millis(20));
+        fs::write(target.join("web/a.conf"), "AAAA\n").unwrap();
+        assert_eq!(fast(), Fast::CannotTell);
+        assert_eq!(
+            store.drift(&target, &index, head, &links).unwrap(),
+            vec!["web/a.conf".to_owned()]
+        );
+        fs::write(target.join("web/a.conf"), "aaaa\n").unwrap();
+
         use std::os::unix::fs::PermissionsExt;
         fs::set_permissions(target.join("web/b.conf"), fs::Permissions::from_mode(0o755)).unwrap();
-        assert!(!fast());
+        assert_eq!(fast(), Fast::CannotTell);
         assert_eq!(
             store.drift(&target, &index, head, &links).unwrap(),
             vec!["web/b.conf".to_owned()]
         );
+    }
+
+    /// Files the ignore rules cover beside a clean checkout: the diff says so once, then the same
+    /// files (even grown) need no diff while anything else, a new untracked file, an edit, an
+    /// untracked `.gitignore` or another synced revision, still goes to the diff and is seen.
+    #[test]
+    fn ignored_files_beside_a_checkout_are_judged_once() {
+        let root = tempfile::tempdir().unwrap();
+        let (store, head) = store_with_web(root.path());
+        let links = vec!["web".to_owned()];
+        let target = root.path().join("deploy");
+        let index = root.path().join("web.index");
+        store.checkout(&target, &index, None, head, &links).unwrap();
+        std::thread::sleep(std::time::Duration::from_millis(20));
+        let checks = store.drift_checks();
+        let check =
+            |known: Option<&Ignored>| checks.drift(&target, &index, head, &links, known).unwrap();
+        let (files, known) = check(None);
+        assert!(files.is_empty() && known.is_none(), "{files:?} {known:?}");
+
+        fs::write(target.join("web/app.log"), "started\n").unwrap();
+        let (files, known) = check(None);
+        assert!(files.is_empty(), "{files:?}");
+        let known = known.expect("the ignored file is remembered");
+        assert_eq!(known.paths, vec![b"web/app.log".to_vec()]);
+        fs::write(target.join("web/app.log"), "started\nstill running\n").unwrap();
+        assert_eq!(check(Some(&known)), (Vec::new(), Some(known.clone())));
+
+        fs::write(target.join("web/notes.txt"), "n\n").unwrap();
+        assert_eq!(
+            check(Some(&known)),
+            (vec!["web/notes.txt".to_owned()], None)
+        );
+        fs::remove_file(target.join("web/notes.txt")).unwrap();
+
+        fs::create_dir(target.join("web/sub")).unwrap();
+        fs::write(target.join("web/sub/.gitignore"), "*\n").unwrap();
+        fs::write(target.join("web/sub/x"), "x\n").unwrap();
+        let (files, beside) = check(Some(&known));
+        assert_eq!(
+            files,
+            Vec::<String>::new(),
+            "git's own verdict: all ignored"
+        );
+        assert_eq!(
+            beside, None,
+            "an untracked .gitignore holds rules: never remembered"
+        );
+        // Had it been remembered, the same paths with other rules would still go to the diff.
+        let remembered = Ignored {
+            synced: head,
+            paths: ["web/app.log", "web/sub/.gitignore", "web/sub/x"]
+                .map(|p| p.as_bytes().to_vec())
+                .to_vec(),
+        };
+        fs::write(target.join("web/sub/.gitignore"), "nothing\n").unwrap();
+        let (files, _) = check(Some(&remembered));
+        assert_eq!(
+            files,
+            ["web/sub/.gitignore", "web/sub/x"],
+            "rules changed, diff ran"
+        );
+        fs::remove_dir_all(target.join("web/sub")).unwrap();
+
+        let elsewhere = Ignored {
+            synced: Oid::ZERO_SHA1,
+            paths: known.paths.clone(),
+        };
+        fs::write(target.join("web/app.log"), "").unwrap();
+        let (files, again) = check(Some(&elsewhere));
+        assert!(files.is_empty(), "{files:?}");
+        assert_eq!(
+            again.as_ref(),
+            Some(&known),
+            "judged again for this revision"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(20));
+        fs::write(target.join("web/a.conf"), "AAAA\n").unwrap();
+        assert_eq!(check(Some(&known)), (vec!["web/a.conf".to_owned()], None));
+        fs::write(target.join("web/a.conf"), "aaaa\n").unwrap();
     }
 }

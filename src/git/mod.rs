@@ -105,7 +105,7 @@ use std::sync::Arc;
 use std::sync::atomic::AtomicBool;
 use std::time::Duration;
 
-pub use drift::DriftChecks;
+pub use drift::{DriftChecks, Ignored};
 pub use git2::Oid;
 pub use history::{FileChange, under_links};
 pub use inspect::{DEFAULT_MAX_FILE_SIZE, Limits, human_size, name_problem};

@@ -328,6 +328,35 @@ fn local_edits_are_diff_never_overwritten_until_pull_force() {
     assert_eq!(a.status.state, "OK", "{a:?}");
 }
 
+/// A service's own files beside the checkout that its `.gitignore` covers (a log it writes) are
+/// not local edits, pull after pull and as they grow; a stray beside them still is.
+#[test]
+fn ignored_files_in_a_checkout_are_not_local_edits() {
+    let root = temp_root();
+    let (up, config, state, _) = setup(root.path());
+    let v2 = up.write("app/.gitignore", "*.log\n").commit("v2");
+    let d = InProcess::start(&config);
+    wait_until("deploy of v2", DEADLINE, || {
+        d.status("app").deployed.as_deref() == Some(v2.as_str())
+    });
+    let log = state.join("checkouts/app/app/app.log");
+    for line in ["started\n", "started\nserving\n", "started\nserving\nstill\n"] {
+        std::fs::write(&log, line).unwrap();
+        let a = d.pull(false);
+        assert_eq!(a.status.state, "OK", "{a:?}");
+    }
+    let stray = state.join("checkouts/app/app/notes.txt");
+    std::fs::write(&stray, "n").unwrap();
+    let a = d.pull(false);
+    assert_eq!(a.status.state, "DIFF", "{a:?}");
+    assert!(a.status.info.contains("app/notes.txt"), "{}", a.status.info);
+    assert!(!a.status.info.contains("app.log"), "{}", a.status.info);
+    std::fs::remove_file(&stray).unwrap();
+    let a = d.pull(false);
+    assert_eq!(a.status.state, "OK", "{a:?}");
+    assert!(log.exists(), "the service's own file is left alone");
+}
+
 #[test]
 fn diff_shows_what_the_next_pull_would_change() {
     let root = temp_root();

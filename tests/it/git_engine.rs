@@ -18,10 +18,10 @@ use std::sync::Arc;
 use std::sync::atomic::AtomicBool;
 use std::time::{Duration, Instant};
 
-use plumb::git::{GitError, Oid, Store, Transport, under_links};
+use plumb::git::{GitError, Oid, Store, Transport};
 use support::{
-    GitDaemon, HttpServer, Relay, Relaying, SshServer, Tmpfs, Upstream, git, require_root,
-    temp_root, wait_until,
+    GitDaemon, HttpServer, Node, Relay, Relaying, SshServer, Tmpfs, Upstream, git, git_checkout,
+    require_root, snapshot, snapshot_links, temp_root, wait_until,
 };
 
 // ---------------------------------------------------------------------------------------------
@@ -43,91 +43,6 @@ fn main_branch() -> Vec<String> {
 fn fetch_main(store: &mut Store, transport: &Transport) -> Oid {
     let report = store.fetch(&main_branch(), transport).expect("fetch main");
     report.heads["main"].expect("main exists upstream")
-}
-
-/// What a path in a directory is, as an operator would see it with `ls -l` and `cat`.
-#[derive(Debug, Clone, PartialEq, Eq)]
-enum Node {
-    Dir,
-    File { content: String, exec: bool },
-    Symlink(PathBuf),
-}
-
-/// Everything under `root` (never following symlinks), keyed by relative path; `.git` is skipped.
-fn snapshot(root: &Path) -> BTreeMap<String, Node> {
-    fn walk(root: &Path, dir: &Path, out: &mut BTreeMap<String, Node>) {
-        let Ok(entries) = fs::read_dir(dir) else {
-            return;
-        };
-        for entry in entries {
-            let entry = entry.expect("read_dir entry");
-            if entry.file_name() == ".git" {
-                continue;
-            }
-            let path = entry.path();
-            let rel = path
-                .strip_prefix(root)
-                .expect("under root")
-                .to_string_lossy()
-                .into_owned();
-            let meta = fs::symlink_metadata(&path).expect("lstat");
-            if meta.file_type().is_symlink() {
-                out.insert(rel, Node::Symlink(fs::read_link(&path).expect("readlink")));
-            } else if meta.is_dir() {
-                out.insert(rel, Node::Dir);
-                walk(root, &path, out);
-            } else {
-                let content = fs::read_to_string(&path).expect("read file");
-                let exec = meta.permissions().mode() & 0o111 != 0;
-                out.insert(rel, Node::File { content, exec });
-            }
-        }
-    }
-    let mut out = BTreeMap::new();
-    walk(root, root, &mut out);
-    out
-}
-
-/// [`snapshot`] restricted to `links`.
-fn snapshot_links(root: &Path, links: &[String]) -> BTreeMap<String, Node> {
-    snapshot(root)
-        .into_iter()
-        .filter(|(path, _)| under_links(path, links))
-        .collect()
-}
-
-/// What the real git client checks out for `rev` of `up`, restricted to `links`.
-fn git_checkout(
-    up: &Upstream,
-    scratch: &Path,
-    rev: &str,
-    links: &[String],
-) -> BTreeMap<String, Node> {
-    let dir = scratch.join(format!("git-checkout-{rev}"));
-    if !dir.exists() {
-        git(
-            scratch,
-            &[
-                "clone",
-                "-q",
-                "--no-checkout",
-                up.bare.to_str().unwrap(),
-                dir.to_str().unwrap(),
-            ],
-        );
-        git(
-            &dir,
-            &[
-                "-c",
-                "advice.detachedHead=false",
-                "checkout",
-                "-q",
-                "--detach",
-                rev,
-            ],
-        );
-    }
-    snapshot_links(&dir, links)
 }
 
 fn file(content: &str) -> Node {

@@ -15,13 +15,16 @@ use std::fs;
 use std::io::Write;
 use std::net::TcpListener;
 use std::os::unix::fs::{MetadataExt, PermissionsExt};
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::{Command, Stdio};
 use std::time::Instant;
 
-use plumb::git::{GitError, Limits, Oid, Store, Transport, under_links};
+use plumb::git::{GitError, Limits, Oid, Store, Transport};
 use plumb::owner::{Owner, chown_tree};
-use support::{Accounts, Upstream, git, git_command, require_root, temp_root};
+use support::{
+    Accounts, Node, Upstream, git, git_checkout, git_command, require_root, snapshot,
+    snapshot_links, temp_root,
+};
 
 // ---------------------------------------------------------------------------------------------
 // helpers
@@ -53,73 +56,6 @@ fn deploy(
 ) -> Result<(), GitError> {
     store.inspect(rev, l, &Limits::default())?;
     store.checkout(target, index, previous, rev, l)
-}
-
-/// What a path is, as `ls -l` and `cat` show it.
-#[derive(Debug, Clone, PartialEq, Eq)]
-enum Node {
-    Dir,
-    File(String),
-    Symlink(PathBuf),
-}
-
-/// Everything under `root`, never following symlinks, keyed by relative path (`.git` skipped).
-fn snapshot(root: &Path) -> BTreeMap<String, Node> {
-    fn walk(root: &Path, dir: &Path, out: &mut BTreeMap<String, Node>) {
-        let Ok(entries) = fs::read_dir(dir) else {
-            return;
-        };
-        for entry in entries {
-            let path = entry.expect("read_dir entry").path();
-            if path.file_name().is_some_and(|n| n == ".git") {
-                continue;
-            }
-            let rel = path
-                .strip_prefix(root)
-                .unwrap()
-                .to_string_lossy()
-                .into_owned();
-            let meta = fs::symlink_metadata(&path).expect("lstat");
-            if meta.file_type().is_symlink() {
-                out.insert(rel, Node::Symlink(fs::read_link(&path).unwrap()));
-            } else if meta.is_dir() {
-                out.insert(rel, Node::Dir);
-                walk(root, &path, out);
-            } else {
-                out.insert(rel, Node::File(fs::read_to_string(&path).unwrap()));
-            }
-        }
-    }
-    let mut out = BTreeMap::new();
-    walk(root, root, &mut out);
-    out
-}
-
-/// [`snapshot`] restricted to `l`.
-fn snapshot_links(root: &Path, l: &[String]) -> BTreeMap<String, Node> {
-    snapshot(root)
-        .into_iter()
-        .filter(|(path, _)| under_links(path, l))
-        .collect()
-}
-
-/// What the real git checks out for `rev`, restricted to `l`.
-fn git_checkout(up: &Upstream, scratch: &Path, rev: &str, l: &[String]) -> BTreeMap<String, Node> {
-    let dir = scratch.join(format!("git-checkout-{rev}"));
-    if !dir.exists() {
-        let (bare, to) = (up.bare.to_str().unwrap(), dir.to_str().unwrap());
-        git(scratch, &["clone", "-q", "--no-checkout", bare, to]);
-        let detach = [
-            "-c",
-            "advice.detachedHead=false",
-            "checkout",
-            "-q",
-            "--detach",
-            rev,
-        ];
-        git(&dir, &detach);
-    }
-    snapshot_links(&dir, l)
 }
 
 /// Commits symlinks `(target, path)` given as raw bytes (names git takes but a `&str` cannot

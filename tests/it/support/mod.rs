@@ -6,6 +6,8 @@
 //!   [`SshServer`] (OpenSSH `sshd`, key auth): real servers, each on its own free port of 127.0.0.1;
 //! - [`Accounts`]: real users and groups made for one test (`useradd`), removed afterwards;
 //! - [`Machine`], [`Daemon`] and [`InProcess`] (`machine.rs`): the one way a test runs plumb's daemon;
+//! - [`Node`], [`snapshot`] and [`git_checkout`] (`tree.rs`): the one snapshot of a directory tree
+//!   a checkout is compared with, and the real git client's checkout to compare it to;
 //! - [`git`], [`wait_until`] with the one [`DEADLINE`], [`require_root`]: the small helpers every
 //!   test module would repeat otherwise.
 //!
@@ -20,10 +22,12 @@
 
 pub mod container;
 mod machine;
+mod tree;
 
 pub use machine::{
     ANY_METRICS_PORT, Daemon, InProcess, Machine, own_group, read_rev, scrape, service,
 };
+pub use tree::{Node, git_checkout, snapshot, snapshot_links};
 
 use std::fs;
 use std::io::Write as _;

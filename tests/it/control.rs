@@ -340,7 +340,11 @@ fn ignored_files_in_a_checkout_are_not_local_edits() {
         d.status("app").deployed.as_deref() == Some(v2.as_str())
     });
     let log = state.join("checkouts/app/app/app.log");
-    for line in ["started\n", "started\nserving\n", "started\nserving\nstill\n"] {
+    for line in [
+        "started\n",
+        "started\nserving\n",
+        "started\nserving\nstill\n",
+    ] {
         std::fs::write(&log, line).unwrap();
         let a = d.pull(false);
         assert_eq!(a.status.state, "OK", "{a:?}");
@@ -355,6 +359,11 @@ fn ignored_files_in_a_checkout_are_not_local_edits() {
     let a = d.pull(false);
     assert_eq!(a.status.state, "OK", "{a:?}");
     assert!(log.exists(), "the service's own file is left alone");
+    // A deploy makes the checkout exactly git's: the ignored file goes, as every stray does.
+    let v3 = up.write("app/conf", "3").commit("v3");
+    let a = d.pull(false);
+    assert_eq!(a.status.deployed.as_deref(), Some(v3.as_str()), "{a:?}");
+    assert!(!log.exists());
 }
 
 #[test]

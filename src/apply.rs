@@ -173,6 +173,9 @@ pub async fn apply(
             service: service.to_owned(),
             hosts: hosts.to_vec(),
         })?;
+    // Nothing deployed (or a state directory that does not exist) is said as such, not as a
+    // lock file that cannot be opened; read again once the lock is held.
+    read_wanted(layout, service)?;
     let _lock = lock(layout, service).await?;
     let mut last = read_applied(layout, service);
     let mut wanted = read_wanted(layout, service)?;

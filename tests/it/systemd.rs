@@ -459,5 +459,25 @@ dirs = [
         "{o}"
     );
     assert_eq!(http_get(port, "/extra.txt").as_deref(), Some("extra\n"));
+
+    // `plumb --state-dir DIR apply` reads the deployed revision under DIR and records its
+    // outcome there, leaving the default state directory's alone.
+    let alt = "/var/lib/plumb-alt";
+    let (ok, out) = c.try_sh(&format!("plumb --state-dir {alt} apply nginx 2>&1"));
+    assert!(!ok, "{out}");
+    assert!(
+        out.contains(&format!("{alt}/state/nginx.rev does not exist")),
+        "{out}"
+    );
+    let kept = c.sh(&format!("cat {STATE}/nginx.applied"));
+    c.sh(&format!(
+        "mkdir -p {alt}/state && cp {STATE}/nginx.rev {alt}/state/"
+    ));
+    // Its checkouts are not there, so the outcome may be a failure; either way it is DIR's.
+    c.try_sh(&format!("plumb --state-dir {alt} apply nginx"));
+    let recorded: Outcome =
+        serde_json::from_str(&c.sh(&format!("cat {alt}/state/nginx.applied"))).unwrap();
+    assert_eq!(recorded.revision.to_string(), v6);
+    assert_eq!(c.sh(&format!("cat {STATE}/nginx.applied")), kept);
     eprintln!("apply test took {:?}", started.elapsed());
 }

@@ -228,7 +228,36 @@ fn open_existing(path: &Path) -> Result<Repository, Opened> {
             Opened::Damaged(e.message().to_string())
         }
     })?;
+    // Stores made before the settings were pinned get them now (a write only when one differs).
+    pin_config(&repo).map_err(Opened::Failed)?;
     Ok(repo)
+}
+
+/// git settings that change what a drift check sees, pinned in each store's own config: libgit2
+/// also reads `/etc/gitconfig`, root's `~/.gitconfig` and `~/.config/git/` (its `ignore` and
+/// `attributes`), below the store's level, and a machine's personal git setup must not hide a
+/// stray file (a global ignore), a mode change (`core.fileMode = false`) or a line-ending edit
+/// (`core.autocrlf`) from the check. Checkouts write git's blobs as they are, whatever the config.
+const PINNED: [(&str, &str); 8] = [
+    ("core.excludesFile", "/dev/null"),
+    ("core.attributesFile", "/dev/null"),
+    ("core.autocrlf", "false"),
+    ("core.safecrlf", "false"),
+    ("core.fileMode", "true"),
+    ("core.symlinks", "true"),
+    ("core.ignoreCase", "false"),
+    ("core.trustctime", "true"),
+];
+
+/// Writes [`PINNED`] into `repo`'s own config where it says otherwise.
+fn pin_config(repo: &Repository) -> Result<(), git2::Error> {
+    let mut local = repo.config()?.open_level(git2::ConfigLevel::Local)?;
+    for (key, value) in PINNED {
+        if local.get_string(key).ok().as_deref() != Some(value) {
+            local.set_str(key, value)?;
+        }
+    }
+    Ok(())
 }
 
 /// Every `refs/remotes/origin/*` must resolve to a commit present in the store.
@@ -315,6 +344,7 @@ fn create(path: &Path, shown: &str) -> Result<Repository, GitError> {
         config
             .set_bool("core.logAllRefUpdates", false)
             .map_err(git_err)?;
+        pin_config(&repo).map_err(git_err)?;
     }
     let tmp = tmp.keep();
     fs::rename(&tmp, path).map_err(io_err("move the new store into place"))?;

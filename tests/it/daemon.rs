@@ -1891,3 +1891,48 @@ fn an_http_upstream_is_fetched_through_the_proxy_the_environment_names() {
     assert_eq!(m.rev("web").as_deref(), Some(head.as_str()));
     assert!(proxy.connections() >= 1, "the fetch did not use the proxy");
 }
+
+/// root's own git setup (`~/.gitconfig`, `~/.config/git/ignore`) is not plumb's: a global ignore
+/// that covers a stray, or `core.fileMode = false`, does not hide a local edit from the drift check.
+#[test]
+fn the_machines_own_git_config_does_not_hide_local_edits() {
+    let root = temp_root();
+    let up = Upstream::new(root.path(), "ops");
+    up.write("app/conf", "1").commit("v1");
+    let home = root.path().join("home");
+    fs::create_dir_all(home.join(".config/git")).unwrap();
+    fs::write(home.join(".config/git/ignore"), "*.conf\n*.txt\n").unwrap();
+    fs::write(
+        home.join(".gitconfig"),
+        "[core]\n\tfileMode = false\n\tautocrlf = true\n",
+    )
+    .unwrap();
+    let m = Machine::new(root.path(), &service("app", &up.file_url(), &["app"]));
+    let once = || {
+        m.command()
+            .env("HOME", &home)
+            .env_remove("XDG_CONFIG_HOME")
+            .arg("--once")
+            .output()
+            .unwrap()
+    };
+    once();
+    assert_eq!(m.state_json("app")["state"], "OK");
+    let checkout = m.checkout("app");
+
+    fs::write(checkout.join("app/stray.txt"), "left here\n").unwrap();
+    once();
+    let s = m.state_json("app");
+    assert_eq!(s["state"], "DIFF", "{s}");
+    assert!(s["info"].as_str().unwrap().contains("app/stray.txt"), "{s}");
+    fs::remove_file(checkout.join("app/stray.txt")).unwrap();
+    once();
+    assert_eq!(m.state_json("app")["state"], "OK");
+
+    use std::os::unix::fs::PermissionsExt;
+    fs::set_permissions(checkout.join("app/conf"), fs::Permissions::from_mode(0o755)).unwrap();
+    once();
+    let s = m.state_json("app");
+    assert_eq!(s["state"], "DIFF", "{s}");
+    assert!(s["info"].as_str().unwrap().contains("app/conf"), "{s}");
+}

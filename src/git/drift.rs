@@ -31,10 +31,14 @@
 //! Files the checkout holds beside git's (a service's own logs, caches) are the one case where
 //! every condition but the second holds at every tick. Whether they count is the ignore rules'
 //! call, which only the diff makes; but the rules judge a path, not its content. So after a diff
-//! found such a checkout clean, the caller keeps what it saw ([`Ignored`]: the synced revision and
-//! the untracked paths), and a later check that finds everything else unchanged and exactly
-//! those paths needs no diff. An untracked `.gitignore` among them (its content is rules) keeps
-//! the check on the diff.
+//! found such a checkout clean and listed as ignored exactly the files the stat pass saw beside
+//! git's, the caller keeps them ([`Ignored`]: the synced revision and those paths), and a later
+//! check that finds everything else unchanged and exactly those paths needs no diff. The rules
+//! must then be the ones the diff used: the store pins its own (see `store.rs`), the tracked
+//! `.gitignore` files are covered by their stat data, and nothing is kept while an untracked
+//! `.gitignore` (among the files, or on the way from the checkout's root to a link) or a tracked
+//! one that is a symlink could change them unseen. Sockets and FIFOs are skipped, as libgit2
+//! skips them; more than [`MAX_BESIDE`] files beside git's are left to the diff.
 
 use std::cell::RefCell;
 use std::fs;
@@ -80,14 +84,16 @@ impl Store {
         }
     }
 
-    /// [`Store::drift`] by libgit2's diff of `synced`'s tree against the work tree `target`.
+    /// [`Store::drift`] by libgit2's diff of `synced`'s tree against the work tree `target`; with
+    /// `ignored`, also the files the ignore rules cover (repository paths, sorted), else none.
     fn diff_checkout(
         &self,
         target: &Path,
         index: &Path,
         synced: Oid,
         links: &[String],
-    ) -> Result<Vec<String>, GitError> {
+        ignored: bool,
+    ) -> Result<(Vec<String>, Vec<Vec<u8>>), GitError> {
         let revision = synced.to_string();
         let git_err = |source: git2::Error| GitError::Checkout {
             url: self.shown.clone(),
@@ -110,7 +116,7 @@ impl Store {
                 git2::TreeWalkResult::Ok
             })
             .map_err(git_err)?;
-            return Ok(gone);
+            return Ok((gone, Vec::new()));
         }
         repo.set_workdir(target, false).map_err(git_err)?;
         // The service's index is the stat cache of its checkout: with it, files whose size and
@@ -123,6 +129,8 @@ impl Store {
         let mut opts = git2::DiffOptions::new();
         opts.include_untracked(true)
             .recurse_untracked_dirs(true)
+            .include_ignored(ignored)
+            .recurse_ignored_dirs(ignored)
             .include_typechange(true)
             .disable_pathspec_match(true);
         for link in links {
@@ -133,7 +141,17 @@ impl Store {
             None => repo.diff_tree_to_workdir(Some(&tree), Some(&mut opts)),
         }
         .map_err(git_err)?;
-        if diff.deltas().len() == 0
+        let ignored: Vec<Vec<u8>> = {
+            let mut paths: Vec<Vec<u8>> = diff
+                .deltas()
+                .filter(|d| d.status() == git2::Delta::Ignored)
+                .filter_map(|d| d.new_file().path_bytes().map(<[u8]>::to_vec))
+                .collect();
+            paths.sort();
+            paths
+        };
+        let changed = || diff.deltas().filter(|d| d.status() != git2::Delta::Ignored);
+        if changed().next().is_none()
             && let Some(index) = index.as_mut()
             && racy(index, index_path)
         {
@@ -144,8 +162,7 @@ impl Store {
                 tracing::debug!(index = %index_path.display(), "cannot refresh the index: {e}");
             }
         }
-        let mut paths: Vec<String> = diff
-            .deltas()
+        let mut paths: Vec<String> = changed()
             .filter_map(|d| {
                 d.new_file()
                     .path()
@@ -156,7 +173,7 @@ impl Store {
             .collect();
         paths.sort();
         paths.dedup();
-        Ok(paths)
+        Ok((paths, ignored))
     }
 }
 
@@ -174,9 +191,14 @@ pub struct DriftChecks<'s> {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Ignored {
     synced: Oid,
-    /// Repository paths (under the links), sorted.
-    paths: Vec<Vec<u8>>,
+    /// Repository paths (under the links), sorted; shared, as the daemon hands them to every
+    /// fetch job.
+    paths: std::sync::Arc<[Vec<u8>]>,
 }
+
+/// The most files beside git's that a check compares with what it kept ([`Ignored`]): a larger
+/// ignored tree (a cache directory) is left to the diff, which does not walk an ignored directory.
+const MAX_BESIDE: usize = 1000;
 
 impl DriftChecks<'_> {
     /// [`Store::drift`], sharing the root tree with the checks before it. `known` is what the
@@ -193,10 +215,10 @@ impl DriftChecks<'_> {
         if links.is_empty() {
             return Ok((Vec::new(), None));
         }
-        let paths = match self.unchanged(target, index, synced, links) {
+        let beside = match self.unchanged(target, index, synced, links) {
             Fast::Unchanged => return Ok((Vec::new(), None)),
             Fast::Beside(paths) => {
-                let known = known.filter(|k| k.synced == synced && k.paths == paths);
+                let known = known.filter(|k| k.synced == synced && *k.paths == *paths);
                 if let Some(known) = known {
                     return Ok((Vec::new(), Some(known.clone())));
                 }
@@ -204,11 +226,18 @@ impl DriftChecks<'_> {
             }
             Fast::CannotTell => None,
         };
-        let files = self.store.diff_checkout(target, index, synced, links)?;
-        let ignored = paths
-            .filter(|_| files.is_empty())
-            .map(|paths| Ignored { synced, paths });
-        Ok((files, ignored))
+        let (files, ignored) =
+            self.store
+                .diff_checkout(target, index, synced, links, beside.is_some())?;
+        // Kept only when the diff judged exactly what the stat pass saw: a file that came or went
+        // in between was not judged.
+        let kept = beside
+            .filter(|paths| files.is_empty() && *paths == ignored)
+            .map(|paths| Ignored {
+                synced,
+                paths: paths.into(),
+            });
+        Ok((files, kept))
     }
 
     /// [`unchanged`] with the root tree of `synced`, read once per session and revision.
@@ -310,9 +339,34 @@ fn unchanged(
     }
     match disk_matches(target, links, &entries) {
         Some(beside) if beside.is_empty() => Fast::Unchanged,
-        Some(beside) => Fast::Beside(beside),
-        None => CannotTell,
+        Some(beside) if rules_are_git_s(target, links, &entries) => Fast::Beside(beside),
+        _ => CannotTell,
     }
+}
+
+/// Whether the ignore rules the diff applies to `target` come only from the store and from the
+/// tracked `.gitignore` files in `entries` as they are (no symlink among them, whose target could
+/// change unseen), with no untracked `.gitignore` from the checkout's root down to each link.
+fn rules_are_git_s(target: &Path, links: &[String], entries: &[IndexEntry]) -> bool {
+    let is_rules = |path: &[u8]| path == b".gitignore" || path.ends_with(b"/.gitignore");
+    if entries
+        .iter()
+        .any(|e| is_rules(&e.path) && e.mode == SYMLINK_MODE as u32)
+    {
+        return false;
+    }
+    links.iter().all(|link| {
+        let mut dir = target.to_path_buf();
+        let mut above = vec![dir.join(".gitignore")];
+        let parts: Vec<&str> = link.trim_end_matches('/').split('/').collect();
+        for part in &parts[..parts.len().saturating_sub(1)] {
+            dir.push(part);
+            above.push(dir.join(".gitignore"));
+        }
+        above.iter().all(|p| {
+            matches!(fs::symlink_metadata(p), Err(e) if e.kind() == std::io::ErrorKind::NotFound)
+        })
+    })
 }
 
 /// An index entry the fast check understands: a file or symlink at stage 0, without the flags
@@ -435,8 +489,13 @@ fn disk_matches(target: &Path, links: &[String], entries: &[IndexEntry]) -> Opti
             continue;
         }
         let Ok(i) = entries.binary_search_by(|e| e.path.as_slice().cmp(&rel)) else {
-            // Untracked or ignored: the diff tells which.
-            if rel == b".gitignore" || rel.ends_with(b"/.gitignore") {
+            // Untracked or ignored: the diff tells which. Only files and symlinks: libgit2 skips
+            // sockets, FIFOs and devices. An untracked `.gitignore` is rules: the diff decides.
+            let kind = meta.file_type();
+            if !kind.is_file() && !kind.is_symlink() {
+                continue;
+            }
+            if rel == b".gitignore" || rel.ends_with(b"/.gitignore") || beside.len() == MAX_BESIDE {
                 return None;
             }
             beside.push(rel);
@@ -564,9 +623,17 @@ mod tests {
         );
     }
 
+    /// A kept [`Ignored`] naming exactly `paths` at `synced`.
+    fn kept(synced: Oid, paths: &[&str]) -> Ignored {
+        Ignored {
+            synced,
+            paths: paths.iter().map(|p| p.as_bytes().to_vec()).collect(),
+        }
+    }
+
     /// Files the ignore rules cover beside a clean checkout: the diff says so once, then the same
-    /// files (even grown) need no diff while anything else, a new untracked file, an edit, an
-    /// untracked `.gitignore` or another synced revision, still goes to the diff and is seen.
+    /// files (even grown) need no diff while anything else, a new untracked file, an edit, a
+    /// `.gitignore` that is not git's or another synced revision, still goes to the diff and is seen.
     #[test]
     fn ignored_files_beside_a_checkout_are_judged_once() {
         let root = tempfile::tempdir().unwrap();
@@ -586,9 +653,15 @@ mod tests {
         let (files, known) = check(None);
         assert!(files.is_empty(), "{files:?}");
         let known = known.expect("the ignored file is remembered");
-        assert_eq!(known.paths, vec![b"web/app.log".to_vec()]);
+        assert_eq!(known, kept(head, &["web/app.log"]));
         fs::write(target.join("web/app.log"), "started\nstill running\n").unwrap();
         assert_eq!(check(Some(&known)), (Vec::new(), Some(known.clone())));
+        // The shortcut is taken: what is kept is trusted without the diff, which would object.
+        fs::rename(target.join("web/app.log"), target.join("web/app.txt")).unwrap();
+        let trusted = kept(head, &["web/app.txt"]);
+        assert_eq!(check(Some(&trusted)), (Vec::new(), Some(trusted.clone())));
+        assert_eq!(check(None), (vec!["web/app.txt".to_owned()], None));
+        fs::rename(target.join("web/app.txt"), target.join("web/app.log")).unwrap();
 
         fs::write(target.join("web/notes.txt"), "n\n").unwrap();
         assert_eq!(
@@ -597,38 +670,46 @@ mod tests {
         );
         fs::remove_file(target.join("web/notes.txt")).unwrap();
 
+        // An untracked .gitignore holds rules: never kept, and with one the diff always runs.
         fs::create_dir(target.join("web/sub")).unwrap();
         fs::write(target.join("web/sub/.gitignore"), "*\n").unwrap();
         fs::write(target.join("web/sub/x"), "x\n").unwrap();
         let (files, beside) = check(Some(&known));
-        assert_eq!(
-            files,
-            Vec::<String>::new(),
-            "git's own verdict: all ignored"
+        assert!(
+            files.is_empty(),
+            "git's own verdict: all ignored: {files:?}"
         );
-        assert_eq!(
-            beside, None,
-            "an untracked .gitignore holds rules: never remembered"
-        );
-        // Had it been remembered, the same paths with other rules would still go to the diff.
-        let remembered = Ignored {
-            synced: head,
-            paths: ["web/app.log", "web/sub/.gitignore", "web/sub/x"]
-                .map(|p| p.as_bytes().to_vec())
-                .to_vec(),
-        };
+        assert_eq!(beside, None);
+        let remembered = kept(head, &["web/app.log", "web/sub/.gitignore", "web/sub/x"]);
         fs::write(target.join("web/sub/.gitignore"), "nothing\n").unwrap();
         let (files, _) = check(Some(&remembered));
-        assert_eq!(
-            files,
-            ["web/sub/.gitignore", "web/sub/x"],
-            "rules changed, diff ran"
-        );
+        assert_eq!(files, ["web/sub/.gitignore", "web/sub/x"]);
         fs::remove_dir_all(target.join("web/sub")).unwrap();
+
+        // So does one above the links, in the checkout's root, which the diff reads too.
+        fs::write(target.join(".gitignore"), "*.txt\n").unwrap();
+        fs::write(target.join("web/notes.txt"), "n\n").unwrap();
+        let (files, beside) = check(None);
+        assert!(files.is_empty(), "{files:?}");
+        assert_eq!(beside, None);
+        fs::remove_file(target.join(".gitignore")).unwrap();
+        assert_eq!(
+            check(beside.as_ref()),
+            (vec!["web/notes.txt".to_owned()], None)
+        );
+        fs::remove_file(target.join("web/notes.txt")).unwrap();
+
+        // A FIFO is nothing to git: skipped, and a file of its name later is judged.
+        nix::unistd::mkfifo(&target.join("web/app.sock"), nix::sys::stat::Mode::S_IRWXU).unwrap();
+        assert_eq!(check(Some(&known)), (Vec::new(), Some(known.clone())));
+        fs::remove_file(target.join("web/app.sock")).unwrap();
+        fs::write(target.join("web/app.sock"), "not a socket\n").unwrap();
+        assert_eq!(check(Some(&known)), (vec!["web/app.sock".to_owned()], None));
+        fs::remove_file(target.join("web/app.sock")).unwrap();
 
         let elsewhere = Ignored {
             synced: Oid::ZERO_SHA1,
-            paths: known.paths.clone(),
+            ..known.clone()
         };
         fs::write(target.join("web/app.log"), "").unwrap();
         let (files, again) = check(Some(&elsewhere));
@@ -638,6 +719,7 @@ mod tests {
             Some(&known),
             "judged again for this revision"
         );
+
         std::thread::sleep(std::time::Duration::from_millis(20));
         fs::write(target.join("web/a.conf"), "AAAA\n").unwrap();
         assert_eq!(check(Some(&known)), (vec!["web/a.conf".to_owned()], None));

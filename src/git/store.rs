@@ -229,7 +229,13 @@ fn open_existing(path: &Path) -> Result<Repository, Opened> {
         }
     })?;
     // Stores made before the settings were pinned get them now (a write only when one differs).
-    pin_config(&repo).map_err(Opened::Failed)?;
+    // A store that cannot take them is still used, as it was before: said, not fatal.
+    if let Err(e) = pin_config(&repo) {
+        tracing::warn!(store = %path.display(), "cannot pin the store's git settings: {e}");
+    }
+    if let Err(e) = pin_info(path) {
+        tracing::warn!(store = %path.display(), "cannot write the store's info files: {e}");
+    }
     Ok(repo)
 }
 
@@ -248,6 +254,33 @@ const PINNED: [(&str, &str); 8] = [
     ("core.ignoreCase", "false"),
     ("core.trustctime", "true"),
 ];
+
+/// The store's `info/attributes`, which outranks every other attributes file (the tree's
+/// `.gitattributes`, `/etc/gitattributes`, which libgit2 reads whatever `core.attributesFile`
+/// says): no line-ending, ident or filter conversion when the drift check hashes a checkout's
+/// files. Checkouts write blobs as they are, so they are compared as they are.
+const ATTRIBUTES: &str = "* -text -eol -crlf -ident -filter\n";
+
+/// Writes [`ATTRIBUTES`] and empties an `info/exclude` that holds any pattern (a store made from
+/// a template), where they differ: the ignore rules are the tree's alone.
+fn pin_info(store: &Path) -> io::Result<()> {
+    let info = store.join("info");
+    let attributes = info.join("attributes");
+    if fs::read_to_string(&attributes).ok().as_deref() != Some(ATTRIBUTES) {
+        fs::create_dir_all(&info)?;
+        fs::write(&attributes, ATTRIBUTES)?;
+    }
+    let exclude = info.join("exclude");
+    let patterns = fs::read_to_string(&exclude).is_ok_and(|text| {
+        text.lines()
+            .map(str::trim)
+            .any(|l| !l.is_empty() && !l.starts_with('#'))
+    });
+    if patterns {
+        fs::write(&exclude, "")?;
+    }
+    Ok(())
+}
 
 /// Writes [`PINNED`] into `repo`'s own config where it says otherwise.
 fn pin_config(repo: &Repository) -> Result<(), git2::Error> {
@@ -334,7 +367,11 @@ fn create(path: &Path, shown: &str) -> Result<Repository, GitError> {
         .map_err(io_err("create"))?;
     {
         let mut opts = RepositoryInitOptions::new();
-        opts.bare(true).no_reinit(true).mkpath(false);
+        // No template: `init.templateDir` (root's, or git's own) could bring an `info/exclude`.
+        opts.bare(true)
+            .no_reinit(true)
+            .mkpath(false)
+            .external_template(false);
         let repo = Repository::init_opts(tmp.path(), &opts).map_err(git_err)?;
         let mut config = repo.config().map_err(git_err)?;
         // For people inspecting the directory: which upstream this is (never with credentials).
@@ -345,6 +382,7 @@ fn create(path: &Path, shown: &str) -> Result<Repository, GitError> {
             .set_bool("core.logAllRefUpdates", false)
             .map_err(git_err)?;
         pin_config(&repo).map_err(git_err)?;
+        pin_info(repo.path()).map_err(io_err("write the store's info files"))?;
     }
     let tmp = tmp.keep();
     fs::rename(&tmp, path).map_err(io_err("move the new store into place"))?;

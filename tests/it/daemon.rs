@@ -1893,12 +1893,21 @@ fn an_http_upstream_is_fetched_through_the_proxy_the_environment_names() {
 }
 
 /// root's own git setup (`~/.gitconfig`, `~/.config/git/ignore`) is not plumb's: a global ignore
-/// that covers a stray, or `core.fileMode = false`, does not hide a local edit from the drift check.
+/// that covers a stray or `core.fileMode = false` does not hide a local edit from the drift check,
+/// and a conversion an attributes file asks for (here the tree's `.gitattributes`, as
+/// `/etc/gitattributes` could) neither hides one nor makes one up. Files are compared as the
+/// checkout wrote them: git's blobs, byte for byte.
 #[test]
 fn the_machines_own_git_config_does_not_hide_local_edits() {
     let root = temp_root();
     let up = Upstream::new(root.path(), "ops");
-    up.write("app/conf", "1").commit("v1");
+    // A blob with CRLF line ends, committed before the attributes that would normalise it.
+    up.write("app/dos.ini", "a\r\nb\r\n")
+        .age("app/dos.ini")
+        .commit("v0");
+    up.write("app/conf", "1\n")
+        .write("app/.gitattributes", "* text\n")
+        .commit("v1");
     let home = root.path().join("home");
     fs::create_dir_all(home.join(".config/git")).unwrap();
     fs::write(home.join(".config/git/ignore"), "*.conf\n*.txt\n").unwrap();
@@ -1935,4 +1944,22 @@ fn the_machines_own_git_config_does_not_hide_local_edits() {
     let s = m.state_json("app");
     assert_eq!(s["state"], "DIFF", "{s}");
     assert!(s["info"].as_str().unwrap().contains("app/conf"), "{s}");
+    fs::set_permissions(checkout.join("app/conf"), fs::Permissions::from_mode(0o644)).unwrap();
+    once();
+    assert_eq!(m.state_json("app")["state"], "OK");
+
+    fs::write(checkout.join("app/conf"), "1\r\n").unwrap();
+    once();
+    let s = m.state_json("app");
+    assert_eq!(s["state"], "DIFF", "{s}");
+    assert!(s["info"].as_str().unwrap().contains("app/conf"), "{s}");
+    fs::write(checkout.join("app/conf"), "1\n").unwrap();
+    once();
+    assert_eq!(m.state_json("app")["state"], "OK");
+
+    // The same bytes written again are no edit, though `text` would read them as LF.
+    fs::write(checkout.join("app/dos.ini"), "a\r\nb\r\n").unwrap();
+    once();
+    let s = m.state_json("app");
+    assert_eq!(s["state"], "OK", "{s}");
 }

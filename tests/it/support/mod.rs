@@ -329,6 +329,19 @@ impl Upstream {
         self
     }
 
+    /// Sets `path`'s modification time an hour back, so git trusts its stat data from then on: a
+    /// later commit does not read it again (as it would a file written in the same second as the
+    /// index), which would apply attributes added since, such as `text`.
+    pub fn age(&self, path: &str) -> &Self {
+        let hour_ago = std::time::SystemTime::now() - std::time::Duration::from_secs(3600);
+        fs::File::options()
+            .write(true)
+            .open(self.path(path))
+            .and_then(|f| f.set_modified(hour_ago))
+            .unwrap_or_else(|e| panic!("set the time of {path}: {e}"));
+        self
+    }
+
     /// Removes `path` (a file, a symlink, or a directory with everything below) from the work
     /// clone. Panics if it does not exist: a test removing nothing is a broken test.
     pub fn remove(&self, path: &str) -> &Self {

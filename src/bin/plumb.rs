@@ -13,6 +13,7 @@ use plumb::config::Config;
 use plumb::daemon;
 use plumb::error::Chain;
 use tokio_util::sync::CancellationToken;
+use tracing_subscriber::Layer;
 use tracing_subscriber::filter::Targets;
 use tracing_subscriber::layer::SubscriberExt;
 use tracing_subscriber::util::SubscriberInitExt;
@@ -21,15 +22,17 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     // Under systemd the journal stamps each line already.
     let journal = std::env::var_os("JOURNAL_STREAM").is_some();
-    let logs = tracing_subscriber::fmt()
-        .with_max_level(tracing::Level::TRACE)
+    let fmt = tracing_subscriber::fmt::layer()
         .with_writer(std::io::stderr)
         .with_ansi(std::io::stderr().is_terminal());
+    // The filter on the layer: its level is the subscriber's hint, so a disabled `log` record of
+    // a library (ureq, rustls) costs one comparison, as a disabled `tracing` event does.
     let filter = log_filter();
+    let logs = tracing_subscriber::registry();
     if journal {
-        logs.without_time().finish().with(filter).init();
+        logs.with(fmt.without_time().with_filter(filter)).init();
     } else {
-        logs.finish().with(filter).init();
+        logs.with(fmt.with_filter(filter)).init();
     }
     let result = match &cli.command {
         Some(Command::CheckConfig { file }) => check_config(
@@ -55,18 +58,36 @@ fn main() -> ExitCode {
 }
 
 /// What to log: `PLUMB_LOG` as `tracing`'s `target=level` pairs and a bare default level
-/// (`debug`, `plumb::git=trace,info`); unset or empty, info. A filter that does not parse is said once on
-/// stderr, not silently replaced. (`Targets` rather than `EnvFilter`: no span-field filters, and no
-/// regex engine in the daemon's resident code.)
+/// (`debug`, `plumb::git=trace,info`); unset or empty, info. A filter that does not parse, or one
+/// that leaves plumb's own logs out (a misspelt level reads as a target: `debgu`), is said once
+/// on stderr, not silently obeyed. (`Targets` rather than `EnvFilter`: no span-field filters, and
+/// no regex engine in the daemon's resident code.)
 fn log_filter() -> Targets {
     let info = Targets::new().with_default(tracing::Level::INFO);
-    match std::env::var("PLUMB_LOG") {
-        Err(_) => info,
-        Ok(text) if text.trim().is_empty() => info,
-        Ok(text) => text.parse().unwrap_or_else(|e| {
+    let text = match std::env::var("PLUMB_LOG") {
+        Err(std::env::VarError::NotPresent) => return info,
+        Err(std::env::VarError::NotUnicode(raw)) => {
+            eprintln!("plumb: PLUMB_LOG={raw:?} is not UTF-8; logging at info");
+            return info;
+        }
+        Ok(text) if text.trim().is_empty() => return info,
+        Ok(text) => text,
+    };
+    match text.parse::<Targets>() {
+        Err(e) => {
             eprintln!("plumb: PLUMB_LOG={text:?} is not a log filter ({e}); logging at info");
             info
-        }),
+        }
+        Ok(targets) => {
+            let plumb = |t: &str| t == "plumb" || t.starts_with("plumb::");
+            if targets.default_level().is_none() && !targets.iter().any(|(t, _)| plumb(t)) {
+                eprintln!(
+                    "plumb: PLUMB_LOG={text:?} names no level for plumb's own logs (a level, \
+                     or plumb=LEVEL): only the targets it names log"
+                );
+            }
+            targets
+        }
     }
 }
 

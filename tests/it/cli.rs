@@ -233,4 +233,11 @@ fn plumb_log_filters_by_module_and_a_bad_filter_is_said() {
     );
     assert_eq!(lines(&bad, "DEBUG", "plumb"), 0, "{bad}");
     assert!(lines(&bad, "INFO", "plumb::daemon") > 0, "{bad}");
+
+    // A misspelt level reads as a target name: plumb's own logs would go quiet, so it is said.
+    let typo = run("debgu");
+    assert!(
+        typo.contains("PLUMB_LOG=\"debgu\" names no level for plumb's own logs"),
+        "{typo}"
+    );
 }

@@ -479,5 +479,6 @@ dirs = [
         serde_json::from_str(&c.sh(&format!("cat {alt}/state/nginx.applied"))).unwrap();
     assert_eq!(recorded.revision.to_string(), v6);
     assert_eq!(c.sh(&format!("cat {STATE}/nginx.applied")), kept);
+    c.sh(&format!("rm -rf {alt}"));
     eprintln!("apply test took {:?}", started.elapsed());
 }

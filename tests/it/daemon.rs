@@ -1911,9 +1911,15 @@ fn the_machines_own_git_config_does_not_hide_local_edits() {
     let home = root.path().join("home");
     fs::create_dir_all(home.join(".config/git")).unwrap();
     fs::write(home.join(".config/git/ignore"), "*.conf\n*.txt\n").unwrap();
+    // A template directory would give each new store an info/exclude of its own.
+    fs::create_dir_all(home.join("template/info")).unwrap();
+    fs::write(home.join("template/info/exclude"), "*.md\n").unwrap();
     fs::write(
         home.join(".gitconfig"),
-        "[core]\n\tfileMode = false\n\tautocrlf = true\n",
+        format!(
+            "[core]\n\tfileMode = false\n\tautocrlf = true\n[init]\n\ttemplateDir = {}\n",
+            home.join("template").display()
+        ),
     )
     .unwrap();
     let m = Machine::new(root.path(), &service("app", &up.file_url(), &["app"]));
@@ -1930,11 +1936,17 @@ fn the_machines_own_git_config_does_not_hide_local_edits() {
     let checkout = m.checkout("app");
 
     fs::write(checkout.join("app/stray.txt"), "left here\n").unwrap();
+    fs::write(checkout.join("app/notes.md"), "and here\n").unwrap();
     once();
     let s = m.state_json("app");
     assert_eq!(s["state"], "DIFF", "{s}");
-    assert!(s["info"].as_str().unwrap().contains("app/stray.txt"), "{s}");
+    let info = s["info"].as_str().unwrap();
+    assert!(
+        info.contains("app/stray.txt") && info.contains("app/notes.md"),
+        "{s}"
+    );
     fs::remove_file(checkout.join("app/stray.txt")).unwrap();
+    fs::remove_file(checkout.join("app/notes.md")).unwrap();
     once();
     assert_eq!(m.state_json("app")["state"], "OK");
 

@@ -169,9 +169,17 @@ impl Machine {
             .stderr(log)
             .spawn()
             .unwrap();
-        self.process = Some(Daemon(child));
-        let port = self.metrics;
-        wait_until("the daemon's metrics", DEADLINE, || accepts(port));
+        let mut daemon = Daemon(child);
+        // This daemon's own listener, not just anything on the port: one that could not bind it
+        // says so with its log at once.
+        let (port, pid) = (self.metrics, daemon.pid());
+        wait_until("the daemon's metrics", DEADLINE, || {
+            if let Some(status) = daemon.0.try_wait().unwrap() {
+                panic!("{} exited ({status}):\n{}", self.name, self.log());
+            }
+            support::listening_ports(pid).contains(&port)
+        });
+        self.process = Some(daemon);
     }
 
     fn rev(&self) -> Option<String> {

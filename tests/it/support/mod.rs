@@ -549,16 +549,28 @@ impl Upstream {
     }
 }
 
-/// A free TCP port on 127.0.0.1, as the kernel hands out for port 0. It is free when this returns,
-/// not after: use it only for a program that cannot be given a listener or report the port it
-/// bound to port 0 (plumb's daemon can, see [`ANY_METRICS_PORT`]): git daemon, lighttpd and sshd
-/// here, which are restarted on another port when they lose the race (see [`Server::start`]),
-/// nginx in a container, and a port for a client to find closed.
+/// A free TCP port on 127.0.0.1. It is free when this returns, not after: use it only for a
+/// program that cannot be given a listener or report the port it bound to port 0 (plumb's daemon
+/// can, see [`ANY_METRICS_PORT`]): git daemon, lighttpd and sshd here, which are restarted on
+/// another port when they lose the race (see [`Server::start`]), Prometheus' targets, nginx in a
+/// container, and a port for a client to find closed.
+///
+/// Drawn at random below the kernel's ephemeral range (`net.ipv4.ip_local_port_range`): a port
+/// from that range, what binding port 0 gives, can meanwhile become the local end of any
+/// outgoing connection of a test running beside this one (curl, git, ssh), and the server's bind
+/// then fails. Below it only another explicit bind can take it.
 pub fn free_port() -> u16 {
-    TcpListener::bind((Ipv4Addr::LOCALHOST, 0))
-        .and_then(|l| l.local_addr())
-        .expect("bind 127.0.0.1:0")
-        .port()
+    let low = fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range")
+        .ok()
+        .and_then(|r| r.split_whitespace().next()?.parse::<u16>().ok())
+        .unwrap_or(32768)
+        .max(20000);
+    loop {
+        let port = fastrand::u16(10000..low);
+        if TcpListener::bind((Ipv4Addr::LOCALHOST, port)).is_ok() {
+            return port;
+        }
+    }
 }
 
 /// The TCP ports process `pid` listens on, read from the kernel: its socket descriptors

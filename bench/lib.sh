@@ -70,10 +70,10 @@ wait_for() { # wait_for SECONDS CMD...: poll until CMD succeeds
   until "$@" >/dev/null; do [ $SECONDS -lt $end ] || { echo "timed out after $limit s: $*" >&2; return 1; }; sleep 0.05; done
 }
 
-make_fleet() {
+make_fleet() { # make_fleet SERVICES COMMITS [IGNORE]: IGNORE, a .gitignore of *.log in every service
   local services=$1 commits=$2
   mkdir -p "$B/srv"; git init -q --bare -b main "$B/srv/fleet.git"
-  python3 - "$services" "$commits" <<'PY' | git -C "$B/srv/fleet.git" fast-import --quiet
+  python3 - "$services" "$commits" "${3:-}" <<'PY' | git -C "$B/srv/fleet.git" fast-import --quiet
 import random, sys
 services, commits = int(sys.argv[1]), int(sys.argv[2])
 rng = random.Random(20261130)
@@ -83,6 +83,8 @@ def line():
     return f"{rng.choice(keys)}_{rng.randrange(40)} = {rng.choice(keys)}-{rng.randrange(10**6)}"
 files = {f"svc{s}/conf{f}.conf": [line() for _ in range(rng.randrange(35, 170))]
          for s in range(services) for f in range(8)}
+if sys.argv[3]:
+    files.update({f"svc{s}/.gitignore": ["*.log"] for s in range(services)})
 out = sys.stdout.buffer
 def data(b):
     out.write(b"data %d\n" % len(b) + b + b"\n")
@@ -211,6 +213,10 @@ plumb_idle() {
   pid=$(pgrep -P "$strace" -x plumb)
   f=$(fetches "$d/traced.log"); wait_for $((ticks * 5 + ${DEPLOY_WAIT:-30})) fetches_at_least "$d/traced.log" $((f + ticks + 1))
   kill "$pid"; wait "$strace" || true
+  # With BESIDE=NAME, a file NAME beside every checkout's files, as a service's own log would be.
+  if [ -n "${BESIDE:-}" ]; then
+    for i in $(seq 0 $((n - 1))); do echo "started" > "$d/state/checkouts/svc$i/svc$i/$BESIDE"; done
+  fi
   # execve calls that succeeded, less the daemon's own.
   echo "spawned $(($(grep -c 'execve(.*= 0$' "$d/strace.log") - 1))" > "$d/figures"
   # Then untraced on the same state (ptrace would inflate CPU time): TICKS idle ticks measured from

@@ -6,15 +6,15 @@
 //! counts machines per hash without stale rows.
 //!
 //! The per-service series are one row of plain values per service (`Services`), turned into
-//! series only while a scrape renders them: the `prometheus` crate's labelled children each keep
-//! their own copy of the metric's description and labels: ~21 of them a service, about 11 KB of
-//! private memory a service at 1,000 services (bench/RESULTS.md).
+//! series only while a scrape renders them, one family at a time: the `prometheus` crate's
+//! labelled children each keep their own copy of the metric's description and labels, ~21 of
+//! them a service, about 11 KB of private memory a service at 1,000 services, and building every
+//! series of a scrape at once left ~5 MB more in glibc's heap (bench/RESULTS.md).
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use prometheus::core::{Collector, Desc};
 use prometheus::proto::{self, LabelPair, MetricFamily, MetricType};
 use prometheus::{
     Encoder, HistogramOpts, HistogramVec, IntCounterVec, IntGauge, IntGaugeVec, Opts, Registry,
@@ -105,10 +105,7 @@ impl Metrics {
             .register(Box::new(config_ok.clone()))
             .expect("unique metric");
         config_ok.set(1);
-        let services = Arc::new(Services::new());
-        registry
-            .register(Box::new(SharedServices(services.clone())))
-            .expect("unique metric");
+        let services = Arc::new(Services::default());
         Arc::new(Metrics {
             config_ok,
             fetch_total: counter(
@@ -214,10 +211,20 @@ impl Metrics {
         }
     }
 
-    /// The text exposition format, as `/metrics` serves it.
+    /// The text exposition format, as `/metrics` serves it: the registry's metrics, then the
+    /// services' families, each built, written and dropped before the next, so that a scrape of
+    /// 1,000 services holds one family's series at a time, not all ~21,000.
     pub fn render(&self) -> String {
+        let encoder = TextEncoder::new();
         let mut out = Vec::new();
-        if let Err(e) = TextEncoder::new().encode(&self.registry.gather(), &mut out) {
+        let mut result = encoder.encode(&self.registry.gather(), &mut out);
+        for family in 0..FAMILIES.len() {
+            let family = self.services.family(family);
+            if result.is_ok() && !family.get_metric().is_empty() {
+                result = encoder.encode(std::slice::from_ref(&family), &mut out);
+            }
+        }
+        if let Err(e) = result {
             tracing::error!("encoding metrics: {e}");
         }
         String::from_utf8_lossy(&out).into_owned()
@@ -225,8 +232,8 @@ impl Metrics {
 }
 
 /// The per-service series: one [`Row`] per service, rendered into series when scraped.
+#[derive(Default)]
 struct Services {
-    descs: Vec<Desc>,
     rows: Mutex<BTreeMap<String, Row>>,
 }
 
@@ -255,81 +262,65 @@ struct Seen {
     noop: bool,
 }
 
-/// A per-service metric: name, help, type and label names (with `service`), in [`FAMILIES`]
-/// order, which [`Services::collect`] indexes by the constants below it.
-struct Family(
-    &'static str,
-    &'static str,
-    MetricType,
-    &'static [&'static str],
-);
+/// A per-service metric: name, help and type, in [`FAMILIES`] order, which [`Services::family`]
+/// indexes by the constants below it (its labels are the ones `family` gives it).
+struct Family(&'static str, &'static str, MetricType);
 
 const FAMILIES: [Family; 11] = [
     Family(
         "plumb_service_hash",
         "The deployed revision of each service: one series per service, value 1.",
         MetricType::GAUGE,
-        &["service", "machine", "hash"],
     ),
     Family(
         "plumb_service_state",
         "1 for the service's current state, 0 for the others.",
         MetricType::GAUGE,
-        &["service", "machine", "state"],
     ),
     Family(
         "plumb_service_rollout_waiting",
         "1 while a new revision waits for the lower rollout waves (or for Prometheus to say they soaked).",
         MetricType::GAUGE,
-        &["service", "machine"],
     ),
     Family(
         "plumb_service_wave_info",
         "The service's rollout wave on this machine (the config's wave, 0 without): one series, value 1, to group machines by wave.",
         MetricType::GAUGE,
-        &["service", "machine", "wave"],
     ),
     Family(
         "plumb_service_change_timestamp_seconds",
         "When the deployed revision last changed (unix time).",
         MetricType::GAUGE,
-        &["service"],
     ),
     Family(
         "plumb_service_behind_commits",
         "Commits on the branch after the deployed revision that change the service's files.",
         MetricType::GAUGE,
-        &["service"],
     ),
     Family(
         "plumb_service_frozen",
         "1 while the service does not track upstream (freeze or rollback).",
         MetricType::GAUGE,
-        &["service"],
     ),
     Family(
         "plumb_service_noop",
         "1 while the service only reports what it would deploy (noop mode).",
         MetricType::GAUGE,
-        &["service"],
     ),
     Family(
         "plumb_service_last_sync_success_timestamp_seconds",
         "When a fetch and deploy of the service last both succeeded (unix time).",
         MetricType::GAUGE,
-        &["service"],
     ),
     Family(
         "plumb_apply_total",
         "Applies of a deployed revision to its unit, by result.",
         MetricType::COUNTER,
-        &["service", "result"],
     ),
     Family(
         "plumb_refused_total",
         "Revisions a service did not keep, by reason (check, health, signature, history, hostile, known).",
         MetricType::COUNTER,
-        &["service", "reason"],
     ),
 ];
 
@@ -346,26 +337,6 @@ const APPLIES: usize = 9;
 const REFUSED: usize = 10;
 
 impl Services {
-    fn new() -> Services {
-        let descs = FAMILIES
-            .iter()
-            .map(|Family(name, help, _, labels)| {
-                let labels = labels.iter().map(|l| (*l).to_owned()).collect();
-                Desc::new(
-                    (*name).to_owned(),
-                    (*help).to_owned(),
-                    labels,
-                    HashMap::new(),
-                )
-                .expect("valid metric")
-            })
-            .collect();
-        Services {
-            descs,
-            rows: Mutex::new(BTreeMap::new()),
-        }
-    }
-
     fn rows(&self) -> std::sync::MutexGuard<'_, BTreeMap<String, Row>> {
         self.rows.lock().unwrap_or_else(|e| e.into_inner())
     }
@@ -379,22 +350,17 @@ impl Services {
         }
     }
 
-    /// Every row's series, one family per [`FAMILIES`] entry.
-    fn families(&self) -> Vec<MetricFamily> {
-        let mut families: Vec<MetricFamily> = FAMILIES
-            .iter()
-            .map(|Family(name, help, kind, _)| {
-                let mut f = MetricFamily::default();
-                f.set_name((*name).to_owned());
-                f.set_help((*help).to_owned());
-                f.set_field_type(*kind);
-                f
-            })
-            .collect();
-        let mut add = |family: usize, labels: &[(&str, &str)], value: f64| {
-            families[family]
-                .mut_metric()
-                .push(series(FAMILIES[family].2, labels, value));
+    /// Every row's series of the [`FAMILIES`] entry `wanted`.
+    fn family(&self, wanted: usize) -> MetricFamily {
+        let Family(name, help, kind) = &FAMILIES[wanted];
+        let mut family = MetricFamily::default();
+        family.set_name((*name).to_owned());
+        family.set_help((*help).to_owned());
+        family.set_field_type(*kind);
+        let mut add = |which: usize, labels: &[(&str, &str)], value: f64| {
+            if which == wanted {
+                family.mut_metric().push(series(*kind, labels, value));
+            }
         };
         let flag = |b: bool| if b { 1.0 } else { 0.0 };
         for (name, row) in self.rows().iter() {
@@ -407,7 +373,7 @@ impl Services {
             }
             let Some(seen) = &row.seen else { continue };
             let machine = ("machine", seen.machine.as_str());
-            if let Some(hash) = seen.hash {
+            if let Some(hash) = seen.hash.filter(|_| wanted == HASH) {
                 add(HASH, &[("hash", &hash.to_string()), machine, service], 1.0);
             }
             for state in State::ALL {
@@ -415,11 +381,13 @@ impl Services {
                 add(STATE, &[machine, service, ("state", state.as_str())], value);
             }
             add(WAITING, &[machine, service], flag(seen.waiting));
-            add(
-                WAVE,
-                &[machine, service, ("wave", &seen.wave.to_string())],
-                1.0,
-            );
+            if wanted == WAVE {
+                add(
+                    WAVE,
+                    &[machine, service, ("wave", &seen.wave.to_string())],
+                    1.0,
+                );
+            }
             if let Some(t) = seen.changed_at {
                 add(CHANGED, &[service], t as f64);
             }
@@ -432,7 +400,7 @@ impl Services {
                 add(LAST_SYNC, &[service], t as f64);
             }
         }
-        families
+        family
     }
 }
 
@@ -458,19 +426,6 @@ fn series(kind: MetricType, labels: &[(&str, &str)], value: f64) -> proto::Metri
         metric.set_gauge(g);
     }
     metric
-}
-
-/// The registry's handle on [`Services`], which [`Metrics`] shares.
-struct SharedServices(Arc<Services>);
-
-impl Collector for SharedServices {
-    fn desc(&self) -> Vec<&Desc> {
-        self.0.descs.iter().collect()
-    }
-
-    fn collect(&self) -> Vec<MetricFamily> {
-        self.0.families()
-    }
 }
 
 /// Serves `GET /metrics` (and the push webhook when there is one) on `listener` until `shutdown`,

@@ -237,6 +237,10 @@ plumb_idle() {
     echo "kinds $(request_kinds "$l0" "$l1")"
   } >> "$d/figures"
   python3 bench/smaps.py "$pid" > "$d/smaps.tsv"
+  # Then ten scrapes of /metrics, as Prometheus would make: what the daemon keeps after them.
+  local port; port=$(awk -F'[:"]' '/^metrics_address/ {print $(NF - 1)}' "$d/plumb.toml")
+  for _ in $(seq 10); do curl -sf -o /dev/null "http://127.0.0.1:$port/metrics"; done
+  echo "scraped_RssAnon $(status_field "$pid" RssAnon)" >> "$d/figures"
   kill "$pid"; wait "$pid" || true
   serve_stop
   read -r nreq bin bout < <(served "$l0" "$l1")

@@ -3,10 +3,9 @@
 # upstream (the fleet fixture of bench/lib.sh, COMMITS commits of history each), smart HTTP, idle
 # ticks every 2 s. Per count: CPU per idle tick, RSS and private memory at idle and after ten scrapes
 # of /metrics, threads. Prints the table and appends it to $RESULTS (bench/RESULTS.md). The first
-# count runs once more with a log
-# beside every checkout that the service's .gitignore covers (a service writing into its own
-# directory). CARGO_TARGET_DIR is honoured; PLUMB=/path measures that binary without building;
-# COUNTS="20 200" measures other counts.
+# count runs once more with a log beside every checkout that the service's .gitignore covers (a
+# service writing into its own directory). CARGO_TARGET_DIR is honoured; PLUMB=/path measures that
+# binary without building; COUNTS="20 200" measures other counts.
 source "$(dirname "$0")/lib.sh"
 TICKS=${TICKS:-5}
 COMMITS=${COMMITS:-400}

@@ -568,16 +568,25 @@ mod tests {
         (store, head)
     }
 
+    /// [`store_with_web`] checked out at its head into `deploy` (index `web.index`) under a new
+    /// temporary directory, returned to keep it.
+    fn web_checkout() -> (tempfile::TempDir, Store, Oid) {
+        let root = tempfile::tempdir().unwrap();
+        let (store, head) = store_with_web(root.path());
+        let (target, index) = (root.path().join("deploy"), root.path().join("web.index"));
+        store
+            .checkout(&target, &index, None, head, &["web".to_owned()])
+            .unwrap();
+        (root, store, head)
+    }
+
     /// A clean checkout whose index is newer than its files is judged by its stat data alone;
     /// an edit of the same size, a new file or a mode change sends it to the diff, which sees it.
     #[test]
     fn a_clean_checkout_is_told_by_its_stat_data_and_an_edit_is_not() {
-        let root = tempfile::tempdir().unwrap();
-        let (store, head) = store_with_web(root.path());
+        let (root, store, head) = web_checkout();
         let links = vec!["web".to_owned()];
-        let target = root.path().join("deploy");
-        let index = root.path().join("web.index");
-        store.checkout(&target, &index, None, head, &links).unwrap();
+        let (target, index) = (root.path().join("deploy"), root.path().join("web.index"));
         let fast = || {
             let tree = store.repo.find_commit(head).unwrap().tree().unwrap();
             unchanged(&store.repo, &tree, &target, &index, &links)
@@ -636,12 +645,9 @@ mod tests {
     /// `.gitignore` that is not git's or another synced revision, still goes to the diff and is seen.
     #[test]
     fn ignored_files_beside_a_checkout_are_judged_once() {
-        let root = tempfile::tempdir().unwrap();
-        let (store, head) = store_with_web(root.path());
+        let (root, store, head) = web_checkout();
         let links = vec!["web".to_owned()];
-        let target = root.path().join("deploy");
-        let index = root.path().join("web.index");
-        store.checkout(&target, &index, None, head, &links).unwrap();
+        let (target, index) = (root.path().join("deploy"), root.path().join("web.index"));
         std::thread::sleep(std::time::Duration::from_millis(20));
         let checks = store.drift_checks();
         let check =

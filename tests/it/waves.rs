@@ -240,6 +240,14 @@ fn config(root: &Path, upstream: &str, prometheus: &str) -> PathBuf {
     )
 }
 
+/// Machines named `names` under `root`, and a Prometheus scraping their metrics.
+fn scraped_machines(root: &Path, names: &[&str]) -> (Vec<Machine>, Prometheus) {
+    let machines: Vec<Machine> = names.iter().map(|n| Machine::new(root, n)).collect();
+    let ports: Vec<u16> = machines.iter().map(|m| m.metrics).collect();
+    let prometheus = Prometheus::new(root, &ports);
+    (machines, prometheus)
+}
+
 /// The config of `machines` (name, wave), each running `app` with a soak of [`SOAK`].
 fn config_of(root: &Path, upstream: &str, prometheus: &str, machines: &[(&str, u32)]) -> PathBuf {
     let group = own_group();
@@ -315,12 +323,7 @@ fn a_rollout_walks_the_waves_and_holds_on_what_prometheus_knows() {
     let root = temp_root();
     let root = std::path::absolute(root.path()).unwrap();
     let up = Upstream::new(&root, "fleet");
-    let mut machines: Vec<Machine> = ["m0", "m1", "m2"]
-        .iter()
-        .map(|n| Machine::new(&root, n))
-        .collect();
-    let ports: Vec<u16> = machines.iter().map(|m| m.metrics).collect();
-    let mut prometheus = Prometheus::new(&root, &ports);
+    let (mut machines, mut prometheus) = scraped_machines(&root, &["m0", "m1", "m2"]);
     let config = config(&root, &up.file_url(), &prometheus.url());
     for m in &mut machines {
         m.start(&config);
@@ -494,12 +497,7 @@ fn a_new_machine_takes_what_the_lower_waves_run_while_a_newer_commit_waits() {
     let root = temp_root();
     let root = std::path::absolute(root.path()).unwrap();
     let up = Upstream::new(&root, "fleet");
-    let mut machines: Vec<Machine> = ["m0", "m1", "m3"]
-        .iter()
-        .map(|n| Machine::new(&root, n))
-        .collect();
-    let ports: Vec<u16> = machines.iter().map(|m| m.metrics).collect();
-    let _prometheus = Prometheus::new(&root, &ports);
+    let (mut machines, _prometheus) = scraped_machines(&root, &["m0", "m1", "m3"]);
     let config = config_of(
         &root,
         &up.file_url(),
@@ -583,12 +581,7 @@ fn a_checkout_cut_short_goes_back_to_the_last_saved_revision_while_the_head_wait
     let root = temp_root();
     let root = std::path::absolute(root.path()).unwrap();
     let up = Upstream::new(&root, "fleet");
-    let mut machines: Vec<Machine> = ["m0", "m1"]
-        .iter()
-        .map(|n| Machine::new(&root, n))
-        .collect();
-    let ports: Vec<u16> = machines.iter().map(|m| m.metrics).collect();
-    let prometheus = Prometheus::new(&root, &ports);
+    let (mut machines, prometheus) = scraped_machines(&root, &["m0", "m1"]);
     let config = config_of(
         &root,
         &up.file_url(),
